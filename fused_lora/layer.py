@@ -1,0 +1,212 @@
+"""FusedLoRALinear: a drop-in `nn.Linear` with a LoRA adapter whose forward and backward are fused."""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import backends
+from .dropout import new_seed, no_seed
+from .ops import lora_linear_fwd
+from .reference import lora_delta_weight
+
+InitSpec = Union[bool, str]
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (peft's definition)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class FusedLoRALinear(nn.Module):
+    """y = x W^T + b + s * B A dropout(x), with W and b frozen and A, B trainable.
+
+    Args:
+        in_features, out_features: sizes, as for `nn.Linear`.
+        r: LoRA rank (>= 1).
+        lora_alpha: scaling numerator; s = lora_alpha / r (or / sqrt(r) with `use_rslora`).
+        lora_dropout: dropout probability in [0, 1) on the LoRA branch's input, training mode only.
+        bias: whether the frozen base layer has a bias.
+        init_lora_weights: True (A kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r), B zero),
+            or False (both random, for tests). With B zero the layer starts equal to its base.
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton";
+            FUSED_LORA_BACKEND overrides "auto".
+        device, dtype: of the base weight; the adapter weights use `adapter_dtype` (default: dtype).
+
+    Attributes: `weight`, `bias` (frozen base), `lora_A` (r x in), `lora_B` (out x r), `scaling`,
+    `r`, `lora_alpha`, `lora_dropout`, `merged`.
+
+    Inputs have any leading shape (..., in_features) and dtype float32, float16 or bfloat16; under
+    autocast everything is computed in the autocast dtype. Adapter weights of another dtype than the
+    input are cast for the computation and receive gradients in their own dtype.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
+        lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
+        init_lora_weights: InitSpec = True, backend: str = "auto", device=None, dtype=None,
+        adapter_dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._attach_base(base)
+        self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+        use_rslora: bool = False, init_lora_weights: InitSpec = True, backend: str = "auto",
+        adapter_dtype: Optional[torch.dtype] = None,
+    ) -> "FusedLoRALinear":
+        """Wrap an existing `nn.Linear`: its weight and bias are shared (same storage) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._attach_base(linear)
+        self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype)
+        return self
+
+    def _attach_base(self, linear: nn.Linear) -> None:
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def _init_adapter(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype):
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r must be an integer >= 1, got {r!r}")
+        if not (0.0 <= float(lora_dropout) < 1.0):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        backends.requested_backend(backend)  # validates the name now rather than at the first forward
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.lora_dropout = float(lora_dropout)
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.backend = backend
+        self.merged = False
+        self._disabled = False
+        factory = {"device": self.weight.device, "dtype": adapter_dtype or self.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.reset_lora_parameters(init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: InitSpec = True) -> None:
+        """Re-initialise A and B as peft does (see the class docstring)."""
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    # ---------------------------------------------------------------- forward
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"FusedLoRALinear expects a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"FusedLoRALinear: input's last dimension is {tuple(x.shape)[-1:] or '()'} "
+                             f"but in_features is {self.in_features} (input shape {tuple(x.shape)})")
+        if not x.is_floating_point():
+            raise TypeError(f"FusedLoRALinear: input dtype {x.dtype} is not a floating-point type")
+        if x.device != self.weight.device or x.device != self.lora_A.device:
+            raise ValueError(f"FusedLoRALinear: input is on {x.device} but the base weight is on "
+                             f"{self.weight.device} and the adapter on {self.lora_A.device}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        elif x.dtype != weight.dtype:
+            raise TypeError(f"FusedLoRALinear: input dtype {x.dtype} does not match the base weight's "
+                            f"{weight.dtype} (cast the input, or run under torch.autocast)")
+        if self.merged or self._disabled:
+            return F.linear(x, weight, bias)
+        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        p = self.lora_dropout if self.training else 0.0
+        seed = new_seed() if p > 0.0 else no_seed()
+        lead = x.shape[:-1]
+        y, _ = lora_linear_fwd(x.reshape(-1, self.in_features), weight, bias, lora_A, lora_B,
+                               self.scaling, p, seed, self.backend)
+        return y.reshape(*lead, self.out_features)
+
+    # ---------------------------------------------------------------- merging
+
+    def delta_weight(self) -> Tensor:
+        """s * B @ A in float32: what merging adds to the base weight."""
+        return lora_delta_weight(self.lora_A.detach(), self.lora_B.detach(), self.scaling)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Fold s * B @ A into the base weight (computed in float32, rounded once).
+
+        With `safe_merge`, the merged weight is checked to be finite before anything is written;
+        a non-finite result raises ValueError and leaves the weight untouched.
+        Merging a merged layer warns and does nothing.
+        """
+        if self.merged:
+            warnings.warn("FusedLoRALinear.merge: already merged; nothing done", stacklevel=2)
+            return
+        merged = self.weight.float() + self.delta_weight()
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError("FusedLoRALinear.merge: merged weight has NaN or inf; weight left unchanged")
+        self.weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract s * B @ A from the base weight again. Unmerging an unmerged layer warns and does nothing.
+
+        In float32 this restores the weight to rounding error; in float16/bfloat16 the two
+        roundings may leave the weight a few ulps from where it was (as with any merge/unmerge).
+        """
+        if not self.merged:
+            warnings.warn("FusedLoRALinear.unmerge: not merged; nothing done", stacklevel=2)
+            return
+        self.weight.copy_(self.weight.float() - self.delta_weight())
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain `nn.Linear` holding W + s * B @ A (a new tensor; this layer is not changed)."""
+        w = self.weight.float() if self.merged else self.weight.float() + self.delta_weight()
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        out.weight.copy_(w)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block, the layer computes its base output only."""
+        if self.merged:
+            raise RuntimeError("FusedLoRALinear.disable_adapter: the adapter is merged into the weight; "
+                               "call unmerge() first")
+        previous, self._disabled = self._disabled, True
+        try:
+            yield self
+        finally:
+            self._disabled = previous
+
+    def extra_repr(self) -> str:
+        runs = backends.describe(self.weight.device, self.weight.dtype, self.r, self.backend)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, merged={self.merged}, "
+                f"backend={runs}")

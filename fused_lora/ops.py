@@ -1,0 +1,115 @@
+"""The LoRA layer as `torch.library` custom ops, with fake implementations and autograd.
+
+    fused_lora::lora_linear_fwd(x, W, b, A, B, s, p, seed, backend) -> (Y, H)
+    fused_lora::lora_linear_bwd(dY, x, W, A, B, H, s, p, seed, backend, needs...) -> (dx, dA, dB, dW, db)
+
+Each op body asks `backends.choose_backend` which implementation runs and calls it; the module
+never sees a kernel. Fake implementations let torch.compile trace the layer without graph
+breaks. Gradients not asked for come back as empty tensors (custom ops cannot return None).
+
+Derivation (W, b frozen unless they require grad), with H = (D x) A^T and Y = x W^T + b + s H B^T:
+    dY/dH:   dH = s dY B                          (G, M x r)
+    dB = s dY^T H                                  (N x r)
+    dA = dH^T (D x) = G^T (D x)                    (r x K)
+    dx = dY W + D (G A)                            (the dropout mask multiplies the LoRA branch only)
+    dW = dY^T x,  db = sum over rows of dY
+Only x, H and the seed are saved; D is regenerated from the seed in backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, torch_impl
+
+_EMPTY_SHAPE = (0,)
+
+
+def _impl(name: str):
+    if name == "triton":
+        from . import kernels  # imported on first use only: no Triton work at package import
+        return kernels
+    return torch_impl
+
+
+def _backend_for(op: str, x: Tensor, rank: int, backend: str) -> str:
+    name = backends.choose_backend(x.device, x.dtype, rank, backend)
+    backends.calls[(op, name)] += 1
+    return name
+
+
+@torch.library.custom_op("fused_lora::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+    scaling: float, dropout_p: float, seed: Tensor, backend: str,
+) -> tuple[Tensor, Tensor]:
+    name = _backend_for("fwd", x, lora_A.shape[0], backend)
+    return _impl(name).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed.item()))
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("fused_lora::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+    scaling: float, dropout_p: float, seed: Tensor, backend: str,
+    need_dx: bool, need_lora: bool, need_dw: bool, need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    name = _backend_for("bwd", x, lora_A.shape[0], backend)
+    grads = _impl(name).backward(
+        dy.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, int(seed.item()),
+        need_dx, need_lora, need_dw, need_db,
+    )
+    return tuple(g if g is not None else x.new_empty(_EMPTY_SHAPE) for g in grads)
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_dx, need_lora, need_dw, need_db):
+    def maybe(flag, *shape):
+        return x.new_empty(shape if flag else _EMPTY_SHAPE)
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    return (maybe(need_dx, M, K), maybe(need_lora, r, K), maybe(need_lora, N, r),
+            maybe(need_dw, N, K), maybe(need_db, N))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dh):
+    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad  # x, weight, bias, A, B, ...
+    need_lora = need[3] or need[4]
+    dx, dA, dB, dW, db = lora_linear_bwd(
+        dy, x, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed, ctx.backend,
+        need[0], need_lora, need[1], bool(ctx.has_bias and need[2]),
+    )
+    return (dx if need[0] else None, dW if need[1] else None, db if ctx.has_bias and need[2] else None,
+            dA if need[3] else None, dB if need[4] else None, None, None, None, None)
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+    scaling: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None, backend: str = "auto",
+) -> Tensor:
+    """Y = x W^T + b + s * ((D x) A^T) B^T for a 2-D x (M x K), differentiable in every tensor.
+
+    `seed` (0-dim int64 CPU tensor) fixes the dropout mask; it is required when dropout_p > 0.
+    """
+    if seed is None:
+        if dropout_p > 0.0:
+            raise ValueError("lora_linear: a seed tensor is required when dropout_p > 0")
+        seed = torch.zeros((), dtype=torch.int64)
+    return lora_linear_fwd(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, backend)[0]

@@ -1,0 +1,52 @@
+"""Eager PyTorch reference of one LoRA layer: the specification every backend is tested against.
+
+    H = (D * X) A^T                  M x r
+    Y = X W^T + b + s * H B^T        M x N
+
+with D = keep / (1 - p) (keep ~ Bernoulli(1 - p) per element of X). Written with plain ops so
+autograd derives the backward; run it in float64 to get an oracle for any dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def dropout_scale(keep: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """D = keep / (1 - p) as `dtype`; `keep` is a boolean (or 0/1) mask."""
+    return keep.to(dtype) / (1.0 - p)
+
+
+def lora_linear_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    keep: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """y = x W^T + b + s * ((D * x) A^T) B^T for x of any leading shape.
+
+    `keep` is the dropout keep-mask (same shape as x) or None for no dropout.
+    """
+    xd = x if keep is None else x * dropout_scale(keep, dropout_p, x.dtype)
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    return y + scaling * ((xd @ lora_A.t()) @ lora_B.t())
+
+
+def lora_linear_ref_h(x: Tensor, lora_A: Tensor, keep: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+    """H = (D * x) A^T, the only activation besides x a LoRA layer needs to keep."""
+    xd = x if keep is None else x * dropout_scale(keep, dropout_p, x.dtype)
+    return xd @ lora_A.t()
+
+
+def lora_delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """s * B @ A in float32 (or float64 if given float64): what merging adds to W."""
+    acc = torch.float64 if lora_A.dtype == torch.float64 else torch.float32
+    return (lora_B.to(acc) @ lora_A.to(acc)) * scaling

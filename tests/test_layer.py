@@ -1,0 +1,216 @@
+"""FusedLoRALinear: construction, init, forward semantics, dropout, merging, errors."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fused_lora import FusedLoRALinear
+from fused_lora.reference import lora_linear_ref
+
+
+def make_layer(K=12, N=10, r=4, **kw):
+    torch.manual_seed(0)
+    kw.setdefault("init_lora_weights", False)
+    return FusedLoRALinear(K, N, r=r, lora_alpha=8, **kw)
+
+
+def test_attributes_and_scaling():
+    layer = FusedLoRALinear(20, 30, r=4, lora_alpha=16)
+    assert layer.lora_A.shape == (4, 20) and layer.lora_B.shape == (30, 4)
+    assert layer.scaling == 4.0 and layer.r == 4 and layer.lora_alpha == 16 and not layer.merged
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert FusedLoRALinear(20, 30, r=4, lora_alpha=16, use_rslora=True).scaling == 8.0
+
+
+@pytest.mark.parametrize("init", [True, "gaussian"])
+def test_init_starts_at_base(init):
+    layer = FusedLoRALinear(20, 30, r=4, init_lora_weights=init)
+    assert torch.count_nonzero(layer.lora_B @ layer.lora_A) == 0
+    assert torch.count_nonzero(layer.lora_A) == layer.lora_A.numel()
+    x = torch.randn(5, 20)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    if init == "gaussian":
+        assert abs(layer.lora_A.std().item() - 1 / 4) < 0.05
+    else:  # kaiming-uniform with a=sqrt(5): bound 1/sqrt(fan_in)
+        assert layer.lora_A.abs().max().item() <= 1 / math.sqrt(20)
+
+
+def test_from_linear_shares_storage_and_freezes():
+    lin = nn.Linear(8, 6)
+    layer = FusedLoRALinear.from_linear(lin, r=2)
+    assert layer.weight is lin.weight and layer.weight.data_ptr() == lin.weight.data_ptr()
+    assert layer.bias.data_ptr() == lin.bias.data_ptr()
+    assert not lin.weight.requires_grad
+    with pytest.raises(TypeError, match="nn.Linear"):
+        FusedLoRALinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (2, 3, 12), (0, 12), (12,)])
+def test_leading_shapes_match_reference(shape):
+    layer = make_layer()
+    x = torch.randn(*shape)
+    ref = lora_linear_ref(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    y = layer(x)
+    assert y.shape == shape[:-1] + (10,)
+    torch.testing.assert_close(y, ref)
+
+
+def test_frozen_base_gets_no_gradient():
+    layer = make_layer()
+    layer(torch.randn(4, 12, requires_grad=True)).sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is None
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+def test_eval_and_zero_dropout_are_exact():
+    layer = make_layer(lora_dropout=0.5)
+    x = torch.randn(6, 12)
+    ref = lora_linear_ref(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    layer.eval()
+    torch.testing.assert_close(layer(x), ref)
+    layer.train()
+    assert not torch.allclose(layer(x), ref)
+
+
+def test_dropout_same_mask_forward_and_backward():
+    """dA = G^T (D x) and H = (D x) A^T must use one mask: check grads against the reference with it."""
+    from fused_lora import torch_impl
+    layer = make_layer(lora_dropout=0.4)
+    x = torch.randn(9, 12, requires_grad=True)
+    torch.manual_seed(123)
+    y = layer(x)
+    torch.manual_seed(123)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    keep = torch_impl.keep_mask(seed, x.shape, 0.4, "cpu")
+    ref = lora_linear_ref(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, keep, 0.4)
+    torch.testing.assert_close(y, ref)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
+    want = torch.autograd.grad(ref, (x, layer.lora_A, layer.lora_B), dy)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_dropout_keep_rate_within_bounds():
+    from fused_lora import torch_impl
+    n, p = 200_000, 0.1
+    keep = torch_impl.keep_mask(42, (n,), p, "cpu")
+    rate = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(rate - (1 - p)) < 5 * sigma
+
+
+def test_merge_unmerge_roundtrip_and_outputs():
+    layer = make_layer()
+    x = torch.randn(5, 12)
+    before_w = layer.weight.detach().clone()
+    y = layer(x)
+    layer.merge(safe_merge=True)
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y)
+    torch.testing.assert_close(layer.weight, before_w + layer.scaling * layer.lora_B @ layer.lora_A)
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge()
+    torch.testing.assert_close(layer(x), y)  # no double add
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, before_w)
+    with pytest.warns(UserWarning, match="not merged"):
+        layer.unmerge()
+
+
+def test_merged_forward_is_base_matmul_only():
+    layer = make_layer()
+    layer.merge()
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+
+
+def test_safe_merge_refuses_non_finite_and_leaves_weight():
+    layer = make_layer()
+    with torch.no_grad():
+        layer.lora_B[0, 0] = float("inf")
+    w = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.weight, w) and not layer.merged
+
+
+def test_to_linear_and_disable_adapter():
+    layer = make_layer()
+    x = torch.randn(4, 12)
+    lin = layer.to_linear()
+    assert type(lin) is nn.Linear
+    torch.testing.assert_close(lin(x), layer(x))
+    with layer.disable_adapter():
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert not torch.allclose(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    layer.merge()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with layer.disable_adapter():
+            pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_and_autocast(dtype):
+    layer = make_layer(dtype=dtype)
+    x = torch.randn(6, 12, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    ref = lora_linear_ref(*(t.double() for t in (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B)), layer.scaling)
+    assert (y.double() - ref).abs().max() < 0.05
+    layer32 = make_layer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer32(torch.randn(6, 12))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer32.lora_A.grad.dtype == torch.float32
+
+
+def test_fp32_adapter_on_bf16_base():
+    lin = nn.Linear(12, 10).to(torch.bfloat16)
+    layer = FusedLoRALinear.from_linear(lin, r=4, init_lora_weights=False, adapter_dtype=torch.float32)
+    x = torch.randn(5, 12, dtype=torch.bfloat16)
+    y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and layer.lora_A.grad.dtype == torch.float32
+
+
+def test_bad_inputs_have_clear_errors():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="in_features is 12"):
+        layer(torch.randn(3, 11))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(3, 12, dtype=torch.int64))
+    with pytest.raises(TypeError, match="does not match"):
+        layer(torch.randn(3, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="on meta"):
+        layer(torch.randn(3, 12, device="meta"))
+    with pytest.raises(ValueError, match="r must be"):
+        FusedLoRALinear(4, 4, r=0)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        FusedLoRALinear(4, 4, lora_dropout=1.0)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        FusedLoRALinear(4, 4, lora_dropout=-0.1)
+    with pytest.raises(ValueError, match="backend"):
+        FusedLoRALinear(4, 4, backend="cuda-please")
+
+
+def test_repr_names_sizes_and_backend():
+    text = repr(FusedLoRALinear(20, 30, r=4, lora_alpha=16, lora_dropout=0.1))
+    for part in ("in_features=20", "out_features=30", "r=4", "lora_alpha=16", "lora_dropout=0.1", "backend=torch"):
+        assert part in text
+
+
+def test_compiles_fullgraph_without_breaks():
+    layer = make_layer(lora_dropout=0.1)
+    x = torch.randn(5, 12, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    y = compiled(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(y, layer(x))
+    y.sum().backward()
+    assert layer.lora_A.grad is not None

@@ -1,0 +1,86 @@
+"""Shared test helpers: random LoRA problems and the tolerance rule."""
+from __future__ import annotations
+
+import torch
+
+from fused_lora.reference import lora_linear_ref
+
+# atol added to the "2x eager error" rule (below), per dtype. fp32 needs only rounding slack;
+# fp16/bf16 slack covers outputs where eager happens to round exactly.
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_problem(M, K, N, r, dtype=torch.float32, device="cpu", bias=True, seed=0, requires_grad=True):
+    """x, W, b, A, B with O(1) outputs; A and B both nonzero so every term matters."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+        return t.requires_grad_(requires_grad)
+
+    x = rnd(M, K)
+    w = rnd(N, K, scale=K ** -0.5)
+    b = rnd(N) if bias else None
+    a = rnd(r, K, scale=K ** -0.5)
+    bb = rnd(N, r, scale=r ** -0.5)
+    return x, w, b, a, bb
+
+
+def to64(*ts):
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in ts]
+
+
+def assert_close_rule(out, out_eager, out64, dtype, what=""):
+    """flash-attention's rule: |out - ref64| <= 2 |eager same-precision - ref64| + atol (max norm)."""
+    out, out_eager, out64 = out.double(), out_eager.double(), out64.double()
+    err = (out - out64).abs().max().item() if out.numel() else 0.0
+    base = (out_eager - out64).abs().max().item() if out.numel() else 0.0
+    scale = max(1.0, out64.abs().max().item()) if out.numel() else 1.0
+    bound = 2 * base + ATOL[dtype] * scale
+    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (eager error {base:.3e}, {dtype})"
+
+
+def ref_forward_backward(x, w, b, a, bb, scaling, dy, keep=None, p=0.0):
+    """Reference output and gradients (x, W, b, A, B) by autograd on the eager formula."""
+    y = lora_linear_ref(x, w, b, a, bb, scaling, keep, p)
+    params = [t for t in (x, w, b, a, bb) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(y, params, dy, allow_unused=True) if params else []
+    it = iter(grads)
+    return y.detach(), [next(it) if (t is not None and t.requires_grad) else None for t in (x, w, b, a, bb)]
+
+
+def backend_module(name):
+    from fused_lora import ops
+    return ops._impl(name)
+
+
+def check_op_against_reference(backend, M, K, N, r, dtype, p=0.0, device="cpu", bias=True,
+                               trainable_base=False, seed=7, scaling=0.5):
+    """Forward and every gradient of the op on `backend` against the float64 reference."""
+    from fused_lora import backends
+    from fused_lora.ops import lora_linear
+
+    x, w, b, a, bb = make_problem(M, K, N, r, dtype, device, bias, seed=seed)
+    if not trainable_base:
+        w.requires_grad_(False)
+        if b is not None:
+            b.requires_grad_(False)
+    seed_t = torch.tensor(1234 + seed, dtype=torch.int64)
+    keep = backend_module(backend).keep_mask(1234 + seed, (M, K), p, device) if p > 0 else None
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype).to(device)
+
+    before = backends.calls[("bwd", backend)]
+    y = lora_linear(x, w, b, a, bb, scaling, p, seed_t, backend=backend)
+    ins = (x, w, b, a, bb)
+    needs = [t is not None and t.requires_grad for t in ins]
+    got = torch.autograd.grad(y, [t for t, n in zip(ins, needs) if n], dy)
+    assert backends.calls[("bwd", backend)] == before + 1, "backward did not run on the requested backend"
+
+    y_eager, g_eager = ref_forward_backward(x, w, b, a, bb, scaling, dy, keep, p)
+    y64, g64 = ref_forward_backward(*to64(*ins), scaling, dy.double(), keep, p)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert_close_rule(y, y_eager, y64, dtype, "y")
+    it = iter(got)
+    for name, n, ge, g6 in zip(("dx", "dW", "db", "dA", "dB"), needs, g_eager, g64):
+        if n:
+            assert_close_rule(next(it), ge, g6, dtype, name)
