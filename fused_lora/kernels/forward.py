@@ -1,0 +1,91 @@
+"""Forward kernels: the shrink pass H = (D x) A^T and the GEMM Y = x W^T + b + s H B^T.
+
+The shrink pass reads x once and writes the small M x r matrix H (dropout drawn here, in-kernel).
+The GEMM computes the base product and adds s * H B^T in its epilogue, so Y is written once and
+no M x N temporary exists. Parameter order: pointers, strides, sizes, scalars, constexprs.
+"""
+import triton
+import triton.language as tl
+
+from .dropout import dropout_tile
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_shrink_kernel(
+    x_ptr, a_ptr, h_ptr,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr,
+    M, K, R, seed, p, scale, M_BUCKET,
+    HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """H[m, :] = sum_k (D x)[m, k] A[:, k]; one program per BLOCK_M rows. BLOCK_N/GROUP_M unused."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k0 = tl.arange(0, BLOCK_K)
+    m_in = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        k_in = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_in[:, None] & k_in[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = dropout_tile(x.to(tl.float32), seed, offs_m, offs_k, K, p, scale).to(x_ptr.dtype.element_ty)
+        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                    mask=(offs_r[None, :] < R) & k_in[:, None], other=0.0)  # A^T tile, BLOCK_K x BLOCK_R
+        acc = tl.dot(x, a, acc)
+    h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :] * stride_hr
+    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=m_in[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (tile row, tile column), GROUP_M row tiles at a time for L2 reuse."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % in_group) % group_size)
+    pid_n = (pid % in_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def lora_forward_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, y_ptr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    M, N, K, R, scaling, M_BUCKET,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y tile = x W^T (+ b) + scaling * H B^T, fp32 accumulation, one write."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k0 = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_in = offs_m < M
+    n_in = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        k_in = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_in[:, None] & k_in[None, :], other=0.0)
+        w = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=k_in[:, None] & n_in[None, :], other=0.0)
+        acc = tl.dot(x, w, acc)
+    # Epilogue: the low-rank term, BLOCK_M x BLOCK_R times BLOCK_R x BLOCK_N.
+    r_in = offs_r < R
+    h = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                mask=m_in[:, None] & r_in[None, :], other=0.0)
+    bt = tl.load(b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                 mask=r_in[:, None] & n_in[None, :], other=0.0)
+    acc += scaling * tl.dot(h, bt)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
