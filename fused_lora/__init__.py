@@ -3,12 +3,19 @@
 Public API:
     FusedLoRALinear                 drop-in nn.Linear with a LoRA adapter
     lora_linear                     the functional op (differentiable)
-    BackendUnavailable              raised when a requested backend cannot run
+    LoraConfig, get_lora_model      adapt a whole model (peft's vocabulary)
+    LoraModel                       the adapted model: counts, merge_and_unload, save/load
+    AdapterError                    an adapter directory that cannot be loaded
+    BackendUnavailable              a requested backend cannot run
 """
+from .adapters import AdapterError
 from .backends import BackendUnavailable
+from .config import LoraConfig
 from .layer import FusedLoRALinear
+from .model import LoraModel, get_lora_model
 from .ops import lora_linear
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLoRALinear", "lora_linear", "BackendUnavailable", "__version__"]
+__all__ = ["FusedLoRALinear", "lora_linear", "LoraConfig", "get_lora_model", "LoraModel", "AdapterError",
+           "BackendUnavailable", "__version__"]

@@ -188,8 +188,10 @@ class FusedLoRALinear(nn.Module):
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         out.weight.copy_(w)
+        out.weight.requires_grad_(self.weight.requires_grad)
         if self.bias is not None:
             out.bias.copy_(self.bias)
+            out.bias.requires_grad_(self.bias.requires_grad)
         return out
 
     @contextlib.contextmanager

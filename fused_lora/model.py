@@ -1,0 +1,169 @@
+"""Adapting whole models: get_lora_model, LoraModel (peft's vocabulary) and modules_to_save."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .layer import FusedLoRALinear
+from .targets import find_modules_to_save, find_targets
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class ModulesToSave(nn.Module):
+    """A module kept as it was (`original`) beside a trainable copy (`trainable`) that runs instead."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.trainable = copy.deepcopy(original)
+        self.original.requires_grad_(False)
+        self.trainable.requires_grad_(True)
+        self.use_original = False
+
+    def forward(self, *args, **kwargs):
+        return (self.original if self.use_original else self.trainable)(*args, **kwargs)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class LoraModel(nn.Module):
+    """A model whose targeted nn.Linear layers are FusedLoRALinear. Build it with `get_lora_model`.
+
+    Forward is the wrapped model's forward. Only the adapters (and modules_to_save copies, and
+    biases when config.bias says so) are trainable. Unknown attributes are looked up on the model.
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True):
+        super().__init__()
+        targets = find_targets(model, config)
+        to_save = find_modules_to_save(model, config)
+        clash = [n for n in targets if any(n == s or n.startswith(s + ".") for s in to_save)]
+        if clash:
+            raise ValueError(f"modules {clash} are both LoRA targets and (inside) modules_to_save")
+        self.model = model
+        self.peft_config = config
+        model.requires_grad_(False)
+        for name in targets:
+            base = model.get_submodule(name)
+            dtype = torch.float32 if autocast_adapter_dtype and base.weight.dtype in _LOW_PRECISION else None
+            layer = FusedLoRALinear.from_linear(
+                base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+                backend=config.backend, adapter_dtype=dtype)
+            if config.bias == "lora_only" and layer.bias is not None:
+                layer.bias.requires_grad_(True)
+            _set_submodule(model, name, layer)
+        if config.bias == "all":
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.requires_grad_(True)
+        for name in to_save:
+            _set_submodule(model, name, ModulesToSave(model.get_submodule(name)))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ---------------------------------------------------------------- inspection
+
+    def lora_layers(self) -> Iterator[tuple[str, FusedLoRALinear]]:
+        return ((n, m) for n, m in self.model.named_modules() if isinstance(m, FusedLoRALinear))
+
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        return ((n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSave))
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as peft counts them (modules_to_save count twice)."""
+        trainable = total = 0
+        for p in self.model.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Prints peft's line: 'trainable params: 12,660 || all params: 455,262 || trainable%: 2.7808'."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---------------------------------------------------------------- adapter on / off / away
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block the model computes as its base: adapters off, original modules_to_save."""
+        with contextlib.ExitStack() as stack:
+            for _, layer in self.lora_layers():
+                stack.enter_context(layer.disable_adapter())
+            saved = list(self.saved_modules())
+            for _, m in saved:
+                m.use_original = True
+            try:
+                yield self
+            finally:
+                for _, m in saved:
+                    m.use_original = False
+
+    def _replace_all(self, merge: bool) -> nn.Module:
+        for name, layer in list(self.lora_layers()):
+            if merge:
+                new = layer.to_linear()
+            else:
+                if layer.merged:
+                    layer.unmerge()
+                new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                device="meta")
+                new.weight, new.bias = layer.weight, layer.bias  # the very same tensors, no copy
+            _set_submodule(self.model, name, new)
+        for name, m in list(self.saved_modules()):
+            _set_submodule(self.model, name, m.trainable if merge else m.original)
+        return self.model
+
+    def merge_and_unload(self) -> nn.Module:
+        """The model with plain nn.Linear layers holding W + s B A (and the trained modules_to_save)."""
+        return self._replace_all(merge=True)
+
+    def unload(self) -> nn.Module:
+        """The model with its original nn.Linear layers back, adapters dropped, nothing merged."""
+        return self._replace_all(merge=False)
+
+    # ---------------------------------------------------------------- files
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Write adapter_model.safetensors and adapter_config.json in peft's format (atomically per file)."""
+        from .adapters import save_adapter
+        save_adapter(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False,
+                        backend: str = "auto") -> "LoraModel":
+        """Adapt `model` with the adapter saved in `directory` (by fused_lora or peft).
+
+        Every key and shape is checked before the model is touched; on any error the model is left
+        as it was. With is_trainable=False the adapter is frozen and the model in eval mode.
+        """
+        from .adapters import load_adapter
+        return load_adapter(cls, model, directory, is_trainable=is_trainable, backend=backend)
+
+
+def get_lora_model(model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True) -> LoraModel:
+    """Adapt `model` in place as `config` says and wrap it in a LoraModel.
+
+    Targeted nn.Linear layers become FusedLoRALinear sharing their weights (no copy); everything
+    else is frozen. With autocast_adapter_dtype (peft's default), adapters of float16/bfloat16
+    layers are kept in float32.
+    """
+    return LoraModel(model, config, autocast_adapter_dtype=autocast_adapter_dtype)

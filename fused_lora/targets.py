@@ -1,0 +1,71 @@
+"""Which modules of a model a LoraConfig names: peft's matching rules, with clear errors."""
+from __future__ import annotations
+
+import re
+from typing import Optional, Union
+
+from torch import nn
+
+from .config import LoraConfig
+
+Spec = Optional[Union[list, str]]
+
+
+def name_matches(name: str, spec: Spec) -> bool:
+    """peft's rule: a string is a regex over the full name; a list holds exact names or dotted suffixes."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def _output_layer_name(model: nn.Module) -> Optional[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if out is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is out), None)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the nn.Linear modules to adapt. Raises ValueError when a target matches nothing,
+    or matches a module that is not an nn.Linear, listing what the model holds."""
+    if config.target_modules == "all-linear":
+        skip = _output_layer_name(model)
+        names = [n for n in _linear_names(model) if n != skip]
+    else:
+        names = [n for n, _ in model.named_modules() if n and name_matches(n, config.target_modules)]
+    names = [n for n in names if not name_matches(n, config.exclude_modules)]
+    modules = dict(model.named_modules())
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], nn.Linear)]
+    if wrong:
+        raise ValueError(f"target_modules {config.target_modules!r} matches modules that are not nn.Linear: "
+                         f"{', '.join(wrong)}; the nn.Linear modules are: {', '.join(_linear_names(model)) or 'none'}")
+    if not names:
+        raise ValueError(f"target_modules {config.target_modules!r} matches no module; the nn.Linear modules are: "
+                         f"{', '.join(_linear_names(model)) or 'none'}")
+    if isinstance(config.target_modules, list):
+        unmatched = [t for t in config.target_modules
+                     if not any(n == t or n.endswith("." + t) for n in names)]
+        if unmatched and config.exclude_modules is None:
+            raise ValueError(f"target_modules entries {unmatched} match no module; the nn.Linear modules are: "
+                             f"{', '.join(_linear_names(model)) or 'none'}")
+    return names
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules that get a trainable copy; each entry must match something."""
+    if not config.modules_to_save:
+        return []
+    names = [n for n, _ in model.named_modules() if n and name_matches(n, list(config.modules_to_save))]
+    missing = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"modules_to_save entries {missing} match no module; the model's modules are: "
+                         f"{', '.join(n for n, _ in model.named_modules() if n)}")
+    # A container and its children both matching: keep the outermost.
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
