@@ -34,11 +34,18 @@ class AdapterError(ValueError):
     """An adapter directory that cannot be loaded onto this model; the model is left unchanged."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make adapters unreadable to others
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
