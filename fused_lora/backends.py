@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections import Counter
+from functools import lru_cache
 
 import torch
 
@@ -35,6 +36,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@lru_cache(maxsize=None)
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

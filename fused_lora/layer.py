@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .dropout import new_seed, no_seed
-from .ops import lora_linear_fwd
+from .ops import lora_linear
 from .reference import lora_delta_weight
 
 InitSpec = Union[bool, str]
@@ -141,8 +141,8 @@ class FusedLoRALinear(nn.Module):
         p = self.lora_dropout if self.training else 0.0
         seed = new_seed() if p > 0.0 else no_seed()
         lead = x.shape[:-1]
-        y, _ = lora_linear_fwd(x.reshape(-1, self.in_features), weight, bias, lora_A, lora_B,
-                               self.scaling, p, seed, self.backend)
+        y = lora_linear(x.reshape(-1, self.in_features), weight, bias, lora_A, lora_B,
+                        self.scaling, p, seed, self.backend)
         return y.reshape(*lead, self.out_features)
 
     # ---------------------------------------------------------------- merging

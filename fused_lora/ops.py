@@ -4,11 +4,16 @@
     fused_lora::lora_linear_bwd(dY, x, W, A, B, H, s, p, seed, backend, needs...) -> (dx, dA, dB, dW, db)
 
 Each op body asks `backends.choose_backend` which implementation runs and calls it; the module
-never sees a kernel. Fake implementations let torch.compile trace the layer without graph
-breaks. Gradients not asked for come back as empty tensors (custom ops cannot return None).
+never sees a kernel. Fake implementations let torch.compile trace the layer without graph breaks.
+Gradients not asked for come back as empty tensors (custom ops cannot return None).
+
+`lora_linear` is the entry point: under torch.compile it calls the custom op (autograd registered
+on it), and in eager mode an autograd.Function that calls the same backend code directly, because
+the custom-op dispatch costs a few hundred microseconds per layer and step, which on a GPU can
+exceed the layer's own kernel time. Both paths share the saved state and the gradient code below.
 
 Derivation (W, b frozen unless they require grad), with H = (D x) A^T and Y = x W^T + b + s H B^T:
-    dY/dH:   dH = s dY B                          (G, M x r)
+    dH = s dY B                                    (G, M x r)
     dB = s dY^T H                                  (N x r)
     dA = dH^T (D x) = G^T (D x)                    (r x K)
     dx = dY W + D (G A)                            (the dropout mask multiplies the LoRA branch only)
@@ -34,10 +39,18 @@ def _impl(name: str):
     return torch_impl
 
 
-def _backend_for(op: str, x: Tensor, rank: int, backend: str) -> str:
-    name = backends.choose_backend(x.device, x.dtype, rank, backend)
-    backends.calls[(op, name)] += 1
-    return name
+def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int, backend):
+    name = backends.choose_backend(x.device, x.dtype, lora_A.shape[0], backend)
+    backends.calls[("fwd", name)] += 1
+    return _impl(name).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed: int, backend,
+                  need_dx, need_lora, need_dw, need_db):
+    name = backends.choose_backend(x.device, x.dtype, lora_A.shape[0], backend)
+    backends.calls[("bwd", name)] += 1
+    return _impl(name).backward(dy.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
+                                need_dx, need_lora, need_dw, need_db)
 
 
 @torch.library.custom_op("fused_lora::lora_linear_fwd", mutates_args=())
@@ -45,8 +58,7 @@ def lora_linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    name = _backend_for("fwd", x, lora_A.shape[0], backend)
-    return _impl(name).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed.item()))
+    return _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed.item()), backend)
 
 
 @lora_linear_fwd.register_fake
@@ -60,11 +72,8 @@ def lora_linear_bwd(
     scaling: float, dropout_p: float, seed: Tensor, backend: str,
     need_dx: bool, need_lora: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    name = _backend_for("bwd", x, lora_A.shape[0], backend)
-    grads = _impl(name).backward(
-        dy.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, int(seed.item()),
-        need_dx, need_lora, need_dw, need_db,
-    )
+    grads = _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, int(seed.item()), backend,
+                          need_dx, need_lora, need_dw, need_db)
     return tuple(g if g is not None else x.new_empty(_EMPTY_SHAPE) for g in grads)
 
 
@@ -78,26 +87,49 @@ def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_
             maybe(need_dw, N, K), maybe(need_db, N))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+# ------------------------------------------------------------------ autograd, shared by both paths
+
+def _save(ctx, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, seed, backend):
+    ctx.save_for_backward(x, weight, lora_A, lora_B, h, seed)
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy, _dh):
+def _gradients(ctx, dy, backward_op):
+    """Input gradients in the forward's argument order (x, W, b, A, B, s, p, seed, backend)."""
     x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad  # x, weight, bias, A, B, ...
-    need_lora = need[3] or need[4]
-    dx, dA, dB, dW, db = lora_linear_bwd(
-        dy, x, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed, ctx.backend,
-        need[0], need_lora, need[1], bool(ctx.has_bias and need[2]),
-    )
-    return (dx if need[0] else None, dW if need[1] else None, db if ctx.has_bias and need[2] else None,
+    need = ctx.needs_input_grad
+    need_db = bool(ctx.has_bias and need[2])
+    dx, dA, dB, dW, db = backward_op(dy, x, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed,
+                                     ctx.backend, need[0], need[3] or need[4], need[1], need_db)
+    return (dx if need[0] else None, dW if need[1] else None, db if need_db else None,
             dA if need[3] else None, dB if need[4] else None, None, None, None, None)
 
 
-lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _setup_context(ctx, inputs, output):
+    _save(ctx, *inputs[:5], output[1], *inputs[5:])
+
+
+lora_linear_fwd.register_autograd(lambda ctx, dy, _dh: _gradients(ctx, dy, lora_linear_bwd),
+                                  setup_context=_setup_context)
+
+
+def _eager_backward_op(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend, *needs):
+    return _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, int(seed.item()), backend, *needs)
+
+
+class _EagerLoRALinear(torch.autograd.Function):
+    """The eager-mode path: the same backend calls as the ops, without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+        y, h = _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed.item()), backend)
+        _save(ctx, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, seed, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _gradients(ctx, dy, _eager_backward_op)
 
 
 def lora_linear(
@@ -112,4 +144,7 @@ def lora_linear(
         if dropout_p > 0.0:
             raise ValueError("lora_linear: a seed tensor is required when dropout_p > 0")
         seed = torch.zeros((), dtype=torch.int64)
-    return lora_linear_fwd(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, backend)[0]
+    args = (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, backend)
+    if torch.compiler.is_compiling():
+        return lora_linear_fwd(*args)[0]
+    return _EagerLoRALinear.apply(*args)

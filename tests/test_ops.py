@@ -95,3 +95,17 @@ def test_calls_record_which_backend_ran():
     before = backends.calls[("fwd", "torch")]
     lora_linear(x, w, b, a, bb, 1.0, backend="torch")
     assert backends.calls[("fwd", "torch")] == before + 1
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # the test extra installs it; without it this property test is not collected
+    given = None
+
+if given is not None:
+    @settings(max_examples=25, deadline=None)
+    @given(M=st.integers(0, 40), K=st.integers(1, 40), N=st.integers(1, 40), r=st.integers(1, 12),
+           p=st.sampled_from([0.0, 0.15]), bias=st.booleans(), seed=st.integers(0, 1000))
+    def test_torch_op_random_shapes(M, K, N, r, p, bias, seed):
+        check_op_against_reference("torch", M, K, N, r, torch.float32, p=p, bias=bias, seed=seed)

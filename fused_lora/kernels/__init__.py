@@ -16,7 +16,7 @@ import triton
 
 from . import configs
 from .backward import lora_dx_da_kernel, lora_dy_kernel
-from .dropout import keep_mask
+from .dropout import keep_mask, keep_threshold
 from .forward import lora_forward_kernel, lora_shrink_kernel
 from .. import torch_impl
 
@@ -89,7 +89,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     scale = 1.0 / (1.0 - p)
     _launcher("shrink", x, r)[_rows_grid(M)](
         x, lora_A, h, *x.stride(), *lora_A.stride(), *h.stride(),
-        M, K, r, seed, p, scale, m_bucket(M), HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
+        M, K, r, seed, keep_threshold(p), scale, m_bucket(M), HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
     _launcher("forward", x, r)[_tiles_grid(M, N)](
         x, weight, bias if bias is not None else y, h, lora_B, y,
         *x.stride(), *weight.stride(), *h.stride(), *lora_B.stride(), *y.stride(),
@@ -117,7 +117,7 @@ def backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx
             dy, weight, g, lora_A, x, dx if need_dx else g, da32 if need_lora else g,
             *dy.stride(), *weight.stride(), *g.stride(), *lora_A.stride(), *x.stride(),
             *(dx.stride() if need_dx else (0, 0)),
-            M, N, K, r, seed, p, scale, m_bucket(M),
+            M, N, K, r, seed, keep_threshold(p), scale, m_bucket(M),
             HAS_DX=need_dx, HAS_DA=need_lora, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
     dA = da32.to(lora_A.dtype) if need_lora else None
     dB = db32.to(lora_B.dtype) if need_lora else None

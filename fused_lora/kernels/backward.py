@@ -54,7 +54,7 @@ def lora_dx_da_kernel(
     dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_dxm, stride_dxk,
-    M, N, K, R, seed, p, scale, M_BUCKET,
+    M, N, K, R, seed, threshold, scale, M_BUCKET,
     HAS_DX: tl.constexpr, HAS_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -69,7 +69,7 @@ def lora_dx_da_kernel(
     g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                 mask=m_in[:, None] & r_in[None, :], other=0.0)
     if HAS_DROPOUT:
-        keep = keep_tile(seed, offs_m, offs_k, K, p)
+        keep = keep_tile(seed, offs_m, pid_k * BLOCK_N, K, threshold, BLOCK_N)
     if HAS_DX:
         offs_n0 = tl.arange(0, BLOCK_K)
         dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym

@@ -30,7 +30,7 @@ _FLAGS = {
     "dy": {},
     "dx_da": {"HAS_DX": True, "HAS_DA": True, "HAS_DROPOUT": True},
 }
-_FLOAT_ARGS = {"scaling", "p", "scale"}
+_FLOAT_ARGS = {"scaling", "scale"}
 _FP32_BUFFERS = {"db_ptr", "da_ptr"}
 
 

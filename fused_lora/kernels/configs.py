@@ -27,13 +27,14 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
 
 # The two GEMMs with a LoRA epilogue: forward (Y = x W^T ...) and backward (dX = dY W ...).
 _GEMM = {
-    90: [_cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4)],
-    80: [_cfg(128, 256, 32, 8, 3), _cfg(128, 128, 32, 4, 4), _cfg(64, 128, 32, 4, 4)],
+    90: [_cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4),
+         _cfg(64, 64, 32, 4, 2)],
+    80: [_cfg(128, 256, 32, 8, 3), _cfg(128, 128, 32, 4, 4), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 2)],
 }
 # Memory-bound passes over x (shrink: H = (D x) A^T) and over dY (G = s dY B, dB = s dY^T H).
 _PASS = {
-    90: [_cfg(64, 64, 128, 4, 3), _cfg(32, 64, 128, 4, 3)],
-    80: [_cfg(64, 64, 64, 4, 3), _cfg(32, 64, 128, 4, 3)],
+    90: [_cfg(64, 64, 128, 4, 3), _cfg(128, 64, 64, 8, 3), _cfg(32, 64, 128, 4, 3), _cfg(32, 32, 32, 4, 2)],
+    80: [_cfg(64, 64, 64, 4, 3), _cfg(128, 64, 64, 8, 3), _cfg(32, 64, 128, 4, 3), _cfg(32, 32, 32, 4, 2)],
 }
 _INTERPRETER = [_cfg(32, 32, 32, 4, 1, group=2)]
 
@@ -54,18 +55,22 @@ def gemm_smem_estimate(cfg, block_r: int, elt: int) -> int:
     return max(main, epilogue + k["BLOCK_M"] * k["BLOCK_N"] * 4 // 2)
 
 
-def pass_smem_estimate(cfg, block_r: int, elt: int) -> int:
+def pass_smem_estimate(cfg, block_r: int, elt: int, stream: str) -> int:
+    """A pass streams BLOCK_M x <stream> tiles of x or dY and <stream> x BLOCK_R tiles of A or B,
+    holds a BLOCK_M x BLOCK_R tile, and (dy) stages a <stream> x BLOCK_R fp32 partial for atomics."""
     k = cfg.kwargs
-    return (k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * block_r) * elt * cfg.num_stages \
-        + k["BLOCK_M"] * block_r * elt + k["BLOCK_N"] * block_r * 4
+    s = k[stream]
+    return (k["BLOCK_M"] * s + s * block_r) * elt * cfg.num_stages + k["BLOCK_M"] * block_r * elt + s * block_r * 4
 
 
 def keep_fitting(configs, estimate, block_r: int, elt: int, arch: int) -> list:
-    """Configs whose estimate fits the architecture (margin for what the estimate misses);
-    never empty: the smallest config is kept as the last resort."""
+    """Configs whose estimate fits the architecture, with a margin for what the estimate misses.
+    Each list ends with a small config that fits at every rank, so none comes back empty."""
     limit = SMEM_LIMIT[arch] * 0.85
     kept = [c for c in configs if estimate(c, block_r, elt) <= limit]
-    return kept or [min(configs, key=lambda c: estimate(c, block_r, elt))]
+    if not kept:
+        raise ValueError(f"no config fits sm_{arch} at BLOCK_R={block_r}: the config lists need a smaller entry")
+    return kept
 
 
 KERNELS = ("shrink", "forward", "dy", "dx_da")
@@ -76,5 +81,7 @@ def candidates(kernel_name: str, arch: int, block_r: int, elt: int) -> list:
     if kernel_name in ("forward", "dx_da"):
         return keep_fitting(gemm_configs(arch), gemm_smem_estimate, block_r, elt, arch)
     if kernel_name in ("shrink", "dy"):
-        return keep_fitting(pass_configs(arch), pass_smem_estimate, block_r, elt, arch)
+        stream = "BLOCK_K" if kernel_name == "shrink" else "BLOCK_N"
+        estimate = lambda c, r, e: pass_smem_estimate(c, r, e, stream)  # noqa: E731
+        return keep_fitting(pass_configs(arch), estimate, block_r, elt, arch)
     raise KeyError(kernel_name)

@@ -7,14 +7,14 @@ no M x N temporary exists. Parameter order: pointers, strides, sizes, scalars, c
 import triton
 import triton.language as tl
 
-from .dropout import dropout_tile
+from .dropout import keep_tile
 
 
 @triton.jit(do_not_specialize=["seed"])
 def lora_shrink_kernel(
     x_ptr, a_ptr, h_ptr,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr,
-    M, K, R, seed, p, scale, M_BUCKET,
+    M, K, R, seed, threshold, scale, M_BUCKET,
     HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -31,7 +31,8 @@ def lora_shrink_kernel(
         k_in = offs_k < K
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_in[:, None] & k_in[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = dropout_tile(x.to(tl.float32), seed, offs_m, offs_k, K, p, scale).to(x_ptr.dtype.element_ty)
+            keep = keep_tile(seed, offs_m, k0, K, threshold, BLOCK_K)
+            x = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=(offs_r[None, :] < R) & k_in[:, None], other=0.0)  # A^T tile, BLOCK_K x BLOCK_R
         acc = tl.dot(x, a, acc)
