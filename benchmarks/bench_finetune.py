@@ -1,6 +1,6 @@
 """One fine-tuning step of a Llama-shaped model: the floor, peft and fused_lora, in one run.
 
-    python benchmarks/bench_finetune.py            # CPU: tiny config, fp32, 4 x 128 tokens (~1 min)
+    python benchmarks/bench_finetune.py            # CPU: 'small' config, fp32, 4 x 256 tokens (~1-2 min)
     python benchmarks/bench_finetune.py --size 1b  # CUDA: hidden 2048, 16 layers, bf16, 4 x 2048 tokens
 
 Variants, each with gradient checkpointing off and on:
@@ -97,9 +97,9 @@ def measure(step, device, steps, warmup):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default=None, help="tiny (CPU default) or 1b (CUDA default)")
+    ap.add_argument("--size", default=None, help="tiny, small (CPU default) or 1b (CUDA default)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (128 on CPU, 2048 on CUDA)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (256 on CPU, 2048 on CUDA)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1])
     ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
@@ -108,8 +108,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = device == "cuda"
-    size = args.size or ("1b" if gpu else "tiny")
-    seq = args.seq or (2048 if gpu else 128)
+    size = args.size or ("1b" if gpu else "small")
+    seq = args.seq or (2048 if gpu else 256)
     steps = args.steps or (10 if gpu else 8)
     dtype = torch.bfloat16 if gpu else torch.float32
     if not gpu:

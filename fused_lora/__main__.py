@@ -11,7 +11,7 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="the tutorial walk-through on a small MLP")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ft = sub.add_parser("finetune", help="train LoRA adapters on a Llama-shaped model (synthetic data)")
-    ft.add_argument("--size", default="tiny", help="model size: tiny (CPU, seconds) or 1b (GPU)")
+    ft.add_argument("--size", default="tiny", help="model size: tiny (CPU, seconds), small, or 1b (GPU)")
     ft.add_argument("--steps", type=int, default=100)
     ft.add_argument("--batch", type=int, default=8)
     ft.add_argument("--seq", type=int, default=64)

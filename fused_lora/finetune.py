@@ -23,6 +23,9 @@ LLAMA_SIZES = {
     # A few hundred thousand parameters: tests and the CPU example.
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256),
+    # About 4M parameters: the CPU benchmark (big enough that matmuls, not Python, dominate).
+    "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=2048),
     # About 1.1B parameters: the GPU benchmark's model (TinyLlama's shape).
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                num_key_value_heads=4, vocab_size=32000),
