@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .dropout import keep_tile
 from .forward import grouped_tile
+from .tiles import load_tile, store_tile, tile_ptrs
 
 
 @triton.jit
@@ -25,28 +26,21 @@ def lora_dy_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One program per BLOCK_M rows of dY, looping over N. db_ptr: fp32 N x R, zeroed, row stride R."""
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_n0 = tl.arange(0, BLOCK_N)
     m_in = offs_m < M
     r_in = offs_r < R
-    h = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                mask=m_in[:, None] & r_in[None, :], other=0.0)
-    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+    h = load_tile(h_ptr, offs_m, offs_r, stride_hm, stride_hr, m_in, r_in)
     acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + offs_n0
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         n_in = offs_n < N
-        dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=m_in[:, None] & n_in[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=n_in[:, None] & r_in[None, :], other=0.0)
+        dy = load_tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, m_in, n_in)
+        b = load_tile(b_ptr, offs_n, offs_r, stride_bn, stride_br, n_in, r_in)
         acc_g = tl.dot(dy, b, acc_g)
         db_part = tl.dot(tl.trans(dy), h) * scaling
-        tl.atomic_add(db_ptr + offs_n.to(tl.int64)[:, None] * R + offs_r[None, :], db_part,
-                      mask=n_in[:, None] & r_in[None, :])
-    g_ptrs = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_r[None, :] * stride_gr
-    tl.store(g_ptrs, (acc_g * scaling).to(g_ptr.dtype.element_ty), mask=m_in[:, None] & r_in[None, :])
+        tl.atomic_add(tile_ptrs(db_ptr, offs_n, offs_r, R, 1), db_part, mask=n_in[:, None] & r_in[None, :])
+    store_tile(g_ptr, acc_g * scaling, offs_m, offs_r, stride_gm, stride_gr, m_in, r_in)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -66,34 +60,24 @@ def lora_dx_da_kernel(
     m_in = offs_m < M
     k_in = offs_k < K
     r_in = offs_r < R
-    g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                mask=m_in[:, None] & r_in[None, :], other=0.0)
+    g = load_tile(g_ptr, offs_m, offs_r, stride_gm, stride_gr, m_in, r_in)
     if HAS_DROPOUT:
         keep = keep_tile(seed, offs_m, pid_k * BLOCK_N, K, threshold, BLOCK_N)
     if HAS_DX:
-        offs_n0 = tl.arange(0, BLOCK_K)
-        dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
-        w_cols = w_ptr + offs_k.to(tl.int64)[None, :] * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_K):
-            offs_n = n0 + offs_n0
+            offs_n = n0 + tl.arange(0, BLOCK_K)
             n_in = offs_n < N
-            dy = tl.load(dy_rows + offs_n[None, :] * stride_dyn, mask=m_in[:, None] & n_in[None, :], other=0.0)
-            w = tl.load(w_cols + offs_n.to(tl.int64)[:, None] * stride_wn, mask=n_in[:, None] & k_in[None, :],
-                        other=0.0)
+            dy = load_tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, m_in, n_in)
+            w = load_tile(w_ptr, offs_n, offs_k, stride_wn, stride_wk, n_in, k_in)
             acc = tl.dot(dy, w, acc)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=r_in[:, None] & k_in[None, :], other=0.0)
-        lora = tl.dot(g, a)
+        lora = tl.dot(g, load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, r_in, k_in))
         if HAS_DROPOUT:
             lora = tl.where(keep, lora * scale, 0.0)
-        acc += lora
-        dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_in[:, None] & k_in[None, :])
+        store_tile(dx_ptr, acc + lora, offs_m, offs_k, stride_dxm, stride_dxk, m_in, k_in)
     if HAS_DA:
-        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_in[:, None] & k_in[None, :], other=0.0)
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, m_in, k_in)
         if HAS_DROPOUT:
             x = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
-        da_part = tl.dot(tl.trans(g), x)
-        tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da_part, mask=r_in[:, None] & k_in[None, :])
+        tl.atomic_add(tile_ptrs(da_ptr, offs_r, offs_k, K, 1), tl.dot(tl.trans(g), x),
+                      mask=r_in[:, None] & k_in[None, :])

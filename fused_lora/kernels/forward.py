@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .dropout import keep_tile
+from .tiles import load_tile, store_tile
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -19,25 +20,21 @@ def lora_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """H[m, :] = sum_k (D x)[m, k] A[:, k]; one program per BLOCK_M rows. BLOCK_N/GROUP_M unused."""
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_k0 = tl.arange(0, BLOCK_K)
     m_in = offs_m < M
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    r_in = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + offs_k0
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         k_in = offs_k < K
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_in[:, None] & k_in[None, :], other=0.0)
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, m_in, k_in)
         if HAS_DROPOUT:
             keep = keep_tile(seed, offs_m, k0, K, threshold, BLOCK_K)
             x = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
-        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                    mask=(offs_r[None, :] < R) & k_in[:, None], other=0.0)  # A^T tile, BLOCK_K x BLOCK_R
+        a = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, k_in, r_in)  # A^T tile, BLOCK_K x BLOCK_R
         acc = tl.dot(x, a, acc)
-    h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :] * stride_hr
-    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=m_in[:, None] & (offs_r[None, :] < R))
+    store_tile(h_ptr, acc, offs_m, offs_r, stride_hm, stride_hr, m_in, r_in)
 
 
 @triton.jit
@@ -66,27 +63,21 @@ def lora_forward_kernel(
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k0 = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     m_in = offs_m < M
     n_in = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    r_in = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + offs_k0
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         k_in = offs_k < K
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_in[:, None] & k_in[None, :], other=0.0)
-        w = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=k_in[:, None] & n_in[None, :], other=0.0)
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, m_in, k_in)
+        w = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, k_in, n_in)  # W^T tile
         acc = tl.dot(x, w, acc)
     # Epilogue: the low-rank term, BLOCK_M x BLOCK_R times BLOCK_R x BLOCK_N.
-    r_in = offs_r < R
-    h = tl.load(h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                mask=m_in[:, None] & r_in[None, :], other=0.0)
-    bt = tl.load(b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                 mask=r_in[:, None] & n_in[None, :], other=0.0)
+    h = load_tile(h_ptr, offs_m, offs_r, stride_hm, stride_hr, m_in, r_in)
+    bt = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r_in, n_in)  # B^T tile
     acc += scaling * tl.dot(h, bt)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_in[:, None] & n_in[None, :])
+    store_tile(y_ptr, acc, offs_m, offs_n, stride_ym, stride_yn, m_in, n_in)
