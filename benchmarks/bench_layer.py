@@ -42,15 +42,21 @@ def build_variants(M, K, N, r, p, dtype, device, with_peft=True, with_compile=Fa
     torch.manual_seed(0)
     base = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
     variants = {"base": base}
-    ours = FusedLoRALinear.from_linear(copy.deepcopy(base), r=r, lora_alpha=2 * r, lora_dropout=p,
-                                       init_lora_weights=False)
-    variants["fused_lora"] = ours
+
+    def ours(backend):
+        return FusedLoRALinear.from_linear(copy.deepcopy(base), r=r, lora_alpha=2 * r, lora_dropout=p,
+                                           init_lora_weights=False, backend=backend)
+    variants["fused_lora"] = ours("auto")
+    if device == "cuda":
+        # The other strategy on the GPU: cuBLAS GEMMs accumulating onto the rank-r term (beta = 1).
+        variants["fused_lora[torch]"] = ours("torch")
     if with_peft:
         import peft
         cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"])
         pm = peft.get_peft_model(Holder(copy.deepcopy(base)), cfg, autocast_adapter_dtype=False)
         variants["peft"] = pm
         if with_compile:
+            torch._dynamo.reset()  # a fresh cache per case: past cache_size_limit dynamo falls back to eager
             variants["compile(peft)"] = torch.compile(pm)
     for m in variants.values():
         m.train()
@@ -70,7 +76,7 @@ def step_fns(module, x, dy):
     return fwd, fwdbwd
 
 
-def run(shapes, ranks, dropouts, dtype, device, reps, with_peft=True, with_compile=False, log=print):
+def run(shapes, ranks, dropouts, dtype, device, reps, with_peft=True, compile_ranks=(), log=print):
     rows = []
     for (M, K, N) in shapes:
         for r in ranks:
@@ -78,7 +84,7 @@ def run(shapes, ranks, dropouts, dtype, device, reps, with_peft=True, with_compi
             dy = torch.randn(M, N, device=device, dtype=dtype)
             timed, mems = {}, {}
             for p in dropouts:
-                variants = build_variants(M, K, N, r, p, dtype, device, with_peft, with_compile)
+                variants = build_variants(M, K, N, r, p, dtype, device, with_peft, r in compile_ranks)
                 for name, m in variants.items():
                     if name == "base" and p != dropouts[0]:
                         continue  # the base has no dropout: measured once per shape and rank
@@ -99,13 +105,13 @@ def run(shapes, ranks, dropouts, dtype, device, reps, with_peft=True, with_compi
     return rows
 
 
-HEADER = (f"{'M':>5} {'K':>5} {'N':>5} {'r':>3} {'p':>4} {'variant':<14} {'fwd ms':>8} {'fwd x':>6} "
+HEADER = (f"{'M':>5} {'K':>5} {'N':>5} {'r':>3} {'p':>4} {'variant':<17} {'fwd ms':>8} {'fwd x':>6} "
           f"{'f+b ms':>8} {'f+b x':>6} {'vs peft':>7} {'held MiB':>9} {'peak MiB':>9}")
 
 
 def format_row(row):
     vs = f"{row['fwdbwd_vs_peft']:.2f}" if row["fwdbwd_vs_peft"] != "" else "-"
-    return (f"{row['M']:>5} {row['K']:>5} {row['N']:>5} {row['r']:>3} {row['dropout']:>4} {row['variant']:<14} "
+    return (f"{row['M']:>5} {row['K']:>5} {row['N']:>5} {row['r']:>3} {row['dropout']:>4} {row['variant']:<17} "
             f"{row['fwd_ms']:>8.3f} {row['fwd_x']:>6.2f} {row['fwdbwd_ms']:>8.3f} {row['fwdbwd_x']:>6.2f} {vs:>7} "
             f"{row['held_MiB']:>9.1f} {row['peak_MiB']:>9.1f}")
 
@@ -118,7 +124,8 @@ def plot(rows, path):
     except ImportError:
         return False
     cases = sorted({(r["M"], r["K"], r["N"], r["r"], r["dropout"]) for r in rows if r["variant"] != "base"})
-    names = [n for n in ("fused_lora", "peft", "compile(peft)") if any(r["variant"] == n for r in rows)]
+    names = [n for n in ("fused_lora", "fused_lora[torch]", "peft", "compile(peft)")
+             if any(r["variant"] == n for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases)), 4))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
@@ -144,7 +151,9 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--reps", type=int, default=10, help="CPU repetitions per variant (median)")
     ap.add_argument("--no-peft", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="also torch.compile(peft) (default on CUDA)")
+    ap.add_argument("--compile-ranks", type=int, nargs="*", default=None,
+                    help="ranks at which torch.compile(peft) is also timed (CUDA default: 16, as in the anchors; "
+                         "CPU default: none). Each case compiles anew, which takes tens of seconds")
     ap.add_argument("--out", default=os.path.join(OUT_DIR, "layer"))
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,8 +167,9 @@ def main(argv=None):
         torch.set_num_threads(os.cpu_count() or 1)
     print(f"# {environment(device)}; {dtype}")
     print(HEADER)
+    compile_ranks = args.compile_ranks if args.compile_ranks is not None else ([16] if gpu else [])
     rows = run(shapes, ranks, args.dropouts, dtype, device, args.reps, with_peft=not args.no_peft,
-               with_compile=args.compile or gpu)
+               compile_ranks=compile_ranks)
     write_csv(args.out + ".csv", rows)
     wrote_png = plot(rows, args.out + ".png")
     print(f"# wrote {args.out}.csv" + (f" and {args.out}.png" if wrote_png else ""))

@@ -40,7 +40,9 @@ def build_llama(size: str = "tiny", dtype=torch.float32, device="cpu", seed: int
     config = LlamaConfig(**LLAMA_SIZES[size], max_position_embeddings=max_positions,
                          attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialise on the target device: the 1B model's init is slow on a CPU
+        model = LlamaForCausalLM(config)
+    return model.to(dtype=dtype)
 
 
 def counting_batches(vocab: int, batch: int, seq: int, seed: int = 0, device="cpu") -> Iterator[torch.Tensor]:

@@ -147,4 +147,8 @@ def lora_linear(
     args = (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, backend)
     if torch.compiler.is_compiling():
         return lora_linear_fwd(*args)[0]
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])):
+        # Nothing to differentiate (inference): skip the autograd.Function machinery.
+        return _run_forward(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), int(seed.item()),
+                            backend)[0]
     return _EagerLoRALinear.apply(*args)
