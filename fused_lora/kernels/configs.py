@@ -9,15 +9,11 @@ used (the interpreter cannot benchmark several).
 """
 from __future__ import annotations
 
-import os
-
 import triton
 
+from ..backends import interpreting
+
 SMEM_LIMIT = {90: 232_448, 80: 166_912}  # bytes per block (opt-in maximum)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
