@@ -11,6 +11,7 @@ the config, which names what the weights must hold.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -164,7 +165,10 @@ def load_adapter(cls, model: nn.Module, directory: str, is_trainable: bool = Fal
     config, tensors = read_adapter(directory)
     config.backend = backend
     validate(model, config, tensors, directory)
-    lora_model = cls(model, config)
+    # The file's weights replace the initial ones, so peft-only initialisations ("pissa", ...) need
+    # not be supported to load an adapter; the config keeps the file's value.
+    lora_model = cls(model, dataclasses.replace(config, init_lora_weights=True))
+    lora_model.peft_config = config
     for key, t in tensors.items():
         if any(r in key for r in _PEFT_REDUNDANT):
             continue

@@ -23,6 +23,17 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
+def check_adapter_args(r, lora_dropout, init_lora_weights, backend) -> None:
+    """Raise ValueError for adapter settings FusedLoRALinear cannot take (before anything is changed)."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r must be an integer >= 1, got {r!r}")
+    if not (0.0 <= float(lora_dropout) < 1.0):
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+    backends.requested_backend(backend)  # validates the name now rather than at the first forward
+
+
 class FusedLoRALinear(nn.Module):
     """y = x W^T + b + s * B A dropout(x), with W and b frozen and A, B trainable.
 
@@ -53,6 +64,7 @@ class FusedLoRALinear(nn.Module):
         adapter_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        check_adapter_args(r, lora_dropout, init_lora_weights, backend)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach_base(base)
         self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype)
@@ -66,6 +78,7 @@ class FusedLoRALinear(nn.Module):
         """Wrap an existing `nn.Linear`: its weight and bias are shared (same storage) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        check_adapter_args(r, lora_dropout, init_lora_weights, backend)  # before the linear is frozen
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._attach_base(linear)
@@ -81,13 +94,6 @@ class FusedLoRALinear(nn.Module):
             self.bias.requires_grad_(False)
 
     def _init_adapter(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype):
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {r!r}")
-        if not (0.0 <= float(lora_dropout) < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
-        backends.requested_backend(backend)  # validates the name now rather than at the first forward
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.lora_dropout = float(lora_dropout)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)

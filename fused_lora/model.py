@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layer import FusedLoRALinear
+from .layer import FusedLoRALinear, check_adapter_args
 from .targets import find_modules_to_save, find_targets
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -50,6 +50,8 @@ class LoraModel(nn.Module):
         clash = [n for n in targets if any(n == s or n.startswith(s + ".") for s in to_save)]
         if clash:
             raise ValueError(f"modules {clash} are both LoRA targets and (inside) modules_to_save")
+        # Every check that can fail runs before the model is touched: nothing is half-applied.
+        check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend)
         self.model = model
         self.peft_config = config
         model.requires_grad_(False)

@@ -156,3 +156,17 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
         trained_lora(modules_to_save=["seq.4"]).save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_peft_only_init_in_config_still_loads(tmp_path):
+    lm = trained_lora()
+    with torch.no_grad():
+        want = lm(X)
+    lm.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = "pissa"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    loaded = LoraModel.from_pretrained(base_mlp(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X), want)
+    assert loaded.peft_config.init_lora_weights == "pissa"

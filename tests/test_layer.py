@@ -216,3 +216,10 @@ def test_compiles_fullgraph_without_breaks():
     torch.testing.assert_close(y, layer(x))
     y.sum().backward()
     assert layer.lora_A.grad is not None
+
+
+def test_from_linear_with_bad_settings_leaves_the_linear_alone():
+    lin = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="r must be"):
+        FusedLoRALinear.from_linear(lin, r=0)
+    assert lin.weight.requires_grad and lin.bias.requires_grad

@@ -110,3 +110,13 @@ def test_low_precision_base_gets_fp32_adapters():
 def test_attribute_passthrough():
     lm = get_lora_model(fresh_mlp(), LoraConfig(target_modules=["seq.0"]))
     assert lm.seq is lm.model.seq
+
+
+def test_invalid_adapter_settings_change_nothing():
+    model = fresh_mlp()
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        get_lora_model(model, LoraConfig(target_modules=["seq.0", "seq.2"], init_lora_weights="pissa"))
+    with pytest.raises(ValueError, match="backend"):
+        get_lora_model(model, LoraConfig(target_modules=["seq.0"], backend="gpu-please"))
+    assert all(type(m) in (nn.Linear, nn.ReLU, nn.LogSoftmax, nn.Sequential, MLP) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
