@@ -57,27 +57,29 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+def _other_biases(model: nn.Module, owners) -> list[tuple[str, torch.Tensor]]:
+    """The biases bias="all" saves besides those of `owners` (adapted layers, modules_to_save)."""
+    return [(n, p) for n, p in model.named_parameters()
+            if n.endswith("bias") and not any(n.startswith(o + ".") for o in owners)]
+
+
 def adapter_state(lora_model) -> dict[str, torch.Tensor]:
     """The tensors an adapter file holds, by peft key."""
     cfg = lora_model.peft_config
     out = {}
-    lora_names, saved_names = set(), set()
+    owners = []
     for name, layer in lora_model.lora_layers():
-        lora_names.add(name)
+        owners.append(name)
         out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
         out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
         if cfg.bias != "none" and layer.bias is not None:
             out[f"{PREFIX}{name}.base_layer.bias"] = layer.bias
     for name, module in lora_model.saved_modules():
-        saved_names.add(name)
+        owners.append(name)
         for key, t in module.trainable.state_dict().items():
             out[f"{PREFIX}{name}.{key}"] = t
     if cfg.bias == "all":
-        for pname, p in lora_model.model.named_parameters():
-            owner = pname.rpartition(".")[0]
-            inside = any(pname.startswith(n + ".") for n in lora_names | saved_names)
-            if pname.endswith("bias") and not inside and owner not in lora_names:
-                out[f"{PREFIX}{pname}"] = p
+        out.update((f"{PREFIX}{n}", p) for n, p in _other_biases(lora_model.model, owners))
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
@@ -131,11 +133,7 @@ def expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tor
         for key, t in model.get_submodule(name).state_dict().items():
             shapes[f"{name}.{key}"] = t.shape
     if config.bias == "all":
-        for pname, p in model.named_parameters():
-            owner = pname.rpartition(".")[0]
-            inside = any(pname.startswith(n + ".") for n in targets + to_save)
-            if pname.endswith("bias") and not inside and owner not in targets:
-                shapes[pname] = p.shape
+        shapes.update((n, p.shape) for n, p in _other_biases(model, targets + to_save))
     return shapes, to_save
 
 
@@ -183,13 +181,13 @@ def load_adapter(cls, model: nn.Module, directory: str, is_trainable: bool = Fal
 def _destination(lora_model, key: str) -> torch.Tensor:
     """The tensor of the adapted model a (validated) adapter key is loaded into."""
     model = lora_model.model
-    owner, _, leaf = key.rpartition(".")
+    owner = key.rpartition(".")[0]
     if owner.endswith(".lora_A") or owner.endswith(".lora_B"):
-        return getattr(model.get_submodule(owner.rpartition(".")[0]), owner.rpartition(".")[2])
+        layer, _, attr = owner.rpartition(".")
+        return getattr(model.get_submodule(layer), attr)
     if owner.endswith(".base_layer"):
         return model.get_submodule(owner[: -len(".base_layer")]).bias
-    saved = dict(lora_model.saved_modules())
-    for name, module in saved.items():
+    for name, module in lora_model.saved_modules():
         if key.startswith(name + "."):
             return module.trainable.state_dict(keep_vars=True)[key[len(name) + 1:]]
-    return model.get_parameter(key) if key in dict(model.named_parameters()) else model.get_buffer(key)
+    return model.get_parameter(key)  # a bias saved under bias="all"

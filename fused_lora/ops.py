@@ -39,17 +39,20 @@ def _impl(name: str):
     return torch_impl
 
 
+def _chosen(op: str, x: Tensor, rank: int, backend: str):
+    """The implementation that runs `op` on these inputs; the choice is counted in backends.calls."""
+    name = backends.choose_backend(x.device, x.dtype, rank, backend)
+    backends.calls[(op, name)] += 1
+    return _impl(name)
+
+
 def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int, backend):
-    name = backends.choose_backend(x.device, x.dtype, lora_A.shape[0], backend)
-    backends.calls[("fwd", name)] += 1
-    return _impl(name).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return _chosen("fwd", x, lora_A.shape[0], backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed: int, backend,
                   need_dx, need_lora, need_dw, need_db):
-    name = backends.choose_backend(x.device, x.dtype, lora_A.shape[0], backend)
-    backends.calls[("bwd", name)] += 1
-    return _impl(name).backward(dy.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
+    return _chosen("bwd", x, lora_A.shape[0], backend).backward(dy.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
                                 need_dx, need_lora, need_dw, need_db)
 
 

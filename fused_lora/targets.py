@@ -32,6 +32,10 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def _linear_listing(model: nn.Module) -> str:
+    return "the nn.Linear modules are: " + (", ".join(_linear_names(model)) or "none")
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the nn.Linear modules to adapt. Raises ValueError when a target matches nothing,
     or matches a module that is not an nn.Linear, listing what the model holds."""
@@ -45,16 +49,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], nn.Linear)]
     if wrong:
         raise ValueError(f"target_modules {config.target_modules!r} matches modules that are not nn.Linear: "
-                         f"{', '.join(wrong)}; the nn.Linear modules are: {', '.join(_linear_names(model)) or 'none'}")
+                         f"{', '.join(wrong)}; {_linear_listing(model)}")
     if not names:
-        raise ValueError(f"target_modules {config.target_modules!r} matches no module; the nn.Linear modules are: "
-                         f"{', '.join(_linear_names(model)) or 'none'}")
+        raise ValueError(f"target_modules {config.target_modules!r} matches no module; {_linear_listing(model)}")
     if isinstance(config.target_modules, list):
-        unmatched = [t for t in config.target_modules
-                     if not any(n == t or n.endswith("." + t) for n in names)]
+        unmatched = [t for t in config.target_modules if not any(name_matches(n, [t]) for n in names)]
         if unmatched and config.exclude_modules is None:
-            raise ValueError(f"target_modules entries {unmatched} match no module; the nn.Linear modules are: "
-                             f"{', '.join(_linear_names(model)) or 'none'}")
+            raise ValueError(f"target_modules entries {unmatched} match no module; {_linear_listing(model)}")
     return names
 
 
@@ -63,7 +64,7 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
     names = [n for n, _ in model.named_modules() if n and name_matches(n, list(config.modules_to_save))]
-    missing = [t for t in config.modules_to_save if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in config.modules_to_save if not any(name_matches(n, [t]) for n in names)]
     if missing:
         raise ValueError(f"modules_to_save entries {missing} match no module; the model's modules are: "
                          f"{', '.join(n for n, _ in model.named_modules() if n)}")
