@@ -19,6 +19,14 @@ Derivation (W, b frozen unless they require grad), with H = (D x) A^T and Y = x 
     dx = dY W + D (G A)                            (the dropout mask multiplies the LoRA branch only)
     dW = dY^T x,  db = sum over rows of dY
 Only x, H and the seed are saved; D is regenerated from the seed in backward.
+
+Double backward (a gradient of a gradient, e.g. a gradient penalty): when the backward itself is
+differentiated (create_graph=True, so grad mode is on inside backward), H is recomputed under
+autograd and the gradients are computed with differentiable torch ops, with the dropout mask of
+the backend that ran the forward; otherwise the backend's (non-differentiable) kernels run.
+
+Inputs are checked once, before a backend is chosen (`op_inputs`), in the eager paths and in the
+fake implementations alike, so every path and backend refuses bad inputs with the same error.
 """
 from __future__ import annotations
 
@@ -28,6 +36,8 @@ import torch
 from torch import Tensor
 
 from . import backends, torch_impl
+from .op_inputs import (as_seed_tensor, check_backward_inputs, check_op_inputs, check_seed_tensor,
+                        seed_value)
 
 _EMPTY_SHAPE = (0,)
 
@@ -47,6 +57,8 @@ def _chosen(op: str, x: Tensor, rank: int, backend: str):
 
 
 def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int, backend):
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read the bias with unit stride; N elements, cheap
     return _chosen("fwd", x, lora_A.shape[0], backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -61,11 +73,15 @@ def lora_linear_fwd(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed.item()), backend)
+    check_op_inputs(x, weight, bias, lora_A, lora_B, dropout_p)
+    check_seed_tensor(seed)
+    return _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed), backend)
 
 
 @lora_linear_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    check_op_inputs(x, weight, bias, lora_A, lora_B, dropout_p)
+    check_seed_tensor(seed)
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
@@ -75,13 +91,18 @@ def lora_linear_bwd(
     scaling: float, dropout_p: float, seed: Tensor, backend: str,
     need_dx: bool, need_lora: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, int(seed.item()), backend,
+    check_backward_inputs(dy, x, weight, lora_A, lora_B, h, dropout_p)
+    check_seed_tensor(seed)
+    grads = _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed_value(seed), backend,
                           need_dx, need_lora, need_dw, need_db)
     return tuple(g if g is not None else x.new_empty(_EMPTY_SHAPE) for g in grads)
 
 
 @lora_linear_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_dx, need_lora, need_dw, need_db):
+    check_backward_inputs(dy, x, weight, lora_A, lora_B, h, dropout_p)
+    check_seed_tensor(seed)
+
     def maybe(flag, *shape):
         return x.new_empty(shape if flag else _EMPTY_SHAPE)
     M, K = x.shape
@@ -103,6 +124,8 @@ def _gradients(ctx, dy, backward_op):
     x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_db = bool(ctx.has_bias and need[2])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (dy, x, weight, lora_A, lora_B)):
+        backward_op = _differentiable_backward  # the gradient's own graph is asked for: double backward
     dx, dA, dB, dW, db = backward_op(dy, x, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, seed,
                                      ctx.backend, need[0], need[3] or need[4], need[1], need_db)
     return (dx if need[0] else None, dW if need[1] else None, db if need_db else None,
@@ -118,7 +141,18 @@ lora_linear_fwd.register_autograd(lambda ctx, dy, _dh: _gradients(ctx, dy, lora_
 
 
 def _eager_backward_op(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, backend, *needs):
-    return _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, int(seed.item()), backend, *needs)
+    return _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed_value(seed), backend, *needs)
+
+
+def _differentiable_backward(dy, x, weight, lora_A, lora_B, _h, scaling, dropout_p, seed, backend, *needs):
+    """The gradients through autograd-differentiable torch ops, with the forward backend's mask.
+
+    The saved H was computed without a graph, so it is recomputed here from x and A.
+    """
+    impl = _chosen("bwd", x, lora_A.shape[0], backend)
+    keep = impl.keep_mask(seed_value(seed), x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
+    h = torch.mm(torch_impl.dropped(x, keep, dropout_p), lora_A.t())
+    return torch_impl.backward_with_mask(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, keep, *needs)
 
 
 class _EagerLoRALinear(torch.autograd.Function):
@@ -126,7 +160,7 @@ class _EagerLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-        y, h = _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed.item()), backend)
+        y, h = _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed), backend)
         _save(ctx, x, weight, bias, lora_A, lora_B, h, scaling, dropout_p, seed, backend)
         return y
 
@@ -139,19 +173,26 @@ def lora_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None, backend: str = "auto",
 ) -> Tensor:
-    """Y = x W^T + b + s * ((D x) A^T) B^T for a 2-D x (M x K), differentiable in every tensor.
+    """Y = x W^T + b + s * ((D x) A^T) B^T for a 2-D x (M x K), differentiable in every tensor
+    (twice: double backward is supported).
 
-    `seed` (0-dim int64 CPU tensor) fixes the dropout mask; it is required when dropout_p > 0.
+    x (M x K), weight (N x K), bias (N) or None, lora_A (r x K) and lora_B (N x r) share one
+    floating dtype and one device; any strides. `dropout_p` is in [0, 1); `seed` (a Python int in
+    [0, 2^63) or a 0-dim int64 tensor) fixes the dropout mask and is required when dropout_p > 0.
+    Bad inputs raise ValueError (shapes, values, devices) or TypeError (types, dtypes) before any
+    backend runs.
     """
-    if seed is None:
-        if dropout_p > 0.0:
-            raise ValueError("lora_linear: a seed tensor is required when dropout_p > 0")
-        seed = torch.zeros((), dtype=torch.int64)
+    seed = as_seed_tensor(seed, dropout_p)
     args = (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, backend)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the fake implementation checks the inputs
+        return lora_linear_fwd(*args)[0]
+    check_op_inputs(x, weight, bias, lora_A, lora_B, dropout_p)  # once, before any backend is chosen
+    if x.is_meta:
+        # Meta tensors (shape propagation, e.g. a model built on the meta device) take the
+        # custom op, whose fake implementation gives the outputs' shapes without computing.
         return lora_linear_fwd(*args)[0]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])):
         # Nothing to differentiate (inference): skip the autograd.Function machinery.
-        return _run_forward(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), int(seed.item()),
+        return _run_forward(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed_value(seed),
                             backend)[0]
     return _EagerLoRALinear.apply(*args)

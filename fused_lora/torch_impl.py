@@ -25,11 +25,8 @@ def forward(
     Y is first written with b + s H B^T (cheap: rank r), then the base product is accumulated
     onto it by the GEMM itself (beta = 1), so Y is written by one GEMM pass and no M x N temporary exists.
     """
-    if dropout_p > 0.0:
-        xd = x.mul(1.0 / (1.0 - dropout_p)).mul_(keep_mask(seed, x.shape, dropout_p, x.device))
-    else:
-        xd = x
-    h = torch.mm(xd, lora_A.t())
+    keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
+    h = torch.mm(dropped(x, keep, dropout_p), lora_A.t())
     if bias is not None:
         y = torch.addmm(bias, h, lora_B.t(), alpha=scaling)
     else:
@@ -47,11 +44,31 @@ def backward(
 
     G = s dY B;  dB = s dY^T H;  dA = G^T (D x);  dx = dY W + D (G A).
     """
+    keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
+    return backward_with_mask(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, keep,
+                              need_dx, need_lora, need_dw, need_db)
+
+
+def dropped(x: Tensor, keep: Optional[Tensor], dropout_p: float) -> Tensor:
+    """D x: x itself without dropout, else x * keep / (1 - p) (a new tensor)."""
+    return x if keep is None else x.mul(1.0 / (1.0 - dropout_p)).mul_(keep)
+
+
+def backward_with_mask(
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+    scaling: float, dropout_p: float, keep: Optional[Tensor],
+    need_dx: bool, need_lora: bool, need_dw: bool, need_db: bool,
+) -> tuple[Optional[Tensor], ...]:
+    """`backward` with the keep mask given (None: no dropout).
+
+    Every step is an autograd-differentiable op (the in-place ones act on fresh results that no
+    gradient formula needs), so with H computed under autograd this also gives the graph of the
+    gradients that double backward needs, for either backend's mask.
+    """
     g = torch.mm(dy, lora_B).mul_(scaling)  # M x r
     dx = dA = dB = dW = db = None
     if need_lora:
         dB = torch.mm(h.t(), dy).mul_(scaling).t().contiguous()  # r x N product: the faster orientation
-    keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     scale = 1.0 / (1.0 - dropout_p)
     if need_dx:  # the low-rank term first, then the GEMM accumulates onto it (beta = 1 or D's scale)
         dx = torch.mm(g, lora_A)
@@ -60,8 +77,7 @@ def backward(
         else:
             dx.mul_(keep).addmm_(dy, weight, beta=scale)
     if need_lora:
-        xd = x if keep is None else x.mul(scale).mul_(keep)
-        dA = torch.mm(g.t(), xd)
+        dA = torch.mm(g.t(), dropped(x, keep, dropout_p))
     if need_dw:
         dW = torch.mm(dy.t(), x)
     if need_db:

@@ -1,0 +1,112 @@
+"""Checks of the LoRA op's inputs, run once before a backend is chosen.
+
+The kernels trust their arguments (a wrong size reads out of bounds), so every entry point checks
+here first: the eager paths before dispatch and the fake implementations under torch.compile,
+with the same messages. The checks use `torch._check_value` / `torch._check_type`, which work on
+real tensors and on symbolic (fake) shapes alike: shapes and ranks raise ValueError, dtypes
+TypeError, devices ValueError.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SEED_LIMIT = 2**63  # seeds are int64 tensors: [0, 2^63)
+OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def check_dropout_p(dropout_p) -> None:
+    """dropout_p must be a real number in [0, 1) (1 would divide by zero: nothing kept)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"lora_linear: dropout_p must be a real number, got {type(dropout_p).__name__}")
+    if not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def check_op_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    dropout_p: float) -> None:
+    """x (M x K), W (N x K), b (N) or None, A (r x K), B (N x r): one floating dtype, one device."""
+    named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        named.insert(2, ("bias", bias))
+    for name, t in named:
+        torch._check_type(isinstance(t, Tensor), lambda: f"lora_linear: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in named:
+        want = 1 if name == "bias" else 2
+        torch._check_value(t.dim() == want, lambda: f"lora_linear: {name} must be {want}-D, got shape {_shape(t)}")
+    K, N, r = x.shape[1], weight.shape[0], lora_A.shape[0]
+    torch._check_value(weight.shape[1] == K, lambda: f"lora_linear: weight has shape {_shape(weight)} but x has "
+                                                     f"{_shape(x)}: expected (N, {K})")
+    torch._check_value(lora_A.shape[1] == K, lambda: f"lora_linear: lora_A has shape {_shape(lora_A)} but x has "
+                                                     f"{_shape(x)}: expected (r, {K})")
+    torch._check_value(lora_B.shape[0] == N and lora_B.shape[1] == r,
+                       lambda: f"lora_linear: lora_B has shape {_shape(lora_B)}, expected (N, r) = ({N}, {r}) "
+                               f"from weight {_shape(weight)} and lora_A {_shape(lora_A)}")
+    if bias is not None:
+        torch._check_value(bias.shape[0] == N, lambda: f"lora_linear: bias has shape {_shape(bias)}, expected ({N},) "
+                                                       f"from weight {_shape(weight)}")
+    torch._check_type(x.dtype in OP_DTYPES, lambda: f"lora_linear: x has dtype {x.dtype}; expected one of "
+                                                    f"float16, bfloat16, float32, float64")
+    for name, t in named[1:]:
+        torch._check_type(t.dtype == x.dtype, lambda: f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype} "
+                                                      f"(cast them to one dtype)")
+        torch._check_value(t.device == x.device, lambda: f"lora_linear: {name} is on {t.device} but x is on {x.device}")
+    check_dropout_p(dropout_p)
+
+
+def check_backward_inputs(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+                          dropout_p: float) -> None:
+    """The forward's checks, plus dY (M x N) and H (M x r) of the matching sizes, dtype and device."""
+    check_op_inputs(x, weight, None, lora_A, lora_B, dropout_p)
+    M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
+    for name, t, want in (("dy", dy, (M, N)), ("h", h, (M, r))):
+        torch._check_value(t.dim() == 2 and t.shape[0] == want[0] and t.shape[1] == want[1],
+                           lambda: f"lora_linear backward: {name} has shape {_shape(t)}, expected {want}")
+        torch._check_type(t.dtype == x.dtype, lambda: f"lora_linear backward: {name} has dtype {t.dtype} but x has "
+                                                      f"{x.dtype}")
+        torch._check_value(t.device == x.device, lambda: f"lora_linear backward: {name} is on {t.device} but x is "
+                                                         f"on {x.device}")
+
+
+def check_seed_tensor(seed: Tensor) -> None:
+    """A seed tensor is a 0-dim int64 tensor (its value is checked where it is read)."""
+    torch._check_type(seed.dtype == torch.int64 and seed.dim() == 0,
+                      lambda: f"lora_linear: seed must be a 0-dim int64 tensor or an int, got a {seed.dtype} "
+                              f"tensor of shape {_shape(seed)}")
+
+
+def seed_value(seed: Tensor) -> int:
+    """The seed as a Python int, refused if negative (the dropout generators take seeds in [0, 2^63))."""
+    value = int(seed.item())
+    if value < 0:
+        raise ValueError(f"lora_linear: seed must be >= 0, got {value}")
+    return value
+
+
+def as_seed_tensor(seed, dropout_p: float) -> Tensor:
+    """None (only without dropout), a Python int in [0, 2^63) or a 0-dim int64 tensor -> the seed tensor."""
+    check_dropout_p(dropout_p)
+    if seed is None:
+        if dropout_p > 0.0:
+            raise ValueError("lora_linear: a seed (int or 0-dim int64 tensor) is required when dropout_p > 0")
+        return torch.zeros((), dtype=torch.int64)
+    if isinstance(seed, Tensor):
+        if not torch.compiler.is_compiling():  # under compile the fake implementation checks it
+            check_seed_tensor(seed)
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"lora_linear: seed must be an int or a 0-dim int64 tensor, got {type(seed).__name__}")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"lora_linear: seed must be in [0, 2^63), got {seed}")
+    return torch.tensor(int(seed), dtype=torch.int64)
+
+
+__all__ = ["check_op_inputs", "check_backward_inputs", "check_dropout_p", "check_seed_tensor", "seed_value",
+           "as_seed_tensor"]
