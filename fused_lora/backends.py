@@ -7,7 +7,8 @@ Rules, in order:
 - otherwise ("auto"): CUDA tensors that Triton supports go to Triton, everything else to torch.
 
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 (its interpreter), and only when asked
-for by name: that is how CI tests the real kernels without a GPU.
+for by name: that is how CI tests the real kernels without a GPU. The interpreter computes
+bfloat16 matrix products wrongly, so bfloat16 is refused under it.
 
 `calls` counts which backend ran each op, so tests (and users) can see it.
 """
@@ -52,6 +53,11 @@ def triton_not_supported_reasons(device: torch.device, dtype: torch.dtype, rank:
         reasons.append(f"device type {device.type!r} is not supported by the Triton kernels")
     if dtype not in TRITON_DTYPES:
         reasons.append(f"dtype {dtype} is not one of float16, bfloat16, float32")
+    elif dtype == torch.bfloat16 and interpreting():
+        # The interpreter holds bf16 as uint16 and its tl.dot gives garbage (errors ~1e10);
+        # compiled kernels on a GPU (TRITON_INTERPRET unset) compute bf16 correctly.
+        reasons.append("bfloat16 is not supported under the Triton interpreter (TRITON_INTERPRET=1), "
+                       "whose bfloat16 tl.dot is wrong; use float16/float32 there, or a GPU without the interpreter")
     if rank > MAX_TRITON_RANK:
         reasons.append(f"rank {rank} is above {MAX_TRITON_RANK}")
     return reasons
