@@ -18,6 +18,13 @@ from .reference import lora_delta_weight
 InitSpec = Union[bool, str]
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in force for this device type, or None (also for types without autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """s = alpha / r, or alpha / sqrt(r) with rsLoRA (peft's definition)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -134,8 +141,8 @@ class FusedLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = _autocast_dtype(x.device.type)
+        if dtype is not None:
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
         elif x.dtype != weight.dtype:
@@ -147,7 +154,8 @@ class FusedLoRALinear(nn.Module):
         p = self.lora_dropout if self.training else 0.0
         seed = new_seed() if p > 0.0 else no_seed()
         lead = x.shape[:-1]
-        y = lora_linear(x.reshape(-1, self.in_features), weight, bias, lora_A, lora_B,
+        # math.prod, not -1: with in_features == 0 (or an empty batch) -1 is ambiguous
+        y = lora_linear(x.reshape(math.prod(lead), self.in_features), weight, bias, lora_A, lora_B,
                         self.scaling, p, seed, self.backend)
         return y.reshape(*lead, self.out_features)
 
@@ -157,20 +165,35 @@ class FusedLoRALinear(nn.Module):
         """s * B @ A in float32: what merging adds to the base weight."""
         return lora_delta_weight(self.lora_A.detach(), self.lora_B.detach(), self.scaling)
 
+    def _weight_with_delta(self, sign: int) -> Tensor:
+        """W + sign * s * B @ A, computed in float32 (float64 for a float64 weight), rounded once to W's dtype."""
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        delta = lora_delta_weight(self.lora_A.detach().to(acc), self.lora_B.detach().to(acc), self.scaling)
+        return torch.add(self.weight.detach().to(acc), delta, alpha=sign).to(self.weight.dtype)
+
+    @staticmethod
+    def _refuse_non_finite(w: Tensor, message: str) -> None:
+        # Checked after rounding to the weight's dtype: a float32 sum can be finite and still
+        # overflow float16 (max 65504) when written.
+        if not w.is_meta and not bool(torch.isfinite(w).all()):
+            raise ValueError(message)
+
     @torch.no_grad()
     def merge(self, safe_merge: bool = False) -> None:
         """Fold s * B @ A into the base weight (computed in float32, rounded once).
 
-        With `safe_merge`, the merged weight is checked to be finite before anything is written;
-        a non-finite result raises ValueError and leaves the weight untouched.
+        With `safe_merge` (peft's option), the merged weight is checked to be finite in the
+        weight's own dtype before anything is written; a NaN or inf (e.g. a delta that overflows
+        float16) raises ValueError and leaves the weight and `merged` untouched.
         Merging a merged layer warns and does nothing.
         """
         if self.merged:
             warnings.warn("FusedLoRALinear.merge: already merged; nothing done", stacklevel=2)
             return
-        merged = self.weight.float() + self.delta_weight()
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError("FusedLoRALinear.merge: merged weight has NaN or inf; weight left unchanged")
+        merged = self._weight_with_delta(+1)
+        if safe_merge:
+            self._refuse_non_finite(merged, f"FusedLoRALinear.merge: the merged weight has NaN or inf in "
+                                            f"{self.weight.dtype}; weight left unchanged")
         self.weight.copy_(merged)
         self.merged = True
 
@@ -180,17 +203,29 @@ class FusedLoRALinear(nn.Module):
 
         In float32 this restores the weight to rounding error; in float16/bfloat16 the two
         roundings may leave the weight a few ulps from where it was (as with any merge/unmerge).
+        If the result has NaN or inf (the merge, made without `safe_merge`, overflowed the
+        weight's dtype), the base weight cannot be restored: ValueError, layer left as it is.
         """
         if not self.merged:
             warnings.warn("FusedLoRALinear.unmerge: not merged; nothing done", stacklevel=2)
             return
-        self.weight.copy_(self.weight.float() - self.delta_weight())
+        unmerged = self._weight_with_delta(-1)
+        self._refuse_non_finite(unmerged, f"FusedLoRALinear.unmerge: the unmerged weight would have NaN or inf "
+                                          f"(the merge overflowed {self.weight.dtype}?); the base weight cannot be "
+                                          f"restored, layer left merged")
+        self.weight.copy_(unmerged)
         self.merged = False
 
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A plain `nn.Linear` holding W + s * B @ A (a new tensor; this layer is not changed)."""
-        w = self.weight.float() if self.merged else self.weight.float() + self.delta_weight()
+    def to_linear(self, safe_merge: bool = False) -> nn.Linear:
+        """A plain `nn.Linear` holding W + s * B @ A (a new tensor; this layer is not changed).
+
+        With `safe_merge`, a merged weight with NaN or inf in the weight's dtype raises ValueError.
+        """
+        w = self.weight.detach() if self.merged else self._weight_with_delta(+1)
+        if safe_merge:
+            self._refuse_non_finite(w, f"FusedLoRALinear.to_linear: the merged weight has NaN or inf in "
+                                       f"{self.weight.dtype}")
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         out.weight.copy_(w)

@@ -223,3 +223,123 @@ def test_from_linear_with_bad_settings_leaves_the_linear_alone():
     with pytest.raises(ValueError, match="r must be"):
         FusedLoRALinear.from_linear(lin, r=0)
     assert lin.weight.requires_grad and lin.bias.requires_grad
+
+
+# ---------------------------------------------------------------- merging in the weight's own dtype
+
+def _overflowing_fp16_layer():
+    """A float16 layer whose merged weight is finite in float32 (~7e4) but overflows float16 (max 65504)."""
+    layer = make_layer(K=4, N=3, r=2, dtype=torch.float16)
+    with torch.no_grad():
+        layer.weight.fill_(6e4)
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(1.0)  # (B @ A)[n, k] = r = 2
+    layer.scaling = 5000.0  # delta 1e4: 6e4 + 1e4 = 7e4 > 65504
+    return layer
+
+
+def test_safe_merge_checks_in_the_weight_dtype():
+    layer = _overflowing_fp16_layer()
+    w = layer.weight.detach().clone()
+    assert torch.isfinite(layer.weight.float() + layer.delta_weight()).all()  # finite before rounding
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.weight, w) and not layer.merged
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.to_linear(safe_merge=True)
+    assert torch.equal(layer.weight, w) and not layer.merged
+
+
+def test_safe_merge_bfloat16_rounding_overflow():
+    """bfloat16's max (3.39e38) is below float32's: a sum in between is finite only before rounding."""
+    layer = make_layer(K=2, N=2, r=1, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.fill_(3.3895e38)
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(1.0)
+    layer.scaling = 1e36  # delta 1e36 (r = 1): 3.3995e38, between bfloat16's rounding limit (3.3963e38) and float32's max
+    w = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.weight, w) and not layer.merged
+
+
+def test_unmerge_after_an_overflowing_merge_refuses():
+    """merge() without safe_merge writes inf (peft's behaviour); unmerge cannot restore W from it and says so."""
+    layer = _overflowing_fp16_layer()
+    layer.merge()
+    assert layer.merged and not torch.isfinite(layer.weight).all()
+    w = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="cannot be restored"):
+        layer.unmerge()
+    assert layer.merged and torch.equal(layer.weight, w)
+
+
+def test_merge_of_a_float64_layer_keeps_float64_precision():
+    layer = make_layer(dtype=torch.float64)
+    want = layer.weight.detach().clone() + layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
+    lin = layer.to_linear()
+    layer.merge(safe_merge=True)
+    assert (layer.weight - want).abs().max() < 1e-13
+    assert (lin.weight - want).abs().max() < 1e-13
+
+
+# ---------------------------------------------------------------- meta device and empty sizes, as nn.Linear
+
+@pytest.mark.parametrize("train", [False, True])
+def test_meta_device_forward_propagates_shapes(train):
+    layer = FusedLoRALinear(12, 10, r=4, lora_dropout=0.1, device="meta").train(train)
+    lin = nn.Linear(12, 10, device="meta")
+    x = torch.empty(2, 3, 12, device="meta", requires_grad=True)
+    y = layer(x)
+    assert y.device.type == "meta" and y.shape == lin(x).shape == (2, 3, 10)
+    y.sum().backward()  # shapes of the gradients too
+    assert layer.lora_A.grad.shape == (4, 12) and layer.lora_A.grad.is_meta and x.grad.shape == x.shape
+
+
+def test_meta_layer_to_empty_then_loaded_matches():
+    source = make_layer()
+    layer = FusedLoRALinear(12, 10, r=4, lora_alpha=8, device="meta")
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(source.state_dict())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), source(x), rtol=0, atol=0)
+    layer.merge(safe_merge=True)
+    torch.testing.assert_close(layer(x), source(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_in_features_zero_behaves_as_linear(bias, backend):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "Initializing zero-element tensors is a no-op", as for nn.Linear
+        layer = FusedLoRALinear(0, 5, r=2, bias=bias, backend=backend, init_lora_weights=False)
+    if bias:
+        with torch.no_grad():
+            layer.bias.copy_(torch.arange(5.0))
+    x = torch.empty(3, 0, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    y.sum().backward()
+    assert layer.lora_A.grad.shape == (2, 0) and torch.count_nonzero(layer.lora_B.grad) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape", [(0, 12), (2, 0, 12), (0, 0, 12)])
+def test_zero_size_batches_and_out_features(backend, shape):
+    layer = make_layer(backend=backend, lora_dropout=0.2)
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == shape[:-1] + (10,)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.count_nonzero(layer.lora_A.grad) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        empty_out = FusedLoRALinear(12, 0, r=2, backend=backend)
+    y = empty_out(torch.randn(*shape[:-1], 4, 12) if len(shape) == 2 else torch.randn(*shape))
+    assert y.shape[-1] == 0
+    x = torch.randn(3, 12, requires_grad=True)
+    out = empty_out(x)
+    assert out.shape == (3, 0)
+    out.sum().backward()
+    assert torch.count_nonzero(x.grad) == 0
