@@ -2,9 +2,8 @@
 
 The kernels trust their arguments (a wrong size reads out of bounds), so every entry point checks
 here first: the eager paths before dispatch and the fake implementations under torch.compile,
-with the same messages. The checks use `torch._check_value` / `torch._check_type`, which work on
-real tensors and on symbolic (fake) shapes alike: shapes and ranks raise ValueError, dtypes
-TypeError, devices ValueError.
+with the same messages. The checks work on real tensors and on symbolic (fake) shapes alike (`torch._check_with` for
+the symbolic ones): shapes and ranks raise ValueError, dtypes TypeError, devices ValueError.
 """
 from __future__ import annotations
 
@@ -18,12 +17,25 @@ SEED_LIMIT = 2**63  # seeds are int64 tensors: [0, 2^63)
 OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _require(error: type, cond, message) -> None:
+    """Raise error(message()) unless cond; a symbolic cond (fake tensors, dynamic shapes) goes to
+    torch._check_with, which records it as a guard. Plain bools take the fast path: these checks
+    run on every eager call."""
+    if cond is True:
+        return
+    if isinstance(cond, bool):
+        raise error(message())
+    torch._check_with(error, cond, message)
+
+
 def _shape(t: Tensor) -> tuple:
     return tuple(t.shape)
 
 
 def check_dropout_p(dropout_p) -> None:
     """dropout_p must be a real number in [0, 1) (1 would divide by zero: nothing kept)."""
+    if type(dropout_p) is float and 0.0 <= dropout_p < 1.0:  # the common case, fast
+        return
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"lora_linear: dropout_p must be a real number, got {type(dropout_p).__name__}")
     if not (0.0 <= float(dropout_p) < 1.0):
@@ -33,31 +45,35 @@ def check_dropout_p(dropout_p) -> None:
 def check_op_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                     dropout_p: float) -> None:
     """x (M x K), W (N x K), b (N) or None, A (r x K), B (N x r): one floating dtype, one device."""
-    named = [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    # Types, ranks, dtypes and devices are never symbolic: plain checks (this runs on every call).
+    named = (("x", x, 2), ("weight", weight, 2), ("bias", bias, 1), ("lora_A", lora_A, 2), ("lora_B", lora_B, 2))
+    for name, t, _ in named:
+        if not isinstance(t, Tensor) and not (t is None and name == "bias"):
+            raise TypeError(f"lora_linear: {name} must be a tensor, got {type(t).__name__}")
+    for name, t, want in named:
+        if t is not None and t.dim() != want:
+            raise ValueError(f"lora_linear: {name} must be {want}-D, got shape {_shape(t)}")
+    dtype, device = x.dtype, x.device
+    if dtype not in OP_DTYPES:
+        raise TypeError(f"lora_linear: x has dtype {dtype}; expected one of float16, bfloat16, float32, float64")
+    for name, t, _ in named[1:]:
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"lora_linear: {name} has dtype {t.dtype} but x has {dtype} (cast them to one dtype)")
+        if t is not None and t.device != device:
+            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {device}")
+    # Sizes may be symbolic under torch.compile: _require. (Each .shape builds a torch.Size: once each.)
+    xs, ws, As, Bs = x.shape, weight.shape, lora_A.shape, lora_B.shape
+    K, N, r = xs[1], ws[0], As[0]
+    _require(ValueError, ws[1] == K, lambda: f"lora_linear: weight has shape {tuple(ws)} but x has {tuple(xs)}: "
+                                            f"expected (N, {K})")
+    _require(ValueError, As[1] == K, lambda: f"lora_linear: lora_A has shape {tuple(As)} but x has {tuple(xs)}: "
+                                            f"expected (r, {K})")
+    for size, want in ((Bs[0], N), (Bs[1], r)):
+        _require(ValueError, size == want, lambda: f"lora_linear: lora_B has shape {tuple(Bs)}, expected (N, r) = "
+                                                  f"({N}, {r}) from weight {tuple(ws)} and lora_A {tuple(As)}")
     if bias is not None:
-        named.insert(2, ("bias", bias))
-    for name, t in named:
-        torch._check_type(isinstance(t, Tensor), lambda: f"lora_linear: {name} must be a tensor, got {type(t).__name__}")
-    for name, t in named:
-        want = 1 if name == "bias" else 2
-        torch._check_value(t.dim() == want, lambda: f"lora_linear: {name} must be {want}-D, got shape {_shape(t)}")
-    K, N, r = x.shape[1], weight.shape[0], lora_A.shape[0]
-    torch._check_value(weight.shape[1] == K, lambda: f"lora_linear: weight has shape {_shape(weight)} but x has "
-                                                     f"{_shape(x)}: expected (N, {K})")
-    torch._check_value(lora_A.shape[1] == K, lambda: f"lora_linear: lora_A has shape {_shape(lora_A)} but x has "
-                                                     f"{_shape(x)}: expected (r, {K})")
-    torch._check_value(lora_B.shape[0] == N and lora_B.shape[1] == r,
-                       lambda: f"lora_linear: lora_B has shape {_shape(lora_B)}, expected (N, r) = ({N}, {r}) "
-                               f"from weight {_shape(weight)} and lora_A {_shape(lora_A)}")
-    if bias is not None:
-        torch._check_value(bias.shape[0] == N, lambda: f"lora_linear: bias has shape {_shape(bias)}, expected ({N},) "
-                                                       f"from weight {_shape(weight)}")
-    torch._check_type(x.dtype in OP_DTYPES, lambda: f"lora_linear: x has dtype {x.dtype}; expected one of "
-                                                    f"float16, bfloat16, float32, float64")
-    for name, t in named[1:]:
-        torch._check_type(t.dtype == x.dtype, lambda: f"lora_linear: {name} has dtype {t.dtype} but x has {x.dtype} "
-                                                      f"(cast them to one dtype)")
-        torch._check_value(t.device == x.device, lambda: f"lora_linear: {name} is on {t.device} but x is on {x.device}")
+        _require(ValueError, bias.shape[0] == N, lambda: f"lora_linear: bias has shape {_shape(bias)}, expected "
+                                                        f"({N},) from weight {tuple(ws)}")
     check_dropout_p(dropout_p)
 
 
@@ -67,17 +83,17 @@ def check_backward_inputs(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
     check_op_inputs(x, weight, None, lora_A, lora_B, dropout_p)
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
     for name, t, want in (("dy", dy, (M, N)), ("h", h, (M, r))):
-        torch._check_value(t.dim() == 2 and t.shape[0] == want[0] and t.shape[1] == want[1],
+        _require(ValueError, t.dim() == 2 and t.shape[0] == want[0] and t.shape[1] == want[1],
                            lambda: f"lora_linear backward: {name} has shape {_shape(t)}, expected {want}")
-        torch._check_type(t.dtype == x.dtype, lambda: f"lora_linear backward: {name} has dtype {t.dtype} but x has "
+        _require(TypeError, t.dtype == x.dtype, lambda: f"lora_linear backward: {name} has dtype {t.dtype} but x has "
                                                       f"{x.dtype}")
-        torch._check_value(t.device == x.device, lambda: f"lora_linear backward: {name} is on {t.device} but x is "
+        _require(ValueError, t.device == x.device, lambda: f"lora_linear backward: {name} is on {t.device} but x is "
                                                          f"on {x.device}")
 
 
 def check_seed_tensor(seed: Tensor) -> None:
     """A seed tensor is a 0-dim int64 tensor (its value is checked where it is read)."""
-    torch._check_type(seed.dtype == torch.int64 and seed.dim() == 0,
+    _require(TypeError, seed.dtype == torch.int64 and seed.dim() == 0,
                       lambda: f"lora_linear: seed must be a 0-dim int64 tensor or an int, got a {seed.dtype} "
                               f"tensor of shape {_shape(seed)}")
 
