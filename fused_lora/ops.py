@@ -147,9 +147,10 @@ def _eager_backward_op(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, see
 def _differentiable_backward(dy, x, weight, lora_A, lora_B, _h, scaling, dropout_p, seed, backend, *needs):
     """The gradients through autograd-differentiable torch ops, with the forward backend's mask.
 
-    The saved H was computed without a graph, so it is recomputed here from x and A.
+    The saved H was computed without a graph, so it is recomputed here from x and A. Counted in
+    backends.calls as ("bwd_differentiable", backend whose mask is used).
     """
-    impl = _chosen("bwd", x, lora_A.shape[0], backend)
+    impl = _chosen("bwd_differentiable", x, lora_A.shape[0], backend)
     keep = impl.keep_mask(seed_value(seed), x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     h = torch.mm(torch_impl.dropped(x, keep, dropout_p), lora_A.t())
     return torch_impl.backward_with_mask(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, keep, *needs)

@@ -51,8 +51,11 @@ def test_gradient_penalty_matches_reference(backend, p):
     seed = 4321
     keep = backend_module(backend).keep_mask(seed, (8, 12), p, DEVICE) if p > 0 else None
 
+    before = dict(backends.calls)
     got = gradient_penalty_grads(
         lambda x, a, bb: lora_linear(x, w, b, a, bb, 0.75, p, torch.tensor(seed), backend=backend), x, a, bb, dy)
+    # the backward with create_graph=True took the differentiable path (once)
+    assert backends.calls[("bwd_differentiable", backend)] == before.get(("bwd_differentiable", backend), 0) + 1
     x64, w64, b64, a64, bb64 = to64(x, w, b, a, bb)
     want = gradient_penalty_grads(
         lambda x, a, bb: lora_linear_ref(x, w64, b64, a, bb, 0.75, keep, p), x64, a64, bb64, dy.double())
