@@ -7,6 +7,7 @@ the symbolic ones): shapes and ranks raise ValueError, dtypes TypeError, devices
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -40,6 +41,21 @@ def check_dropout_p(dropout_p) -> None:
         raise TypeError(f"lora_linear: dropout_p must be a real number, got {type(dropout_p).__name__}")
     if not (0.0 <= float(dropout_p) < 1.0):
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def as_scaling(scaling) -> float:
+    """The LoRA scale s as a float: a finite real number (a string or a tensor needing a gradient is refused)."""
+    if isinstance(scaling, Tensor):
+        if scaling.numel() != 1 or scaling.requires_grad:
+            raise TypeError("lora_linear: scaling must be a number (a one-element tensor without grad is read "
+                            f"as one), got a tensor of shape {_shape(scaling)}"
+                            f"{' that requires grad' if scaling.requires_grad else ''}")
+        scaling = scaling.item()
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"lora_linear: scaling must be a real number, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"lora_linear: scaling must be finite, got {scaling!r}")
+    return float(scaling)
 
 
 def check_op_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -124,5 +140,5 @@ def as_seed_tensor(seed, dropout_p: float) -> Tensor:
     return torch.tensor(int(seed), dtype=torch.int64)
 
 
-__all__ = ["check_op_inputs", "check_backward_inputs", "check_dropout_p", "check_seed_tensor", "seed_value",
+__all__ = ["as_scaling", "check_op_inputs", "check_backward_inputs", "check_dropout_p", "check_seed_tensor", "seed_value",
            "as_seed_tensor"]

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import backends, torch_impl
-from .op_inputs import (as_seed_tensor, check_backward_inputs, check_op_inputs, check_seed_tensor,
+from .op_inputs import (as_scaling, as_seed_tensor, check_backward_inputs, check_op_inputs, check_seed_tensor,
                         seed_value)
 
 _EMPTY_SHAPE = (0,)
@@ -178,13 +178,14 @@ def lora_linear(
     (twice: double backward is supported).
 
     x (M x K), weight (N x K), bias (N) or None, lora_A (r x K) and lora_B (N x r) share one
-    floating dtype and one device; any strides. `dropout_p` is in [0, 1); `seed` (a Python int in
+    floating dtype and one device; any strides. `scaling` is a finite real number. `dropout_p` is in [0, 1); `seed` (a Python int in
     [0, 2^63) or a 0-dim int64 tensor) fixes the dropout mask and is required when dropout_p > 0.
     Bad inputs raise ValueError (shapes, values, devices) or TypeError (types, dtypes) before any
     backend runs.
     """
     seed = as_seed_tensor(seed, dropout_p)
-    args = (x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, backend)
+    scaling = as_scaling(scaling)
+    args = (x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed, backend)
     if torch.compiler.is_compiling():  # the fake implementation checks the inputs
         return lora_linear_fwd(*args)[0]
     check_op_inputs(x, weight, bias, lora_A, lora_B, dropout_p)  # once, before any backend is chosen
@@ -194,6 +195,6 @@ def lora_linear(
         return lora_linear_fwd(*args)[0]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])):
         # Nothing to differentiate (inference): skip the autograd.Function machinery.
-        return _run_forward(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed_value(seed),
+        return _run_forward(x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed_value(seed),
                             backend)[0]
     return _EagerLoRALinear.apply(*args)

@@ -71,7 +71,7 @@ def test_any_strides_of_every_input(backend, which, layout):
 
 def _good():
     x, w, b, a, bb = make_problem(5, 8, 6, 2, torch.float32, seed=1, requires_grad=False)
-    return dict(x=x, weight=w, bias=b, lora_A=a, lora_B=bb, dropout_p=0.1, seed=7)
+    return dict(x=x, weight=w, bias=b, lora_A=a, lora_B=bb, scaling=0.5, dropout_p=0.1, seed=7)
 
 
 BAD = {  # case -> (changes to a good call, exception type, message pattern)
@@ -94,6 +94,10 @@ BAD = {  # case -> (changes to a good call, exception type, message pattern)
     "p_negative": (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
     "p_nan": (dict(dropout_p=math.nan), ValueError, r"dropout_p must be in \[0, 1\)"),
     "p_string": (dict(dropout_p="0.1"), TypeError, "dropout_p must be a real number"),
+    "scaling_string": (dict(scaling="2"), TypeError, "scaling must be a real number"),
+    "scaling_inf": (dict(scaling=math.inf), ValueError, "scaling must be finite"),
+    "scaling_nan": (dict(scaling=math.nan), ValueError, "scaling must be finite"),
+    "scaling_grad_tensor": (dict(scaling=torch.tensor(2.0, requires_grad=True)), TypeError, "requires grad"),
     "seed_missing": (dict(seed=None), ValueError, "seed .* is required when dropout_p > 0"),
     "seed_negative": (dict(seed=-1), ValueError, "seed must be in"),
     "seed_too_big": (dict(seed=2**63), ValueError, "seed must be in"),
@@ -110,7 +114,7 @@ def _call(backend, grad, kw):
     if grad:
         kw["lora_A"] = kw["lora_A"].detach().requires_grad_(True) if isinstance(kw["lora_A"], torch.Tensor) else kw["lora_A"]
     x = kw.pop("x")
-    return lora_linear(x, kw["weight"], kw["bias"], kw["lora_A"], kw["lora_B"], 0.5, kw["dropout_p"], kw["seed"],
+    return lora_linear(x, kw["weight"], kw["bias"], kw["lora_A"], kw["lora_B"], kw["scaling"], kw["dropout_p"], kw["seed"],
                        backend=backend)
 
 
@@ -133,7 +137,7 @@ def test_good_call_passes_and_int_seed_equals_tensor_seed():
     assert y_int.shape == (5, 6) and torch.equal(y_int, y_tensor)
 
 
-SHAPE_CASES = [c for c in BAD if not c.startswith(("p_", "seed_", "x_not")) and c not in ("x_int",)]
+SHAPE_CASES = [c for c in BAD if not c.startswith(("p_", "seed_", "scaling_", "x_not")) and c not in ("x_int",)]
 
 
 @pytest.mark.parametrize("case", SHAPE_CASES)
