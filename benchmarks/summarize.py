@@ -239,18 +239,18 @@ def summarize(out: str, elt: int = 2) -> dict:
 
 def print_table(summary: dict) -> None:
     names = ("auto", "torch", "triton", "peft", "compile(peft)")
-    print(f"{'shape':<18} {'r':>3} {'p':>4} {'ideal f/fb':>11} " + " ".join(f"{n:>13}" for n in names)
-          + "   (fwd / fwd+bwd, x base)")
+    print("layer / base Linear, forward / forward+backward (ideal: the roofline)")
+    print(f"{'shape':<17} {'r':>3} {'p':>4} {'ideal':>11} " + " ".join(f"{n:>13}" for n in names))
     for case in summary["layer"]:
+        shape = f"{case['M']}x{case['K']}x{case['N']}"
         for p, variants in case["dropout"].items():
             cells = []
             for n in names:
                 v = variants.get(n)
-                cells.append(f"{v['fwd_x']:.2f}/{v['fwdbwd_x']:.2f}".rjust(13) if v and v["fwd_x"] is not None
-                             and v["fwdbwd_x"] is not None else "-".rjust(13))
-            ideal = case["ideal"]
-            print(f"{case['M']}x{case['K']}x{case['N']:<6} {case['r']:>3} {p:>4} "
-                  f"{ideal['fwd']:.2f}/{ideal['fwdbwd']:.2f}".ljust(41) + " ".join(cells))
+                ok = v and v["fwd_x"] is not None and v["fwdbwd_x"] is not None
+                cells.append((f"{v['fwd_x']:.2f}/{v['fwdbwd_x']:.2f}" if ok else "-").rjust(13))
+            ideal = f"{case['ideal']['fwd']:.2f}/{case['ideal']['fwdbwd']:.2f}"
+            print(f"{shape:<17} {case['r']:>3} {p:>4} {ideal:>11} " + " ".join(cells))
 
 
 def main(argv=None) -> None:
