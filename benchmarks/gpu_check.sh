@@ -1,19 +1,83 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command (aimed at under 6 minutes on an H100, autotuning
-# included): the CUDA tests (bf16 too), the layer benchmark at the anchor shapes, and one
-# fine-tuning step of the 1B Llama-shaped model. Runs from the source tree with the machine's own
-# python3 (no install needed). Logs, CSVs and the PNG go to $OUT when set, else benchmarks/out.
+# Everything that needs a GPU, in one command, within a time budget (default 470 s: under 8 minutes
+# on an H100, autotuning and auto's backend timing included): the CUDA tests (bf16 too), the layer
+# benchmark at the anchor shapes (each shape its own run, so one failure costs one shape; a run that
+# fails, e.g. in torch.compile, is retried without torch.compile), one fine-tuning step of the 1B
+# Llama-shaped model, what auto chose, and $OUT/summary.json (benchmarks/summarize.py: ratios to the
+# base per strategy, peft, torch.compile(peft), memory, fine-tune ratios, roofline ideals, targets,
+# each stage's outcome). A stage that fails or runs out of time is recorded in status.tsv and the
+# summary; the others still run. Runs from the source tree with the machine's python3 (no install).
+# Output goes to $OUT when set, else benchmarks/out.
+#
+# Knobs (environment): GPU_CHECK_BUDGET_S, PYTHON, LAYER_SHAPES ("M K N; M K N"), LAYER_ARGS,
+# FINETUNE_ARGS, TEST_FILES; FUSED_LORA_CACHE_DIR (default $OUT/backend_cache: auto tunes afresh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-benchmarks/out}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+export FUSED_LORA_CACHE_DIR="${FUSED_LORA_CACHE_DIR:-$out/backend_cache}"
+py="${PYTHON:-python3}"
+budget="${GPU_CHECK_BUDGET_S:-470}"
+shapes="${LAYER_SHAPES:-8192 4096 4096; 8192 4096 14336; 8192 14336 4096; 2048 4096 4096}"
+read -r -a layer_args <<< "${LAYER_ARGS:-}"
+read -r -a finetune_args <<< "${FINETUNE_ARGS:-}"
+read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
+start=$SECONDS
 status=0
+: > "$out/status.tsv"
 
-python3 -m fused_lora info | tee "$out/info.log"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$out/info.log"
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ops.py tests/test_layer.py \
-    2>&1 | tee "$out/gpu_tests.log" || status=1
-python3 benchmarks/bench_layer.py --gpu-suite --out "$out/layer" 2>&1 | tee "$out/layer.log" || status=1
-python3 benchmarks/bench_finetune.py --out "$out/finetune.csv" 2>&1 | tee "$out/finetune.log" || status=1
+# stage NAME CAP RESERVE LOG CMD...: run CMD for at most CAP seconds, and never into the RESERVE
+# seconds kept for later stages; output to the terminal and $out/LOG; one line in status.tsv.
+stage() {
+    local name=$1 cap=$2 reserve=$3 log=$4
+    shift 4
+    local left=$((budget - (SECONDS - start) - reserve))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 15)); then
+        printf '%s\tskipped\t0\t\n' "$name" >> "$out/status.tsv"
+        echo "# $name skipped: the time budget (${budget}s) is spent"
+        status=1
+        return 124  # like the time limit: no retry
+    fi
+    echo "# $name (at most ${limit}s)"
+    local t0=$SECONDS
+    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$out/$log"
+    local rc=${PIPESTATUS[0]}
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$log" >> "$out/status.tsv"
+    ((rc == 0)) || { status=1; echo "# $name failed (exit $rc)"; }
+    return "$rc"
+}
+
+stage info 30 0 info.log "$py" -m fused_lora info
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$out/info.log"
+
+FUSED_LORA_CACHE_DIR="$out/test_backend_cache" \
+    stage tests 100 300 gpu_tests.log "$py" -m pytest -q -p no:cacheprovider --durations=10 "${test_files[@]}"
+
+IFS=';' read -r -a shape_list <<< "$shapes"
+for shape in "${shape_list[@]}"; do
+    read -r M K N <<< "$shape"
+    [[ -n "${N:-}" ]] || continue
+    name="layer_${M}x${K}x${N}"
+    stage "$name" 90 110 "$name.log" "$py" benchmarks/bench_layer.py --shape "$M" "$K" "$N" \
+        "${layer_args[@]}" --out "$out/$name"
+    rc=$?
+    if ((rc != 0 && rc != 124 && rc != 137)) && [[ ! -e "$out/$name.csv" ]]; then
+        # A crash (the usual culprit: torch.compile(peft)), not the time limit: keep the shape's other figures.
+        stage "${name}_nocompile" 50 110 "${name}_nocompile.log" "$py" benchmarks/bench_layer.py \
+            --shape "$M" "$K" "$N" "${layer_args[@]}" --compile-ranks --out "$out/${name}_nocompile"
+    fi
+done
+
+stage finetune 100 10 finetune.log "$py" benchmarks/bench_finetune.py "${finetune_args[@]}" --out "$out/finetune.csv"
+
+# What auto chose for each key, with the timings behind it (read from FUSED_LORA_CACHE_DIR).
+timeout 60 "$py" -c "from fused_lora import backends; print(backends.report())" > "$out/backends_report.txt" 2>&1 \
+    || status=1
+cat "$out/backends_report.txt"
+
+"$py" benchmarks/summarize.py "$out" || status=1
+echo "# gpu_check: $((SECONDS - start))s, exit $status"
 exit $status

@@ -1,30 +1,57 @@
-"""The one place that decides which implementation runs an op: "torch" or "triton".
+"""The one place that chooses which implementation runs an op: one table, one rule.
+
+The table (`IMPLEMENTATIONS`, in order of preference on ties):
+    torch   fused_lora.torch_impl: PyTorch ops (cuBLAS on a GPU); runs whatever torch runs
+    triton  fused_lora.kernels: the fused Triton kernels
+(a `cuda` row for csrc/ joins it later). Each row states why it cannot run a `Problem` (its
+`not_supported_reasons`, empty when it can), as xformers' dispatch does.
 
 Rules, in order:
-- an explicit request (argument, else the FUSED_LORA_BACKEND environment variable) wins; asking
-  for "triton" where it cannot run raises `BackendUnavailable` with the reasons, never a silent
-  fallback;
-- otherwise ("auto"): CUDA tensors that Triton supports go to Triton, everything else to torch.
+1. An explicit request (the backend= argument, else FUSED_LORA_BACKEND) wins. Asking for a row
+   that cannot run raises `BackendUnavailable` with its reasons, never a silent fallback.
+2. "auto" off CUDA (the CPU): torch, untimed.
+3. "auto" on CUDA: the first call for a key (op, device name, dtype, M's power-of-two bucket, N,
+   K, rank bucket, dropout on/off, and for backward which gradients) times every row that can run
+   it, as an autotuner does, and keeps the fastest (ties: the earlier row) in memory and in a JSON
+   file under `cache_dir()`, so the layer is never slower than the cuBLAS path and later processes
+   reuse the choice without timing. Nothing is timed while torch.compile traces or a CUDA graph is
+   being captured: there the known winner runs, else torch.
+4. With dropout, backward runs what the forward's key chose: the rows draw different masks from
+   one seed, and forward and backward must agree on the mask.
 
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 (its interpreter), and only when asked
 for by name: that is how CI tests the real kernels without a GPU. The interpreter computes
 bfloat16 matrix products wrongly, so bfloat16 is refused under it.
 
-`calls` counts which backend ran each op, so tests (and users) can see it.
+A cache file that cannot be read, parsed or written is ignored (noted in `report()`), never fatal.
+`calls` counts which implementation ran each op, so tests (and users) can see it; `report()` says
+what was chosen for which keys and the timings behind it.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
+import hashlib
+import importlib
+import importlib.metadata
 import importlib.util
+import json
 import os
+import re
+import tempfile
+import threading
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-BACKENDS = ("torch", "triton")
 ENV_VAR = "FUSED_LORA_BACKEND"
+CACHE_ENV_VAR = "FUSED_LORA_CACHE_DIR"
 MAX_TRITON_RANK = 256
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CACHE_FORMAT = 1
 
 calls: Counter = Counter()  # (op name, backend) -> number of calls
 
@@ -42,6 +69,41 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _pow2_bucket(n: int, floor: int = 16) -> int:
+    """The power of two at or above n (at least `floor`): sizes that share tuned choices."""
+    return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What an op is asked to compute, as far as choosing an implementation goes.
+
+    op: "fwd" or "bwd"; x is M x K, W is N x K, the LoRA rank is `rank`; `dropout` whether p > 0;
+    `grads`: for backward, the gradients asked for, among ("dx", "lora", "dW", "db").
+    """
+    op: str
+    device: torch.device
+    dtype: torch.dtype
+    M: int
+    N: int
+    K: int
+    rank: int
+    dropout: bool = False
+    grads: tuple = ()
+
+    def key(self) -> str:
+        """The tuning key within one device: M and the rank by power-of-two bucket."""
+        key = (f"{self.op} {str(self.dtype).replace('torch.', '')} M{_pow2_bucket(self.M)} N{self.N} K{self.K} "
+               f"r{_pow2_bucket(self.rank)} dropout={'on' if self.dropout else 'off'}")
+        if self.op == "bwd":
+            key += " grads=" + ("+".join(self.grads) or "none")
+        return key
+
+    def forward_twin(self) -> "Problem":
+        """The forward problem whose backward this is."""
+        return dataclasses.replace(self, op="fwd", grads=())
+
+
 def triton_not_supported_reasons(device: torch.device, dtype: torch.dtype, rank: int) -> list[str]:
     """Why the Triton kernels cannot run on these inputs (empty when they can)."""
     reasons = []
@@ -56,38 +118,398 @@ def triton_not_supported_reasons(device: torch.device, dtype: torch.dtype, rank:
     elif dtype == torch.bfloat16 and interpreting():
         # The interpreter holds bf16 as uint16 and its tl.dot gives garbage (errors ~1e10);
         # compiled kernels on a GPU (TRITON_INTERPRET unset) compute bf16 correctly.
-        reasons.append("bfloat16 is not supported under the Triton interpreter (TRITON_INTERPRET=1), "
-                       "whose bfloat16 tl.dot is wrong; use float16/float32 there, or a GPU without the interpreter")
+        reasons.append("bfloat16 is not supported by Triton's interpreter (its bf16 dot is wrong); "
+                       "compiled GPU bf16 is")
     if rank > MAX_TRITON_RANK:
         reasons.append(f"rank {rank} is above {MAX_TRITON_RANK}")
     return reasons
 
 
+@dataclass(frozen=True)
+class Implementation:
+    """One row of the table: a name, what it is, where its code lives, and what it cannot run.
+
+    `load()` returns an object with `forward`, `backward` and `keep_mask` as in `torch_impl`.
+    """
+    name: str
+    doc: str
+    loader: Callable[[], Any]
+    reasons: Callable[[Problem], list] = lambda problem: []
+
+    def not_supported_reasons(self, problem: Problem) -> list[str]:
+        return list(self.reasons(problem))
+
+    def load(self):
+        return self.loader()
+
+
+IMPLEMENTATIONS: tuple[Implementation, ...] = (
+    Implementation("torch", "PyTorch ops (cuBLAS GEMMs onto the rank-r term on a GPU); runs anywhere torch runs",
+                   lambda: importlib.import_module("fused_lora.torch_impl")),
+    # Imported on first use only: no Triton work at package import.
+    Implementation("triton", "the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
+                   lambda: importlib.import_module("fused_lora.kernels"),
+                   lambda p: triton_not_supported_reasons(p.device, p.dtype, p.rank)),
+)
+BACKENDS = tuple(impl.name for impl in IMPLEMENTATIONS)
+
+
+@dataclass
+class Choice:
+    """What auto chose for one key: the winner, each candidate's median ms, and failures."""
+    winner: str
+    ms: dict
+    errors: dict = dataclasses.field(default_factory=dict)
+    source: str = "timed"  # "timed" in this process, or "disk" (read from the cache)
+
+
+# ------------------------------------------------------------------------------------- timing
+
+def cuda_timer(fn: Callable[[], Any]) -> float:
+    """Median milliseconds of `fn` on the current CUDA stream, autotuner style (warm-up, then timed
+    reps): triton.testing.do_bench when triton is installed (L2 flushed between reps), else events."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(sorted(times)[len(times) // 2])
+
+
+def timing_allowed() -> bool:
+    """False while torch.compile traces or a CUDA graph is being captured (timing would break both)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_initialized()
+                and torch.cuda.is_current_stream_capturing())
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+# ----------------------------------------------------------------------------------- the cache
+
+def cache_dir() -> str:
+    """Where tuned choices are kept: $FUSED_LORA_CACHE_DIR, else $XDG_CACHE_HOME/fused_lora, else
+    ~/.cache/fused_lora."""
+    explicit = os.environ.get(CACHE_ENV_VAR)
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fused_lora")
+
+
+@lru_cache(maxsize=None)
+def _sources_digest() -> str:
+    """A digest of the implementations' source: an edited kernel invalidates its tuned choices."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(root, "kernels", "*.py")) + [os.path.join(root, "torch_impl.py")]):
+        try:
+            with open(path, "rb") as f:
+                h.update(f.read())
+        except OSError:
+            pass
+    return h.hexdigest()[:12]
+
+
+def versions() -> dict:
+    """What a tuned choice depends on besides the device."""
+    try:
+        triton_version = importlib.metadata.version("triton") if triton_installed() else None
+    except Exception:  # metadata missing (a source checkout of triton): the digest still changes with ours
+        triton_version = "unknown"
+    from . import __version__
+    return {"fused_lora": __version__, "sources": _sources_digest(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": triton_version}
+
+
+def _cache_file(directory: str, device: str, vers: dict) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")[:40] or "device"
+    digest = hashlib.sha1(json.dumps([device, vers], sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(directory, f"backends-{slug}-{digest}.json")
+
+
+def _valid_choices(data, names: Sequence[str]) -> dict:
+    """The well-formed entries of a cache file's data ({} for anything else)."""
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("choices"), dict):
+        raise ValueError("not a fused_lora backend cache (format %r)" % (data.get("format") if isinstance(data, dict) else None))
+    out = {}
+    for key, entry in data["choices"].items():
+        if (isinstance(entry, dict) and entry.get("winner") in names and isinstance(entry.get("ms"), dict)
+                and all(isinstance(v, (int, float)) for v in entry["ms"].values())):
+            out[key] = Choice(entry["winner"], dict(entry["ms"]), dict(entry.get("errors") or {}), "disk")
+    return out
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_atomic(path: str, data: dict) -> None:
+    """Write-then-rename in the same directory: a reader sees the old file or the new, never half."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".backends-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# -------------------------------------------------------------------------------- the registry
+
+class Registry:
+    """The table of implementations and what auto has chosen with it.
+
+    Everything environment-dependent can be injected (tests use fakes): `timer(fn) -> ms`,
+    `cache_directory` (default: `cache_dir()` at each use), `name_of(device) -> str`, `tuned_devices`
+    (device types on which auto times; CUDA), `versions_of() -> dict`.
+    """
+
+    def __init__(self, implementations: Sequence[Implementation] = IMPLEMENTATIONS,
+                 timer: Callable[[Callable[[], Any]], float] = cuda_timer, cache_directory: Optional[str] = None,
+                 name_of: Callable[[torch.device], str] = device_name, tuned_devices: Sequence[str] = ("cuda",),
+                 versions_of: Callable[[], dict] = versions):
+        self.implementations = tuple(implementations)
+        self._by_name = {impl.name: impl for impl in self.implementations}
+        self._timer = timer
+        self._cache_directory = cache_directory
+        self._name_of = name_of
+        self._tuned_devices = tuple(tuned_devices)
+        self._versions_of = versions_of
+        self.choices: dict[tuple[str, str], Choice] = {}  # (device name, key) -> choice
+        self.notes: list[str] = []  # cache files ignored, writes that failed
+        self._loaded: set[str] = set()  # device names whose cache file was read
+        self._lock = threading.RLock()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._by_name)
+
+    def get(self, name: str) -> Implementation:
+        """The row called `name` (ValueError for an unknown name)."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(self.names)}") from None
+
+    def requested(self, requested: str = "auto") -> str:
+        """The backend asked for: the argument unless "auto", else the environment, else "auto"."""
+        choice = requested if requested != "auto" else os.environ.get(ENV_VAR, "auto") or "auto"
+        if choice != "auto" and choice not in self._by_name:
+            raise ValueError(f"unknown backend {choice!r} (from {'argument' if requested != 'auto' else ENV_VAR}); "
+                             f"expected one of auto, {', '.join(self.names)}")
+        return choice
+
+    def candidates(self, problem: Problem) -> list[Implementation]:
+        """The rows that can run `problem`, in table order."""
+        return [impl for impl in self.implementations if not impl.not_supported_reasons(problem)]
+
+    def select(self, problem: Problem, requested: str = "auto",
+               bench: Optional[Callable[[Any], Callable[[], Any]]] = None) -> Implementation:
+        """The row that runs `problem`. `bench(module)` returns a callable running the op on the actual
+        inputs with that row's module: auto times those on a key's first call (see the module doc)."""
+        choice = self.requested(requested)
+        if choice != "auto":
+            impl = self._by_name[choice]
+            reasons = impl.not_supported_reasons(problem)
+            if reasons:
+                raise BackendUnavailable(f"the {choice} backend was requested but cannot run: " + "; ".join(reasons))
+            return impl
+        candidates = self.candidates(problem)
+        if not candidates:
+            raise BackendUnavailable("no backend can run these inputs: " + "; ".join(
+                f"{impl.name}: {', '.join(impl.not_supported_reasons(problem))}" for impl in self.implementations))
+        default = candidates[0]
+        if problem.device.type not in self._tuned_devices or len(candidates) == 1:
+            return default
+        by_name = {impl.name: impl for impl in candidates}
+        with self._lock:
+            if problem.op == "bwd" and problem.dropout:
+                known = self.known(problem.forward_twin())
+                return by_name.get(known.winner, default) if known else default
+            known = self.known(problem)
+            if known is not None:
+                return by_name.get(known.winner, default)
+            if bench is None or min(problem.M, problem.N, problem.K) == 0 or not timing_allowed():
+                return default  # nothing to time (or no timing allowed here): the deterministic default
+            chosen = self._time(problem, candidates, bench)
+            return by_name[chosen.winner]
+
+    def known(self, problem: Problem) -> Optional[Choice]:
+        """The choice already made for this problem's key (in memory or in the cache file), if any."""
+        name = self._name_of(problem.device)
+        self._load(name)
+        return self.choices.get((name, problem.key()))
+
+    def _time(self, problem: Problem, candidates: list[Implementation], bench) -> Choice:
+        ms, errors = {}, {}
+        for impl in candidates:
+            try:
+                fn = bench(impl.load())
+                with torch.no_grad():
+                    ms[impl.name] = float(self._timer(fn))
+            except Exception as err:  # a row that fails on this GPU (e.g. out of shared memory) is not chosen
+                errors[impl.name] = f"{type(err).__name__}: {err}"[:500]
+        # The fastest; ties and total failure go to the earlier row (the failure then shows when it runs).
+        winner = min(ms, key=lambda n: (ms[n], self.names.index(n))) if ms else candidates[0].name
+        choice = Choice(winner, ms, errors)
+        name = self._name_of(problem.device)
+        self.choices[(name, problem.key())] = choice
+        self._store(name, problem.key(), choice)
+        return choice
+
+    # ---- the disk cache
+
+    def _file(self, name: str) -> str:
+        return _cache_file(self._cache_directory or cache_dir(), name, self._versions_of())
+
+    def _load(self, name: str) -> None:
+        if name in self._loaded:
+            return
+        self._loaded.add(name)
+        path = self._file(name)
+        if not os.path.exists(path):
+            return
+        try:
+            for key, choice in _valid_choices(_read_json(path), self.names).items():
+                self.choices.setdefault((name, key), choice)
+        except (OSError, ValueError) as err:  # a corrupt or unreadable cache: choose afresh
+            self.notes.append(f"ignored the cache file {path}: {err}")
+
+    def _store(self, name: str, key: str, choice: Choice) -> None:
+        path = self._file(name)
+        try:
+            try:
+                entries = _read_json(path)["choices"] if os.path.exists(path) else {}
+                entries = entries if isinstance(entries, dict) else {}
+            except (OSError, ValueError, KeyError, TypeError):
+                entries = {}  # replaced by a good file below
+            entries[key] = {"winner": choice.winner, "ms": choice.ms, "errors": choice.errors}
+            _write_atomic(path, {"format": CACHE_FORMAT, "device": name, "versions": self._versions_of(),
+                                 "choices": entries})
+        except OSError as err:  # read-only or full disk: the choice still holds for this process
+            self.notes.append(f"could not write the cache file {path}: {err}")
+
+    # ---- display
+
+    def report(self) -> str:
+        """What runs where and why: the table, the cache, and each key's choice with its timings."""
+        lines = ["backends (auto on CUDA times the rows per shape key and keeps the fastest; ties: the earlier row):"]
+        for impl in self.implementations:
+            lines.append(f"  {impl.name:<7} {impl.doc}")
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        for device in devices:
+            for dtype in (torch.float32, torch.bfloat16):
+                problem = Problem("fwd", device, dtype, 1, 1, 1, 16)
+                cells = []
+                for impl in self.implementations:
+                    reasons = impl.not_supported_reasons(problem)
+                    cells.append(f"{impl.name}: " + ("can run" if not reasons else "no (" + "; ".join(reasons) + ")"))
+                lines.append(f"  {device.type} {str(dtype).replace('torch.', '')} r<=16, auto -> "
+                             f"{describe(device, dtype, 16, 'auto', self)}; " + "; ".join(cells))
+        if os.environ.get(ENV_VAR):
+            lines.append(f"  {ENV_VAR}={os.environ[ENV_VAR]} forces that backend everywhere")
+        directory = self._cache_directory or cache_dir()
+        lines.append(f"tuned choices (cache: {directory}):")
+        shown = 0
+        for (name, key), choice in sorted(self.choices.items()):
+            lines.append(f"  {name}: {_choice_line(key, choice)}")
+            shown += 1
+        for path in sorted(glob.glob(os.path.join(directory, "backends-*.json"))):
+            try:
+                data = _read_json(path)
+                entries = _valid_choices(data, self.names)
+            except (OSError, ValueError) as err:
+                lines.append(f"  {os.path.basename(path)}: unreadable, ignored ({err})")
+                continue
+            vers = data.get("versions") or {}
+            current = [(data.get("device"), key) for key in entries]
+            if all(c in self.choices for c in current) and vers == self._versions_of():
+                continue  # already listed above
+            lines.append(f"  {data.get('device')} ({', '.join(f'{k} {v}' for k, v in sorted(vers.items()))}):")
+            for key, choice in sorted(entries.items()):
+                lines.append(f"    {_choice_line(key, choice)}")
+                shown += 1
+        if not shown:
+            lines.append("  none yet (auto times on the first CUDA call for each key)")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def _choice_line(key: str, choice: Choice) -> str:
+    timings = ", ".join(f"{n} {ms:.3f} ms" for n, ms in choice.ms.items()) or "no timing"
+    failed = "".join(f"; {n} failed: {e}" for n, e in choice.errors.items())
+    return f"{key}: {choice.winner} ({timings}{failed})" + (" [from disk]" if choice.source == "disk" else "")
+
+
+REGISTRY = Registry()
+
+
+# ------------------------------------------------------------------ module-level entry points
+
+def get(name: str) -> Implementation:
+    return REGISTRY.get(name)
+
+
+def select(problem: Problem, requested: str = "auto", bench=None) -> Implementation:
+    """The implementation that runs `problem` (see the module doc for the rules)."""
+    return REGISTRY.select(problem, requested, bench)
+
+
+def report() -> str:
+    """Human-readable: the table, which row can run what, and what auto chose for which keys with
+    the timings behind it (this process's choices and the cache files)."""
+    return REGISTRY.report()
+
+
 def requested_backend(requested: str = "auto") -> str:
     """The backend asked for: the argument unless "auto", else the environment, else "auto"."""
-    choice = requested if requested != "auto" else os.environ.get(ENV_VAR, "auto") or "auto"
-    if choice not in ("auto",) + BACKENDS:
-        raise ValueError(f"unknown backend {choice!r} (from {'argument' if requested != 'auto' else ENV_VAR}); "
-                         f"expected one of auto, torch, triton")
-    return choice
+    return REGISTRY.requested(requested)
 
 
 def choose_backend(device: torch.device, dtype: torch.dtype, rank: int, requested: str = "auto") -> str:
-    """Name of the backend that runs an op on tensors of this device, dtype and LoRA rank."""
-    choice = requested_backend(requested)
-    if choice == "torch":
-        return "torch"
-    reasons = triton_not_supported_reasons(device, dtype, rank)
-    if choice == "triton":
-        if reasons:
-            raise BackendUnavailable("the triton backend was requested but cannot run: " + "; ".join(reasons))
-        return "triton"
-    return "triton" if device.type == "cuda" and not reasons else "torch"
+    """The backend for tensors of this device, dtype and rank without timing anything: the forced one
+    (BackendUnavailable if it cannot run), else auto's untimed default (torch)."""
+    return REGISTRY.select(Problem("fwd", device, dtype, 0, 0, 0, rank), requested).name
 
 
-def describe(device: torch.device, dtype: torch.dtype, rank: int, requested: str = "auto") -> str:
-    """The backend name, or why none can run, for reprs and error-free display."""
+def describe(device: torch.device, dtype: torch.dtype, rank: int, requested: str = "auto",
+             registry: Optional[Registry] = None) -> str:
+    """The backend name, or how auto decides, or why none can run: for reprs and error-free display."""
+    registry = registry or REGISTRY
     try:
-        return choose_backend(device, dtype, rank, requested)
+        choice = registry.requested(requested)
+        problem = Problem("fwd", device, dtype, 1, 1, 1, rank)
+        if choice != "auto":
+            return registry.select(problem, choice).name
+        names = [impl.name for impl in registry.candidates(problem)]
+        if device.type in registry._tuned_devices and len(names) > 1:
+            return "auto (the fastest of " + ", ".join(names) + ", timed per shape)"
+        if not names:
+            raise BackendUnavailable("no backend can run these inputs")
+        return names[0]
     except (BackendUnavailable, ValueError) as err:
         return f"unavailable ({err})"

@@ -3,7 +3,7 @@
     fused_lora::lora_linear_fwd(x, W, b, A, B, s, p, seed, backend) -> (Y, H)
     fused_lora::lora_linear_bwd(dY, x, W, A, B, H, s, p, seed, backend, needs...) -> (dx, dA, dB, dW, db)
 
-Each op body asks `backends.choose_backend` which implementation runs and calls it; the module
+Each op body asks `backends.select` which implementation runs and calls it; the module
 never sees a kernel. Fake implementations let torch.compile trace the layer without graph breaks.
 Gradients not asked for come back as empty tensors (custom ops cannot return None).
 
@@ -43,29 +43,37 @@ _EMPTY_SHAPE = (0,)
 
 
 def _impl(name: str):
-    if name == "triton":
-        from . import kernels  # imported on first use only: no Triton work at package import
-        return kernels
-    return torch_impl
+    """The module of backend `name` (backends' table; imported on first use: no Triton work at import)."""
+    return backends.get(name).load()
 
 
-def _chosen(op: str, x: Tensor, rank: int, backend: str):
-    """The implementation that runs `op` on these inputs; the choice is counted in backends.calls."""
-    name = backends.choose_backend(x.device, x.dtype, rank, backend)
-    backends.calls[(op, name)] += 1
-    return _impl(name)
+def _chosen(op: str, x: Tensor, rank: int, backend: str, weight: Optional[Tensor] = None, dropout_p: float = 0.0,
+            grads: tuple = (), bench=None, counted_as: Optional[str] = None):
+    """The implementation that runs `op` on these inputs, chosen by `backends.select` (which, in auto
+    on CUDA, times the candidates through `bench` on a key's first call); counted in backends.calls
+    under `counted_as` (default: op)."""
+    problem = backends.Problem(op, x.device, x.dtype, x.shape[0], weight.shape[0] if weight is not None else 0,
+                               x.shape[-1], rank, dropout_p > 0.0, grads)
+    impl = backends.select(problem, backend, bench)
+    backends.calls[(counted_as or op, impl.name)] += 1
+    return impl.load()
 
 
 def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int, backend):
     if bias is not None:
         bias = bias.contiguous()  # the kernels read the bias with unit stride; N elements, cheap
-    return _chosen("fwd", x, lora_A.shape[0], backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    impl = _chosen("fwd", x, lora_A.shape[0], backend, weight, dropout_p, bench=lambda m: lambda: m.forward(*args))
+    return impl.forward(*args)
 
 
 def _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed: int, backend,
                   need_dx, need_lora, need_dw, need_db):
-    return _chosen("bwd", x, lora_A.shape[0], backend).backward(dy.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
-                                need_dx, need_lora, need_dw, need_db)
+    args = (dy.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_dw, need_db)
+    grads = tuple(n for n, need in zip(("dx", "lora", "dW", "db"), (need_dx, need_lora, need_dw, need_db)) if need)
+    impl = _chosen("bwd", x, lora_A.shape[0], backend, weight, dropout_p, grads,
+                   bench=lambda m: lambda: m.backward(*args))
+    return impl.backward(*args)
 
 
 @torch.library.custom_op("fused_lora::lora_linear_fwd", mutates_args=())
@@ -150,7 +158,8 @@ def _differentiable_backward(dy, x, weight, lora_A, lora_B, _h, scaling, dropout
     The saved H was computed without a graph, so it is recomputed here from x and A. Counted in
     backends.calls as ("bwd_differentiable", backend whose mask is used).
     """
-    impl = _chosen("bwd_differentiable", x, lora_A.shape[0], backend)
+    # Chosen as a backward of this forward: with dropout, the backend (so the mask) the forward used.
+    impl = _chosen("bwd", x, lora_A.shape[0], backend, weight, dropout_p, counted_as="bwd_differentiable")
     keep = impl.keep_mask(seed_value(seed), x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     h = torch.mm(torch_impl.dropped(x, keep, dropout_p), lora_A.t())
     return torch_impl.backward_with_mask(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, keep, *needs)

@@ -1,0 +1,262 @@
+"""The backends table and auto's timed choice, on CPU: fake rows and an injected timer stand in for a GPU."""
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fused_lora import backends, ops, torch_impl
+from fused_lora.backends import BackendUnavailable, Implementation, Problem, Registry
+from fused_lora.ops import lora_linear
+from utils import make_problem
+
+CUDA = torch.device("cuda")  # only a label here: nothing touches a GPU
+VERSIONS = {"fused_lora": "test", "torch": "x"}
+
+
+def fake_row(name, reasons=()):
+    """A row whose benched callable returns its own name, so the fake timer knows whose run it times."""
+    return Implementation(name, f"fake {name}", lambda: SimpleNamespace(name=name), lambda p: list(reasons))
+
+
+class FakeTimer:
+    def __init__(self, ms):
+        self.ms, self.timed = dict(ms), []
+
+    def __call__(self, fn):
+        name = fn()
+        self.timed.append(name)
+        if isinstance(self.ms[name], Exception):
+            raise self.ms[name]
+        return self.ms[name]
+
+
+def bench(module):
+    return lambda: module.name
+
+
+def make_registry(tmp_path, ms, rows=None, **kw):
+    timer = FakeTimer(ms)
+    reg = Registry(rows or [fake_row("torch"), fake_row("triton")], timer=timer, cache_directory=str(tmp_path),
+                   name_of=lambda d: f"Fake GPU ({d.type})", versions_of=lambda: VERSIONS, **kw)
+    return reg, timer
+
+
+def fwd(M=8192, N=4096, K=4096, r=16, dropout=False, dtype=torch.bfloat16):
+    return Problem("fwd", CUDA, dtype, M, N, K, r, dropout)
+
+
+@pytest.fixture(autouse=True)
+def no_env_override(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+
+@pytest.mark.parametrize("ms, winner", [({"torch": 2.0, "triton": 1.0}, "triton"),
+                                        ({"torch": 1.0, "triton": 2.0}, "torch"),
+                                        ({"torch": 1.5, "triton": 1.5}, "torch")])  # a tie: the earlier row
+def test_the_faster_row_wins(tmp_path, ms, winner):
+    reg, timer = make_registry(tmp_path, ms)
+    assert reg.select(fwd(), bench=bench).name == winner
+    assert sorted(timer.timed) == ["torch", "triton"]
+    assert reg.known(fwd()).ms == ms
+
+
+def test_cache_hit_does_not_time_again(tmp_path):
+    reg, timer = make_registry(tmp_path, {"torch": 2.0, "triton": 1.0})
+    assert reg.select(fwd(M=8192), bench=bench).name == "triton"
+    assert reg.select(fwd(M=5000), bench=bench).name == "triton"  # same power-of-two bucket of M
+    assert reg.select(fwd(r=9), bench=bench).name == "triton"  # same rank bucket
+    assert len(timer.timed) == 2
+    for other in (fwd(M=9000), fwd(N=1024), fwd(K=1024), fwd(r=64), fwd(dropout=True), fwd(dtype=torch.float16),
+                  Problem("bwd", CUDA, torch.bfloat16, 8192, 4096, 4096, 16, False, ("dx", "lora"))):
+        before = len(timer.timed)
+        reg.select(other, bench=bench)
+        assert len(timer.timed) == before + 2, f"{other.key()} should be a new key"
+    # which gradients are asked for is part of a backward's key
+    before = len(timer.timed)
+    reg.select(Problem("bwd", CUDA, torch.bfloat16, 8192, 4096, 4096, 16, False, ("lora",)), bench=bench)
+    assert len(timer.timed) == before + 2
+
+
+def test_disk_cache_is_written_and_read_back_by_a_new_registry(tmp_path):
+    reg, _ = make_registry(tmp_path, {"torch": 2.0, "triton": 1.0})
+    reg.select(fwd(), bench=bench)
+    files = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    assert len(files) == 1 and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    data = json.loads((tmp_path / files[0]).read_text())
+    assert data["device"] == "Fake GPU (cuda)" and data["versions"] == VERSIONS
+    assert data["choices"][fwd().key()]["winner"] == "triton"
+
+    fresh, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 5.0})  # timings that would pick torch
+    assert fresh.select(fwd(), bench=bench).name == "triton"
+    assert timer.timed == []
+    assert "from disk" in fresh.report()
+
+
+def test_other_versions_do_not_reuse_the_cache(tmp_path):
+    reg, _ = make_registry(tmp_path, {"torch": 2.0, "triton": 1.0})
+    reg.select(fwd(), bench=bench)
+    other = Registry([fake_row("torch"), fake_row("triton")], timer=FakeTimer({"torch": 1.0, "triton": 2.0}),
+                     cache_directory=str(tmp_path), name_of=lambda d: "Fake GPU (cuda)",
+                     versions_of=lambda: {**VERSIONS, "torch": "y"})
+    assert other.select(fwd(), bench=bench).name == "torch"
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "choices": []}), json.dumps([1, 2]),
+                                     json.dumps({"format": 1, "choices": {"k": "bad entry"}}), ""])
+def test_corrupt_cache_is_ignored_and_replaced(tmp_path, content):
+    reg, _ = make_registry(tmp_path, {"torch": 2.0, "triton": 1.0})
+    reg.select(fwd(N=1024), bench=bench)  # learns the file name
+    path = next(tmp_path.glob("backends-*.json"))
+    path.write_text(content)
+    fresh, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
+    assert fresh.select(fwd(), bench=bench).name == "torch"  # timed afresh, no crash
+    assert len(timer.timed) == 2
+    assert json.loads(path.read_text())["choices"][fwd().key()]["winner"] == "torch"
+    assert "Fake GPU" in fresh.report()
+
+
+def test_unwritable_cache_keeps_the_choice_in_memory(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    reg, timer = make_registry(blocker / "cache", {"torch": 2.0, "triton": 1.0})
+    assert reg.select(fwd(), bench=bench).name == "triton"
+    assert reg.select(fwd(), bench=bench).name == "triton"
+    assert len(timer.timed) == 2
+    assert any("could not write" in n for n in reg.notes)
+    assert "could not write" in reg.report()
+
+
+def test_env_override_and_forced_rows(tmp_path, monkeypatch):
+    reg, timer = make_registry(tmp_path, {"torch": 2.0, "triton": 1.0})
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert reg.select(fwd(), bench=bench).name == "torch"
+    assert reg.select(fwd(), "triton", bench=bench).name == "triton"  # the argument beats the environment
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        reg.select(fwd(), bench=bench)
+    assert timer.timed == []
+
+
+def test_forcing_an_unsupported_row_raises_with_its_reasons(tmp_path, monkeypatch):
+    reg, timer = make_registry(tmp_path, {"torch": 2.0}, rows=[fake_row("torch"), fake_row("triton", ["no GPU here"])])
+    with pytest.raises(BackendUnavailable, match="no GPU here"):
+        reg.select(fwd(), "triton", bench=bench)
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    with pytest.raises(BackendUnavailable, match="no GPU here"):
+        reg.select(fwd(), bench=bench)
+    monkeypatch.delenv(backends.ENV_VAR)
+    assert reg.select(fwd(), bench=bench).name == "torch"  # auto: the only row that can run, untimed
+    assert timer.timed == []
+
+
+def test_real_table_reasons(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        backends.select(Problem("fwd", cpu, torch.float32, 4, 4, 4, 2), "triton")
+    with pytest.raises(BackendUnavailable, match="rank 300"):
+        backends.select(Problem("fwd", cpu, torch.float32, 4, 4, 4, 300), "triton")
+    with pytest.raises(BackendUnavailable, match="float64"):
+        backends.select(Problem("fwd", cpu, torch.float64, 4, 4, 4, 2), "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if backends.triton_installed():
+        with pytest.raises(BackendUnavailable, match="bfloat16 is not supported by Triton's interpreter"):
+            backends.select(Problem("fwd", cpu, torch.bfloat16, 4, 4, 4, 2), "triton")
+        assert backends.select(Problem("fwd", cpu, torch.float16, 4, 4, 4, 2), "triton").name == "triton"
+    assert backends.get("torch").load() is torch_impl
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.get("cuda")
+
+
+def test_no_timing_while_compiling_or_capturing(tmp_path, monkeypatch):
+    reg, timer = make_registry(tmp_path, {"torch": 2.0, "triton": 1.0})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert reg.select(fwd(), bench=bench).name == "torch"  # unknown key: the deterministic default
+    assert timer.timed == []
+    monkeypatch.undo()
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert reg.select(fwd(), bench=bench).name == "triton"  # timed once allowed
+    monkeypatch.setattr(backends, "timing_allowed", lambda: False)
+    assert reg.select(fwd(), bench=bench).name == "triton"  # known winner, still no timing
+    assert reg.select(fwd(N=1024), bench=bench).name == "torch"
+    assert len(timer.timed) == 2
+
+
+def test_cpu_auto_is_torch_untimed(tmp_path):
+    reg, timer = make_registry(tmp_path, {"torch": 2.0, "triton": 1.0})
+    assert reg.select(Problem("fwd", torch.device("cpu"), torch.float32, 64, 64, 64, 4), bench=bench).name == "torch"
+    assert timer.timed == [] and not list(tmp_path.iterdir())
+
+
+def test_empty_sizes_are_not_timed(tmp_path):
+    reg, timer = make_registry(tmp_path, {"torch": 2.0, "triton": 1.0})
+    assert reg.select(fwd(M=0), bench=bench).name == "torch"
+    assert timer.timed == []
+
+
+def test_a_failing_row_is_not_chosen(tmp_path):
+    reg, _ = make_registry(tmp_path, {"torch": 2.0, "triton": RuntimeError("out of shared memory")})
+    assert reg.select(fwd(), bench=bench).name == "torch"
+    assert "out of shared memory" in reg.known(fwd()).errors["triton"]
+    assert "out of shared memory" in reg.report()
+
+
+def test_dropout_backward_follows_the_forward_choice(tmp_path):
+    """The rows draw different masks from one seed: forward and backward must run on the same one."""
+    reg, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
+    bwd = Problem("bwd", CUDA, torch.bfloat16, 8192, 4096, 4096, 16, True, ("dx", "lora"))
+    assert reg.select(bwd, bench=bench).name == "torch"  # forward not chosen yet: the default
+    reg.choices[("Fake GPU (cuda)", bwd.forward_twin().key())] = backends.Choice("triton", {"torch": 2, "triton": 1})
+    assert reg.select(bwd, bench=bench).name == "triton"
+    assert timer.timed == []
+
+
+def test_report_lists_keys_and_timings(tmp_path):
+    reg, _ = make_registry(tmp_path, {"torch": 1.25, "triton": 0.75})
+    reg.select(fwd(), bench=bench)
+    text = reg.report()
+    assert fwd().key() in text and "triton 0.750 ms" in text and "torch 1.250 ms" in text
+    assert "cpu float32" in text
+    assert isinstance(backends.report(), str)
+
+
+def test_ops_dispatch_times_real_implementations_through_the_registry(tmp_path, monkeypatch):
+    """lora_linear in auto goes through the registry: the candidates are timed on the actual inputs
+    and the winner runs forward and backward (here on CPU, declared tunable for the test)."""
+    ran = []
+
+    def counting(name):
+        def load():
+            return SimpleNamespace(
+                forward=lambda *a: (ran.append((name, "fwd")), torch_impl.forward(*a))[1],
+                backward=lambda *a: (ran.append((name, "bwd")), torch_impl.backward(*a))[1])
+        return Implementation(name, name, load)
+
+    durations = {"slow": 3.0, "fast": 1.0}
+    current = {}
+
+    def timer(fn):
+        before = len(ran)
+        fn()
+        name = ran[before][0]
+        current.setdefault(name, 0)
+        current[name] += 1
+        return durations[name]
+
+    reg = Registry([counting("slow"), counting("fast")], timer=timer, cache_directory=str(tmp_path),
+                   name_of=lambda d: "cpu-test", tuned_devices=("cpu",), versions_of=lambda: VERSIONS)
+    monkeypatch.setattr(backends, "REGISTRY", reg)
+    x, w, b, a, bb = make_problem(6, 10, 8, 3)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    y = lora_linear(x, w, b, a, bb, 0.5)
+    y.sum().backward()
+    assert current == {"slow": 2, "fast": 2}  # each timed once forward and once backward
+    assert ran == [("slow", "fwd"), ("fast", "fwd"), ("fast", "fwd"),  # timed, timed, the real forward
+                   ("slow", "bwd"), ("fast", "bwd"), ("fast", "bwd")]
+    assert backends.calls[("fwd", "fast")] >= 1 and backends.calls[("bwd", "fast")] >= 1
+    ref = torch_impl.forward(x.detach(), w, b, a.detach(), bb.detach(), 0.5, 0.0, 0)[0]
+    torch.testing.assert_close(y.detach(), ref)
+    assert ops._impl("fast").forward is not None
