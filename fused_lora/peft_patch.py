@@ -25,7 +25,6 @@ their own dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -62,22 +61,22 @@ class PatchReport:
         return line + f"; {len(self.kept)} kept peft's forward: " + "; ".join(parts)
 
 
-@lru_cache(maxsize=None)
-def _peft_lora():
-    try:
-        from peft.tuners import lora
-    except ImportError as e:  # pragma: no cover - peft is installed wherever a peft model exists
-        raise ImportError("fused_lora.patch_peft needs peft (pip install peft)") from e
-    return lora
+_classes: dict = {}  # peft's LoraLayer and lora.Linear, transformers' Conv1D (or None): imported once
 
 
-@lru_cache(maxsize=None)
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
+def _peft_classes() -> dict:
+    # A plain dict rather than functools.lru_cache: torch.compile traces this without a warning.
+    if not _classes:
+        try:
+            from peft.tuners import lora
+        except ImportError as e:  # pragma: no cover - peft is installed wherever a peft model exists
+            raise ImportError("fused_lora.patch_peft needs peft (pip install peft)") from e
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:
+            Conv1D = None
+        _classes.update(LoraLayer=lora.LoraLayer, Linear=lora.Linear, Conv1D=Conv1D)
+    return _classes
 
 
 def _unhooked(m: nn.Module) -> bool:
@@ -96,7 +95,7 @@ def _base_kind(base: nn.Module) -> Optional[str]:
     if isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
         kind = "linear"
     else:
-        conv1d = _conv1d_class()
+        conv1d = _peft_classes()["Conv1D"]
         if conv1d is None or type(base) is not conv1d:
             return None
         kind = "conv1d"
@@ -111,8 +110,8 @@ def _base_kind(base: nn.Module) -> Optional[str]:
 def _layer_reason(layer: nn.Module) -> Optional[str]:
     """Why fused_lora cannot compute this layer as peft does (None when it can), from its
     structure and its active adapter; checked at patch time and again on every call."""
-    lora = _peft_lora()
-    if type(layer).forward is not lora.Linear.forward or not isinstance(layer, lora.Linear):
+    linear = _peft_classes()["Linear"]
+    if type(layer).forward is not linear.forward or not isinstance(layer, linear):
         return f"peft {type(layer).__name__} layer, not lora.Linear"
     base = layer.base_layer
     if _base_kind(base) is None:
@@ -217,8 +216,8 @@ class PatchedForward:
 def _lora_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller} expects a peft model (an nn.Module), got {type(model).__name__}")
-    lora = _peft_lora()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora.LoraLayer)]
+    lora_layer = _peft_classes()["LoraLayer"]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer)]
     if not layers:
         from .layer import FusedLoRALinear
         hint = (" (it holds fused_lora's own FusedLoRALinear layers, which need no patching)"

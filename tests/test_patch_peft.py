@@ -228,6 +228,38 @@ def test_triton_backend_through_the_interpreter():
         torch.testing.assert_close(trainable_grads(ours)[name], g, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_bf16_model_with_fp32_adapters_within_peft_error():
+    """peft keeps fp32 adapters on a bf16 model by default; the patched layer casts them to bf16 (as
+    FusedLoRALinear does) where peft computes the branch in fp32: both against a float64 run of the
+    same weights, the patched error stays within twice peft's own plus bf16 slack."""
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(MLP().to(torch.bfloat16), peft.LoraConfig(r=4, target_modules=["fc1", "fc2"],
+                                                                        init_lora_weights=False))
+    assert ref.base_model.model.fc1.lora_A["default"].weight.dtype == torch.float32
+    ours, ref64 = copy.deepcopy(ref), copy.deepcopy(ref).double()
+    patch_peft(ours, verbose=False)
+    x = torch.randn(16, 24)
+    before = fused_calls()
+    y_ours = ours(x.bfloat16())
+    assert fused_calls() == before + 2 and y_ours.dtype == torch.bfloat16
+    y64 = ref64(x.double())
+    err_ours = (y_ours.double() - y64).abs().max().item()
+    err_peft = (ref(x.bfloat16()).double() - y64).abs().max().item()
+    assert err_ours <= 2 * err_peft + 1.6e-2 * max(1.0, y64.abs().max().item())
+    y_ours.float().square().sum().backward()
+    grad = ours.base_model.model.fc1.lora_A["default"].weight.grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+
+
+def test_torch_compile_fullgraph_equals_peft():
+    ours, ref = mlp_twins()
+    x = torch.randn(6, 24)
+    compiled = torch.compile(ours, fullgraph=True)  # fullgraph: a graph break would raise
+    before = fused_calls()
+    torch.testing.assert_close(compiled(x), ref(x))
+    assert fused_calls() == before + 2
+
+
 # ------------------------------------------------------------------ peft keeps working
 
 
