@@ -36,6 +36,8 @@ from .dropout import new_seed, no_seed
 from .ops import lora_linear
 
 REPORT_ATTR = "fused_lora_report"
+# Keyword arguments peft's forward pops before calling the base layer; given as None they mean nothing.
+_PEFT_KWARGS = frozenset({"adapter_names", "alora_offsets"})
 
 
 @dataclass
@@ -142,8 +144,8 @@ def _layer_reason(layer: nn.Module) -> Optional[str]:
 
 def _call_reason(layer: nn.Module, x, args, kwargs) -> Optional[str]:
     """Why this particular call goes to peft (None when fused_lora computes it)."""
-    if args or kwargs:  # adapter_names (mixed batches), alora_offsets, anything for the base layer
-        return "extra forward arguments"
+    if args or (kwargs and not (kwargs.keys() <= _PEFT_KWARGS and all(v is None for v in kwargs.values()))):
+        return "extra forward arguments"  # adapter_names (mixed batches), alora_offsets, base-layer arguments
     if layer.disable_adapters:
         return "adapters disabled"
     if layer.merged:
@@ -205,7 +207,7 @@ class PatchedForward:
 
     def __call__(self, x, *args, **kwargs):
         layer = self.layer
-        if _call_reason(layer, x, args, kwargs) is not None:
+        if _call_reason(layer, x, args, kwargs) is not None:  # peft's forward, exactly as unpatched
             return type(layer).forward(layer, x, *args, **kwargs)
         return _fused_forward(layer, x, self.backend)
 

@@ -326,6 +326,12 @@ def test_second_adapter_disable_adapter_and_adapter_names():
     with ours.disable_adapter(), ref.disable_adapter():
         check(False)
     check(True)
+    layer_ours, layer_ref = ours.base_model.model.fc1, ref.base_model.model.fc1
+    before = fused_calls()
+    torch.testing.assert_close(layer_ours(x, adapter_names=None), layer_ref(x, adapter_names=None))
+    assert fused_calls() == before + 1  # None: no mixed batch, as peft reads it
+    with pytest.raises(TypeError):  # what peft does with an argument its base layer does not take
+        layer_ours(x, scale=None)
     for m in (ours, ref):
         m.eval()  # peft takes adapter_names in eval mode only
     check(False, adapter_names=["default", "second", "__base__", "default"])  # mixed batch: peft's
