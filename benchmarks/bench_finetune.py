@@ -7,7 +7,8 @@ Variants, each with gradient checkpointing off and on:
   floor       every weight frozen, gradient still flowing to the input (all dX GEMMs, no weight
               gradients): what a LoRA costing nothing would cost
   peft        LoRA r=16, alpha 32 on q,k,v,o,gate,up,down, AdamW on the adapters, dropout 0 / 0.1
-  fused_lora  the same adapters through fused_lora
+  patch_peft  the peft model, patched by fused_lora.patch_peft (peft's layers, fused_lora's op)
+  fused_lora  the same adapters through fused_lora's own model
 Prints step time, tokens/s, peak memory and ratios to the floor and to peft; writes a CSV.
 Peak memory: on CUDA the allocator's peak over a step (weights included, as in the anchors); on
 CPU the peak of what a step allocates beyond what was there before it.
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment, write_csv  # noqa: E402
 
-from fused_lora import LoraConfig, get_lora_model  # noqa: E402
+from fused_lora import LoraConfig, get_lora_model, patch_peft  # noqa: E402
 from fused_lora.finetune import LLAMA_TARGETS, build_llama, counting_batches  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "finetune.csv")
@@ -39,11 +40,13 @@ def make_variant(name, base, p):
     if name == "floor":
         model.requires_grad_(False)
         return model, None, True
-    if name == "peft":
+    if name in ("peft", "patch_peft"):
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=p,
                                                            target_modules=LLAMA_TARGETS),
                                     autocast_adapter_dtype=False)
+        if name == "patch_peft":
+            patch_peft(model, verbose=False)
     else:
         model = get_lora_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=p, target_modules=LLAMA_TARGETS),
                                autocast_adapter_dtype=False)
@@ -119,7 +122,7 @@ def main(argv=None):
     print(f"# {environment(device)}; Llama '{size}', {dtype}, batch {args.batch} x {seq} tokens")
     print(f"{'variant':<12} {'p':>4} {'ckpt':>5} {'step ms':>9} {'tokens/s':>10} {'peak GiB':>9} {'x floor':>8} {'x peft':>7}")
     ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
-    names = ["floor"] + ([] if args.no_peft else ["peft"]) + ["fused_lora"]
+    names = ["floor"] + ([] if args.no_peft else ["peft", "patch_peft"]) + ["fused_lora"]
     rows = []
     for ckpt in ckpts:
         floor_ms, peft_ms = None, {}

@@ -1,4 +1,5 @@
-"""One LoRA layer: fused_lora against the base nn.Linear (the floor) and peft, in one run.
+"""One LoRA layer: fused_lora against the base nn.Linear (the floor), peft, and peft patched by
+fused_lora.patch_peft (peft's layer computing through fused_lora's op), in one run.
 
     python benchmarks/bench_layer.py                  # CPU: M=2048, K=N=1024, r=16, fp32 (< 1 min)
     python benchmarks/bench_layer.py --gpu-suite      # CUDA: the four shapes of the anchors, r 16/64, bf16
@@ -21,7 +22,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment, memory_mib, time_variants, write_csv  # noqa: E402
 
-from fused_lora import FusedLoRALinear  # noqa: E402
+from fused_lora import FusedLoRALinear, patch_peft  # noqa: E402
 
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (2048, 4096, 4096)]
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
@@ -55,6 +56,8 @@ def build_variants(M, K, N, r, p, dtype, device, with_peft=True, with_compile=Fa
         cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"])
         pm = peft.get_peft_model(Holder(copy.deepcopy(base)), cfg, autocast_adapter_dtype=False)
         variants["peft"] = pm
+        # The same peft layer computing through fused_lora's op: what an existing peft user gets.
+        variants["patch_peft"] = patch_peft(copy.deepcopy(pm), verbose=False)
         if with_compile:
             torch._dynamo.reset()  # a fresh cache per case: past cache_size_limit dynamo falls back to eager
             variants["compile(peft)"] = torch.compile(pm)
@@ -124,7 +127,7 @@ def plot(rows, path):
     except ImportError:
         return False
     cases = sorted({(r["M"], r["K"], r["N"], r["r"], r["dropout"]) for r in rows if r["variant"] != "base"})
-    names = [n for n in ("fused_lora", "fused_lora[torch]", "peft", "compile(peft)")
+    names = [n for n in ("fused_lora", "fused_lora[torch]", "patch_peft", "peft", "compile(peft)")
              if any(r["variant"] == n for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases)), 4))
     width = 0.8 / max(1, len(names))

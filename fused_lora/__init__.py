@@ -5,6 +5,7 @@ Public API:
     lora_linear                     the functional op (differentiable)
     LoraConfig, get_lora_model      adapt a whole model (peft's vocabulary)
     LoraModel                       the adapted model: counts, merge_and_unload, save/load
+    patch_peft, unpatch_peft        run an existing peft model's LoRA layers through the fused op
     AdapterError                    an adapter directory that cannot be loaded
     BackendUnavailable              a requested backend cannot run
 """
@@ -14,8 +15,9 @@ from .config import LoraConfig
 from .layer import FusedLoRALinear
 from .model import LoraModel, get_lora_model
 from .ops import lora_linear
+from .peft_patch import patch_peft, unpatch_peft
 
 __version__ = "0.1.0"
 
 __all__ = ["FusedLoRALinear", "lora_linear", "LoraConfig", "get_lora_model", "LoraModel", "AdapterError",
-           "BackendUnavailable", "__version__"]
+           "BackendUnavailable", "patch_peft", "unpatch_peft", "__version__"]

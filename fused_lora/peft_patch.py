@@ -1,0 +1,291 @@
+"""Run an existing peft model's LoRA layers through fused_lora's op, in place.
+
+    model = fused_lora.patch_peft(peft_model)     # same model, same parameters, fused forward
+    fused_lora.unpatch_peft(model)                # peft's forward again
+
+patch_peft gives each peft `lora.Linear` it can run an instance attribute `forward` (a
+`PatchedForward`) that computes base + LoRA with `fused_lora.ops.lora_linear` from peft's own
+tensors: the base layer's weight and bias, `lora_A[name].weight`, `lora_B[name].weight`,
+`scaling[name]` and the probability of `lora_dropout[name]`. Nothing else of peft changes: no
+class is modified, no parameter or buffer is added or replaced, so saving, loading, merging,
+adapter switching and trainers see the peft model they know.
+
+peft's state can change after patching (another adapter activated, a DoRA adapter added, a
+merge, `disable_adapter()`, `adapter_names=` passed, a hook registered on the base layer). The
+patched forward checks that state on every call (a few attribute and dict look-ups) and, unless
+the call is one fused_lora computes exactly as peft would, hands it to peft's own forward. So a
+patched layer computes peft's function or defers to peft; it never computes something else.
+
+Arithmetic differences from peft: the same math in another order (fp32 results agree to
+rounding). Adapter weights whose dtype differs from the input (peft keeps fp32 adapters on a
+bf16 model by default) are cast to the input's dtype for the computation, as `FusedLoRALinear`
+does, where peft computes the LoRA branch in the adapter's dtype; their gradients come back in
+their own dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
+
+from . import backends
+from .dropout import new_seed, no_seed
+from .ops import lora_linear
+
+REPORT_ATTR = "fused_lora_report"
+# Keyword arguments peft's forward pops before calling the base layer; given as None they mean nothing.
+_PEFT_KWARGS = frozenset({"adapter_names", "alora_offsets"})
+
+
+@dataclass
+class PatchReport:
+    """What `patch_peft` did: the LoRA layers it patched and those it left to peft, with why."""
+
+    patched: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)  # module name -> reason it kept peft's forward
+    backend: str = "auto"
+
+    def __str__(self) -> str:
+        total = len(self.patched) + len(self.kept)
+        line = f"fused_lora: {len(self.patched)} of {total} LoRA layers patched"
+        if not self.kept:
+            return line
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.kept.items():
+            by_reason.setdefault(reason, []).append(name)
+        parts = []
+        for reason, names in by_reason.items():
+            shown = ", ".join(names[:2]) + (f" and {len(names) - 2} more" if len(names) > 2 else "")
+            parts.append(f"{shown} ({reason})")
+        return line + f"; {len(self.kept)} kept peft's forward: " + "; ".join(parts)
+
+
+_classes: dict = {}  # peft's LoraLayer and lora.Linear, transformers' Conv1D (or None): imported once
+
+
+def _peft_classes() -> dict:
+    # A plain dict rather than functools.lru_cache: torch.compile traces this without a warning.
+    if not _classes:
+        try:
+            from peft.tuners import lora
+        except ImportError as e:  # pragma: no cover - peft is installed wherever a peft model exists
+            raise ImportError("fused_lora.patch_peft needs peft (pip install peft)") from e
+        try:
+            from transformers.pytorch_utils import Conv1D
+        except ImportError:
+            Conv1D = None
+        _classes.update(LoraLayer=lora.LoraLayer, Linear=lora.Linear, Conv1D=Conv1D)
+    return _classes
+
+
+def _unhooked(m: nn.Module) -> bool:
+    """No hooks and no instance forward: calling m.forward directly is what m(x) would do."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__)
+
+
+def _global_hooks() -> bool:
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
+
+
+def _base_kind(base: nn.Module) -> Optional[str]:
+    """"linear" or "conv1d" where fused_lora computes exactly what `base(x)` does, else None."""
+    if isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
+        kind = "linear"
+    else:
+        conv1d = _peft_classes()["Conv1D"]
+        if conv1d is None or type(base) is not conv1d:
+            return None
+        kind = "conv1d"
+    # A quantized or otherwise wrapped weight (bitsandbytes, torchao, DTensor) is not a plain tensor.
+    if type(base.weight) not in (nn.Parameter, Tensor) or not base.weight.is_floating_point():
+        return None
+    if base.bias is not None and type(base.bias) not in (nn.Parameter, Tensor):
+        return None
+    return kind
+
+
+def _layer_reason(layer: nn.Module) -> Optional[str]:
+    """Why fused_lora cannot compute this layer as peft does (None when it can), from its
+    structure and its active adapter; checked at patch time and again on every call."""
+    linear = _peft_classes()["Linear"]
+    if type(layer).forward is not linear.forward or not isinstance(layer, linear):
+        return f"peft {type(layer).__name__} layer, not lora.Linear"
+    base = layer.base_layer
+    if _base_kind(base) is None:
+        return f"base layer is {type(base).__name__}, not nn.Linear or Conv1D"
+    if not _unhooked(base):
+        return "hooks on the base layer"
+    active = layer.active_adapters
+    if len(active) != 1:
+        return f"{len(active)} active adapters"
+    name = active[0]
+    if name not in layer.lora_A:
+        return f"active adapter {name!r} not on this layer"
+    if layer.use_dora.get(name, False):
+        return "DoRA"
+    if name in layer.lora_variant:
+        return f"LoRA variant {type(layer.lora_variant[name]).__name__}"
+    lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    if layer.lora_bias.get(name, False) or getattr(lora_B, "bias", None) is not None:
+        return "lora_bias"
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear:
+        return "lora_A/lora_B are not nn.Linear"
+    if type(dropout) not in (nn.Dropout, nn.Identity):
+        return f"dropout module {type(dropout).__name__}"
+    if not (_unhooked(lora_A) and _unhooked(lora_B) and _unhooked(dropout)):
+        return "hooks on lora_A, lora_B or lora_dropout"
+    return None
+
+
+def _call_reason(layer: nn.Module, x, args, kwargs) -> Optional[str]:
+    """Why this particular call goes to peft (None when fused_lora computes it)."""
+    if args or (kwargs and not (kwargs.keys() <= _PEFT_KWARGS and all(v is None for v in kwargs.values()))):
+        return "extra forward arguments"  # adapter_names (mixed batches), alora_offsets, base-layer arguments
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "adapter merged"
+    if _global_hooks():
+        return "global module hooks"
+    reason = _layer_reason(layer)
+    if reason is not None:
+        return reason
+    name = layer.active_adapters[0]
+    weight, lora_A = layer.base_layer.weight, layer.lora_A[name].weight
+    dropout = layer.lora_dropout[name]
+    if type(dropout) is nn.Dropout and dropout.training and not 0.0 <= dropout.p < 1.0:
+        return "dropout probability outside [0, 1)"
+    # Anything unusual about the input: peft computes it, or raises its own error.
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0 or x.numel() == 0:
+        return "input"
+    if x.shape[-1] != layer.in_features or x.device != weight.device or lora_A.device != x.device \
+            or layer.lora_B[name].weight.device != x.device:
+        return "input shape or device"
+    if not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype:
+            return "input dtype differs from the base weight's"
+        if x.dtype != lora_A.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+            return "input dtype casting disabled"
+    return None
+
+
+def _fused_forward(layer: nn.Module, x: Tensor, backend: str) -> Tensor:
+    """peft's vanilla-LoRA forward of `layer`'s one active adapter, through fused_lora's op."""
+    name = layer.active_adapters[0]
+    base = layer.base_layer
+    weight, bias = base.weight, base.bias
+    if _base_kind(base) == "conv1d":
+        weight = weight.t()  # Conv1D stores in x out; the op takes the strided N x K view
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    lora_A = layer.lora_A[name].weight.to(x.dtype)
+    lora_B = layer.lora_B[name].weight.to(x.dtype)
+    dropout = layer.lora_dropout[name]
+    # peft applies its dropout module, whose own training flag decides (as here).
+    p = float(dropout.p) if type(dropout) is nn.Dropout and dropout.training else 0.0
+    seed = new_seed() if p > 0.0 else no_seed()
+    lead = x.shape[:-1]
+    y = lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(layer.scaling[name]),
+                    p, seed, backend)
+    return y.reshape(*lead, y.shape[-1])
+
+
+class PatchedForward:
+    """The `forward` patch_peft sets on one peft `lora.Linear` instance: fused_lora's op when the
+    call is one it computes as peft does, peft's own (class) forward otherwise."""
+
+    def __init__(self, layer: nn.Module, backend: str):
+        self.layer = layer
+        self.backend = backend
+
+    def __call__(self, x, *args, **kwargs):
+        layer = self.layer
+        if _call_reason(layer, x, args, kwargs) is not None:  # peft's forward, exactly as unpatched
+            return type(layer).forward(layer, x, *args, **kwargs)
+        return _fused_forward(layer, x, self.backend)
+
+    def __repr__(self) -> str:
+        return f"PatchedForward(backend={self.backend!r})"
+
+
+def _lora_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller} expects a peft model (an nn.Module), got {type(model).__name__}")
+    lora_layer = _peft_classes()["LoraLayer"]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer)]
+    if not layers:
+        from .layer import FusedLoRALinear
+        hint = (" (it holds fused_lora's own FusedLoRALinear layers, which need no patching)"
+                if any(isinstance(m, FusedLoRALinear) for m in model.modules()) else
+                " (make one with peft.get_peft_model(model, LoraConfig(...)))")
+        raise ValueError(f"{caller}: {type(model).__name__} has no peft LoRA layers{hint}")
+    return layers
+
+
+def _is_patched(layer: nn.Module) -> bool:
+    return isinstance(layer.__dict__.get("forward"), PatchedForward)
+
+
+def _unpatch_layer(layer: nn.Module) -> None:
+    if _is_patched(layer):
+        del layer.__dict__["forward"]
+
+
+def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) -> nn.Module:
+    """Make a peft model's LoRA layers compute through fused_lora's fused op, in place.
+
+    Takes a peft `PeftModel` (or any model peft has injected LoRA layers into). Each peft
+    `lora.Linear` over an `nn.Linear` or transformers' `Conv1D`, with one active adapter that is
+    vanilla LoRA (no DoRA or other peft LoRA variant, no `lora_bias`; dropout an `nn.Dropout` or
+    none), gets a forward that runs `fused_lora.ops.lora_linear` on peft's own parameters,
+    scaling and dropout probability. Every call first checks peft's state (active adapters,
+    merged, disabled, variants, `adapter_names` and other extra arguments, hooks, input dtype and
+    device) and hands the call to peft's forward whenever fused_lora would not compute exactly
+    peft's function. Saving, loading, merging, `set_adapter`, `disable_adapter` and trainers are
+    left entirely to peft.
+
+    Layers it cannot take keep peft's forward and are listed with the reason in the returned
+    model's `fused_lora_report` (a `PatchReport`), whose one-line summary is printed unless
+    `verbose=False`. Patching again re-checks every layer (idempotent; `backend` is updated).
+
+    Args:
+        model: the peft model; modified in place and returned.
+        backend: "auto", "torch" or "triton", as for `FusedLoRALinear` (FUSED_LORA_BACKEND
+            overrides "auto").
+        verbose: print the summary line.
+
+    Raises ValueError when the model has no peft LoRA layers, or for an unknown backend.
+    """
+    backends.requested_backend(backend)  # an unknown name fails before anything is changed
+    layers = _lora_layers(model, "patch_peft")
+    report = PatchReport(backend=backend)
+    for name, layer in layers:
+        reason = _layer_reason(layer)
+        if reason is None and "forward" in layer.__dict__ and not _is_patched(layer):
+            reason = "forward already replaced on the instance (e.g. by accelerate)"
+        if reason is not None:
+            _unpatch_layer(layer)
+            report.kept[name] = reason
+            continue
+        layer.forward = PatchedForward(layer, backend)
+        report.patched.append(name)
+    setattr(model, REPORT_ATTR, report)
+    if verbose:
+        print(report)
+    return model
+
+
+def unpatch_peft(model: nn.Module) -> nn.Module:
+    """Undo `patch_peft`: every patched LoRA layer gets peft's own forward back (the instance
+    attribute is removed). A model never patched is returned unchanged. Returns the model."""
+    for _, layer in _lora_layers(model, "unpatch_peft"):
+        _unpatch_layer(layer)
+    model.__dict__.pop(REPORT_ATTR, None)
+    return model
