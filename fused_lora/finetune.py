@@ -1,20 +1,26 @@
 """Fine-tuning a Llama-shaped model with fused_lora, on synthetic tokens (no download).
 
     python -m fused_lora finetune --size tiny --steps 40 --out ./my_adapter
+    torchrun --nproc-per-node 2 -m fused_lora finetune [--fsdp]      # several processes
 
 Builds a transformers Llama from a config with random weights, adapts q/k/v/o and the MLP
 projections, trains the adapters with AdamW on token sequences that follow a learnable rule
 (each sequence counts up from a random start by a random stride, modulo the vocabulary), shows a
 progress line with loss and tokens/s, and saves the adapter in peft's format. Needs `transformers`.
+Under torchrun each process trains on its rows of every batch (see fused_lora/distributed.py).
 """
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import sys
 import time
 from typing import Callable, Iterator, Optional
 
 import torch
 
+from . import distributed
 from .config import LoraConfig
 from .model import get_lora_model
 
@@ -55,6 +61,84 @@ def counting_batches(vocab: int, batch: int, seq: int, seed: int = 0, device="cp
         yield ((start + stride * pos) % vocab).to(device)
 
 
+class SettingError(ValueError):
+    """A fine-tuning setting that cannot work, found before anything is built.
+
+    `setting` names the argument of `finetune` (None when the message names it itself); the command
+    line reports it as its flag (lora_dropout -> --lora-dropout).
+    """
+
+    def __init__(self, setting: Optional[str], problem: str):
+        super().__init__(f"{setting}: {problem}" if setting else problem)
+        self.setting, self.problem = setting, problem
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite: training stopped and nothing was saved."""
+
+
+def _check_int(name: str, value, minimum: int, why: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SettingError(name, f"must be an integer >= {minimum}{why}, got {value!r}")
+
+
+def _total_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_settings(size: str = "tiny", steps: int = 40, batch: int = 8, seq: int = 64, r: int = 16,
+                   lora_alpha: float = 32, lora_dropout: float = 0.0, lr: float = 2e-3, out: Optional[str] = None,
+                   device: Optional[str] = None, engine: Optional[str] = None, log_every: int = 0,
+                   world: Optional[int] = None) -> tuple[torch.device, LoraConfig]:
+    """The device and LoraConfig `finetune` would use; SettingError for any setting that cannot work.
+
+    `world` is the number of processes (default: the launcher's WORLD_SIZE, else 1).
+    """
+    world = distributed.launched_world_size() if world is None else world
+    if size not in LLAMA_SIZES:
+        raise SettingError("size", f"unknown size {size!r}; one of {', '.join(LLAMA_SIZES)}")
+    _check_int("steps", steps, 1)
+    _check_int("batch", batch, 1)
+    if batch % world:
+        raise SettingError("batch", f"{batch} sequences do not split evenly over {world} processes")
+    _check_int("seq", seq, 2, " (the next-token loss needs two tokens)")
+    _check_int("log_every", log_every, 0)
+    for name, value in (("lr", lr), ("lora_alpha", lora_alpha)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise SettingError(name, f"must be a finite number > 0, got {value!r}")
+    try:
+        config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LLAMA_TARGETS,
+                            task_type="CAUSAL_LM")
+    except (TypeError, ValueError) as err:  # LoraConfig's own rules, reported in its words
+        raise SettingError(None, str(err)) from None
+    if engine is not None:
+        if engine not in distributed.ENGINES:
+            raise SettingError("engine", f"one of {', '.join(distributed.ENGINES)}, got {engine!r}")
+        if world < 2:
+            raise SettingError(engine, "needs several processes: launch with torchrun --nproc-per-node N")
+    try:
+        dev = distributed.resolve_device(device)
+    except ValueError as err:
+        raise SettingError("device", str(err)) from None
+    # The float32 logits and their gradient alone: a floor on the memory one step needs.
+    need = 2 * (batch // world) * seq * LLAMA_SIZES[size]["vocab_size"] * 4
+    have = _total_memory(dev)
+    if need > have:
+        raise SettingError("batch", f"{batch // world} x {seq} tokens per process need at least {need / 1e9:,.0f} GB "
+                           f"for the logits alone; {dev} has {have / 1e9:,.0f} GB: lower batch or seq")
+    if out is not None:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise SettingError("out", f"{out!r} exists and is not a directory")
+        parent = os.path.abspath(out)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise SettingError("out", f"cannot create or write {out!r} ({parent!r} is not a writable directory)")
+    return dev, config
+
+
 def train_step(model, optimizer, tokens: torch.Tensor) -> torch.Tensor:
     """Forward with next-token loss, backward, optimizer step; returns the (detached) loss."""
     loss = model(input_ids=tokens, labels=tokens).loss
@@ -66,33 +150,79 @@ def train_step(model, optimizer, tokens: torch.Tensor) -> torch.Tensor:
 
 def _progress(step: int, steps: int, loss: float, tok_s: float, width: int = 24) -> str:
     done = int(width * step / steps)
-    return f"\r  step {step:4d}/{steps} [{'#' * done}{'.' * (width - done)}] loss {loss:7.4f}  {tok_s:,.0f} tok/s"
+    return f"  step {step:4d}/{steps} [{'#' * done}{'.' * (width - done)}] loss {loss:7.4f}  {tok_s:,.0f} tok/s"
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def finetune(size: str = "tiny", steps: int = 40, batch: int = 8, seq: int = 64, r: int = 16,
              lora_alpha: float = 32, lora_dropout: float = 0.0, lr: float = 2e-3, out: Optional[str] = None,
-             device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
-             log: Callable[[str], None] = print, stream=sys.stdout) -> list[float]:
-    """Train LoRA adapters on a Llama-shaped model; returns the loss per step."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    model = build_llama(size, dtype=dtype, device=device)
-    lora = get_lora_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                            target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM"))
+             device: Optional[str] = None, dtype: Optional[torch.dtype] = None, engine: Optional[str] = None,
+             log_every: int = 0, log: Callable[[str], None] = print, stream=sys.stdout) -> list[float]:
+    """Train LoRA adapters on a Llama-shaped model; returns the loss per step (of the whole batch).
+
+    On a terminal the progress line is redrawn in place; elsewhere (a log file, a pipe) a line is
+    written every `log_every` steps (0: about ten lines per run) and at the last step.
+    Settings that cannot work raise SettingError before anything is built. A NaN or infinite loss
+    raises TrainingDiverged and nothing is saved.
+
+    In a process group of several processes (torchrun), `batch` is the global batch and each
+    process trains on its share of every batch, under DDP (engine="ddp", the default there) or
+    FSDP2 (engine="fsdp"). Only rank 0 logs and saves.
+    """
+    world = distributed.world_size()
+    device, config = check_settings(size, steps, batch, seq, r, lora_alpha, lora_dropout, lr, out, device,
+                                    engine, log_every, world)
+    engine = engine or ("ddp" if world > 1 else None)
+    lead = distributed.rank() == 0
+    if not lead:
+        log, stream = (lambda *_: None), None
+    tty = _is_terminal(stream)
+    every = log_every or max(1, steps // 10)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = build_llama(size, dtype=dtype, device=device, max_positions=max(4096, seq))
+    lora = get_lora_model(model, config)
     trainable, total = lora.get_nb_trainable_parameters()
     log(f"Llama '{size}' on {device} ({dtype}): {total:,} parameters, {trainable:,} trainable "
         f"(r={r}, alpha={lora_alpha}, dropout={lora_dropout})")
-    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=lr)
+    if engine:
+        log(f"{world} processes ({engine.upper()} over {distributed.backend_for(device)}), each training on "
+            f"{batch // world} of the {batch} sequences of every batch")
+    trained = distributed.wrap(lora, engine, device) if engine else lora
+    # After wrapping: FSDP2 replaces the parameters with sharded ones.
+    opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=lr)
     data = counting_batches(model.config.vocab_size, batch, seq, device=device)
     lora.train()
     losses, start = [], time.perf_counter()
     for step in range(1, steps + 1):
-        losses.append(train_step(lora, opt, next(data)).item())
-        stream.write(_progress(step, steps, losses[-1], step * batch * seq / (time.perf_counter() - start)))
-        stream.flush()
-    stream.write("\n")
+        loss = distributed.mean_over_processes(train_step(trained, opt, distributed.shard(next(data)))).item()
+        if not math.isfinite(loss):  # the same value on every process: all stop together
+            if tty:
+                stream.write("\n")
+            raise TrainingDiverged(f"the loss became {loss} at step {step}: training stopped, no adapter saved "
+                                   f"(lower lr={lr} or lora_alpha={lora_alpha})")
+        losses.append(loss)
+        if stream is not None and (tty or step % every == 0 or step == steps):
+            line = _progress(step, steps, loss, step * batch * seq / (time.perf_counter() - start))
+            stream.write(f"\r{line}" if tty else f"{line}\n")
+            stream.flush()
+    if tty:
+        stream.write("\n")
     log(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {time.perf_counter() - start:.1f} s")
     if out:
-        lora.save_pretrained(out)
-        log(f"adapter saved to {out} (peft format: adapter_model.safetensors, adapter_config.json)")
+        _save(lora, out, engine, log)
     return losses
+
+
+def _save(lora, out: str, engine: Optional[str], log) -> None:
+    """Rank 0 writes the adapter; under FSDP2 every process first gathers the whole parameters."""
+    gathered = distributed.full_parameters(lora) if engine == "fsdp" else contextlib.nullcontext()
+    with gathered:
+        if distributed.rank() == 0:
+            lora.save_pretrained(out)
+            log(f"adapter saved to {out} (peft format: adapter_model.safetensors, adapter_config.json)")
+    if distributed.active():
+        torch.distributed.barrier()  # no process exits (and tears down the group) before the file is written
