@@ -1,5 +1,6 @@
 """The op's inputs: any strides of every tensor, the same clear error for bad inputs on every path
 and backend, and the Triton backend's refusals (bfloat16 under the interpreter)."""
+import contextlib
 import math
 
 import pytest
@@ -187,3 +188,25 @@ def test_bfloat16_refused_under_the_interpreter(monkeypatch):
         assert backends.triton_not_supported_reasons(cpu, torch.float16, 8) == []
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert backends.triton_not_supported_reasons(torch.device("cuda"), torch.bfloat16, 8) == []
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["eager", "fake"])
+@pytest.mark.parametrize("bad", ["dy_rows", "dy_cols", "h_rank", "h_dtype"])
+def test_backward_op_checks_dy_and_h(bad, fake):
+    """The backward op, called directly (as opcheck and compiled graphs do), checks dY and H too."""
+    from fused_lora.ops import lora_linear_bwd
+    x, w, b, a, bb = make_problem(5, 8, 6, 2, torch.float32, requires_grad=False)
+    dy, h = torch.randn(5, 6), torch.randn(5, 2)
+    dy, h, exc, pattern = {
+        "dy_rows": (torch.randn(4, 6), h, ValueError, r"dy has shape \(4, 6\), expected \(5, 6\)"),
+        "dy_cols": (torch.randn(5, 7), h, ValueError, r"dy has shape \(5, 7\), expected \(5, 6\)"),
+        "h_rank": (dy, torch.randn(5, 3), ValueError, r"h has shape \(5, 3\), expected \(5, 2\)"),
+        "h_dtype": (dy, h.double(), TypeError, "h has dtype torch.float64"),
+    }[bad]
+    args = [dy, x, w, a, bb, h]
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode:
+        if fake:
+            args = [mode.from_tensor(t) for t in args]
+        with pytest.raises(exc, match=pattern):
+            lora_linear_bwd(*args, 0.5, 0.0, torch.tensor(3), "torch", True, True, False, False)
