@@ -140,5 +140,5 @@ def as_seed_tensor(seed, dropout_p: float) -> Tensor:
     return torch.tensor(int(seed), dtype=torch.int64)
 
 
-__all__ = ["as_scaling", "check_op_inputs", "check_backward_inputs", "check_dropout_p", "check_seed_tensor", "seed_value",
-           "as_seed_tensor"]
+__all__ = ["as_scaling", "as_seed_tensor", "check_backward_inputs", "check_dropout_p", "check_op_inputs",
+           "check_seed_tensor", "seed_value"]

@@ -257,7 +257,9 @@ def test_safe_merge_bfloat16_rounding_overflow():
         layer.weight.fill_(3.3895e38)
         layer.lora_A.fill_(1.0)
         layer.lora_B.fill_(1.0)
-    layer.scaling = 1e36  # delta 1e36 (r = 1): 3.3995e38, between bfloat16's rounding limit (3.3963e38) and float32's max
+    # delta 1e36 (r = 1): W + delta = 3.3995e38 lies between bfloat16's rounding limit (3.3963e38)
+    # and float32's max (3.4028e38)
+    layer.scaling = 1e36
     w = layer.weight.detach().clone()
     with pytest.raises(ValueError, match="NaN or inf"):
         layer.merge(safe_merge=True)
