@@ -162,14 +162,16 @@ class FusedLoRALinear(nn.Module):
     # ---------------------------------------------------------------- merging
 
     def delta_weight(self) -> Tensor:
-        """s * B @ A in float32: what merging adds to the base weight."""
-        return lora_delta_weight(self.lora_A.detach(), self.lora_B.detach(), self.scaling)
+        """s * B @ A in float32 (float64 if the weight or adapter is float64): what merging adds to the base weight."""
+        acc = torch.promote_types(self.weight.dtype, self.lora_A.dtype)
+        if acc != torch.float64:
+            acc = torch.float32
+        return lora_delta_weight(self.lora_A.detach().to(acc), self.lora_B.detach().to(acc), self.scaling)
 
     def _weight_with_delta(self, sign: int) -> Tensor:
-        """W + sign * s * B @ A, computed in float32 (float64 for a float64 weight), rounded once to W's dtype."""
-        acc = torch.promote_types(self.weight.dtype, torch.float32)
-        delta = lora_delta_weight(self.lora_A.detach().to(acc), self.lora_B.detach().to(acc), self.scaling)
-        return torch.add(self.weight.detach().to(acc), delta, alpha=sign).to(self.weight.dtype)
+        """W + sign * s * B @ A, computed in delta_weight's precision, rounded once to W's dtype."""
+        delta = self.delta_weight()
+        return torch.add(self.weight.detach().to(delta.dtype), delta, alpha=sign).to(self.weight.dtype)
 
     @staticmethod
     def _refuse_non_finite(w: Tensor, message: str) -> None:

@@ -2,8 +2,8 @@
 
 The kernels trust their arguments (a wrong size reads out of bounds), so every entry point checks
 here first: the eager paths before dispatch and the fake implementations under torch.compile,
-with the same messages. The checks work on real tensors and on symbolic (fake) shapes alike (`torch._check_with` for
-the symbolic ones): shapes and ranks raise ValueError, dtypes TypeError, devices ValueError.
+with the same messages. Sizes may be symbolic under torch.compile (checked then through
+`torch._check_with`). Shapes, ranks, devices and values raise ValueError; types and dtypes TypeError.
 """
 from __future__ import annotations
 
@@ -140,5 +140,5 @@ def as_seed_tensor(seed, dropout_p: float) -> Tensor:
     return torch.tensor(int(seed), dtype=torch.int64)
 
 
-__all__ = ["as_scaling", "check_op_inputs", "check_backward_inputs", "check_dropout_p", "check_seed_tensor", "seed_value",
-           "as_seed_tensor"]
+__all__ = ["as_scaling", "as_seed_tensor", "check_backward_inputs", "check_dropout_p", "check_op_inputs",
+           "check_seed_tensor", "seed_value"]

@@ -187,10 +187,10 @@ def lora_linear(
     (twice: double backward is supported).
 
     x (M x K), weight (N x K), bias (N) or None, lora_A (r x K) and lora_B (N x r) share one
-    floating dtype and one device; any strides. `scaling` is a finite real number. `dropout_p` is in [0, 1); `seed` (a Python int in
-    [0, 2^63) or a 0-dim int64 tensor) fixes the dropout mask and is required when dropout_p > 0.
-    Bad inputs raise ValueError (shapes, values, devices) or TypeError (types, dtypes) before any
-    backend runs.
+    floating dtype and one device; any strides. `scaling` is a finite real number, `dropout_p` is
+    in [0, 1); `seed` (a Python int in [0, 2^63) or a 0-dim int64 tensor) fixes the dropout mask
+    and is required when dropout_p > 0. Bad inputs raise ValueError (shapes, values, devices) or
+    TypeError (types, dtypes) before any backend runs.
     """
     seed = as_seed_tensor(seed, dropout_p)
     scaling = as_scaling(scaling)

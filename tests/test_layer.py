@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fused_lora import FusedLoRALinear
+from fused_lora import FusedLoRALinear, backends
 from fused_lora.reference import lora_linear_ref
 
 
@@ -257,7 +257,9 @@ def test_safe_merge_bfloat16_rounding_overflow():
         layer.weight.fill_(3.3895e38)
         layer.lora_A.fill_(1.0)
         layer.lora_B.fill_(1.0)
-    layer.scaling = 1e36  # delta 1e36 (r = 1): 3.3995e38, between bfloat16's rounding limit (3.3963e38) and float32's max
+    # delta 1e36 (r = 1): W + delta = 3.3995e38 lies between bfloat16's rounding limit (3.3963e38)
+    # and float32's max (3.4028e38)
+    layer.scaling = 1e36
     w = layer.weight.detach().clone()
     with pytest.raises(ValueError, match="NaN or inf"):
         layer.merge(safe_merge=True)
@@ -308,37 +310,42 @@ def test_meta_layer_to_empty_then_loaded_matches():
     torch.testing.assert_close(layer(x), source(x))
 
 
+_TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through TRITON_INTERPRET=1
+_TRITON_REASONS = backends.triton_not_supported_reasons(torch.device(_TRITON_DEVICE), torch.float32, 2)
+BACKEND_DEVICES = [("torch", "cpu"), pytest.param("triton", _TRITON_DEVICE, marks=pytest.mark.skipif(
+    _TRITON_REASONS != [], reason="Triton cannot run here: " + "; ".join(_TRITON_REASONS)))]
+
+
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_in_features_zero_behaves_as_linear(bias, backend):
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_in_features_zero_behaves_as_linear(bias, backend, device):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's "Initializing zero-element tensors is a no-op", as for nn.Linear
-        layer = FusedLoRALinear(0, 5, r=2, bias=bias, backend=backend, init_lora_weights=False)
+        layer = FusedLoRALinear(0, 5, r=2, bias=bias, backend=backend, init_lora_weights=False, device=device)
     if bias:
         with torch.no_grad():
             layer.bias.copy_(torch.arange(5.0))
-    x = torch.empty(3, 0, requires_grad=True)
+    x = torch.empty(3, 0, requires_grad=True, device=device)
     y = layer(x)
     torch.testing.assert_close(y, nn.functional.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
     y.sum().backward()
     assert layer.lora_A.grad.shape == (2, 0) and torch.count_nonzero(layer.lora_B.grad) == 0
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @pytest.mark.parametrize("shape", [(0, 12), (2, 0, 12), (0, 0, 12)])
-def test_zero_size_batches_and_out_features(backend, shape):
-    layer = make_layer(backend=backend, lora_dropout=0.2)
-    x = torch.randn(*shape, requires_grad=True)
+def test_zero_size_batches_and_out_features(backend, device, shape):
+    layer = make_layer(backend=backend, lora_dropout=0.2, device=device)
+    x = torch.randn(*shape, requires_grad=True, device=device)
     y = layer(x)
     assert y.shape == shape[:-1] + (10,)
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.count_nonzero(layer.lora_A.grad) == 0
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        empty_out = FusedLoRALinear(12, 0, r=2, backend=backend)
-    y = empty_out(torch.randn(*shape[:-1], 4, 12) if len(shape) == 2 else torch.randn(*shape))
-    assert y.shape[-1] == 0
-    x = torch.randn(3, 12, requires_grad=True)
+        warnings.simplefilter("ignore")  # zero-element init, as for nn.Linear(12, 0)
+        empty_out = FusedLoRALinear(12, 0, r=2, backend=backend, device=device)
+    assert empty_out(torch.randn(*shape, device=device)).shape == shape[:-1] + (0,)
+    x = torch.randn(3, 12, requires_grad=True, device=device)
     out = empty_out(x)
     assert out.shape == (3, 0)
     out.sum().backward()

@@ -1,5 +1,6 @@
 """The op's inputs: any strides of every tensor, the same clear error for bad inputs on every path
 and backend, and the Triton backend's refusals (bfloat16 under the interpreter)."""
+import contextlib
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fused_lora import backends
 from fused_lora.ops import lora_linear, lora_linear_fwd
-from utils import assert_close_rule, make_problem, ref_forward_backward, to64
+from utils import assert_close_rule, backend_module, make_problem, ref_forward_backward, to64
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -55,7 +56,6 @@ def test_any_strides_of_every_input(backend, which, layout):
         ins[name].requires_grad_(True)
     x, w, b, a, bb, dy = (ins[n] for n in NAMES)
     seed = 321
-    from utils import backend_module
     keep = backend_module(backend).keep_mask(seed, (M, K), p, DEVICE)
     y = lora_linear(x, w, b, a, bb, scaling, p, torch.tensor(seed), backend=backend)
     got = torch.autograd.grad(y, (x, w, b, a, bb), dy)
@@ -110,12 +110,12 @@ BAD = {  # case -> (changes to a good call, exception type, message pattern)
 
 
 def _call(backend, grad, kw):
-    kw = dict(kw)
-    if grad:
-        kw["lora_A"] = kw["lora_A"].detach().requires_grad_(True) if isinstance(kw["lora_A"], torch.Tensor) else kw["lora_A"]
-    x = kw.pop("x")
-    return lora_linear(x, kw["weight"], kw["bias"], kw["lora_A"], kw["lora_B"], kw["scaling"], kw["dropout_p"], kw["seed"],
-                       backend=backend)
+    """lora_linear with these arguments; with `grad`, A requires grad (the autograd.Function path)."""
+    a = kw["lora_A"]
+    if grad and isinstance(a, torch.Tensor):
+        a = a.detach().requires_grad_(True)
+    return lora_linear(kw["x"], kw["weight"], kw["bias"], a, kw["lora_B"], kw["scaling"], kw["dropout_p"],
+                       kw["seed"], backend=backend)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
@@ -161,7 +161,8 @@ def test_compiled_call_gives_the_same_error(dynamic):
     good = _good()
     for M in (3, 4):  # good calls of two sizes compile and run
         assert f(torch.randn(M, 8), good["weight"], good["bias"], good["lora_A"], good["lora_B"]).shape == (M, 6)
-    with pytest.raises(Exception, match=r"lora_linear: weight has shape .* expected \(N, ") as info:  # sizes may print symbolic
+    # with dynamic shapes the sizes in the message may be symbolic (s0, s1, ...)
+    with pytest.raises(Exception, match=r"lora_linear: weight has shape .* expected \(N, ") as info:
         f(kw["x"], kw["weight"], kw["bias"], kw["lora_A"], kw["lora_B"])
     chain, err = [], info.value  # dynamo wraps the fake implementation's ValueError
     while err is not None and len(chain) < 10:
@@ -187,3 +188,25 @@ def test_bfloat16_refused_under_the_interpreter(monkeypatch):
         assert backends.triton_not_supported_reasons(cpu, torch.float16, 8) == []
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert backends.triton_not_supported_reasons(torch.device("cuda"), torch.bfloat16, 8) == []
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["eager", "fake"])
+@pytest.mark.parametrize("bad", ["dy_rows", "dy_cols", "h_rank", "h_dtype"])
+def test_backward_op_checks_dy_and_h(bad, fake):
+    """The backward op, called directly (as opcheck and compiled graphs do), checks dY and H too."""
+    from fused_lora.ops import lora_linear_bwd
+    x, w, b, a, bb = make_problem(5, 8, 6, 2, torch.float32, requires_grad=False)
+    dy, h = torch.randn(5, 6), torch.randn(5, 2)
+    dy, h, exc, pattern = {
+        "dy_rows": (torch.randn(4, 6), h, ValueError, r"dy has shape \(4, 6\), expected \(5, 6\)"),
+        "dy_cols": (torch.randn(5, 7), h, ValueError, r"dy has shape \(5, 7\), expected \(5, 6\)"),
+        "h_rank": (dy, torch.randn(5, 3), ValueError, r"h has shape \(5, 3\), expected \(5, 2\)"),
+        "h_dtype": (dy, h.double(), TypeError, "h has dtype torch.float64"),
+    }[bad]
+    args = [dy, x, w, a, bb, h]
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode:
+        if fake:
+            args = [mode.from_tensor(t) for t in args]
+        with pytest.raises(exc, match=pattern):
+            lora_linear_bwd(*args, 0.5, 0.0, torch.tensor(3), "torch", True, True, False, False)
