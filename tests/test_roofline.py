@@ -61,8 +61,12 @@ def test_summary_from_csvs_logs_and_statuses(tmp_path):
     (tmp_path / "ft.log").write_text("step 3\n")
     cache = tmp_path / "backend_cache"
     cache.mkdir()
+    fwd_key = "fwd bfloat16 M8192 N4096 K4096 r16 dropout=off"  # as fused_lora.backends.Problem.key writes it
     (cache / "backends-H100-abc.json").write_text(json.dumps(
-        {"format": 1, "device": "H100", "versions": {}, "choices": {"fwd k": {"winner": "torch", "ms": {"torch": 1}}}}))
+        {"format": 1, "device": "H100", "versions": {}, "choices": {
+            fwd_key: {"winner": "triton", "ms": {"torch": 1, "triton": 0.9}},
+            "bwd bfloat16 M8192 N4096 K4096 r16 dropout=off grads=dx+lora": {"winner": "torch", "ms": {"torch": 1}},
+            "fwd bfloat16 M8192 N4096 K4096 r16 dropout=on": {"winner": "torch", "ms": {"torch": 1}}}}))
     (cache / "backends-bad.json").write_text("{corrupt")
     summary = summarize.summarize(str(tmp_path))
     json.dumps(summary)  # serialisable
@@ -82,7 +86,9 @@ def test_summary_from_csvs_logs_and_statuses(tmp_path):
     stages = summary["stages"]
     assert stages["tests"]["ok"] and not stages["finetune"]["ok"] and stages["finetune"]["timed_out"]
     assert "BackendCompilerFailed" in stages["layer_8192x4096x4096"]["error_tail"]
-    assert summary["backend_choices"]["H100"]["fwd k"]["winner"] == "torch"
+    assert summary["backend_choices"]["H100"][fwd_key]["winner"] == "triton"
+    assert p0["auto_ran"] == {"fwd": "triton", "bwd": "torch"}
+    assert case["dropout"]["0.1"]["auto_ran"] == {"fwd": "torch", "bwd": "torch"}
     assert any("backends-bad.json" in e for e in summary["errors"])
 
 
