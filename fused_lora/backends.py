@@ -372,7 +372,8 @@ class Registry:
         choice = Choice(winner, ms, errors)
         name = self._name_of(problem.device)
         self.choices[(name, problem.key())] = choice
-        self._store(name, problem.key(), choice)
+        if ms:  # a choice nothing was timed for (every row failed, perhaps for want of memory) is not kept on disk
+            self._store(name, problem.key(), choice)
         return choice
 
     # ---- the disk cache

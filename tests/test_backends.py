@@ -203,6 +203,12 @@ def test_a_failing_row_is_not_chosen(tmp_path):
     assert "out of shared memory" in reg.report()
 
 
+def test_when_every_row_fails_the_default_runs_and_nothing_is_cached_on_disk(tmp_path):
+    reg, _ = make_registry(tmp_path, {"torch": MemoryError("timing"), "triton": RuntimeError("x")})
+    assert reg.select(fwd(), bench=bench).name == "torch"
+    assert not list(tmp_path.glob("*.json"))
+
+
 def test_dropout_backward_follows_the_forward_choice(tmp_path):
     """The rows draw different masks from one seed: forward and backward must run on the same one."""
     reg, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
