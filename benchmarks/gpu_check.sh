@@ -9,7 +9,8 @@
 # summary; the others still run. Runs from the source tree with the machine's python3 (no install).
 # Output goes to $OUT when set, else benchmarks/out.
 #
-# Knobs (environment): GPU_CHECK_BUDGET_S, PYTHON, LAYER_SHAPES ("M K N; M K N"), LAYER_ARGS,
+# Knobs (environment): GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP (stages not to run: any of info tests
+# layer finetune, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
 # FINETUNE_ARGS, TEST_FILES; FUSED_LORA_CACHE_DIR (default $OUT/backend_cache: auto tunes afresh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ out="$(cd "$out" && pwd)"
 export FUSED_LORA_CACHE_DIR="${FUSED_LORA_CACHE_DIR:-$out/backend_cache}"
 py="${PYTHON:-python3}"
 budget="${GPU_CHECK_BUDGET_S:-470}"
+skip=" ${GPU_CHECK_SKIP:-} "
 # "M K N [ranks...]; ...": the anchors' shapes; r=64 where a target or DESIGN.md's roofline names it.
 shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14336 16; 8192 14336 4096 16}"
 read -r -a layer_args <<< "${LAYER_ARGS:-}"
@@ -34,6 +36,11 @@ status=0
 stage() {
     local name=$1 cap=$2 reserve=$3 log=$4
     shift 4
+    if [[ "$skip" == *" ${name%%_*} "* ]]; then
+        printf '%s\tnot run\t0\t\n' "$name" >> "$out/status.tsv"
+        echo "# $name not run (GPU_CHECK_SKIP)"
+        return 124
+    fi
     local left=$((budget - (SECONDS - start) - reserve))
     local limit=$((cap < left ? cap : left))
     if ((limit < 15)); then
@@ -52,7 +59,7 @@ stage() {
 }
 
 stage info 30 0 info.log "$py" -m fused_lora info
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$out/info.log"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true; } | tee -a "$out/info.log"
 
 FUSED_LORA_CACHE_DIR="$out/test_backend_cache" \
     stage tests 120 300 gpu_tests.log "$py" -m pytest -q -p no:cacheprovider --durations=10 "${test_files[@]}"

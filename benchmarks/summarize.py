@@ -158,6 +158,7 @@ def read_stages(out: str, errors: list) -> dict:
                 name, rc = parts[0], parts[1]
                 code = int(rc) if rc.lstrip("-").isdigit() else None
                 stage = {"rc": code if code is not None else rc, "ok": code == 0, "timed_out": code in (124, 137),
+                         "run": rc != "not run",  # GPU_CHECK_SKIP named it
                          "seconds": _num(parts[2]) if len(parts) > 2 else None}
                 if len(parts) > 3 and parts[3]:
                     stage["log"] = parts[3]
@@ -217,6 +218,8 @@ def _read_text(path: str):
 def auto_choices(cases: list[dict], choices: dict, dtype: str) -> None:
     """Add to each case and dropout what auto ran (forward, backward) per the backend cache, keyed as
     fused_lora.backends keys it (bench_layer: frozen base, gradients for x and the adapter)."""
+    if not cases:
+        return
     try:
         import torch
 
@@ -295,7 +298,7 @@ def main(argv=None) -> None:
         print(f"target {t['what']}: {t['value']} (<= {t['limit']}): {t['met']}")
     print(f"auto never slower than torch: {summary['auto_never_slower_than_torch']}")
     for name, stage in summary["stages"].items():
-        if not stage["ok"]:
+        if stage["run"] and not stage["ok"]:
             print(f"stage {name} failed (rc {stage['rc']}{', time limit' if stage['timed_out'] else ''})")
     print(f"# wrote {path}")
 

@@ -121,7 +121,7 @@ def test_gpu_check_records_failed_stages_and_still_writes_the_summary(tmp_path):
     root = os.path.dirname(BENCH)
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": "400",
            "TEST_FILES": "tests/no_such_test_file.py", "LAYER_SHAPES": "8 8 8", "LAYER_ARGS": "--ranks 0",
-           "FINETUNE_ARGS": "--no-such-flag"}
+           "GPU_CHECK_SKIP": "finetune"}  # one stage fewer to start: CI time
     env.pop("FUSED_LORA_CACHE_DIR", None)
     proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh")], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -129,8 +129,9 @@ def test_gpu_check_records_failed_stages_and_still_writes_the_summary(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     stages = summary["stages"]
     assert stages["info"]["ok"]
-    for name in ("tests", "layer_8x8x8", "layer_8x8x8_nocompile", "finetune"):
-        assert not stages[name]["ok"] and stages[name]["error_tail"], name
+    for name in ("tests", "layer_8x8x8", "layer_8x8x8_nocompile"):
+        assert stages[name]["run"] and not stages[name]["ok"] and stages[name]["error_tail"], name
+    assert not stages["finetune"]["run"]
     assert "r must be" in stages["layer_8x8x8_nocompile"]["error_tail"]
     assert (tmp_path / "backends_report.txt").read_text().startswith("backends")
     assert os.path.isdir(tmp_path / "backend_cache") or not summary["backend_choices"]
