@@ -9,7 +9,8 @@
 # summary; the others still run. Runs from the source tree with the machine's python3 (no install).
 # Output goes to $OUT when set, else benchmarks/out.
 #
-# Knobs (environment): GPU_CHECK_BUDGET_S, PYTHON, LAYER_SHAPES ("M K N; M K N"), LAYER_ARGS,
+# Knobs (environment): GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP (stages not to run: any of info tests
+# layer finetune, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
 # FINETUNE_ARGS, TEST_FILES; FUSED_LORA_CACHE_DIR (default $OUT/backend_cache: auto tunes afresh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,9 @@ out="$(cd "$out" && pwd)"
 export FUSED_LORA_CACHE_DIR="${FUSED_LORA_CACHE_DIR:-$out/backend_cache}"
 py="${PYTHON:-python3}"
 budget="${GPU_CHECK_BUDGET_S:-470}"
-shapes="${LAYER_SHAPES:-8192 4096 4096; 8192 4096 14336; 8192 14336 4096; 2048 4096 4096}"
+skip=" ${GPU_CHECK_SKIP:-} "
+# "M K N [ranks...]; ...": the anchors' shapes; r=64 where a target or DESIGN.md's roofline names it.
+shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14336 16; 8192 14336 4096 16}"
 read -r -a layer_args <<< "${LAYER_ARGS:-}"
 read -r -a finetune_args <<< "${FINETUNE_ARGS:-}"
 read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
@@ -33,6 +36,11 @@ status=0
 stage() {
     local name=$1 cap=$2 reserve=$3 log=$4
     shift 4
+    if [[ "$skip" == *" ${name%%_*} "* ]]; then
+        printf '%s\tnot run\t0\t\n' "$name" >> "$out/status.tsv"
+        echo "# $name not run (GPU_CHECK_SKIP)"
+        return 124
+    fi
     local left=$((budget - (SECONDS - start) - reserve))
     local limit=$((cap < left ? cap : left))
     if ((limit < 15)); then
@@ -51,24 +59,28 @@ stage() {
 }
 
 stage info 30 0 info.log "$py" -m fused_lora info
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$out/info.log"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true; } | tee -a "$out/info.log"
 
 FUSED_LORA_CACHE_DIR="$out/test_backend_cache" \
-    stage tests 100 300 gpu_tests.log "$py" -m pytest -q -p no:cacheprovider --durations=10 "${test_files[@]}"
+    stage tests 120 300 gpu_tests.log "$py" -m pytest -q -p no:cacheprovider --durations=10 "${test_files[@]}"
 
 IFS=';' read -r -a shape_list <<< "$shapes"
+cap=150  # the first shape pays for compiling the kernels' variants; later ones reuse Triton's cache
 for shape in "${shape_list[@]}"; do
-    read -r M K N <<< "$shape"
+    read -r M K N ranks <<< "$shape"
     [[ -n "${N:-}" ]] || continue
     name="layer_${M}x${K}x${N}"
-    stage "$name" 90 110 "$name.log" "$py" benchmarks/bench_layer.py --shape "$M" "$K" "$N" \
+    rank_args=()
+    [[ -n "${ranks:-}" ]] && read -r -a rank_args <<< "--ranks $ranks"
+    stage "$name" "$cap" 110 "$name.log" "$py" benchmarks/bench_layer.py --shape "$M" "$K" "$N" "${rank_args[@]}" \
         "${layer_args[@]}" --out "$out/$name"
     rc=$?
     if ((rc != 0 && rc != 124 && rc != 137)) && [[ ! -e "$out/$name.csv" ]]; then
         # A crash (the usual culprit: torch.compile(peft)), not the time limit: keep the shape's other figures.
-        stage "${name}_nocompile" 50 110 "${name}_nocompile.log" "$py" benchmarks/bench_layer.py \
-            --shape "$M" "$K" "$N" "${layer_args[@]}" --compile-ranks --out "$out/${name}_nocompile"
+        stage "${name}_nocompile" 60 110 "${name}_nocompile.log" "$py" benchmarks/bench_layer.py \
+            --shape "$M" "$K" "$N" "${rank_args[@]}" "${layer_args[@]}" --compile-ranks --out "$out/${name}_nocompile"
     fi
+    cap=75
 done
 
 stage finetune 100 10 finetune.log "$py" benchmarks/bench_finetune.py "${finetune_args[@]}" --out "$out/finetune.csv"

@@ -11,7 +11,7 @@ Reads, each if present (a missing or broken piece is recorded, never fatal):
     backends_report.txt, info.log
 Writes, per layer shape and rank: each variant's times, ratios to the base Linear, held/peak memory,
 and its distance from the roofline ideal (benchmarks/roofline.py); our variants are named by strategy:
-auto (what the layer picks), torch (cuBLAS), triton (fused kernels). Then the fine-tune rows, the
+auto (what the layer picks; `auto_ran` says which it ran), torch (cuBLAS), triton (fused kernels). Then the fine-tune rows, the
 issue's targets with the measured values, and each stage's outcome (with its log's tail if it failed).
 """
 from __future__ import annotations
@@ -158,6 +158,7 @@ def read_stages(out: str, errors: list) -> dict:
                 name, rc = parts[0], parts[1]
                 code = int(rc) if rc.lstrip("-").isdigit() else None
                 stage = {"rc": code if code is not None else rc, "ok": code == 0, "timed_out": code in (124, 137),
+                         "run": rc != "not run",  # GPU_CHECK_SKIP named it
                          "seconds": _num(parts[2]) if len(parts) > 2 else None}
                 if len(parts) > 3 and parts[3]:
                     stage["log"] = parts[3]
@@ -214,11 +215,37 @@ def _read_text(path: str):
         return None
 
 
-def summarize(out: str, elt: int = 2) -> dict:
+def auto_choices(cases: list[dict], choices: dict, dtype: str) -> None:
+    """Add to each case and dropout what auto ran (forward, backward) per the backend cache, keyed as
+    fused_lora.backends keys it (bench_layer: frozen base, gradients for x and the adapter)."""
+    if not cases:
+        return
+    try:
+        import torch
+
+        from fused_lora.backends import Problem
+    except ImportError:
+        return
+    for case in cases:
+        for p, variants in case["dropout"].items():
+            got = {}
+            for op, grads in (("fwd", ()), ("bwd", ("dx", "lora"))):
+                if op == "bwd" and float(p) > 0:
+                    got[op] = got.get("fwd")  # with dropout, backward runs what forward chose
+                    continue
+                key = Problem(op, torch.device("cuda"), getattr(torch, dtype), case["M"], case["N"], case["K"],
+                              case["r"], float(p) > 0, grads).key()
+                got[op] = next((c[key]["winner"] for c in choices.values() if isinstance(c.get(key), dict)), None)
+            variants["auto_ran"] = got
+
+
+def summarize(out: str, elt: int = 2, dtype: str = "bfloat16") -> dict:
     errors: list[str] = []
     rows = read_layer_rows(out, errors)
     cases = layer_cases(rows, elt)
     finetune = read_finetune(out, errors)
+    choices = read_backend_choices(out, errors)
+    auto_choices(cases, choices, dtype)
     verdicts = [v["auto_not_slower_than_torch"] for c in cases for v in c["dropout"].values()
                 if v["auto_not_slower_than_torch"] is not None]
     return {
@@ -230,7 +257,7 @@ def summarize(out: str, elt: int = 2) -> dict:
         "finetune": finetune,
         "targets": targets(cases, finetune),
         "stages": read_stages(out, errors),
-        "backend_choices": read_backend_choices(out, errors),
+        "backend_choices": choices,
         "backends_report": _read_text(os.path.join(out, "backends_report.txt")),
         "info": _read_text(os.path.join(out, "info.log")),
         "errors": errors,
@@ -240,7 +267,7 @@ def summarize(out: str, elt: int = 2) -> dict:
 def print_table(summary: dict) -> None:
     names = ("auto", "torch", "triton", "peft", "compile(peft)")
     print("layer / base Linear, forward / forward+backward (ideal: the roofline)")
-    print(f"{'shape':<17} {'r':>3} {'p':>4} {'ideal':>11} " + " ".join(f"{n:>13}" for n in names))
+    print(f"{'shape':<17} {'r':>3} {'p':>4} {'ideal':>11} " + " ".join(f"{n:>13}" for n in names) + "  auto ran")
     for case in summary["layer"]:
         shape = f"{case['M']}x{case['K']}x{case['N']}"
         for p, variants in case["dropout"].items():
@@ -250,7 +277,9 @@ def print_table(summary: dict) -> None:
                 ok = v and v["fwd_x"] is not None and v["fwdbwd_x"] is not None
                 cells.append((f"{v['fwd_x']:.2f}/{v['fwdbwd_x']:.2f}" if ok else "-").rjust(13))
             ideal = f"{case['ideal']['fwd']:.2f}/{case['ideal']['fwdbwd']:.2f}"
-            print(f"{shape:<17} {case['r']:>3} {p:>4} {ideal:>11} " + " ".join(cells))
+            ran = variants.get("auto_ran") or {}
+            print(f"{shape:<17} {case['r']:>3} {p:>4} {ideal:>11} " + " ".join(cells)
+                  + f"  {ran.get('fwd') or '?'}/{ran.get('bwd') or '?'}")
 
 
 def main(argv=None) -> None:
@@ -260,7 +289,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=sorted(roofline.ELT_BYTES), default="bfloat16",
                     help="the layer benchmark's dtype, for the roofline (GPU suite: bfloat16)")
     args = ap.parse_args(argv)
-    summary = summarize(args.out, roofline.ELT_BYTES[args.dtype])
+    summary = summarize(args.out, roofline.ELT_BYTES[args.dtype], args.dtype)
     path = os.path.join(args.out, "summary.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
@@ -269,7 +298,7 @@ def main(argv=None) -> None:
         print(f"target {t['what']}: {t['value']} (<= {t['limit']}): {t['met']}")
     print(f"auto never slower than torch: {summary['auto_never_slower_than_torch']}")
     for name, stage in summary["stages"].items():
-        if not stage["ok"]:
+        if stage["run"] and not stage["ok"]:
             print(f"stage {name} failed (rc {stage['rc']}{', time limit' if stage['timed_out'] else ''})")
     print(f"# wrote {path}")
 

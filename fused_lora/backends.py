@@ -218,7 +218,8 @@ def _sources_digest() -> str:
     """A digest of the implementations' source: an edited kernel invalidates its tuned choices."""
     root = os.path.dirname(os.path.abspath(__file__))
     h = hashlib.sha1()
-    for path in sorted(glob.glob(os.path.join(root, "kernels", "*.py")) + [os.path.join(root, "torch_impl.py")]):
+    kernels = glob.glob(os.path.join(root, "kernels", "**", "*.py"), recursive=True)
+    for path in sorted(kernels) + [os.path.join(root, "torch_impl.py")]:
         try:
             with open(path, "rb") as f:
                 h.update(f.read())
@@ -245,7 +246,8 @@ def _cache_file(directory: str, device: str, vers: dict) -> str:
 
 
 def _valid_choices(data, names: Sequence[str]) -> dict:
-    """The well-formed entries of a cache file's data ({} for anything else)."""
+    """The well-formed entries of a cache file's data (malformed entries are dropped); ValueError when
+    the data is not a backend cache at all."""
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("choices"), dict):
         raise ValueError("not a fused_lora backend cache (format %r)" % (data.get("format") if isinstance(data, dict) else None))
     out = {}
@@ -307,6 +309,11 @@ class Registry:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self._by_name)
+
+    @property
+    def tuned_devices(self) -> tuple[str, ...]:
+        """Device types on which auto times the rows (elsewhere it takes the first row that can run)."""
+        return self._tuned_devices
 
     def get(self, name: str) -> Implementation:
         """The row called `name` (ValueError for an unknown name)."""
@@ -378,7 +385,8 @@ class Registry:
         choice = Choice(winner, ms, errors)
         name = self._name_of(problem.device)
         self.choices[(name, problem.key())] = choice
-        self._store(name, problem.key(), choice)
+        if ms:  # a choice nothing was timed for (every row failed, perhaps for want of memory) is not kept on disk
+            self._store(name, problem.key(), choice)
         return choice
 
     # ---- the disk cache
@@ -506,7 +514,7 @@ def describe(device: torch.device, dtype: torch.dtype, rank: int, requested: str
         if choice != "auto":
             return registry.select(problem, choice).name
         names = [impl.name for impl in registry.candidates(problem)]
-        if device.type in registry._tuned_devices and len(names) > 1:
+        if device.type in registry.tuned_devices and len(names) > 1:
             return "auto (the fastest of " + ", ".join(names) + ", timed per shape)"
         if not names:
             raise BackendUnavailable("no backend can run these inputs")

@@ -203,6 +203,12 @@ def test_a_failing_row_is_not_chosen(tmp_path):
     assert "out of shared memory" in reg.report()
 
 
+def test_when_every_row_fails_the_default_runs_and_nothing_is_cached_on_disk(tmp_path):
+    reg, _ = make_registry(tmp_path, {"torch": MemoryError("timing"), "triton": RuntimeError("x")})
+    assert reg.select(fwd(), bench=bench).name == "torch"
+    assert not list(tmp_path.glob("*.json"))
+
+
 def test_dropout_backward_follows_the_forward_choice(tmp_path):
     """The rows draw different masks from one seed: forward and backward must run on the same one."""
     reg, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
@@ -260,3 +266,47 @@ def test_ops_dispatch_times_real_implementations_through_the_registry(tmp_path, 
     ref = torch_impl.forward(x.detach(), w, b, a.detach(), bb.detach(), 0.5, 0.0, 0)[0]
     torch.testing.assert_close(y.detach(), ref)
     assert ops._impl("fast").forward is not None
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_auto_on_the_real_rows(tmp_path, monkeypatch, p):
+    """The real table (torch, triton: on CPU through the interpreter) behind lora_linear, with a timer
+    that always finds torch faster, and the forward of the dropout key already tuned to triton:
+    without dropout both passes are timed and run torch; with dropout the backward must follow the
+    forward onto triton (its mask), which the gradients against the reference check."""
+    from utils import assert_close_rule, ref_forward_backward, to64
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert backends.triton_not_supported_reasons(torch.device(device), torch.float32, 4) == []
+    order = []
+
+    def torch_first_is_faster(fn):
+        fn()
+        order.append(len(order) % 2)
+        return 1.0 + order[-1]  # candidates are timed in table order: torch, then triton
+
+    reg = Registry(timer=torch_first_is_faster, cache_directory=str(tmp_path), tuned_devices=(device,),
+                   name_of=lambda d: "test-device")
+    monkeypatch.setattr(backends, "REGISTRY", reg)
+    M, K, N, r = 12, 20, 16, 4
+    x, w, b, a, bb = make_problem(M, K, N, r, torch.float32, device, seed=3)
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    seed = torch.tensor(321, dtype=torch.int64)
+    fwd_problem = Problem("fwd", torch.device(device), torch.float32, M, N, K, r, p > 0)
+    if p > 0:
+        reg.choices[("test-device", fwd_problem.key())] = backends.Choice("triton", {"torch": 2.0, "triton": 1.0})
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).to(device)
+    before = dict(backends.calls)
+    y = lora_linear(x, w, b, a, bb, 0.5, p, seed)
+    got = torch.autograd.grad(y, (x, a, bb), dy)
+    ran = {op: [n for n in reg.names if backends.calls[(op, n)] > before.get((op, n), 0)] for op in ("fwd", "bwd")}
+    want = "triton" if p > 0 else "torch"
+    assert ran == {"fwd": [want], "bwd": [want]}
+    assert len(order) == (0 if p > 0 else 4)  # with dropout: nothing timed (forward known, backward follows)
+    keep = ops._impl(want).keep_mask(321, (M, K), p, device) if p > 0 else None
+    y_e, g_e = ref_forward_backward(x, w, b, a, bb, 0.5, dy, keep, p)
+    y64, g64 = ref_forward_backward(*to64(x, w, b, a, bb), 0.5, dy.double(), keep, p)
+    tf32 = "tf32" if device == "cuda" else None
+    assert_close_rule(y, y_e, y64, torch.float32, "y", tf32)
+    for name, g, ge, g6 in zip(("dx", "dA", "dB"), got, (g_e[0], g_e[3], g_e[4]), (g64[0], g64[3], g64[4])):
+        assert_close_rule(g, ge, g6, torch.float32, name, tf32)
