@@ -189,6 +189,29 @@ def test_dropout_follows_the_dropout_modules_training_flag():
     assert not torch.equal(a, b)  # fresh masks per call in training mode
 
 
+def test_gradient_checkpointing_with_dropout_recomputes_the_same_masks():
+    """Recomputation in backward draws the same seeds (checkpointing restores the CPU generator), so
+    a patched model with dropout gets the same gradients with checkpointing on and off (with
+    preserve_rng_state=False this test fails: the masks differ)."""
+    torch.manual_seed(1)
+    model = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, lora_dropout=0.2, target_modules="all-linear",
+                                                                     init_lora_weights=False))
+    patch_peft(model, verbose=False)
+    ckpt = copy.deepcopy(model)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ckpt.train()
+    tokens = next(counting_batches(256, 2, 16))
+    grads = []
+    for m in (model, ckpt):
+        torch.manual_seed(7)
+        m(input_ids=tokens, labels=tokens).loss.backward()
+        grads.append(trainable_grads(m))
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
 def test_twenty_adamw_steps_equal_peft_losses():
     ours, ref = model_twins(build_llama("tiny"), target_modules="all-linear")
     losses = {}
