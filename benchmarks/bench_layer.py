@@ -21,6 +21,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment, memory_mib, time_variants, write_csv  # noqa: E402
+from roofline import ideal_ratios  # noqa: E402
 
 from fused_lora import FusedLoRALinear, patch_peft  # noqa: E402
 
@@ -51,6 +52,7 @@ def build_variants(M, K, N, r, p, dtype, device, with_peft=True, with_compile=Fa
     if device == "cuda":
         # The other strategy on the GPU: cuBLAS GEMMs accumulating onto the rank-r term (beta = 1).
         variants["fused_lora[torch]"] = ours("torch")
+        variants["fused_lora[triton]"] = ours("triton")
     if with_peft:
         import peft
         cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"])
@@ -92,10 +94,12 @@ def run(shapes, ranks, dropouts, dtype, device, reps, with_peft=True, compile_ra
                     if name == "base" and p != dropouts[0]:
                         continue  # the base has no dropout: measured once per shape and rank
                     fwd, fwdbwd = step_fns(m, x, dy)
+                    fwdbwd()  # warm-up: autotuning and auto's timing stay out of held/peak memory
                     timed[(name, p, "fwd")], timed[(name, p, "fwdbwd")] = fwd, fwdbwd
                     mems[(name, p)] = memory_mib(lambda: m(x), lambda y: y.backward(dy), device)
             ms = time_variants(timed, device, reps=reps)
             base_f, base_fb = ms[("base", dropouts[0], "fwd")], ms[("base", dropouts[0], "fwdbwd")]
+            ideal = ideal_ratios(M, K, N, r, x.element_size())  # the roofline's best LoRA/base ratio
             for (name, p) in mems:
                 peft_fb = ms.get(("peft", p, "fwdbwd"))
                 rows.append(dict(
@@ -103,20 +107,21 @@ def run(shapes, ranks, dropouts, dtype, device, reps, with_peft=True, compile_ra
                     fwd_ms=round(ms[(name, p, "fwd")], 4), fwdbwd_ms=round(ms[(name, p, "fwdbwd")], 4),
                     fwd_x=round(ms[(name, p, "fwd")] / base_f, 3), fwdbwd_x=round(ms[(name, p, "fwdbwd")] / base_fb, 3),
                     fwdbwd_vs_peft=round(ms[(name, p, "fwdbwd")] / peft_fb, 3) if peft_fb else "",
-                    held_MiB=round(mems[(name, p)][0], 1), peak_MiB=round(mems[(name, p)][1], 1)))
+                    held_MiB=round(mems[(name, p)][0], 1), peak_MiB=round(mems[(name, p)][1], 1),
+                    ideal_fwd_x=round(ideal["fwd"], 3), ideal_fwdbwd_x=round(ideal["fwdbwd"], 3)))
                 log(format_row(rows[-1]))
     return rows
 
 
 HEADER = (f"{'M':>5} {'K':>5} {'N':>5} {'r':>3} {'p':>4} {'variant':<17} {'fwd ms':>8} {'fwd x':>6} "
-          f"{'f+b ms':>8} {'f+b x':>6} {'vs peft':>7} {'held MiB':>9} {'peak MiB':>9}")
+          f"{'f+b ms':>8} {'f+b x':>6} {'vs peft':>7} {'held MiB':>9} {'peak MiB':>9} {'ideal f/fb':>11}")
 
 
 def format_row(row):
     vs = f"{row['fwdbwd_vs_peft']:.2f}" if row["fwdbwd_vs_peft"] != "" else "-"
     return (f"{row['M']:>5} {row['K']:>5} {row['N']:>5} {row['r']:>3} {row['dropout']:>4} {row['variant']:<17} "
             f"{row['fwd_ms']:>8.3f} {row['fwd_x']:>6.2f} {row['fwdbwd_ms']:>8.3f} {row['fwdbwd_x']:>6.2f} {vs:>7} "
-            f"{row['held_MiB']:>9.1f} {row['peak_MiB']:>9.1f}")
+            f"{row['held_MiB']:>9.1f} {row['peak_MiB']:>9.1f} {row['ideal_fwd_x']:>5.2f}/{row['ideal_fwdbwd_x']:<5.2f}")
 
 
 def plot(rows, path):
