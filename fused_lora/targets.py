@@ -59,6 +59,42 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
+def check_loaded_targets(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
+    """Loading: `targets` (the modules the weights file adapts) must be nn.Linear modules of `model`,
+    and a list (or "all-linear") in the config must name exactly them. A regex in the config is not
+    run on module names: a downloaded config must not be able to stall the loader."""
+    modules = dict(model.named_modules())
+    absent = [t for t in targets if t not in modules]
+    if absent:
+        raise ValueError(f"the weights adapt {absent[0]!r}, which is not a module of this model; "
+                         f"{_linear_listing(model)}")
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in targets if not isinstance(modules[n], nn.Linear)]
+    if wrong:
+        raise ValueError(f"the weights adapt modules that are not nn.Linear: {', '.join(wrong)}")
+    spec, exclude = config.target_modules, config.exclude_modules
+    if isinstance(exclude, str):
+        exclude = None  # a regex: not run; the file's keys decide
+        if spec == "all-linear":
+            return
+    if spec == "all-linear":
+        skip = _output_layer_name(model)
+        named = [n for n in _linear_names(model) if n != skip]
+    elif isinstance(spec, list):
+        named = [n for n, m in modules.items() if n and isinstance(m, nn.Linear) and name_matches(n, spec)]
+    else:
+        return
+    named = {n for n in named if not name_matches(n, exclude)}
+    if config.exclude_modules is not exclude:  # an unrun exclude regex may remove names: only check inclusion
+        extra = sorted(set(targets) - named)
+        missing = []
+    else:
+        extra, missing = sorted(set(targets) - named), sorted(named - set(targets))
+    if extra or missing:
+        raise ValueError(f"target_modules {spec!r} does not agree with the weights: "
+                         + (f"the weights adapt {extra}, which it does not name; " if extra else "")
+                         + (f"it names {missing}, which the weights do not adapt" if missing else ""))
+
+
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules that get a trainable copy; each entry must match something."""
     if not config.modules_to_save:
