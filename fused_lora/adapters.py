@@ -32,6 +32,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .targets import check_loaded_targets, find_modules_to_save
+from .validation import check_backend
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -354,6 +355,7 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
 
 @torch.no_grad()
 def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, backend: str = "auto"):
+    check_backend(backend)  # the caller's argument: a plain ValueError, before the files are read
     config, tensors = read_adapter(directory)
     config.backend = backend
     try:

@@ -160,8 +160,8 @@ class LoraConfig:
         for key, value in d.items():
             rule = PEFT_FIELD_RULES.get(key)
             if rule is None and not is_off(value):
-                raise ValueError(f"{key}: unknown field (set to {v._short(value)}); fused_lora does not know "
+                raise ValueError(f"{key}: unknown field (set to {v.short_repr(value)}); fused_lora does not know "
                                  "what it does, so it refuses rather than ignore it")
             if rule is not None and rule.status == REFUSED and not is_off(value):
-                raise ValueError(f"{key}={v._short(value)} is not supported by fused_lora: {rule.reason}")
+                raise ValueError(f"{key}={v.short_repr(value)} is not supported by fused_lora: {rule.reason}")
         return cls(**{k: d[k] for k in PEFT_FIELDS if k in d})

@@ -48,7 +48,7 @@ def check_lora_alpha(lora_alpha) -> None:
     except OverflowError:  # an int too large for a float
         finite = False
     if not finite:
-        raise ValueError(f"lora_alpha must be a finite real number, got {_short(lora_alpha)}")
+        raise ValueError(f"lora_alpha must be a finite real number, got {short_repr(lora_alpha)}")
 
 
 def check_flag(name: str, value) -> None:
@@ -112,7 +112,7 @@ def check_module_spec(name: str, value, allow_none: bool = True) -> None:
         raise TypeError(f"{name} must be a string (a regex) or a list of strings, got {type(value).__name__}")
     bad = [v for v in value if not isinstance(v, str)]
     if bad:
-        raise TypeError(f"{name} must hold only strings, got {_short(bad[0])} ({type(bad[0]).__name__})")
+        raise TypeError(f"{name} must hold only strings, got {short_repr(bad[0])} ({type(bad[0]).__name__})")
 
 
 def check_modules_to_save(value) -> None:
@@ -122,12 +122,12 @@ def check_modules_to_save(value) -> None:
         raise TypeError(f"modules_to_save must be None or a list of strings, got {type(value).__name__}")
     bad = [v for v in value if not isinstance(v, str)]
     if bad:
-        raise TypeError(f"modules_to_save must hold only strings, got {_short(bad[0])} ({type(bad[0]).__name__})")
+        raise TypeError(f"modules_to_save must hold only strings, got {short_repr(bad[0])} ({type(bad[0]).__name__})")
 
 
 def check_bias(bias) -> None:
     if not isinstance(bias, str) or bias not in BIAS_VALUES:
-        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {_short(bias)}")
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {short_repr(bias)}")
 
 
 def check_optional_str(name: str, value) -> None:
@@ -156,6 +156,6 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def _short(value, limit: int = 80) -> str:
+def short_repr(value, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."

@@ -2,6 +2,8 @@
 import copy
 import json
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -273,9 +275,6 @@ class LongNames(torch.nn.Module):
 def test_hostile_regex_in_config_does_not_stall_loading(tmp_path):
     """The targets come from the weights file's keys; the config's regex is not run on names.
     Run in a forked child with a generous timeout, so a regression fails instead of hanging."""
-    import signal
-    import time
-
     lm = get_lora_model(LongNames(), LoraConfig(r=2, target_modules=["attention_query_projection"],
                                                 init_lora_weights=False))
     x = torch.rand(3, 6)
@@ -286,17 +285,21 @@ def test_hostile_regex_in_config_does_not_stall_loading(tmp_path):
     cfg["target_modules"] = "(.|.)*X"
     cfg["exclude_modules"] = "(.|.)*Y"
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    finishes_in_child(lambda: torch.testing.assert_close(LoraModel.from_pretrained(LongNames(), tmp_path)(x), want))
+
+
+def finishes_in_child(fn, limit_s=60):
+    """Run fn in a forked child; fail (not hang) if it raises or has not finished after limit_s."""
     pid = os.fork()
     if not pid:
         code = 1
         try:
-            got = LoraModel.from_pretrained(LongNames(), tmp_path)
             with torch.no_grad():
-                torch.testing.assert_close(got(x), want)
+                fn()
             code = 0
         finally:
             os._exit(code)
-    for _ in range(1200):  # up to 60 s; loading takes milliseconds
+    for _ in range(int(limit_s / 0.05)):  # a load takes milliseconds; the limit only stops a regression
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
@@ -304,8 +307,38 @@ def test_hostile_regex_in_config_does_not_stall_loading(tmp_path):
     else:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        pytest.fail("loading an adapter whose config holds a catastrophic regex did not finish")
-    assert os.waitstatus_to_exitcode(status) == 0
+        pytest.fail(f"did not finish in {limit_s} s")
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed (its traceback is above)"
+
+
+class ManyLayers(torch.nn.Module):
+    def __init__(self, n=300):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"proj": torch.nn.Linear(2, 2)}) for _ in range(n))
+
+    def forward(self, x):
+        return sum(b["proj"](x) for b in self.blocks)
+
+
+def test_huge_name_lists_in_config_do_not_stall_loading(tmp_path):
+    """Name lists cost each module its depth, not the list's length (a 300k-entry list against
+    hundreds of modules took minutes)."""
+    lm = get_lora_model(ManyLayers(), LoraConfig(r=1, target_modules=["proj"], init_lora_weights=False))
+    x = torch.rand(3, 2)
+    with torch.no_grad():
+        want = lm(x)
+    lm.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    junk = [f"no_such_module_{i}" for i in range(300_000)]
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["proj"] + junk}))
+    finishes_in_child(lambda: torch.testing.assert_close(LoraModel.from_pretrained(ManyLayers(), tmp_path)(x), want))
+
+    def refused():
+        with pytest.raises(AdapterError, match="modules_to_save entries no_such_module_0, .* and 299995 more"):
+            LoraModel.from_pretrained(ManyLayers(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": junk}))
+    finishes_in_child(refused)
 
 
 def test_config_targets_must_agree_with_the_weights(tmp_path):

@@ -156,3 +156,10 @@ def test_failure_midway_leaves_model_exactly_as_it_was(tmp_path, monkeypatch):
             build(model)
         assert_same(model, snap)
         assert all(type(m) in (MLP, nn.Sequential, nn.Linear, nn.ReLU, nn.LogSoftmax) for m in model.modules())
+
+
+def test_bad_backend_argument_to_from_pretrained_is_a_plain_value_error(tmp_path):
+    saved_adapter(tmp_path)
+    with pytest.raises(ValueError, match="unknown backend") as info:
+        LoraModel.from_pretrained(fresh(), tmp_path, backend="gpu-please")
+    assert not isinstance(info.value, AdapterError)
