@@ -108,6 +108,8 @@ def _staging_dirs(directory: str) -> list[str]:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # ours, from an earlier save in this process that did not finish
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate the process there: keep the directory
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -118,6 +120,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _fsync_dir(path: str) -> None:
+    if os.name == "nt":
+        return  # directories cannot be opened for fsync there
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -232,8 +232,10 @@ class LoraModel(nn.Module):
                         backend: str = "auto") -> "LoraModel":
         """Adapt `model` with the adapter saved in `directory` (by fused_lora or peft).
 
-        Every key and shape is checked before the model is touched; on any error the model is left
-        as it was. With is_trainable=False the adapter is frozen and the model in eval mode.
+        The adapted modules are the ones the weights file names; every key, shape and dtype, and
+        every config field (docs/ADAPTERS.md), is checked before the model is touched, and on any
+        error (AdapterError for a bad adapter) the model is left exactly as it was.
+        With is_trainable=False the adapter is frozen and the model in eval mode.
         """
         from .adapters import load_adapter
         return load_adapter(cls, model, directory, is_trainable=is_trainable, backend=backend)

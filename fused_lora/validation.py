@@ -79,6 +79,11 @@ def check_init_lora_weights(value, for_layer: bool = False) -> None:
         return
     if not isinstance(value, str):
         raise TypeError(f"init_lora_weights must be True, False or a string, got {value!r} ({type(value).__name__})")
+    if value == "loftq":
+        raise ValueError(
+            "init_lora_weights='loftq' replaces the base model's weights by LoftQ's quantized ones, so the "
+            "adapter's A and B are a delta on a base this model does not have; fused_lora refuses it (peft has "
+            "no converted form of LoftQ adapters: use them with peft on the LoftQ-quantized base)")
     if _is_pissa(value) or value in BASE_CHANGING_INITS:
         raise ValueError(
             f"init_lora_weights={value!r} changes the base model's weights as well as the adapter, so its "
