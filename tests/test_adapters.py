@@ -197,6 +197,21 @@ def test_base_changing_inits_refused_and_converted_form_loads(tmp_path, init):
         torch.testing.assert_close(ours(X), want, rtol=1e-4, atol=1e-5)
 
 
+def test_peft_orthogonal_init_adapter_loads(tmp_path):
+    """'orthogonal' leaves the base weights alone: the file's A and B are a plain delta, and load."""
+    pm = peft.get_peft_model(base_mlp(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["seq.0", "seq.2"],
+                                                         init_lora_weights="orthogonal"))
+    with torch.no_grad():
+        want = pm(X)
+    pm.save_pretrained(tmp_path)
+    ours = LoraModel.from_pretrained(base_mlp(), tmp_path)
+    assert ours.peft_config.init_lora_weights == "orthogonal"
+    with torch.no_grad():
+        torch.testing.assert_close(ours(X), want)
+    with pytest.raises(ValueError, match="orthogonal.*cannot initialise"):
+        get_lora_model(base_mlp(), LoraConfig(r=4, target_modules=["seq.0"], init_lora_weights="orthogonal"))
+
+
 @pytest.mark.parametrize("init", ["corda", "loftq", "lora_ga", "mica"])
 def test_other_refused_inits_in_config(tmp_path, init):
     trained_lora().save_pretrained(tmp_path)
