@@ -159,6 +159,7 @@ def save_adapter(lora_model, directory) -> None:
     tensors = adapter_state(lora_model)
     if not any(k.endswith(".lora_A.weight") for k in tensors):
         raise RuntimeError("save_pretrained: the model holds no LoRA layers; nothing to save")
+    lora_model.peft_config.validate()  # a mutable dataclass: never write a config that would not load
     config = lora_model.peft_config.to_peft_dict()
     text = json.dumps(config, indent=2, sort_keys=True)
     directory = os.path.abspath(os.fspath(directory))
@@ -262,7 +263,9 @@ def _bound_config(directory: str, record: str) -> LoraConfig:
     if differ:
         k = differ[0]
         raise AdapterError(f"{cfg_path} and {WEIGHTS_NAME} are from different saves: the weights were saved "
-                           f"with {k}={saved.get(k)!r}, the config says {current.get(k)!r}")
+                           f"with {k}={saved.get(k)!r}, the config says {current.get(k)!r} (to change it on "
+                           "purpose, load the adapter with its own config, change the LoraModel's peft_config "
+                           "and save it again)")
     return config  # edited by hand in fields that the keys and shapes check below
 
 

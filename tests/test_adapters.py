@@ -247,6 +247,13 @@ def test_every_peft_lora_field_has_a_rule_and_the_doc_mirrors_it():
     assert rows == {name: rule.status for name, rule in PEFT_FIELD_RULES.items()}
 
 
+def test_honoured_fields_are_the_ones_read():
+    from fused_lora.config import HONOURED, PEFT_FIELD_RULES, PEFT_FIELDS
+    honoured = {name for name, rule in PEFT_FIELD_RULES.items() if rule.status == HONOURED}
+    assert honoured - {"peft_type"} <= set(PEFT_FIELDS)  # peft_type is checked, not kept
+    assert set(PEFT_FIELDS) <= set(PEFT_FIELD_RULES)
+
+
 def test_refused_fields_are_refused_when_set(tmp_path):
     from fused_lora.config import PEFT_FIELD_RULES, REFUSED
     trained_lora().save_pretrained(tmp_path)
