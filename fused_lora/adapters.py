@@ -372,7 +372,10 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
     targets = validate(model, config, tensors, str(directory))
     # The file's weights replace the initial ones: build with the layer's default init and keep the
     # file's value (e.g. "eva", "orthogonal") in the config.
-    lora_model = cls(model, dataclasses.replace(config, init_lora_weights=True), targets=targets)
+    try:
+        lora_model = cls(model, dataclasses.replace(config, init_lora_weights=True), targets=targets)
+    except ValueError as err:  # e.g. a target inside a modules_to_save module; the model is unchanged
+        raise AdapterError(f"{directory}: the adapter does not fit this model: {err}") from err
     try:
         lora_model.peft_config = config
         for key, t in tensors.items():

@@ -142,6 +142,19 @@ def test_config_naming_absent_modules_and_corrupt_files(tmp_path):
     check_refused(d2, "not a readable safetensors")
 
 
+def test_target_inside_modules_to_save_is_an_adapter_error(tmp_path):
+    d, tensors = saved(tmp_path)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["modules_to_save"] = ["seq.2"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    model = base_mlp()
+    for k, t in model.seq[2].state_dict().items():
+        tensors[f"base_model.model.seq.2.{k}"] = t
+    del tensors["base_model.model.seq.4.weight"], tensors["base_model.model.seq.4.bias"]
+    save_file(tensors, d / "adapter_model.safetensors")
+    check_refused(d, "both LoRA targets and .inside. modules_to_save")
+
+
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     lm = trained_lora()
     lm.save_pretrained(tmp_path)
