@@ -178,6 +178,8 @@ def save_adapter(lora_model, directory) -> None:
         # safetensors writes through its own 0600 temporary file: give the weights the config's mode.
         os.chmod(staged_weights, os.stat(staged_config).st_mode & 0o777)
         _fsync_file(staged_weights)
+        _fsync_dir(staging)  # the staged config must survive a power cut too: it may complete the pair
+        _fsync_dir(os.path.dirname(directory))
         os.replace(staged_weights, os.path.join(directory, WEIGHTS_NAME))
         weights_in = True
         os.replace(staged_config, os.path.join(directory, CONFIG_NAME))
@@ -257,7 +259,13 @@ def _bound_config(directory: str, record: str) -> LoraConfig:
     if text is None:
         raise AdapterError(f"{cfg_path} not found: not an adapter directory")
     config = _load_config(text, cfg_path)  # a bad field is reported as such
-    saved = json.loads(record)
+    try:
+        saved = json.loads(record)
+    except (ValueError, RecursionError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise AdapterError(f"{os.path.join(directory, WEIGHTS_NAME)}: the config record in its header "
+                           f"({FUSED_CONFIG_KEY}) is not a JSON object; the file is damaged")
     current = json.loads(_record(json.loads(text)))
     differ = [k for k in _SCALING if saved.get(k) != current.get(k)]
     if differ:

@@ -133,3 +133,14 @@ def test_mismatched_pair_is_refused(tmp_path):
     os.replace(tmp_path / "b" / "adapter_config.json", tmp_path / "a" / "adapter_config.json")
     with pytest.raises(AdapterError, match="different saves"):
         LoraModel.from_pretrained(base(), tmp_path / "a")
+
+
+@pytest.mark.parametrize("record", ["[" * 50_000, "[1]", "not json"])
+def test_damaged_header_record_is_refused(tmp_path, record):
+    from safetensors.torch import load_file, save_file
+    A.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file(tensors, tmp_path / "adapter_model.safetensors",
+              metadata={"format": "pt", "fused_lora.adapter_config": record})
+    with pytest.raises(AdapterError, match="damaged"):
+        LoraModel.from_pretrained(base(), tmp_path)
