@@ -9,7 +9,8 @@ model before changing anything; the adapted modules are the ones the weights fil
 config's regex, if any, is never run on module names).
 
 Saving replaces the pair as a whole. Both files are written and synced in a staging directory
-beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"), then renamed in: weights
+beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where the parent is
+another filesystem or read-only), then renamed in: weights
 first, config second. The weights' header records the config they were saved with
 (FUSED_CONFIG_KEY), so a crash between the two renames is recognised: the loader then reads the
 new config from the staging directory (which the next save moves into place before removing stale
@@ -92,17 +93,34 @@ def _record(config: dict) -> str:
                       separators=(",", ":"))
 
 
-def _staging_prefix(directory: str) -> str:
-    return f".{os.path.basename(directory)}.fused_lora-staging-"
+def _staging_places(directory: str) -> list[tuple[str, str]]:
+    """(folder, name prefix) where staging directories of `directory` live: beside it, or, where
+    that is another filesystem or not writable (a mount point), hidden inside it."""
+    return [(os.path.dirname(directory), f".{os.path.basename(directory)}.fused_lora-staging-"),
+            (directory, ".fused_lora-staging-")]
 
 
-def _staging_dirs(directory: str) -> list[str]:
-    parent, prefix = os.path.dirname(directory), _staging_prefix(directory)
+def _stage_beside(directory: str) -> bool:
+    """Whether staging beside `directory` works: same filesystem (renames are atomic only within
+    one) and a writable parent."""
+    parent = os.path.dirname(directory)
     try:
-        names = os.listdir(parent)
+        return os.stat(parent).st_dev == os.stat(directory).st_dev and os.access(parent, os.W_OK)
     except OSError:
-        return []
-    return [os.path.join(parent, n) for n in sorted(names) if n.startswith(prefix)]
+        return False
+
+
+def _staging_dirs(directory: str) -> list[tuple[str, str]]:
+    """(path, pid) of every staging directory of `directory`."""
+    found = []
+    for folder, prefix in _staging_places(directory):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        found += [(os.path.join(folder, n), n[len(prefix):].split("-", 1)[0])
+                  for n in sorted(names) if n.startswith(prefix)]
+    return found
 
 
 def _pid_alive(pid: int) -> bool:
@@ -148,8 +166,7 @@ def _finish_interrupted_save(directory: str) -> None:
 
 def _remove_stale_staging(directory: str) -> None:
     """Remove staging directories of saves that are no longer running (killed, or failed here)."""
-    for path in _staging_dirs(directory):
-        pid = os.path.basename(path)[len(_staging_prefix(directory)):].split("-", 1)[0]
+    for path, pid in _staging_dirs(directory):
         if not pid.isdigit() or not _pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -162,11 +179,12 @@ def save_adapter(lora_model, directory) -> None:
     lora_model.peft_config.validate()  # a mutable dataclass: never write a config that would not load
     config = lora_model.peft_config.to_peft_dict()
     text = json.dumps(config, indent=2, sort_keys=True)
-    directory = os.path.abspath(os.fspath(directory))
+    directory = os.path.realpath(os.fspath(directory))  # stage beside the real directory, not a link
     os.makedirs(directory, exist_ok=True)
     _finish_interrupted_save(directory)
     _remove_stale_staging(directory)
-    staging = tempfile.mkdtemp(prefix=f"{_staging_prefix(directory)}{os.getpid()}-", dir=os.path.dirname(directory))
+    folder, prefix = _staging_places(directory)[0 if _stage_beside(directory) else 1]
+    staging = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
     weights_in = False
     try:
         staged_config, staged_weights = os.path.join(staging, CONFIG_NAME), os.path.join(staging, WEIGHTS_NAME)
@@ -179,7 +197,7 @@ def save_adapter(lora_model, directory) -> None:
         os.chmod(staged_weights, os.stat(staged_config).st_mode & 0o777)
         _fsync_file(staged_weights)
         _fsync_dir(staging)  # the staged config must survive a power cut too: it may complete the pair
-        _fsync_dir(os.path.dirname(directory))
+        _fsync_dir(folder)
         os.replace(staged_weights, os.path.join(directory, WEIGHTS_NAME))
         weights_in = True
         os.replace(staged_config, os.path.join(directory, CONFIG_NAME))
@@ -232,7 +250,7 @@ def _config_record(path: str) -> Optional[str]:
 
 def _staged_config(directory: str, record: str) -> Optional[str]:
     """A staged config (of an interrupted or running save) matching the weights' record."""
-    for staging in _staging_dirs(directory):
+    for staging, _ in _staging_dirs(directory):
         path = os.path.join(staging, CONFIG_NAME)
         if os.path.isfile(path) and _config_record(path) == record:
             return path
@@ -279,7 +297,7 @@ def _bound_config(directory: str, record: str) -> LoraConfig:
 
 def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The config and tensors of an adapter directory (keys without peft's prefix)."""
-    directory = os.path.abspath(os.fspath(directory))
+    directory = os.path.realpath(os.fspath(directory))  # stage beside the real directory, not a link
     cfg_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         if not os.path.isfile(cfg_path):

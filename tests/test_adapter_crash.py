@@ -97,10 +97,14 @@ def test_random_sigkills_leave_old_or_new(tmp_path):
     assert {"A", "B"} & set(seen), seen
 
 
+@pytest.mark.parametrize("beside", [True, False], ids=["staging-beside", "staging-inside"])
 @pytest.mark.parametrize("step", range(3))
-def test_stop_after_each_step_of_a_save(tmp_path, step):
-    """The child saves A completely, then B, and dies just before its `step`-th rename (counting
-    from the start of B's save). Whatever the step, the directory is A or B."""
+def test_stop_after_each_step_of_a_save(tmp_path, monkeypatch, step, beside):
+    """The child saves B over A and dies just before its `step`-th rename. Whatever the step, the
+    directory is A or B. Staging goes beside the directory, or inside it where the parent is
+    another filesystem or read-only (forced here)."""
+    import fused_lora.adapters as adapters
+    monkeypatch.setattr(adapters, "_stage_beside", lambda d: beside)
     directory = str(tmp_path / "adapter")
     A.save_pretrained(directory)
     assert which(directory) == "A"
@@ -111,7 +115,7 @@ def test_stop_after_each_step_of_a_save(tmp_path, step):
 
             def replace(src, dst):
                 if calls[0] == step:
-                    os._exit(0)
+                    os._exit(0)  # dies as abruptly as a kill: no cleanup, no finally blocks
                 calls[0] += 1
                 real(src, dst)
             os.replace = replace
@@ -120,10 +124,21 @@ def test_stop_after_each_step_of_a_save(tmp_path, step):
             os._exit(0)
     os.waitpid(pid, 0)
     assert which(directory) in ("A", "B")
-    assert leftovers(tmp_path, directory)[0] == []
-    A.save_pretrained(directory)  # a later save cleans what the dead one left beside the directory
+    if beside:
+        assert leftovers(tmp_path, directory)[0] == []
+    A.save_pretrained(directory)  # a later save cleans what the dead one left
     assert which(directory) == "A"
     assert leftovers(tmp_path, directory) == ([], [])
+
+
+def test_saving_through_a_symlink_stages_beside_the_real_directory(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "links").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "links" / "adapter")
+    B.save_pretrained(tmp_path / "links" / "adapter")
+    assert which(tmp_path / "links" / "adapter") == "B"
+    assert sorted(os.listdir(tmp_path / "real")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert os.listdir(tmp_path / "links") == ["adapter"] and sorted(os.listdir(tmp_path)) == ["links", "real"]
 
 
 def test_mismatched_pair_is_refused(tmp_path):
