@@ -14,7 +14,7 @@ from . import backends
 from .dropout import new_seed, no_seed
 from .ops import lora_linear
 from .reference import lora_delta_weight
-from .validation import check_adapter_args, lora_scaling  # noqa: F401 (lora_scaling: importable here too)
+from .validation import check_adapter_args, lora_scaling
 
 InitSpec = Union[bool, str]
 

@@ -1,6 +1,5 @@
 """One set of rules for adapter settings: LoraConfig, FusedLoRALinear and adapter files agree, every
 refusal names the field, and a refused call leaves the model exactly as it was."""
-import copy
 import json
 import math
 
