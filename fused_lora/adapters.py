@@ -2,26 +2,38 @@
 
 Keys carry peft's prefix and names, so peft loads our adapters and we load peft's:
     base_model.model.<layer>.lora_A.weight / .lora_B.weight     the adapter of a targeted Linear
-    base_model.model.<module>.<tensor>                          a modules_to_save copy
+    base_model.model.<module>.<tensor>                          a modules_to_save copy (buffers too)
     base_model.model.<layer>.base_layer.bias, <module>.bias      biases, when config.bias is not "none"
-Only safetensors are read (never pickle). Loading validates every key and shape against the model
-before changing anything. Each file is written to a temporary name and renamed into place, so a
-crash leaves the previous file or the new one, never half of one; the weights are written before
-the config, which names what the weights must hold.
+Only safetensors are read (never pickle). Loading validates every key, shape and dtype against the
+model before changing anything; the adapted modules are the ones the weights file names (the
+config's regex, if any, is never run on module names).
+
+Saving replaces the pair as a whole. Both files are written and synced in a staging directory
+beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where the parent is
+another filesystem or read-only), then renamed in: weights
+first, config second. The weights' header records the config they were saved with
+(FUSED_CONFIG_KEY), so a crash between the two renames is recognised: the loader then reads the
+new config from the staging directory (which the next save moves into place before removing stale
+staging directories), and a config from another save is refused. Adapters peft wrote carry no
+record and load as they are.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
+from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraConfig
-from .targets import find_modules_to_save, find_targets
+from .targets import check_loaded_targets, find_modules_to_save
+from .validation import check_backend
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -29,33 +41,23 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
 # peft's bias="all" also writes these duplicates of a modules_to_save module's tensors: accepted, unused.
 _PEFT_REDUNDANT = (".modules_to_save.", ".original_module.")
+# Safetensors header key holding the canonical JSON of the config saved with the weights.
+FUSED_CONFIG_KEY = "fused_lora.adapter_config"
+# Config fields left out of that record: provenance that users edit by hand and that does not
+# change the loaded model.
+_UNRECORDED = ("base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
+               "auto_mapping")
+# Fields whose difference from the record makes a pair silently wrong (the keys and shapes catch
+# the rest): a config that differs in one of them is from another save, and is refused.
+_SCALING = ("r", "lora_alpha", "use_rslora", "lora_dropout")
+MAX_CONFIG_BYTES = 16 << 20  # real configs are kilobytes; this bounds what a hostile one costs
 
 
 class AdapterError(ValueError):
     """An adapter directory that cannot be loaded onto this model; the model is left unchanged."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make adapters unreadable to others
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
+# ---------------------------------------------------------------- what an adapter holds
 
 def _other_biases(model: nn.Module, owners) -> list[tuple[str, torch.Tensor]]:
     """The biases bias="all" saves besides those of `owners` (adapted layers, modules_to_save)."""
@@ -83,98 +85,336 @@ def adapter_state(lora_model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def save_adapter(lora_model, directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
+# ---------------------------------------------------------------- saving
+
+def _record(config: dict) -> str:
+    """Canonical JSON of a config, without provenance fields: what the weights' header records."""
+    return json.dumps({k: v for k, v in config.items() if k not in _UNRECORDED}, sort_keys=True,
+                      separators=(",", ":"))
+
+
+def _staging_places(directory: str) -> list[tuple[str, str]]:
+    """(folder, name prefix) where staging directories of `directory` live: beside it, or, where
+    that is another filesystem or not writable (a mount point), hidden inside it."""
+    return [(os.path.dirname(directory), f".{os.path.basename(directory)}.fused_lora-staging-"),
+            (directory, ".fused_lora-staging-")]
+
+
+def _stage_beside(directory: str) -> bool:
+    """Whether staging beside `directory` works: same filesystem (renames are atomic only within
+    one) and a writable parent."""
+    parent = os.path.dirname(directory)
+    try:
+        return os.stat(parent).st_dev == os.stat(directory).st_dev and os.access(parent, os.W_OK)
+    except OSError:
+        return False
+
+
+def _staging_dirs(directory: str) -> list[tuple[str, str]]:
+    """(path, pid) of every staging directory of `directory`."""
+    found = []
+    for folder, prefix in _staging_places(directory):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        found += [(os.path.join(folder, n), n[len(prefix):].split("-", 1)[0])
+                  for n in sorted(names) if n.startswith(prefix)]
+    return found
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, from an earlier save in this process that did not finish
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate the process there: keep the directory
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _fsync_dir(path: str) -> None:
+    if os.name == "nt":
+        return  # directories cannot be opened for fsync there
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _finish_interrupted_save(directory: str) -> None:
+    """If a save died between its two renames, move its config into place (its weights already are)."""
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    record = _weights_record(weights)
+    if record is None or _config_record(os.path.join(directory, CONFIG_NAME)) == record:
+        return
+    staged = _staged_config(directory, record)
+    if staged is not None:
+        os.replace(staged, os.path.join(directory, CONFIG_NAME))
+        _fsync_dir(directory)
+
+
+def _remove_stale_staging(directory: str) -> None:
+    """Remove staging directories of saves that are no longer running (killed, or failed here)."""
+    for path, pid in _staging_dirs(directory):
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_adapter(lora_model, directory) -> None:
+    """Write the adapter's pair of files; the directory holds the old pair or the new, at any moment."""
     tensors = adapter_state(lora_model)
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    text = json.dumps(lora_model.peft_config.to_peft_dict(), indent=2, sort_keys=True)
-    _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: open(p, "w").write(text))
+    if not any(k.endswith(".lora_A.weight") for k in tensors):
+        raise RuntimeError("save_pretrained: the model holds no LoRA layers; nothing to save")
+    lora_model.peft_config.validate()  # a mutable dataclass: never write a config that would not load
+    config = lora_model.peft_config.to_peft_dict()
+    text = json.dumps(config, indent=2, sort_keys=True)
+    directory = os.path.realpath(os.fspath(directory))  # stage beside the real directory, not a link
+    os.makedirs(directory, exist_ok=True)
+    _finish_interrupted_save(directory)
+    _remove_stale_staging(directory)
+    folder, prefix = _staging_places(directory)[0 if _stage_beside(directory) else 1]
+    staging = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
+    weights_in = False
+    try:
+        staged_config, staged_weights = os.path.join(staging, CONFIG_NAME), os.path.join(staging, WEIGHTS_NAME)
+        with open(staged_config, "w") as f:  # created as the umask says
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        save_file(tensors, staged_weights, metadata={"format": "pt", FUSED_CONFIG_KEY: _record(config)})
+        # safetensors writes through its own 0600 temporary file: give the weights the config's mode.
+        os.chmod(staged_weights, os.stat(staged_config).st_mode & 0o777)
+        _fsync_file(staged_weights)
+        _fsync_dir(staging)  # the staged config must survive a power cut too: it may complete the pair
+        _fsync_dir(folder)
+        os.replace(staged_weights, os.path.join(directory, WEIGHTS_NAME))
+        weights_in = True
+        os.replace(staged_config, os.path.join(directory, CONFIG_NAME))
+        _fsync_dir(directory)
+    except BaseException:
+        if not weights_in:  # the directory still holds the old pair: the staged files are useless
+            shutil.rmtree(staging, ignore_errors=True)
+        raise  # otherwise the staged config completes the pair (see _finish_interrupted_save)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
-def read_adapter(directory: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of an adapter directory (keys without peft's prefix)."""
-    cfg_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(cfg_path):
+# ---------------------------------------------------------------- reading
+
+def _weights_record(path: str) -> Optional[str]:
+    """The config record in a weights file's header; None if absent (peft's files) or unreadable."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get(FUSED_CONFIG_KEY)
+    except Exception:  # missing or corrupt: reported by the loader itself
+        return None
+
+
+def _read_config_text(path: str) -> str:
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{path} is too large (over {MAX_CONFIG_BYTES >> 20} MiB) for an adapter config")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise AdapterError(f"{path} is not UTF-8 text: {err}") from None
+
+
+def _parse_config(text: str, path: str):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise AdapterError(f"{path}: the JSON is nested too deeply for an adapter config") from None
+    except ValueError as err:
+        raise AdapterError(f"{path} is not valid JSON: {err}") from None
+
+
+def _config_record(path: str) -> Optional[str]:
+    try:
+        d = _parse_config(_read_config_text(path), path)
+    except (OSError, AdapterError):
+        return None
+    return _record(d) if isinstance(d, dict) else None
+
+
+def _staged_config(directory: str, record: str) -> Optional[str]:
+    """A staged config (of an interrupted or running save) matching the weights' record."""
+    for staging, _ in _staging_dirs(directory):
+        path = os.path.join(staging, CONFIG_NAME)
+        if os.path.isfile(path) and _config_record(path) == record:
+            return path
+    return None
+
+
+def _load_config(text: str, path: str) -> LoraConfig:
+    d = _parse_config(text, path)
+    try:
+        return LoraConfig.from_peft_dict(d)
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"{path}: {str(err).removeprefix('LoraConfig: ')}") from err
+
+
+def _bound_config(directory: str, record: str) -> LoraConfig:
+    """The config the weights were saved with: the directory's, or an interrupted save's staged one."""
+    cfg_path = os.path.join(directory, CONFIG_NAME)
+    text = _read_config_text(cfg_path) if os.path.isfile(cfg_path) else None
+    if text is not None and _config_record(cfg_path) == record:
+        return _load_config(text, cfg_path)
+    staged = _staged_config(directory, record)
+    if staged is not None:  # a save died (or is running) between its two renames: the new pair
+        return _load_config(_read_config_text(staged), staged)
+    if text is None:
         raise AdapterError(f"{cfg_path} not found: not an adapter directory")
+    config = _load_config(text, cfg_path)  # a bad field is reported as such
+    try:
+        saved = json.loads(record)
+    except (ValueError, RecursionError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise AdapterError(f"{os.path.join(directory, WEIGHTS_NAME)}: the config record in its header "
+                           f"({FUSED_CONFIG_KEY}) is not a JSON object; the file is damaged")
+    current = json.loads(_record(json.loads(text)))
+    differ = [k for k in _SCALING if saved.get(k) != current.get(k)]
+    if differ:
+        k = differ[0]
+        raise AdapterError(f"{cfg_path} and {WEIGHTS_NAME} are from different saves: the weights were saved "
+                           f"with {k}={saved.get(k)!r}, the config says {current.get(k)!r} (to change it on "
+                           "purpose, load the adapter with its own config, change the LoraModel's peft_config "
+                           "and save it again)")
+    return config  # edited by hand in fields that the keys and shapes check below
+
+
+def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of an adapter directory (keys without peft's prefix)."""
+    directory = os.path.realpath(os.fspath(directory))  # stage beside the real directory, not a link
+    cfg_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
+        if not os.path.isfile(cfg_path):
+            raise AdapterError(f"{cfg_path} not found: not an adapter directory")
         pickled = [n for n in PICKLE_NAMES if os.path.isfile(os.path.join(directory, n))]
         if pickled:
             raise AdapterError(f"{directory} holds {pickled[0]} (a pickle): only {WEIGHTS_NAME} is read, since "
                                "unpickling can run arbitrary code; convert it with safetensors first")
         raise AdapterError(f"{weights_path} not found")
     try:
-        with open(cfg_path) as f:
-            config = LoraConfig.from_peft_dict(json.load(f))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise AdapterError(f"{cfg_path}: {err}") from err
-    try:
-        raw = load_file(weights_path)
+        with safe_open(weights_path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            raw = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise AdapterError(f"{weights_path} is not a readable safetensors file: {err}") from err
+    record = metadata.get(FUSED_CONFIG_KEY)
+    if record is not None:
+        config = _bound_config(directory, record)
+    elif os.path.isfile(cfg_path):
+        config = _load_config(_read_config_text(cfg_path), cfg_path)
+    else:
+        raise AdapterError(f"{cfg_path} not found: not an adapter directory")
     bad = [k for k in raw if not k.startswith(PREFIX)]
     if bad:
         raise AdapterError(f"{weights_path}: key {bad[0]!r} lacks the {PREFIX!r} prefix of peft adapters")
     return config, {k[len(PREFIX):]: v for k, v in raw.items()}
 
 
-def expected_shapes(model: nn.Module, config: LoraConfig) -> tuple[dict[str, torch.Size], list[str]]:
-    """Key -> shape an adapter for (unadapted) `model` under `config` must hold, and the
-    modules_to_save names (whose peft duplicates are tolerated)."""
-    targets = find_targets(model, config)
+# ---------------------------------------------------------------- checking against the model
+
+def targets_in(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The modules an adapter file adapts: those with a lora_A or lora_B weight."""
+    names = {k[: -len(s)] for k in tensors for s in (".lora_A.weight", ".lora_B.weight") if k.endswith(s)}
+    return sorted(names)
+
+
+def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str]
+                     ) -> tuple[dict[str, tuple[torch.Size, Optional[torch.dtype]]], list[str]]:
+    """Key -> (shape, dtype) an adapter for (unadapted) `model` must hold, dtype None meaning any
+    floating-point type (a float is cast on load; other dtypes, e.g. BatchNorm's int64
+    num_batches_tracked, must match), and the modules_to_save names."""
     to_save = find_modules_to_save(model, config)
-    shapes = {}
+    want = {}
     for name in targets:
         lin = model.get_submodule(name)
-        shapes[f"{name}.lora_A.weight"] = torch.Size((config.r, lin.in_features))
-        shapes[f"{name}.lora_B.weight"] = torch.Size((lin.out_features, config.r))
+        want[f"{name}.lora_A.weight"] = (torch.Size((config.r, lin.in_features)), None)
+        want[f"{name}.lora_B.weight"] = (torch.Size((lin.out_features, config.r)), None)
         if config.bias != "none" and lin.bias is not None:
-            shapes[f"{name}.base_layer.bias"] = lin.bias.shape
+            want[f"{name}.base_layer.bias"] = (lin.bias.shape, None)
     for name in to_save:
         for key, t in model.get_submodule(name).state_dict().items():
-            shapes[f"{name}.{key}"] = t.shape
+            want[f"{name}.{key}"] = (t.shape, None if t.is_floating_point() else t.dtype)
     if config.bias == "all":
-        shapes.update((n, p.shape) for n, p in _other_biases(model, targets + to_save))
-    return shapes, to_save
+        want.update((n, (p.shape, None)) for n, p in _other_biases(model, targets + to_save))
+    return want, to_save
 
 
-def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
+def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str) -> list[str]:
+    """Check the tensors against the model; returns the modules to adapt (named by the file)."""
+    modules = dict(model.named_modules())
+    targets = [t for t in targets_in(tensors) if t in modules]  # keys of absent modules: reported below
     try:
-        shapes, to_save = expected_shapes(model, config)
+        if not targets:
+            raise ValueError("the weights hold no lora_A / lora_B tensors")
+        check_loaded_targets(model, config, targets)
+        want, to_save = expected_tensors(model, config, targets)
     except ValueError as err:
-        raise AdapterError(f"{where}: the adapter's config does not fit this model: {err}") from err
+        raise AdapterError(f"{where}: the adapter does not fit this model: {err}") from err
     redundant = {k for k in tensors if any(k.startswith(s + r) for s in to_save for r in _PEFT_REDUNDANT)}
-    unexpected = sorted(set(tensors) - set(shapes) - redundant)
+    unexpected = sorted(set(tensors) - set(want) - redundant)
     if unexpected:
         raise AdapterError(f"{where}: key {PREFIX + unexpected[0]!r} names no tensor of this model's adapter "
                            f"({len(unexpected)} such keys)")
-    missing = sorted(set(shapes) - set(tensors))
+    missing = sorted(set(want) - set(tensors))
     if missing:
         raise AdapterError(f"{where}: key {PREFIX + missing[0]!r} is missing ({len(missing)} missing keys)")
-    for key, shape in shapes.items():
-        if tensors[key].shape != shape:
-            raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(tensors[key].shape)}, "
+    for key, (shape, dtype) in want.items():
+        t = tensors[key]
+        if t.shape != shape:
+            raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(t.shape)}, "
                                f"the model needs {tuple(shape)}")
-        if not tensors[key].is_floating_point():
-            raise AdapterError(f"{where}: key {PREFIX + key!r} has dtype {tensors[key].dtype}, not floating point")
+        if dtype is None and not t.is_floating_point():
+            raise AdapterError(f"{where}: key {PREFIX + key!r} has dtype {t.dtype}, not floating point")
+        if dtype is not None and t.dtype != dtype:
+            raise AdapterError(f"{where}: key {PREFIX + key!r} has dtype {t.dtype}, the model's tensor is {dtype}")
+    return targets
 
 
 @torch.no_grad()
-def load_adapter(cls, model: nn.Module, directory: str, is_trainable: bool = False, backend: str = "auto"):
+def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, backend: str = "auto"):
+    check_backend(backend)  # the caller's argument: a plain ValueError, before the files are read
     config, tensors = read_adapter(directory)
     config.backend = backend
-    validate(model, config, tensors, directory)
-    # The file's weights replace the initial ones, so peft-only initialisations ("pissa", ...) need
-    # not be supported to load an adapter; the config keeps the file's value.
-    lora_model = cls(model, dataclasses.replace(config, init_lora_weights=True))
-    lora_model.peft_config = config
-    for key, t in tensors.items():
-        if any(r in key for r in _PEFT_REDUNDANT):
-            continue
-        dest = _destination(lora_model, key)
-        dest.copy_(t.to(dest.dtype))
-    if not is_trainable:
-        lora_model.requires_grad_(False)
-        lora_model.eval()
+    try:
+        config.validate()
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"{directory}: {err}") from err
+    targets = validate(model, config, tensors, str(directory))
+    # The file's weights replace the initial ones: build with the layer's default init and keep the
+    # file's value (e.g. "eva", "orthogonal") in the config.
+    try:
+        lora_model = cls(model, dataclasses.replace(config, init_lora_weights=True), targets=targets)
+    except ValueError as err:  # e.g. a target inside a modules_to_save module; the model is unchanged
+        raise AdapterError(f"{directory}: the adapter does not fit this model: {err}") from err
+    try:
+        lora_model.peft_config = config
+        for key, t in tensors.items():
+            if any(r in key for r in _PEFT_REDUNDANT):
+                continue
+            dest = _destination(lora_model, key)
+            dest.copy_(t.to(dest.dtype))
+        if not is_trainable:
+            lora_model.requires_grad_(False)
+            lora_model.eval()
+    except BaseException:
+        lora_model.restore_base()
+        raise
     return lora_model
 
 

@@ -1,23 +1,86 @@
-"""LoraConfig: which modules get adapters and how, with peft's names and defaults."""
+"""LoraConfig: which modules get adapters and how, with peft's names and defaults; and the rule for
+every field of peft's LoraConfig (honoured, refused when set, or ignored), which docs/ADAPTERS.md
+mirrors and adapter loading follows."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
+
+from . import validation as v
+
+HONOURED, REFUSED, IGNORED = "honoured", "refused when set", "ignored"
+
+
+class FieldRule(NamedTuple):
+    status: str  # HONOURED, REFUSED (any value but the off value: None, False, {}, []) or IGNORED
+    reason: str
+
+
+# Every field of peft 0.21's LoraConfig (tests/test_adapters.py fails when peft adds one).
+PEFT_FIELD_RULES: dict[str, FieldRule] = {
+    "r": FieldRule(HONOURED, "the rank"),
+    "lora_alpha": FieldRule(HONOURED, "scaling numerator; a finite real number"),
+    "lora_dropout": FieldRule(HONOURED, "dropout on the LoRA branch's input, in [0, 1)"),
+    "use_rslora": FieldRule(HONOURED, "scaling alpha / sqrt(r)"),
+    "target_modules": FieldRule(HONOURED, "on load the weights file's keys name the adapted modules; a list "
+                                          "of names is checked against them, a regex is not run"),
+    "exclude_modules": FieldRule(HONOURED, "as target_modules"),
+    "modules_to_save": FieldRule(HONOURED, "full trainable copies, buffers included"),
+    "bias": FieldRule(HONOURED, "'none', 'all' or 'lora_only'"),
+    "init_lora_weights": FieldRule(HONOURED, "True, False, 'gaussian'; on load also 'orthogonal' and 'eva' (the "
+                                             "base is unchanged, the file's A and B replace the init); 'pissa', "
+                                             "'pissa_niter_*', 'olora', 'corda', 'loftq', 'lora_ga' change the "
+                                             "base weights and 'mica' is a variant: refused"),
+    "fan_in_fan_out": FieldRule(REFUSED, "Conv1D-style (in, out) weights: fused_lora adapts nn.Linear only"),
+    "task_type": FieldRule(HONOURED, "kept and written back; targets come from module names, not the task"),
+    "base_model_name_or_path": FieldRule(HONOURED, "kept and written back; the model passed in is the base"),
+    "peft_type": FieldRule(HONOURED, "must be 'LORA'"),
+    "revision": FieldRule(IGNORED, "names the base model's revision; the model passed in is the base"),
+    "inference_mode": FieldRule(IGNORED, "from_pretrained's is_trainable decides, as in peft"),
+    "auto_mapping": FieldRule(IGNORED, "peft's record of a custom model class; no effect on the weights"),
+    "peft_version": FieldRule(IGNORED, "provenance only"),
+    "runtime_config": FieldRule(IGNORED, "peft does not save it; runtime options only"),
+    "megatron_core": FieldRule(IGNORED, "used only with megatron_config, which is refused"),
+    "qalora_group_size": FieldRule(IGNORED, "used only with use_qalora, which is refused"),
+    "layers_to_transform": FieldRule(REFUSED, "selecting layers by index is not implemented"),
+    "layers_pattern": FieldRule(REFUSED, "used with layers_to_transform, not implemented"),
+    "rank_pattern": FieldRule(REFUSED, "per-module ranks are not implemented"),
+    "alpha_pattern": FieldRule(REFUSED, "per-module alphas are not implemented"),
+    "megatron_config": FieldRule(REFUSED, "Megatron parallel layers are not supported"),
+    "trainable_token_indices": FieldRule(REFUSED, "trainable token embeddings are not implemented"),
+    "loftq_config": FieldRule(REFUSED, "LoftQ quantizes and changes the base weights"),
+    "eva_config": FieldRule(IGNORED, "EVA's settings for its data-driven init; the file's A and B replace the "
+                                     "init and its rank redistribution is in rank_pattern (refused)"),
+    "corda_config": FieldRule(REFUSED, "CorDA changes the base weights"),
+    "lora_ga_config": FieldRule(REFUSED, "LoRA-GA changes the base weights"),
+    "use_dora": FieldRule(REFUSED, "DoRA (a magnitude vector, another forward) is not implemented"),
+    "velora_config": FieldRule(REFUSED, "VeLoRA (a peft variant) is not implemented"),
+    "alora_invocation_tokens": FieldRule(REFUSED, "activated LoRA (token-dependent adapter) is not implemented"),
+    "use_qalora": FieldRule(REFUSED, "QALoRA (pooled inputs) is not implemented"),
+    "monteclora_config": FieldRule(REFUSED, "MonteCLoRA (a peft variant) is not implemented"),
+    "layer_replication": FieldRule(REFUSED, "layer replication changes the model's structure"),
+    "lora_bias": FieldRule(REFUSED, "a bias on lora_B is not implemented"),
+    "target_parameters": FieldRule(REFUSED, "adapting bare parameters is not implemented"),
+    "use_bdlora": FieldRule(REFUSED, "block-diagonal LoRA (a peft variant) is not implemented"),
+    "arrow_config": FieldRule(REFUSED, "Arrow routing (a peft variant) is not implemented"),
+    "kasa_config": FieldRule(REFUSED, "KaSA (a peft variant) is not implemented"),
+    "ensure_weight_tying": FieldRule(REFUSED, "tied adapters are not implemented"),
+}
 
 # Fields written to adapter_config.json, in peft's vocabulary (so peft can read our adapters).
 PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save",
                "bias", "use_rslora", "init_lora_weights", "fan_in_fan_out", "task_type",
                "base_model_name_or_path")
-# peft features fused_lora does not implement: loading an adapter that uses them is refused.
-UNSUPPORTED_WHEN_SET = ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
-                        "layer_replication", "loftq_config", "megatron_config", "trainable_token_indices",
-                        "lora_bias", "target_parameters", "use_qalora", "alora_invocation_tokens")
+
+
+def is_off(value) -> bool:
+    """The value of a feature that is not used: None, False, {} or []."""
+    return value is None or value is False or (isinstance(value, (dict, list)) and len(value) == 0)
 
 
 @dataclass
 class LoraConfig:
-    """LoRA settings with peft's names and defaults.
+    """LoRA settings with peft's names and defaults, checked on construction (fused_lora.validation).
 
     target_modules: a list of exact module names or dotted suffixes ("q_proj" matches
         "model.layers.0.self_attn.q_proj"); a string is a regular expression matched against
@@ -26,6 +89,7 @@ class LoraConfig:
     exclude_modules: the same forms, removed from the targets.
     modules_to_save: modules (same matching as a target list) that get a full trainable copy.
     bias: "none", "all" (every bias trainable and saved) or "lora_only" (the adapted layers' biases).
+    init_lora_weights: True, False or "gaussian"; adapters peft made with "orthogonal" or "eva" load too.
     backend: which implementation runs the adapted layers ("auto", "torch", "triton"); not saved.
     """
 
@@ -44,20 +108,36 @@ class LoraConfig:
     backend: str = field(default="auto", compare=False)
 
     def __post_init__(self):
-        if self.target_modules is None:
-            raise ValueError("LoraConfig: target_modules is required (a list of names, a regex, or 'all-linear')")
-        if isinstance(self.target_modules, (set, tuple)):
+        if isinstance(self.target_modules, (set, frozenset, tuple)):
+            v.check_module_spec("target_modules", self.target_modules)
             self.target_modules = sorted(self.target_modules)
-        if isinstance(self.modules_to_save, (set, tuple)):
+        if isinstance(self.modules_to_save, (set, frozenset, tuple)):
+            v.check_modules_to_save(self.modules_to_save)
             self.modules_to_save = list(self.modules_to_save)
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        try:
+            self.validate()
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"LoraConfig: {err}") from None
+
+    def validate(self) -> None:
+        """Check every field (again: the dataclass is mutable); TypeError/ValueError naming the field."""
+        if self.target_modules is None:
+            raise ValueError("target_modules is required (a list of names, a regex, or 'all-linear')")
+        v.check_module_spec("target_modules", self.target_modules)
+        v.check_module_spec("exclude_modules", self.exclude_modules)
+        v.check_modules_to_save(self.modules_to_save)
+        v.check_r(self.r)
+        v.check_lora_alpha(self.lora_alpha)
+        v.check_lora_dropout(self.lora_dropout)
+        v.check_flag("use_rslora", self.use_rslora)
+        v.check_flag("fan_in_fan_out", self.fan_in_fan_out)
         if self.fan_in_fan_out:
-            raise ValueError("LoraConfig: fan_in_fan_out=True (Conv1D-style weights) is not supported")
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoraConfig: r must be an integer >= 1, got {self.r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise ValueError("fan_in_fan_out=True (Conv1D-style weights) is not supported")
+        v.check_bias(self.bias)
+        v.check_init_lora_weights(self.init_lora_weights)
+        v.check_optional_str("task_type", self.task_type)
+        v.check_optional_str("base_model_name_or_path", self.base_model_name_or_path)
+        v.check_backend(self.backend)
 
     def to_peft_dict(self) -> dict:
         """The adapter_config.json content (peft's schema)."""
@@ -70,13 +150,18 @@ class LoraConfig:
         return d
 
     @classmethod
-    def from_peft_dict(cls, d: dict) -> "LoraConfig":
-        """Read an adapter_config.json written by fused_lora or by peft."""
+    def from_peft_dict(cls, d) -> "LoraConfig":
+        """Read an adapter_config.json written by fused_lora or by peft, following PEFT_FIELD_RULES:
+        a refused field that is set, or an unknown field that is set, raises naming the field."""
+        if not isinstance(d, dict):
+            raise TypeError(f"must hold a JSON object, got {type(d).__name__}")
         if d.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"adapter_config.json: peft_type {d.get('peft_type')!r} is not LORA")
-        for key in UNSUPPORTED_WHEN_SET:
-            if d.get(key):
-                raise ValueError(f"adapter_config.json: {key}={d[key]!r} is not supported by fused_lora")
-        known = {f.name for f in dataclasses.fields(cls)} & set(PEFT_FIELDS)
-        kwargs = {k: d[k] for k in known if k in d}
-        return cls(**kwargs)
+            raise ValueError(f"peft_type {d.get('peft_type')!r} is not LORA")
+        for key, value in d.items():
+            rule = PEFT_FIELD_RULES.get(key)
+            if rule is None and not is_off(value):
+                raise ValueError(f"{key}: unknown field (set to {v.short_repr(value)}); fused_lora does not know "
+                                 "what it does, so it refuses rather than ignore it")
+            if rule is not None and rule.status == REFUSED and not is_off(value):
+                raise ValueError(f"{key}={v.short_repr(value)} is not supported by fused_lora: {rule.reason}")
+        return cls(**{k: d[k] for k in PEFT_FIELDS if k in d})

@@ -14,6 +14,7 @@ from . import backends
 from .dropout import new_seed, no_seed
 from .ops import lora_linear
 from .reference import lora_delta_weight
+from .validation import check_adapter_args, lora_scaling
 
 InitSpec = Union[bool, str]
 
@@ -23,22 +24,6 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
-
-
-def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
-    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (peft's definition)."""
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
-def check_adapter_args(r, lora_dropout, init_lora_weights, backend) -> None:
-    """Raise ValueError for adapter settings FusedLoRALinear cannot take (before anything is changed)."""
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"r must be an integer >= 1, got {r!r}")
-    if not (0.0 <= float(lora_dropout) < 1.0):
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-    if init_lora_weights not in (True, False, "gaussian"):
-        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
-    backends.requested_backend(backend)  # validates the name now rather than at the first forward
 
 
 class FusedLoRALinear(nn.Module):
@@ -71,7 +56,7 @@ class FusedLoRALinear(nn.Module):
         adapter_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        check_adapter_args(r, lora_dropout, init_lora_weights, backend)
+        check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha, use_rslora)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach_base(base)
         self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype)
@@ -85,7 +70,8 @@ class FusedLoRALinear(nn.Module):
         """Wrap an existing `nn.Linear`: its weight and bias are shared (same storage) and frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        check_adapter_args(r, lora_dropout, init_lora_weights, backend)  # before the linear is frozen
+        # before the linear is frozen
+        check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha, use_rslora)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._attach_base(linear)

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layer import FusedLoRALinear, check_adapter_args
+from .layer import FusedLoRALinear
 from .targets import find_modules_to_save, find_targets
+from .validation import check_adapter_args
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -36,6 +37,29 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+class _Undo:
+    """What adapting a model changes (submodules, requires_grad flags, train/eval), to put back."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.training = [(m, m.training) for m in model.modules()]
+        self.replaced: list[tuple[str, nn.Module]] = []
+
+    def set_submodule(self, name: str, module: nn.Module) -> None:
+        self.replaced.append((name, self.model.get_submodule(name)))
+        _set_submodule(self.model, name, module)
+
+    def restore(self) -> None:
+        for name, original in reversed(self.replaced):
+            _set_submodule(self.model, name, original)
+        self.replaced.clear()
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        for m, training in self.training:
+            m.training = training
+
+
 class LoraModel(nn.Module):
     """A model whose targeted nn.Linear layers are FusedLoRALinear. Build it with `get_lora_model`.
 
@@ -43,17 +67,33 @@ class LoraModel(nn.Module):
     biases when config.bias says so) are trainable. Unknown attributes are looked up on the model.
     """
 
-    def __init__(self, model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True):
+    def __init__(self, model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True,
+                 targets: Optional[list[str]] = None):
+        """`targets`: the module names to adapt when already known (loading takes them from the
+        weights file); by default `config.target_modules` is matched against the model."""
         super().__init__()
-        targets = find_targets(model, config)
+        # Every check that can fail runs before the model is touched: nothing is half-applied.
+        config.validate()
+        check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
+                           config.lora_alpha, config.use_rslora)
+        if targets is None:
+            targets = find_targets(model, config)
         to_save = find_modules_to_save(model, config)
         clash = [n for n in targets if any(n == s or n.startswith(s + ".") for s in to_save)]
         if clash:
             raise ValueError(f"modules {clash} are both LoRA targets and (inside) modules_to_save")
-        # Every check that can fail runs before the model is touched: nothing is half-applied.
-        check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend)
         self.model = model
         self.peft_config = config
+        self._removed_by: Optional[str] = None  # what removed the adapters, once they are gone
+        self._undo = _Undo(model)
+        try:
+            self._inject(targets, to_save, autocast_adapter_dtype)
+        except BaseException:
+            self._undo.restore()
+            raise
+
+    def _inject(self, targets: list[str], to_save: list[str], autocast_adapter_dtype: bool) -> None:
+        model, config = self.model, self.peft_config
         model.requires_grad_(False)
         for name in targets:
             base = model.get_submodule(name)
@@ -64,13 +104,19 @@ class LoraModel(nn.Module):
                 backend=config.backend, adapter_dtype=dtype)
             if config.bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(True)
-            _set_submodule(model, name, layer)
+            self._undo.set_submodule(name, layer)
         if config.bias == "all":
             for n, p in model.named_parameters():
                 if n.endswith("bias"):
                     p.requires_grad_(True)
         for name in to_save:
-            _set_submodule(model, name, ModulesToSave(model.get_submodule(name)))
+            self._undo.set_submodule(name, ModulesToSave(model.get_submodule(name)))
+
+    def restore_base(self) -> None:
+        """Put the model back exactly as it was before adaptation (modules, requires_grad, train mode);
+        used when loading fails after injection."""
+        self._undo.restore()
+        self._removed_by = "a failed load undid them"
 
     def __getattr__(self, name: str):
         try:
@@ -119,24 +165,48 @@ class LoraModel(nn.Module):
                 for _, m in saved:
                     m.use_original = False
 
-    def _replace_all(self, merge: bool) -> nn.Module:
-        for name, layer in list(self.lora_layers()):
-            if merge:
-                new = layer.to_linear()
-            else:
-                if layer.merged:
-                    layer.unmerge()
-                new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                device="meta")
-                new.weight, new.bias = layer.weight, layer.bias  # the very same tensors, no copy
+    def _replace_all(self, merge: bool, safe_merge: bool = False) -> nn.Module:
+        layers = list(self.lora_layers())
+        if merge:
+            self._merge_all(layers, safe_merge)
+        for name, layer in layers:
+            if not merge and layer.merged:
+                layer.unmerge()
+            new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            new.weight, new.bias = layer.weight, layer.bias  # the very same tensors, no copy
             _set_submodule(self.model, name, new)
         for name, m in list(self.saved_modules()):
             _set_submodule(self.model, name, m.trainable if merge else m.original)
+        self._removed_by = "merge_and_unload() removed them" if merge else "unload() removed them"
         return self.model
 
-    def merge_and_unload(self) -> nn.Module:
-        """The model with plain nn.Linear layers holding W + s B A (and the trained modules_to_save)."""
-        return self._replace_all(merge=True)
+    @staticmethod
+    def _merge_all(layers, safe_merge: bool) -> None:
+        """Merge every layer in place; if one refuses (safe_merge), unmerge those merged here and
+        re-raise, so no layer is left half-way (float16/bfloat16 weights may keep a few ulps)."""
+        done = []
+        try:
+            for _, layer in layers:
+                if not layer.merged:
+                    layer.merge(safe_merge=safe_merge)
+                    done.append(layer)
+        except BaseException:
+            for layer in reversed(done):
+                layer.unmerge()
+            raise
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """The model with plain nn.Linear layers holding W + s B A (and the trained modules_to_save).
+
+        peft's signature. Each layer is merged in place (`FusedLoRALinear.merge(safe_merge)`): with
+        safe_merge a non-finite merged weight raises ValueError and no layer is replaced.
+        `progressbar` is accepted and unused; fused_lora holds one adapter, "default".
+        """
+        if adapter_names is not None and list(adapter_names) != ["default"]:
+            raise NotImplementedError(f"merge_and_unload: adapter_names={adapter_names!r}: a LoraModel holds one "
+                                      "adapter, 'default'; pass None")
+        return self._replace_all(merge=True, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
         """The model with its original nn.Linear layers back, adapters dropped, nothing merged."""
@@ -145,8 +215,16 @@ class LoraModel(nn.Module):
     # ---------------------------------------------------------------- files
 
     def save_pretrained(self, save_directory: str) -> None:
-        """Write adapter_model.safetensors and adapter_config.json in peft's format (atomically per file)."""
+        """Write adapter_model.safetensors and adapter_config.json in peft's format.
+
+        The pair is replaced as a whole: a crash at any moment leaves the old adapter or the new one
+        (see fused_lora/adapters.py). After merge_and_unload() or unload() there is no adapter to
+        save: RuntimeError.
+        """
         from .adapters import save_adapter
+        if self._removed_by is not None:
+            raise RuntimeError(f"save_pretrained: this LoraModel has no LoRA layers any more ({self._removed_by}); "
+                               "save the adapter before merging or unloading")
         save_adapter(self, save_directory)
 
     @classmethod
@@ -154,8 +232,10 @@ class LoraModel(nn.Module):
                         backend: str = "auto") -> "LoraModel":
         """Adapt `model` with the adapter saved in `directory` (by fused_lora or peft).
 
-        Every key and shape is checked before the model is touched; on any error the model is left
-        as it was. With is_trainable=False the adapter is frozen and the model in eval mode.
+        The adapted modules are the ones the weights file names; every key, shape and dtype, and
+        every config field (docs/ADAPTERS.md), is checked before the model is touched, and on any
+        error (AdapterError for a bad adapter) the model is left exactly as it was.
+        With is_trainable=False the adapter is frozen and the model in eval mode.
         """
         from .adapters import load_adapter
         return load_adapter(cls, model, directory, is_trainable=is_trainable, backend=backend)

@@ -7,17 +7,36 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import LoraConfig
+from .validation import short_repr
 
 Spec = Optional[Union[list, str]]
 
 
+def dotted_suffixes(name: str) -> list[str]:
+    """"a.b.c" -> ["a.b.c", "b.c", "c"]: the list entries that match `name` under peft's rule."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
 def name_matches(name: str, spec: Spec) -> bool:
-    """peft's rule: a string is a regex over the full name; a list holds exact names or dotted suffixes."""
+    """peft's rule: a string is a regex over the full name; a list holds exact names or dotted suffixes.
+    (Pass a set for long lists: each name costs its depth, not the list's length.)"""
     if spec is None:
         return False
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
+    entries = spec if isinstance(spec, (set, frozenset)) else set(spec)
+    return any(s in entries for s in dotted_suffixes(name))
+
+
+def unmatched_entries(spec: list, names) -> list[str]:
+    """The entries of a name list that match none of `names`."""
+    matched = {s for n in names for s in dotted_suffixes(n)}
+    return [t for t in spec if t not in matched]
+
+
+def _as_set(spec: Spec) -> Spec:
+    return spec if spec is None or isinstance(spec, str) else set(spec)
 
 
 def _output_layer_name(model: nn.Module) -> Optional[str]:
@@ -43,8 +62,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         skip = _output_layer_name(model)
         names = [n for n in _linear_names(model) if n != skip]
     else:
-        names = [n for n, _ in model.named_modules() if n and name_matches(n, config.target_modules)]
-    names = [n for n in names if not name_matches(n, config.exclude_modules)]
+        spec = _as_set(config.target_modules)
+        names = [n for n, _ in model.named_modules() if n and name_matches(n, spec)]
+    exclude = _as_set(config.exclude_modules)
+    names = [n for n in names if not name_matches(n, exclude)]
     modules = dict(model.named_modules())
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], nn.Linear)]
     if wrong:
@@ -53,20 +74,61 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if not names:
         raise ValueError(f"target_modules {config.target_modules!r} matches no module; {_linear_listing(model)}")
     if isinstance(config.target_modules, list):
-        unmatched = [t for t in config.target_modules if not any(name_matches(n, [t]) for n in names)]
+        unmatched = unmatched_entries(config.target_modules, names)
         if unmatched and config.exclude_modules is None:
             raise ValueError(f"target_modules entries {unmatched} match no module; {_linear_listing(model)}")
     return names
+
+
+def check_loaded_targets(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
+    """Loading: `targets` (the modules the weights file adapts) must be nn.Linear modules of `model`,
+    and a list (or "all-linear") in the config must name exactly them. A regex in the config is not
+    run on module names: a downloaded config must not be able to stall the loader."""
+    modules = dict(model.named_modules())
+    absent = [t for t in targets if t not in modules]
+    if absent:
+        raise ValueError(f"the weights adapt {absent[0]!r}, which is not a module of this model; "
+                         f"{_linear_listing(model)}")
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in targets if not isinstance(modules[n], nn.Linear)]
+    if wrong:
+        raise ValueError(f"the weights adapt modules that are not nn.Linear: {', '.join(wrong)}")
+    spec, exclude = _as_set(config.target_modules), _as_set(config.exclude_modules)
+    if isinstance(exclude, str):
+        exclude = None  # a regex: not run; the file's keys decide
+        if spec == "all-linear":
+            return
+    if spec == "all-linear":
+        skip = _output_layer_name(model)
+        named = [n for n in _linear_names(model) if n != skip]
+    elif isinstance(spec, set):
+        named = [n for n, m in modules.items() if n and isinstance(m, nn.Linear) and name_matches(n, spec)]
+    else:
+        return
+    named = {n for n in named if not name_matches(n, exclude)}
+    if isinstance(config.exclude_modules, str):  # an unrun exclude regex may remove names: only check inclusion
+        extra = sorted(set(targets) - named)
+        missing = []
+    else:
+        extra, missing = sorted(set(targets) - named), sorted(named - set(targets))
+    if extra or missing:
+        raise ValueError(f"target_modules {short_repr(config.target_modules)} does not agree with the weights: "
+                         + (f"the weights adapt {_few(extra)}, which it does not name; " if extra else "")
+                         + (f"it names {_few(missing)}, which the weights do not adapt" if missing else ""))
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules that get a trainable copy; each entry must match something."""
     if not config.modules_to_save:
         return []
-    names = [n for n, _ in model.named_modules() if n and name_matches(n, list(config.modules_to_save))]
-    missing = [t for t in config.modules_to_save if not any(name_matches(n, [t]) for n in names)]
+    spec = set(config.modules_to_save)
+    names = [n for n, _ in model.named_modules() if n and name_matches(n, spec)]
+    missing = unmatched_entries(config.modules_to_save, names)
     if missing:
-        raise ValueError(f"modules_to_save entries {missing} match no module; the model's modules are: "
+        raise ValueError(f"modules_to_save entries {_few(missing)} match no module; the model's modules are: "
                          f"{', '.join(n for n, _ in model.named_modules() if n)}")
     # A container and its children both matching: keep the outermost.
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]

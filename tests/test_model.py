@@ -120,3 +120,31 @@ def test_invalid_adapter_settings_change_nothing():
         get_lora_model(model, LoraConfig(target_modules=["seq.0"], backend="gpu-please"))
     assert all(type(m) in (nn.Linear, nn.ReLU, nn.LogSoftmax, nn.Sequential, MLP) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_merge_and_unload_takes_peft_arguments_and_safe_merge():
+    lm = trained(get_lora_model(fresh_mlp(), LoraConfig(r=3, target_modules=["seq.0", "seq.2"])))
+    x = torch.rand(8, 20)
+    with torch.no_grad():
+        want = lm(x)
+    merged = lm.merge_and_unload(progressbar=False, safe_merge=True, adapter_names=None)
+    torch.testing.assert_close(merged(x), want)
+    lm = get_lora_model(fresh_mlp(), LoraConfig(r=3, target_modules=["seq.0", "seq.2"]))
+    with pytest.raises(NotImplementedError, match="adapter_names"):
+        lm.merge_and_unload(adapter_names=["other"])
+    lm.merge_and_unload(adapter_names=["default"])
+
+
+def test_safe_merge_failure_replaces_nothing():
+    model = fresh_mlp()
+    lm = get_lora_model(model, LoraConfig(r=3, target_modules=["seq.0", "seq.2"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.seq[2].lora_B.fill_(1e30)  # W + s B A overflows float32 in the second layer
+        model.seq[2].lora_A.fill_(1e30)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        lm.merge_and_unload(safe_merge=True)
+    assert all(isinstance(model.seq[i], FusedLoRALinear) and not model.seq[i].merged for i in (0, 2))
+    for k, v in model.state_dict().items():
+        if "lora_" not in k:
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0)

@@ -1,0 +1,166 @@
+"""The one set of rules for adapter settings, used by LoraConfig, FusedLoRALinear and adapter loading.
+
+Every check raises TypeError (wrong type) or ValueError (wrong value) with a message that starts
+with the field's name, before anything is changed. Booleans are not numbers here: `r=True` or
+`lora_alpha=True` is a mistake, not 1.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import re
+
+from . import backends
+
+# init_lora_weights values FusedLoRALinear can initialise with.
+LAYER_INITS = (True, False, "gaussian")
+# peft inits that leave the base weights unchanged: a saved adapter made with them is a plain LoRA
+# delta whose A and B replace the initial values, so it loads (fused_lora cannot initialise with them).
+LOAD_ONLY_INITS = ("orthogonal", "eva")
+# peft inits that also rewrite the base weights (W - s B0 A0, or a quantized W): their A and B are a
+# delta on a base this model does not have.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# peft LoRA variants selected through init_lora_weights (another forward or training rule).
+VARIANT_INITS = ("mica",)
+BIAS_VALUES = ("none", "all", "lora_only")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_r(r) -> None:
+    if not _is_int(r):
+        raise TypeError(f"r must be an integer >= 1, got {r!r} ({type(r).__name__})")
+    if r < 1:
+        raise ValueError(f"r must be an integer >= 1, got {r!r}")
+
+
+def check_lora_alpha(lora_alpha) -> None:
+    if not _is_real(lora_alpha):
+        raise TypeError(f"lora_alpha must be a finite real number, got {lora_alpha!r} ({type(lora_alpha).__name__})")
+    try:
+        finite = math.isfinite(lora_alpha)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise ValueError(f"lora_alpha must be a finite real number, got {short_repr(lora_alpha)}")
+
+
+def check_flag(name: str, value) -> None:
+    """A real bool: the string "no" or the number 1 is refused rather than read as true."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def check_lora_dropout(lora_dropout) -> None:
+    if not _is_real(lora_dropout):
+        raise TypeError(f"lora_dropout must be a real number in [0, 1), got {lora_dropout!r} "
+                        f"({type(lora_dropout).__name__})")
+    if not 0.0 <= lora_dropout < 1.0:  # False for NaN as well
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+
+
+def _is_pissa(value) -> bool:
+    return isinstance(value, str) and (value == "pissa" or value.startswith("pissa_niter_"))
+
+
+def check_init_lora_weights(value, for_layer: bool = False) -> None:
+    """A peft init_lora_weights value fused_lora can honour.
+
+    for_layer=False (configs, adapter files): inits whose saved adapter is a plain LoRA delta are
+    accepted, since loading replaces A and B. for_layer=True: only what the layer can initialise.
+    """
+    if isinstance(value, bool) or (isinstance(value, str) and value in LAYER_INITS):
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"init_lora_weights must be True, False or a string, got {value!r} ({type(value).__name__})")
+    if value == "loftq":
+        raise ValueError(
+            "init_lora_weights='loftq' replaces the base model's weights by LoftQ's quantized ones, so the "
+            "adapter's A and B are a delta on a base this model does not have; fused_lora refuses it (peft has "
+            "no converted form of LoftQ adapters: use them with peft on the LoftQ-quantized base)")
+    if _is_pissa(value) or value in BASE_CHANGING_INITS:
+        raise ValueError(
+            f"init_lora_weights={value!r} changes the base model's weights as well as the adapter, so its "
+            "A and B are not a LoRA delta on the original base; fused_lora does not do this initialisation "
+            "and refuses such adapters. What loads is peft's converted form, the plain LoRA delta on the "
+            "original base: save it from peft with save_pretrained(path, "
+            "path_initial_model_for_weight_conversion=<the initial adapter>)")
+    if value in VARIANT_INITS:
+        raise ValueError(f"init_lora_weights={value!r} selects a peft LoRA variant that fused_lora does not implement")
+    if value in LOAD_ONLY_INITS:
+        if for_layer:
+            raise ValueError(f"init_lora_weights={value!r}: fused_lora cannot initialise adapters this way "
+                             f"(use one of {LAYER_INITS}); adapters peft trained with it load")
+        return
+    raise ValueError(f"init_lora_weights must be one of True, False, 'gaussian' (or a peft init such as "
+                     f"{', '.join(repr(v) for v in LOAD_ONLY_INITS)}), got {value!r}")
+
+
+def check_module_spec(name: str, value, allow_none: bool = True) -> None:
+    """target_modules / exclude_modules: a regex string (compiled here: a bad one is named) or a
+    list of names. Compiling is cheap whatever the pattern; only matching can be slow."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"{name}: {value!r} is not a valid regular expression: {err}") from None
+        return
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"{name} must be a string (a regex) or a list of strings, got {type(value).__name__}")
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{name} must hold only strings, got {short_repr(bad[0])} ({type(bad[0]).__name__})")
+
+
+def check_modules_to_save(value) -> None:
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"modules_to_save must be None or a list of strings, got {type(value).__name__}")
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"modules_to_save must hold only strings, got {short_repr(bad[0])} ({type(bad[0]).__name__})")
+
+
+def check_bias(bias) -> None:
+    if not isinstance(bias, str) or bias not in BIAS_VALUES:
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {short_repr(bias)}")
+
+
+def check_optional_str(name: str, value) -> None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be None or a string, got {type(value).__name__}")
+
+
+def check_backend(backend) -> None:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    backends.requested_backend(backend)  # validates the name now rather than at the first forward
+
+
+def check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha=8, use_rslora=False) -> None:
+    """The settings FusedLoRALinear takes; raises before anything is changed."""
+    check_r(r)
+    check_lora_alpha(lora_alpha)
+    check_flag("use_rslora", use_rslora)
+    check_lora_dropout(lora_dropout)
+    check_init_lora_weights(init_lora_weights, for_layer=True)
+    check_backend(backend)
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (peft's definition)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def short_repr(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
