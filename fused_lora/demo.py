@@ -19,6 +19,7 @@ from torch import nn
 
 from .analysis import amplification_factor, low_rank_approx
 from .config import LoraConfig
+from .distributed import resolve_device
 from .model import LoraModel, get_lora_model
 
 
@@ -122,7 +123,7 @@ def _counts(model) -> tuple[int, int]:
 
 def run(device: str | None = None, log=print) -> dict:
     """The whole walk-through; returns the figures it printed (for tests)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))  # ValueError naming the problem, e.g. cuda without CUDA
     start = time.perf_counter()
     figures = {}
 
