@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 ENGINES = ("ddp", "fsdp")
+ENGINE_NAMES = {"ddp": "DDP", "fsdp": "FSDP2"}
 
 
 def launched_world_size() -> int:

@@ -189,7 +189,7 @@ def finetune(size: str = "tiny", steps: int = 40, batch: int = 8, seq: int = 64,
     log(f"Llama '{size}' on {device} ({dtype}): {total:,} parameters, {trainable:,} trainable "
         f"(r={r}, alpha={lora_alpha}, dropout={lora_dropout})")
     if engine:
-        log(f"{world} processes ({engine.upper()} over {distributed.backend_for(device)}), each training on "
+        log(f"{world} processes ({distributed.ENGINE_NAMES[engine]} over {distributed.backend_for(device)}), each training on "
             f"{batch // world} of the {batch} sequences of every batch")
     trained = distributed.wrap(lora, engine, device) if engine else lora
     # After wrapping: FSDP2 replaces the parameters with sharded ones.

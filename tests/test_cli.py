@@ -64,6 +64,33 @@ def test_cuda_requested_without_cuda(capsys, monkeypatch, tmp_path):
     assert line.startswith("python -m fused_lora demo: error: argument --device") and "CUDA is not available" in line
 
 
+def test_library_functions_refuse_bad_settings_before_building_anything(monkeypatch, tmp_path):
+    import fused_lora.finetune as ft
+    from fused_lora.demo import run
+    monkeypatch.setattr(ft, "build_llama", lambda *a, **k: pytest.fail("built a model"))
+    with pytest.raises(ft.SettingError, match="steps: must be an integer >= 1, got 0"):
+        finetune(steps=0, out=str(tmp_path / "a"))
+    with pytest.raises(ft.SettingError, match="lora_dropout"):
+        finetune(lora_dropout=1.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        finetune(device="cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        run(device="cuda", log=lambda s: pytest.fail("started the demo"))
+
+
+def test_out_of_memory_is_one_error_line(monkeypatch, capsys):
+    import fused_lora.finetune as ft
+
+    def oom(**kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+    monkeypatch.setattr(ft, "finetune", oom)
+    assert main(["finetune", "--device", "cpu", "--batch", "64"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("python -m fused_lora finetune: error: out of memory on cpu at --batch 64 --seq 64 "
+                           "(--size tiny): lower --batch or --seq")
+
+
 def test_out_that_is_a_file_is_refused(capsys, tmp_path):
     (tmp_path / "f").write_text("x")
     assert "--out" in _refused(capsys, ["finetune", "--out", str(tmp_path / "f")])
