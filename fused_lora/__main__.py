@@ -111,13 +111,7 @@ def _info() -> None:
 
     from . import __version__, backends
     print(f"fused_lora {__version__}, torch {torch.__version__}, triton installed: {backends.triton_installed()}")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for dev in devices:
-        for dtype in (torch.float32, torch.bfloat16):
-            name = backends.describe(torch.device(dev), dtype, 16)
-            reasons = backends.triton_not_supported_reasons(torch.device(dev), dtype, 16)
-            why = f" (triton: {'; '.join(reasons)})" if reasons else ""
-            print(f"  {dev} {dtype}: {name}{why}")
+    print(backends.report())  # the implementations, what runs where and why, auto's choices and timings
 
 
 if __name__ == "__main__":

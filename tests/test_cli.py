@@ -124,7 +124,8 @@ def test_help_explains_every_flag_with_its_default(capsys, command):
 def test_info_runs(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("fused_lora ") and "cpu torch.float32: torch" in out
+    assert out.startswith("fused_lora ") and "cpu float32 r<=16, auto -> torch" in out
+    assert "tuned choices" in out  # auto's choices (and timings) on CUDA, none on this CPU
 
 
 def test_default_output_directory_is_ignored_by_git():
