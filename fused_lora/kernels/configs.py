@@ -31,11 +31,15 @@ _GEMM = {
 }
 # Memory-bound passes over x (shrink: H = (D x) A^T) and over dY (G = s dY B, dB = s dY^T H): the
 # first config that fits is used (no tuning: the tile hardly matters to a bandwidth-bound pass).
-# The shrink pass with dropout keeps to BLOCK_M = 32 (mma.sync): with Hopper's wgmma its register
-# operand (the masked x tile) makes ptxas serialize the MMAs (advisory C7515).
+# The shrink pass with dropout, and the dY pass at the largest rank tiles, keep to BLOCK_M = 32
+# (mma.sync): with Hopper's wgmma, ptxas serializes their MMAs (advisory C7515: the masked x tile
+# is a register operand; the dB partial's registers run out). The shrink pass keeps to 4 warps:
+# at 8, triton 3.6 gets the same advisory.
 _PASS = {
-    90: [_cfg(64, 64, 128, 4, 3), _cfg(32, 64, 128, 4, 3), _cfg(64, 32, 64, 8, 2), _cfg(32, 32, 32, 4, 2)],
-    80: [_cfg(64, 64, 64, 4, 3), _cfg(32, 64, 128, 4, 3), _cfg(64, 32, 64, 8, 2), _cfg(32, 32, 32, 4, 2)],
+    90: [_cfg(64, 64, 128, 4, 3), _cfg(32, 64, 128, 4, 3), _cfg(64, 32, 64, 8, 2), _cfg(32, 32, 32, 4, 2),
+         _cfg(32, 32, 32, 8, 2)],
+    80: [_cfg(64, 64, 64, 4, 3), _cfg(32, 64, 128, 4, 3), _cfg(64, 32, 64, 8, 2), _cfg(32, 32, 32, 4, 2),
+         _cfg(32, 32, 32, 8, 2)],
 }
 MAX_GEMM_CANDIDATES = 2  # autotuning candidates per GEMM variant: the largest tiles that fit
 _INTERPRETER = [_cfg(32, 32, 32, 4, 1, group=2)]
@@ -79,9 +83,9 @@ def gemm_regs_estimate(cfg, block_r: int, elt: int, dropout: bool) -> float:
 
 def pass_regs_estimate(cfg, block_r: int, elt: int, kernel_name: str) -> float:
     """Per thread: the fp32 BLOCK_M x BLOCK_R accumulator and rank tile, and (dy) the fp32
-    BLOCK_N x BLOCK_R partial of dB."""
+    BLOCK_N x BLOCK_R partial of dB and the B tile."""
     k, threads = cfg.kwargs, 32 * cfg.num_warps
-    partial = k["BLOCK_N"] * block_r if kernel_name == "dy" else 0
+    partial = k["BLOCK_N"] * block_r * (1 + elt / 4) if kernel_name == "dy" else 0
     return (k["BLOCK_M"] * block_r * (1 + elt / 4) + partial) / threads
 
 
@@ -113,7 +117,9 @@ def candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout: boo
         estimate = lambda c, r, e: pass_smem_estimate(c, r, e, stream)  # noqa: E731
         regs = lambda c: pass_regs_estimate(c, block_r, elt, kernel_name)  # noqa: E731
         configs = pass_configs(arch)
-        if kernel_name == "shrink" and dropout:
-            configs = [c for c in configs if c.kwargs["BLOCK_M"] == 32]
+        if kernel_name == "shrink":
+            configs = [c for c in configs if c.num_warps == 4 and (c.kwargs["BLOCK_M"] == 32 or not dropout)]
+        if kernel_name == "dy" and block_r * elt >= 512:
+            configs = [c for c in configs if c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 32]
         return keep_fitting(configs, estimate, block_r, elt, arch, regs)[:1]
     raise KeyError(kernel_name)
