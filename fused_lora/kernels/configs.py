@@ -1,11 +1,13 @@
 """Autotuning configurations for the kernels, per GPU architecture, and their pruning.
 
 Lists are small on purpose (Triton tutorial 06 style): a handful of tiles known to suit Hopper
-(sm_90: 228 KiB of shared memory per block) and Ampere (sm_80: 163 KiB). Configs whose shared
-memory estimate does not fit, given the LoRA rank's epilogue tiles, are pruned before tuning;
-tests/test_kernel_compile.py compiles every config that survives for sm_90 and sm_80 and checks
-the real shared-memory use against the limits. Under TRITON_INTERPRET=1 a single small config is
-used (the interpreter cannot benchmark several).
+(sm_90: 228 KiB of shared memory per block) and Ampere (sm_80: 163 KiB). For each kernel variant
+(padded rank, element size, dropout) the configs whose shared-memory and register estimates fit
+are kept: at most two per GEMM, one per memory-bound pass. The static gate
+(`python -m fused_lora.kernels.compile_check`, tests/test_kernel_compile.py) compiles every one
+that survives for sm_90 and sm_80 and holds it to the real shared memory, and for sm_90 to no
+register spill and no ptxas performance advisory. Under TRITON_INTERPRET=1 a single small config
+is used (the interpreter cannot benchmark several).
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ _GEMM = {
 # first config that fits is used (no tuning: the tile hardly matters to a bandwidth-bound pass).
 # The shrink pass with dropout, and the dY pass at the largest rank tiles, keep to BLOCK_M = 32
 # (mma.sync): with Hopper's wgmma, ptxas serializes their MMAs (advisory C7515: the masked x tile
-# is a register operand; the dB partial's registers run out). The shrink pass keeps to 4 warps:
-# at 8, triton 3.6 gets the same advisory.
+# is a register operand; the dB partial's registers run out), the latter on 8 warps (on 4, triton
+# 3.9 caps it at 128 registers and it spills). The shrink pass keeps to 4 warps: at 8, triton 3.6
+# gets the C7515 advisory.
 _PASS = {
     90: [_cfg(64, 64, 128, 4, 3), _cfg(32, 64, 128, 4, 3), _cfg(64, 32, 64, 8, 2), _cfg(32, 32, 32, 4, 2),
          _cfg(32, 32, 32, 8, 2)],
@@ -120,6 +123,6 @@ def candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout: boo
         if kernel_name == "shrink":
             configs = [c for c in configs if c.num_warps == 4 and (c.kwargs["BLOCK_M"] == 32 or not dropout)]
         if kernel_name == "dy" and block_r * elt >= 512:
-            configs = [c for c in configs if c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 32]
+            configs = [c for c in configs if c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 32 and c.num_warps == 8]
         return keep_fitting(configs, estimate, block_r, elt, arch, regs)[:1]
     raise KeyError(kernel_name)
