@@ -39,9 +39,9 @@ _GEMM = {
 # 3.9 caps it at 128 registers and it spills). The shrink pass keeps to 4 warps: at 8, triton 3.6
 # gets the C7515 advisory.
 _PASS = {
-    90: [_cfg(64, 64, 128, 4, 3), _cfg(32, 64, 128, 4, 3), _cfg(64, 32, 64, 8, 2), _cfg(32, 32, 32, 4, 2),
+    90: [_cfg(64, 64, 128, 4, 3), _cfg(32, 64, 128, 4, 3), _cfg(32, 32, 32, 4, 2),
          _cfg(32, 32, 32, 8, 2)],
-    80: [_cfg(64, 64, 64, 4, 3), _cfg(32, 64, 128, 4, 3), _cfg(64, 32, 64, 8, 2), _cfg(32, 32, 32, 4, 2),
+    80: [_cfg(64, 64, 64, 4, 3), _cfg(32, 64, 128, 4, 3), _cfg(32, 32, 32, 4, 2),
          _cfg(32, 32, 32, 8, 2)],
 }
 MAX_GEMM_CANDIDATES = 2  # autotuning candidates per GEMM variant: the largest tiles that fit
