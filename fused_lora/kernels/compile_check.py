@@ -182,11 +182,13 @@ def _cache_dir() -> str:
 
 
 def ptxas_report(arch: int, ptx: str, fp_fusion: bool = True) -> dict:
-    """parse_ptxas of ptxas -v on this PTX; cached by (command, PTX)."""
+    """parse_ptxas of ptxas -v on this PTX; cached by (ptxas, flags, PTX)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         cmd = _ptxas_command(arch, path, fp_fusion)
-        key = hashlib.sha256(json.dumps([os.path.basename(cmd[0]), cmd[1:-3], ptx]).encode()).hexdigest()
+        from triton.backends.nvidia.compiler import get_ptxas
+        # The ptxas (its path and version: each triton bundles its own), its flags, the PTX.
+        key = hashlib.sha256(json.dumps([cmd[0], get_ptxas(arch).version, cmd[1:-3], ptx]).encode()).hexdigest()
         cached = os.path.join(_cache_dir(), key + ".json")
         if os.path.exists(cached):
             with open(cached) as f:
