@@ -18,6 +18,7 @@ from . import configs
 from .backward import lora_dx_da_kernel, lora_dy_kernel
 from .dropout import keep_mask, keep_threshold
 from .forward import lora_forward_kernel, lora_shrink_kernel
+from .reduce import sum_partials
 from .. import torch_impl
 
 __all__ = ["forward", "backward", "keep_mask", "block_r", "arch_of"]
@@ -46,23 +47,46 @@ def arch_of(device: torch.device) -> int:
     return _arch_of_index(device.index if device.index is not None else torch.cuda.current_device())
 
 
-_KERNELS = {  # name -> (jit function, autotuning key, buffers zeroed before each tuning run)
-    "shrink": (lora_shrink_kernel, ["M_BUCKET", "K"], None),
-    "forward": (lora_forward_kernel, ["M_BUCKET", "N", "K"], None),
-    "dy": (lora_dy_kernel, ["M_BUCKET", "N"], ["db_ptr"]),
-    "dx_da": (lora_dx_da_kernel, ["M_BUCKET", "N", "K", "HAS_DX", "HAS_DA"], ["da_ptr"]),
+_KERNELS = {  # name -> (jit function, autotuning key: every argument that changes the code or the work)
+    "shrink": (lora_shrink_kernel, ["M_BUCKET", "K", "HAS_DROPOUT"]),
+    "forward": (lora_forward_kernel, ["M_BUCKET", "N", "K", "HAS_BIAS"]),
+    "dy": (lora_dy_kernel, ["M_BUCKET", "N", "N_CHUNK", "HAS_DB"]),
+    "dx_da": (lora_dx_da_kernel, ["M_BUCKET", "N", "K", "HAS_DX", "HAS_DA", "HAS_DROPOUT"]),
 }
 
 
 @lru_cache(maxsize=None)
-def _tuned(kernel_name: str, arch: int, blk_r: int, elt: int):
-    """The autotuned launcher for one kernel, architecture, padded rank and element size."""
-    fn, key, zeroed = _KERNELS[kernel_name]
-    return triton.autotune(configs.candidates(kernel_name, arch, blk_r, elt), key=key, reset_to_zero=zeroed)(fn)
+def _tuned(kernel_name: str, arch: int, blk_r: int, elt: int, dropout: bool):
+    """The autotuned launcher for one kernel, architecture, padded rank, element size and dropout."""
+    fn, key = _KERNELS[kernel_name]
+    return triton.autotune(configs.candidates(kernel_name, arch, blk_r, elt, dropout), key=key)(fn)
 
 
-def _launcher(kernel_name: str, x: torch.Tensor, r: int):
-    return _tuned(kernel_name, arch_of(x.device), block_r(r), x.element_size())
+def _launcher(kernel_name: str, x: torch.Tensor, r: int, dropout: bool = False):
+    return _tuned(kernel_name, arch_of(x.device), block_r(r), x.element_size(), dropout)
+
+
+def _row_blocks(launcher, M: int) -> int:
+    """Enough partial-sum slots for one per row block, whichever config the autotuner picks."""
+    return triton.cdiv(M, min(c.kwargs["BLOCK_M"] for c in launcher.configs))
+
+
+def _row_blocks_used(launcher, M: int) -> int:
+    """The slots the launch just made actually wrote: one per row block of the chosen config."""
+    return triton.cdiv(M, launcher.best_config.kwargs["BLOCK_M"])
+
+
+# The dY pass splits N into chunks (a multiple of every config's BLOCK_N) so that short inputs
+# still give enough programs to fill a large GPU; each chunk adds one M x r partial of G.
+_DY_CHUNK_UNIT = 256
+_DY_TARGET_PROGRAMS = 1024
+
+
+def dy_chunk(M: int, N: int) -> int:
+    """Columns of dY per program of the dY pass: one chunk for tall inputs, more for short ones."""
+    rows = triton.cdiv(M, 64)
+    splits = max(1, min(triton.cdiv(_DY_TARGET_PROGRAMS, rows), triton.cdiv(N, _DY_CHUNK_UNIT)))
+    return triton.cdiv(triton.cdiv(N, splits), _DY_CHUNK_UNIT) * _DY_CHUNK_UNIT
 
 
 def _rows_grid(M):
@@ -87,7 +111,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     p = float(dropout_p)
     scale = 1.0 / (1.0 - p)
-    _launcher("shrink", x, r)[_rows_grid(M)](
+    _launcher("shrink", x, r, p > 0.0)[_rows_grid(M)](
         x, lora_A, h, *x.stride(), *lora_A.stride(), *h.stride(),
         M, K, r, seed, keep_threshold(p), scale, m_bucket(M), HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
     _launcher("forward", x, r)[_tiles_grid(M, N)](
@@ -103,24 +127,46 @@ def backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx
     if _degenerate(M, N, K):
         return torch_impl.backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
                                    need_dx, need_lora, need_dw, need_db)
-    p = float(dropout_p)
-    scale = 1.0 / (1.0 - p)
-    g = torch.empty((M, r), dtype=x.dtype, device=x.device)
-    db32 = torch.zeros((N, r), dtype=torch.float32, device=x.device)
-    _launcher("dy", x, r)[_rows_grid(M)](
-        dy, lora_B, h, g, db32, *dy.stride(), *lora_B.stride(), *h.stride(), *g.stride(),
-        M, N, r, float(scaling), m_bucket(M), BLOCK_R=block_r(r))
-    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
-    da32 = torch.zeros((r, K), dtype=torch.float32, device=x.device) if need_lora else None
+    dx = dA = dB = None
     if need_dx or need_lora:
-        _launcher("dx_da", x, r)[_tiles_grid(M, K)](
-            dy, weight, g, lora_A, x, dx if need_dx else g, da32 if need_lora else g,
-            *dy.stride(), *weight.stride(), *g.stride(), *lora_A.stride(), *x.stride(),
-            *(dx.stride() if need_dx else (0, 0)),
-            M, N, K, r, seed, keep_threshold(p), scale, m_bucket(M),
-            HAS_DX=need_dx, HAS_DA=need_lora, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
-    dA = da32.to(lora_A.dtype) if need_lora else None
-    dB = db32.to(lora_B.dtype) if need_lora else None
+        dx, dA, dB = _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora)
     dW = torch.mm(dy.t(), x) if need_dw else None
     db = dy.sum(0) if need_db else None
     return dx, dA, dB, dW, db
+
+
+def _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora):
+    """dX, dA, dB in four launches: dY pass, G sum, dX/dA, dA+dB sums."""
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    p = float(dropout_p)
+    scale = 1.0 / (1.0 - p)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    # 1. dY pass: partials of G (one per column chunk) and of dB (one per row block).
+    dy_pass = _launcher("dy", x, r)
+    chunk = dy_chunk(M, N)
+    g_ws = torch.empty((triton.cdiv(N, chunk), M, r), **f32)
+    db_ws = torch.empty((_row_blocks(dy_pass, M), N, r), **f32) if need_lora else g_ws
+    dy_pass[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, chunk))](
+        dy, lora_B, h, g_ws, db_ws, *dy.stride(), *lora_B.stride(), *h.stride(),
+        M, N, r, chunk, float(scaling), m_bucket(M), HAS_DB=need_lora, BLOCK_R=block_r(r))
+    db_slots = _row_blocks_used(dy_pass, M)
+    g = torch.empty((M, r), dtype=x.dtype, device=x.device)
+    sum_partials((g_ws, g))
+    # 2. dX and the dA partials (one per row block).
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
+    dx_da = _launcher("dx_da", x, r, p > 0.0)
+    da_ws = torch.empty((_row_blocks(dx_da, M), r, K), **f32) if need_lora else g_ws
+    dx_da[_tiles_grid(M, K)](
+        dy, weight, g, lora_A, x, dx if need_dx else g, da_ws,
+        *dy.stride(), *weight.stride(), *g.stride(), *lora_A.stride(), *x.stride(),
+        *(dx.stride() if need_dx else (0, 0)),
+        M, N, K, r, seed, keep_threshold(p), scale, m_bucket(M),
+        HAS_DX=need_dx, HAS_DA=need_lora, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
+    if not need_lora:
+        return dx, None, None
+    # 3. dA and dB summed in a fixed order, written in the parameters' dtypes.
+    dA = torch.empty((r, K), dtype=lora_A.dtype, device=x.device)
+    dB = torch.empty((N, r), dtype=lora_B.dtype, device=x.device)
+    sum_partials((da_ws[:_row_blocks_used(dx_da, M)], dA), (db_ws[:db_slots], dB))
+    return dx, dA, dB

@@ -1,77 +1,141 @@
-"""Compile every kernel with every config it may pick for sm_90 and sm_80, without a GPU.
+"""The static performance gate: every kernel variant the launchers can run, compiled for sm_90 and
+sm_80 without a GPU, and read by ptxas.
 
-The interpreter says nothing of shared memory; this does. Each kernel is compiled the way the JIT
-specializes it at run time for contiguous inputs with sizes divisible by 16 (unit strides constant,
-the rest 16-divisible): the case that pipelines fully and so uses the most shared memory.
+A variant is one kernel x architecture x dtype (bf16, fp16, fp32: fp32 dots run as TF32) x padded
+rank (BLOCK_R) x flag combination that changes the code (HAS_DROPOUT, HAS_BIAS, HAS_DB,
+HAS_DX/HAS_DA) x autotuning config the launchers may pick. Each is compiled the way the JIT
+specializes it for contiguous inputs with sizes divisible by 16 (unit strides constant, the rest
+16-divisible: the case that pipelines fully and uses the most shared memory), then Triton's own
+ptxas is run with -v on its PTX, with the flags Triton's make_cubin uses, and its report parsed:
+registers per thread, spill stores/loads in bytes, and the C75xx performance advisories
+("wgmma.mma_async instructions are serialized ..." and the like).
 
-    python -m fused_lora.kernels.compile_check      # prints a table, exits 1 on any failure
+Fails on: a compile error or shared memory over the limit (either architecture), and on any spill
+or C75xx advisory for sm_90 (for sm_80 those are reported, not failed).
+
+    python -m fused_lora.kernels.compile_check          # summary and findings; exit 1 on failure
+    python -m fused_lora.kernels.compile_check --all    # also one line per variant
+
+ptxas reports are cached by the hash of (ptxas, flags, PTX) beside Triton's own cache, so a rerun
+with unchanged kernels costs only Triton's cache lookups.
 """
 from __future__ import annotations
 
-import os
-import sys
+import hashlib
+import inspect
+import itertools
+import json
 import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 
 RANKS = (16, 32, 64, 128, 256)  # every padded rank (BLOCK_R) the launchers use
 ARCHS = (90, 80)
+DTYPES = ("bf16", "fp16", "fp32")
+GATED_ARCH = 90  # spills and advisories fail the gate here; elsewhere they are reported
+_ELT = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 # Strides that are 1 for contiguous inputs (the JIT turns them into constants).
 _UNIT_STRIDES = {
     "shrink": {"stride_xk", "stride_ak", "stride_hr"},
     "forward": {"stride_xk", "stride_wk", "stride_hr", "stride_br", "stride_yn"},
-    "dy": {"stride_dyn", "stride_br", "stride_hr", "stride_gr"},
+    "dy": {"stride_dyn", "stride_br", "stride_hr"},
     "dx_da": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_xk", "stride_dxk"},
+    "reduce": set(),
 }
-# The largest variant of each kernel (every optional part on).
-_FLAGS = {
-    "shrink": {"HAS_DROPOUT": True},
-    "forward": {"HAS_BIAS": True},
-    "dy": {},
-    "dx_da": {"HAS_DX": True, "HAS_DA": True, "HAS_DROPOUT": True},
+# Every combination of the constexpr flags each launcher passes.
+_DX_DA = [dict(HAS_DX=dx, HAS_DA=da, HAS_DROPOUT=drop)
+          for (dx, da), drop in itertools.product([(True, True), (True, False), (False, True)], [False, True])]
+FLAGS = {
+    "shrink": [dict(HAS_DROPOUT=False), dict(HAS_DROPOUT=True)],
+    "forward": [dict(HAS_BIAS=False), dict(HAS_BIAS=True)],
+    "dy": [dict(HAS_DB=False), dict(HAS_DB=True)],
+    "dx_da": _DX_DA,
+    "reduce": [{}],
 }
 _FLOAT_ARGS = {"scaling", "scale"}
-_FP32_BUFFERS = {"db_ptr", "da_ptr"}
+_FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr"}
 
 
-def jobs(dtypes=("bf16", "fp16")):
-    """(kernel, arch, block_r, dtype, config index) covering every config any launch may use.
+@dataclass(frozen=True)
+class Variant:
+    kernel: str
+    arch: int
+    dtype: str
+    block_r: int  # 0 for kernels without a rank
+    flags: tuple  # ((name, value), ...)
+    config: int  # index into configs.candidates(...), -1 for the untuned reduction
 
-    A config's shared memory only grows with the rank (its epilogue tiles are BLOCK_R wide), so
-    each config is compiled once per dtype, at the largest padded rank for which it is kept.
-    """
+
+@dataclass
+class Result:
+    variant: Variant
+    config: str = ""
+    shared: int | None = None
+    registers: int | None = None
+    spill_stores: int = 0
+    spill_loads: int = 0
+    advisories: list = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0
+
+    def failures(self) -> list:
+        """Why this variant fails the gate (empty if it passes)."""
+        from . import configs
+        out = [self.error] if self.error else []
+        limit = configs.SMEM_LIMIT[self.variant.arch]
+        if self.shared is not None and self.shared > limit:
+            out.append(f"shared memory {self.shared} > {limit}")
+        if self.variant.arch == GATED_ARCH:
+            if self.spills:
+                out.append(f"spills {self.spill_stores} B stored / {self.spill_loads} B loaded")
+            out.extend(self.advisories)
+        return out
+
+
+def variants(archs=ARCHS, dtypes=DTYPES) -> list:
+    """Every variant any launch may compile (under the real, non-interpreter config lists)."""
     from . import configs
     out = []
-    for kernel in configs.KERNELS:
-        for arch in ARCHS:
-            worst = {}  # config -> (largest block_r keeping it, its index in that rank's list)
-            for block_r in RANKS:
-                for i, cfg in enumerate(configs.candidates(kernel, arch, block_r, 2)):
-                    worst[str(cfg)] = (block_r, i)
-            for block_r, i in worst.values():
-                out.extend((kernel, arch, block_r, dtype, i) for dtype in dtypes)
+    for arch, dtype in itertools.product(archs, dtypes):
+        for kernel in configs.KERNELS:
+            for block_r, flags in itertools.product(RANKS, FLAGS[kernel]):
+                n = len(configs.candidates(kernel, arch, block_r, _ELT[dtype], flags.get("HAS_DROPOUT", False)))
+                out.extend(Variant(kernel, arch, dtype, block_r, tuple(flags.items()), i) for i in range(n))
+        out.append(Variant("reduce", arch, dtype, 0, (), -1))
     return out
 
 
-def compile_one(job):
-    """Compile one job; returns (job, shared bytes, limit, error message or None)."""
+def _source(v: Variant):
+    """The kernel, its compile-time constants and signature for one variant, and its config."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from . import _KERNELS, configs
-    kernel, arch, block_r, dtype, index = job
-    cfg = configs.candidates(kernel, arch, block_r, 2)[index]
-    fn = _KERNELS[kernel][0]
-    constexprs = dict(cfg.kwargs, BLOCK_R=block_r, **_FLAGS[kernel])
+    from .reduce import BLOCK, sum_partials_kernel
+    if v.kernel == "reduce":
+        fn, constexprs, cfg = sum_partials_kernel, {"BLOCK": BLOCK}, triton.Config({}, num_warps=4, num_stages=1)
+    else:
+        fn = _KERNELS[v.kernel][0]
+        cfg = configs.candidates(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))[v.config]
+        constexprs = dict(cfg.kwargs, BLOCK_R=v.block_r, **dict(v.flags))
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in _UNIT_STRIDES[kernel]:
+        elif name in _UNIT_STRIDES[v.kernel]:
             signature[name], constexprs[name] = "constexpr", 1
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in _FP32_BUFFERS else f"*{dtype}"
+            signature[name] = "*fp32" if name in _FP32_BUFFERS else f"*{v.dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_ARGS:
             signature[name] = "fp32"
@@ -81,48 +145,153 @@ def compile_one(job):
             signature[name] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    limit = configs.SMEM_LIMIT[arch]
+                    constexprs={(fn.arg_names.index(k),): val for k, val in constexprs.items()})
+    return src, cfg
+
+
+def _ptxas_command(arch: int, ptx_path: str, fp_fusion: bool) -> list:
+    """ptxas -v with the flags Triton's make_cubin passes for this architecture."""
+    from triton.backends.nvidia import compiler as nv
+    flags = ["-lineinfo", "-v"] + ([] if fp_fusion else ["--fmad=false"])
+    if "--regAllocOptLevel=2" in inspect.getsource(nv.CUDABackend.make_cubin):  # newer tritons add it
+        flags.append("--regAllocOptLevel=2")
+    return [nv.get_ptxas(arch).path, *flags, f"--gpu-name={nv.sm_arch_from_capability(arch)}", ptx_path,
+            "-o", ptx_path + ".o"]
+
+
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGISTERS = re.compile(r"Used (\d+) registers")
+_ADVISORY = re.compile(r"\((C75\d\d)\)\s*(.*)")
+
+
+def parse_ptxas(log: str) -> dict:
+    """Registers, spill bytes and C75xx advisories from a `ptxas -v` report."""
+    spills = _SPILLS.search(log)
+    regs = _REGISTERS.search(log)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_stores": int(spills.group(1)) if spills else 0,
+        "spill_loads": int(spills.group(2)) if spills else 0,
+        "advisories": [f"{code} {msg.strip()[:160]}" for code, msg in _ADVISORY.findall(log)],
+    }
+
+
+def _cache_dir() -> str:
+    from triton import knobs
+    return os.path.join(knobs.cache.dir, "fused_lora_ptxas")
+
+
+def ptxas_report(arch: int, ptx: str, fp_fusion: bool = True) -> dict:
+    """parse_ptxas of ptxas -v on this PTX; cached by (ptxas, flags, PTX)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        cmd = _ptxas_command(arch, path, fp_fusion)
+        from triton.backends.nvidia.compiler import get_ptxas
+        # The ptxas (its path and version: each triton bundles its own), its flags, the PTX.
+        key = hashlib.sha256(json.dumps([cmd[0], get_ptxas(arch).version, cmd[1:-3], ptx]).encode()).hexdigest()
+        cached = os.path.join(_cache_dir(), key + ".json")
+        if os.path.exists(cached):
+            with open(cached) as f:
+                return json.load(f)
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ptxas failed: {(proc.stderr or proc.stdout).strip()[:300]}")
+        report = parse_ptxas(proc.stdout + proc.stderr)
+    os.makedirs(_cache_dir(), exist_ok=True)
+    with open(cached + f".{os.getpid()}", "w") as f:
+        json.dump(report, f)
+    os.replace(cached + f".{os.getpid()}", cached)
+    return report
+
+
+def compile_variant(v: Variant) -> Result:
+    """Compile one variant for its architecture and read ptxas' report of it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    src, cfg = _source(v)
+    result = Result(v, config=_config_name(cfg))
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+        compiled = triton.compile(src, target=GPUTarget("cuda", v.arch, 32),
                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    except Exception as err:  # a compile failure is a finding, reported with its job
-        return job, None, limit, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    shared = compiled.metadata.shared
-    return job, shared, limit, None if shared <= limit else f"shared memory {shared} > {limit}"
+        result.shared = compiled.metadata.shared
+        for name, value in ptxas_report(v.arch, compiled.asm["ptx"],
+                                               getattr(compiled.metadata, "enable_fp_fusion", True)).items():
+            setattr(result, name, value)
+    except Exception as err:  # a compile failure is a finding, reported with its variant
+        result.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+    return result
 
 
-def run_all(workers: int = 2, dtypes=("bf16", "fp16")):
-    """Compile all jobs in fresh worker processes started without TRITON_INTERPRET, so the kernels
-    are real JIT functions there and the full config lists apply, whatever this process runs under."""
+def _config_name(cfg) -> str:
+    k = cfg.kwargs
+    tile = "x".join(str(k[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in k)
+    return f"{tile or '-'} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def run_all(workers: int | None = None, archs=ARCHS, dtypes=DTYPES) -> list:
+    """Compile all variants in fresh worker processes started without TRITON_INTERPRET, so the
+    kernels are real JIT functions there and the full config lists apply, whatever this process
+    runs under."""
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        todo = _jobs_in_fresh_process(dtypes)
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            return list(pool.map(compile_one, todo))
+        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 2, mp_context=ctx) as pool:
+            todo = pool.submit(variants, archs, dtypes).result()
+            # The largest tiles compile slowest: start them first so the workers finish together.
+            todo.sort(key=lambda v: (v.kernel not in ("forward", "dx_da"), v.config))
+            return list(pool.map(compile_variant, todo, chunksize=4))
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
 
 
-def _jobs_in_fresh_process(dtypes):
-    # The job list depends on the (non-interpreter) config lists: build it where they apply.
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(jobs, dtypes).result()
+def summary(results) -> dict:
+    """Per architecture: variants compiled, with spills, with advisories, failing the gate."""
+    out = {}
+    for arch in sorted({r.variant.arch for r in results}, reverse=True):
+        rs = [r for r in results if r.variant.arch == arch]
+        out[arch] = {"compiled": sum(r.error is None for r in rs), "spills": sum(r.spills for r in rs),
+                     "advisories": sum(bool(r.advisories) for r in rs), "failed": sum(bool(r.failures()) for r in rs),
+                     "variants": len(rs)}
+    return out
 
 
-def main() -> int:
-    from . import configs
-    results = run_all(workers=os.cpu_count() or 2)
+def _describe(r: Result) -> str:
+    v = r.variant
+    flags = ",".join(k for k, val in v.flags if val) or "-"
+    return (f"{v.kernel:7s} sm_{v.arch} {v.dtype:4s} r<={v.block_r:<3d} {flags:30s} {r.config:18s} "
+            f"regs={r.registers} spill={r.spill_stores}/{r.spill_loads} smem={r.shared}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    import triton
+    start = time.time()
+    results = run_all()
+    elapsed = time.time() - start
+    print(f"triton {triton.__version__}: {len(results)} variants in {elapsed:.0f} s")
+    print(f"{'kernel':8s}{'arch':6s}{'variants':>9s}{'max regs':>9s}{'spills':>7s}{'advis.':>7s}{'max smem':>9s}")
+    groups = itertools.groupby(sorted(results, key=lambda r: (r.variant.kernel, -r.variant.arch)),
+                               key=lambda r: (r.variant.kernel, r.variant.arch))
+    for (kernel, arch), rs in groups:
+        rs = list(rs)
+        regs = max((r.registers or 0) for r in rs)
+        smem = max((r.shared or 0) for r in rs)
+        print(f"{kernel:8s}sm_{arch:<3d}{len(rs):9d}{regs:9d}{sum(r.spills for r in rs):7d}"
+              f"{sum(bool(r.advisories) for r in rs):7d}{smem:9d}")
+    for r in results:
+        problems = r.failures() or ([f"spills {r.spill_stores}/{r.spill_loads} B"] if r.spills else []) + r.advisories
+        if "--all" in argv or problems:
+            print(_describe(r) + ("  " + "; ".join(problems) if problems else ""))
     failed = 0
-    for (kernel, arch, block_r, dtype, index), shared, limit, err in results:
-        cfg = configs.candidates(kernel, arch, block_r, 2)[index]
-        status = "ok" if err is None else "FAIL " + err
-        failed += err is not None
-        print(f"{kernel:8s} sm_{arch} r<={block_r:3d} {dtype} {cfg}: shared={shared} limit={limit} {status}")
-    print(f"{len(results) - failed} passed, {failed} failed")
+    for arch, s in summary(results).items():
+        gate = "gated" if arch == GATED_ARCH else "reported"
+        print(f"sm_{arch} ({gate}): {s['compiled']}/{s['variants']} compiled, {s['spills']} with spills, "
+              f"{s['advisories']} with C75xx advisories, {s['failed']} failing")
+        failed += s["failed"]
+    print("PASS" if not failed else f"FAIL: {failed} variants")
     return 1 if failed else 0
 
 

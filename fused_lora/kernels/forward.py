@@ -1,8 +1,8 @@
 """Forward kernels: the shrink pass H = (D x) A^T and the GEMM Y = x W^T + b + s H B^T.
 
 The shrink pass reads x once and writes the small M x r matrix H (dropout drawn here, in-kernel).
-The GEMM computes the base product and adds s * H B^T in its epilogue, so Y is written once and
-no M x N temporary exists. Parameter order: pointers, strides, sizes, scalars, constexprs.
+The GEMM starts its accumulator from s * H B^T and adds the base product onto it, so Y is written
+once and no M x N temporary exists. Parameter order: pointers, strides, sizes, scalars, constexprs.
 """
 import triton
 import triton.language as tl
@@ -67,17 +67,18 @@ def lora_forward_kernel(
     m_in = offs_m < M
     n_in = offs_n < N
     r_in = offs_r < R
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The low-rank term first: the accumulator starts as scaling * H B^T and the K loop adds onto
+    # it. Adding it after the loop would keep a second BLOCK_M x BLOCK_N fp32 tile live (spills on
+    # the large tiles, and serialized wgmma on Hopper).
+    h = load_tile(h_ptr, offs_m, offs_r, stride_hm, stride_hr, m_in, r_in)
+    bt = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r_in, n_in)  # B^T tile
+    acc = tl.dot(h, bt) * scaling
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_in = offs_k < K
         x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, m_in, k_in)
         w = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, k_in, n_in)  # W^T tile
         acc = tl.dot(x, w, acc)
-    # Epilogue: the low-rank term, BLOCK_M x BLOCK_R times BLOCK_R x BLOCK_N.
-    h = load_tile(h_ptr, offs_m, offs_r, stride_hm, stride_hr, m_in, r_in)
-    bt = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r_in, n_in)  # B^T tile
-    acc += scaling * tl.dot(h, bt)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
     store_tile(y_ptr, acc, offs_m, offs_n, stride_ym, stride_yn, m_in, n_in)
