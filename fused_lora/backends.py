@@ -47,6 +47,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .interpreter import interpreting  # noqa: F401  (also part of this module's API)
+
 ENV_VAR = "FUSED_LORA_BACKEND"
 CACHE_ENV_VAR = "FUSED_LORA_CACHE_DIR"
 MAX_TRITON_RANK = 256
@@ -60,8 +62,6 @@ class BackendUnavailable(RuntimeError):
     """A backend was requested by name but cannot run these inputs."""
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @lru_cache(maxsize=None)

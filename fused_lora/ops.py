@@ -59,12 +59,17 @@ def _chosen(op: str, x: Tensor, rank: int, backend: str, weight: Optional[Tensor
     return impl.load()
 
 
+def _empty(x: Tensor, weight: Tensor) -> bool:
+    """An empty M, N or K: nothing to launch, and torch's ops give the exact empty / zero results."""
+    return min(x.shape[0], x.shape[1], weight.shape[0]) == 0
+
+
 def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int, backend):
     if bias is not None:
         bias = bias.contiguous()  # the kernels read the bias with unit stride; N elements, cheap
     args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     impl = _chosen("fwd", x, lora_A.shape[0], backend, weight, dropout_p, bench=lambda m: lambda: m.forward(*args))
-    return impl.forward(*args)
+    return (torch_impl if _empty(x, weight) else impl).forward(*args)
 
 
 def _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed: int, backend,
@@ -73,7 +78,7 @@ def _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed: in
     grads = tuple(n for n, need in zip(("dx", "lora", "dW", "db"), (need_dx, need_lora, need_dw, need_db)) if need)
     impl = _chosen("bwd", x, lora_A.shape[0], backend, weight, dropout_p, grads,
                    bench=lambda m: lambda: m.backward(*args))
-    return impl.backward(*args)
+    return (torch_impl if _empty(x, weight) else impl).backward(*args)
 
 
 @torch.library.custom_op("fused_lora::lora_linear_fwd", mutates_args=())

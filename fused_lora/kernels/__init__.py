@@ -5,7 +5,8 @@
     keep_mask(seed, (M, K), p, device) -> the boolean dropout mask the kernels use
 
 Importing this module imports triton; `fused_lora.ops` imports it only when the Triton backend
-is chosen.
+is chosen. Inputs reach these launchers checked and non-empty (`fused_lora.ops` computes empty sizes
+itself), so nothing here imports the rest of the package but `fused_lora.interpreter`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from .backward import lora_dx_da_kernel, lora_dy_kernel
 from .dropout import keep_mask, keep_threshold
 from .forward import lora_forward_kernel, lora_shrink_kernel
 from .reduce import sum_partials
-from .. import torch_impl
 
 __all__ = ["forward", "backward", "keep_mask", "block_r", "arch_of"]
 
@@ -97,16 +97,9 @@ def _tiles_grid(M, N):
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
 
-def _degenerate(*sizes: int) -> bool:
-    # Nothing to launch: torch ops give the exact empty / zero results for empty sizes.
-    return min(sizes) == 0
-
-
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
-    if _degenerate(M, N, K):
-        return torch_impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     h = torch.empty((M, r), dtype=x.dtype, device=x.device)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     p = float(dropout_p)
@@ -124,9 +117,6 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 def backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_dw, need_db):
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
-    if _degenerate(M, N, K):
-        return torch_impl.backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed,
-                                   need_dx, need_lora, need_dw, need_db)
     dx = dA = dB = None
     if need_dx or need_lora:
         dx, dA, dB = _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora)

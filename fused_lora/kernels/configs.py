@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import triton
 
-from ..backends import interpreting
+from ..interpreter import interpreting
 
 SMEM_LIMIT = {90: 232_448, 80: 166_912}  # bytes per block (opt-in maximum)
 
