@@ -218,7 +218,7 @@ def test_peft_orthogonal_init_adapter_loads(tmp_path):
         want = pm(X)
     pm.save_pretrained(tmp_path)
     ours = LoraModel.from_pretrained(base_mlp(), tmp_path)
-    assert ours.peft_config.init_lora_weights == "orthogonal"
+    assert ours.peft_config["default"].init_lora_weights == "orthogonal"
     with torch.no_grad():
         torch.testing.assert_close(ours(X), want)
     with pytest.raises(ValueError, match="orthogonal.*cannot initialise"):
