@@ -121,6 +121,7 @@ class LoraConfig:
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     inference_mode: bool = False
+    use_dora: bool = False  # peft's name; True raises NotImplementedError (DoRA is not implemented yet)
     backend: str = field(default="auto", compare=False)
 
     def __post_init__(self):
@@ -152,6 +153,10 @@ class LoraConfig:
         v.check_flag("use_rslora", self.use_rslora)
         v.check_flag("fan_in_fan_out", self.fan_in_fan_out)
         v.check_flag("inference_mode", self.inference_mode)
+        v.check_flag("use_dora", self.use_dora)
+        if self.use_dora:
+            raise NotImplementedError("use_dora=True: DoRA is not supported yet by fused_lora (use peft, "
+                                      "whose DoRA layers fused_lora.patch_peft leaves to peft)")
         v.check_bias(self.bias)
         v.check_init_lora_weights(self.init_lora_weights)
         v.check_task_type(self.task_type, TASK_TYPES)

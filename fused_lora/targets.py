@@ -143,7 +143,7 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     optional = set(TASK_HEADS.get(config.task_type, ()))
     missing = [m for m in unmatched_entries(config.modules_to_save, names) if m not in optional]
     if missing:
-        raise ValueError(f"modules_to_save entries {_few(missing)} match no module; the model's top-level modules "
+        raise ValueError(f"modules_to_save entries {_few([repr(m) for m in missing])} match no module; the model's top-level modules "
                          f"are: {_few([n for n, _ in model.named_children()], 20)}")
     # A container and its children both matching: keep the outermost.
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
