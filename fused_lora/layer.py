@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from typing import Optional, Union
 
@@ -29,6 +30,8 @@ def _conv1d_class():
 
 
 def _is_conv1d(module) -> bool:
+    if isinstance(module, nn.Linear) or "transformers" not in sys.modules:
+        return False  # no Conv1D can exist before transformers is imported: do not import it here
     conv1d = _conv1d_class()
     return conv1d is not None and isinstance(module, conv1d)
 
@@ -271,6 +274,7 @@ class FusedLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         runs = backends.describe(self.weight.device, self.weight.dtype, self.r, self.backend)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, {'fan_in_fan_out=True, ' if self.fan_in_fan_out else ''}r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"bias={self.bias is not None}, {'fan_in_fan_out=True, ' if self.fan_in_fan_out else ''}"
+                f"r={self.r}, lora_alpha={self.lora_alpha}, "
                 f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, merged={self.merged}, "
                 f"backend={runs}")

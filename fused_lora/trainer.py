@@ -94,7 +94,8 @@ def _move_trl_lm_head(lora_model: LoraModel) -> None:
     """If TRL put its fused LM head on the LoraModel, put it on the wrapped model instead (see above)."""
     func = getattr(lora_model.__dict__.get("forward"), "__func__", None)
     # functools.wraps gave TRL's function LoraModel.forward's names: its globals tell where it is from.
-    if func is None or func.__code__ is LoraModel.forward.__code__ or not func.__globals__.get("__name__", "").startswith("trl."):
+    if (func is None or func.__code__ is LoraModel.forward.__code__
+            or not func.__globals__.get("__name__", "").startswith("trl.")):
         return
     try:
         from trl.trainer.utils import add_fused_lm_head

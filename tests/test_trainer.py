@@ -155,3 +155,30 @@ def test_trl_sft_trainer(tmp_path):
     assert "adapter_model.safetensors" in os.listdir(tmp_path / "final")
     assert "model.safetensors" not in os.listdir(tmp_path / "final")
     LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "final")
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
+    from safetensors.torch import load_file
+    lm = lora_llama()
+    trainer = LoraTrainer(model=lm, args=args(tmp_path, max_steps=4, save_strategy="steps", save_steps=1,
+                                              eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                                              # "best" = highest loss: an early checkpoint, not the final model
+                                              metric_for_best_model="eval_loss", greater_is_better=True),
+                          train_dataset=tokens_dataset(), eval_dataset=tokens_dataset(4))
+    trainer.train()
+    assert not trainer.state.best_model_checkpoint.endswith("checkpoint-4")  # else the test proves nothing
+    best = load_file(os.path.join(trainer.state.best_model_checkpoint, "adapter_model.safetensors"))
+    for name, layer in lm.lora_layers():
+        assert torch.equal(layer.lora_A.detach(), best[f"base_model.model.{name}.lora_A.weight"])
+        assert torch.equal(layer.lora_B.detach(), best[f"base_model.model.{name}.lora_B.weight"])
+
+
+def test_deepcopy_keeps_the_forward_on_the_copy():
+    import copy
+    lm = lora_llama()
+    twin = copy.deepcopy(lm)
+    with torch.no_grad():
+        for _, layer in twin.lora_layers():
+            layer.lora_B.fill_(0.3)
+        x = torch.arange(8)[None]
+        assert not torch.equal(twin(input_ids=x).logits, lm(input_ids=x).logits)
