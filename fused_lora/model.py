@@ -195,6 +195,23 @@ class LoraModel(nn.Module):
         LoraModel.from_pretrained on a fresh base model."""
         raise _several_adapters(f"load_adapter({model_id!r}, {adapter_name!r})")
 
+    # transformers' own adapter methods (PeftAdapterMixin) would answer "The version of PEFT you are
+    # using is not compatible": say what to use instead.
+    def enable_adapters(self):
+        """Not supported (NotImplementedError): the adapter is on unless inside `disable_adapter()`."""
+        raise NotImplementedError("enable_adapters(): transformers' adapter API does not apply to a LoraModel; its "
+                                  "adapter is on, except within `with lora_model.disable_adapter():`")
+
+    def disable_adapters(self):
+        """Not supported (NotImplementedError): use `with lora_model.disable_adapter():`."""
+        raise NotImplementedError("disable_adapters(): transformers' adapter API does not apply to a LoraModel; "
+                                  "use `with lora_model.disable_adapter():` (peft's name)")
+
+    def get_adapter_state_dict(self, *args, **kwargs):
+        """Not supported (NotImplementedError): `save_pretrained` writes the adapter's tensors."""
+        raise NotImplementedError("get_adapter_state_dict(): transformers' adapter API does not apply to a "
+                                  "LoraModel; save_pretrained(directory) writes the adapter's tensors")
+
     def delete_adapter(self, adapter_name, *args, **kwargs):
         """Not supported yet (NotImplementedError): a LoraModel holds one adapter; `unload()` removes it."""
         raise _several_adapters(f"delete_adapter({adapter_name!r})")

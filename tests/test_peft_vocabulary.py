@@ -150,6 +150,14 @@ def test_several_adapters_are_refused_by_name(call):
         call(lm)
 
 
+@pytest.mark.parametrize("name", ["enable_adapters", "disable_adapters", "get_adapter_state_dict"])
+def test_transformers_adapter_methods_say_what_to_use(name):
+    # Before: "The version of PEFT you are using is not compatible" from transformers.
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(NotImplementedError, match="LoraModel"):
+        getattr(lm, name)()
+
+
 def test_forward_with_adapter_names_none_is_the_plain_forward():
     lm = get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
     with torch.no_grad():
