@@ -66,6 +66,19 @@ def _linear_listing(model: nn.Module) -> str:
     return "the nn.Linear (or Conv1D) modules are: " + (_few(_linear_names(model), 20) or "none")
 
 
+def _self_and_parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _without_task_heads(names: list[str], config: LoraConfig) -> list[str]:
+    """As peft: a task's classification head gets a full copy (modules_to_save), never an adapter."""
+    heads = set(TASK_HEADS.get(config.task_type, ()))
+    if not heads:
+        return names
+    return [n for n in names if not any(name_matches(p, heads) for p in _self_and_parents(n))]
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the nn.Linear (or Conv1D) modules to adapt. Raises ValueError when a target matches
     nothing, or matches a module that is neither, listing what the model holds. "all-linear" takes
@@ -78,6 +91,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         names = [n for n, _ in model.named_modules() if n and name_matches(n, spec)]
     exclude = _as_set(config.exclude_modules)
     names = [n for n in names if not name_matches(n, exclude)]
+    names = _without_task_heads(names, config)
     modules = dict(model.named_modules())
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_adaptable(modules[n])]
     if wrong:
@@ -116,7 +130,7 @@ def check_loaded_targets(model: nn.Module, config: LoraConfig, targets: list[str
         named = [n for n, m in modules.items() if n and is_adaptable(m) and name_matches(n, spec)]
     else:
         return
-    named = {n for n in named if not name_matches(n, exclude)}
+    named = {n for n in _without_task_heads(named, config) if not name_matches(n, exclude)}
     if isinstance(config.exclude_modules, str):  # an unrun exclude regex may remove names: only check inclusion
         extra = sorted(set(targets) - named)
         missing = []

@@ -62,6 +62,26 @@ def test_task_type_makes_the_head_trainable_and_peft_loads_it(tmp_path, build, t
         torch.testing.assert_close(ref(input_ids=TOKENS).logits, lm(input_ids=TOKENS).logits)
 
 
+@pytest.mark.parametrize("build, task, targets, head", CLASSIFIERS[:1])  # peft 0.21 fails on TOKEN_CLS here
+def test_all_linear_leaves_the_task_head_to_modules_to_save_as_peft(build, task, targets, head):
+    ref = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules="all-linear", task_type=task))
+    want = {n.removeprefix("base_model.model.") for n, m in ref.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+    lm = get_lora_model(build(), LoraConfig(r=4, target_modules="all-linear", task_type=task))
+    assert {n for n, _ in lm.lora_layers()} == want and head not in want
+    assert [n for n, _ in lm.saved_modules()] == [head]
+
+
+def test_all_linear_leaves_a_token_classifier_head_to_modules_to_save(tmp_path):
+    lm = get_lora_model(bert_tagger(), LoraConfig(r=4, target_modules="all-linear", task_type="TOKEN_CLS",
+                                                  init_lora_weights=False))
+    assert "classifier" not in dict(lm.lora_layers()) and [n for n, _ in lm.saved_modules()] == ["classifier"]
+    lm.save_pretrained(tmp_path)  # "all-linear" in the file: the loader applies the same rule
+    loaded = LoraModel.from_pretrained(bert_tagger(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=TOKENS).logits, lm(input_ids=TOKENS).logits)
+
+
 def test_unmatched_modules_to_save_error_is_short_and_names_the_entry():
     with pytest.raises(ValueError, match="'classifer'") as err:
         get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"], modules_to_save=["classifer"]))
