@@ -31,11 +31,12 @@ def peft_gpt2(**cfg):
                                                           "init_lora_weights": False, **cfg}))
 
 
-def test_conv1d_layer_equals_its_float64_reference():
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the kernels read the transposed (strided) weight
+def test_conv1d_layer_equals_its_float64_reference(backend):
     torch.manual_seed(0)
     conv = Conv1D(6, 5)  # nf=6 out, nx=5 in: weight 5 x 6
     torch.nn.init.normal_(conv.bias)
-    layer = FusedLoRALinear.from_linear(conv, r=3, lora_alpha=6, init_lora_weights=False)
+    layer = FusedLoRALinear.from_linear(conv, r=3, lora_alpha=6, init_lora_weights=False, backend=backend)
     assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (5, 6)
     assert layer.weight is conv.weight  # shared, not copied
     x = torch.randn(4, 5, requires_grad=True)
