@@ -158,6 +158,15 @@ class LoraModel(nn.Module):
         # A bound method in the instance's __dict__: deepcopy rebinds it to the copy.
         self.__dict__["forward"] = types.MethodType(own, self)
 
+    def __getstate__(self):  # pickling, deepcopy: the per-instance forward is rebuilt on the copy
+        state = dict(super().__getstate__())
+        state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._expose_forward_signature()
+
     @property
     def active_peft_config(self) -> LoraConfig:
         """The LoraConfig of the adapter (peft's name)."""

@@ -173,10 +173,20 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
         assert torch.equal(layer.lora_B.detach(), best[f"base_model.model.{name}.lora_B.weight"])
 
 
-def test_deepcopy_keeps_the_forward_on_the_copy():
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_the_forward_and_its_signature(how):
     import copy
+    import inspect
+    import io
     lm = lora_llama()
-    twin = copy.deepcopy(lm)
+    if how == "deepcopy":
+        twin = copy.deepcopy(lm)
+    else:
+        buf = io.BytesIO()
+        torch.save(lm, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    assert "input_ids" in inspect.signature(twin.forward).parameters
     with torch.no_grad():
         for _, layer in twin.lora_layers():
             layer.lora_B.fill_(0.3)
