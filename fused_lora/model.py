@@ -1,4 +1,7 @@
-"""Adapting whole models: get_lora_model, LoraModel (peft's vocabulary) and modules_to_save."""
+"""Adapting whole models: get_lora_model, LoraModel (peft's vocabulary) and modules_to_save.
+
+The adapted layers are nn.Linear and transformers' Conv1D (GPT-2), as in peft. A LoraModel holds
+one adapter; peft's multi-adapter methods raise NotImplementedError naming the feature."""
 from __future__ import annotations
 
 import contextlib
@@ -86,7 +89,8 @@ class LoraModel(nn.Module):
     def __init__(self, model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True,
                  targets: Optional[list[str]] = None, adapter_name: str = "default"):
         """`targets`: the module names to adapt when already known (loading takes them from the
-        weights file); by default `config.target_modules` is matched against the model."""
+        weights file); by default `config.target_modules` is matched against the model.
+        `adapter_name`: the key of `peft_config` (peft's "default")."""
         super().__init__()
         if not isinstance(adapter_name, str) or not adapter_name:
             raise TypeError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
