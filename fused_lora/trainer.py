@@ -12,7 +12,8 @@ checks would mean pretending to be one of those classes, and every other branch 
 checks (peft's `load_adapter`/`active_adapters` calls, `PreTrainedModel.save_pretrained` arguments)
 would then run on an object that is not one. A callback cannot do it either: `on_save` runs after
 the full model is written, `save_model()` calls no callback, and resuming loads the model before
-any callback runs. So the smallest mechanism that is right in every path is a Trainer subclass
+any callback runs. (It also reads label names from the model's class, LoraModel, which names
+none, so evaluation would report no loss.) So the smallest mechanism that is right in every path is a Trainer subclass
 overriding exactly those three methods (plus the label names Trainer reads from the model class):
 
 - checkpoints (`save_steps`) and `save_model()` hold the adapter in peft's format
