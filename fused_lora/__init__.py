@@ -6,6 +6,8 @@ Public API:
     LoraConfig, get_lora_model      adapt a whole model (peft's vocabulary)
     LoraModel                       the adapted model: counts, merge_and_unload, save/load
     patch_peft, unpatch_peft        run an existing peft model's LoRA layers through the fused op
+    LoraTrainer, lora_trainer_class transformers' Trainer (or e.g. TRL's SFTTrainer) checkpointing a
+                                    LoraModel as a peft adapter (imports transformers on first use)
     AdapterError                    an adapter directory that cannot be loaded
     BackendUnavailable              a requested backend cannot run
 """
@@ -20,4 +22,11 @@ from .peft_patch import patch_peft, unpatch_peft
 __version__ = "0.1.0"
 
 __all__ = ["FusedLoRALinear", "lora_linear", "LoraConfig", "get_lora_model", "LoraModel", "AdapterError",
-           "BackendUnavailable", "patch_peft", "unpatch_peft", "__version__"]
+           "BackendUnavailable", "patch_peft", "unpatch_peft", "LoraTrainer", "lora_trainer_class", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("LoraTrainer", "lora_trainer_class"):  # transformers is imported only when asked for
+        from . import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

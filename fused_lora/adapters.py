@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoraConfig
-from .targets import check_loaded_targets, find_modules_to_save
+from .targets import base_features, check_loaded_targets, find_modules_to_save
 from .validation import check_backend
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,7 +67,7 @@ def _other_biases(model: nn.Module, owners) -> list[tuple[str, torch.Tensor]]:
 
 def adapter_state(lora_model) -> dict[str, torch.Tensor]:
     """The tensors an adapter file holds, by peft key."""
-    cfg = lora_model.peft_config
+    cfg = lora_model.active_peft_config
     out = {}
     owners = []
     for name, layer in lora_model.lora_layers():
@@ -171,13 +171,21 @@ def _remove_stale_staging(directory: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _name_or_path(model: nn.Module) -> Optional[str]:
+    """The model's hub name or local path, from its transformers config (None when it has none)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
 def save_adapter(lora_model, directory) -> None:
     """Write the adapter's pair of files; the directory holds the old pair or the new, at any moment."""
     tensors = adapter_state(lora_model)
     if not any(k.endswith(".lora_A.weight") for k in tensors):
         raise RuntimeError("save_pretrained: the model holds no LoRA layers; nothing to save")
-    lora_model.peft_config.validate()  # a mutable dataclass: never write a config that would not load
-    config = lora_model.peft_config.to_peft_dict()
+    lora_model.active_peft_config.validate()  # a mutable dataclass: never write a config that would not load
+    config = lora_model.active_peft_config.to_peft_dict()
+    if config["base_model_name_or_path"] is None:  # as peft records it, so AutoPeftModel finds the base
+        config["base_model_name_or_path"] = _name_or_path(lora_model.model)
     text = json.dumps(config, indent=2, sort_keys=True)
     directory = os.path.realpath(os.fspath(directory))  # stage beside the real directory, not a link
     os.makedirs(directory, exist_ok=True)
@@ -300,6 +308,10 @@ def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     directory = os.path.realpath(os.fspath(directory))  # stage beside the real directory, not a link
     cfg_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
+        if not os.path.isfile(cfg_path) and os.path.isfile(os.path.join(directory, "model.safetensors")):
+            raise AdapterError(f"{directory} holds model.safetensors, a full model (as transformers' Trainer "
+                               "saves a model it does not know), not an adapter; train a LoraModel with "
+                               "fused_lora.LoraTrainer to get peft-format adapter checkpoints")
         if not os.path.isfile(cfg_path):
             raise AdapterError(f"{cfg_path} not found: not an adapter directory")
         pickled = [n for n in PICKLE_NAMES if os.path.isfile(os.path.join(directory, n))]
@@ -343,8 +355,9 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str]
     want = {}
     for name in targets:
         lin = model.get_submodule(name)
-        want[f"{name}.lora_A.weight"] = (torch.Size((config.r, lin.in_features)), None)
-        want[f"{name}.lora_B.weight"] = (torch.Size((lin.out_features, config.r)), None)
+        in_features, out_features = base_features(lin)
+        want[f"{name}.lora_A.weight"] = (torch.Size((config.r, in_features)), None)
+        want[f"{name}.lora_B.weight"] = (torch.Size((out_features, config.r)), None)
         if config.bias != "none" and lin.bias is not None:
             want[f"{name}.base_layer.bias"] = (lin.bias.shape, None)
     for name in to_save:
@@ -387,7 +400,8 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
 
 
 @torch.no_grad()
-def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, backend: str = "auto"):
+def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, backend: str = "auto",
+                 adapter_name: str = "default", autocast_adapter_dtype: bool = True):
     check_backend(backend)  # the caller's argument: a plain ValueError, before the files are read
     config, tensors = read_adapter(directory)
     config.backend = backend
@@ -399,11 +413,14 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
     # The file's weights replace the initial ones: build with the layer's default init and keep the
     # file's value (e.g. "eva", "orthogonal") in the config.
     try:
-        lora_model = cls(model, dataclasses.replace(config, init_lora_weights=True), targets=targets)
+        lora_model = cls(model, dataclasses.replace(config, init_lora_weights=True, inference_mode=False),
+                         targets=targets, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
     except ValueError as err:  # e.g. a target inside a modules_to_save module; the model is unchanged
         raise AdapterError(f"{directory}: the adapter does not fit this model: {err}") from err
     try:
-        lora_model.peft_config = config
+        config.fan_in_fan_out = lora_model.active_peft_config.fan_in_fan_out  # what the layers' kinds decided
+        config.inference_mode = not is_trainable  # as peft: is_trainable decides
+        lora_model.peft_config[adapter_name] = config
         for key, t in tensors.items():
             if any(r in key for r in _PEFT_REDUNDANT):
                 continue
@@ -416,6 +433,33 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
         lora_model.restore_base()
         raise
     return lora_model
+
+
+@torch.no_grad()
+def load_weights_into(lora_model, directory) -> None:
+    """Replace the adapter weights of `lora_model` by those saved in `directory` (a checkpoint of this
+    very adapter: same modules, shapes and scaling). Everything is checked before anything is copied."""
+    config, tensors = read_adapter(directory)
+    ours = lora_model.active_peft_config
+    differ = [k for k in _SCALING if getattr(config, k) != getattr(ours, k)]
+    if differ:
+        k = differ[0]
+        raise AdapterError(f"{directory}: saved with {k}={getattr(config, k)!r}, this model's adapter has "
+                           f"{k}={getattr(ours, k)!r}")
+    want = adapter_state(lora_model)
+    tensors = {PREFIX + k: t for k, t in tensors.items() if not any(r in k for r in _PEFT_REDUNDANT)}
+    if set(tensors) != set(want):
+        extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
+        raise AdapterError(f"{directory}: the saved adapter does not match this model's: "
+                           + (f"key {extra[0]!r} is not in it; " if extra else "")
+                           + (f"key {missing[0]!r} is missing" if missing else ""))
+    bad = [k for k, t in tensors.items() if t.shape != want[k].shape]
+    if bad:
+        raise AdapterError(f"{directory}: key {bad[0]!r} has shape {tuple(tensors[bad[0]].shape)}, this model's "
+                           f"is {tuple(want[bad[0]].shape)}")
+    for key, t in tensors.items():
+        dest = _destination(lora_model, key[len(PREFIX):])
+        dest.copy_(t.to(dest.dtype))
 
 
 def _destination(lora_model, key: str) -> torch.Tensor:

@@ -31,12 +31,15 @@ PEFT_FIELD_RULES: dict[str, FieldRule] = {
                                              "base is unchanged, the file's A and B replace the init); 'pissa', "
                                              "'pissa_niter_*', 'olora', 'corda', 'loftq', 'lora_ga' change the "
                                              "base weights and 'mica' is a variant: refused"),
-    "fan_in_fan_out": FieldRule(REFUSED, "Conv1D-style (in, out) weights: fused_lora adapts nn.Linear only"),
-    "task_type": FieldRule(HONOURED, "kept and written back; targets come from module names, not the task"),
+    "fan_in_fan_out": FieldRule(HONOURED, "as peft: follows the base layer's kind, True for transformers' Conv1D "
+                                          "(in x out weights), False for nn.Linear (a warning when it is changed)"),
+    "task_type": FieldRule(HONOURED, "one of peft's TaskType values; SEQ_CLS and TOKEN_CLS add 'classifier' and "
+                                     "'score', QUESTION_ANS adds 'qa_outputs' to modules_to_save, as peft does"),
     "base_model_name_or_path": FieldRule(HONOURED, "kept and written back; the model passed in is the base"),
     "peft_type": FieldRule(HONOURED, "must be 'LORA'"),
     "revision": FieldRule(IGNORED, "names the base model's revision; the model passed in is the base"),
-    "inference_mode": FieldRule(IGNORED, "from_pretrained's is_trainable decides, as in peft"),
+    "inference_mode": FieldRule(HONOURED, "True freezes the adapter; on load from_pretrained's is_trainable "
+                                          "decides, as in peft"),
     "auto_mapping": FieldRule(IGNORED, "peft's record of a custom model class; no effect on the weights"),
     "peft_version": FieldRule(IGNORED, "provenance only"),
     "runtime_config": FieldRule(IGNORED, "peft does not save it; runtime options only"),
@@ -67,10 +70,16 @@ PEFT_FIELD_RULES: dict[str, FieldRule] = {
     "ensure_weight_tying": FieldRule(REFUSED, "tied adapters are not implemented"),
 }
 
+# peft's TaskType values, and the classification heads peft adds to modules_to_save for some of
+# them (PeftModelForSequenceClassification / ...TokenClassification / ...QuestionAnswering).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
 # Fields written to adapter_config.json, in peft's vocabulary (so peft can read our adapters).
 PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save",
                "bias", "use_rslora", "init_lora_weights", "fan_in_fan_out", "task_type",
-               "base_model_name_or_path")
+               "base_model_name_or_path", "inference_mode")
 
 
 def is_off(value) -> bool:
@@ -90,6 +99,12 @@ class LoraConfig:
     modules_to_save: modules (same matching as a target list) that get a full trainable copy.
     bias: "none", "all" (every bias trainable and saved) or "lora_only" (the adapted layers' biases).
     init_lora_weights: True, False or "gaussian"; adapters peft made with "orthogonal" or "eva" load too.
+    fan_in_fan_out: as in peft, set per layer from the base's kind (True for transformers' Conv1D,
+        False for nn.Linear), with a warning when the value given disagrees.
+    task_type: one of peft's TaskType names. As in peft, "SEQ_CLS" and "TOKEN_CLS" add "classifier"
+        and "score" to modules_to_save, "QUESTION_ANS" adds "qa_outputs" (done here, on construction;
+        a head the model lacks is skipped).
+    inference_mode: True builds the adapters frozen (peft's meaning).
     backend: which implementation runs the adapted layers ("auto", "torch", "triton"); not saved.
     """
 
@@ -105,6 +120,8 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
+    inference_mode: bool = False
+    use_dora: bool = False  # peft's name; True raises NotImplementedError (DoRA is not implemented yet)
     backend: str = field(default="auto", compare=False)
 
     def __post_init__(self):
@@ -116,6 +133,10 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         try:
             self.validate()
+            heads = TASK_HEADS.get(self.task_type, ())
+            if heads:  # peft's PeftModelFor<Task> does this to the config it is given
+                self.modules_to_save = list(self.modules_to_save or []) + [
+                    h for h in heads if h not in (self.modules_to_save or [])]
         except (TypeError, ValueError) as err:
             raise type(err)(f"LoraConfig: {err}") from None
 
@@ -131,11 +152,14 @@ class LoraConfig:
         v.check_lora_dropout(self.lora_dropout)
         v.check_flag("use_rslora", self.use_rslora)
         v.check_flag("fan_in_fan_out", self.fan_in_fan_out)
-        if self.fan_in_fan_out:
-            raise ValueError("fan_in_fan_out=True (Conv1D-style weights) is not supported")
+        v.check_flag("inference_mode", self.inference_mode)
+        v.check_flag("use_dora", self.use_dora)
+        if self.use_dora:
+            raise NotImplementedError("use_dora=True: DoRA is not supported yet by fused_lora (use peft, "
+                                      "whose DoRA layers fused_lora.patch_peft leaves to peft)")
         v.check_bias(self.bias)
         v.check_init_lora_weights(self.init_lora_weights)
-        v.check_optional_str("task_type", self.task_type)
+        v.check_task_type(self.task_type, TASK_TYPES)
         v.check_optional_str("base_model_name_or_path", self.base_model_name_or_path)
         v.check_backend(self.backend)
 
@@ -143,7 +167,7 @@ class LoraConfig:
         """The adapter_config.json content (peft's schema)."""
         d = {k: getattr(self, k) for k in PEFT_FIELDS}
         d["peft_type"] = "LORA"
-        d["inference_mode"] = True
+        d["inference_mode"] = True  # peft writes True: a loaded adapter is frozen unless is_trainable
         d["use_dora"] = False
         d["rank_pattern"] = {}
         d["alpha_pattern"] = {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from typing import Optional, Union
 
@@ -17,6 +18,22 @@ from .reference import lora_delta_weight
 from .validation import check_adapter_args, lora_scaling
 
 InitSpec = Union[bool, str]
+
+
+def _conv1d_class():
+    """transformers' Conv1D (GPT-2's projections: weight stored in x out), or None without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _is_conv1d(module) -> bool:
+    if isinstance(module, nn.Linear) or "transformers" not in sys.modules:
+        return False  # no Conv1D can exist before transformers is imported: do not import it here
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -42,7 +59,8 @@ class FusedLoRALinear(nn.Module):
         device, dtype: of the base weight; the adapter weights use `adapter_dtype` (default: dtype).
 
     Attributes: `weight`, `bias` (frozen base), `lora_A` (r x in), `lora_B` (out x r), `scaling`,
-    `r`, `lora_alpha`, `lora_dropout`, `merged`.
+    `r`, `lora_alpha`, `lora_dropout`, `merged`, `fan_in_fan_out` (True when the base is a
+    transformers `Conv1D`, whose `weight` is stored in x out, as in peft).
 
     Inputs have any leading shape (..., in_features) and dtype float32, float16 or bfloat16; under
     autocast everything is computed in the autocast dtype. Adapter weights of another dtype than the
@@ -67,9 +85,11 @@ class FusedLoRALinear(nn.Module):
         use_rslora: bool = False, init_lora_weights: InitSpec = True, backend: str = "auto",
         adapter_dtype: Optional[torch.dtype] = None,
     ) -> "FusedLoRALinear":
-        """Wrap an existing `nn.Linear`: its weight and bias are shared (same storage) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        """Wrap an existing `nn.Linear` (or a transformers `Conv1D`, as peft does: its in x out weight is
+        read through a transposed view, `fan_in_fan_out`): weight and bias are shared (same storage)
+        and frozen."""
+        if not isinstance(linear, nn.Linear) and not _is_conv1d(linear):
+            raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         # before the linear is frozen
         check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha, use_rslora)
         self = cls.__new__(cls)
@@ -78,8 +98,9 @@ class FusedLoRALinear(nn.Module):
         self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype)
         return self
 
-    def _attach_base(self, linear: nn.Linear) -> None:
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+    def _attach_base(self, linear: nn.Module) -> None:
+        self.fan_in_fan_out = _is_conv1d(linear)
+        self.out_features, self.in_features = self._base_weight(linear.weight).shape
         self.weight = linear.weight
         self.bias = linear.bias
         self.weight.requires_grad_(False)
@@ -110,6 +131,11 @@ class FusedLoRALinear(nn.Module):
         else:
             nn.init.zeros_(self.lora_B)
 
+    def _base_weight(self, weight: Optional[Tensor] = None) -> Tensor:
+        """The base weight as out x in (a transposed view of a Conv1D's in x out weight: the op takes strides)."""
+        weight = self.weight if weight is None else weight
+        return weight.t() if self.fan_in_fan_out else weight
+
     # ---------------------------------------------------------------- forward
 
     def _check_input(self, x: Tensor) -> None:
@@ -126,7 +152,7 @@ class FusedLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        weight, bias = self.weight, self.bias
+        weight, bias = self._base_weight(), self.bias
         dtype = _autocast_dtype(x.device.type)
         if dtype is not None:
             x, weight = x.to(dtype), weight.to(dtype)
@@ -148,7 +174,8 @@ class FusedLoRALinear(nn.Module):
     # ---------------------------------------------------------------- merging
 
     def delta_weight(self) -> Tensor:
-        """s * B @ A in float32 (float64 if the weight or adapter is float64): what merging adds to the base weight."""
+        """s * B @ A (out x in) in float32 (float64 if the weight or adapter is float64): what merging adds
+        to the base weight (transposed for a Conv1D base, whose weight is in x out)."""
         acc = torch.promote_types(self.weight.dtype, self.lora_A.dtype)
         if acc != torch.float64:
             acc = torch.float32
@@ -156,7 +183,7 @@ class FusedLoRALinear(nn.Module):
 
     def _weight_with_delta(self, sign: int) -> Tensor:
         """W + sign * s * B @ A, computed in delta_weight's precision, rounded once to W's dtype."""
-        delta = self.delta_weight()
+        delta = self._base_weight(self.delta_weight())  # in the weight's own layout
         return torch.add(self.weight.detach().to(delta.dtype), delta, alpha=sign).to(self.weight.dtype)
 
     @staticmethod
@@ -205,8 +232,9 @@ class FusedLoRALinear(nn.Module):
         self.merged = False
 
     @torch.no_grad()
-    def to_linear(self, safe_merge: bool = False) -> nn.Linear:
-        """A plain `nn.Linear` holding W + s * B @ A (a new tensor; this layer is not changed).
+    def to_linear(self, safe_merge: bool = False) -> nn.Module:
+        """A plain `nn.Linear` (a `Conv1D` for a Conv1D base) holding W + s * B @ A (a new tensor; this
+        layer is not changed).
 
         With `safe_merge`, a merged weight with NaN or inf in the weight's dtype raises ValueError.
         """
@@ -214,14 +242,22 @@ class FusedLoRALinear(nn.Module):
         if safe_merge:
             self._refuse_non_finite(w, f"FusedLoRALinear.to_linear: the merged weight has NaN or inf in "
                                        f"{self.weight.dtype}")
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        out = self._plain_base(device=self.weight.device, dtype=self.weight.dtype)
         out.weight.copy_(w)
         out.weight.requires_grad_(self.weight.requires_grad)
         if self.bias is not None:
             out.bias.copy_(self.bias)
             out.bias.requires_grad_(self.bias.requires_grad)
         return out
+
+    def _plain_base(self, device=None, dtype=None) -> nn.Module:
+        """A new module of the base's kind and shape (nn.Linear, or Conv1D when fan_in_fan_out)."""
+        if self.fan_in_fan_out:
+            with torch.device(device or "meta"):  # Conv1D takes no device/dtype arguments
+                out = _conv1d_class()(self.out_features, self.in_features)
+            return out.to(dtype) if dtype is not None else out
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=device or "meta",
+                         dtype=dtype)
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -238,6 +274,7 @@ class FusedLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         runs = backends.describe(self.weight.device, self.weight.dtype, self.r, self.backend)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"bias={self.bias is not None}, {'fan_in_fan_out=True, ' if self.fan_in_fan_out else ''}"
+                f"r={self.r}, lora_alpha={self.lora_alpha}, "
                 f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, merged={self.merged}, "
                 f"backend={runs}")

@@ -1,8 +1,14 @@
-"""Adapting whole models: get_lora_model, LoraModel (peft's vocabulary) and modules_to_save."""
+"""Adapting whole models: get_lora_model, LoraModel (peft's vocabulary) and modules_to_save.
+
+The adapted layers are nn.Linear and transformers' Conv1D (GPT-2), as in peft. A LoraModel holds
+one adapter; peft's multi-adapter methods raise NotImplementedError naming the feature."""
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+import types
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -10,7 +16,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layer import FusedLoRALinear
-from .targets import find_modules_to_save, find_targets
+from .targets import find_modules_to_save, find_targets, is_adaptable
 from .validation import check_adapter_args
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -60,18 +66,34 @@ class _Undo:
             m.training = training
 
 
-class LoraModel(nn.Module):
-    """A model whose targeted nn.Linear layers are FusedLoRALinear. Build it with `get_lora_model`.
+def _several_adapters(what: str) -> NotImplementedError:
+    return NotImplementedError(f"{what}: several adapters per model are not supported yet by fused_lora (a "
+                               "LoraModel holds one adapter); use one LoraModel per adapter, or peft with "
+                               "fused_lora.patch_peft(model)")
 
-    Forward is the wrapped model's forward. Only the adapters (and modules_to_save copies, and
-    biases when config.bias says so) are trainable. Unknown attributes are looked up on the model.
+
+class LoraModel(nn.Module):
+    """A model whose targeted nn.Linear (and transformers Conv1D) layers are FusedLoRALinear. Build it
+    with `get_lora_model`.
+
+    Forward is the wrapped model's forward, with its signature (so transformers' Trainer sees the
+    model's argument names). Only the adapters (and modules_to_save copies, and biases when
+    config.bias says so) are trainable. Unknown attributes are looked up on the model.
+
+    peft's vocabulary: `peft_config` maps the adapter's name ("default") to its LoraConfig,
+    `active_adapter` / `active_adapters` name it, `base_model.model` and `get_base_model()` are the
+    wrapped model. A LoraModel holds one adapter: add_adapter, load_adapter, delete_adapter, set_adapter
+    (to another name) and forward(adapter_names=...) raise NotImplementedError.
     """
 
     def __init__(self, model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True,
-                 targets: Optional[list[str]] = None):
+                 targets: Optional[list[str]] = None, adapter_name: str = "default"):
         """`targets`: the module names to adapt when already known (loading takes them from the
-        weights file); by default `config.target_modules` is matched against the model."""
+        weights file); by default `config.target_modules` is matched against the model.
+        `adapter_name`: the key of `peft_config` (peft's "default")."""
         super().__init__()
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise TypeError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
         # Every check that can fail runs before the model is touched: nothing is half-applied.
         config.validate()
         check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
@@ -83,7 +105,8 @@ class LoraModel(nn.Module):
         if clash:
             raise ValueError(f"modules {clash} are both LoRA targets and (inside) modules_to_save")
         self.model = model
-        self.peft_config = config
+        self.active_adapter = adapter_name
+        self.peft_config = {adapter_name: config}  # keyed by adapter name, as peft's is
         self._removed_by: Optional[str] = None  # what removed the adapters, once they are gone
         self._undo = _Undo(model)
         try:
@@ -91,10 +114,12 @@ class LoraModel(nn.Module):
         except BaseException:
             self._undo.restore()
             raise
+        self._expose_forward_signature()
 
     def _inject(self, targets: list[str], to_save: list[str], autocast_adapter_dtype: bool) -> None:
-        model, config = self.model, self.peft_config
+        model, config = self.model, self.active_peft_config
         model.requires_grad_(False)
+        fan_in_fan_out = config.fan_in_fan_out
         for name in targets:
             base = model.get_submodule(name)
             dtype = torch.float32 if autocast_adapter_dtype and base.weight.dtype in _LOW_PRECISION else None
@@ -102,6 +127,11 @@ class LoraModel(nn.Module):
                 base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                 use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
                 backend=config.backend, adapter_dtype=dtype)
+            if layer.fan_in_fan_out != fan_in_fan_out:  # peft's rule: the base layer's kind decides, with a warning
+                warnings.warn(f"fan_in_fan_out is set to {fan_in_fan_out} but the target module {name!r} is "
+                              f"`{type(base).__name__}`. Setting fan_in_fan_out to {layer.fan_in_fan_out}.",
+                              stacklevel=4)
+                fan_in_fan_out = layer.fan_in_fan_out
             if config.bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(True)
             self._undo.set_submodule(name, layer)
@@ -111,6 +141,93 @@ class LoraModel(nn.Module):
                     p.requires_grad_(True)
         for name in to_save:
             self._undo.set_submodule(name, ModulesToSave(model.get_submodule(name)))
+        if config.inference_mode:  # peft's meaning: the adapter is built frozen
+            model.requires_grad_(False)
+        config.fan_in_fan_out = fan_in_fan_out  # as peft records it, so the saved config says what ran
+
+    def _expose_forward_signature(self) -> None:
+        """Give this instance a forward whose signature is the wrapped model's: transformers' Trainer
+        keeps only the batch columns the forward names (and finds labels by name)."""
+        try:
+            sig = inspect.signature(self.model.forward)
+            self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+            sig = sig.replace(parameters=[self_param, *sig.parameters.values()])
+        except (TypeError, ValueError):  # no signature, or a parameter named "self": keep *args, **kwargs
+            return
+        fn = LoraModel.forward
+        own = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        own.__signature__ = sig
+        own.__doc__ = getattr(self.model.forward, "__doc__", None)
+        own.__qualname__ = fn.__qualname__
+        # A bound method in the instance's __dict__: deepcopy rebinds it to the copy.
+        self.__dict__["forward"] = types.MethodType(own, self)
+
+    def __getstate__(self):  # pickling, deepcopy: the per-instance forward is rebuilt on the copy
+        state = dict(super().__getstate__())
+        state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._expose_forward_signature()
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        """The LoraConfig of the adapter (peft's name)."""
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """[the adapter's name] (peft's property; a LoraModel holds one adapter)."""
+        return [self.active_adapter]
+
+    @property
+    def base_model(self) -> "LoraModel":
+        """peft's meaning: the object holding the adapted model as `.model` (so `base_model.model.<name>`
+        is a module's name in adapter files). The adapted model itself: `get_base_model()`."""
+        return self
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped (adapted) model, as peft's `PeftModel.get_base_model()`."""
+        return self.model
+
+    # ---------------------------------------------------------------- several adapters: not yet
+
+    def set_adapter(self, adapter_name) -> None:
+        """Only the adapter this LoraModel holds can be active: setting it again does nothing."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if names != [self.active_adapter]:
+            raise _several_adapters(f"set_adapter({adapter_name!r})")
+
+    def add_adapter(self, adapter_name, peft_config=None, *args, **kwargs):
+        """Not supported yet (NotImplementedError): a LoraModel holds one adapter."""
+        raise _several_adapters(f"add_adapter({adapter_name!r})")
+
+    def load_adapter(self, model_id, adapter_name=None, *args, **kwargs):
+        """Not supported yet (NotImplementedError): a LoraModel holds one adapter; load another one with
+        LoraModel.from_pretrained on a fresh base model."""
+        raise _several_adapters(f"load_adapter({model_id!r}, {adapter_name!r})")
+
+    # transformers' own adapter methods (PeftAdapterMixin) would answer "The version of PEFT you are
+    # using is not compatible": say what to use instead.
+    def enable_adapters(self):
+        """Not supported (NotImplementedError): the adapter is on unless inside `disable_adapter()`."""
+        raise NotImplementedError("enable_adapters(): transformers' adapter API does not apply to a LoraModel; its "
+                                  "adapter is on, except within `with lora_model.disable_adapter():`")
+
+    def disable_adapters(self):
+        """Not supported (NotImplementedError): use `with lora_model.disable_adapter():`."""
+        raise NotImplementedError("disable_adapters(): transformers' adapter API does not apply to a LoraModel; "
+                                  "use `with lora_model.disable_adapter():` (peft's name)")
+
+    def get_adapter_state_dict(self, *args, **kwargs):
+        """Not supported (NotImplementedError): `save_pretrained` writes the adapter's tensors."""
+        raise NotImplementedError("get_adapter_state_dict(): transformers' adapter API does not apply to a "
+                                  "LoraModel; save_pretrained(directory) writes the adapter's tensors")
+
+    def delete_adapter(self, adapter_name, *args, **kwargs):
+        """Not supported yet (NotImplementedError): a LoraModel holds one adapter; `unload()` removes it."""
+        raise _several_adapters(f"delete_adapter({adapter_name!r})")
 
     def restore_base(self) -> None:
         """Put the model back exactly as it was before adaptation (modules, requires_grad, train mode);
@@ -125,6 +242,11 @@ class LoraModel(nn.Module):
             return getattr(super().__getattr__("model"), name)
 
     def forward(self, *args, **kwargs):
+        """The wrapped model's forward (each instance carries that model's signature)."""
+        if kwargs.get("adapter_names") is not None:
+            raise NotImplementedError("forward(adapter_names=...): mixed-adapter batches are not supported yet by "
+                                      "fused_lora (a LoraModel holds one adapter)")
+        kwargs.pop("adapter_names", None)
         return self.model(*args, **kwargs)
 
     # ---------------------------------------------------------------- inspection
@@ -172,8 +294,8 @@ class LoraModel(nn.Module):
         for name, layer in layers:
             if not merge and layer.merged:
                 layer.unmerge()
-            new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-            new.weight, new.bias = layer.weight, layer.bias  # the very same tensors, no copy
+            new = layer._plain_base()  # an nn.Linear or Conv1D on meta, then the very same tensors, no copy
+            new.weight, new.bias = layer.weight, layer.bias
             _set_submodule(self.model, name, new)
         for name, m in list(self.saved_modules()):
             _set_submodule(self.model, name, m.trainable if merge else m.original)
@@ -201,11 +323,10 @@ class LoraModel(nn.Module):
 
         peft's signature. Each layer is merged in place (`FusedLoRALinear.merge(safe_merge)`): with
         safe_merge a non-finite merged weight raises ValueError and no layer is replaced.
-        `progressbar` is accepted and unused; fused_lora holds one adapter, "default".
+        `progressbar` is accepted and unused; a LoraModel holds one adapter (`active_adapter`).
         """
-        if adapter_names is not None and list(adapter_names) != ["default"]:
-            raise NotImplementedError(f"merge_and_unload: adapter_names={adapter_names!r}: a LoraModel holds one "
-                                      "adapter, 'default'; pass None")
+        if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
+            raise _several_adapters(f"merge_and_unload(adapter_names={adapter_names!r})")
         return self._replace_all(merge=True, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
@@ -214,31 +335,62 @@ class LoraModel(nn.Module):
 
     # ---------------------------------------------------------------- files
 
-    def save_pretrained(self, save_directory: str) -> None:
-        """Write adapter_model.safetensors and adapter_config.json in peft's format.
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers="auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        state_dict: Optional[dict] = None) -> None:
+        """Write adapter_model.safetensors and adapter_config.json in peft's format (peft's signature).
 
         The pair is replaced as a whole: a crash at any moment leaves the old adapter or the new one
-        (see fused_lora/adapters.py). After merge_and_unload() or unload() there is no adapter to
-        save: RuntimeError.
+        (see fused_lora/adapters.py). `base_model_name_or_path` is taken from the model's config when
+        the LoraConfig has none, so peft's AutoPeftModel finds the base. With is_main_process=False
+        nothing is written (as in peft). Refused: safe_serialization=False (only safetensors are
+        written), another adapter in selected_adapters, save_embedding_layers=True,
+        path_initial_model_for_weight_conversion (PiSSA/OLoRA conversion), a state_dict. After
+        merge_and_unload() or unload() there is no adapter to save: RuntimeError.
         """
         from .adapters import save_adapter
+        if safe_serialization is not True:
+            raise ValueError("save_pretrained(safe_serialization=False): fused_lora writes safetensors only "
+                             "(a pickled adapter_model.bin is not written, nor read)")
+        if selected_adapters is not None and list(selected_adapters) != [self.active_adapter]:
+            raise _several_adapters(f"save_pretrained(selected_adapters={selected_adapters!r})")
+        if save_embedding_layers not in ("auto", False):
+            raise NotImplementedError("save_pretrained(save_embedding_layers=True): fused_lora adapts no embedding "
+                                      "layers and does not save them; put them in modules_to_save")
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError("save_pretrained(path_initial_model_for_weight_conversion=...): the PiSSA/OLoRA "
+                                      "conversion is not implemented (fused_lora does not make such adapters)")
+        if state_dict is not None:
+            raise NotImplementedError("save_pretrained(state_dict=...): fused_lora saves the adapter's own tensors; "
+                                      "pass no state_dict")
         if self._removed_by is not None:
             raise RuntimeError(f"save_pretrained: this LoraModel has no LoRA layers any more ({self._removed_by}); "
                                "save the adapter before merging or unloading")
+        if not is_main_process:
+            return
         save_adapter(self, save_directory)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str, is_trainable: bool = False,
+    def from_pretrained(cls, model: nn.Module, directory: str, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None,
+                        autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
                         backend: str = "auto") -> "LoraModel":
-        """Adapt `model` with the adapter saved in `directory` (by fused_lora or peft).
+        """Adapt `model` with the adapter saved in `directory` (by fused_lora or peft); peft's signature.
 
         The adapted modules are the ones the weights file names; every key, shape and dtype, and
         every config field (docs/ADAPTERS.md), is checked before the model is touched, and on any
         error (AdapterError for a bad adapter) the model is left exactly as it was.
-        With is_trainable=False the adapter is frozen and the model in eval mode.
+        With is_trainable=False the adapter is frozen and the model in eval mode (the config's
+        inference_mode says which). `config` (a config other than the file's) is not supported;
+        `low_cpu_mem_usage` is accepted and changes nothing (the adapter is small).
         """
         from .adapters import load_adapter
-        return load_adapter(cls, model, directory, is_trainable=is_trainable, backend=backend)
+        if config is not None:
+            raise NotImplementedError("from_pretrained(config=...): fused_lora loads the adapter with the "
+                                      "adapter_config.json saved beside it; pass config=None")
+        return load_adapter(cls, model, directory, is_trainable=is_trainable, backend=backend,
+                            adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True) -> LoraModel:

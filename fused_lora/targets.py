@@ -6,7 +6,8 @@ from typing import Optional, Union
 
 from torch import nn
 
-from .config import LoraConfig
+from .config import TASK_HEADS, LoraConfig
+from .layer import _is_conv1d
 from .validation import short_repr
 
 Spec = Optional[Union[list, str]]
@@ -47,17 +48,41 @@ def _output_layer_name(model: nn.Module) -> Optional[str]:
     return next((n for n, m in model.named_modules() if m is out), None)
 
 
+def is_adaptable(module: nn.Module) -> bool:
+    """What gets a LoRA adapter: an nn.Linear, or transformers' Conv1D (GPT-2; peft adapts it too)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def base_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an adaptable module (a Conv1D stores its weight in x out)."""
+    return tuple(module.weight.shape) if _is_conv1d(module) else (module.in_features, module.out_features)
+
+
 def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [n for n, m in model.named_modules() if is_adaptable(m)]
 
 
 def _linear_listing(model: nn.Module) -> str:
-    return "the nn.Linear modules are: " + (", ".join(_linear_names(model)) or "none")
+    return "the nn.Linear (or Conv1D) modules are: " + (_few(_linear_names(model), 20) or "none")
+
+
+def _self_and_parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _without_task_heads(names: list[str], config: LoraConfig) -> list[str]:
+    """As peft: a task's classification head gets a full copy (modules_to_save), never an adapter."""
+    heads = set(TASK_HEADS.get(config.task_type, ()))
+    if not heads:
+        return names
+    return [n for n in names if not any(name_matches(p, heads) for p in _self_and_parents(n))]
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the nn.Linear modules to adapt. Raises ValueError when a target matches nothing,
-    or matches a module that is not an nn.Linear, listing what the model holds."""
+    """Names of the nn.Linear (or Conv1D) modules to adapt. Raises ValueError when a target matches
+    nothing, or matches a module that is neither, listing what the model holds. "all-linear" takes
+    every one of them but the output layer, as peft does."""
     if config.target_modules == "all-linear":
         skip = _output_layer_name(model)
         names = [n for n in _linear_names(model) if n != skip]
@@ -66,11 +91,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         names = [n for n, _ in model.named_modules() if n and name_matches(n, spec)]
     exclude = _as_set(config.exclude_modules)
     names = [n for n in names if not name_matches(n, exclude)]
+    names = _without_task_heads(names, config)
     modules = dict(model.named_modules())
-    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not isinstance(modules[n], nn.Linear)]
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_adaptable(modules[n])]
     if wrong:
-        raise ValueError(f"target_modules {config.target_modules!r} matches modules that are not nn.Linear: "
-                         f"{', '.join(wrong)}; {_linear_listing(model)}")
+        raise ValueError(f"target_modules {config.target_modules!r} matches modules that are not nn.Linear or "
+                         f"Conv1D: {_few(wrong)}; {_linear_listing(model)}")
     if not names:
         raise ValueError(f"target_modules {config.target_modules!r} matches no module; {_linear_listing(model)}")
     if isinstance(config.target_modules, list):
@@ -81,7 +107,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def check_loaded_targets(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
-    """Loading: `targets` (the modules the weights file adapts) must be nn.Linear modules of `model`,
+    """Loading: `targets` (the modules the weights file adapts) must be nn.Linear (or Conv1D) modules of `model`,
     and a list (or "all-linear") in the config must name exactly them. A regex in the config is not
     run on module names: a downloaded config must not be able to stall the loader."""
     modules = dict(model.named_modules())
@@ -89,9 +115,9 @@ def check_loaded_targets(model: nn.Module, config: LoraConfig, targets: list[str
     if absent:
         raise ValueError(f"the weights adapt {absent[0]!r}, which is not a module of this model; "
                          f"{_linear_listing(model)}")
-    wrong = [f"{n} ({type(modules[n]).__name__})" for n in targets if not isinstance(modules[n], nn.Linear)]
+    wrong = [f"{n} ({type(modules[n]).__name__})" for n in targets if not is_adaptable(modules[n])]
     if wrong:
-        raise ValueError(f"the weights adapt modules that are not nn.Linear: {', '.join(wrong)}")
+        raise ValueError(f"the weights adapt modules that are not nn.Linear or Conv1D: {_few(wrong)}")
     spec, exclude = _as_set(config.target_modules), _as_set(config.exclude_modules)
     if isinstance(exclude, str):
         exclude = None  # a regex: not run; the file's keys decide
@@ -101,10 +127,10 @@ def check_loaded_targets(model: nn.Module, config: LoraConfig, targets: list[str
         skip = _output_layer_name(model)
         named = [n for n in _linear_names(model) if n != skip]
     elif isinstance(spec, set):
-        named = [n for n, m in modules.items() if n and isinstance(m, nn.Linear) and name_matches(n, spec)]
+        named = [n for n, m in modules.items() if n and is_adaptable(m) and name_matches(n, spec)]
     else:
         return
-    named = {n for n in named if not name_matches(n, exclude)}
+    named = {n for n in _without_task_heads(named, config) if not name_matches(n, exclude)}
     if isinstance(config.exclude_modules, str):  # an unrun exclude regex may remove names: only check inclusion
         extra = sorted(set(targets) - named)
         missing = []
@@ -121,14 +147,17 @@ def _few(names: list[str], n: int = 5) -> str:
 
 
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the modules that get a trainable copy; each entry must match something."""
+    """Names of the modules that get a trainable copy. Each entry must match something, except the
+    classification heads a task_type adds (peft adds "classifier" and "score" for SEQ_CLS, a model
+    has one of them)."""
     if not config.modules_to_save:
         return []
     spec = set(config.modules_to_save)
     names = [n for n, _ in model.named_modules() if n and name_matches(n, spec)]
-    missing = unmatched_entries(config.modules_to_save, names)
+    optional = set(TASK_HEADS.get(config.task_type, ()))
+    missing = [m for m in unmatched_entries(config.modules_to_save, names) if m not in optional]
     if missing:
-        raise ValueError(f"modules_to_save entries {_few(missing)} match no module; the model's modules are: "
-                         f"{', '.join(n for n, _ in model.named_modules() if n)}")
+        raise ValueError(f"modules_to_save entries {_few([repr(m) for m in missing])} match no module; the model's top-level modules "
+                         f"are: {_few([n for n, _ in model.named_children()], 20)}")
     # A container and its children both matching: keep the outermost.
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]

@@ -140,6 +140,16 @@ def check_optional_str(name: str, value) -> None:
         raise TypeError(f"{name} must be None or a string, got {type(value).__name__}")
 
 
+def check_task_type(task_type, allowed) -> None:
+    """None or one of peft's TaskType names (peft refuses others too)."""
+    if task_type is None:
+        return
+    if not isinstance(task_type, str):
+        raise TypeError(f"task_type must be None or a string, got {type(task_type).__name__}")
+    if task_type not in allowed:
+        raise ValueError(f"task_type must be None or one of {', '.join(allowed)}, got {short_repr(task_type)}")
+
+
 def check_backend(backend) -> None:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")

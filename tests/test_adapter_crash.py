@@ -49,7 +49,7 @@ def which(directory):
     state = adapter_state(lm)
     for name, ref in (("A", A), ("B", B)):
         want = adapter_state(ref)
-        if (lm.peft_config.lora_alpha == ref.peft_config.lora_alpha and state.keys() == want.keys()
+        if (lm.peft_config["default"].lora_alpha == ref.peft_config["default"].lora_alpha and state.keys() == want.keys()
                 and all(torch.equal(state[k], want[k]) for k in want)):
             with torch.no_grad():
                 torch.testing.assert_close(lm(X), ref(X), rtol=0, atol=0)

@@ -218,7 +218,7 @@ def test_peft_orthogonal_init_adapter_loads(tmp_path):
         want = pm(X)
     pm.save_pretrained(tmp_path)
     ours = LoraModel.from_pretrained(base_mlp(), tmp_path)
-    assert ours.peft_config.init_lora_weights == "orthogonal"
+    assert ours.peft_config["default"].init_lora_weights == "orthogonal"
     with torch.no_grad():
         torch.testing.assert_close(ours(X), want)
     with pytest.raises(ValueError, match="orthogonal.*cannot initialise"):
@@ -370,7 +370,7 @@ def test_huge_name_lists_in_config_do_not_stall_loading(tmp_path):
     finishes_in_child(lambda: torch.testing.assert_close(LoraModel.from_pretrained(ManyLayers(), tmp_path)(x), want))
 
     def refused():
-        with pytest.raises(AdapterError, match="modules_to_save entries no_such_module_0, .* and 299995 more"):
+        with pytest.raises(AdapterError, match="modules_to_save entries 'no_such_module_0', .* and 299995 more"):
             LoraModel.from_pretrained(ManyLayers(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": junk}))
     finishes_in_child(refused)

@@ -48,7 +48,7 @@ def test_bad_targets_are_clear_and_leave_model_alone():
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="matches no module.*seq.0, seq.2, seq.4"):
         get_lora_model(model, LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match=r"not nn.Linear: seq.1 \(ReLU\)"):
+    with pytest.raises(ValueError, match=r"not nn.Linear or Conv1D: seq.1 \(ReLU\)"):
         get_lora_model(model, LoraConfig(target_modules=["seq.1"]))
     with pytest.raises(ValueError, match="modules_to_save entries"):
         get_lora_model(model, LoraConfig(target_modules=["seq.0"], modules_to_save=["head"]))

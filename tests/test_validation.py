@@ -166,7 +166,7 @@ def test_bad_backend_argument_to_from_pretrained_is_a_plain_value_error(tmp_path
 
 def test_save_refuses_a_config_changed_to_a_bad_value(tmp_path):
     lm = get_lora_model(fresh(), LoraConfig(r=2, target_modules=["seq.0"]))
-    lm.peft_config.lora_alpha = float("nan")
+    lm.peft_config["default"].lora_alpha = float("nan")
     with pytest.raises(ValueError, match="lora_alpha"):
         lm.save_pretrained(tmp_path / "a")
     assert not (tmp_path / "a" / "adapter_config.json").exists()

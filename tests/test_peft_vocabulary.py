@@ -1,0 +1,193 @@
+"""peft's words on a LoraModel: task_type heads, inference_mode, save/from_pretrained arguments,
+peft_config by adapter name, base_model_name_or_path, base_model; later features refused by name."""
+import json
+
+import peft
+import pytest
+import torch
+import transformers
+
+from fused_lora import AdapterError, LoraConfig, LoraModel, get_lora_model
+from fused_lora.finetune import build_llama
+
+TOKENS = torch.arange(20).reshape(2, 10) * 7 % 128
+
+
+def gpt2_classifier(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=128, n_positions=32, num_labels=3,
+                                     pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2ForSequenceClassification(config)  # head: "score"
+
+
+def bert_tagger(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=128, max_position_embeddings=32, num_labels=5,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForTokenClassification(config)  # head: "classifier"
+
+
+CLASSIFIERS = [(gpt2_classifier, "SEQ_CLS", ["c_attn"], "score"), (bert_tagger, "TOKEN_CLS", ["query", "value"],
+                                                                     "classifier")]
+
+
+@pytest.mark.parametrize("build, task, targets, head", CLASSIFIERS)
+def test_peft_classification_adapter_loads_with_its_head(tmp_path, build, task, targets, head):
+    # Before: refused with a 1,868-character error (peft saves modules_to_save=["classifier", "score"]).
+    ref = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules=targets, task_type=task,
+                                                        init_lora_weights=False))
+    with torch.no_grad():
+        ref.base_model.model.get_submodule(head).modules_to_save["default"].weight.add_(0.5)  # a trained head
+    ref.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(saved["modules_to_save"]) == {"classifier", "score"}
+    ours = LoraModel.from_pretrained(build(), tmp_path)
+    assert [n for n, _ in ours.saved_modules()] == [head]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=TOKENS).logits, ref(input_ids=TOKENS).logits)
+
+
+@pytest.mark.parametrize("build, task, targets, head", CLASSIFIERS)
+def test_task_type_makes_the_head_trainable_and_peft_loads_it(tmp_path, build, task, targets, head):
+    lm = get_lora_model(build(), LoraConfig(r=4, target_modules=targets, task_type=task, init_lora_weights=False))
+    assert lm.peft_config["default"].modules_to_save == ["classifier", "score"]  # as peft writes it
+    assert [n for n, _ in lm.saved_modules()] == [head]
+    assert all(p.requires_grad for p in dict(lm.saved_modules())[head].trainable.parameters())
+    with torch.no_grad():
+        dict(lm.saved_modules())[head].trainable.weight.add_(0.5)
+    lm.save_pretrained(tmp_path)
+    ref = peft.PeftModel.from_pretrained(build(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=TOKENS).logits, lm(input_ids=TOKENS).logits)
+
+
+@pytest.mark.parametrize("build, task, targets, head", CLASSIFIERS[:1])  # peft 0.21 fails on TOKEN_CLS here
+def test_all_linear_leaves_the_task_head_to_modules_to_save_as_peft(build, task, targets, head):
+    ref = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules="all-linear", task_type=task))
+    want = {n.removeprefix("base_model.model.") for n, m in ref.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+    lm = get_lora_model(build(), LoraConfig(r=4, target_modules="all-linear", task_type=task))
+    assert {n for n, _ in lm.lora_layers()} == want and head not in want
+    assert [n for n, _ in lm.saved_modules()] == [head]
+
+
+def test_all_linear_leaves_a_token_classifier_head_to_modules_to_save(tmp_path):
+    lm = get_lora_model(bert_tagger(), LoraConfig(r=4, target_modules="all-linear", task_type="TOKEN_CLS",
+                                                  init_lora_weights=False))
+    assert "classifier" not in dict(lm.lora_layers()) and [n for n, _ in lm.saved_modules()] == ["classifier"]
+    lm.save_pretrained(tmp_path)  # "all-linear" in the file: the loader applies the same rule
+    loaded = LoraModel.from_pretrained(bert_tagger(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=TOKENS).logits, lm(input_ids=TOKENS).logits)
+
+
+def test_unmatched_modules_to_save_error_is_short_and_names_the_entry():
+    with pytest.raises(ValueError, match="'classifer'") as err:
+        get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"], modules_to_save=["classifer"]))
+    assert len(str(err.value)) < 300
+
+
+def test_task_type_is_checked():
+    with pytest.raises(ValueError, match="task_type"):
+        LoraConfig(target_modules=["q_proj"], task_type="SEQ_CLASSIFICATION")
+
+
+def test_inference_mode():
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"], inference_mode=True))
+    assert lm.get_nb_trainable_parameters()[0] == 0
+
+
+def test_is_trainable_sets_inference_mode(tmp_path):
+    get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
+    assert LoraModel.from_pretrained(build_llama("tiny"), tmp_path).peft_config["default"].inference_mode is True
+    trainable = LoraModel.from_pretrained(build_llama("tiny"), tmp_path, is_trainable=True)
+    assert trainable.peft_config["default"].inference_mode is False
+    assert trainable.get_nb_trainable_parameters()[0] > 0
+
+
+def test_save_pretrained_takes_peft_arguments(tmp_path):
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"]))
+    lm.save_pretrained(tmp_path / "a", safe_serialization=True, selected_adapters=["default"], is_main_process=True,
+                       save_embedding_layers="auto")
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists()
+    lm.save_pretrained(tmp_path / "b", is_main_process=False)  # as peft: only the main process writes
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="safetensors only"):
+        lm.save_pretrained(tmp_path / "c", safe_serialization=False)
+    with pytest.raises(NotImplementedError, match="several adapters"):
+        lm.save_pretrained(tmp_path / "c", selected_adapters=["other"])
+    assert not (tmp_path / "c").exists()
+
+
+def test_from_pretrained_adapter_name_and_peft_config_by_name(tmp_path):
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert isinstance(lm.peft_config["default"], LoraConfig) and lm.peft_config["default"].r == 4
+    lm.save_pretrained(tmp_path)
+    loaded = LoraModel.from_pretrained(build_llama("tiny"), tmp_path, adapter_name="mine")
+    assert list(loaded.peft_config) == ["mine"] and loaded.active_adapter == "mine"
+    assert loaded.active_adapters == ["mine"]
+    loaded.set_adapter("mine")  # the one it holds: nothing to do
+    loaded.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "adapter_model.safetensors").exists()
+
+
+def test_base_model_name_or_path_is_recorded_so_auto_peft_model_finds_the_base(tmp_path):
+    build_llama("tiny").save_pretrained(tmp_path / "base")
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    lm = get_lora_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                         task_type="CAUSAL_LM"))  # AutoPeftModel reads the task
+    lm.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tmp_path / "base")
+    ref = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=TOKENS).logits, lm(input_ids=TOKENS).logits)
+
+
+def test_base_model_and_get_base_model_as_in_peft():
+    model = build_llama("tiny")
+    lm = get_lora_model(model, LoraConfig(target_modules=["q_proj"]))
+    assert lm.get_base_model() is model
+    assert lm.base_model.model is model  # so base_model.model.<name> are the adapter files' keys
+    ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(target_modules=["q_proj"]))
+    assert isinstance(ref.base_model.model, transformers.LlamaForCausalLM)
+
+
+@pytest.mark.parametrize("call", [
+    lambda lm: lm.set_adapter("other"),
+    lambda lm: lm.add_adapter("other", peft.LoraConfig(target_modules=["q_proj"])),
+    lambda lm: lm.load_adapter("somewhere", adapter_name="other"),
+    lambda lm: lm.delete_adapter("default"),
+    lambda lm: lm(input_ids=TOKENS, adapter_names=["default", "default"]),
+    lambda lm: lm.merge_and_unload(adapter_names=["other"]),
+])
+def test_several_adapters_are_refused_by_name(call):
+    # Before: forward(adapter_names=...) silently ignored; set_adapter/add_adapter reached transformers
+    # ("The version of PEFT you are using is not compatible").
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(NotImplementedError, match="several adapters|mixed-adapter batches"):
+        call(lm)
+
+
+@pytest.mark.parametrize("name", ["enable_adapters", "disable_adapters", "get_adapter_state_dict"])
+def test_transformers_adapter_methods_say_what_to_use(name):
+    # Before: "The version of PEFT you are using is not compatible" from transformers.
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(NotImplementedError, match="LoraModel"):
+        getattr(lm, name)()
+
+
+def test_forward_with_adapter_names_none_is_the_plain_forward():
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=TOKENS, adapter_names=None).logits, lm(input_ids=TOKENS).logits)
+
+
+def test_dora_is_refused_by_name(tmp_path):
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        LoraConfig(target_modules=["q_proj"], use_dora=True)
+    ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(target_modules=["q_proj"], use_dora=True))
+    ref.save_pretrained(tmp_path)
+    with pytest.raises(AdapterError, match="use_dora=True.*DoRA"):
+        LoraModel.from_pretrained(build_llama("tiny"), tmp_path)
