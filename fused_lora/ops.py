@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends, torch_impl
+from . import backends, multi_impl, torch_impl
 from .op_inputs import (as_scaling, as_seed_tensor, check_backward_inputs, check_op_inputs, check_seed_tensor,
                         seed_value)
 
@@ -207,3 +207,143 @@ def lora_linear(
         return _run_forward(x, weight, bias, lora_A, lora_B, scaling, float(dropout_p), seed_value(seed),
                             backend)[0]
     return _EagerLoRALinear.apply(*args)
+
+
+# ------------------------------------------------------------------ several adapters in one batch
+
+def _multi_adapters(x, weight, bias, adapters) -> tuple:
+    """The adapters as ((A, B, float scaling, float p), ...), each checked as the single-adapter op checks
+    its inputs (errors name the adapter's index)."""
+    if isinstance(adapters, (str, bytes, Tensor)) or not isinstance(adapters, (list, tuple)):
+        raise TypeError("lora_linear_multi: adapters must be a list of (lora_A, lora_B, scaling, dropout_p), "
+                        f"got {type(adapters).__name__}")
+    if not adapters:  # still check x, weight, bias: against an empty adapter
+        shaped = isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 2 and weight.dim() == 2
+        empty_A = x.new_empty(0, x.shape[1]) if shaped else x
+        empty_B = x.new_empty(weight.shape[0], 0) if shaped else x
+        check_op_inputs(x, weight, bias, empty_A, empty_B, 0.0)
+    out = []
+    for i, adapter in enumerate(adapters):
+        try:
+            if not isinstance(adapter, (list, tuple)) or len(adapter) != 4:
+                raise TypeError(f"must be a (lora_A, lora_B, scaling, dropout_p) tuple, got {type(adapter).__name__}"
+                                + (f" of length {len(adapter)}" if isinstance(adapter, (list, tuple)) else ""))
+            lora_A, lora_B, scaling, dropout_p = adapter
+            check_op_inputs(x, weight, bias, lora_A, lora_B, dropout_p)
+            out.append((lora_A, lora_B, as_scaling(scaling), float(dropout_p)))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"lora_linear_multi: adapter {i}: {str(err).replace('lora_linear: ', '')}") from None
+    return tuple(out)
+
+
+def _check_row_adapter(row_adapter, x: Tensor, n_adapters: int) -> None:
+    """row_adapter: an int64 tensor of length M on x's device, values in [-1, n_adapters)."""
+    if not isinstance(row_adapter, Tensor):
+        raise TypeError(f"lora_linear_multi: row_adapter must be an int64 tensor, got {type(row_adapter).__name__}")
+    if row_adapter.dtype != torch.int64:
+        raise TypeError(f"lora_linear_multi: row_adapter has dtype {row_adapter.dtype}, expected torch.int64")
+    if row_adapter.dim() != 1 or row_adapter.shape[0] != x.shape[0]:
+        raise ValueError(f"lora_linear_multi: row_adapter has shape {tuple(row_adapter.shape)} but x has "
+                         f"{x.shape[0]} rows: expected ({x.shape[0]},), one adapter index per row")
+    if row_adapter.device != x.device:
+        raise ValueError(f"lora_linear_multi: row_adapter is on {row_adapter.device} but x is on {x.device}")
+    if row_adapter.numel():
+        low, high = (int(v) for v in torch.aminmax(row_adapter))
+        if low < -1 or high >= n_adapters:
+            bad = low if low < -1 else high
+            raise ValueError(f"lora_linear_multi: row_adapter holds {bad}, outside [-1, {n_adapters}) "
+                             f"(-1 = no adapter; {n_adapters} adapter(s) given)")
+
+
+class _EagerLoRALinearMulti(torch.autograd.Function):
+    """Several adapters, eager mode. Inputs after the non-tensor ones: lora_A_0, lora_B_0, lora_A_1, ...
+
+    Per adapter a, on its rows R_a only (H_a = (D_a x[R_a]) A_a^T saved from forward):
+        G_a = s_a dY[R_a] B_a;  dB_a = s_a dY[R_a]^T H_a;  dA_a = G_a^T (D_a x[R_a]);  dx[R_a] += D_a (G_a A_a)
+    and once for the whole batch: dx = dY W (+ the above), dW = dY^T x, db = sum of dY's rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, segs, spec, seed, backend, *lora):
+        adapters = tuple((lora[2 * a], lora[2 * a + 1], s, p) for a, (s, p) in enumerate(spec))
+        impl = _chosen_multi("multi_fwd", x, weight, adapters, backend)
+        y, hs = impl.multi_forward(x, weight, bias, adapters, segs, seed)
+        ctx.save_for_backward(x, weight, bias, *lora, *hs)
+        ctx.segs, ctx.spec, ctx.seed, ctx.backend = segs, spec, seed, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        n = len(ctx.spec)
+        x, weight, bias, *rest = ctx.saved_tensors
+        lora, hs = rest[:2 * n], rest[2 * n:]
+        adapters = tuple((lora[2 * a], lora[2 * a + 1], s, p) for a, (s, p) in enumerate(ctx.spec))
+        need = ctx.needs_input_grad
+        need_lora = [need[7 + 2 * a] or need[8 + 2 * a] for a in range(n)]
+        need_db = bias is not None and need[2]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (dy, x, weight, *lora)):
+            return _multi_double_backward(ctx, dy, x, weight, bias, adapters, need)
+        impl = _chosen_multi("multi_bwd", x, weight, adapters, ctx.backend)
+        dx, lora_grads, dW, db = impl.multi_backward(dy.contiguous(), x, weight, adapters, hs, ctx.segs, ctx.seed,
+                                                     need[0], need_lora, need[1], need_db)
+        flat = []
+        for a, pair in enumerate(lora_grads):
+            dA, dB = pair if pair is not None else (None, None)
+            flat += [dA if need[7 + 2 * a] else None, dB if need[8 + 2 * a] else None]
+        return (dx, dW, db if need_db else None, None, None, None, None, *flat)
+
+
+def _multi_double_backward(ctx, dy, x, weight, bias, adapters, need):
+    """Gradients with their own graph (create_graph=True): the forward recomputed with differentiable
+    ops and the same masks, differentiated by autograd."""
+    inputs = (x, weight, bias, *(t for a in adapters for t in a[:2]))
+    needs = (need[0], need[1], need[2]) + tuple(need[7:])
+    with torch.enable_grad():
+        y = multi_impl.differentiable_forward(x, weight, bias, adapters, ctx.segs, ctx.seed)
+        wanted = [t for t, n in zip(inputs, needs) if n]
+        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    out = [next(grads) if n else None for n in needs]
+    return (*out[:3], None, None, None, None, *out[3:])
+
+
+def _chosen_multi(op: str, x: Tensor, weight: Tensor, adapters, backend: str):
+    rank = max((a[0].shape[0] for a in adapters), default=0)
+    return _chosen(op, x, rank, backend, weight, max((a[3] for a in adapters), default=0.0))
+
+
+@torch.compiler.disable  # the row layout is data-dependent: under torch.compile this call runs eagerly (a graph break)
+def lora_linear_multi(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters, row_adapter: Tensor,
+    seed: Optional[Tensor] = None, backend: str = "auto",
+) -> Tensor:
+    """Several adapters in one batch: y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m]), a = row_adapter[m].
+
+    x (M x K), weight (N x K), bias (N) or None as for `lora_linear`; `adapters` a list of
+    (lora_A (r_a x K), lora_B (N x r_a), scaling s_a, dropout_p p_a), each with its own rank, scaling and
+    dropout; `row_adapter` an int64 tensor of M adapter indices in [-1, len(adapters)) on x's device,
+    -1 meaning no adapter (peft's "__base__"). Differentiable in x, W, b and every adapter's A and B:
+    adapter a's gradients come from its own rows only (twice differentiable, in eager mode).
+
+    The base GEMM runs once for the whole batch; each adapter's low-rank term runs on its rows
+    (`multi_impl`). `seed` (int or 0-dim int64 tensor, required when some p_a > 0) fixes the dropout
+    masks: adapter a draws its mask as the single-adapter op would on its rows alone with the seed
+    `multi_impl.adapter_seed(seed, a)`. Backends: "torch" (and "auto"); the Triton kernels have no
+    segment kernels yet, so backend="triton" raises BackendUnavailable. Bad inputs raise ValueError or
+    TypeError naming the problem (and the adapter's index) before anything runs. Under torch.compile
+    this function is not traced: it runs eagerly, with a graph break around it.
+    """
+    adapters = _multi_adapters(x, weight, bias, adapters)
+    _check_row_adapter(row_adapter, x, len(adapters))
+    seed = as_seed_tensor(seed, max((a[3] for a in adapters), default=0.0))
+    seed_int = seed_value(seed)
+    backends.select(backends.Problem("multi_fwd", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1],
+                                     max((a[0].shape[0] for a in adapters), default=0)), backend)  # fails early
+    if bias is not None:
+        bias = bias.contiguous()
+    segs = multi_impl.segments(row_adapter, len(adapters))
+    lora = [t for a in adapters for t in a[:2]]
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *lora))):
+        impl = _chosen_multi("multi_fwd", x, weight, adapters, backend)  # inference: no autograd machinery
+        return impl.multi_forward(x, weight, bias, adapters, segs, seed_int)[0]
+    spec = tuple((a[2], a[3]) for a in adapters)
+    return _EagerLoRALinearMulti.apply(x, weight, bias, segs, spec, seed_int, backend, *lora)
