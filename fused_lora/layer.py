@@ -62,6 +62,9 @@ class _AdapterWeights(nn.Module):
         super().__init__()
         self.lora_A, self.lora_B = lora_A, lora_B
 
+    def extra_repr(self) -> str:
+        return f"lora_A={tuple(self.lora_A.shape)}, lora_B={tuple(self.lora_B.shape)}"
+
 
 class FusedLoRALinear(nn.Module):
     """y = x W^T + b + s * B A dropout(x), with W and b frozen and A, B trainable.

@@ -247,7 +247,7 @@ def _check_row_adapter(row_adapter, x: Tensor, n_adapters: int) -> None:
                          f"{x.shape[0]} rows: expected ({x.shape[0]},), one adapter index per row")
     if row_adapter.device != x.device:
         raise ValueError(f"lora_linear_multi: row_adapter is on {row_adapter.device} but x is on {x.device}")
-    if row_adapter.numel():
+    if row_adapter.numel() and not row_adapter.is_meta:
         low, high = (int(v) for v in torch.aminmax(row_adapter))
         if low < -1 or high >= n_adapters:
             bad = low if low < -1 else high
@@ -336,6 +336,8 @@ def lora_linear_multi(
     _check_row_adapter(row_adapter, x, len(adapters))
     seed = as_seed_tensor(seed, max((a[3] for a in adapters), default=0.0))
     seed_int = seed_value(seed)
+    if x.is_meta:  # shape propagation (e.g. a model built on the meta device): nothing to compute
+        return x.new_empty(x.shape[0], weight.shape[0])
     backends.select(backends.Problem("multi_fwd", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1],
                                      max((a[0].shape[0] for a in adapters), default=0)), backend)  # fails early
     if bias is not None:

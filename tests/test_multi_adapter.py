@@ -484,3 +484,19 @@ def test_adapters_draw_independent_masks():
     A, B = torch.randn(4, K), torch.randn(N, 4)
     y = lora_linear_multi(x, w, b, [(A, B, 1.0, 0.5), (A, B, 1.0, 0.5)], torch.tensor([0, 0, 0, 1, 1, 1]), seed=9)
     assert not torch.allclose(y[:3], y[3:])
+
+
+def test_meta_device_gives_shapes():
+    layer = FusedLoRALinear(12, 10, r=4, device="meta")
+    layer.add_adapter("b", r=2)
+    y = layer(torch.empty(4, 3, 12, device="meta"), adapter_names=["b", "default", "__base__", "b"])
+    assert y.shape == (4, 3, 10) and y.is_meta
+
+
+def test_compiled_layer_runs_mixed_batches_eagerly():
+    """Under torch.compile the multi-adapter op is not traced (a graph break): same numbers."""
+    layer = make_layer().eval()
+    x = torch.randn(4, 3, 12)
+    names = ["b", "default", "__base__", "c"]
+    compiled = torch.compile(layer, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, adapter_names=names), layer(x, adapter_names=names))
