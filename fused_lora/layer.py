@@ -476,7 +476,8 @@ class FusedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract s * B @ A of every merged adapter from the base weight again. Unmerging an unmerged layer warns and does nothing.
+        """Subtract s * B @ A of every merged adapter from the base weight again (all at once, rounded
+        once). Unmerging an unmerged layer warns and does nothing.
 
         In float32 this restores the weight to rounding error; in float16/bfloat16 the two
         roundings may leave the weight a few ulps from where it was (as with any merge/unmerge).

@@ -8,12 +8,13 @@ rows of adapter a are `order[offsets[a + 1]:offsets[a + 2]]` (the base rows, ind
 Forward and backward share that layout.
 
 Work per adapter, on its rows only:
-- rows that form one contiguous range (the usual case: one adapter per sample, samples grouped or
-  alone) are read and written through views: H = (D x[s:e]) A^T, then y[s:e] += s H B^T in place
-  (addmm_), no gather, no M x N temporary;
-- scattered rows are gathered with index_select and written back with index_add_, in chunks of at
-  most CHUNK_ROWS rows, so temporaries stay CHUNK_ROWS x N (never M x N). The indices within a chunk
-  are distinct, so index_add_ writes every element once: deterministic on every device.
+- rows that form long runs of consecutive rows (the usual case: one adapter per sample of a
+  sequence) are read and written run by run through views: H = (D x[s:e]) A^T, then
+  y[s:e] += s H B^T in place (addmm_), no gather, no M x N temporary;
+- scattered rows (runs shorter than MIN_RUN_ROWS on average) are gathered with index_select and
+  written back with index_add_, in chunks of at most CHUNK_ROWS rows, so temporaries stay
+  CHUNK_ROWS x N (never M x N). The indices within a chunk are distinct, so index_add_ writes every
+  element once: deterministic on every device.
 The base GEMM runs once for the whole batch (y = x W^T + b, dx = dY W); dA_a, dB_a are sums over
 that adapter's rows only, accumulated chunk after chunk in a fixed order (in float32 for
 float16/bfloat16 inputs when there is more than one chunk), so deterministic too.
@@ -34,6 +35,7 @@ from torch import Tensor
 from .dropout import SEED_HIGH, keep_mask
 
 CHUNK_ROWS = 512  # scattered rows are handled this many at a time: temporaries of CHUNK_ROWS x N at most
+MIN_RUN_ROWS = 32  # runs of consecutive rows at least this long (on average) are used through views
 _SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio (odd): spreads (seed, adapter) over the seed range
 
 Adapter = tuple  # (lora_A (r x K), lora_B (N x r), scaling, dropout_p)
@@ -68,14 +70,18 @@ class Segments:
         return self.order[self.offsets[adapter + 1]:self.offsets[adapter + 2]]
 
     def pieces(self, adapter: int) -> list[Piece]:
-        """The adapter's rows as one slice when contiguous, else chunks of at most CHUNK_ROWS indices."""
+        """The adapter's rows as slices, one per run of consecutive rows, when its runs are long (at least
+        MIN_RUN_ROWS rows on average: e.g. one adapter per sample of a sequence), else as chunks of at most
+        CHUNK_ROWS indices."""
         m = self.count(adapter)
         if m == 0:
             return []
         rows = self.rows(adapter)
-        first, last = (int(v) for v in rows[[0, -1]].tolist())  # increasing: contiguous iff last - first = m - 1
-        if last - first == m - 1:
-            return [Piece(slice(first, last + 1), 0, m)]
+        starts = torch.nonzero(rows[1:] - rows[:-1] != 1).squeeze(1)  # increasing rows: a run ends where +1 fails
+        if m >= MIN_RUN_ROWS * (starts.numel() + 1):
+            lo = [0] + (starts + 1).tolist()
+            hi = lo[1:] + [m]
+            return [Piece(slice(first, first + e - s), s, e) for first, s, e in zip(rows[lo].tolist(), lo, hi)]
         return [Piece(rows[lo:lo + CHUNK_ROWS], lo, min(m, lo + CHUNK_ROWS)) for lo in range(0, m, CHUNK_ROWS)]
 
 

@@ -464,8 +464,9 @@ def test_matches_peft_mixed_batch_inference():
         torch.testing.assert_close(ours(x), theirs(x))
 
 
-def test_layout_groups_rows_by_adapter():
-    """vLLM-style layout: stable sort + offsets; contiguous rows as one slice, scattered ones in chunks."""
+def test_layout_groups_rows_by_adapter(monkeypatch):
+    """vLLM-style layout: stable sort + offsets; long runs of rows as slices, scattered ones in chunks."""
+    monkeypatch.setattr(multi_impl, "MIN_RUN_ROWS", 2)
     row_adapter = torch.tensor([1, 1, -1, 0, 1, 0, 0, 2, 2, -1])
     segs = multi_impl.segments(row_adapter, 4)
     assert segs.offsets == (0, 2, 5, 8, 10, 10)
@@ -474,6 +475,21 @@ def test_layout_groups_rows_by_adapter():
     assert segs.pieces(3) == []
     (piece,) = segs.pieces(1)
     assert piece.rows.tolist() == [0, 1, 4] and (piece.lo, piece.hi) == (0, 3)
+    runs = multi_impl.segments(torch.tensor([0, 0, 0, 1, 1, 0, 0, -1, 0, 0]), 2).pieces(0)
+    assert [(p.rows, p.lo, p.hi) for p in runs] == [(slice(0, 3), 0, 3), (slice(5, 7), 3, 5), (slice(8, 10), 5, 7)]
+
+
+@pytest.mark.parametrize("min_run", [1, 10**9])
+def test_op_runs_and_gathers_agree_with_reference(monkeypatch, min_run):
+    """The same per-sample layout through views (every run) and through gathers (never)."""
+    monkeypatch.setattr(multi_impl, "MIN_RUN_ROWS", min_run)
+    row_adapter = torch.tensor([0, 2, 1, 0, -1, 2, 0]).repeat_interleave(5)
+    specs = [(0.5, 0.2), (1.5, 0.0), (-1.0, 0.4)]
+    x, w, b, loras = make_multi(35, 9, 7, [2, 3, 4])
+    op, ref = op_and_ref(x, w, b, loras, specs, row_adapter, 21)
+    tensors = (x, w, b) + tuple(t for pair in loras for t in pair)
+    torch.testing.assert_close(op(*tensors), ref(*tensors))
+    assert torch.autograd.gradcheck(op, tensors)
 
 
 def test_adapters_draw_independent_masks():
