@@ -268,7 +268,7 @@ class FusedLoRALinear(nn.Module):
         if adapter_name in self._adapter_settings:
             raise ValueError(f"FusedLoRALinear.add_adapter: an adapter named {adapter_name!r} already exists "
                              f"(delete_adapter it first)")
-        if adapter_name == BASE_ADAPTER or "." in adapter_name or hasattr(nn.ModuleDict, adapter_name):
+        if adapter_name == BASE_ADAPTER or "." in adapter_name or hasattr(nn.ModuleDict(), adapter_name):
             raise ValueError(f"FusedLoRALinear.add_adapter: {adapter_name!r} cannot name an adapter "
                              f"({BASE_ADAPTER!r} means no adapter; names hold no '.' and are not nn.ModuleDict "
                              f"attributes)")

@@ -311,6 +311,7 @@ def test_bad_adapter_calls_raise_and_change_nothing():
         (lambda: layer.add_adapter("__base__"), ValueError, "cannot name an adapter"),
         (lambda: layer.add_adapter("a.b"), ValueError, "cannot name an adapter"),
         (lambda: layer.add_adapter("keys"), ValueError, "cannot name an adapter"),
+        (lambda: layer.add_adapter("training"), ValueError, "cannot name an adapter"),
         (lambda: layer.add_adapter(""), ValueError, "non-empty string"),
         (lambda: layer.add_adapter("d", r=0), ValueError, "r must be"),
         (lambda: layer.add_adapter("d", lora_dropout=1.0), ValueError, "lora_dropout"),
