@@ -311,7 +311,9 @@ def _chosen_multi(op: str, x: Tensor, weight: Tensor, adapters, backend: str):
     return _chosen(op, x, rank, backend, weight, max((a[3] for a in adapters), default=0.0))
 
 
-@torch.compiler.disable  # the row layout is data-dependent: under torch.compile this call runs eagerly (a graph break)
+@torch.compiler.disable(reason="fused_lora.lora_linear_multi (several adapters per batch) is not a custom op yet: "
+                                "its row layout is data-dependent, so torch.compile runs it eagerly (a graph break; "
+                                "fullgraph=True cannot trace it)")
 def lora_linear_multi(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters, row_adapter: Tensor,
     seed: Optional[Tensor] = None, backend: str = "auto",
