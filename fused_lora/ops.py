@@ -27,6 +27,11 @@ the backend that ran the forward; otherwise the backend's (non-differentiable) k
 
 Inputs are checked once, before a backend is chosen (`op_inputs`), in the eager paths and in the
 fake implementations alike, so every path and backend refuses bad inputs with the same error.
+
+`lora_linear_multi` is the entry for several adapters in one batch (a per-row adapter index; the
+PyTorch path in `multi_impl`): an eager autograd.Function, chosen through the same backend table
+(ops "multi_fwd" / "multi_bwd"; the Triton row refuses them until segment kernels exist). It is not
+a custom op yet: under torch.compile it runs eagerly behind a graph break.
 """
 from __future__ import annotations
 

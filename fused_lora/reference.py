@@ -5,6 +5,11 @@
 
 with D = keep / (1 - p) (keep ~ Bernoulli(1 - p) per element of X). Written with plain ops so
 autograd derives the backward; run it in float64 to get an oracle for any dtype.
+
+Several adapters in one batch (`lora_linear_multi_ref`): row m uses adapter a(m), with its own
+rank, scaling and dropout, or none (a(m) = -1, peft's "__base__"):
+
+    y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m])
 """
 from __future__ import annotations
 
