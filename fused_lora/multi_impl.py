@@ -121,25 +121,35 @@ def _dropped(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
     return x if keep is None else x.mul(1.0 / (1.0 - p)).mul_(keep)
 
 
+def packed_h_shape(M: int, adapters: Sequence[Adapter]) -> tuple[int, int]:
+    """The packed H: M x (largest rank), rows in the sorted order (see `h_of`)."""
+    return M, max([0] + [a[0].shape[0] for a in adapters])
+
+
+def h_of(h_packed: Tensor, segs: Segments, adapter: int, rank: int) -> Tensor:
+    """H_a = (D_a x[rows_a]) A_a^T (m_a x r_a), a view into the packed H: its rows at the adapter's
+    place in the sorted order, its first r_a columns (the rest is zero, never read)."""
+    return h_packed[segs.offsets[adapter + 1]:segs.offsets[adapter + 2], :rank]
+
+
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Adapter], segs: Segments,
-            seed: int) -> tuple[Tensor, list[Tensor]]:
-    """(Y, [H_a]): Y (M x N) as in the module doc; H_a = (D_a x[rows_a]) A_a^T (m_a x r_a), in the
-    adapter's row order, the only activation kept for backward besides x."""
+            seed: int) -> tuple[Tensor, Tensor]:
+    """(Y, H): Y (M x N) as in the module doc; H every adapter's H_a packed into one M x max(r_a) tensor
+    (`h_of`), the only activation kept for backward besides x (one static shape: custom ops need it)."""
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    hs = []
+    h_packed = x.new_zeros(packed_h_shape(x.shape[0], adapters))
     for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
         m = segs.count(a)
-        h = x.new_empty(m, lora_A.shape[0])
+        h = h_of(h_packed, segs, a, lora_A.shape[0])
         keep = _mask(seed, a, m, x.shape[1], p, x.device)
         for piece in segs.pieces(a):
             lo, hi = piece.lo, piece.hi
             h[lo:hi] = torch.mm(_dropped(_take(x, piece.rows), None if keep is None else keep[lo:hi], p), lora_A.t())
             _add_product(y, piece.rows, h[lo:hi], lora_B.t(), scaling)
-        hs.append(h)
-    return y, hs
+    return y, h_packed
 
 
-def backward(dy: Tensor, x: Tensor, weight: Tensor, adapters: Sequence[Adapter], hs: Sequence[Tensor],
+def backward(dy: Tensor, x: Tensor, weight: Tensor, adapters: Sequence[Adapter], h_packed: Tensor,
              segs: Segments, seed: int, need_dx: bool, need_lora: Sequence[bool], need_dw: bool, need_db: bool):
     """(dx, [(dA_a, dB_a)], dW, db), None where not needed (a pair is None when need_lora[a] is False).
 
@@ -163,7 +173,8 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, adapters: Sequence[Adapter],
             g = torch.mm(dya, lora_B).mul_(scaling)  # m x r
             keep_p = None if keep is None else keep[lo:hi]
             if want:
-                dB_t.add_(torch.mm(hs[a][lo:hi].t(), dya), alpha=scaling)  # r x N: the faster orientation
+                h = h_of(h_packed, segs, a, lora_A.shape[0])
+                dB_t.add_(torch.mm(h[lo:hi].t(), dya), alpha=scaling)  # r x N: the faster orientation
                 dA.add_(torch.mm(g.t(), _dropped(_take(x, rows), keep_p, p)))
             if need_dx:
                 if keep_p is None:

@@ -29,9 +29,11 @@ Inputs are checked once, before a backend is chosen (`op_inputs`), in the eager 
 fake implementations alike, so every path and backend refuses bad inputs with the same error.
 
 `lora_linear_multi` is the entry for several adapters in one batch (a per-row adapter index; the
-PyTorch path in `multi_impl`): an eager autograd.Function, chosen through the same backend table
-(ops "multi_fwd" / "multi_bwd"; the Triton row refuses them until segment kernels exist). It is not
-a custom op yet: under torch.compile it runs eagerly behind a graph break.
+PyTorch path in `multi_impl`), built the same way: custom ops fused_lora::lora_linear_multi_fwd/_bwd
+(adapters as tensor lists, H packed into one M x max(r) tensor so the fake shapes are static, the
+row layout recomputed from the index inside each op) under torch.compile, an autograd.Function in
+eager mode, the backend chosen through the same table (ops "multi_fwd" / "multi_bwd"; the Triton
+row refuses them until segment kernels exist).
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ import torch
 from torch import Tensor
 
 from . import backends, multi_impl, torch_impl
-from .op_inputs import (as_scaling, as_seed_tensor, check_backward_inputs, check_op_inputs, check_seed_tensor,
-                        seed_value)
+from .op_inputs import (_require, as_scaling, as_seed_tensor, check_backward_inputs, check_op_inputs,
+                        check_seed_tensor, seed_value)
 
 _EMPTY_SHAPE = (0,)
 
@@ -260,6 +262,100 @@ def _check_row_adapter(row_adapter, x: Tensor, n_adapters: int) -> None:
                              f"(-1 = no adapter; {n_adapters} adapter(s) given)")
 
 
+def _check_row_adapter_shape(row_adapter: Tensor, x: Tensor) -> None:
+    _require(ValueError, row_adapter.dim() == 1 and row_adapter.shape[0] == x.shape[0],
+             lambda: f"lora_linear_multi: row_adapter has shape {tuple(row_adapter.shape)} but x has {x.shape[0]} "
+                     f"rows: expected ({x.shape[0]},), one adapter index per row")
+
+
+def _as_adapters(lora_A, lora_B, scaling, dropout_p) -> tuple:
+    return tuple(zip(lora_A, lora_B, scaling, dropout_p))
+
+
+def _multi_forward(x, weight, bias, adapters, segs, seed: int, backend):
+    """(Y, packed H) on the backend the table chooses (counted as multi_fwd)."""
+    if bias is not None:
+        bias = bias.contiguous()
+    return _chosen_multi("multi_fwd", x, weight, adapters, backend).multi_forward(x, weight, bias, adapters, segs,
+                                                                                 seed)
+
+
+def _multi_backward(dy, x, weight, adapters, h, segs, seed: int, backend, need_dx, need_lora, need_dw, need_db):
+    impl = _chosen_multi("multi_bwd", x, weight, adapters, backend)
+    return impl.multi_backward(dy.contiguous(), x, weight, adapters, h, segs, seed, need_dx, need_lora, need_dw,
+                               need_db)
+
+
+# The custom ops (what torch.compile traces): the layout is recomputed from row_adapter inside each.
+
+@torch.library.custom_op("fused_lora::lora_linear_multi_fwd", mutates_args=())
+def lora_linear_multi_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: list[Tensor], lora_B: list[Tensor],
+    scaling: list[float], dropout_p: list[float], row_adapter: Tensor, seed: Tensor, backend: str,
+) -> tuple[Tensor, Tensor]:
+    adapters = _multi_adapters(x, weight, bias, _as_adapters(lora_A, lora_B, scaling, dropout_p))
+    _check_row_adapter(row_adapter, x, len(adapters))
+    check_seed_tensor(seed)
+    segs = multi_impl.segments(row_adapter, len(adapters))
+    return _multi_forward(x, weight, bias, adapters, segs, seed_value(seed), backend)
+
+
+@lora_linear_multi_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, row_adapter, seed, backend):
+    adapters = _multi_adapters(x, weight, bias, _as_adapters(lora_A, lora_B, scaling, dropout_p))
+    _check_row_adapter_shape(row_adapter, x)
+    check_seed_tensor(seed)
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(multi_impl.packed_h_shape(x.shape[0], adapters))
+
+
+@torch.library.custom_op("fused_lora::lora_linear_multi_bwd", mutates_args=())
+def lora_linear_multi_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: list[Tensor], lora_B: list[Tensor], h: Tensor,
+    scaling: list[float], dropout_p: list[float], row_adapter: Tensor, seed: Tensor, backend: str,
+    need_dx: bool, need_lora: list[bool], need_dw: bool, need_db: bool,
+) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
+    adapters = _multi_adapters(x, weight, None, _as_adapters(lora_A, lora_B, scaling, dropout_p))
+    segs = multi_impl.segments(row_adapter, len(adapters))
+    dx, pairs, dW, db = _multi_backward(dy, x, weight, adapters, h, segs, seed_value(seed), backend,
+                                        need_dx, need_lora, need_dw, need_db)
+    def given(t):  # custom ops cannot return None, nor one tensor twice: a fresh empty tensor each
+        return x.new_empty(_EMPTY_SHAPE) if t is None else t
+    return (given(dx), [given(p and p[0]) for p in pairs], [given(p and p[1]) for p in pairs], given(dW), given(db))
+
+
+@lora_linear_multi_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, row_adapter, seed, backend, need_dx, need_lora, need_dw,
+      need_db):
+    def maybe(flag, *shape):
+        return x.new_empty(shape if flag else _EMPTY_SHAPE)
+    M, K = x.shape
+    N = weight.shape[0]
+    return (maybe(need_dx, M, K), [maybe(n, *A.shape) for A, n in zip(lora_A, need_lora)],
+            [maybe(n, *B.shape) for B, n in zip(lora_B, need_lora)], maybe(need_dw, N, K), maybe(need_db, N))
+
+
+def _multi_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, row_adapter, seed, backend = inputs
+    ctx.save_for_backward(x, weight, output[1], row_adapter, seed, *lora_A, *lora_B)
+    ctx.scaling, ctx.dropout_p, ctx.backend, ctx.has_bias = scaling, dropout_p, backend, bias is not None
+
+
+def _multi_op_backward(ctx, dy, _dh):
+    n = len(ctx.scaling)
+    x, weight, h, row_adapter, seed, *lora = ctx.saved_tensors
+    lora_A, lora_B = lora[:n], lora[n:]
+    need = ctx.needs_input_grad  # list inputs: one flag for the whole list
+    need_db = bool(ctx.has_bias and need[2])
+    need_lora = [bool(need[3] or need[4])] * n
+    dx, dA, dB, dW, db = lora_linear_multi_bwd(dy, x, weight, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p,
+                                               row_adapter, seed, ctx.backend, need[0], need_lora, need[1], need_db)
+    return (dx if need[0] else None, dW if need[1] else None, db if need_db else None,
+            list(dA) if need[3] else None, list(dB) if need[4] else None, None, None, None, None, None)
+
+
+lora_linear_multi_fwd.register_autograd(_multi_op_backward, setup_context=_multi_setup_context)
+
+
 class _EagerLoRALinearMulti(torch.autograd.Function):
     """Several adapters, eager mode. Inputs after the non-tensor ones: lora_A_0, lora_B_0, lora_A_1, ...
 
@@ -271,26 +367,23 @@ class _EagerLoRALinearMulti(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, segs, spec, seed, backend, *lora):
         adapters = tuple((lora[2 * a], lora[2 * a + 1], s, p) for a, (s, p) in enumerate(spec))
-        impl = _chosen_multi("multi_fwd", x, weight, adapters, backend)
-        y, hs = impl.multi_forward(x, weight, bias, adapters, segs, seed)
-        ctx.save_for_backward(x, weight, bias, *lora, *hs)
+        y, h = _multi_forward(x, weight, bias, adapters, segs, seed, backend)
+        ctx.save_for_backward(x, weight, bias, h, *lora)
         ctx.segs, ctx.spec, ctx.seed, ctx.backend = segs, spec, seed, backend
         return y
 
     @staticmethod
     def backward(ctx, dy):
         n = len(ctx.spec)
-        x, weight, bias, *rest = ctx.saved_tensors
-        lora, hs = rest[:2 * n], rest[2 * n:]
+        x, weight, bias, h, *lora = ctx.saved_tensors
         adapters = tuple((lora[2 * a], lora[2 * a + 1], s, p) for a, (s, p) in enumerate(ctx.spec))
         need = ctx.needs_input_grad
         need_lora = [need[7 + 2 * a] or need[8 + 2 * a] for a in range(n)]
         need_db = bias is not None and need[2]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (dy, x, weight, *lora)):
             return _multi_double_backward(ctx, dy, x, weight, bias, adapters, need)
-        impl = _chosen_multi("multi_bwd", x, weight, adapters, ctx.backend)
-        dx, lora_grads, dW, db = impl.multi_backward(dy.contiguous(), x, weight, adapters, hs, ctx.segs, ctx.seed,
-                                                     need[0], need_lora, need[1], need_db)
+        dx, lora_grads, dW, db = _multi_backward(dy, x, weight, adapters, h, ctx.segs, ctx.seed, ctx.backend,
+                                                 need[0], need_lora, need[1], need_db)
         flat = []
         for a, pair in enumerate(lora_grads):
             dA, dB = pair if pair is not None else (None, None)
@@ -312,13 +405,10 @@ def _multi_double_backward(ctx, dy, x, weight, bias, adapters, need):
 
 
 def _chosen_multi(op: str, x: Tensor, weight: Tensor, adapters, backend: str):
-    rank = max((a[0].shape[0] for a in adapters), default=0)
-    return _chosen(op, x, rank, backend, weight, max((a[3] for a in adapters), default=0.0))
+    rank = max([0] + [a[0].shape[0] for a in adapters])
+    return _chosen(op, x, rank, backend, weight, max([0.0] + [a[3] for a in adapters]))
 
 
-@torch.compiler.disable(reason="fused_lora.lora_linear_multi (several adapters per batch) is not a custom op yet: "
-                                "its row layout is data-dependent, so torch.compile runs it eagerly (a graph break; "
-                                "fullgraph=True cannot trace it)")
 def lora_linear_multi(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters, row_adapter: Tensor,
     seed: Optional[Tensor] = None, backend: str = "auto",
@@ -336,23 +426,24 @@ def lora_linear_multi(
     masks: adapter a draws its mask as the single-adapter op would on its rows alone with the seed
     `multi_impl.adapter_seed(seed, a)`. Backends: "torch" (and "auto"); the Triton kernels have no
     segment kernels yet, so backend="triton" raises BackendUnavailable. Bad inputs raise ValueError or
-    TypeError naming the problem (and the adapter's index) before anything runs. Under torch.compile
-    this function is not traced: it runs eagerly, with a graph break around it.
+    TypeError naming the problem (and the adapter's index) before anything runs (under torch.compile,
+    row_adapter's values are checked when the op runs). Under torch.compile the custom op
+    `fused_lora::lora_linear_multi_fwd` is traced (fullgraph works).
     """
     adapters = _multi_adapters(x, weight, bias, adapters)
+    seed = as_seed_tensor(seed, max([0.0] + [a[3] for a in adapters]))
+    if torch.compiler.is_compiling() or x.is_meta:  # the op's fake checks shapes; its body checks values
+        if not isinstance(row_adapter, Tensor) or row_adapter.dtype != torch.int64:
+            _check_row_adapter(row_adapter, x, len(adapters))  # the type errors
+        lists = [list(t) for t in zip(*adapters)] if adapters else [[], [], [], []]
+        return lora_linear_multi_fwd(x, weight, bias, *lists, row_adapter, seed, backend)[0]
     _check_row_adapter(row_adapter, x, len(adapters))
-    seed = as_seed_tensor(seed, max((a[3] for a in adapters), default=0.0))
     seed_int = seed_value(seed)
-    if x.is_meta:  # shape propagation (e.g. a model built on the meta device): nothing to compute
-        return x.new_empty(x.shape[0], weight.shape[0])
     backends.select(backends.Problem("multi_fwd", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1],
-                                     max((a[0].shape[0] for a in adapters), default=0)), backend)  # fails early
-    if bias is not None:
-        bias = bias.contiguous()
+                                     max([0] + [a[0].shape[0] for a in adapters])), backend)  # fails early
     segs = multi_impl.segments(row_adapter, len(adapters))
     lora = [t for a in adapters for t in a[:2]]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *lora))):
-        impl = _chosen_multi("multi_fwd", x, weight, adapters, backend)  # inference: no autograd machinery
-        return impl.multi_forward(x, weight, bias, adapters, segs, seed_int)[0]
+        return _multi_forward(x, weight, bias, adapters, segs, seed_int, backend)[0]  # inference: no autograd
     spec = tuple((a[2], a[3]) for a in adapters)
     return _EagerLoRALinearMulti.apply(x, weight, bias, segs, spec, seed_int, backend, *lora)

@@ -510,13 +510,32 @@ def test_meta_device_gives_shapes():
     assert y.shape == (4, 3, 10) and y.is_meta
 
 
-def test_compiled_layer_runs_mixed_batches_eagerly():
-    """Under torch.compile the multi-adapter op is not traced (a graph break): same numbers."""
-    layer = make_layer().eval()
+def test_compiled_layer_fullgraph_matches_eager():
+    """torch.compile(fullgraph=True) traces the multi-adapter custom ops: same output and gradients."""
+    layer = make_layer()
+    layer.set_requires_grad(["default", "b", "c"])
+    layer.adapter_settings("c").lora_dropout = 0.0
     x = torch.randn(4, 3, 12)
     names = ["b", "default", "__base__", "c"]
-    compiled = torch.compile(layer, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, adapter_names=names), layer(x, adapter_names=names))
-    torch._dynamo.reset()  # else the frame compiled above (with its graph break) is reused
-    with pytest.raises(Exception, match="not a custom op yet"):  # fullgraph: the reason is in torch's error
-        torch.compile(layer, backend="aot_eager", fullgraph=True)(x, adapter_names=names)
+    dy = torch.randn(4, 3, 10)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    outs = []
+    for fn in (compiled, layer):
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi, adapter_names=names)
+        y.backward(dy)
+        params = [t for n in ("default", "b", "c") for t in layer.adapter_weights(n)]
+        outs.append([y.detach(), xi.grad] + [p.grad.clone() for p in params])
+        layer.zero_grad()
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want)
+
+
+def test_multi_custom_ops_opcheck():
+    M, K, N = 11, 6, 5
+    x, w, b, loras = make_multi(M, K, N, [2, 3], torch.float32)
+    row_adapter = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1, 1, 0, 1])
+    args = (x, w.detach(), b.detach(), [A for A, _ in loras], [B for _, B in loras], [0.5, 2.0], [0.0, 0.3],
+            row_adapter, torch.tensor(5), "torch")
+    torch.library.opcheck(torch.ops.fused_lora.lora_linear_multi_fwd.default, args)
