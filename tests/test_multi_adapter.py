@@ -539,3 +539,12 @@ def test_multi_custom_ops_opcheck():
     args = (x, w.detach(), b.detach(), [A for A, _ in loras], [B for _, B in loras], [0.5, 2.0], [0.0, 0.3],
             row_adapter, torch.tensor(5), "torch")
     torch.library.opcheck(torch.ops.fused_lora.lora_linear_multi_fwd.default, args)
+    _, h = torch.ops.fused_lora.lora_linear_multi_fwd(*args)
+    dy = torch.randn(M, N)
+    for needs in [(True, [True, True], False, False), (False, [False, True], True, True)]:
+        lists = [[t.detach() for t in ts] for ts in args[3:5]]  # the backward op has no autograd of its own
+        bwd_args = (dy, x.detach(), w.detach(), *lists, h.detach(), *args[5:10], needs[0], needs[1], *needs[2:])
+        torch.library.opcheck(torch.ops.fused_lora.lora_linear_multi_bwd.default, bwd_args)
+        dx, dA, dB, dW, db = torch.ops.fused_lora.lora_linear_multi_bwd(*bwd_args)
+        assert dx.shape == ((M, K) if needs[0] else (0,)) and dW.shape == ((N, K) if needs[2] else (0,))
+        assert [t.shape for t in dA] == [(2, K) if needs[1][0] else (0,), (3, K)]
