@@ -72,8 +72,8 @@ def adapter_state(lora_model) -> dict[str, torch.Tensor]:
     owners = []
     for name, layer in lora_model.lora_layers():
         owners.append(name)
-        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        # The adapter the config describes, whichever a layer has active (layers can hold others).
+        out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = layer.adapter_weights("default")
         if cfg.bias != "none" and layer.bias is not None:
             out[f"{PREFIX}{name}.base_layer.bias"] = layer.bias
     for name, module in lora_model.saved_modules():

@@ -78,7 +78,8 @@ def _pow2_bucket(n: int, floor: int = 16) -> int:
 class Problem:
     """What an op is asked to compute, as far as choosing an implementation goes.
 
-    op: "fwd" or "bwd"; x is M x K, W is N x K, the LoRA rank is `rank`; `dropout` whether p > 0;
+    op: "fwd" or "bwd" (one adapter), "multi_fwd" or "multi_bwd" (several adapters, a per-row adapter
+    index; `rank` is then the largest rank); x is M x K, W is N x K, the LoRA rank is `rank`; `dropout` whether p > 0;
     `grads`: for backward, the gradients asked for, among ("dx", "lora", "dW", "db").
     """
     op: str
@@ -125,6 +126,14 @@ def triton_not_supported_reasons(device: torch.device, dtype: torch.dtype, rank:
     return reasons
 
 
+def triton_op_reasons(op: str) -> list[str]:
+    """Ops the Triton kernels do not implement yet (empty when they do)."""
+    if op.startswith("multi_"):
+        return ["the Triton kernels have no segment kernels yet for several adapters in one batch "
+                "(lora_linear_multi); the torch backend runs it"]
+    return []
+
+
 @dataclass(frozen=True)
 class Implementation:
     """One row of the table: a name, what it is, where its code lives, and what it cannot run.
@@ -149,7 +158,7 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     # Imported on first use only: no Triton work at package import.
     Implementation("triton", "the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
                    lambda: importlib.import_module("fused_lora.kernels"),
-                   lambda p: triton_not_supported_reasons(p.device, p.dtype, p.rank)),
+                   lambda p: triton_not_supported_reasons(p.device, p.dtype, p.rank) + triton_op_reasons(p.op)),
 )
 BACKENDS = tuple(impl.name for impl in IMPLEMENTATIONS)
 

@@ -5,7 +5,8 @@ import contextlib
 import math
 import sys
 import warnings
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +14,13 @@ from torch import Tensor, nn
 
 from . import backends
 from .dropout import new_seed, no_seed
-from .ops import lora_linear
+from .ops import lora_linear, lora_linear_multi
 from .reference import lora_delta_weight
-from .validation import check_adapter_args, lora_scaling
+from .validation import check_adapter_args, check_init_lora_weights, lora_scaling
 
 InitSpec = Union[bool, str]
+DEFAULT_ADAPTER = "default"  # the adapter a layer is built with; its weights are the top-level lora_A, lora_B
+BASE_ADAPTER = "__base__"  # in forward's adapter_names: no adapter for that sample (peft's name)
 
 
 def _conv1d_class():
@@ -43,6 +46,28 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+@dataclass
+class AdapterSettings:
+    """One adapter's hyper-parameters (peft's meanings): rank, alpha, dropout probability, rsLoRA, and the
+    scale s = lora_alpha / r (or / sqrt(r) with rsLoRA)."""
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+    scaling: float
+
+
+class _AdapterWeights(nn.Module):
+    """The weights of an adapter other than "default": lora_A (r x in), lora_B (out x r)."""
+
+    def __init__(self, lora_A: nn.Parameter, lora_B: nn.Parameter):
+        super().__init__()
+        self.lora_A, self.lora_B = lora_A, lora_B
+
+    def extra_repr(self) -> str:
+        return f"lora_A={tuple(self.lora_A.shape)}, lora_B={tuple(self.lora_B.shape)}"
+
+
 class FusedLoRALinear(nn.Module):
     """y = x W^T + b + s * B A dropout(x), with W and b frozen and A, B trainable.
 
@@ -61,6 +86,19 @@ class FusedLoRALinear(nn.Module):
     Attributes: `weight`, `bias` (frozen base), `lora_A` (r x in), `lora_B` (out x r), `scaling`,
     `r`, `lora_alpha`, `lora_dropout`, `merged`, `fan_in_fan_out` (True when the base is a
     transformers `Conv1D`, whose `weight` is stored in x out, as in peft).
+
+    Several adapters (peft's layer API): the layer is built with one adapter named "default";
+    `add_adapter` adds more (each with its own r, lora_alpha, lora_dropout, use_rslora),
+    `set_adapter` chooses the active one, `delete_adapter` removes one, `active_adapter` and
+    `available_adapters` name them. `lora_A`, `lora_B`, `r`, `lora_alpha`, `lora_dropout`,
+    `use_rslora` and `scaling` are the active adapter's. `forward(x, adapter_names=[...])` takes one
+    adapter name per sample (x's first dimension; "__base__" = no adapter), in eval and in training:
+    each adapter's gradients then come from its own samples only.
+
+    Storage (state_dict keys): the adapter named "default" at `lora_A` / `lora_B` (so a one-adapter
+    layer has exactly the keys it always had), every other adapter at `lora_adapters.<name>.lora_A` /
+    `.lora_B`. Keys depend on the names only, never on which adapter is active, so a state_dict saved
+    with one active adapter loads correctly with another.
 
     Inputs have any leading shape (..., in_features) and dtype float32, float16 or bfloat16; under
     autocast everything is computed in the autocast dtype. Adapter weights of another dtype than the
@@ -108,28 +146,201 @@ class FusedLoRALinear(nn.Module):
             self.bias.requires_grad_(False)
 
     def _init_adapter(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype):
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
-        self.lora_dropout = float(lora_dropout)
-        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.backend = backend
-        self.merged = False
+        self.merged_adapters: list[str] = []  # peft's name: the adapters folded into the weight, in order
         self._disabled = False
-        factory = {"device": self.weight.device, "dtype": adapter_dtype or self.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        self.reset_lora_parameters(init_lora_weights)
+        self._adapter_settings: dict[str, AdapterSettings] = {}
+        self._active_adapter = DEFAULT_ADAPTER
+        self._create_adapter(DEFAULT_ADAPTER, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                             adapter_dtype or self.weight.dtype, self.weight.device)
+
+    def _create_adapter(self, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, dtype, device):
+        lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
+        self._reset(lora_A, lora_B, r, init_lora_weights)
+        self._adapter_settings[name] = AdapterSettings(r, lora_alpha, float(lora_dropout), use_rslora,
+                                                       lora_scaling(r, lora_alpha, use_rslora))
+        if name == DEFAULT_ADAPTER:  # the top-level slots (written directly: the properties shadow the names)
+            self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
+        else:
+            if "lora_adapters" not in self._modules:
+                self.lora_adapters = nn.ModuleDict()
+            self.lora_adapters[name] = _AdapterWeights(lora_A, lora_B)
+
+    def adapter_weights(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(lora_A, lora_B) of the adapter called `adapter_name` (ValueError if there is none)."""
+        self._require_adapter(adapter_name)
+        if adapter_name == DEFAULT_ADAPTER:
+            return self._parameters["lora_A"], self._parameters["lora_B"]
+        held = self._modules["lora_adapters"][adapter_name]
+        return held.lora_A, held.lora_B
+
+    def adapter_settings(self, adapter_name: str) -> AdapterSettings:
+        """The settings (r, lora_alpha, lora_dropout, use_rslora, scaling) of `adapter_name`."""
+        self._require_adapter(adapter_name)
+        return self._adapter_settings[adapter_name]
+
+    @staticmethod
+    @torch.no_grad()
+    def _reset(lora_A: Tensor, lora_B: Tensor, r: int, init_lora_weights: InitSpec) -> None:
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(lora_A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(lora_B)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: InitSpec = True) -> None:
-        """Re-initialise A and B as peft does (see the class docstring)."""
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        """Re-initialise the active adapter's A and B as peft does (see the class docstring)."""
+        check_init_lora_weights(init_lora_weights, for_layer=True)  # an unknown init is an error, not kaiming
+        self._reset(self.lora_A, self.lora_B, self.r, init_lora_weights)
+
+    # ---------------------------------------------------------------- the active adapter's view
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        """The active adapter's A (r x in_features)."""
+        return self.adapter_weights(self._active_adapter)[0]
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        """The active adapter's B (out_features x r)."""
+        return self.adapter_weights(self._active_adapter)[1]
+
+    def __setattr__(self, name, value):
+        # Assigning lora_A / lora_B replaces the active adapter's Parameter (nn.Module would otherwise
+        # bypass the properties above and always write the "default" slot).
+        if name in ("lora_A", "lora_B") and "_adapter_settings" in self.__dict__:
+            if not isinstance(value, nn.Parameter):
+                raise TypeError(f"cannot assign {type(value).__name__} as {name} (an nn.Parameter is required)")
+            if self._active_adapter == DEFAULT_ADAPTER:
+                self._parameters[name] = value
+            else:
+                setattr(self._modules["lora_adapters"][self._active_adapter], name, value)
+            return
+        super().__setattr__(name, value)
+
+    def _active_settings(self) -> AdapterSettings:
+        return self._adapter_settings[self._active_adapter]
+
+    r = property(lambda self: self._active_settings().r,
+                 lambda self, v: setattr(self._active_settings(), "r", v), doc="The active adapter's rank.")
+    lora_alpha = property(lambda self: self._active_settings().lora_alpha,
+                          lambda self, v: setattr(self._active_settings(), "lora_alpha", v),
+                          doc="The active adapter's lora_alpha.")
+    lora_dropout = property(lambda self: self._active_settings().lora_dropout,
+                            lambda self, v: setattr(self._active_settings(), "lora_dropout", float(v)),
+                            doc="The active adapter's dropout probability (training mode only).")
+    use_rslora = property(lambda self: self._active_settings().use_rslora,
+                          lambda self, v: setattr(self._active_settings(), "use_rslora", v),
+                          doc="Whether the active adapter's scale is lora_alpha / sqrt(r).")
+    scaling = property(lambda self: self._active_settings().scaling,
+                       lambda self, v: setattr(self._active_settings(), "scaling", v),
+                       doc="The active adapter's scale s.")
+
+    @property
+    def merged(self) -> bool:
+        """Whether some adapter is folded into the base weight (see `merged_adapters`)."""
+        return bool(self.merged_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        """The name of the adapter forward uses (without adapter_names)."""
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """[active_adapter] (peft's list form; a layer here has one active adapter)."""
+        return [self._active_adapter]
+
+    @property
+    def available_adapters(self) -> tuple[str, ...]:
+        """The names of the adapters this layer holds, in the order they were added."""
+        return tuple(self._adapter_settings)
+
+    # ---------------------------------------------------------------- several adapters
+
+    def _require_adapter(self, adapter_name) -> None:
+        if not isinstance(adapter_name, str) or adapter_name not in self._adapter_settings:
+            raise ValueError(f"FusedLoRALinear: no adapter named {adapter_name!r}; "
+                             f"this layer has {', '.join(map(repr, self._adapter_settings)) or 'none'}")
+
+    def _check_new_adapter(self, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights) -> None:
+        """Every check of add_adapter's arguments, before anything changes (one place to point elsewhere)."""
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"FusedLoRALinear.add_adapter: the adapter name must be a non-empty string, "
+                             f"got {adapter_name!r}")
+        if adapter_name in self._adapter_settings:
+            raise ValueError(f"FusedLoRALinear.add_adapter: an adapter named {adapter_name!r} already exists "
+                             f"(delete_adapter it first)")
+        if adapter_name == BASE_ADAPTER or "." in adapter_name or hasattr(nn.ModuleDict(), adapter_name):
+            raise ValueError(f"FusedLoRALinear.add_adapter: {adapter_name!r} cannot name an adapter "
+                             f"({BASE_ADAPTER!r} means no adapter; names hold no '.' and are not nn.ModuleDict "
+                             f"attributes)")
+        check_adapter_args(r, lora_dropout, init_lora_weights, self.backend, lora_alpha, use_rslora)
+
+    def add_adapter(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: InitSpec = True) -> None:
+        """Add an adapter called `adapter_name` with its own settings (as the constructor's).
+
+        Its weights take the dtype and device of the active adapter's. As in peft, it does not become
+        active, and only the active adapter is trainable: the new one is frozen (`requires_grad`
+        False) until `set_adapter` chooses it or `set_requires_grad` unfreezes it (e.g. to train
+        several adapters in one mixed batch). Bad arguments raise ValueError; nothing changes then.
+        """
+        self._check_new_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        like = self.lora_A
+        self._create_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                             like.dtype, like.device)
+        for t in self.adapter_weights(adapter_name):
+            t.requires_grad_(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. The active adapter and merged adapters cannot be deleted (ValueError):
+        `set_adapter` another / `unmerge` first."""
+        self._require_adapter(adapter_name)
+        if adapter_name == self._active_adapter:
+            raise ValueError(f"FusedLoRALinear.delete_adapter: {adapter_name!r} is the active adapter; "
+                             f"set_adapter(...) another one first")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"FusedLoRALinear.delete_adapter: {adapter_name!r} is merged into the weight; "
+                             f"unmerge() first")
+        del self._adapter_settings[adapter_name]
+        if adapter_name == DEFAULT_ADAPTER:
+            del self._parameters["lora_A"], self._parameters["lora_B"]
         else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(self.lora_B)
+            del self.lora_adapters[adapter_name]
+            if not len(self.lora_adapters):
+                del self._modules["lora_adapters"]  # back to a one-adapter layer's module tree
+
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter: trainable (unless `inference_mode`), all others frozen,
+        as in peft. A one-name list is accepted (peft's form); several active adapters are not. If
+        adapters are merged, they are first unmerged, with a warning (peft's rule)."""
+        if isinstance(adapter_name, (list, tuple)):
+            if len(adapter_name) != 1:
+                raise ValueError(f"FusedLoRALinear.set_adapter: one active adapter per layer, got {adapter_name!r}")
+            adapter_name = adapter_name[0]
+        self._require_adapter(adapter_name)
+        if self.merged:
+            warnings.warn("FusedLoRALinear.set_adapter: adapters are merged; unmerging them first", stacklevel=2)
+            self.unmerge()
+        self._active_adapter = adapter_name
+        for name in self._adapter_settings:
+            for t in self.adapter_weights(name):
+                t.requires_grad_(name == adapter_name and not inference_mode)
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Enable (or disable) gradients of the named adapters' weights (peft's layer method)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._require_adapter(name)
+        for name in names:
+            for t in self.adapter_weights(name):
+                t.requires_grad_(requires_grad)
 
     def _base_weight(self, weight: Optional[Tensor] = None) -> Tensor:
         """The base weight as out x in (a transposed view of a Conv1D's in x out weight: the op takes strides)."""
@@ -150,8 +361,37 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(f"FusedLoRALinear: input is on {x.device} but the base weight is on "
                              f"{self.weight.device} and the adapter on {self.lora_A.device}")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _row_adapters(self, x: Tensor, adapter_names) -> tuple[list[str], Tensor]:
+        """Checks forward's adapter_names (one per sample: x's first dimension); returns the adapters used
+        (in the layer's order) and the per-row index into that list (-1: "__base__") on x's device."""
+        if self.merged:
+            raise ValueError("FusedLoRALinear: cannot pass adapter_names while adapters are merged "
+                             f"({', '.join(self.merged_adapters)}); unmerge() first")
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
+                or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("FusedLoRALinear: adapter_names must be a list of adapter names (str), one per sample")
+        if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+            raise ValueError(f"FusedLoRALinear: {len(adapter_names)} adapter_names for an input of shape "
+                             f"{tuple(x.shape)}: expected one per sample ({x.shape[0] if x.dim() >= 2 else 'none'})")
+        given = set(adapter_names)
+        unknown = sorted(given - set(self._adapter_settings) - {BASE_ADAPTER})
+        if unknown:
+            raise ValueError(f"FusedLoRALinear: unknown adapter name(s) {', '.join(map(repr, unknown))} in "
+                             f"adapter_names; this layer has {', '.join(map(repr, self._adapter_settings))} "
+                             f"(and {BASE_ADAPTER!r} for none)")
+        used = [name for name in self._adapter_settings if name in given]
+        index = {name: i for i, name in enumerate(used)}
+        index[BASE_ADAPTER] = -1
+        per_sample = torch.tensor([index[n] for n in adapter_names], dtype=torch.int64)
+        return used, per_sample.repeat_interleave(math.prod(x.shape[1:-1])).to(x.device)
+
+    def forward(self, x: Tensor, adapter_names: Optional[Sequence[str]] = None) -> Tensor:
+        """y = x W^T + b + s B A dropout(x) with the active adapter; with `adapter_names` (one name per
+        sample, i.e. per index of x's first dimension; "__base__" for none) each sample uses its own
+        adapter, in eval and training mode (each adapter's gradients from its own samples only)."""
         self._check_input(x)
+        if adapter_names is not None:
+            used, row_adapter = self._row_adapters(x, adapter_names)
         weight, bias = self._base_weight(), self.bias
         dtype = _autocast_dtype(x.device.type)
         if dtype is not None:
@@ -162,6 +402,8 @@ class FusedLoRALinear(nn.Module):
                             f"{weight.dtype} (cast the input, or run under torch.autocast)")
         if self.merged or self._disabled:
             return F.linear(x, weight, bias)
+        if adapter_names is not None:
+            return self._mixed_forward(x, weight, bias, used, row_adapter)
         lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         p = self.lora_dropout if self.training else 0.0
         seed = new_seed() if p > 0.0 else no_seed()
@@ -171,19 +413,42 @@ class FusedLoRALinear(nn.Module):
                         self.scaling, p, seed, self.backend)
         return y.reshape(*lead, self.out_features)
 
+    def _mixed_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], used: list[str],
+                       row_adapter: Tensor) -> Tensor:
+        adapters = []
+        for name in used:
+            lora_A, lora_B = self.adapter_weights(name)
+            settings = self._adapter_settings[name]
+            adapters.append((lora_A.to(x.dtype), lora_B.to(x.dtype), settings.scaling,
+                             settings.lora_dropout if self.training else 0.0))
+        seed = new_seed() if any(a[3] > 0.0 for a in adapters) else no_seed()
+        lead = x.shape[:-1]
+        y = lora_linear_multi(x.reshape(math.prod(lead), self.in_features), weight, bias, adapters, row_adapter,
+                              seed, self.backend)
+        return y.reshape(*lead, self.out_features)
+
     # ---------------------------------------------------------------- merging
 
-    def delta_weight(self) -> Tensor:
-        """s * B @ A (out x in) in float32 (float64 if the weight or adapter is float64): what merging adds
-        to the base weight (transposed for a Conv1D base, whose weight is in x out)."""
-        acc = torch.promote_types(self.weight.dtype, self.lora_A.dtype)
+    def delta_weight(self, adapter_name: Optional[str] = None) -> Tensor:
+        """s * B @ A of `adapter_name` (default: the active adapter) in float32 (float64 if the weight or
+        adapter is float64): what merging it adds to the base weight, as out x in (transposed for a
+        Conv1D base, whose weight is in x out)."""
+        name = self._active_adapter if adapter_name is None else adapter_name
+        lora_A, lora_B = self.adapter_weights(name)
+        acc = torch.promote_types(self.weight.dtype, lora_A.dtype)
         if acc != torch.float64:
             acc = torch.float32
-        return lora_delta_weight(self.lora_A.detach().to(acc), self.lora_B.detach().to(acc), self.scaling)
+        return lora_delta_weight(lora_A.detach().to(acc), lora_B.detach().to(acc),
+                                 self._adapter_settings[name].scaling)
 
-    def _weight_with_delta(self, sign: int) -> Tensor:
-        """W + sign * s * B @ A, computed in delta_weight's precision, rounded once to W's dtype."""
-        delta = self._base_weight(self.delta_weight())  # in the weight's own layout
+    def _weight_with_delta(self, sign: int, adapter_names: Optional[Sequence[str]] = None) -> Tensor:
+        """W + sign * sum of s B @ A over the adapters (default: the active one), computed in
+        delta_weight's precision, rounded once to W's dtype."""
+        names = [self._active_adapter] if adapter_names is None else adapter_names
+        delta = self.delta_weight(names[0])
+        for name in names[1:]:
+            delta = delta + self.delta_weight(name)
+        delta = self._base_weight(delta)  # in the weight's own layout
         return torch.add(self.weight.detach().to(delta.dtype), delta, alpha=sign).to(self.weight.dtype)
 
     @staticmethod
@@ -194,27 +459,36 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(message)
 
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
         """Fold s * B @ A into the base weight (computed in float32, rounded once).
 
-        With `safe_merge` (peft's option), the merged weight is checked to be finite in the
+        `adapter_names` (peft's argument): the adapters to merge; default the active one. With
+        `safe_merge` (peft's option), the merged weight is checked to be finite in the
         weight's own dtype before anything is written; a NaN or inf (e.g. a delta that overflows
         float16) raises ValueError and leaves the weight and `merged` untouched.
-        Merging a merged layer warns and does nothing.
+        Merging adapters already merged warns and does nothing for them.
         """
-        if self.merged:
-            warnings.warn("FusedLoRALinear.merge: already merged; nothing done", stacklevel=2)
+        names = [self._active_adapter] if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._require_adapter(name)
+        todo = [n for i, n in enumerate(names) if n not in self.merged_adapters and n not in names[:i]]
+        if len(todo) < len(names):
+            warnings.warn("FusedLoRALinear.merge: already merged; nothing done" if not todo else
+                          f"FusedLoRALinear.merge: {', '.join(n for n in names if n not in todo)} already merged",
+                          stacklevel=2)
+        if not todo:
             return
-        merged = self._weight_with_delta(+1)
+        merged = self._weight_with_delta(+1, todo)
         if safe_merge:
             self._refuse_non_finite(merged, f"FusedLoRALinear.merge: the merged weight has NaN or inf in "
                                             f"{self.weight.dtype}; weight left unchanged")
         self.weight.copy_(merged)
-        self.merged = True
+        self.merged_adapters.extend(todo)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract s * B @ A from the base weight again. Unmerging an unmerged layer warns and does nothing.
+        """Subtract s * B @ A of every merged adapter from the base weight again (all at once, rounded
+        once). Unmerging an unmerged layer warns and does nothing.
 
         In float32 this restores the weight to rounding error; in float16/bfloat16 the two
         roundings may leave the weight a few ulps from where it was (as with any merge/unmerge).
@@ -224,12 +498,12 @@ class FusedLoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("FusedLoRALinear.unmerge: not merged; nothing done", stacklevel=2)
             return
-        unmerged = self._weight_with_delta(-1)
+        unmerged = self._weight_with_delta(-1, self.merged_adapters)
         self._refuse_non_finite(unmerged, f"FusedLoRALinear.unmerge: the unmerged weight would have NaN or inf "
                                           f"(the merge overflowed {self.weight.dtype}?); the base weight cannot be "
                                           f"restored, layer left merged")
         self.weight.copy_(unmerged)
-        self.merged = False
+        self.merged_adapters = []
 
     @torch.no_grad()
     def to_linear(self, safe_merge: bool = False) -> nn.Module:
@@ -277,4 +551,5 @@ class FusedLoRALinear(nn.Module):
                 f"bias={self.bias is not None}, {'fan_in_fan_out=True, ' if self.fan_in_fan_out else ''}"
                 f"r={self.r}, lora_alpha={self.lora_alpha}, "
                 f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, merged={self.merged}, "
-                f"backend={runs}")
+                f"backend={runs}" + (f", adapters={list(self._adapter_settings)}, active_adapter="
+                                     f"{self._active_adapter!r}" if len(self._adapter_settings) > 1 else ""))

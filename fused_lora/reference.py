@@ -5,6 +5,11 @@
 
 with D = keep / (1 - p) (keep ~ Bernoulli(1 - p) per element of X). Written with plain ops so
 autograd derives the backward; run it in float64 to get an oracle for any dtype.
+
+Several adapters in one batch (`lora_linear_multi_ref`): row m uses adapter a(m), with its own
+rank, scaling and dropout, or none (a(m) = -1, peft's "__base__"):
+
+    y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m])
 """
 from __future__ import annotations
 
@@ -50,3 +55,24 @@ def lora_delta_weight(lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """s * B @ A in float32 (or float64 if given float64): what merging adds to W."""
     acc = torch.float64 if lora_A.dtype == torch.float64 else torch.float32
     return (lora_B.to(acc) @ lora_A.to(acc)) * scaling
+
+
+def lora_linear_multi_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters, row_adapter: Tensor,
+                          keeps=None) -> Tensor:
+    """Several adapters in one batch: y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m]), a = row_adapter[m].
+
+    x is M x K; `adapters` a sequence of (lora_A (r_a x K), lora_B (N x r_a), scaling s_a, dropout_p p_a),
+    each with its own rank; `row_adapter` (M,) integers in [-1, len(adapters)), -1 = no adapter
+    ("__base__"). `keeps`: None, or per adapter None (no dropout) or an M x K keep mask of which only
+    that adapter's rows are read. Rows are selected by multiplying with a 0/1 column (no index ops),
+    so this formulation is independent of the implementations' gathers and scatters.
+    """
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
+        keep = None if keeps is None else keeps[a]
+        xd = x if keep is None else x * dropout_scale(keep, p, x.dtype)
+        rows = (row_adapter == a).to(x.dtype).unsqueeze(-1)
+        y = y + scaling * rows * ((xd @ lora_A.t()) @ lora_B.t())
+    return y

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from .dropout import keep_mask
+from .multi_impl import backward as multi_backward  # noqa: F401  (several adapters per batch: the torch row's ops)
+from .multi_impl import forward as multi_forward  # noqa: F401
 
 
 def forward(

@@ -1,0 +1,204 @@
+"""The PyTorch path for several adapters in one batch (a per-row adapter index), forward and backward.
+
+    y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m])      a = row_adapter[m]; a = -1: no adapter
+
+Layout (vLLM's token-to-adapter mapping, as segment kernels want it): `segments` sorts the rows by
+adapter once (a stable sort, so each adapter's rows stay in increasing order) and counts them; the
+rows of adapter a are `order[offsets[a + 1]:offsets[a + 2]]` (the base rows, index -1, come first).
+Forward and backward share that layout.
+
+Work per adapter, on its rows only:
+- rows that form long runs of consecutive rows (the usual case: one adapter per sample of a
+  sequence) are read and written run by run through views: H = (D x[s:e]) A^T, then
+  y[s:e] += s H B^T in place (addmm_), no gather, no M x N temporary;
+- scattered rows (runs shorter than MIN_RUN_ROWS on average) are gathered with index_select and
+  written back with index_add_, in chunks of at most CHUNK_ROWS rows, so temporaries stay
+  CHUNK_ROWS x N (never M x N). The indices within a chunk are distinct, so index_add_ writes every
+  element once: deterministic on every device.
+The base GEMM runs once for the whole batch (y = x W^T + b, dx = dY W); dA_a, dB_a are sums over
+that adapter's rows only, accumulated chunk after chunk in a fixed order (in float32 for
+float16/bfloat16 inputs when there is more than one chunk), so deterministic too.
+
+Dropout: adapter a's keep mask is `keep_mask(adapter_seed(seed, a), (m_a, K), p_a)` over its m_a
+rows in increasing row order, drawn for its rows only (cheap: M x K bits in all, whatever the number
+of adapters) and drawn again in backward. So a mixed batch computes, for each adapter, exactly what
+the single-adapter op computes on that adapter's rows with the seed `adapter_seed(seed, a)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .dropout import SEED_HIGH, keep_mask
+
+CHUNK_ROWS = 512  # scattered rows are handled this many at a time: temporaries of CHUNK_ROWS x N at most
+MIN_RUN_ROWS = 32  # runs of consecutive rows at least this long (on average) are used through views
+_SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio (odd): spreads (seed, adapter) over the seed range
+
+Adapter = tuple  # (lora_A (r x K), lora_B (N x r), scaling, dropout_p)
+Rows = Union[slice, Tensor]
+
+
+def adapter_seed(seed: int, adapter: int) -> int:
+    """The dropout seed of adapter `adapter` (index in the op's adapter list) for the call seed `seed`."""
+    return (int(seed) + (adapter + 1) * _SEED_MIX) % SEED_HIGH
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Some rows of one adapter: `rows` of x (a slice, or distinct int64 indices), which are its
+    rows `lo:hi` in the adapter's own (increasing) row order."""
+    rows: Rows
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Rows grouped by adapter: `order` (M,) the rows sorted by adapter (stable), `offsets` (n + 2
+    ints): adapter a (-1 = base) holds `order[offsets[a + 1]:offsets[a + 2]]`."""
+    order: Tensor
+    offsets: tuple
+
+    def count(self, adapter: int) -> int:
+        return self.offsets[adapter + 2] - self.offsets[adapter + 1]
+
+    def rows(self, adapter: int) -> Tensor:
+        return self.order[self.offsets[adapter + 1]:self.offsets[adapter + 2]]
+
+    def pieces(self, adapter: int) -> list[Piece]:
+        """The adapter's rows as slices, one per run of consecutive rows, when its runs are long (at least
+        MIN_RUN_ROWS rows on average: e.g. one adapter per sample of a sequence), else as chunks of at most
+        CHUNK_ROWS indices."""
+        m = self.count(adapter)
+        if m == 0:
+            return []
+        rows = self.rows(adapter)
+        starts = torch.nonzero(rows[1:] - rows[:-1] != 1).squeeze(1)  # increasing rows: a run ends where +1 fails
+        if m >= MIN_RUN_ROWS * (starts.numel() + 1):
+            lo = [0] + (starts + 1).tolist()
+            hi = lo[1:] + [m]
+            return [Piece(slice(first, first + e - s), s, e) for first, s, e in zip(rows[lo].tolist(), lo, hi)]
+        return [Piece(rows[lo:lo + CHUNK_ROWS], lo, min(m, lo + CHUNK_ROWS)) for lo in range(0, m, CHUNK_ROWS)]
+
+
+def segments(row_adapter: Tensor, n_adapters: int) -> Segments:
+    """The grouped layout of `row_adapter` (values in [-1, n_adapters), checked by the caller)."""
+    order = torch.argsort(row_adapter, stable=True)
+    counts = torch.bincount(row_adapter + 1, minlength=n_adapters + 1)
+    return Segments(order, tuple([0] + torch.cumsum(counts, 0).tolist()))
+
+
+def _take(t: Tensor, rows: Rows) -> Tensor:
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def _add_rows(out: Tensor, rows: Rows, src: Tensor, alpha: float = 1.0) -> None:
+    """out[rows] += alpha * src."""
+    if isinstance(rows, slice):
+        out[rows].add_(src, alpha=alpha)
+    else:
+        out.index_add_(0, rows, src, alpha=alpha)
+
+
+def _add_product(out: Tensor, rows: Rows, a: Tensor, b: Tensor, alpha: float) -> None:
+    """out[rows] += alpha * a @ b; in place through a view for a slice (no temporary)."""
+    if isinstance(rows, slice):
+        out[rows].addmm_(a, b, alpha=alpha)
+    else:
+        out.index_add_(0, rows, torch.mm(a, b), alpha=alpha)
+
+
+def _mask(seed: int, adapter: int, m: int, K: int, p: float, device) -> Optional[Tensor]:
+    return keep_mask(adapter_seed(seed, adapter), (m, K), p, device) if p > 0.0 else None
+
+
+def _dropped(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
+    """D x: x itself without dropout, else x * keep / (1 - p) (a new tensor)."""
+    return x if keep is None else x.mul(1.0 / (1.0 - p)).mul_(keep)
+
+
+def packed_h_shape(M: int, adapters: Sequence[Adapter]) -> tuple[int, int]:
+    """The packed H: M x (largest rank), rows in the sorted order (see `h_of`)."""
+    return M, max([0] + [a[0].shape[0] for a in adapters])
+
+
+def h_of(h_packed: Tensor, segs: Segments, adapter: int, rank: int) -> Tensor:
+    """H_a = (D_a x[rows_a]) A_a^T (m_a x r_a), a view into the packed H: its rows at the adapter's
+    place in the sorted order, its first r_a columns (the rest is zero, never read)."""
+    return h_packed[segs.offsets[adapter + 1]:segs.offsets[adapter + 2], :rank]
+
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Adapter], segs: Segments,
+            seed: int) -> tuple[Tensor, Tensor]:
+    """(Y, H): Y (M x N) as in the module doc; H every adapter's H_a packed into one M x max(r_a) tensor
+    (`h_of`), the only activation kept for backward besides x (one static shape: custom ops need it)."""
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    h_packed = x.new_zeros(packed_h_shape(x.shape[0], adapters))
+    for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
+        m = segs.count(a)
+        h = h_of(h_packed, segs, a, lora_A.shape[0])
+        keep = _mask(seed, a, m, x.shape[1], p, x.device)
+        for piece in segs.pieces(a):
+            lo, hi = piece.lo, piece.hi
+            h[lo:hi] = torch.mm(_dropped(_take(x, piece.rows), None if keep is None else keep[lo:hi], p), lora_A.t())
+            _add_product(y, piece.rows, h[lo:hi], lora_B.t(), scaling)
+    return y, h_packed
+
+
+def backward(dy: Tensor, x: Tensor, weight: Tensor, adapters: Sequence[Adapter], h_packed: Tensor,
+             segs: Segments, seed: int, need_dx: bool, need_lora: Sequence[bool], need_dw: bool, need_db: bool):
+    """(dx, [(dA_a, dB_a)], dW, db), None where not needed (a pair is None when need_lora[a] is False).
+
+    Per adapter, on its rows: G = s dY B;  dB = s dY^T H;  dA = G^T (D x);  dx += D (G A).
+    """
+    dx = torch.mm(dy, weight) if need_dx else None
+    lora_grads = []
+    for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
+        want = need_lora[a]
+        if not (want or need_dx):
+            lora_grads.append(None)
+            continue
+        pieces = segs.pieces(a)
+        acc = torch.float32 if len(pieces) > 1 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        dA = torch.zeros(lora_A.shape, dtype=acc, device=x.device) if want else None
+        dB_t = torch.zeros(lora_B.shape[::-1], dtype=acc, device=x.device) if want else None  # r x N
+        keep = _mask(seed, a, segs.count(a), x.shape[1], p, x.device)
+        for piece in pieces:
+            rows, lo, hi = piece.rows, piece.lo, piece.hi
+            dya = _take(dy, rows)
+            g = torch.mm(dya, lora_B).mul_(scaling)  # m x r
+            keep_p = None if keep is None else keep[lo:hi]
+            if want:
+                h = h_of(h_packed, segs, a, lora_A.shape[0])
+                dB_t.add_(torch.mm(h[lo:hi].t(), dya), alpha=scaling)  # r x N: the faster orientation
+                dA.add_(torch.mm(g.t(), _dropped(_take(x, rows), keep_p, p)))
+            if need_dx:
+                if keep_p is None:
+                    _add_product(dx, rows, g, lora_A, 1.0)
+                else:
+                    _add_rows(dx, rows, torch.mm(g, lora_A).mul_(keep_p), 1.0 / (1.0 - p))
+        lora_grads.append((dA.to(x.dtype), dB_t.t().contiguous().to(x.dtype)) if want else None)
+    dW = torch.mm(dy.t(), x) if need_dw else None
+    db = dy.sum(0) if need_db else None
+    return dx, lora_grads, dW, db
+
+
+def differentiable_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Adapter],
+                           segs: Segments, seed: int) -> Tensor:
+    """Y as `forward` computes it (same masks), with out-of-place autograd-differentiable ops: what
+    double backward differentiates (recomputed there, so the fast path keeps no graph)."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
+        m = segs.count(a)
+        if m == 0:
+            continue
+        rows = segs.rows(a)
+        keep = _mask(seed, a, m, x.shape[1], p, x.device)
+        xa = x.index_select(0, rows)
+        xa = xa if keep is None else xa * keep / (1.0 - p)
+        y = y.index_add(0, rows, (xa @ lora_A.t()) @ lora_B.t(), alpha=scaling)
+    return y
