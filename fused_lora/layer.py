@@ -46,6 +46,28 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """(x, W, b) in the autocast dtype when autocast is on for x's device (as nn.Linear computes
+    under autocast), else as given."""
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None:
+        return x, weight, bias
+    return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+
+
+def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                 scaling: float, dropout_p: float, backend: str) -> Tensor:
+    """The LoRA layer on x of any leading shape: A and B cast to x's dtype (their gradients come back
+    in their own), a fresh seed when there is dropout, the op on x seen as 2-D. Shared by
+    FusedLoRALinear and patched peft layers, so both compute the same way."""
+    lead = x.shape[:-1]
+    seed = new_seed() if dropout_p > 0.0 else no_seed()
+    # math.prod, not -1: with in_features == 0 (or an empty batch) -1 is ambiguous
+    y = lora_linear(x.reshape(math.prod(lead), x.shape[-1]), weight, bias, lora_A.to(x.dtype),
+                    lora_B.to(x.dtype), scaling, dropout_p, seed, backend)
+    return y.reshape(*lead, weight.shape[0])
+
+
 @dataclass
 class AdapterSettings:
     """One adapter's hyper-parameters (peft's meanings): rank, alpha, dropout probability, rsLoRA, and the
@@ -392,26 +414,16 @@ class FusedLoRALinear(nn.Module):
         self._check_input(x)
         if adapter_names is not None:
             used, row_adapter = self._row_adapters(x, adapter_names)
-        weight, bias = self._base_weight(), self.bias
-        dtype = _autocast_dtype(x.device.type)
-        if dtype is not None:
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        elif x.dtype != weight.dtype:
+        x, weight, bias = autocast_inputs(x, self._base_weight(), self.bias)
+        if x.dtype != weight.dtype:
             raise TypeError(f"FusedLoRALinear: input dtype {x.dtype} does not match the base weight's "
                             f"{weight.dtype} (cast the input, or run under torch.autocast)")
         if self.merged or self._disabled:
             return F.linear(x, weight, bias)
         if adapter_names is not None:
             return self._mixed_forward(x, weight, bias, used, row_adapter)
-        lora_A, lora_B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        p = self.lora_dropout if self.training else 0.0
-        seed = new_seed() if p > 0.0 else no_seed()
-        lead = x.shape[:-1]
-        # math.prod, not -1: with in_features == 0 (or an empty batch) -1 is ambiguous
-        y = lora_linear(x.reshape(math.prod(lead), self.in_features), weight, bias, lora_A, lora_B,
-                        self.scaling, p, seed, self.backend)
-        return y.reshape(*lead, self.out_features)
+        return lora_forward(x, weight, bias, self.lora_A, self.lora_B, self.scaling,
+                            self.lora_dropout if self.training else 0.0, self.backend)
 
     def _mixed_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], used: list[str],
                        row_adapter: Tensor) -> Tensor:

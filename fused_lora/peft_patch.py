@@ -32,8 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from . import backends
-from .dropout import new_seed, no_seed
-from .ops import lora_linear
+from .layer import autocast_inputs, lora_forward
 
 REPORT_ATTR = "fused_lora_report"
 # Keyword arguments peft's forward pops before calling the base layer; given as None they mean nothing.
@@ -181,20 +180,12 @@ def _fused_forward(layer: nn.Module, x: Tensor, backend: str) -> Tensor:
     weight, bias = base.weight, base.bias
     if _base_kind(base) == "conv1d":
         weight = weight.t()  # Conv1D stores in x out; the op takes the strided N x K view
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    lora_A = layer.lora_A[name].weight.to(x.dtype)
-    lora_B = layer.lora_B[name].weight.to(x.dtype)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     dropout = layer.lora_dropout[name]
     # peft applies its dropout module, whose own training flag decides (as here).
     p = float(dropout.p) if type(dropout) is nn.Dropout and dropout.training else 0.0
-    seed = new_seed() if p > 0.0 else no_seed()
-    lead = x.shape[:-1]
-    y = lora_linear(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(layer.scaling[name]),
-                    p, seed, backend)
-    return y.reshape(*lead, y.shape[-1])
+    return lora_forward(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                        float(layer.scaling[name]), p, backend)
 
 
 class PatchedForward:
