@@ -10,7 +10,7 @@ import torch
 from fused_lora import FusedLoRALinear, backends
 from fused_lora.ops import lora_linear
 from fused_lora.reference import lora_linear_ref
-from utils import backend_module, make_problem, to64
+from utils import backend_module, float64_op_case, make_problem, to64
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -22,13 +22,7 @@ needs_triton = pytest.mark.skipif(TRITON_REASONS != [], reason="Triton cannot ru
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradgradcheck_float64(p, bias):
     """Every input differentiable twice; the fixed seed gives the same mask in every evaluation."""
-    x, w, b, a, bb = make_problem(5, 7, 6, 3, torch.float64, bias=bias, seed=3)
-    seed = torch.tensor(99, dtype=torch.int64)
-
-    def f(x, w, b, a, bb):
-        return lora_linear(x, w, b, a, bb, 1.5, p, seed, backend="torch")
-
-    ins = (x, w, b, a, bb) if bias else (x, w, None, a, bb)
+    f, ins = float64_op_case(p, bias)
     assert torch.autograd.gradgradcheck(f, ins)
 
 

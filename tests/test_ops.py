@@ -4,7 +4,7 @@ import torch
 
 from fused_lora import backends
 from fused_lora.ops import lora_linear, lora_linear_bwd, lora_linear_fwd
-from utils import check_op_against_reference, make_problem
+from utils import check_op_against_reference, float64_op_case, make_problem
 
 SHAPES = [  # (M, K, N, r): unit, odd, round, wide rank, empty batch
     (1, 1, 1, 1), (7, 13, 5, 3), (33, 65, 17, 4), (64, 128, 96, 16), (5, 16, 40, 32), (0, 12, 9, 2),
@@ -27,13 +27,8 @@ def test_torch_op_trainable_base(bias):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck_float64(p, bias):
-    x, w, b, a, bb = make_problem(5, 7, 6, 3, torch.float64, bias=bias, seed=3)
-    seed = torch.tensor(99, dtype=torch.int64)
-
-    def f(x, w, b, a, bb):
-        return lora_linear(x, w, b, a, bb, 1.5, p, seed, backend="torch")
-
-    assert torch.autograd.gradcheck(f, (x, w, b, a, bb))
+    f, ins = float64_op_case(p, bias)
+    assert torch.autograd.gradcheck(f, ins)
 
 
 def test_opcheck_forward_and_backward():

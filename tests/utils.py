@@ -91,3 +91,17 @@ def check_op_against_reference(backend, M, K, N, r, dtype, p=0.0, device="cpu", 
     for name, n, ge, g6 in zip(("dx", "dW", "db", "dA", "dB"), needs, g_eager, g64):
         if n:
             assert_close_rule(next(it), ge, g6, dtype, name, tf32)
+
+
+def float64_op_case(p, bias, backend="torch"):
+    """(f, inputs) for gradcheck/gradgradcheck: the op on a small float64 problem, every input
+    differentiable, a fixed seed (so every evaluation draws the same dropout mask)."""
+    from fused_lora.ops import lora_linear
+
+    x, w, b, a, bb = make_problem(5, 7, 6, 3, torch.float64, bias=bias, seed=3)
+    seed = torch.tensor(99, dtype=torch.int64)
+
+    def f(x, w, b, a, bb):
+        return lora_linear(x, w, b, a, bb, 1.5, p, seed, backend=backend)
+
+    return f, (x, w, b if bias else None, a, bb)

@@ -115,8 +115,6 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 
 def backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_dw, need_db):
-    M, K = x.shape
-    N, r = weight.shape[0], lora_A.shape[0]
     dx = dA = dB = None
     if need_dx or need_lora:
         dx, dA, dB = _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora)
