@@ -39,6 +39,27 @@ def _is_conv1d(module) -> bool:
     return conv1d is not None and isinstance(module, conv1d)
 
 
+def base_refusal(module: nn.Module) -> Optional[str]:
+    """Why `module` cannot be the base of a FusedLoRALinear (None when it can). The layer computes
+    nn.Linear's function itself (Conv1D's, transposed), so a subclass with a forward of its own, a
+    non-float (quantized) weight, or hooks that change what the module computes would silently be
+    dropped: such modules are refused rather than adapted into something else."""
+    if not isinstance(module, nn.Linear) and not _is_conv1d(module):
+        return f"{type(module).__name__} is not an nn.Linear or a transformers Conv1D"
+    kind = type(module)
+    if type(module).__module__.startswith("bitsandbytes"):
+        return f"{kind.__name__} is a quantized (bitsandbytes) layer: quantized bases are not supported yet"
+    if kind is not nn.Linear and kind.forward is not nn.Linear.forward and not _is_conv1d(module):
+        return f"{kind.__name__} overrides nn.Linear's forward, which the adapted layer would not run"
+    if not module.weight.is_floating_point():
+        return f"its weight has dtype {module.weight.dtype} (quantized bases are not supported yet)"
+    hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+             if getattr(module, h, None)]
+    if hooks:
+        return f"it has {', '.join(h.strip('_') for h in hooks)}, which the adapted layer would not run"
+    return None
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype in force for this device type, or None (also for types without autocast, e.g. meta)."""
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
@@ -150,6 +171,9 @@ class FusedLoRALinear(nn.Module):
         and frozen."""
         if not isinstance(linear, nn.Linear) and not _is_conv1d(linear):
             raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+        refusal = base_refusal(linear)
+        if refusal:
+            raise ValueError(f"from_linear: cannot adapt this {type(linear).__name__}: {refusal}")
         # before the linear is frozen
         check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha, use_rslora)
         self = cls.__new__(cls)
@@ -469,6 +493,13 @@ class FusedLoRALinear(nn.Module):
         # overflow float16 (max 65504) when written.
         if not w.is_meta and not bool(torch.isfinite(w).all()):
             raise ValueError(message)
+
+    @torch.no_grad()
+    def check_merge(self, what: str = "FusedLoRALinear.merge", adapter_names: Optional[Sequence[str]] = None) -> None:
+        """Raise ValueError (naming `what`) if merging would write NaN or inf into the weight, in its own
+        dtype; changes nothing either way (what safe_merge checks, for callers that check many layers first)."""
+        self._refuse_non_finite(self._weight_with_delta(+1, adapter_names),
+                                f"{what}: the merged weight has NaN or inf in {self.weight.dtype}; nothing was merged")
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:

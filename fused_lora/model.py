@@ -66,6 +66,17 @@ class _Undo:
             m.training = training
 
 
+def _refuse_adapted(model: nn.Module) -> None:
+    """A model that already holds LoRA layers (ours or peft's) is not adapted again: nesting a second
+    adapter would save files that load as neither."""
+    for name, m in model.named_modules():
+        if isinstance(m, (LoraModel, FusedLoRALinear, ModulesToSave)) or type(m).__module__.startswith("peft."):
+            where = f"module {name!r}" if name else "the model itself"
+            raise ValueError(f"the model already holds LoRA adapters ({where} is a {type(m).__name__}): adapt the "
+                             "base model once (a peft model: fused_lora.patch_peft(model) runs it fused); "
+                             "several adapters per model are not supported by LoraModel yet")
+
+
 def _several_adapters(what: str) -> NotImplementedError:
     return NotImplementedError(f"{what}: several adapters per model are not supported yet by fused_lora (a "
                                "LoraModel holds one adapter); use one LoraModel per adapter, or peft with "
@@ -95,6 +106,11 @@ class LoraModel(nn.Module):
         if not isinstance(adapter_name, str) or not adapter_name:
             raise TypeError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
         # Every check that can fail runs before the model is touched: nothing is half-applied.
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"expected a fused_lora.LoraConfig, got {type(config).__module__}.{type(config).__name__}"
+                            " (same field names as peft's: fused_lora.LoraConfig(r=..., target_modules=...);"
+                            " a peft model itself is run through the fused op by fused_lora.patch_peft(model))")
+        _refuse_adapted(model)
         config.validate()
         check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
                            config.lora_alpha, config.use_rslora)
@@ -298,14 +314,19 @@ class LoraModel(nn.Module):
             new.weight, new.bias = layer.weight, layer.bias
             _set_submodule(self.model, name, new)
         for name, m in list(self.saved_modules()):
-            _set_submodule(self.model, name, m.trainable if merge else m.original)
+            _set_submodule(self.model, name, m.trainable)  # peft keeps the trained copy, merged or not
         self._removed_by = "merge_and_unload() removed them" if merge else "unload() removed them"
         return self.model
 
     @staticmethod
     def _merge_all(layers, safe_merge: bool) -> None:
-        """Merge every layer in place; if one refuses (safe_merge), unmerge those merged here and
-        re-raise, so no layer is left half-way (float16/bfloat16 weights may keep a few ulps)."""
+        """Merge every layer in place. With safe_merge every merged weight is checked before any is
+        written, so a refusal leaves every weight exactly as it was; should a merge fail otherwise,
+        the layers merged here are unmerged (to rounding) and the error re-raised."""
+        if safe_merge:
+            for name, layer in layers:
+                if not layer.merged:
+                    layer.check_merge(f"merge_and_unload(safe_merge=True): layer {name!r}")
         done = []
         try:
             for _, layer in layers:
@@ -330,7 +351,8 @@ class LoraModel(nn.Module):
         return self._replace_all(merge=True, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
-        """The model with its original nn.Linear layers back, adapters dropped, nothing merged."""
+        """The model with its original nn.Linear layers back, adapters dropped, nothing merged; the
+        modules_to_save keep their trained copies (as peft's unload does)."""
         return self._replace_all(merge=False)
 
     # ---------------------------------------------------------------- files

@@ -7,7 +7,7 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import TASK_HEADS, LoraConfig
-from .layer import _is_conv1d
+from .layer import _is_conv1d, base_refusal
 from .validation import short_repr
 
 Spec = Optional[Union[list, str]]
@@ -79,6 +79,14 @@ def _without_task_heads(names: list[str], config: LoraConfig) -> list[str]:
     return [n for n in names if not any(name_matches(p, heads) for p in _self_and_parents(n))]
 
 
+def _check_bases(names: list[str], modules: dict) -> None:
+    """Targets whose function the adapted layer would not reproduce (a subclass's own forward, hooks,
+    a quantized weight) are an error naming them, never silently adapted into something else."""
+    refused = [f"{n} ({reason})" for n in names if (reason := base_refusal(modules[n]))]
+    if refused:
+        raise ValueError(f"cannot adapt {_few(refused)}")
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the nn.Linear (or Conv1D) modules to adapt. Raises ValueError when a target matches
     nothing, or matches a module that is neither, listing what the model holds. "all-linear" takes
@@ -99,6 +107,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                          f"Conv1D: {_few(wrong)}; {_linear_listing(model)}")
     if not names:
         raise ValueError(f"target_modules {config.target_modules!r} matches no module; {_linear_listing(model)}")
+    _check_bases(names, modules)
     if isinstance(config.target_modules, list):
         unmatched = unmatched_entries(config.target_modules, names)
         if unmatched and config.exclude_modules is None:
@@ -118,6 +127,7 @@ def check_loaded_targets(model: nn.Module, config: LoraConfig, targets: list[str
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in targets if not is_adaptable(modules[n])]
     if wrong:
         raise ValueError(f"the weights adapt modules that are not nn.Linear or Conv1D: {_few(wrong)}")
+    _check_bases(targets, modules)
     spec, exclude = _as_set(config.target_modules), _as_set(config.exclude_modules)
     if isinstance(exclude, str):
         exclude = None  # a regex: not run; the file's keys decide
