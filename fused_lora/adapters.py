@@ -177,12 +177,30 @@ def _name_or_path(model: nn.Module) -> Optional[str]:
     return name if isinstance(name, str) and name else None
 
 
+def _check_config_matches_layers(lora_model) -> None:
+    """The config written must describe what the layers compute: an edited peft_config (a mutable
+    dataclass) whose r, alpha, rsLoRA or dropout no longer match the layers would save a file that
+    loads as another model."""
+    config = lora_model.active_peft_config
+    for name, layer in lora_model.lora_layers():
+        settings = layer.adapter_settings("default")
+        for key in _SCALING:
+            if getattr(settings, key) != getattr(config, key):
+                raise ValueError(f"save_pretrained: peft_config[{lora_model.active_adapter!r}].{key} is "
+                                 f"{getattr(config, key)!r} but layer {name!r} computes with "
+                                 f"{getattr(settings, key)!r}; the file would not load as this model (the "
+                                 "config describes the adapter: build the model with the settings you want)")
+
+
 def save_adapter(lora_model, directory) -> None:
     """Write the adapter's pair of files; the directory holds the old pair or the new, at any moment."""
     tensors = adapter_state(lora_model)
     if not any(k.endswith(".lora_A.weight") for k in tensors):
         raise RuntimeError("save_pretrained: the model holds no LoRA layers; nothing to save")
     lora_model.active_peft_config.validate()  # a mutable dataclass: never write a config that would not load
+    _check_config_matches_layers(lora_model)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"save_pretrained: {os.fspath(directory)!r} exists and is not a directory")
     config = lora_model.active_peft_config.to_peft_dict()
     if config["base_model_name_or_path"] is None:  # as peft records it, so AutoPeftModel finds the base
         config["base_model_name_or_path"] = _name_or_path(lora_model.model)
@@ -226,6 +244,13 @@ def _weights_record(path: str) -> Optional[str]:
             return (f.metadata() or {}).get(FUSED_CONFIG_KEY)
     except Exception:  # missing or corrupt: reported by the loader itself
         return None
+
+
+def _not_found(path: str) -> AdapterError:
+    """'not found', or what is there instead (a directory, a device, a dangling link)."""
+    if os.path.lexists(path):
+        return AdapterError(f"{path} exists but is not a regular file: not an adapter directory")
+    return AdapterError(f"{path} not found: not an adapter directory")
 
 
 def _read_config_text(path: str) -> str:
@@ -283,7 +308,7 @@ def _bound_config(directory: str, record: str) -> LoraConfig:
     if staged is not None:  # a save died (or is running) between its two renames: the new pair
         return _load_config(_read_config_text(staged), staged)
     if text is None:
-        raise AdapterError(f"{cfg_path} not found: not an adapter directory")
+        raise _not_found(cfg_path)
     config = _load_config(text, cfg_path)  # a bad field is reported as such
     try:
         saved = json.loads(record)
@@ -297,9 +322,9 @@ def _bound_config(directory: str, record: str) -> LoraConfig:
     if differ:
         k = differ[0]
         raise AdapterError(f"{cfg_path} and {WEIGHTS_NAME} are from different saves: the weights were saved "
-                           f"with {k}={saved.get(k)!r}, the config says {current.get(k)!r} (to change it on "
-                           "purpose, load the adapter with its own config, change the LoraModel's peft_config "
-                           "and save it again)")
+                           f"with {k}={saved.get(k)!r}, the config says {current.get(k)!r} ({', '.join(_SCALING)} "
+                           "are bound to the weights they were trained with; restore the file's value, or "
+                           "train an adapter with the settings you want)")
     return config  # edited by hand in fields that the keys and shapes check below
 
 
@@ -313,12 +338,12 @@ def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
                                "saves a model it does not know), not an adapter; train a LoraModel with "
                                "fused_lora.LoraTrainer to get peft-format adapter checkpoints")
         if not os.path.isfile(cfg_path):
-            raise AdapterError(f"{cfg_path} not found: not an adapter directory")
+            raise _not_found(cfg_path)
         pickled = [n for n in PICKLE_NAMES if os.path.isfile(os.path.join(directory, n))]
         if pickled:
             raise AdapterError(f"{directory} holds {pickled[0]} (a pickle): only {WEIGHTS_NAME} is read, since "
                                "unpickling can run arbitrary code; convert it with safetensors first")
-        raise AdapterError(f"{weights_path} not found")
+        raise _not_found(weights_path)
     try:
         with safe_open(weights_path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -331,7 +356,7 @@ def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     elif os.path.isfile(cfg_path):
         config = _load_config(_read_config_text(cfg_path), cfg_path)
     else:
-        raise AdapterError(f"{cfg_path} not found: not an adapter directory")
+        raise _not_found(cfg_path)
     bad = [k for k in raw if not k.startswith(PREFIX)]
     if bad:
         raise AdapterError(f"{weights_path}: key {bad[0]!r} lacks the {PREFIX!r} prefix of peft adapters")
@@ -370,8 +395,11 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str]
 
 def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str) -> list[str]:
     """Check the tensors against the model; returns the modules to adapt (named by the file)."""
-    modules = dict(model.named_modules())
-    targets = [t for t in targets_in(tensors) if t in modules]  # keys of absent modules: reported below
+    targets = targets_in(tensors)
+    embedding = [k for k in tensors if ".lora_embedding_" in k or k.endswith(".base_layer.weight")]
+    if embedding:
+        raise AdapterError(f"{where}: key {PREFIX + embedding[0]!r} is peft's LoRA on an embedding layer (or the "
+                           "base weights peft saves with it): only Linear and Conv1D layers are supported")
     try:
         if not targets:
             raise ValueError("the weights hold no lora_A / lora_B tensors")

@@ -1,0 +1,89 @@
+"""Adapter files: the clear refusals a new user's trial asked for (found by trying the library)."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from fused_lora import AdapterError, LoraConfig, LoraModel, get_lora_model
+
+peft = pytest.importorskip("peft")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class Other(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.c(x)
+
+
+def saved(tmp_path, **cfg):
+    lm = get_lora_model(Net(), LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False, **cfg))
+    lm.save_pretrained(tmp_path)
+    return lm
+
+
+def test_modules_the_file_names_and_the_model_lacks_are_named(tmp_path):
+    saved(tmp_path)
+    with pytest.raises(AdapterError, match="the weights adapt 'a', which is not a module of this model"):
+        LoraModel.from_pretrained(Other(), tmp_path)
+
+
+def test_saving_onto_a_file_is_a_clear_error(tmp_path):
+    lm = get_lora_model(Net(), LoraConfig(r=2, target_modules=["a"]))
+    path = tmp_path / "afile"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        lm.save_pretrained(path)
+    assert path.read_text() == "x"
+
+
+@pytest.mark.parametrize("what", ["directory", "device"])
+def test_a_config_that_is_not_a_regular_file_says_so(tmp_path, what):
+    saved(tmp_path)
+    cfg = tmp_path / "adapter_config.json"
+    cfg.unlink()
+    if what == "directory":
+        cfg.mkdir()
+    else:
+        os.symlink("/dev/zero", cfg)
+    with pytest.raises(AdapterError, match="exists but is not a regular file"):
+        LoraModel.from_pretrained(Net(), tmp_path)
+
+
+def test_a_config_edited_after_adapting_is_not_saved_as_if_the_layers_used_it(tmp_path):
+    """Changing peft_config's lora_alpha leaves the layers' scaling as it was: the file would
+    describe another model than the one in memory."""
+    lm = get_lora_model(Net(), LoraConfig(r=2, lora_alpha=4, target_modules=["a"]))
+    lm.peft_config["default"].lora_alpha = 16
+    with pytest.raises(ValueError, match="lora_alpha is 16 but layer 'a' computes with 4"):
+        lm.save_pretrained(tmp_path)
+    assert not os.listdir(tmp_path)
+
+
+def test_peft_embedding_lora_is_refused_by_name(tmp_path):
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.out = nn.Embedding(10, 8), nn.Linear(8, 4)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids))
+
+    pm = peft.get_peft_model(Emb(), peft.LoraConfig(r=2, target_modules=["emb", "out"]))
+    pm.save_pretrained(tmp_path)
+    with pytest.raises(AdapterError, match="embedding layer"):
+        LoraModel.from_pretrained(Emb(), tmp_path)
