@@ -110,7 +110,19 @@ def _base_kind(base: nn.Module) -> Optional[str]:
 
 def _layer_reason(layer: nn.Module) -> Optional[str]:
     """Why fused_lora cannot compute this layer as peft does (None when it can), from its
-    structure and its active adapter; checked at patch time and again on every call."""
+    structure and its active adapter; checked on every call."""
+    return _fixed_reason(layer) or _selection_reason(layer) or _adapter_reason(layer, layer.active_adapters[0])
+
+
+def _patch_reason(layer: nn.Module) -> Optional[str]:
+    """Why patch_peft keeps peft's forward on this layer. Which adapters are active is a passing
+    state (set_adapter changes it; every call checks it): a layer with no single active adapter of
+    its own now is patched all the same, and defers to peft until it has one."""
+    return _fixed_reason(layer) or (None if _selection_reason(layer) else
+                                    _adapter_reason(layer, layer.active_adapters[0]))
+
+
+def _fixed_reason(layer: nn.Module) -> Optional[str]:
     linear = _peft_classes()["Linear"]
     if type(layer).forward is not linear.forward or not isinstance(layer, linear):
         return f"peft {type(layer).__name__} layer, not lora.Linear"
@@ -119,12 +131,19 @@ def _layer_reason(layer: nn.Module) -> Optional[str]:
         return f"base layer is {type(base).__name__}, not nn.Linear or Conv1D"
     if not _unhooked(base):
         return "hooks on the base layer"
+    return None
+
+
+def _selection_reason(layer: nn.Module) -> Optional[str]:
     active = layer.active_adapters
     if len(active) != 1:
         return f"{len(active)} active adapters"
-    name = active[0]
-    if name not in layer.lora_A:
-        return f"active adapter {name!r} not on this layer"
+    if active[0] not in layer.lora_A:
+        return f"active adapter {active[0]!r} not on this layer"
+    return None
+
+
+def _adapter_reason(layer: nn.Module, name: str) -> Optional[str]:
     if layer.use_dora.get(name, False):
         return "DoRA"
     if name in layer.lora_variant:
@@ -258,7 +277,7 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
     layers = _lora_layers(model, "patch_peft")
     report = PatchReport(backend=backend)
     for name, layer in layers:
-        reason = _layer_reason(layer)
+        reason = _patch_reason(layer)
         if reason is None and "forward" in layer.__dict__ and not _is_patched(layer):
             reason = "forward already replaced on the instance (e.g. by accelerate)"
         if reason is not None:

@@ -372,11 +372,15 @@ def test_dora_added_later_defers_and_patching_again_reports_it(capsys):
     assert fused_calls() == before  # fc1: DoRA; fc2 has no "dora" adapter: both peft's
     patch_peft(ours)
     report = ours.fused_lora_report
-    assert report.kept == {"base_model.model.fc1": "DoRA",
-                           "base_model.model.fc2": "active adapter 'dora' not on this layer"}
-    assert not report.patched
-    assert "fused_lora: 0 of 2 LoRA layers patched; 2 kept peft's forward" in capsys.readouterr().out
+    # fc1's active adapter is DoRA: kept. fc2 has no "dora" adapter now (a passing state): patched,
+    # and deferring to peft until an adapter of its own is active.
+    assert report.kept == {"base_model.model.fc1": "DoRA"}
+    assert report.patched == ["base_model.model.fc2"]
+    assert "fused_lora: 1 of 2 LoRA layers patched; 1 kept peft's forward" in capsys.readouterr().out
     assert "forward" not in ours.base_model.model.fc1.__dict__
+    before = fused_calls()
+    torch.testing.assert_close(ours(x), ref(x))
+    assert fused_calls() == before
 
 
 def test_variant_and_lora_bias_layers_are_kept_with_reasons(capsys):
@@ -562,3 +566,22 @@ def _offline_tokenizer():
     vocab["<pad>"], vocab["<eos>"] = 0, 1
     tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_a_layer_without_its_own_active_adapter_is_patched_and_fuses_after_set_adapter():
+    """Which adapter is active is a passing state: a layer that the active adapter does not reach at
+    patch time is patched all the same, defers to peft meanwhile, and fuses once set_adapter gives it
+    an adapter of its own."""
+    import peft as peft_lib
+    model = peft_lib.get_peft_model(MLP(), peft_lib.LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=False))
+    model.add_adapter("x", peft_lib.LoraConfig(r=2, target_modules=["fc2"], init_lora_weights=False))
+    reference = copy.deepcopy(model)
+    patch_peft(model, verbose=False)
+    assert model.fused_lora_report.patched == ["base_model.model.fc1", "base_model.model.fc2"]
+    x = torch.randn(4, MLP().fc1.in_features)
+    for m in (model, reference):
+        m.set_adapter("x")
+    before = backends.calls[("fwd", "torch")]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+    assert backends.calls[("fwd", "torch")] == before + 1  # fc2 fused; fc1 (no adapter "x") deferred
