@@ -15,12 +15,13 @@ import contextlib
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import distributed
+from . import backends, distributed
 from .config import LoraConfig
 from .model import get_lora_model
 
@@ -128,15 +129,38 @@ def check_settings(size: str = "tiny", steps: int = 40, batch: int = 8, seq: int
     if need > have:
         raise SettingError("batch", f"{batch // world} x {seq} tokens per process need at least {need / 1e9:,.0f} GB "
                            f"for the logits alone; {dev} has {have / 1e9:,.0f} GB: lower batch or seq")
+    try:  # the backend forced by FUSED_LORA_BACKEND must run on this device, before anything is built
+        backends.choose_backend(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32, r)
+    except (backends.BackendUnavailable, ValueError) as err:
+        raise SettingError(None, f"{backends.ENV_VAR}: {err}") from None
     if out is not None:
         if os.path.exists(out) and not os.path.isdir(out):
             raise SettingError("out", f"{out!r} exists and is not a directory")
-        parent = os.path.abspath(out)
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise SettingError("out", f"cannot create or write {out!r} ({parent!r} is not a writable directory)")
+        _check_writable(out)
     return dev, config
+
+
+def _check_writable(out: str) -> None:
+    """Write (and remove) a file where the adapter will go, creating and then removing any missing
+    directories: permission bits (os.access) say nothing of e.g. /proc, or a read-only mount."""
+    made, path = [], os.path.abspath(out)
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    try:
+        for d in reversed(made):
+            os.mkdir(d)
+        fd, probe = tempfile.mkstemp(prefix=".fused_lora-probe-", dir=out)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise SettingError("out", f"cannot write the adapter to {out!r}: {err.strerror or err}") from None
+    finally:
+        for d in made:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
 
 
 def train_step(model, optimizer, tokens: torch.Tensor) -> torch.Tensor:

@@ -165,3 +165,20 @@ def test_progress_is_redrawn_on_a_terminal_and_one_line_per_report_elsewhere():
     terminal = _Terminal()
     finetune(steps=3, batch=2, seq=8, device="cpu", log=lambda s: None, stream=terminal)
     assert terminal.getvalue().count("\r") == 3 and terminal.getvalue().endswith("\n")
+
+
+def test_an_unwritable_output_and_an_impossible_backend_are_refused_before_training(capsys, monkeypatch, tmp_path):
+    """Permission bits do not tell whether the adapter can be written (/proc as root, read-only
+    mounts), and a forced backend that cannot run here would fail only after building the model."""
+    import fused_lora.finetune as ft
+    monkeypatch.setattr(ft, "build_llama", lambda *a, **k: pytest.fail("built a model"))
+    line = _refused(capsys, ["finetune", "--steps", "1", "--out", "/proc/fused_lora_adapter"])
+    assert "--out" in line and "cannot write the adapter" in line
+    assert not os.path.exists("/proc/fused_lora_adapter")
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    line = _refused(capsys, ["finetune", "--steps", "1", "--out", str(tmp_path / "a")])
+    assert "FUSED_LORA_BACKEND" in line and "triton" in line
+    assert not (tmp_path / "a").exists()
+    ft._check_writable(str(tmp_path / "new" / "dir"))  # a writable place: the probe leaves nothing behind
+    assert not (tmp_path / "new").exists()
