@@ -141,26 +141,18 @@ def check_settings(size: str = "tiny", steps: int = 40, batch: int = 8, seq: int
 
 
 def _check_writable(out: str) -> None:
-    """Write (and remove) a file where the adapter will go, creating and then removing any missing
-    directories: permission bits (os.access) say nothing of e.g. /proc, or a read-only mount."""
-    made, path = [], os.path.abspath(out)
+    """Write (and remove) a file in `out`, or in its nearest existing parent when it does not exist
+    yet: permission bits (os.access) say nothing of e.g. /proc, or a read-only mount. Nothing is
+    created that stays, and processes of one torchrun job probing at once do not collide."""
+    path = os.path.abspath(out)
     while not os.path.exists(path):
-        made.append(path)
         path = os.path.dirname(path)
     try:
-        for d in reversed(made):
-            os.mkdir(d)
-        fd, probe = tempfile.mkstemp(prefix=".fused_lora-probe-", dir=out)
+        fd, probe = tempfile.mkstemp(prefix=".fused_lora-probe-", dir=path)
         os.close(fd)
         os.remove(probe)
     except OSError as err:
         raise SettingError("out", f"cannot write the adapter to {out!r}: {err.strerror or err}") from None
-    finally:
-        for d in made:
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
 
 
 def train_step(model, optimizer, tokens: torch.Tensor) -> torch.Tensor:
