@@ -1,12 +1,14 @@
 """Adapting whole models: get_lora_model, LoraModel (peft's vocabulary) and modules_to_save.
 
 The adapted layers are nn.Linear and transformers' Conv1D (GPT-2), as in peft. A LoraModel holds
-one adapter; peft's multi-adapter methods raise NotImplementedError naming the feature."""
+one or several adapters (peft's add_adapter / load_adapter / set_adapter / delete_adapter, and
+forward(adapter_names=[one per sample]) in eval and training) on the same target modules."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import inspect
+import os
 import types
 import warnings
 from typing import Iterator, Optional
@@ -15,8 +17,8 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layer import FusedLoRALinear
-from .targets import find_modules_to_save, find_targets, is_adaptable
+from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
+from .targets import _as_set, find_modules_to_save, find_targets, is_adaptable, name_matches
 from .validation import check_adapter_args
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -66,10 +68,23 @@ class _Undo:
             m.training = training
 
 
-def _several_adapters(what: str) -> NotImplementedError:
-    return NotImplementedError(f"{what}: several adapters per model are not supported yet by fused_lora (a "
-                               "LoraModel holds one adapter); use one LoraModel per adapter, or peft with "
-                               "fused_lora.patch_peft(model)")
+def _slot_of(adapter_name: str, first: str) -> str:
+    """The layers' name for a model's adapter: the first adapter lives in the layers' "default" slot
+    (so a one-adapter model keeps its keys), every other under its own name."""
+    return DEFAULT_ADAPTER if adapter_name == first else adapter_name
+
+
+def _as_lora_config(config, what: str) -> LoraConfig:
+    """A fused_lora LoraConfig (a copy), from ours or from peft's (read as its adapter_config.json would be)."""
+    if isinstance(config, LoraConfig):
+        return copy.deepcopy(config)
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        raise TypeError(f"{what}: expected a LoraConfig (fused_lora's or peft's), got {type(config).__name__}")
+    d = to_dict()
+    if isinstance(d.get("target_modules"), (set, frozenset)):
+        d["target_modules"] = sorted(d["target_modules"])
+    return LoraConfig.from_peft_dict(d)
 
 
 class LoraModel(nn.Module):
@@ -82,8 +97,14 @@ class LoraModel(nn.Module):
 
     peft's vocabulary: `peft_config` maps the adapter's name ("default") to its LoraConfig,
     `active_adapter` / `active_adapters` name it, `base_model.model` and `get_base_model()` are the
-    wrapped model. A LoraModel holds one adapter: add_adapter, load_adapter, delete_adapter, set_adapter
-    (to another name) and forward(adapter_names=...) raise NotImplementedError.
+    wrapped model.
+
+    Several adapters (peft's API): `add_adapter(name, config)`, `load_adapter(directory, name)`,
+    `set_adapter(name)`, `delete_adapter(name)`; every adapter targets the same modules as the first
+    (each with its own r, lora_alpha, lora_dropout, use_rslora); modules_to_save and trained biases
+    belong to the first adapter only. `forward(..., adapter_names=[one name per sample])` ("__base__"
+    for none) mixes adapters in one batch, in eval and in training (each adapter's gradients from
+    its own samples only).
     """
 
     def __init__(self, model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True,
@@ -106,6 +127,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"modules {clash} are both LoRA targets and (inside) modules_to_save")
         self.model = model
         self.active_adapter = adapter_name
+        self._first_adapter = adapter_name  # held in the layers' "default" slot
         self.peft_config = {adapter_name: config}  # keyed by adapter name, as peft's is
         self._removed_by: Optional[str] = None  # what removed the adapters, once they are gone
         self._undo = _Undo(model)
@@ -178,7 +200,7 @@ class LoraModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        """[the adapter's name] (peft's property; a LoraModel holds one adapter)."""
+        """[the active adapter's name] (peft's property)."""
         return [self.active_adapter]
 
     @property
@@ -191,22 +213,138 @@ class LoraModel(nn.Module):
         """The wrapped (adapted) model, as peft's `PeftModel.get_base_model()`."""
         return self.model
 
-    # ---------------------------------------------------------------- several adapters: not yet
+    # ---------------------------------------------------------------- several adapters
 
-    def set_adapter(self, adapter_name) -> None:
-        """Only the adapter this LoraModel holds can be active: setting it again does nothing."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if names != [self.active_adapter]:
-            raise _several_adapters(f"set_adapter({adapter_name!r})")
+    def _slot(self, adapter_name: str) -> str:
+        return _slot_of(adapter_name, self._first_adapter)
 
-    def add_adapter(self, adapter_name, peft_config=None, *args, **kwargs):
-        """Not supported yet (NotImplementedError): a LoraModel holds one adapter."""
-        raise _several_adapters(f"add_adapter({adapter_name!r})")
+    def _require_adapter(self, adapter_name, what: str) -> None:
+        if not isinstance(adapter_name, str) or adapter_name not in self.peft_config:
+            raise ValueError(f"{what}: no adapter named {adapter_name!r}; this model has "
+                             f"{', '.join(map(repr, self.peft_config))}")
 
-    def load_adapter(self, model_id, adapter_name=None, *args, **kwargs):
-        """Not supported yet (NotImplementedError): a LoraModel holds one adapter; load another one with
-        LoraModel.from_pretrained on a fresh base model."""
-        raise _several_adapters(f"load_adapter({model_id!r}, {adapter_name!r})")
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter (peft's PeftModel.set_adapter: one name; a one-name
+        list is accepted). It becomes trainable (unless `inference_mode` or its config's
+        inference_mode), the others are frozen. An unknown name raises ValueError, nothing changed."""
+        if isinstance(adapter_name, (list, tuple)):
+            if len(adapter_name) != 1:
+                raise ValueError(f"set_adapter: one active adapter at a time (peft's PeftModel), got {adapter_name!r}")
+            adapter_name = adapter_name[0]
+        self._require_adapter(adapter_name, "set_adapter")
+        self._require_layers("set_adapter")
+        frozen = inference_mode or self.peft_config[adapter_name].inference_mode
+        for _, layer in self.lora_layers():
+            layer.set_adapter(self._slot(adapter_name), inference_mode=frozen)
+        self.active_adapter = adapter_name
+
+    def _check_new_name(self, adapter_name, what: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"{what}: the adapter name must be a non-empty string, got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"{what}: an adapter named {adapter_name!r} already exists (delete_adapter it first)")
+        if adapter_name == DEFAULT_ADAPTER and self._first_adapter != DEFAULT_ADAPTER:
+            raise ValueError(f"{what}: {DEFAULT_ADAPTER!r} names the first adapter's slot, held by "
+                             f"{self._first_adapter!r} here; choose another name")
+
+    def _check_new_config(self, config: LoraConfig, what: str) -> None:
+        """An added adapter must target exactly the first adapter's modules and carry no modules_to_save
+        or trained biases (fused_lora's limits; peft allows other targets)."""
+        config.validate()
+        check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
+                           config.lora_alpha, config.use_rslora)
+        ours = sorted(n for n, _ in self.lora_layers())
+        if config.target_modules == "all-linear":
+            theirs = ours  # every adapted layer; other Linear layers are not checked
+        else:
+            spec, exclude = _as_set(config.target_modules), _as_set(config.exclude_modules)
+            theirs = sorted(n for n, _ in self.model.named_modules()
+                            if n and name_matches(n, spec) and not name_matches(n, exclude))
+        if theirs != ours:
+            raise ValueError(f"{what}: fused_lora adds adapters only on the modules the first adapter targets "
+                             f"({len(ours)} modules, e.g. {ours[:3]}); target_modules {config.target_modules!r} "
+                             f"names {len(theirs)} modules (e.g. {theirs[:3]})")
+        if config.modules_to_save:
+            raise ValueError(f"{what}: modules_to_save belong to the first adapter only in fused_lora; "
+                             f"got {config.modules_to_save!r}")
+        if config.bias != "none":
+            raise ValueError(f"{what}: bias={config.bias!r}: trained biases belong to the first adapter only "
+                             "in fused_lora; use bias='none'")
+
+    def _require_layers(self, what: str) -> None:
+        if self._removed_by is not None:
+            raise RuntimeError(f"{what}: this LoraModel has no LoRA layers any more ({self._removed_by})")
+
+    def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new (untrained) adapter `adapter_name` built as `peft_config` says (peft's meaning): it
+        is not made active and is frozen until `set_adapter` chooses it (or `set_requires_grad`).
+
+        `peft_config` is a fused_lora or peft LoraConfig; it must target the same modules as the first
+        adapter. Any error (ValueError) leaves the model unchanged."""
+        what = f"add_adapter({adapter_name!r})"
+        self._require_layers(what)
+        self._check_new_name(adapter_name, what)
+        config = _as_lora_config(peft_config, what)
+        self._check_new_config(config, what)
+        layers = [layer for _, layer in self.lora_layers()]
+        for layer in layers:  # every check first: nothing is half-applied
+            layer._check_new_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout,
+                                     config.use_rslora, config.init_lora_weights)
+        try:
+            for layer in layers:
+                layer.add_adapter(adapter_name, r=config.r, lora_alpha=config.lora_alpha,
+                                  lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                                  init_lora_weights=config.init_lora_weights)
+        except BaseException:
+            for layer in layers:
+                if adapter_name in layer.available_adapters:
+                    layer.delete_adapter(adapter_name)
+            raise
+        config.fan_in_fan_out = self.active_peft_config.fan_in_fan_out  # the layers' kinds decide
+        self.peft_config[adapter_name] = config
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """Enable (or disable) gradients of the named adapters' weights (peft's PeftModel method)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._require_adapter(name, "set_requires_grad")
+        for _, layer in self.lora_layers():
+            layer.set_requires_grad([self._slot(n) for n in names], requires_grad)
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, torch_device=None,
+                     autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, **kwargs) -> None:
+        """Load the adapter saved in directory `model_id` (by fused_lora or peft) as `adapter_name`
+        (peft's PeftModel.load_adapter): not made active; trainable only with `is_trainable`. It must
+        target this model's adapted modules; every key and shape is checked first (AdapterError) and
+        on any error the model is unchanged."""
+        from .adapters import load_extra_adapter
+        if kwargs:
+            raise TypeError(f"load_adapter: unsupported arguments {sorted(kwargs)}")
+        what = f"load_adapter({str(model_id)!r}, {adapter_name!r})"
+        self._require_layers(what)
+        self._check_new_name(adapter_name, what)
+        load_extra_adapter(self, model_id, adapter_name, is_trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter `adapter_name` from every layer and from peft_config. The active adapter
+        and the first adapter (whose slot holds modules_to_save and the saved top-level weights)
+        cannot be deleted: ValueError, nothing changed; `set_adapter` another first."""
+        self._require_adapter(adapter_name, "delete_adapter")
+        self._require_layers("delete_adapter")
+        if adapter_name == self.active_adapter:
+            raise ValueError(f"delete_adapter: {adapter_name!r} is the active adapter; set_adapter(...) another "
+                             "one first")
+        if adapter_name == self._first_adapter:
+            raise ValueError(f"delete_adapter: {adapter_name!r} is the model's first adapter (it holds the "
+                             "modules_to_save and the top-level weights); fused_lora cannot delete it")
+        layers = [layer for _, layer in self.lora_layers()]
+        merged = [layer for layer in layers if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"delete_adapter: {adapter_name!r} is merged into the weights; unmerge first")
+        for layer in layers:
+            layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
 
     # transformers' own adapter methods (PeftAdapterMixin) would answer "The version of PEFT you are
     # using is not compatible": say what to use instead.
@@ -225,10 +363,6 @@ class LoraModel(nn.Module):
         raise NotImplementedError("get_adapter_state_dict(): transformers' adapter API does not apply to a "
                                   "LoraModel; save_pretrained(directory) writes the adapter's tensors")
 
-    def delete_adapter(self, adapter_name, *args, **kwargs):
-        """Not supported yet (NotImplementedError): a LoraModel holds one adapter; `unload()` removes it."""
-        raise _several_adapters(f"delete_adapter({adapter_name!r})")
-
     def restore_base(self) -> None:
         """Put the model back exactly as it was before adaptation (modules, requires_grad, train mode);
         used when loading fails after injection."""
@@ -242,12 +376,63 @@ class LoraModel(nn.Module):
             return getattr(super().__getattr__("model"), name)
 
     def forward(self, *args, **kwargs):
-        """The wrapped model's forward (each instance carries that model's signature)."""
-        if kwargs.get("adapter_names") is not None:
-            raise NotImplementedError("forward(adapter_names=...): mixed-adapter batches are not supported yet by "
-                                      "fused_lora (a LoraModel holds one adapter)")
-        kwargs.pop("adapter_names", None)
-        return self.model(*args, **kwargs)
+        """The wrapped model's forward (each instance carries that model's signature).
+
+        `adapter_names` (peft's argument): one adapter name per sample ("__base__" for none); each
+        sample then runs with its own adapter, in eval and in training mode."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._adapter_names_hooks(adapter_names, args, kwargs):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """The wrapped model's generate; `adapter_names` (one per sample) as in forward (peft's meaning)."""
+        generate = getattr(self.model, "generate", None)
+        if generate is None:
+            raise AttributeError(f"{type(self.model).__name__} has no generate()")
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        with self._adapter_names_hooks(adapter_names, args, kwargs):
+            return generate(*args, **kwargs)
+
+    @staticmethod
+    def _batch_size(args, kwargs) -> Optional[int]:
+        """The batch size of the call: the first dimension of its first tensor argument."""
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                return v.shape[0]
+        return None
+
+    @contextlib.contextmanager
+    def _adapter_names_hooks(self, adapter_names, args, kwargs):
+        """Within the block every LoRA layer receives `adapter_names` (mapped to its slots), through
+        forward pre-hooks as peft does. Names and length are checked here, before anything runs."""
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
+                or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("adapter_names must be a list of adapter names (str), one per sample")
+        self._require_layers("forward(adapter_names=...)")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER})
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapter name(s) {', '.join(map(repr, unknown))}; this model "
+                             f"has {', '.join(map(repr, self.peft_config))} (and {BASE_ADAPTER!r} for none)")
+        batch = self._batch_size(args, kwargs)
+        if batch is not None and len(adapter_names) != batch:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {batch} samples: "
+                             "expected one per sample")
+        slots = [n if n == BASE_ADAPTER else self._slot(n) for n in adapter_names]
+
+        def hook(module, hook_args, hook_kwargs):
+            hook_kwargs["adapter_names"] = slots
+            return hook_args, hook_kwargs
+
+        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in self.lora_layers()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     # ---------------------------------------------------------------- inspection
 
@@ -287,10 +472,10 @@ class LoraModel(nn.Module):
                 for _, m in saved:
                     m.use_original = False
 
-    def _replace_all(self, merge: bool, safe_merge: bool = False) -> nn.Module:
+    def _replace_all(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         layers = list(self.lora_layers())
         if merge:
-            self._merge_all(layers, safe_merge)
+            self._merge_all(layers, safe_merge, adapter_names)
         for name, layer in layers:
             if not merge and layer.merged:
                 layer.unmerge()
@@ -303,14 +488,14 @@ class LoraModel(nn.Module):
         return self.model
 
     @staticmethod
-    def _merge_all(layers, safe_merge: bool) -> None:
+    def _merge_all(layers, safe_merge: bool, adapter_names=None) -> None:
         """Merge every layer in place; if one refuses (safe_merge), unmerge those merged here and
         re-raise, so no layer is left half-way (float16/bfloat16 weights may keep a few ulps)."""
         done = []
         try:
             for _, layer in layers:
                 if not layer.merged:
-                    layer.merge(safe_merge=safe_merge)
+                    layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                     done.append(layer)
         except BaseException:
             for layer in reversed(done):
@@ -323,11 +508,17 @@ class LoraModel(nn.Module):
 
         peft's signature. Each layer is merged in place (`FusedLoRALinear.merge(safe_merge)`): with
         safe_merge a non-finite merged weight raises ValueError and no layer is replaced.
-        `progressbar` is accepted and unused; a LoraModel holds one adapter (`active_adapter`).
+        `progressbar` is accepted and unused. `adapter_names` (peft's meaning): the adapters merged,
+        their deltas summed; default the active adapter. An unknown name: ValueError, nothing changed.
         """
-        if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
-            raise _several_adapters(f"merge_and_unload(adapter_names={adapter_names!r})")
-        return self._replace_all(merge=True, safe_merge=safe_merge)
+        slots = None
+        if adapter_names is not None:
+            if isinstance(adapter_names, str):
+                raise TypeError("merge_and_unload: adapter_names is a list of adapter names")
+            for name in adapter_names:
+                self._require_adapter(name, "merge_and_unload")
+            slots = [self._slot(n) for n in adapter_names]
+        return self._replace_all(merge=True, safe_merge=safe_merge, adapter_names=slots)
 
     def unload(self) -> nn.Module:
         """The model with its original nn.Linear layers back, adapters dropped, nothing merged."""
@@ -341,11 +532,14 @@ class LoraModel(nn.Module):
                         state_dict: Optional[dict] = None) -> None:
         """Write adapter_model.safetensors and adapter_config.json in peft's format (peft's signature).
 
+        Several adapters in peft's layout: the adapter named "default" in `save_directory`, every other
+        in `save_directory/<name>`; `selected_adapters` (default all) says which.
+
         The pair is replaced as a whole: a crash at any moment leaves the old adapter or the new one
         (see fused_lora/adapters.py). `base_model_name_or_path` is taken from the model's config when
         the LoraConfig has none, so peft's AutoPeftModel finds the base. With is_main_process=False
         nothing is written (as in peft). Refused: safe_serialization=False (only safetensors are
-        written), another adapter in selected_adapters, save_embedding_layers=True,
+        written), an unknown adapter in selected_adapters, save_embedding_layers=True,
         path_initial_model_for_weight_conversion (PiSSA/OLoRA conversion), a state_dict. After
         merge_and_unload() or unload() there is no adapter to save: RuntimeError.
         """
@@ -353,8 +547,9 @@ class LoraModel(nn.Module):
         if safe_serialization is not True:
             raise ValueError("save_pretrained(safe_serialization=False): fused_lora writes safetensors only "
                              "(a pickled adapter_model.bin is not written, nor read)")
-        if selected_adapters is not None and list(selected_adapters) != [self.active_adapter]:
-            raise _several_adapters(f"save_pretrained(selected_adapters={selected_adapters!r})")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._require_adapter(name, "save_pretrained(selected_adapters=...)")
         if save_embedding_layers not in ("auto", False):
             raise NotImplementedError("save_pretrained(save_embedding_layers=True): fused_lora adapts no embedding "
                                       "layers and does not save them; put them in modules_to_save")
@@ -369,7 +564,9 @@ class LoraModel(nn.Module):
                                "save the adapter before merging or unloading")
         if not is_main_process:
             return
-        save_adapter(self, save_directory)
+        for name in names:  # peft's layout: "default" at the top, any other in a sub-directory named after it
+            save_adapter(self, save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name),
+                         adapter_name=name)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, adapter_name: str = "default",

@@ -1,0 +1,218 @@
+"""Several adapters on one LoraModel (peft's API), against real peft: files in peft's multi-adapter
+layout both ways, set_adapter, mixed batches (eval against peft, training against each adapter alone),
+generate, merge_and_unload(adapter_names=...), parameter counts, and bad input that changes nothing."""
+import copy
+
+import peft
+import pytest
+import torch
+
+from fused_lora import AdapterError, LoraConfig, LoraModel, get_lora_model
+from fused_lora.finetune import build_llama
+
+TOKENS = torch.arange(30).reshape(3, 10) * 7 % 128
+TARGETS = ["q_proj", "v_proj"]
+
+
+def peft_two_adapters(tmp_path):
+    """A peft model with adapters "default" (r=4) and "other" (r=8, rsLoRA), random B, saved by peft
+    in its multi-adapter layout (default at the top, other in other/)."""
+    ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                   init_lora_weights=False))
+    ref.add_adapter("other", peft.LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=TARGETS,
+                                             init_lora_weights=False))
+    ref.save_pretrained(tmp_path / "peft")
+    ref.eval()
+    return ref
+
+
+def load_ours(directory):
+    lm = LoraModel.from_pretrained(build_llama("tiny"), directory)
+    lm.load_adapter(directory / "other", adapter_name="other")
+    return lm
+
+
+def logits(model, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=TOKENS, **kwargs).logits
+
+
+def test_peft_multi_adapter_directory_loads_and_switches_as_in_peft(tmp_path):
+    ref = peft_two_adapters(tmp_path)
+    assert (tmp_path / "peft" / "other" / "adapter_model.safetensors").exists()
+    lm = load_ours(tmp_path / "peft")
+    assert list(lm.peft_config) == ["default", "other"] and lm.peft_config["other"].r == 8
+    assert lm.active_adapter == "default" and lm.active_adapters == ["default"]
+    torch.testing.assert_close(logits(lm), logits(ref))
+    first = logits(lm)
+    ref.set_adapter("other")
+    lm.set_adapter("other")
+    assert not torch.allclose(logits(lm), first)  # the adapters differ: the comparisons can fail
+    assert lm.active_adapters == ["other"]
+    torch.testing.assert_close(logits(lm), logits(ref))
+    with lm.disable_adapter(), ref.disable_adapter():
+        torch.testing.assert_close(logits(lm), logits(ref))
+
+
+def test_mixed_batch_inference_equals_peft(tmp_path):
+    ref = peft_two_adapters(tmp_path)
+    lm = load_ours(tmp_path / "peft")
+    names = ["other", "__base__", "default"]
+    want = logits(ref, adapter_names=names)
+    torch.testing.assert_close(logits(lm, adapter_names=names), want)
+    # and each row is that adapter alone
+    lm.set_adapter("other")
+    torch.testing.assert_close(logits(lm)[0], want[0])
+
+
+def test_our_multi_adapter_directory_loads_in_peft_and_back(tmp_path):
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    lm.add_adapter("other", LoraConfig(r=6, lora_alpha=3, target_modules=TARGETS, init_lora_weights=False))
+    lm.add_adapter("third", peft.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    lm.save_pretrained(tmp_path / "ours")
+    for sub in ("other", "third"):
+        assert (tmp_path / "ours" / sub / "adapter_config.json").exists()
+    ref = peft.PeftModel.from_pretrained(build_llama("tiny"), tmp_path / "ours")
+    ref.load_adapter(tmp_path / "ours" / "other", adapter_name="other")
+    ref.load_adapter(tmp_path / "ours" / "third", adapter_name="third")
+    ref.eval()
+    names = ["third", "default", "other"]
+    torch.testing.assert_close(logits(ref, adapter_names=names), logits(lm, adapter_names=names))
+    for name in ("default", "other", "third"):
+        ref.set_adapter(name)
+        lm.set_adapter(name)
+        torch.testing.assert_close(logits(ref), logits(lm))
+    # peft's save of what it loaded comes back here equal
+    ref.save_pretrained(tmp_path / "again")
+    back = load_ours(tmp_path / "again")
+    back.load_adapter(tmp_path / "again" / "third", adapter_name="third")
+    torch.testing.assert_close(logits(back, adapter_names=names), logits(lm, adapter_names=names))
+    # selected_adapters writes only those
+    lm.save_pretrained(tmp_path / "sel", selected_adapters=["other"])
+    assert (tmp_path / "sel" / "other" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "sel" / "adapter_model.safetensors").exists()
+
+
+def test_counts_and_trainability_follow_peft():
+    def build_peft():
+        ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, target_modules=TARGETS))
+        ref.add_adapter("other", peft.LoraConfig(r=8, target_modules=TARGETS))
+        return ref
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(r=4, target_modules=TARGETS))
+    lm.add_adapter("other", LoraConfig(r=8, target_modules=TARGETS))
+    ref = build_peft()
+    assert lm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    ref.set_adapter("other")
+    lm.set_adapter("other")
+    assert lm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+
+
+def test_load_adapter_is_trainable_as_peft(tmp_path):
+    peft_two_adapters(tmp_path)
+    lm = LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "peft", is_trainable=True)
+    lm.load_adapter(tmp_path / "peft" / "other", "other", is_trainable=True)
+    ref = peft.PeftModel.from_pretrained(build_llama("tiny"), tmp_path / "peft", is_trainable=True)
+    ref.load_adapter(tmp_path / "peft" / "other", "other", is_trainable=True)
+    assert lm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    assert lm.peft_config["other"].inference_mode is False
+
+
+def test_mixed_batch_training_gives_each_adapter_its_own_gradients():
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    lm.add_adapter("other", LoraConfig(r=6, lora_alpha=12, target_modules=TARGETS, init_lora_weights=False))
+    lm.set_requires_grad(["default", "other"])
+    lm.train()
+    names = ["other", "default", "other"]
+    lm(input_ids=TOKENS, adapter_names=names).logits.sum().backward()
+    layer = lm.model.model.layers[0].self_attn.q_proj
+    got = {n: [t.grad.clone() for t in layer.adapter_weights("default" if n == "default" else n)]
+           for n in ("default", "other")}
+    for name in ("default", "other"):
+        alone = copy.deepcopy(lm)
+        alone.zero_grad(set_to_none=True)
+        alone.set_adapter(name)
+        rows = [i for i, n in enumerate(names) if n == name]
+        alone(input_ids=TOKENS[rows]).logits.sum().backward()
+        want = alone.model.model.layers[0].self_attn.q_proj.adapter_weights(name)
+        for g, w in zip(got[name], want):
+            torch.testing.assert_close(g, w.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_with_adapter_names_equals_peft(tmp_path):
+    ref = peft_two_adapters(tmp_path)
+    lm = load_ours(tmp_path / "peft")
+    lm.eval()
+    names = ["other", "default", "__base__"]
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    want = ref.generate(input_ids=TOKENS, adapter_names=names, **kw)
+    torch.testing.assert_close(lm.generate(input_ids=TOKENS, adapter_names=names, **kw), want)
+
+
+def test_merge_and_unload_of_several_adapters_equals_peft(tmp_path):
+    ref = peft_two_adapters(tmp_path)
+    lm = load_ours(tmp_path / "peft")
+    want = ref.merge_and_unload(adapter_names=["default", "other"])
+    got = lm.merge_and_unload(adapter_names=["default", "other"])
+    torch.testing.assert_close(logits(got), logits(want))
+
+
+def test_delete_adapter(tmp_path):
+    peft_two_adapters(tmp_path)
+    lm = load_ours(tmp_path / "peft")
+    lm.delete_adapter("other")
+    assert list(lm.peft_config) == ["default"]
+    assert not any("lora_adapters" in k for k in lm.state_dict())
+    lm.load_adapter(tmp_path / "peft" / "other", adapter_name="other")  # the name is free again
+    assert list(lm.peft_config) == ["default", "other"]
+
+
+def snapshot(lm):
+    return (list(lm.peft_config), lm.active_adapter, {k: v.clone() for k, v in lm.state_dict().items()},
+            [p.requires_grad for p in lm.parameters()])
+
+
+def assert_unchanged(lm, before):
+    names, active, state, flags = before
+    assert list(lm.peft_config) == names and lm.active_adapter == active
+    assert lm.state_dict().keys() == state.keys()
+    for k, v in lm.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    assert [p.requires_grad for p in lm.parameters()] == flags
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda lm, d: lm.set_adapter("nope"), ValueError, "no adapter named 'nope'"),
+    (lambda lm, d: lm(input_ids=TOKENS, adapter_names=["default", "other"]), ValueError, "2 names for a batch of 3"),
+    (lambda lm, d: lm(input_ids=TOKENS, adapter_names=["default", "nope", "other"]), ValueError, "unknown adapter"),
+    (lambda lm, d: lm(input_ids=TOKENS, adapter_names="default"), TypeError, "list of adapter names"),
+    (lambda lm, d: lm.delete_adapter("default"), ValueError, "active adapter"),
+    (lambda lm, d: lm.delete_adapter("nope"), ValueError, "no adapter named"),
+    (lambda lm, d: lm.add_adapter("other", LoraConfig(target_modules=TARGETS)), ValueError, "already exists"),
+    (lambda lm, d: lm.load_adapter(d / "other", "other"), ValueError, "already exists"),
+    (lambda lm, d: lm.add_adapter("x", LoraConfig(target_modules=["q_proj"])), ValueError, "same|modules"),
+    (lambda lm, d: lm.add_adapter("x", LoraConfig(target_modules=TARGETS, modules_to_save=["lm_head"])),
+     ValueError, "modules_to_save"),
+    (lambda lm, d: lm.add_adapter("x", LoraConfig(target_modules=TARGETS, lora_dropout=2.0)), ValueError,
+     "dropout"),
+    (lambda lm, d: lm.merge_and_unload(adapter_names=["default", "nope"]), ValueError, "no adapter named"),
+    (lambda lm, d: lm.save_pretrained(d / "s", selected_adapters=["nope"]), ValueError, "no adapter named"),
+])
+def test_bad_input_is_refused_and_changes_nothing(tmp_path, call, error, match):
+    peft_two_adapters(tmp_path)
+    lm = load_ours(tmp_path / "peft")
+    before = snapshot(lm)
+    with pytest.raises(error, match=match):
+        call(lm, tmp_path / "peft")
+    assert_unchanged(lm, before)
+    assert not (tmp_path / "peft" / "s").exists()
+
+
+def test_load_adapter_of_other_targets_is_refused_and_changes_nothing(tmp_path):
+    peft_two_adapters(tmp_path)
+    peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "q_only")
+    lm = load_ours(tmp_path / "peft")
+    before = snapshot(lm)
+    with pytest.raises(AdapterError, match="modules the first adapter targets"):
+        lm.load_adapter(tmp_path / "q_only", "q")
+    assert_unchanged(lm, before)
