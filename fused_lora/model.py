@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
+import math
 import os
 import types
 import warnings
@@ -303,6 +305,69 @@ class LoraModel(nn.Module):
             raise
         config.fan_in_fan_out = self.active_peft_config.fan_in_fan_out  # the layers' kinds decide
         self.peft_config[adapter_name] = config
+
+    @torch.no_grad()
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add `adapter_name`, a weighted combination of `adapters` (peft's method and math, see
+        fused_lora/weighted.py): combination_type "linear" (equal ranks; sqrt of |weight * scale| on
+        each factor), "cat" (rank = the sum of ranks, exact) or "svd" (rank `svd_rank`, default the
+        largest rank; `svd_clamp` a quantile). With one adapter, "linear" is used (peft's rule). The new
+        adapter has its first source's config with r = lora_alpha = the new rank, and is frozen and
+        not active, as in peft.
+
+        Differences from peft: an existing `adapter_name` raises ValueError (peft returns silently);
+        the TIES / DARE / magnitude-prune types raise NotImplementedError; modules_to_save are not
+        copied to the new adapter. Errors leave the model unchanged."""
+        from . import weighted
+        what = f"add_weighted_adapter({adapter_name!r})"
+        self._require_layers(what)
+        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+            raise TypeError(f"{what}: adapters must be a non-empty list of adapter names")
+        for name in adapters:
+            self._require_adapter(name, what)
+        if isinstance(weights, (str, bytes)) or len(weights) != len(adapters):
+            raise ValueError(f"{what}: {len(adapters)} adapters need {len(adapters)} weights, got {weights!r}")
+        weights = [float(w) for w in weights]
+        if not all(map(math.isfinite, weights)):
+            raise ValueError(f"{what}: weights must be finite, got {weights}")
+        self._check_new_name(adapter_name, what)
+        if combination_type not in weighted.COMBINATION_TYPES:
+            raise NotImplementedError(f"{what}: combination_type={combination_type!r} is not supported by fused_lora "
+                                      f"(one of {', '.join(weighted.COMBINATION_TYPES)}); use peft for the others")
+        if len(adapters) == 1:
+            combination_type = "linear"
+        ranks = [self.peft_config[n].r for n in adapters]
+        rank = weighted.new_rank(combination_type, ranks, svd_rank)
+        if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+            raise ValueError(f"{what}: svd_rank must be a positive int, got {svd_rank!r}")
+        layers = list(self.lora_layers())
+        if combination_type == "svd":
+            small = [n for n, layer in layers if rank > min(layer.in_features, layer.out_features)]
+            if small:
+                raise ValueError(f"{what}: rank {rank} exceeds min(in_features, out_features) of {small[0]!r}")
+        if svd_clamp is not None and not 0.0 <= float(svd_clamp) <= 1.0:
+            raise ValueError(f"{what}: svd_clamp is a quantile in [0, 1], got {svd_clamp!r}")
+        source = self.peft_config[adapters[0]]
+        config = dataclasses.replace(source, r=rank, lora_alpha=rank, modules_to_save=None, bias="none",
+                                     inference_mode=False)
+        # every layer's result first (an SVD can fail): nothing is added unless all succeed
+        slots = [self._slot(n) for n in adapters]
+        results = []
+        for _, layer in layers:
+            loras = [(*layer.adapter_weights(s), layer.adapter_settings(s).scaling) for s in slots]
+            results.append(weighted.combine(combination_type, loras, weights, rank, svd_clamp, svd_full_matrices,
+                                            svd_driver))
+        self.add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True))
+        self.peft_config[adapter_name].init_lora_weights = source.init_lora_weights
+        slot = self._slot(adapter_name)
+        for (_, layer), (A, B) in zip(layers, results):
+            lora_A, lora_B = layer.adapter_weights(slot)
+            lora_A.copy_(A.to(lora_A.dtype))
+            lora_B.copy_(B.to(lora_B.dtype))
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         """Enable (or disable) gradients of the named adapters' weights (peft's PeftModel method)."""

@@ -216,3 +216,75 @@ def test_load_adapter_of_other_targets_is_refused_and_changes_nothing(tmp_path):
     with pytest.raises(AdapterError, match="modules the first adapter targets"):
         lm.load_adapter(tmp_path / "q_only", "q")
     assert_unchanged(lm, before)
+
+
+def peft_pair(tmp_path, r_other, use_rslora=False):
+    ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                   init_lora_weights=False))
+    ref.add_adapter("other", peft.LoraConfig(r=r_other, lora_alpha=3, target_modules=TARGETS,
+                                             use_rslora=use_rslora, init_lora_weights=False))
+    ref.save_pretrained(tmp_path / "pair")
+    return ref.eval(), load_ours(tmp_path / "pair").eval()
+
+
+@pytest.mark.parametrize("combination_type, r_other, kwargs", [
+    ("linear", 4, {}),
+    ("cat", 8, {}),
+    ("svd", 8, {}),
+    ("svd", 8, {"svd_rank": 3}),
+    ("svd", 4, {"svd_rank": 5, "svd_clamp": 0.9}),
+])
+def test_add_weighted_adapter_equals_peft(tmp_path, combination_type, r_other, kwargs):
+    ref, lm = peft_pair(tmp_path, r_other, use_rslora=combination_type == "cat")
+    weights = [0.7, -1.3]
+    counts = []
+    for m in (ref, lm):
+        before = m.get_nb_trainable_parameters()
+        m.add_weighted_adapter(["default", "other"], weights, "mix", combination_type=combination_type, **kwargs)
+        after = m.get_nb_trainable_parameters()
+        counts.append((after[0] - before[0], after[1] - before[1]))
+    assert counts[0] == counts[1] and counts[0][0] == 0  # the same new parameters, frozen, as in peft
+    assert lm.peft_config["mix"].r == ref.peft_config["mix"].r
+    assert lm.peft_config["mix"].lora_alpha == ref.peft_config["mix"].lora_alpha
+    theirs = ref.base_model.model.model.layers[0].self_attn.v_proj
+    ours = lm.model.model.layers[0].self_attn.v_proj
+    torch.testing.assert_close(ours.delta_weight("mix"), theirs.get_delta_weight("mix"), rtol=1e-4, atol=1e-6)
+    if combination_type != "svd":  # an SVD's factors are unique only up to signs: compared through the delta
+        torch.testing.assert_close(ours.adapter_weights("mix")[0], theirs.lora_A["mix"].weight)
+        torch.testing.assert_close(ours.adapter_weights("mix")[1], theirs.lora_B["mix"].weight)
+    ref.set_adapter("mix")
+    lm.set_adapter("mix")
+    torch.testing.assert_close(logits(lm), logits(ref), rtol=1e-4, atol=1e-5)
+    # the combination differs from its sources: the comparison can fail
+    lm.set_adapter("default")
+    assert not torch.allclose(logits(lm), logits(ref))
+
+
+def test_cat_of_two_adapters_is_their_weighted_sum(tmp_path):
+    # independent truth: cat is exact, the delta is sum_i w_i s_i B_i A_i (float64)
+    _, lm = peft_pair(tmp_path, 8)
+    lm.add_weighted_adapter(["default", "other"], [2.0, 0.5], "mix", combination_type="cat")
+    layer = lm.model.model.layers[1].self_attn.q_proj
+    want = sum(w * layer.adapter_settings(n).scaling * (layer.adapter_weights(n)[1].double()
+                                                          @ layer.adapter_weights(n)[0].double())
+               for n, w in (("default", 2.0), ("other", 0.5)))
+    torch.testing.assert_close(layer.delta_weight("mix").double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda lm: lm.add_weighted_adapter(["default", "nope"], [1, 1], "mix"), ValueError, "no adapter named"),
+    (lambda lm: lm.add_weighted_adapter(["default", "other"], [1], "mix"), ValueError, "2 weights"),
+    (lambda lm: lm.add_weighted_adapter(["default", "other"], [1, 1], "other"), ValueError, "already exists"),
+    (lambda lm: lm.add_weighted_adapter(["default", "other"], [1, 1], "mix", combination_type="linear"),
+     ValueError, "one rank"),
+    (lambda lm: lm.add_weighted_adapter(["default", "other"], [1, 1], "mix", combination_type="ties"),
+     NotImplementedError, "ties"),
+    (lambda lm: lm.add_weighted_adapter(["default", "other"], [1, 1], "mix", svd_rank=10 ** 6), ValueError,
+     "exceeds"),
+])
+def test_add_weighted_adapter_bad_input_changes_nothing(tmp_path, call, error, match):
+    _, lm = peft_pair(tmp_path, 8)
+    before = snapshot(lm)
+    with pytest.raises(error, match=match):
+        call(lm)
+    assert_unchanged(lm, before)
