@@ -227,17 +227,16 @@ class LoraModel(nn.Module):
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         """Make `adapter_name` the active adapter (peft's PeftModel.set_adapter: one name; a one-name
-        list is accepted). It becomes trainable (unless `inference_mode` or its config's
-        inference_mode), the others are frozen. An unknown name raises ValueError, nothing changed."""
+        list is accepted). It becomes trainable unless `inference_mode` (as in peft, also when it was
+        loaded frozen), the others are frozen. An unknown name raises ValueError, nothing changed."""
         if isinstance(adapter_name, (list, tuple)):
             if len(adapter_name) != 1:
                 raise ValueError(f"set_adapter: one active adapter at a time (peft's PeftModel), got {adapter_name!r}")
             adapter_name = adapter_name[0]
         self._require_adapter(adapter_name, "set_adapter")
         self._require_layers("set_adapter")
-        frozen = inference_mode or self.peft_config[adapter_name].inference_mode
         for _, layer in self.lora_layers():
-            layer.set_adapter(self._slot(adapter_name), inference_mode=frozen)
+            layer.set_adapter(self._slot(adapter_name), inference_mode=inference_mode)
         self.active_adapter = adapter_name
 
     def _check_new_name(self, adapter_name, what: str) -> None:

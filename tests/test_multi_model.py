@@ -107,14 +107,21 @@ def test_counts_and_trainability_follow_peft():
     assert lm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
 
 
-def test_load_adapter_is_trainable_as_peft(tmp_path):
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_load_adapter_and_set_adapter_trainability_as_peft(tmp_path, is_trainable):
     peft_two_adapters(tmp_path)
-    lm = LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "peft", is_trainable=True)
-    lm.load_adapter(tmp_path / "peft" / "other", "other", is_trainable=True)
-    ref = peft.PeftModel.from_pretrained(build_llama("tiny"), tmp_path / "peft", is_trainable=True)
-    ref.load_adapter(tmp_path / "peft" / "other", "other", is_trainable=True)
+    lm = LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "peft", is_trainable=is_trainable)
+    lm.load_adapter(tmp_path / "peft" / "other", "other", is_trainable=is_trainable)
+    ref = peft.PeftModel.from_pretrained(build_llama("tiny"), tmp_path / "peft", is_trainable=is_trainable)
+    ref.load_adapter(tmp_path / "peft" / "other", "other", is_trainable=is_trainable)
     assert lm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
-    assert lm.peft_config["other"].inference_mode is False
+    assert lm.peft_config["other"].inference_mode is (not is_trainable)
+    lm.set_adapter("other")
+    ref.set_adapter("other")  # peft: the active adapter becomes trainable, however it was loaded
+    assert lm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+    lm.set_adapter("default", inference_mode=True)
+    ref.set_adapter("default", inference_mode=True)
+    assert lm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
 
 
 def test_mixed_batch_training_gives_each_adapter_its_own_gradients():
