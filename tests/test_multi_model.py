@@ -295,3 +295,53 @@ def test_add_weighted_adapter_bad_input_changes_nothing(tmp_path, call, error, m
     with pytest.raises(error, match=match):
         call(lm)
     assert_unchanged(lm, before)
+
+
+def test_weighted_adapter_saved_here_loads_in_peft(tmp_path):
+    ref, lm = peft_pair(tmp_path, 8)
+    for m in (ref, lm):
+        m.add_weighted_adapter(["default", "other"], [0.5, 1.5], "mix", combination_type="cat")
+    lm.save_pretrained(tmp_path / "ours", selected_adapters=["mix"])
+    back = peft.PeftModel.from_pretrained(build_llama("tiny"), tmp_path / "ours" / "mix", adapter_name="mix").eval()
+    ref.set_adapter("mix")
+    torch.testing.assert_close(logits(back), logits(ref), rtol=1e-4, atol=1e-5)
+
+
+def gpt2(seed=0):
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_gpt2_conv1d_mixed_batch_and_svd_equal_peft(tmp_path):
+    # Conv1D bases (weight stored in x out, fan_in_fan_out): the per-sample path and the SVD's layout
+    ref = peft.get_peft_model(gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"],
+                                                      init_lora_weights=False, fan_in_fan_out=True))
+    ref.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=5, target_modules=["c_attn", "c_proj"],
+                                             init_lora_weights=False, fan_in_fan_out=True))
+    ref.save_pretrained(tmp_path / "g")
+    ref.eval()
+    lm = LoraModel.from_pretrained(gpt2(), tmp_path / "g")
+    lm.load_adapter(tmp_path / "g" / "other", "other")
+    names = ["other", "default", "__base__"]
+    torch.testing.assert_close(logits(lm, adapter_names=names), logits(ref, adapter_names=names))
+    for m in (ref, lm):
+        m.add_weighted_adapter(["default", "other"], [1.0, -0.5], "mix", combination_type="svd", svd_rank=3)
+        m.set_adapter("mix")
+    torch.testing.assert_close(logits(lm), logits(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_names_for_a_first_adapter_not_named_default(tmp_path):
+    peft_two_adapters(tmp_path)
+    lm = LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "peft", adapter_name="first")
+    with pytest.raises(ValueError, match="'default' names the first adapter's slot"):
+        lm.load_adapter(tmp_path / "peft" / "other", "default")
+    assert list(lm.peft_config) == ["first"]
+    lm.load_adapter(tmp_path / "peft" / "other", "second")
+    ref = load_ours(tmp_path / "peft")
+    torch.testing.assert_close(logits(lm, adapter_names=["second", "first", "__base__"]),
+                               logits(ref, adapter_names=["other", "default", "__base__"]))
+    lm.save_pretrained(tmp_path / "named")  # peft's layout: neither is "default", both in sub-directories
+    assert sorted(p.name for p in (tmp_path / "named").iterdir()) == ["first", "second"]
