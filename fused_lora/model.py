@@ -36,9 +36,20 @@ class ModulesToSave(nn.Module):
         self.original.requires_grad_(False)
         self.trainable.requires_grad_(True)
         self.use_original = False
+        self.sample_uses_trainable: Optional[list[bool]] = None  # per sample, during adapter_names calls
 
     def forward(self, *args, **kwargs):
-        return (self.original if self.use_original else self.trainable)(*args, **kwargs)
+        mask = self.sample_uses_trainable
+        if self.use_original or mask is None or all(mask):
+            return (self.original if self.use_original or (mask is not None and not any(mask)) else
+                    self.trainable)(*args, **kwargs)
+        # A mixed batch (peft's rule): samples of the adapter owning this copy use it, others the original.
+        new, old = self.trainable(*args, **kwargs), self.original(*args, **kwargs)
+        if not isinstance(new, torch.Tensor) or new.dim() == 0 or new.shape[0] != len(mask):
+            raise ValueError(f"adapter_names: {type(self.original).__name__} in modules_to_save does not return a "
+                             f"tensor with one row per sample ({len(mask)}), so it cannot serve a mixed batch")
+        keep = torch.tensor(mask, device=new.device).view(-1, *([1] * (new.dim() - 1)))
+        return torch.where(keep, new, old)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -485,6 +496,13 @@ class LoraModel(nn.Module):
         if batch is not None and len(adapter_names) != batch:
             raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {batch} samples: "
                              "expected one per sample")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+                raise NotImplementedError("generate(adapter_names=..., num_beams > 1) on an encoder-decoder model "
+                                          "is not supported by fused_lora")
+            # peft's rule: beam search repeats each input num_beams times
+            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
         slots = [n if n == BASE_ADAPTER else self._slot(n) for n in adapter_names]
 
         def hook(module, hook_args, hook_kwargs):
@@ -492,11 +510,16 @@ class LoraModel(nn.Module):
             return hook_args, hook_kwargs
 
         handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in self.lora_layers()]
+        saved = [m for _, m in self.saved_modules()]
+        for m in saved:  # modules_to_save belong to the first adapter
+            m.sample_uses_trainable = [n == self._first_adapter for n in adapter_names]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+            for m in saved:
+                m.sample_uses_trainable = None
 
     # ---------------------------------------------------------------- inspection
 
