@@ -320,6 +320,12 @@ def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
                                "saves a model it does not know), not an adapter; train a LoraModel with "
                                "fused_lora.LoraTrainer to get peft-format adapter checkpoints")
         if not os.path.isfile(cfg_path):
+            subs = sorted(n for n in (os.listdir(directory) if os.path.isdir(directory) else ())
+                          if os.path.isfile(os.path.join(directory, n, CONFIG_NAME)))
+            if subs:  # peft's multi-adapter layout without a "default" adapter at the top
+                raise AdapterError(f"{cfg_path} not found: {directory} holds adapters only in sub-directories "
+                                   f"({', '.join(subs[:5])}; peft's layout for adapters not named 'default'): "
+                                   f"load one of those directories")
             raise AdapterError(f"{cfg_path} not found: not an adapter directory")
         pickled = [n for n in PICKLE_NAMES if os.path.isfile(os.path.join(directory, n))]
         if pickled:

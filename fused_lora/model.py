@@ -266,8 +266,12 @@ class LoraModel(nn.Module):
         check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
                            config.lora_alpha, config.use_rslora)
         ours = sorted(n for n, _ in self.lora_layers())
-        if config.target_modules == "all-linear":
-            theirs = ours  # every adapted layer; other Linear layers are not checked
+        if config.target_modules == "all-linear":  # peft's meaning: every Linear / Conv1D but the output layer
+            get = getattr(self.model, "get_output_embeddings", None)
+            out = get() if callable(get) else None
+            theirs = sorted(n for n, m in self.model.named_modules()
+                            if (isinstance(m, FusedLoRALinear) or is_adaptable(m)) and m is not out
+                            and not name_matches(n, _as_set(config.exclude_modules)))
         else:
             spec, exclude = _as_set(config.target_modules), _as_set(config.exclude_modules)
             theirs = sorted(n for n, _ in self.model.named_modules()

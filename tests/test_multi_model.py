@@ -345,6 +345,23 @@ def test_adapter_names_for_a_first_adapter_not_named_default(tmp_path):
                                logits(ref, adapter_names=["other", "default", "__base__"]))
     lm.save_pretrained(tmp_path / "named")  # peft's layout: neither is "default", both in sub-directories
     assert sorted(p.name for p in (tmp_path / "named").iterdir()) == ["first", "second"]
+    with pytest.raises(AdapterError, match="only in sub-directories \\(first, second"):
+        LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "named")
+    again = LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "named" / "first", adapter_name="first")
+    again.load_adapter(tmp_path / "named" / "second", "second")
+    torch.testing.assert_close(logits(again, adapter_names=["second", "first", "__base__"]),
+                               logits(lm, adapter_names=["second", "first", "__base__"]))
+
+
+def test_add_adapter_all_linear_means_peft_all_linear():
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(target_modules=TARGETS))
+    with pytest.raises(ValueError, match="modules the first adapter targets"):
+        lm.add_adapter("x", LoraConfig(target_modules="all-linear"))
+    assert list(lm.peft_config) == ["default"]
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(target_modules="all-linear"))
+    lm.add_adapter("x", LoraConfig(r=2, target_modules="all-linear"))
+    lm.add_adapter("y", peft.LoraConfig(r=2, target_modules="all-linear"))
+    assert list(lm.peft_config) == ["default", "x", "y"]
 
 
 def test_generate_with_beams_and_adapter_names_equals_peft(tmp_path):
