@@ -296,8 +296,10 @@ class LoraModel(nn.Module):
         """Add a new (untrained) adapter `adapter_name` built as `peft_config` says (peft's meaning): it
         is not made active and is frozen until `set_adapter` chooses it (or `set_requires_grad`).
 
-        `peft_config` is a fused_lora or peft LoraConfig; it must target the same modules as the first
-        adapter. Any error (ValueError) leaves the model unchanged."""
+        `peft_config` is a fused_lora or peft LoraConfig (copied); it must target the same modules as
+        the first adapter. The new weights take the dtype and device of the active adapter's;
+        `low_cpu_mem_usage` and `autocast_adapter_dtype` are accepted for peft's signature and change
+        nothing. Any error (ValueError) leaves the model unchanged."""
         what = f"add_adapter({adapter_name!r})"
         self._require_layers(what)
         self._check_new_name(adapter_name, what)
