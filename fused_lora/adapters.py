@@ -498,15 +498,30 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
 @torch.no_grad()
 def load_weights_into(lora_model, directory) -> None:
     """Replace the adapter weights of `lora_model` by those saved in `directory` (a checkpoint of this
-    very adapter: same modules, shapes and scaling). Everything is checked before anything is copied."""
+    very model: same modules, shapes and scaling), in peft's layout: the first adapter at the top (or
+    in `directory/<its name>`), every other adapter from `directory/<name>` where saved. Everything
+    is checked before anything is copied."""
+    first = lora_model._first_adapter
+    top = directory if os.path.isfile(os.path.join(directory, WEIGHTS_NAME)) else os.path.join(directory, first)
+    plan = [(first, top)] + [(name, os.path.join(directory, name)) for name in lora_model.peft_config
+                             if name != first and os.path.isfile(os.path.join(directory, name, WEIGHTS_NAME))]
+    checked = [(name, _checked_checkpoint(lora_model, where, name)) for name, where in plan]
+    for name, tensors in checked:
+        for key, t in tensors.items():
+            dest = _destination(lora_model, key[len(PREFIX):], lora_model._slot(name))
+            dest.copy_(t.to(dest.dtype))
+
+
+def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors saved in `directory` for adapter `adapter_name`, by peft key, checked against it."""
     config, tensors = read_adapter(directory)
-    ours = lora_model.peft_config[lora_model._first_adapter]  # adapter_state's adapter
+    ours = lora_model.peft_config[adapter_name]
     differ = [k for k in _SCALING if getattr(config, k) != getattr(ours, k)]
     if differ:
         k = differ[0]
-        raise AdapterError(f"{directory}: saved with {k}={getattr(config, k)!r}, this model's adapter has "
-                           f"{k}={getattr(ours, k)!r}")
-    want = adapter_state(lora_model)
+        raise AdapterError(f"{directory}: saved with {k}={getattr(config, k)!r}, this model's adapter "
+                           f"{adapter_name!r} has {k}={getattr(ours, k)!r}")
+    want = adapter_state(lora_model, adapter_name)
     tensors = {PREFIX + k: t for k, t in tensors.items() if not any(r in k for r in _PEFT_REDUNDANT)}
     if set(tensors) != set(want):
         extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
@@ -517,18 +532,17 @@ def load_weights_into(lora_model, directory) -> None:
     if bad:
         raise AdapterError(f"{directory}: key {bad[0]!r} has shape {tuple(tensors[bad[0]].shape)}, this model's "
                            f"is {tuple(want[bad[0]].shape)}")
-    for key, t in tensors.items():
-        dest = _destination(lora_model, key[len(PREFIX):])
-        dest.copy_(t.to(dest.dtype))
+    return tensors
 
 
-def _destination(lora_model, key: str) -> torch.Tensor:
-    """The tensor of the adapted model a (validated) adapter key is loaded into."""
+def _destination(lora_model, key: str, slot: str = "default") -> torch.Tensor:
+    """The tensor of the adapted model a (validated) adapter key is loaded into; lora_A / lora_B go to
+    the layers' adapter `slot` (never merely the active one)."""
     model = lora_model.model
     owner = key.rpartition(".")[0]
     if owner.endswith(".lora_A") or owner.endswith(".lora_B"):
         layer, _, attr = owner.rpartition(".")
-        return getattr(model.get_submodule(layer), attr)
+        return model.get_submodule(layer).adapter_weights(slot)[0 if attr == "lora_A" else 1]
     if owner.endswith(".base_layer"):
         return model.get_submodule(owner[: -len(".base_layer")]).bias
     for name, module in lora_model.saved_modules():

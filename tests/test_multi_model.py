@@ -394,3 +394,22 @@ def test_mixed_batch_with_modules_to_save_equals_peft(tmp_path):
     torch.testing.assert_close(got[0], logits(ref)[0])
     assert not torch.allclose(logits(ref)[1], got[1])  # the copy matters: the comparison can fail
     assert lm.model.lm_head.sample_uses_trainable is None  # cleared after the call
+
+
+def test_checkpoint_resume_restores_every_adapter_whichever_is_active(tmp_path):
+    # LoraTrainer resumes with load_weights_into; before: the top-level (first) adapter's weights went
+    # into the *active* adapter's tensors, and other adapters were not restored.
+    from fused_lora.adapters import load_weights_into
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    lm.add_adapter("other", LoraConfig(r=6, target_modules=TARGETS, init_lora_weights=False))
+    lm.set_adapter("other")
+    lm.save_pretrained(tmp_path / "ckpt")
+    want = {k: v.clone() for k, v in lm.state_dict().items()}
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_" in name:
+                p.add_(1.0)
+    load_weights_into(lm, tmp_path / "ckpt")
+    for k, v in lm.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+    assert lm.active_adapter == "other"
