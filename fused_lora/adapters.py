@@ -65,17 +65,21 @@ def _other_biases(model: nn.Module, owners) -> list[tuple[str, torch.Tensor]]:
             if n.endswith("bias") and not any(n.startswith(o + ".") for o in owners)]
 
 
-def adapter_state(lora_model) -> dict[str, torch.Tensor]:
-    """The tensors an adapter file holds, by peft key."""
-    cfg = lora_model.active_peft_config
+def adapter_state(lora_model, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The tensors the file of adapter `adapter_name` (default: the first) holds, by peft key."""
+    adapter_name = lora_model._first_adapter if adapter_name is None else adapter_name
+    cfg = lora_model.peft_config[adapter_name]
+    slot = lora_model._slot(adapter_name)
     out = {}
     owners = []
     for name, layer in lora_model.lora_layers():
         owners.append(name)
-        # The adapter the config describes, whichever a layer has active (layers can hold others).
-        out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = layer.adapter_weights("default")
+        # The adapter the config describes, whichever a layer has active.
+        out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = layer.adapter_weights(slot)
         if cfg.bias != "none" and layer.bias is not None:
             out[f"{PREFIX}{name}.base_layer.bias"] = layer.bias
+    if slot != "default":  # modules_to_save and biases belong to the first adapter
+        return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
     for name, module in lora_model.saved_modules():
         owners.append(name)
         for key, t in module.trainable.state_dict().items():
@@ -177,31 +181,34 @@ def _name_or_path(model: nn.Module) -> Optional[str]:
     return name if isinstance(name, str) and name else None
 
 
-def _check_config_matches_layers(lora_model) -> None:
+def _check_config_matches_layers(lora_model, adapter_name: str) -> None:
     """The config written must describe what the layers compute: an edited peft_config (a mutable
     dataclass) whose r, alpha, rsLoRA or dropout no longer match the layers would save a file that
     loads as another model."""
-    config = lora_model.active_peft_config
+    config, slot = lora_model.peft_config[adapter_name], lora_model._slot(adapter_name)
     for name, layer in lora_model.lora_layers():
-        settings = layer.adapter_settings("default")
+        settings = layer.adapter_settings(slot)
         for key in _SCALING:
             if getattr(settings, key) != getattr(config, key):
-                raise ValueError(f"save_pretrained: peft_config[{lora_model.active_adapter!r}].{key} is "
+                raise ValueError(f"save_pretrained: peft_config[{adapter_name!r}].{key} is "
                                  f"{getattr(config, key)!r} but layer {name!r} computes with "
                                  f"{getattr(settings, key)!r}; the file would not load as this model (the "
                                  "config describes the adapter: build the model with the settings you want)")
 
 
-def save_adapter(lora_model, directory) -> None:
-    """Write the adapter's pair of files; the directory holds the old pair or the new, at any moment."""
-    tensors = adapter_state(lora_model)
+def save_adapter(lora_model, directory, adapter_name: Optional[str] = None) -> None:
+    """Write an adapter's pair of files (default: the first adapter's); the directory holds the old pair
+    or the new, at any moment."""
+    adapter_name = lora_model._first_adapter if adapter_name is None else adapter_name
+    tensors = adapter_state(lora_model, adapter_name)
     if not any(k.endswith(".lora_A.weight") for k in tensors):
         raise RuntimeError("save_pretrained: the model holds no LoRA layers; nothing to save")
-    lora_model.active_peft_config.validate()  # a mutable dataclass: never write a config that would not load
-    _check_config_matches_layers(lora_model)
+    peft_config = lora_model.peft_config[adapter_name]
+    peft_config.validate()  # a mutable dataclass: never write a config that would not load
+    _check_config_matches_layers(lora_model, adapter_name)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"save_pretrained: {os.fspath(directory)!r} exists and is not a directory")
-    config = lora_model.active_peft_config.to_peft_dict()
+    config = peft_config.to_peft_dict()
     if config["base_model_name_or_path"] is None:  # as peft records it, so AutoPeftModel finds the base
         config["base_model_name_or_path"] = _name_or_path(lora_model.model)
     text = json.dumps(config, indent=2, sort_keys=True)
@@ -338,6 +345,12 @@ def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
                                "saves a model it does not know), not an adapter; train a LoraModel with "
                                "fused_lora.LoraTrainer to get peft-format adapter checkpoints")
         if not os.path.isfile(cfg_path):
+            subs = sorted(n for n in (os.listdir(directory) if os.path.isdir(directory) else ())
+                          if os.path.isfile(os.path.join(directory, n, CONFIG_NAME)))
+            if subs:  # peft's multi-adapter layout without a "default" adapter at the top
+                raise AdapterError(f"{cfg_path} not found: {directory} holds adapters only in sub-directories "
+                                   f"({', '.join(subs[:5])}; peft's layout for adapters not named 'default'): "
+                                   f"load one of those directories")
             raise _not_found(cfg_path)
         pickled = [n for n in PICKLE_NAMES if os.path.isfile(os.path.join(directory, n))]
         if pickled:
@@ -464,17 +477,79 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
 
 
 @torch.no_grad()
+def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: bool = False) -> None:
+    """Load the adapter in `directory` into `lora_model` as a further adapter `adapter_name` (peft's
+    PeftModel.load_adapter). Config and every key and shape are checked before anything changes."""
+    config, tensors = read_adapter(directory)
+    where = str(directory)
+    ours = sorted(n for n, _ in lora_model.lora_layers())
+    theirs = targets_in(tensors)
+    if theirs != ours:
+        raise AdapterError(f"{where}: fused_lora loads further adapters only on the modules the first adapter "
+                           f"targets ({len(ours)} modules, e.g. {ours[:3]}); this one adapts {len(theirs)} "
+                           f"(e.g. {theirs[:3]})")
+    if config.modules_to_save or config.bias != "none":
+        raise AdapterError(f"{where}: modules_to_save and trained biases belong to the first adapter only in "
+                           f"fused_lora (this adapter has modules_to_save={config.modules_to_save!r}, "
+                           f"bias={config.bias!r})")
+    want = {}
+    for name, layer in lora_model.lora_layers():
+        want[f"{name}.lora_A.weight"] = (config.r, layer.in_features)
+        want[f"{name}.lora_B.weight"] = (layer.out_features, config.r)
+    extra = sorted(set(tensors) - set(want))
+    if extra:
+        raise AdapterError(f"{where}: key {PREFIX + extra[0]!r} names no tensor of this model's adapter")
+    for key, shape in want.items():
+        t = tensors.get(key)
+        if t is None:
+            raise AdapterError(f"{where}: key {PREFIX + key!r} is missing")
+        if tuple(t.shape) != shape or not t.is_floating_point():
+            raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(t.shape)} and dtype {t.dtype}, "
+                               f"the model needs {shape}, floating point")
+    config.backend = lora_model.active_peft_config.backend
+    config.inference_mode = not is_trainable  # as peft: is_trainable decides
+    try:
+        lora_model.add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True))
+    except ValueError as err:
+        raise AdapterError(f"{where}: {err}") from err
+    lora_model.peft_config[adapter_name] = dataclasses.replace(
+        config, fan_in_fan_out=lora_model.peft_config[adapter_name].fan_in_fan_out)
+    slot = lora_model._slot(adapter_name)
+    for name, layer in lora_model.lora_layers():
+        lora_A, lora_B = layer.adapter_weights(slot)
+        lora_A.copy_(tensors[f"{name}.lora_A.weight"].to(lora_A.dtype))
+        lora_B.copy_(tensors[f"{name}.lora_B.weight"].to(lora_B.dtype))
+    if is_trainable:
+        lora_model.set_requires_grad(adapter_name)
+
+
+@torch.no_grad()
 def load_weights_into(lora_model, directory) -> None:
     """Replace the adapter weights of `lora_model` by those saved in `directory` (a checkpoint of this
-    very adapter: same modules, shapes and scaling). Everything is checked before anything is copied."""
+    very model: same modules, shapes and scaling), in peft's layout: the first adapter at the top (or
+    in `directory/<its name>`), every other adapter from `directory/<name>` where saved. Everything
+    is checked before anything is copied."""
+    first = lora_model._first_adapter
+    top = directory if os.path.isfile(os.path.join(directory, WEIGHTS_NAME)) else os.path.join(directory, first)
+    plan = [(first, top)] + [(name, os.path.join(directory, name)) for name in lora_model.peft_config
+                             if name != first and os.path.isfile(os.path.join(directory, name, WEIGHTS_NAME))]
+    checked = [(name, _checked_checkpoint(lora_model, where, name)) for name, where in plan]
+    for name, tensors in checked:
+        for key, t in tensors.items():
+            dest = _destination(lora_model, key[len(PREFIX):], lora_model._slot(name))
+            dest.copy_(t.to(dest.dtype))
+
+
+def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors saved in `directory` for adapter `adapter_name`, by peft key, checked against it."""
     config, tensors = read_adapter(directory)
-    ours = lora_model.active_peft_config
+    ours = lora_model.peft_config[adapter_name]
     differ = [k for k in _SCALING if getattr(config, k) != getattr(ours, k)]
     if differ:
         k = differ[0]
-        raise AdapterError(f"{directory}: saved with {k}={getattr(config, k)!r}, this model's adapter has "
-                           f"{k}={getattr(ours, k)!r}")
-    want = adapter_state(lora_model)
+        raise AdapterError(f"{directory}: saved with {k}={getattr(config, k)!r}, this model's adapter "
+                           f"{adapter_name!r} has {k}={getattr(ours, k)!r}")
+    want = adapter_state(lora_model, adapter_name)
     tensors = {PREFIX + k: t for k, t in tensors.items() if not any(r in k for r in _PEFT_REDUNDANT)}
     if set(tensors) != set(want):
         extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
@@ -485,18 +560,17 @@ def load_weights_into(lora_model, directory) -> None:
     if bad:
         raise AdapterError(f"{directory}: key {bad[0]!r} has shape {tuple(tensors[bad[0]].shape)}, this model's "
                            f"is {tuple(want[bad[0]].shape)}")
-    for key, t in tensors.items():
-        dest = _destination(lora_model, key[len(PREFIX):])
-        dest.copy_(t.to(dest.dtype))
+    return tensors
 
 
-def _destination(lora_model, key: str) -> torch.Tensor:
-    """The tensor of the adapted model a (validated) adapter key is loaded into."""
+def _destination(lora_model, key: str, slot: str = "default") -> torch.Tensor:
+    """The tensor of the adapted model a (validated) adapter key is loaded into; lora_A / lora_B go to
+    the layers' adapter `slot` (never merely the active one)."""
     model = lora_model.model
     owner = key.rpartition(".")[0]
     if owner.endswith(".lora_A") or owner.endswith(".lora_B"):
         layer, _, attr = owner.rpartition(".")
-        return getattr(model.get_submodule(layer), attr)
+        return model.get_submodule(layer).adapter_weights(slot)[0 if attr == "lora_A" else 1]
     if owner.endswith(".base_layer"):
         return model.get_submodule(owner[: -len(".base_layer")]).bias
     for name, module in lora_model.saved_modules():

@@ -1,12 +1,16 @@
 """Adapting whole models: get_lora_model, LoraModel (peft's vocabulary) and modules_to_save.
 
 The adapted layers are nn.Linear and transformers' Conv1D (GPT-2), as in peft. A LoraModel holds
-one adapter; peft's multi-adapter methods raise NotImplementedError naming the feature."""
+one or several adapters (peft's add_adapter / load_adapter / set_adapter / delete_adapter, and
+forward(adapter_names=[one per sample]) in eval and training) on the same target modules."""
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
+import math
+import os
 import types
 import warnings
 from typing import Iterator, Optional
@@ -15,8 +19,8 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layer import FusedLoRALinear
-from .targets import find_modules_to_save, find_targets, is_adaptable
+from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
+from .targets import _as_set, find_modules_to_save, find_targets, is_adaptable, name_matches
 from .validation import check_adapter_args
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -32,9 +36,20 @@ class ModulesToSave(nn.Module):
         self.original.requires_grad_(False)
         self.trainable.requires_grad_(True)
         self.use_original = False
+        self.sample_uses_trainable: Optional[list[bool]] = None  # per sample, during adapter_names calls
 
     def forward(self, *args, **kwargs):
-        return (self.original if self.use_original else self.trainable)(*args, **kwargs)
+        mask = self.sample_uses_trainable
+        if self.use_original or mask is None or all(mask):
+            return (self.original if self.use_original or (mask is not None and not any(mask)) else
+                    self.trainable)(*args, **kwargs)
+        # A mixed batch (peft's rule): samples of the adapter owning this copy use it, others the original.
+        new, old = self.trainable(*args, **kwargs), self.original(*args, **kwargs)
+        if not isinstance(new, torch.Tensor) or new.dim() == 0 or new.shape[0] != len(mask):
+            raise ValueError(f"adapter_names: {type(self.original).__name__} in modules_to_save does not return a "
+                             f"tensor with one row per sample ({len(mask)}), so it cannot serve a mixed batch")
+        keep = torch.tensor(mask, device=new.device).view(-1, *([1] * (new.dim() - 1)))
+        return torch.where(keep, new, old)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -74,13 +89,27 @@ def _refuse_adapted(model: nn.Module) -> None:
             where = f"module {name!r}" if name else "the model itself"
             raise ValueError(f"the model already holds LoRA adapters ({where} is a {type(m).__name__}): adapt the "
                              "base model once (a peft model: fused_lora.patch_peft(model) runs it fused); "
-                             "several adapters per model are not supported by LoraModel yet")
+                             "more adapters go on the same LoraModel with add_adapter or load_adapter")
 
 
-def _several_adapters(what: str) -> NotImplementedError:
-    return NotImplementedError(f"{what}: several adapters per model are not supported yet by fused_lora (a "
-                               "LoraModel holds one adapter); use one LoraModel per adapter, or peft with "
-                               "fused_lora.patch_peft(model)")
+
+def _slot_of(adapter_name: str, first: str) -> str:
+    """The layers' name for a model's adapter: the first adapter lives in the layers' "default" slot
+    (so a one-adapter model keeps its keys), every other under its own name."""
+    return DEFAULT_ADAPTER if adapter_name == first else adapter_name
+
+
+def _as_lora_config(config, what: str) -> LoraConfig:
+    """A fused_lora LoraConfig (a copy), from ours or from peft's (read as its adapter_config.json would be)."""
+    if isinstance(config, LoraConfig):
+        return copy.deepcopy(config)
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        raise TypeError(f"{what}: expected a LoraConfig (fused_lora's or peft's), got {type(config).__name__}")
+    d = to_dict()
+    if isinstance(d.get("target_modules"), (set, frozenset)):
+        d["target_modules"] = sorted(d["target_modules"])
+    return LoraConfig.from_peft_dict(d)
 
 
 class LoraModel(nn.Module):
@@ -93,8 +122,14 @@ class LoraModel(nn.Module):
 
     peft's vocabulary: `peft_config` maps the adapter's name ("default") to its LoraConfig,
     `active_adapter` / `active_adapters` name it, `base_model.model` and `get_base_model()` are the
-    wrapped model. A LoraModel holds one adapter: add_adapter, load_adapter, delete_adapter, set_adapter
-    (to another name) and forward(adapter_names=...) raise NotImplementedError.
+    wrapped model.
+
+    Several adapters (peft's API): `add_adapter(name, config)`, `load_adapter(directory, name)`,
+    `set_adapter(name)`, `delete_adapter(name)`; every adapter targets the same modules as the first
+    (each with its own r, lora_alpha, lora_dropout, use_rslora); modules_to_save and trained biases
+    belong to the first adapter only. `forward(..., adapter_names=[one name per sample])` ("__base__"
+    for none) mixes adapters in one batch, in eval and in training (each adapter's gradients from
+    its own samples only).
     """
 
     def __init__(self, model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True,
@@ -122,6 +157,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"modules {clash} are both LoRA targets and (inside) modules_to_save")
         self.model = model
         self.active_adapter = adapter_name
+        self._first_adapter = adapter_name  # held in the layers' "default" slot
         self.peft_config = {adapter_name: config}  # keyed by adapter name, as peft's is
         self._removed_by: Optional[str] = None  # what removed the adapters, once they are gone
         self._undo = _Undo(model)
@@ -194,7 +230,7 @@ class LoraModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        """[the adapter's name] (peft's property; a LoraModel holds one adapter)."""
+        """[the active adapter's name] (peft's property)."""
         return [self.active_adapter]
 
     @property
@@ -207,22 +243,206 @@ class LoraModel(nn.Module):
         """The wrapped (adapted) model, as peft's `PeftModel.get_base_model()`."""
         return self.model
 
-    # ---------------------------------------------------------------- several adapters: not yet
+    # ---------------------------------------------------------------- several adapters
 
-    def set_adapter(self, adapter_name) -> None:
-        """Only the adapter this LoraModel holds can be active: setting it again does nothing."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if names != [self.active_adapter]:
-            raise _several_adapters(f"set_adapter({adapter_name!r})")
+    def _slot(self, adapter_name: str) -> str:
+        return _slot_of(adapter_name, self._first_adapter)
 
-    def add_adapter(self, adapter_name, peft_config=None, *args, **kwargs):
-        """Not supported yet (NotImplementedError): a LoraModel holds one adapter."""
-        raise _several_adapters(f"add_adapter({adapter_name!r})")
+    def _require_adapter(self, adapter_name, what: str) -> None:
+        if not isinstance(adapter_name, str) or adapter_name not in self.peft_config:
+            raise ValueError(f"{what}: no adapter named {adapter_name!r}; this model has "
+                             f"{', '.join(map(repr, self.peft_config))}")
 
-    def load_adapter(self, model_id, adapter_name=None, *args, **kwargs):
-        """Not supported yet (NotImplementedError): a LoraModel holds one adapter; load another one with
-        LoraModel.from_pretrained on a fresh base model."""
-        raise _several_adapters(f"load_adapter({model_id!r}, {adapter_name!r})")
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        """Make `adapter_name` the active adapter (peft's PeftModel.set_adapter: one name; a one-name
+        list is accepted). It becomes trainable unless `inference_mode` (as in peft, also when it was
+        loaded frozen), the others are frozen. An unknown name raises ValueError, nothing changed."""
+        if isinstance(adapter_name, (list, tuple)):
+            if len(adapter_name) != 1:
+                raise ValueError(f"set_adapter: one active adapter at a time (peft's PeftModel), got {adapter_name!r}")
+            adapter_name = adapter_name[0]
+        self._require_adapter(adapter_name, "set_adapter")
+        self._require_layers("set_adapter")
+        for _, layer in self.lora_layers():
+            layer.set_adapter(self._slot(adapter_name), inference_mode=inference_mode)
+        self.active_adapter = adapter_name
+
+    def _check_new_name(self, adapter_name, what: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"{what}: the adapter name must be a non-empty string, got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"{what}: an adapter named {adapter_name!r} already exists (delete_adapter it first)")
+        if adapter_name == DEFAULT_ADAPTER and self._first_adapter != DEFAULT_ADAPTER:
+            raise ValueError(f"{what}: {DEFAULT_ADAPTER!r} names the first adapter's slot, held by "
+                             f"{self._first_adapter!r} here; choose another name")
+
+    def _check_new_config(self, config: LoraConfig, what: str) -> None:
+        """An added adapter must target exactly the first adapter's modules and carry no modules_to_save
+        or trained biases (fused_lora's limits; peft allows other targets)."""
+        config.validate()
+        check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
+                           config.lora_alpha, config.use_rslora)
+        ours = sorted(n for n, _ in self.lora_layers())
+        if config.target_modules == "all-linear":  # peft's meaning: every Linear / Conv1D but the output layer
+            get = getattr(self.model, "get_output_embeddings", None)
+            out = get() if callable(get) else None
+            theirs = sorted(n for n, m in self.model.named_modules()
+                            if (isinstance(m, FusedLoRALinear) or is_adaptable(m)) and m is not out
+                            and not name_matches(n, _as_set(config.exclude_modules)))
+        else:
+            spec, exclude = _as_set(config.target_modules), _as_set(config.exclude_modules)
+            theirs = sorted(n for n, _ in self.model.named_modules()
+                            if n and name_matches(n, spec) and not name_matches(n, exclude))
+        if theirs != ours:
+            raise ValueError(f"{what}: fused_lora adds adapters only on the modules the first adapter targets "
+                             f"({len(ours)} modules, e.g. {ours[:3]}); target_modules {config.target_modules!r} "
+                             f"names {len(theirs)} modules (e.g. {theirs[:3]})")
+        if config.modules_to_save:
+            raise ValueError(f"{what}: modules_to_save belong to the first adapter only in fused_lora; "
+                             f"got {config.modules_to_save!r}")
+        if config.bias != "none":
+            raise ValueError(f"{what}: bias={config.bias!r}: trained biases belong to the first adapter only "
+                             "in fused_lora; use bias='none'")
+
+    def _require_layers(self, what: str) -> None:
+        if self._removed_by is not None:
+            raise RuntimeError(f"{what}: this LoraModel has no LoRA layers any more ({self._removed_by})")
+
+    def add_adapter(self, adapter_name: str, peft_config, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new (untrained) adapter `adapter_name` built as `peft_config` says (peft's meaning): it
+        is not made active and is frozen until `set_adapter` chooses it (or `set_requires_grad`).
+
+        `peft_config` is a fused_lora or peft LoraConfig (copied); it must target the same modules as
+        the first adapter. The new weights take the dtype and device of the active adapter's;
+        `low_cpu_mem_usage` and `autocast_adapter_dtype` are accepted for peft's signature and change
+        nothing. Any error (ValueError) leaves the model unchanged."""
+        what = f"add_adapter({adapter_name!r})"
+        self._require_layers(what)
+        self._check_new_name(adapter_name, what)
+        config = _as_lora_config(peft_config, what)
+        self._check_new_config(config, what)
+        layers = [layer for _, layer in self.lora_layers()]
+        for layer in layers:  # every check first: nothing is half-applied
+            layer._check_new_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout,
+                                     config.use_rslora, config.init_lora_weights)
+        try:
+            for layer in layers:
+                layer.add_adapter(adapter_name, r=config.r, lora_alpha=config.lora_alpha,
+                                  lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                                  init_lora_weights=config.init_lora_weights)
+        except BaseException:
+            for layer in layers:
+                if adapter_name in layer.available_adapters:
+                    layer.delete_adapter(adapter_name)
+            raise
+        config.fan_in_fan_out = self.active_peft_config.fan_in_fan_out  # the layers' kinds decide
+        self.peft_config[adapter_name] = config
+
+    @torch.no_grad()
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add `adapter_name`, a weighted combination of `adapters` (peft's method and math, see
+        fused_lora/weighted.py): combination_type "linear" (equal ranks; sqrt of |weight * scale| on
+        each factor), "cat" (rank = the sum of ranks, exact) or "svd" (rank `svd_rank`, default the
+        largest rank; `svd_clamp` a quantile). With one adapter, "linear" is used (peft's rule). The new
+        adapter has its first source's config with r = lora_alpha = the new rank, and is frozen and
+        not active, as in peft.
+
+        Differences from peft: an existing `adapter_name` raises ValueError (peft returns silently);
+        the TIES / DARE / magnitude-prune types raise NotImplementedError; modules_to_save are not
+        copied to the new adapter. Errors leave the model unchanged."""
+        from . import weighted
+        what = f"add_weighted_adapter({adapter_name!r})"
+        self._require_layers(what)
+        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+            raise TypeError(f"{what}: adapters must be a non-empty list of adapter names")
+        for name in adapters:
+            self._require_adapter(name, what)
+        if isinstance(weights, (str, bytes)) or len(weights) != len(adapters):
+            raise ValueError(f"{what}: {len(adapters)} adapters need {len(adapters)} weights, got {weights!r}")
+        weights = [float(w) for w in weights]
+        if not all(map(math.isfinite, weights)):
+            raise ValueError(f"{what}: weights must be finite, got {weights}")
+        self._check_new_name(adapter_name, what)
+        if combination_type not in weighted.COMBINATION_TYPES:
+            raise NotImplementedError(f"{what}: combination_type={combination_type!r} is not supported by fused_lora "
+                                      f"(one of {', '.join(weighted.COMBINATION_TYPES)}); use peft for the others")
+        if len(adapters) == 1:
+            combination_type = "linear"
+        ranks = [self.peft_config[n].r for n in adapters]
+        rank = weighted.new_rank(combination_type, ranks, svd_rank)
+        if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+            raise ValueError(f"{what}: svd_rank must be a positive int, got {svd_rank!r}")
+        layers = list(self.lora_layers())
+        if combination_type == "svd":
+            small = [n for n, layer in layers if rank > min(layer.in_features, layer.out_features)]
+            if small:
+                raise ValueError(f"{what}: rank {rank} exceeds min(in_features, out_features) of {small[0]!r}")
+        if svd_clamp is not None and not 0.0 <= float(svd_clamp) <= 1.0:
+            raise ValueError(f"{what}: svd_clamp is a quantile in [0, 1], got {svd_clamp!r}")
+        source = self.peft_config[adapters[0]]
+        config = dataclasses.replace(source, r=rank, lora_alpha=rank, modules_to_save=None, bias="none",
+                                     inference_mode=False)
+        # every layer's result first (an SVD can fail): nothing is added unless all succeed
+        slots = [self._slot(n) for n in adapters]
+        results = []
+        for _, layer in layers:
+            loras = [(*layer.adapter_weights(s), layer.adapter_settings(s).scaling) for s in slots]
+            results.append(weighted.combine(combination_type, loras, weights, rank, svd_clamp, svd_full_matrices,
+                                            svd_driver))
+        self.add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True))
+        self.peft_config[adapter_name].init_lora_weights = source.init_lora_weights
+        slot = self._slot(adapter_name)
+        for (_, layer), (A, B) in zip(layers, results):
+            lora_A, lora_B = layer.adapter_weights(slot)
+            lora_A.copy_(A.to(lora_A.dtype))
+            lora_B.copy_(B.to(lora_B.dtype))
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """Enable (or disable) gradients of the named adapters' weights (peft's PeftModel method)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._require_adapter(name, "set_requires_grad")
+        for _, layer in self.lora_layers():
+            layer.set_requires_grad([self._slot(n) for n in names], requires_grad)
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, torch_device=None,
+                     autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, **kwargs) -> None:
+        """Load the adapter saved in directory `model_id` (by fused_lora or peft) as `adapter_name`
+        (peft's PeftModel.load_adapter): not made active; trainable only with `is_trainable`. It must
+        target this model's adapted modules; every key and shape is checked first (AdapterError) and
+        on any error the model is unchanged."""
+        from .adapters import load_extra_adapter
+        if kwargs:
+            raise TypeError(f"load_adapter: unsupported arguments {sorted(kwargs)}")
+        what = f"load_adapter({str(model_id)!r}, {adapter_name!r})"
+        self._require_layers(what)
+        self._check_new_name(adapter_name, what)
+        load_extra_adapter(self, model_id, adapter_name, is_trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter `adapter_name` from every layer and from peft_config. The active adapter
+        and the first adapter (whose slot holds modules_to_save and the saved top-level weights)
+        cannot be deleted: ValueError, nothing changed; `set_adapter` another first."""
+        self._require_adapter(adapter_name, "delete_adapter")
+        self._require_layers("delete_adapter")
+        if adapter_name == self.active_adapter:
+            raise ValueError(f"delete_adapter: {adapter_name!r} is the active adapter; set_adapter(...) another "
+                             "one first")
+        if adapter_name == self._first_adapter:
+            raise ValueError(f"delete_adapter: {adapter_name!r} is the model's first adapter (it holds the "
+                             "modules_to_save and the top-level weights); fused_lora cannot delete it")
+        layers = [layer for _, layer in self.lora_layers()]
+        merged = [layer for layer in layers if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"delete_adapter: {adapter_name!r} is merged into the weights; unmerge first")
+        for layer in layers:
+            layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
 
     # transformers' own adapter methods (PeftAdapterMixin) would answer "The version of PEFT you are
     # using is not compatible": say what to use instead.
@@ -241,10 +461,6 @@ class LoraModel(nn.Module):
         raise NotImplementedError("get_adapter_state_dict(): transformers' adapter API does not apply to a "
                                   "LoraModel; save_pretrained(directory) writes the adapter's tensors")
 
-    def delete_adapter(self, adapter_name, *args, **kwargs):
-        """Not supported yet (NotImplementedError): a LoraModel holds one adapter; `unload()` removes it."""
-        raise _several_adapters(f"delete_adapter({adapter_name!r})")
-
     def restore_base(self) -> None:
         """Put the model back exactly as it was before adaptation (modules, requires_grad, train mode);
         used when loading fails after injection."""
@@ -258,12 +474,75 @@ class LoraModel(nn.Module):
             return getattr(super().__getattr__("model"), name)
 
     def forward(self, *args, **kwargs):
-        """The wrapped model's forward (each instance carries that model's signature)."""
-        if kwargs.get("adapter_names") is not None:
-            raise NotImplementedError("forward(adapter_names=...): mixed-adapter batches are not supported yet by "
-                                      "fused_lora (a LoraModel holds one adapter)")
-        kwargs.pop("adapter_names", None)
-        return self.model(*args, **kwargs)
+        """The wrapped model's forward (each instance carries that model's signature).
+
+        `adapter_names` (peft's argument): one adapter name per sample ("__base__" for none); each
+        sample then runs with its own adapter, in eval and in training mode."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._adapter_names_hooks(adapter_names, args, kwargs):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """The wrapped model's generate; `adapter_names` (one per sample) as in forward (peft's meaning)."""
+        generate = getattr(self.model, "generate", None)
+        if generate is None:
+            raise AttributeError(f"{type(self.model).__name__} has no generate()")
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        with self._adapter_names_hooks(adapter_names, args, kwargs):
+            return generate(*args, **kwargs)
+
+    @staticmethod
+    def _batch_size(args, kwargs) -> Optional[int]:
+        """The batch size of the call: the first dimension of its first tensor argument."""
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                return v.shape[0]
+        return None
+
+    @contextlib.contextmanager
+    def _adapter_names_hooks(self, adapter_names, args, kwargs):
+        """Within the block every LoRA layer receives `adapter_names` (mapped to its slots), through
+        forward pre-hooks as peft does. Names and length are checked here, before anything runs."""
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
+                or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("adapter_names must be a list of adapter names (str), one per sample")
+        self._require_layers("forward(adapter_names=...)")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER})
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapter name(s) {', '.join(map(repr, unknown))}; this model "
+                             f"has {', '.join(map(repr, self.peft_config))} (and {BASE_ADAPTER!r} for none)")
+        batch = self._batch_size(args, kwargs)
+        if batch is not None and len(adapter_names) != batch:
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {batch} samples: "
+                             "expected one per sample")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+                raise NotImplementedError("generate(adapter_names=..., num_beams > 1) on an encoder-decoder model "
+                                          "is not supported by fused_lora")
+            # peft's rule: beam search repeats each input num_beams times
+            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        slots = [n if n == BASE_ADAPTER else self._slot(n) for n in adapter_names]
+
+        def hook(module, hook_args, hook_kwargs):
+            hook_kwargs["adapter_names"] = slots
+            return hook_args, hook_kwargs
+
+        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in self.lora_layers()]
+        saved = [m for _, m in self.saved_modules()]
+        for m in saved:  # modules_to_save belong to the first adapter
+            m.sample_uses_trainable = [n == self._first_adapter for n in adapter_names]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for m in saved:
+                m.sample_uses_trainable = None
 
     # ---------------------------------------------------------------- inspection
 
@@ -303,10 +582,10 @@ class LoraModel(nn.Module):
                 for _, m in saved:
                     m.use_original = False
 
-    def _replace_all(self, merge: bool, safe_merge: bool = False) -> nn.Module:
+    def _replace_all(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         layers = list(self.lora_layers())
         if merge:
-            self._merge_all(layers, safe_merge)
+            self._merge_all(layers, safe_merge, adapter_names)
         for name, layer in layers:
             if not merge and layer.merged:
                 layer.unmerge()
@@ -319,19 +598,19 @@ class LoraModel(nn.Module):
         return self.model
 
     @staticmethod
-    def _merge_all(layers, safe_merge: bool) -> None:
+    def _merge_all(layers, safe_merge: bool, adapter_names=None) -> None:
         """Merge every layer in place. With safe_merge every merged weight is checked before any is
         written, so a refusal leaves every weight exactly as it was; should a merge fail otherwise,
         the layers merged here are unmerged (to rounding) and the error re-raised."""
         if safe_merge:
             for name, layer in layers:
                 if not layer.merged:
-                    layer.check_merge(f"merge_and_unload(safe_merge=True): layer {name!r}")
+                    layer.check_merge(f"merge_and_unload(safe_merge=True): layer {name!r}", adapter_names)
         done = []
         try:
             for _, layer in layers:
                 if not layer.merged:
-                    layer.merge(safe_merge=safe_merge)
+                    layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                     done.append(layer)
         except BaseException:
             for layer in reversed(done):
@@ -344,11 +623,17 @@ class LoraModel(nn.Module):
 
         peft's signature. Each layer is merged in place (`FusedLoRALinear.merge(safe_merge)`): with
         safe_merge a non-finite merged weight raises ValueError and no layer is replaced.
-        `progressbar` is accepted and unused; a LoraModel holds one adapter (`active_adapter`).
+        `progressbar` is accepted and unused. `adapter_names` (peft's meaning): the adapters merged,
+        their deltas summed; default the active adapter. An unknown name: ValueError, nothing changed.
         """
-        if adapter_names is not None and list(adapter_names) != [self.active_adapter]:
-            raise _several_adapters(f"merge_and_unload(adapter_names={adapter_names!r})")
-        return self._replace_all(merge=True, safe_merge=safe_merge)
+        slots = None
+        if adapter_names is not None:
+            if isinstance(adapter_names, str):
+                raise TypeError("merge_and_unload: adapter_names is a list of adapter names")
+            for name in adapter_names:
+                self._require_adapter(name, "merge_and_unload")
+            slots = [self._slot(n) for n in adapter_names]
+        return self._replace_all(merge=True, safe_merge=safe_merge, adapter_names=slots)
 
     def unload(self) -> nn.Module:
         """The model with its original nn.Linear layers back, adapters dropped, nothing merged; the
@@ -363,11 +648,14 @@ class LoraModel(nn.Module):
                         state_dict: Optional[dict] = None) -> None:
         """Write adapter_model.safetensors and adapter_config.json in peft's format (peft's signature).
 
+        Several adapters in peft's layout: the adapter named "default" in `save_directory`, every other
+        in `save_directory/<name>`; `selected_adapters` (default all) says which.
+
         The pair is replaced as a whole: a crash at any moment leaves the old adapter or the new one
         (see fused_lora/adapters.py). `base_model_name_or_path` is taken from the model's config when
         the LoraConfig has none, so peft's AutoPeftModel finds the base. With is_main_process=False
         nothing is written (as in peft). Refused: safe_serialization=False (only safetensors are
-        written), another adapter in selected_adapters, save_embedding_layers=True,
+        written), an unknown adapter in selected_adapters, save_embedding_layers=True,
         path_initial_model_for_weight_conversion (PiSSA/OLoRA conversion), a state_dict. After
         merge_and_unload() or unload() there is no adapter to save: RuntimeError.
         """
@@ -375,8 +663,9 @@ class LoraModel(nn.Module):
         if safe_serialization is not True:
             raise ValueError("save_pretrained(safe_serialization=False): fused_lora writes safetensors only "
                              "(a pickled adapter_model.bin is not written, nor read)")
-        if selected_adapters is not None and list(selected_adapters) != [self.active_adapter]:
-            raise _several_adapters(f"save_pretrained(selected_adapters={selected_adapters!r})")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._require_adapter(name, "save_pretrained(selected_adapters=...)")
         if save_embedding_layers not in ("auto", False):
             raise NotImplementedError("save_pretrained(save_embedding_layers=True): fused_lora adapts no embedding "
                                       "layers and does not save them; put them in modules_to_save")
@@ -391,7 +680,9 @@ class LoraModel(nn.Module):
                                "save the adapter before merging or unloading")
         if not is_main_process:
             return
-        save_adapter(self, save_directory)
+        for name in names:  # peft's layout: "default" at the top, any other in a sub-directory named after it
+            save_adapter(self, save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name),
+                         adapter_name=name)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, adapter_name: str = "default",

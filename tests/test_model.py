@@ -132,7 +132,7 @@ def test_merge_and_unload_takes_peft_arguments_and_safe_merge():
     merged = lm.merge_and_unload(progressbar=False, safe_merge=True, adapter_names=None)
     torch.testing.assert_close(merged(x), want)
     lm = get_lora_model(fresh_mlp(), LoraConfig(r=3, target_modules=["seq.0", "seq.2"]))
-    with pytest.raises(NotImplementedError, match="adapter_names"):
+    with pytest.raises(ValueError, match="no adapter named 'other'"):
         lm.merge_and_unload(adapter_names=["other"])
     lm.merge_and_unload(adapter_names=["default"])
 
