@@ -78,17 +78,24 @@ class LoraTrainerMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         target = model if model is not None else self.model
-        if isinstance(target, LoraModel) and os.path.isfile(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)):
+        if _holds_adapter(target, resume_from_checkpoint):
             load_weights_into(target, resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
-        if isinstance(self.model, LoraModel) and os.path.isfile(os.path.join(best, WEIGHTS_NAME)):
+        if _holds_adapter(self.model, best):
             load_weights_into(self.model, best)
             return
         super()._load_best_model()
+
+
+def _holds_adapter(model, directory) -> bool:
+    """Whether `directory` is a checkpoint of this LoraModel's adapters, in peft's layout: the first
+    adapter at the top, or in a sub-directory named after it when it is not called "default"."""
+    return isinstance(model, LoraModel) and any(
+        os.path.isfile(os.path.join(d, WEIGHTS_NAME)) for d in (directory, os.path.join(directory, model._first_adapter)))
 
 
 def _move_trl_lm_head(lora_model: LoraModel) -> None:

@@ -192,3 +192,20 @@ def test_copies_keep_the_forward_and_its_signature(how):
             layer.lora_B.fill_(0.3)
         x = torch.arange(8)[None]
         assert not torch.equal(twin(input_ids=x).logits, lm(input_ids=x).logits)
+
+
+def test_resume_of_an_adapter_not_named_default(tmp_path):
+    """peft's layout saves such an adapter in checkpoint-N/<its name>: resuming must find it there."""
+    def named():
+        return LoraModel(build_llama("tiny"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                         adapter_name="task")
+    full = named()
+    LoraTrainer(model=full, args=args(tmp_path / "a", save_strategy="steps", save_steps=2),
+                train_dataset=tokens_dataset()).train()
+    assert os.path.isfile(tmp_path / "a" / "checkpoint-2" / "task" / "adapter_model.safetensors")
+    resumed = named()
+    LoraTrainer(model=resumed, args=args(tmp_path / "b"), train_dataset=tokens_dataset()).train(
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    want, got = adapter(full), adapter(resumed)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=k)
