@@ -271,10 +271,16 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
             overrides "auto").
         verbose: print the summary line.
 
-    Raises ValueError when the model has no peft LoRA layers, or for an unknown backend.
+    Raises ValueError when the model has no peft LoRA layers, or for an unknown backend, and
+    BackendUnavailable when a backend asked for by name cannot run the model's weights (their
+    device and dtype), before anything is changed.
     """
     backends.requested_backend(backend)  # an unknown name fails before anything is changed
     layers = _lora_layers(model, "patch_peft")
+    for name, layer in layers:  # a forced backend that cannot run here fails now, not at every forward
+        if _patch_reason(layer) is None:
+            weight = layer.base_layer.weight
+            backends.choose_backend(weight.device, weight.dtype, 1, backend)
     report = PatchReport(backend=backend)
     for name, layer in layers:
         reason = _patch_reason(layer)

@@ -585,3 +585,12 @@ def test_a_layer_without_its_own_active_adapter_is_patched_and_fuses_after_set_a
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))
     assert backends.calls[("fwd", "torch")] == before + 1  # fc2 fused; fc1 (no adapter "x") deferred
+
+
+def test_a_forced_backend_that_cannot_run_fails_at_patch_time(monkeypatch):
+    _, model = mlp_twins()  # the unpatched twin
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors without the interpreter
+    with pytest.raises(fused_lora.BackendUnavailable, match="triton"):
+        patch_peft(model, backend="triton", verbose=False)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not hasattr(model, "fused_lora_report")
