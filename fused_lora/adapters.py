@@ -437,6 +437,9 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
             raise AdapterError(f"{where}: key {PREFIX + key!r} has dtype {t.dtype}, not floating point")
         if dtype is not None and t.dtype != dtype:
             raise AdapterError(f"{where}: key {PREFIX + key!r} has dtype {t.dtype}, the model's tensor is {dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"{where}: key {PREFIX + key!r} holds NaN or inf: a broken adapter (every output "
+                               "it touches would be NaN or inf)")
     return targets
 
 

@@ -87,3 +87,18 @@ def test_peft_embedding_lora_is_refused_by_name(tmp_path):
     pm.save_pretrained(tmp_path)
     with pytest.raises(AdapterError, match="embedding layer"):
         LoraModel.from_pretrained(Emb(), tmp_path)
+
+
+def test_non_finite_weights_in_a_file_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    saved(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("b.lora_B.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, path)  # no config record in the header now: read as a peft-written file
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match="NaN or inf"):
+        LoraModel.from_pretrained(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
