@@ -35,14 +35,16 @@ class ModulesToSave(nn.Module):
         self.trainable = copy.deepcopy(original)
         self.original.requires_grad_(False)
         self.trainable.requires_grad_(True)
-        self.use_original = False
+        self.use_original = False  # disable_adapter(): the base model's module
+        self.owner_active = True  # False while an adapter other than the copy's owner (the first) is active
         self.sample_uses_trainable: Optional[list[bool]] = None  # per sample, during adapter_names calls
 
     def forward(self, *args, **kwargs):
         mask = self.sample_uses_trainable
-        if self.use_original or mask is None or all(mask):
-            return (self.original if self.use_original or (mask is not None and not any(mask)) else
-                    self.trainable)(*args, **kwargs)
+        if mask is None:  # one adapter for the whole batch: the copy serves its owner only (peft's rule)
+            return (self.original if self.use_original or not self.owner_active else self.trainable)(*args, **kwargs)
+        if self.use_original or all(mask) or not any(mask):
+            return (self.original if self.use_original or not any(mask) else self.trainable)(*args, **kwargs)
         # A mixed batch (peft's rule): samples of the adapter owning this copy use it, others the original.
         new, old = self.trainable(*args, **kwargs), self.original(*args, **kwargs)
         if not isinstance(new, torch.Tensor) or new.dim() == 0 or new.shape[0] != len(mask):
@@ -265,6 +267,10 @@ class LoraModel(nn.Module):
         self._require_layers("set_adapter")
         for _, layer in self.lora_layers():
             layer.set_adapter(self._slot(adapter_name), inference_mode=inference_mode)
+        owner = adapter_name == self._first_adapter
+        for _, m in self.saved_modules():  # the copies belong to the first adapter: another runs the original
+            m.owner_active = owner
+            m.trainable.requires_grad_(owner and not inference_mode)
         self.active_adapter = adapter_name
 
     def _check_new_name(self, adapter_name, what: str) -> None:

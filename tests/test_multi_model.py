@@ -394,6 +394,14 @@ def test_mixed_batch_with_modules_to_save_equals_peft(tmp_path):
     torch.testing.assert_close(got[0], logits(ref)[0])
     assert not torch.allclose(logits(ref)[1], got[1])  # the copy matters: the comparison can fail
     assert lm.model.lm_head.sample_uses_trainable is None  # cleared after the call
+    # The same rule with the whole batch on one adapter: set_adapter("other") runs the original head,
+    # and trains neither the first adapter's copy nor anything of "default".
+    lm.set_adapter("other")
+    torch.testing.assert_close(logits(lm), logits(ref))
+    assert not any(p.requires_grad for p in lm.model.lm_head.parameters())
+    lm.set_adapter("default")
+    ref.set_adapter("default")
+    torch.testing.assert_close(logits(lm), logits(ref))
 
 
 def test_checkpoint_resume_restores_every_adapter_whichever_is_active(tmp_path):
