@@ -406,6 +406,12 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str]
     return want, to_save
 
 
+def _refuse_non_finite(where: str, key: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise AdapterError(f"{where}: key {PREFIX + key!r} holds NaN or inf: a broken adapter (every output "
+                           "it touches would be NaN or inf)")
+
+
 def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str) -> list[str]:
     """Check the tensors against the model; returns the modules to adapt (named by the file)."""
     targets = targets_in(tensors)
@@ -437,9 +443,7 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
             raise AdapterError(f"{where}: key {PREFIX + key!r} has dtype {t.dtype}, not floating point")
         if dtype is not None and t.dtype != dtype:
             raise AdapterError(f"{where}: key {PREFIX + key!r} has dtype {t.dtype}, the model's tensor is {dtype}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise AdapterError(f"{where}: key {PREFIX + key!r} holds NaN or inf: a broken adapter (every output "
-                               "it touches would be NaN or inf)")
+        _refuse_non_finite(where, key, t)
     return targets
 
 
@@ -447,6 +451,8 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
 def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, backend: str = "auto",
                  adapter_name: str = "default", autocast_adapter_dtype: bool = True):
     check_backend(backend)  # the caller's argument: a plain ValueError, before the files are read
+    from .model import _refuse_adapted
+    _refuse_adapted(model)  # as get_lora_model: an adapted model takes more adapters with load_adapter
     config, tensors = read_adapter(directory)
     config.backend = backend
     try:
@@ -509,10 +515,13 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
         if tuple(t.shape) != shape or not t.is_floating_point():
             raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(t.shape)} and dtype {t.dtype}, "
                                f"the model needs {shape}, floating point")
+        _refuse_non_finite(where, key, t)
     config.backend = lora_model.active_peft_config.backend
     config.inference_mode = not is_trainable  # as peft: is_trainable decides
     try:
-        lora_model.add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True))
+        # The targets are the file's keys, checked above: the config's target_modules is not run on names.
+        lora_model._add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True),
+                                f"load_adapter({adapter_name!r})", targets_checked=True)
     except ValueError as err:
         raise AdapterError(f"{where}: {err}") from err
     lora_model.peft_config[adapter_name] = dataclasses.replace(

@@ -16,11 +16,11 @@ from . import backends
 from .dropout import new_seed, no_seed
 from .ops import lora_linear, lora_linear_multi
 from .reference import lora_delta_weight
-from .validation import check_adapter_args, check_init_lora_weights, lora_scaling
+from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_init_lora_weights, lora_scaling
 
 InitSpec = Union[bool, str]
 DEFAULT_ADAPTER = "default"  # the adapter a layer is built with; its weights are the top-level lora_A, lora_B
-BASE_ADAPTER = "__base__"  # in forward's adapter_names: no adapter for that sample (peft's name)
+BASE_ADAPTER = BASE_ADAPTER_NAME  # in forward's adapter_names: no adapter for that sample (peft's name)
 
 
 def _conv1d_class():
@@ -316,16 +316,10 @@ class FusedLoRALinear(nn.Module):
 
     def _check_new_adapter(self, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights) -> None:
         """Every check of add_adapter's arguments, before anything changes (one place to point elsewhere)."""
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"FusedLoRALinear.add_adapter: the adapter name must be a non-empty string, "
-                             f"got {adapter_name!r}")
+        check_adapter_name(adapter_name, "FusedLoRALinear.add_adapter")
         if adapter_name in self._adapter_settings:
             raise ValueError(f"FusedLoRALinear.add_adapter: an adapter named {adapter_name!r} already exists "
                              f"(delete_adapter it first)")
-        if adapter_name == BASE_ADAPTER or "." in adapter_name or hasattr(nn.ModuleDict(), adapter_name):
-            raise ValueError(f"FusedLoRALinear.add_adapter: {adapter_name!r} cannot name an adapter "
-                             f"({BASE_ADAPTER!r} means no adapter; names hold no '.' and are not nn.ModuleDict "
-                             f"attributes)")
         check_adapter_args(r, lora_dropout, init_lora_weights, self.backend, lora_alpha, use_rslora)
 
     def add_adapter(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,

@@ -21,7 +21,7 @@ from torch import nn
 from .config import LoraConfig
 from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
 from .targets import _as_set, find_modules_to_save, find_targets, is_adaptable, name_matches
-from .validation import check_adapter_args
+from .validation import check_adapter_args, check_adapter_name
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -140,8 +140,7 @@ class LoraModel(nn.Module):
         weights file); by default `config.target_modules` is matched against the model.
         `adapter_name`: the key of `peft_config` (peft's "default")."""
         super().__init__()
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise TypeError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+        check_adapter_name(adapter_name, "LoraModel")
         # Every check that can fail runs before the model is touched: nothing is half-applied.
         if not isinstance(config, LoraConfig):
             raise TypeError(f"expected a fused_lora.LoraConfig, got {type(config).__module__}.{type(config).__name__}"
@@ -274,22 +273,25 @@ class LoraModel(nn.Module):
         self.active_adapter = adapter_name
 
     def _check_new_name(self, adapter_name, what: str) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"{what}: the adapter name must be a non-empty string, got {adapter_name!r}")
+        check_adapter_name(adapter_name, what)
         if adapter_name in self.peft_config:
             raise ValueError(f"{what}: an adapter named {adapter_name!r} already exists (delete_adapter it first)")
         if adapter_name == DEFAULT_ADAPTER and self._first_adapter != DEFAULT_ADAPTER:
             raise ValueError(f"{what}: {DEFAULT_ADAPTER!r} names the first adapter's slot, held by "
                              f"{self._first_adapter!r} here; choose another name")
 
-    def _check_new_config(self, config: LoraConfig, what: str) -> None:
+    def _check_new_config(self, config: LoraConfig, what: str, targets_checked: bool = False) -> None:
         """An added adapter must target exactly the first adapter's modules and carry no modules_to_save
-        or trained biases (fused_lora's limits; peft allows other targets)."""
+        or trained biases (fused_lora's limits; peft allows other targets). `targets_checked`: the
+        targets came from a weights file's keys, already checked; the config's target_modules is then
+        not matched against module names (a downloaded regex must not be able to stall loading)."""
         config.validate()
         check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
                            config.lora_alpha, config.use_rslora)
         ours = sorted(n for n, _ in self.lora_layers())
-        if config.target_modules == "all-linear":  # peft's meaning: every Linear / Conv1D but the output layer
+        if targets_checked:
+            theirs = ours
+        elif config.target_modules == "all-linear":  # peft's meaning: every Linear / Conv1D but the output layer
             get = getattr(self.model, "get_output_embeddings", None)
             out = get() if callable(get) else None
             theirs = sorted(n for n, m in self.model.named_modules()
@@ -324,10 +326,12 @@ class LoraModel(nn.Module):
         `low_cpu_mem_usage` and `autocast_adapter_dtype` are accepted for peft's signature and change
         nothing. Any error (ValueError) leaves the model unchanged."""
         what = f"add_adapter({adapter_name!r})"
+        self._add_adapter(adapter_name, _as_lora_config(peft_config, what), what)
+
+    def _add_adapter(self, adapter_name: str, config: LoraConfig, what: str, targets_checked: bool = False) -> None:
         self._require_layers(what)
         self._check_new_name(adapter_name, what)
-        config = _as_lora_config(peft_config, what)
-        self._check_new_config(config, what)
+        self._check_new_config(config, what, targets_checked)
         layers = [layer for _, layer in self.lora_layers()]
         for layer in layers:  # every check first: nothing is half-applied
             layer._check_new_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout,
@@ -391,8 +395,9 @@ class LoraModel(nn.Module):
         if svd_clamp is not None and not 0.0 <= float(svd_clamp) <= 1.0:
             raise ValueError(f"{what}: svd_clamp is a quantile in [0, 1], got {svd_clamp!r}")
         source = self.peft_config[adapters[0]]
-        config = dataclasses.replace(source, r=rank, lora_alpha=rank, modules_to_save=None, bias="none",
-                                     inference_mode=False)
+        config = dataclasses.replace(source, r=rank, lora_alpha=rank, bias="none", inference_mode=False,
+                                     init_lora_weights=True)
+        config.modules_to_save = None  # after construction: a task_type's heads would be put back by it
         # every layer's result first (an SVD can fail): nothing is added unless all succeed
         slots = [self._slot(n) for n in adapters]
         results = []
@@ -400,7 +405,7 @@ class LoraModel(nn.Module):
             loras = [(*layer.adapter_weights(s), layer.adapter_settings(s).scaling) for s in slots]
             results.append(weighted.combine(combination_type, loras, weights, rank, svd_clamp, svd_full_matrices,
                                             svd_driver))
-        self.add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True))
+        self._add_adapter(adapter_name, config, what)
         self.peft_config[adapter_name].init_lora_weights = source.init_lora_weights
         slot = self._slot(adapter_name)
         for (_, layer), (A, B) in zip(layers, results):

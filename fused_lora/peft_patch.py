@@ -278,9 +278,10 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
     backends.requested_backend(backend)  # an unknown name fails before anything is changed
     layers = _lora_layers(model, "patch_peft")
     for name, layer in layers:  # a forced backend that cannot run here fails now, not at every forward
-        if _patch_reason(layer) is None:
+        if _patch_reason(layer) is None:  # every adapter the layer holds: set_adapter may choose any
             weight = layer.base_layer.weight
-            backends.choose_backend(weight.device, weight.dtype, 1, backend)
+            for lora_A in layer.lora_A.values():
+                backends.choose_backend(weight.device, weight.dtype, lora_A.weight.shape[0], backend)
     report = PatchReport(backend=backend)
     for name, layer in layers:
         reason = _patch_reason(layer)

@@ -10,6 +10,8 @@ import math
 import numbers
 import re
 
+from torch import nn
+
 from . import backends
 
 # init_lora_weights values FusedLoRALinear can initialise with.
@@ -174,3 +176,17 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
 def short_repr(value, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+BASE_ADAPTER_NAME = "__base__"  # in forward's adapter_names: no adapter for that sample (peft's name)
+
+
+def check_adapter_name(name, what: str) -> None:
+    """An adapter's name: a non-empty string that is not "__base__" (which means no adapter), holds
+    no "." (module paths) or path separator (it names a sub-directory when saved), and is not an
+    attribute of nn.ModuleDict (where a layer keeps its adapters)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what}: the adapter name must be a non-empty string, got {name!r}")
+    if name == BASE_ADAPTER_NAME or any(c in name for c in "./\\") or hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"{what}: {name!r} cannot name an adapter ({BASE_ADAPTER_NAME!r} means no adapter; "
+                         "names hold no '.', '/' or '\\' and are not nn.ModuleDict attributes)")

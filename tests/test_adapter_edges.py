@@ -102,3 +102,9 @@ def test_non_finite_weights_in_a_file_are_refused(tmp_path):
     with pytest.raises(AdapterError, match="NaN or inf"):
         LoraModel.from_pretrained(model, tmp_path)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_from_pretrained_on_an_adapted_model_says_so(tmp_path):
+    lm = saved(tmp_path)
+    with pytest.raises(ValueError, match="already holds LoRA adapters"):
+        LoraModel.from_pretrained(lm.model, tmp_path)

@@ -421,3 +421,77 @@ def test_checkpoint_resume_restores_every_adapter_whichever_is_active(tmp_path):
     for k, v in lm.state_dict().items():
         torch.testing.assert_close(v, want[k], rtol=0, atol=0)
     assert lm.active_adapter == "other"
+
+
+def _peft_extra_adapter(tmp_path, edit_config=None, edit_tensors=None):
+    """A peft adapter directory for the tiny Llama, its config or tensors edited as a file could be."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    pm = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "x")
+    if edit_config:
+        path = tmp_path / "x" / "adapter_config.json"
+        cfg = json.loads(path.read_text())
+        edit_config(cfg)
+        path.write_text(json.dumps(cfg))
+    if edit_tensors:
+        path = tmp_path / "x" / "adapter_model.safetensors"
+        tensors = load_file(path)
+        edit_tensors(tensors)
+        save_file(tensors, path)
+    return tmp_path / "x"
+
+
+def test_load_adapter_never_runs_the_files_regex_and_follows_its_keys(tmp_path):
+    """As from_pretrained: the weights' keys decide the targets; a regex in a downloaded config is
+    not run on module names (a catastrophic one would stall loading) and does not refuse a file
+    whose keys fit."""
+    def regex(cfg):
+        cfg["target_modules"] = r"([\w.]|[\w.])*!"  # exponential backtracking on ordinary names
+    directory = _peft_extra_adapter(tmp_path, edit_config=regex)
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(r=4, target_modules=TARGETS))
+    import signal
+
+    def stalled(*_):
+        raise TimeoutError("load_adapter ran the config's regex on module names")
+    old = signal.signal(signal.SIGALRM, stalled)
+    signal.alarm(20)
+    try:
+        lm.load_adapter(directory, "x")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "x" in lm.peft_config
+
+
+def test_load_adapter_refuses_non_finite_tensors_as_from_pretrained_does(tmp_path):
+    def nan(tensors):
+        key = next(k for k in tensors if k.endswith("lora_B.weight"))
+        tensors[key].fill_(float("nan"))
+    directory = _peft_extra_adapter(tmp_path, edit_tensors=nan)
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(r=4, target_modules=TARGETS))
+    with pytest.raises(AdapterError, match="NaN or inf"):
+        lm.load_adapter(directory, "x")
+    assert list(lm.peft_config) == ["default"]
+
+
+def test_add_weighted_adapter_of_a_classification_adapter(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from fused_lora.finetune import LLAMA_SIZES
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(**LLAMA_SIZES["tiny"], num_labels=3, pad_token_id=0))
+    lm = get_lora_model(model, LoraConfig(r=4, target_modules=TARGETS, task_type="SEQ_CLS", init_lora_weights=False))
+    lm.add_weighted_adapter(["default"], [1.0], "w", combination_type="linear")
+    assert lm.peft_config["w"].modules_to_save is None
+
+
+@pytest.mark.parametrize("name", ["__base__", "../escaped", "a.b", "training"])
+def test_adapter_names_follow_one_rule_for_the_first_adapter_too(tmp_path, name):
+    with pytest.raises(ValueError, match="cannot name an adapter"):
+        LoraModel(build_llama("tiny"), LoraConfig(r=4, target_modules=TARGETS), adapter_name=name)
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(r=4, target_modules=TARGETS))
+    with pytest.raises(ValueError, match="cannot name an adapter"):
+        lm.add_adapter(name, LoraConfig(r=4, target_modules=TARGETS))
+    assert list(lm.peft_config) == ["default"]

@@ -594,3 +594,11 @@ def test_a_forced_backend_that_cannot_run_fails_at_patch_time(monkeypatch):
         patch_peft(model, backend="triton", verbose=False)
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert not hasattr(model, "fused_lora_report")
+
+
+def test_a_forced_backend_checks_every_adapters_rank_at_patch_time():
+    model = peft.get_peft_model(MLP(), peft.LoraConfig(r=4, target_modules=["fc1"]))
+    model.add_adapter("big", peft.LoraConfig(r=300, target_modules=["fc1"]))  # above the Triton kernels' 256
+    with pytest.raises(fused_lora.BackendUnavailable, match="rank 300"):
+        patch_peft(model, backend="triton", verbose=False)
+    assert not any("forward" in m.__dict__ for m in model.modules())
