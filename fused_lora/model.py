@@ -597,9 +597,11 @@ class LoraModel(nn.Module):
         layers = list(self.lora_layers())
         if merge:
             self._merge_all(layers, safe_merge, adapter_names)
+        else:  # every unmerge (which can refuse) before any layer is swapped: no half-unloaded model
+            for _, layer in layers:
+                if layer.merged:
+                    layer.unmerge()
         for name, layer in layers:
-            if not merge and layer.merged:
-                layer.unmerge()
             new = layer._plain_base()  # an nn.Linear or Conv1D on meta, then the very same tensors, no copy
             new.weight, new.bias = layer.weight, layer.bias
             _set_submodule(self.model, name, new)

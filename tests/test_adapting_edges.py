@@ -116,3 +116,16 @@ def test_unload_keeps_the_trained_modules_to_save_as_peft_does(how):
     with torch.no_grad():
         torch.testing.assert_close(got(x), want(x))
     assert isinstance(got.head, nn.Linear)
+
+
+def test_a_refused_unmerge_during_unload_swaps_no_layer():
+    """unload() of merged layers unmerges them all before swapping any: when one refuses (its weight
+    cannot be restored), the model keeps every adapted layer."""
+    lm = get_lora_model(Net(), LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False))
+    lm.model.a.merge()
+    lm.model.b.merge()
+    with torch.no_grad():
+        lm.model.b.weight[0, 0] = float("inf")  # unmerge refuses: the weight cannot be restored
+    with pytest.raises(ValueError):
+        lm.unload()
+    assert isinstance(lm.model.a, FusedLoRALinear) and isinstance(lm.model.b, FusedLoRALinear)
