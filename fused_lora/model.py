@@ -426,7 +426,8 @@ class LoraModel(nn.Module):
         """Load the adapter saved in directory `model_id` (by fused_lora or peft) as `adapter_name`
         (peft's PeftModel.load_adapter): not made active; trainable only with `is_trainable`. It must
         target this model's adapted modules; every key and shape is checked first (AdapterError) and
-        on any error the model is unchanged."""
+        on any error the model is unchanged. Without `is_trainable` the model is put in eval mode, as
+        peft's load_adapter does (its dropout off)."""
         from .adapters import load_extra_adapter
         if kwargs:
             raise TypeError(f"load_adapter: unsupported arguments {sorted(kwargs)}")
@@ -434,6 +435,8 @@ class LoraModel(nn.Module):
         self._require_layers(what)
         self._check_new_name(adapter_name, what)
         load_extra_adapter(self, model_id, adapter_name, is_trainable)
+        if not is_trainable:
+            self.eval()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove the adapter `adapter_name` from every layer and from peft_config. The active adapter

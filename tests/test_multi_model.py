@@ -495,3 +495,14 @@ def test_adapter_names_follow_one_rule_for_the_first_adapter_too(tmp_path, name)
     with pytest.raises(ValueError, match="cannot name an adapter"):
         lm.add_adapter(name, LoraConfig(r=4, target_modules=TARGETS))
     assert list(lm.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_load_adapter_leaves_train_mode_as_peft_does(tmp_path, is_trainable):
+    directory = _peft_extra_adapter(tmp_path)
+    ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, target_modules=TARGETS))
+    lm = get_lora_model(build_llama("tiny"), LoraConfig(r=4, target_modules=TARGETS))
+    for m in (ref, lm):
+        m.train()
+        m.load_adapter(directory, "x", is_trainable=is_trainable)
+    assert lm.training == ref.training == is_trainable
