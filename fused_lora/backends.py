@@ -102,7 +102,7 @@ class Problem:
 
     def forward_twin(self) -> "Problem":
         """The forward problem whose backward this is."""
-        return dataclasses.replace(self, op="fwd", grads=())
+        return dataclasses.replace(self, op="multi_fwd" if self.op == "multi_bwd" else "fwd", grads=())
 
 
 def triton_not_supported_reasons(device: torch.device, dtype: torch.dtype, rank: int) -> list[str]:
@@ -128,10 +128,24 @@ def triton_not_supported_reasons(device: torch.device, dtype: torch.dtype, rank:
 
 def triton_op_reasons(op: str) -> list[str]:
     """Ops the Triton kernels do not implement yet (empty when they do)."""
-    if op.startswith("multi_"):
-        return ["the Triton kernels have no segment kernels yet for several adapters in one batch "
-                "(lora_linear_multi); the torch backend runs it"]
     return []
+
+
+MAX_TRITON_MULTI_RANK = 128  # kernels/configs.MAX_MULTI_RANK (not imported here: no Triton at import)
+
+
+def triton_multi_reasons(problem: "Problem") -> list[str]:
+    """What the segment kernels (several adapters in one batch) cannot run, beyond the single-adapter
+    reasons: ranks above 128 and, compiled on a GPU, float32 (their compiled variants are 16-bit)."""
+    if not problem.op.startswith("multi_"):
+        return []
+    reasons = []
+    if problem.rank > MAX_TRITON_MULTI_RANK:
+        reasons.append(f"the multi-adapter kernels take ranks up to {MAX_TRITON_MULTI_RANK}, the largest "
+                       f"rank here is {problem.rank}")
+    if problem.dtype == torch.float32 and problem.device.type == "cuda":
+        reasons.append("the multi-adapter kernels are compiled for float16 and bfloat16 on a GPU, not float32")
+    return reasons
 
 
 @dataclass(frozen=True)
@@ -158,7 +172,8 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     # Imported on first use only: no Triton work at package import.
     Implementation("triton", "the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
                    lambda: importlib.import_module("fused_lora.kernels"),
-                   lambda p: triton_not_supported_reasons(p.device, p.dtype, p.rank) + triton_op_reasons(p.op)),
+                   lambda p: (triton_not_supported_reasons(p.device, p.dtype, p.rank) + triton_op_reasons(p.op)
+                              + triton_multi_reasons(p))),
 )
 BACKENDS = tuple(impl.name for impl in IMPLEMENTATIONS)
 
@@ -363,7 +378,7 @@ class Registry:
             return default
         by_name = {impl.name: impl for impl in candidates}
         with self._lock:
-            if problem.op == "bwd" and problem.dropout:
+            if problem.op in ("bwd", "multi_bwd") and problem.dropout:
                 known = self.known(problem.forward_twin())
                 return by_name.get(known.winner, default) if known else default
             known = self.known(problem)

@@ -112,8 +112,8 @@ def _add_product(out: Tensor, rows: Rows, a: Tensor, b: Tensor, alpha: float) ->
         out.index_add_(0, rows, torch.mm(a, b), alpha=alpha)
 
 
-def _mask(seed: int, adapter: int, m: int, K: int, p: float, device) -> Optional[Tensor]:
-    return keep_mask(adapter_seed(seed, adapter), (m, K), p, device) if p > 0.0 else None
+def _mask(seed: int, adapter: int, m: int, K: int, p: float, device, mask_fn=keep_mask) -> Optional[Tensor]:
+    return mask_fn(adapter_seed(seed, adapter), (m, K), p, device) if p > 0.0 else None
 
 
 def _dropped(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
@@ -188,16 +188,18 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, adapters: Sequence[Adapter],
 
 
 def differentiable_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Adapter],
-                           segs: Segments, seed: int) -> Tensor:
+                           segs: Segments, seed: int, mask_fn=keep_mask) -> Tensor:
     """Y as `forward` computes it (same masks), with out-of-place autograd-differentiable ops: what
-    double backward differentiates (recomputed there, so the fast path keeps no graph)."""
+    double backward differentiates (recomputed there, so the fast path keeps no graph). `mask_fn`:
+    the keep_mask of the backend that ran the forward (each backend draws its own masks from the
+    adapters' seeds)."""
     y = torch.nn.functional.linear(x, weight, bias)
     for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
         m = segs.count(a)
         if m == 0:
             continue
         rows = segs.rows(a)
-        keep = _mask(seed, a, m, x.shape[1], p, x.device)
+        keep = _mask(seed, a, m, x.shape[1], p, x.device, mask_fn)
         xa = x.index_select(0, rows)
         xa = xa if keep is None else xa * keep / (1.0 - p)
         y = y.index_add(0, rows, (xa @ lora_A.t()) @ lora_B.t(), alpha=scaling)

@@ -32,8 +32,8 @@ fake implementations alike, so every path and backend refuses bad inputs with th
 PyTorch path in `multi_impl`), built the same way: custom ops fused_lora::lora_linear_multi_fwd/_bwd
 (adapters as tensor lists, H packed into one M x max(r) tensor so the fake shapes are static, the
 row layout recomputed from the index inside each op) under torch.compile, an autograd.Function in
-eager mode, the backend chosen through the same table (ops "multi_fwd" / "multi_bwd"; the Triton
-row refuses them until segment kernels exist).
+eager mode, the backend chosen through the same table (ops "multi_fwd" / "multi_bwd": the torch row
+runs `multi_impl`, the Triton row the segment kernels of `kernels.multi`).
 """
 from __future__ import annotations
 
@@ -281,14 +281,15 @@ def _multi_forward(x, weight, bias, adapters, segs, seed: int, backend):
     """(Y, packed H) on the backend the table chooses (counted as multi_fwd)."""
     if bias is not None:
         bias = bias.contiguous()
-    return _chosen_multi("multi_fwd", x, weight, adapters, backend).multi_forward(x, weight, bias, adapters, segs,
-                                                                                 seed)
+    args = (x, weight, bias, adapters, segs, seed)
+    return _chosen_multi("multi_fwd", x, weight, adapters, backend,
+                         bench=lambda m: lambda: m.multi_forward(*args)).multi_forward(*args)
 
 
 def _multi_backward(dy, x, weight, adapters, h, segs, seed: int, backend, need_dx, need_lora, need_dw, need_db):
-    impl = _chosen_multi("multi_bwd", x, weight, adapters, backend)
-    return impl.multi_backward(dy.contiguous(), x, weight, adapters, h, segs, seed, need_dx, need_lora, need_dw,
-                               need_db)
+    args = (dy.contiguous(), x, weight, adapters, h, segs, seed, need_dx, need_lora, need_dw, need_db)
+    impl = _chosen_multi("multi_bwd", x, weight, adapters, backend, bench=lambda m: lambda: m.multi_backward(*args))
+    return impl.multi_backward(*args)
 
 
 # The custom ops (what torch.compile traces): the layout is recomputed from row_adapter inside each.
@@ -401,17 +402,21 @@ def _multi_double_backward(ctx, dy, x, weight, bias, adapters, need):
     ops and the same masks, differentiated by autograd."""
     inputs = (x, weight, bias, *(t for a in adapters for t in a[:2]))
     needs = (need[0], need[1], need[2]) + tuple(need[7:])
+    # The masks of the backend that ran the forward (with dropout, backward follows its choice).
+    impl = _chosen_multi("multi_bwd", x, weight, adapters, ctx.backend, counted_as="multi_bwd_differentiable")
     with torch.enable_grad():
-        y = multi_impl.differentiable_forward(x, weight, bias, adapters, ctx.segs, ctx.seed)
+        y = multi_impl.differentiable_forward(x, weight, bias, adapters, ctx.segs, ctx.seed, impl.keep_mask)
         wanted = [t for t, n in zip(inputs, needs) if n]
         grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
     out = [next(grads) if n else None for n in needs]
     return (*out[:3], None, None, None, None, *out[3:])
 
 
-def _chosen_multi(op: str, x: Tensor, weight: Tensor, adapters, backend: str):
+def _chosen_multi(op: str, x: Tensor, weight: Tensor, adapters, backend: str, bench=None,
+                  counted_as: Optional[str] = None):
     rank = max([0] + [a[0].shape[0] for a in adapters])
-    return _chosen(op, x, rank, backend, weight, max([0.0] + [a[3] for a in adapters]))
+    return _chosen(op, x, rank, backend, weight, max([0.0] + [a[3] for a in adapters]), bench=bench,
+                   counted_as=counted_as)
 
 
 def lora_linear_multi(
@@ -429,8 +434,10 @@ def lora_linear_multi(
     The base GEMM runs once for the whole batch; each adapter's low-rank term runs on its rows
     (`multi_impl`). `seed` (int or 0-dim int64 tensor, required when some p_a > 0) fixes the dropout
     masks: adapter a draws its mask as the single-adapter op would on its rows alone with the seed
-    `multi_impl.adapter_seed(seed, a)`. Backends: "torch" (and "auto"); the Triton kernels have no
-    segment kernels yet, so backend="triton" raises BackendUnavailable. Bad inputs raise ValueError or
+    `multi_impl.adapter_seed(seed, a)`, with the mask generator of the backend that runs (as for one
+    adapter, the torch and Triton backends draw different masks from one seed). Backends: "torch",
+    "triton" (segment kernels, `kernels.multi`: ranks up to 128, float16/bfloat16 on a GPU) and "auto".
+    Bad inputs raise ValueError or
     TypeError naming the problem (and the adapter's index) before anything runs (under torch.compile,
     row_adapter's values are checked when the op runs). Under torch.compile the custom op
     `fused_lora::lora_linear_multi_fwd` is traced (fullgraph works).

@@ -158,3 +158,10 @@ def _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, n
     dB = torch.empty((N, r), dtype=lora_B.dtype, device=x.device)
     sum_partials((da_ws[:_row_blocks_used(dx_da, M)], dA), (db_ws[:db_slots], dB))
     return dx, dA, dB
+
+
+# Several adapters in one batch (segment kernels; the interface of fused_lora.multi_impl). Imported
+# last: its launchers use dy_chunk and arch_of above.
+from .multi import multi_backward, multi_forward  # noqa: E402
+
+__all__ += ["multi_forward", "multi_backward"]

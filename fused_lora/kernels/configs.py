@@ -126,3 +126,26 @@ def candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout: boo
             configs = [c for c in configs if c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 32 and c.num_warps == 8]
         return keep_fitting(configs, estimate, block_r, elt, arch, regs)[:1]
     raise KeyError(kernel_name)
+
+
+# ---- several adapters in one batch (kernels/multi*.py)
+# One config per variant, no autotuning: the tile table (row tiles that never cross an adapter's
+# rows) is built for the kernel's BLOCK_M before launch. The config is the single-adapter kernel's
+# first (largest) fitting one. Two padded ranks only (ranks up to 32 pad to 32, up to 128 to 128)
+# and 16-bit dtypes on a GPU, to keep the compile gate's added variants near 64.
+MULTI_KERNELS = ("multi_shrink", "multi_forward", "multi_dy", "multi_dx_da")
+MULTI_BLOCK_RS = (32, 128)
+MAX_MULTI_RANK = MULTI_BLOCK_RS[-1]
+_MULTI_BASE = {"multi_shrink": "shrink", "multi_forward": "forward", "multi_dy": "dy", "multi_dx_da": "dx_da"}
+
+
+def multi_block_r(rank: int) -> int:
+    """The padded rank (BLOCK_R) of the multi-adapter kernels for a largest rank `rank`."""
+    return next(b for b in MULTI_BLOCK_RS if rank <= b) if rank <= MAX_MULTI_RANK else rank
+
+
+def multi_config(kernel_name: str, arch: int, block_r: int, elt: int, dropout: bool = False):
+    """The one config a multi-adapter kernel runs with (the interpreter's small one when interpreting)."""
+    if interpreting():
+        return _INTERPRETER[0]
+    return candidates(_MULTI_BASE[kernel_name], arch, block_r, elt, dropout)[0]

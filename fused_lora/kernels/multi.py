@@ -1,0 +1,216 @@
+"""Launchers for several adapters in one batch, with the interface of `fused_lora.multi_impl`:
+
+    multi_forward(x, W, b, adapters, segs, seed) -> (Y, packed H)
+    multi_backward(dY, x, W, adapters, H, segs, seed, need_dx, need_lora, need_dw, need_db)
+        -> (dx, [(dA_a, dB_a) or None], dW, db)
+
+`adapters` is ((A_a, B_a, s_a, p_a), ...); `segs` the grouped layout (`multi_impl.Segments`: `order`,
+the rows sorted by adapter, base rows first, and the `offsets` of each adapter's run). The packed H
+is `multi_impl.packed_h_shape`: M x R (R the largest rank), row i for sorted position i, its first
+r_a columns used (the rest zero).
+
+Scheduling (vLLM's sgmv): each adapter's run of sorted positions is cut into row tiles that never
+cross into another adapter's rows, so every program has one adapter (a scalar rank, scaling and
+seed, one A / B slice; no per-row adapter logic in the GEMM loops). The base GEMM runs once for
+the whole batch over all tiles (the base rows' tiles have rank 0). The price: at most one partial
+tile per adapter (a fraction ~ n_adapters * BLOCK_M / M of the GEMMs' MMA work, ~4% at 4 adapters
+and M = 8192 with 128-row tiles); a per-row adapter index in the GEMMs' low-rank prologue would
+avoid it at the cost of a loop over the adapters present in each tile.
+
+Adapters' A and B are passed stacked and zero-padded to the largest rank, (n, R, K) and (n, N, R)
+(a copy of n r x K and N x r tensors per call, small beside x; none when the ranks are equal, as
+torch.stack then does the same copy), with small per-adapter tables for rank, scaling, dropout.
+
+Dropout: adapter a's mask is the Triton backend's own `keep_mask(adapter_seed(seed, a), (m_a, K), p_a)`
+over its rows in increasing order, drawn in-kernel (Philox of (seed, row within the adapter,
+column)), regenerated in backward, never stored: exactly what this backend's single-adapter op
+draws on that adapter's rows alone with that seed. (The torch backend draws its own masks from the
+same seeds with its own generator, as for one adapter.)
+
+dA_a and dB_a: fp32 partials per tile, summed per adapter in slot order (`multi_sum_kernel`):
+bit-identical run to run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+
+from . import configs
+from .dropout import keep_threshold
+from .multi_backward import multi_dx_da_kernel, multi_dy_kernel, multi_sum_kernel
+from .multi_forward import multi_forward_kernel, multi_shrink_kernel
+from .reduce import BLOCK as SUM_BLOCK
+from .reduce import sum_partials
+
+__all__ = ["multi_forward", "multi_backward", "tile_table", "adapter_seed"]
+
+KERNELS = {"multi_shrink": multi_shrink_kernel, "multi_forward": multi_forward_kernel,
+           "multi_dy": multi_dy_kernel, "multi_dx_da": multi_dx_da_kernel, "multi_sum": multi_sum_kernel}
+
+# fused_lora.multi_impl.adapter_seed, restated here because the kernels import nothing of the package
+# (tests/test_multi_kernels.py holds the two equal).
+_SEED_MIX = 0x9E3779B97F4A7C15
+_SEED_HIGH = 2**62
+
+
+def adapter_seed(seed: int, adapter: int) -> int:
+    return (int(seed) + (adapter + 1) * _SEED_MIX) % _SEED_HIGH
+
+
+def tile_table(offsets, block_m: int):
+    """The row tiles of the grouped layout: (int32 (T, 4) rows (adapter or -1, first sorted position,
+    end, index of the first row within its adapter), number of base tiles (first in the table),
+    int32 (n + 1,) bounds: adapter a's tiles are base + bounds[a] .. base + bounds[a + 1])."""
+    off = np.asarray(offsets, dtype=np.int64)
+    lo, hi = off[:-1], off[1:]
+    counts = (hi - lo + block_m - 1) // block_m
+    segment = np.repeat(np.arange(lo.size), counts)
+    within = (np.arange(segment.size) - (np.cumsum(counts) - counts)[segment]) * block_m
+    first = lo[segment] + within
+    rows = np.stack([segment - 1, first, np.minimum(first + block_m, hi[segment]), within], 1).astype(np.int32)
+    bounds = np.concatenate([[0], np.cumsum(counts[1:])]).astype(np.int32)
+    return rows, int(counts[0]), bounds
+
+
+class _Batch:
+    """What every launch of one call shares: the adapters stacked, their tables, the tile tables."""
+
+    def __init__(self, x, weight, adapters, segs, seed: int):
+        from . import arch_of
+        self.x, self.segs, self.device = x, segs, x.device
+        self.n = len(adapters)
+        self.K, self.N = x.shape[1], weight.shape[0]
+        ranks = [a[0].shape[0] for a in adapters]
+        self.rw = max([0] + ranks)  # the packed width: multi_impl.packed_h_shape
+        self.block_r = configs.multi_block_r(self.rw)
+        self.arch = arch_of(x.device)
+        self.elt = x.element_size()
+        self.dropout = any(a[3] > 0.0 for a in adapters)
+        self.a_stack, self.b_stack = self._stacked(x, adapters, ranks)
+        ints = [(r, keep_threshold(p), adapter_seed(seed, a)) for a, (r, (_, _, _, p)) in enumerate(zip(ranks, adapters))]
+        floats = [(s, 1.0 / (1.0 - p)) for _, _, s, p in adapters]
+        self.ints = torch.tensor(ints or [(0, 0, 0)], dtype=torch.int64).to(x.device)
+        self.floats = torch.tensor(floats or [(0.0, 1.0)], dtype=torch.float32).to(x.device)
+        self.order = segs.order
+        self.pos0 = segs.offsets[1]  # base rows come first in the sorted order
+        self._tables = {}
+
+    def _stacked(self, x, adapters, ranks):
+        rw, K, N = max(self.rw, 1), self.K, self.N
+        if adapters and all(r == self.rw for r in ranks):
+            return torch.stack([a[0] for a in adapters]), torch.stack([a[1] for a in adapters])
+        a_stack = x.new_zeros((max(self.n, 1), rw, K))
+        b_stack = x.new_zeros((max(self.n, 1), N, rw))
+        for i, (lora_A, lora_B, _, _) in enumerate(adapters):
+            a_stack[i, :lora_A.shape[0]] = lora_A
+            b_stack[i, :, :lora_B.shape[1]] = lora_B
+        return a_stack, b_stack
+
+    def tiles(self, block_m: int):
+        """(tiles on the device, number of tiles, number of base tiles, bounds on the device)."""
+        if block_m not in self._tables:
+            rows, n_base, bounds = tile_table(self.segs.offsets, block_m)
+            self._tables[block_m] = (torch.from_numpy(rows).to(self.device), rows.shape[0], n_base,
+                                     torch.from_numpy(bounds).to(self.device))
+        return self._tables[block_m]
+
+    def config(self, kernel: str, dropout: bool = False):
+        return configs.multi_config(kernel, self.arch, self.block_r, self.elt, dropout)
+
+
+def _launch_opts(cfg) -> dict:
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def multi_forward(x, weight, bias, adapters, segs, seed):
+    M, K = x.shape
+    N = weight.shape[0]
+    batch = _Batch(x, weight, adapters, segs, seed)
+    rw = batch.rw
+    h = x.new_zeros((M, rw))
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y, h
+    h_arg, h_strides = (h, h.stride()) if rw else (y, (0, 0))  # nothing of H is read at rank 0
+    if rw and M > batch.pos0:
+        cfg = batch.config("multi_shrink", batch.dropout)
+        tiles, n_tiles, n_base, _ = batch.tiles(cfg.kwargs["BLOCK_M"])
+        multi_shrink_kernel[(n_tiles - n_base,)](
+            x, batch.a_stack, h, batch.order, tiles, batch.ints, batch.floats,
+            *x.stride(), *batch.a_stack.stride(), *h.stride(),
+            K, n_base, HAS_DROPOUT=batch.dropout, BLOCK_R=batch.block_r, **_launch_opts(cfg))
+    cfg = batch.config("multi_forward")
+    tiles, n_tiles, _, _ = batch.tiles(cfg.kwargs["BLOCK_M"])
+    bias = bias if bias is not None else x.new_zeros(N)
+    multi_forward_kernel[(n_tiles * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](
+        x, weight, bias, h_arg, batch.b_stack, y, batch.order, tiles, batch.ints, batch.floats,
+        *x.stride(), *weight.stride(), *h_strides, *batch.b_stack.stride(), *y.stride(),
+        N, K, n_tiles, BLOCK_R=batch.block_r, **_launch_opts(cfg))
+    return y, h
+
+
+def multi_backward(dy, x, weight, adapters, h, segs, seed, need_dx, need_lora, need_dw, need_db):
+    M, K = x.shape
+    N = weight.shape[0]
+    need_lora = list(need_lora)
+    dx, stacks = None, None
+    if need_dx or any(need_lora):
+        dx, stacks = _lora_backward(dy, x, weight, adapters, h, segs, seed, need_dx)
+    pairs = []
+    for a, (lora_A, lora_B, _, _) in enumerate(adapters):
+        if not need_lora[a]:
+            pairs.append(None)
+            continue
+        r = lora_A.shape[0]
+        if stacks is None:  # nothing to sum (no LoRA rows, or an empty size): zeros
+            pairs.append((torch.zeros_like(lora_A, dtype=x.dtype), torch.zeros_like(lora_B, dtype=x.dtype)))
+        else:
+            pairs.append((stacks[0][a, :r], stacks[1][a, :, :r].contiguous()))
+    dW = torch.mm(dy.t(), x) if need_dw else None
+    db = dy.sum(0) if need_db else None
+    return dx, pairs, dW, db
+
+
+def _lora_backward(dy, x, weight, adapters, h, segs, seed, need_dx):
+    """(dx or None, (dA stacked (n, R, K), dB stacked (n, N, R)) or None when there is nothing to sum)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    batch = _Batch(x, weight, adapters, segs, seed)
+    rw, pos0, n = batch.rw, batch.pos0, batch.n
+    m_lora = M - pos0
+    if rw == 0 or m_lora == 0 or min(M, N, K) == 0:  # no low-rank term anywhere: the base GEMM alone
+        return (torch.mm(dy, weight) if need_dx else None), None
+    f32 = dict(dtype=torch.float32, device=x.device)
+    # 1. The dY pass: partials of G (one per column chunk) and of dB (one per LoRA tile).
+    from . import dy_chunk
+    cfg = batch.config("multi_dy")
+    tiles, n_tiles, n_base, db_bounds = batch.tiles(cfg.kwargs["BLOCK_M"])
+    chunk = dy_chunk(m_lora, N)
+    g_ws = torch.empty((triton.cdiv(N, chunk), m_lora, rw), **f32)
+    db_ws = torch.empty((n_tiles - n_base, N, rw), **f32)
+    multi_dy_kernel[(n_tiles - n_base, triton.cdiv(N, chunk))](
+        dy, batch.b_stack, h, g_ws, db_ws, batch.order, tiles, batch.ints, batch.floats,
+        *dy.stride(), *batch.b_stack.stride(), *h.stride(),
+        m_lora, N, rw, chunk, n_base, pos0, BLOCK_R=batch.block_r, **_launch_opts(cfg))
+    g = torch.empty((m_lora, rw), dtype=x.dtype, device=x.device)
+    sum_partials((g_ws, g))
+    # 2. dX (every tile) and the dA partials (one per LoRA tile).
+    cfg = batch.config("multi_dx_da", batch.dropout)
+    tiles, n_tiles, n_base, da_bounds = batch.tiles(cfg.kwargs["BLOCK_M"])
+    tile0 = 0 if need_dx else n_base
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
+    da_ws = torch.empty((n_tiles - n_base, rw, K), **f32)
+    multi_dx_da_kernel[((n_tiles - tile0) * triton.cdiv(K, cfg.kwargs["BLOCK_N"]),)](
+        dy, weight, g, batch.a_stack, x, dx if need_dx else g, da_ws, batch.order, tiles, batch.ints, batch.floats,
+        *dy.stride(), *weight.stride(), *g.stride(), *batch.a_stack.stride(), *x.stride(),
+        *(dx.stride() if need_dx else (0, 0)),
+        N, K, rw, n_tiles - tile0, tile0, n_base, pos0,
+        HAS_DX=need_dx, HAS_DROPOUT=batch.dropout, BLOCK_R=batch.block_r, **_launch_opts(cfg))
+    # 3. Each adapter's dA and dB: its slots summed in a fixed order.
+    dA = torch.empty((n, rw, K), dtype=x.dtype, device=x.device)
+    dB = torch.empty((n, N, rw), dtype=x.dtype, device=x.device)
+    for ws, out, bounds in ((da_ws, dA, da_bounds), (db_ws, dB, db_bounds)):
+        L = out[0].numel()
+        multi_sum_kernel[(n, triton.cdiv(L, SUM_BLOCK))](ws, out, bounds, L, BLOCK=SUM_BLOCK)
+    return dx, (dA, dB)

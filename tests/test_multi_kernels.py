@@ -1,0 +1,243 @@
+"""The segment kernels (several adapters in one batch, fused_lora/kernels/multi*.py) through the op
+with backend="triton": against the float64 multi-adapter reference, against the torch backend,
+against the Triton single-adapter op on each adapter's rows alone, and run to run.
+
+On CPU they run under TRITON_INTERPRET=1 (small shapes, fp32/fp16); on CUDA also bf16.
+"""
+import numpy as np
+import pytest
+import torch
+
+from fused_lora import BackendUnavailable, backends, multi_impl
+from fused_lora.ops import lora_linear, lora_linear_multi
+from fused_lora.reference import lora_linear_multi_ref
+from test_multi_adapter import make_multi
+from utils import assert_close_rule
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+_REASONS = backends.triton_not_supported_reasons(torch.device(DEVICE), torch.float16, 16)
+pytestmark = pytest.mark.skipif(_REASONS != [], reason="Triton cannot run here: " + "; ".join(_REASONS))
+
+DTYPES = [torch.float16] + ([torch.bfloat16] if CUDA else [torch.float32])
+
+
+def triton_keeps(row_adapter, K, specs, seed):
+    """The documented masks of the Triton backend: adapter a's rows in increasing order, drawn by the
+    Triton keep_mask(adapter_seed(seed, a), (m_a, K), p_a), as M x K masks for the reference."""
+    from fused_lora.kernels import keep_mask
+    keeps = []
+    for a, (_, p) in enumerate(specs):
+        if p == 0.0:
+            keeps.append(None)
+            continue
+        rows = (row_adapter == a).nonzero().squeeze(1)
+        keep = torch.zeros(row_adapter.shape[0], K, dtype=torch.bool, device=row_adapter.device)
+        keep[rows] = keep_mask(multi_impl.adapter_seed(seed, a), (rows.numel(), K), p, row_adapter.device)
+        keeps.append(keep)
+    return keeps
+
+
+def to_device(x, w, b, loras):
+    def move(t):
+        return None if t is None else t.detach().to(DEVICE).requires_grad_(t.requires_grad)
+    return move(x), move(w), move(b), [(move(A), move(B)) for A, B in loras]
+
+
+def run(backend, x, w, b, loras, specs, row_adapter, seed, dy):
+    """(y, gradients of every tensor that requires grad, in the order x, w, b, A0, B0, ...)."""
+    adapters = [(A, B, s, p) for (A, B), (s, p) in zip(loras, specs)]
+    if backend == "reference":
+        keeps = triton_keeps(row_adapter, x.shape[1], specs, seed)
+        y = lora_linear_multi_ref(x, w, b, adapters, row_adapter, keeps)
+    else:
+        y = lora_linear_multi(x, w, b, adapters, row_adapter, seed, backend=backend)
+    tensors = [t for t in [x, w, b] + [t for pair in loras for t in pair] if t is not None and t.requires_grad]
+    return y.detach(), list(torch.autograd.grad(y, tensors, dy))
+
+
+def layout(kind, M, n, seed=0):
+    """Per-row adapter indices: "scattered" (random over the base and the adapters, the last adapter
+    left without rows when n > 1), or "contiguous" (one run per adapter, the base in between)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "scattered":
+        return torch.randint(-1, max(n - 1, 1), (M,), generator=g)
+    bounds = sorted(torch.randint(0, M, (n + 1,), generator=g).tolist())
+    out = torch.full((M,), -1, dtype=torch.int64)
+    for a in range(n):
+        out[bounds[a]:bounds[a + 1]] = a
+    return out.roll(3)
+
+
+CASES = {  # ranks and (scaling, dropout_p) per adapter
+    "one": ([1], [(0.75, 0.2)]),
+    "three": ([3, 1, 6], [(0.5, 0.0), (2.0, 0.3), (-1.25, 0.1)]),
+    "five": ([2, 7, 1, 16, 5], [(1.0, 0.1), (0.5, 0.0), (3.0, 0.5), (-0.5, 0.0), (0.25, 0.2)]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("kind", ["scattered", "contiguous"])
+def test_matches_reference_all_gradients(dtype, case, kind):
+    ranks, specs = CASES[case]
+    M, K, N = (75, 37, 29) if not CUDA else (1000, 520, 300)
+    row_adapter = layout(kind, M, len(ranks)).to(DEVICE)
+    x, w, b, loras = to_device(*make_multi(M, K, N, ranks, torch.float64, seed=len(ranks)))
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    y64, g64 = run("reference", x, w, b, loras, specs, row_adapter, 21, dy)
+    low = to_device(x.to(dtype), w.to(dtype), b.to(dtype), [(A.to(dtype), B.to(dtype)) for A, B in loras])
+    y_eager, g_eager = run("reference", *low, specs, row_adapter, 21, dy.to(dtype))
+    y, grads = run("triton", *low, specs, row_adapter, 21, dy.to(dtype))
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert_close_rule(y, y_eager, y64, dtype, "y")
+    assert len(grads) == len(g64)
+    for i, (g, ge, g6) in enumerate(zip(grads, g_eager, g64)):
+        assert g.dtype == dtype and g.shape == g6.shape
+        assert_close_rule(g, ge, g6, dtype, f"gradient {i}")
+
+
+@pytest.mark.parametrize("kind", ["scattered", "contiguous"])
+def test_matches_torch_backend_without_dropout(kind):
+    ranks, specs = [3, 5, 1], [(0.5, 0.0), (2.0, 0.0), (-1.0, 0.0)]
+    M, K, N = 66, 21, 19
+    row_adapter = layout(kind, M, 3, seed=4).to(DEVICE)
+    x, w, b, loras = to_device(*make_multi(M, K, N, ranks, torch.float32, seed=3))
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    y_t, g_t = run("torch", x, w, b, loras, specs, row_adapter, 0, dy)
+    y, g = run("triton", x, w, b, loras, specs, row_adapter, 0, dy)
+    tol = dict(atol=2e-5, rtol=1e-5) if not CUDA else dict(atol=2e-2, rtol=1e-2)  # TF32 on a GPU
+    torch.testing.assert_close(y, y_t, **tol)
+    for a, b_ in zip(g, g_t):
+        torch.testing.assert_close(a, b_, **tol)
+
+
+def test_each_adapter_equals_training_it_alone_with_the_triton_backend():
+    """The mixed batch computes, per adapter, what the Triton single-adapter op computes on that
+    adapter's rows alone with the seed adapter_seed(seed, a): same outputs, same dA and dB (same
+    dropout masks), and dx row by row; base rows get x W^T + b and dY W."""
+    M, K, N, seed = 83, 24, 20, 1234
+    ranks, specs = [4, 2, 7], [(0.5, 0.3), (2.0, 0.0), (1.5, 0.15)]
+    row_adapter = layout("scattered", M, 4, seed=8).clamp(max=2).to(DEVICE)
+    x, w, b, loras = to_device(*make_multi(M, K, N, ranks, torch.float32, seed=5))
+    w.requires_grad_(False)
+    b.requires_grad_(False)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    y, grads = run("triton", x, w, b, loras, specs, row_adapter, seed, dy)
+    dx = torch.empty_like(x)
+    for a, ((A, B), (s, p)) in enumerate(zip(loras, specs)):
+        rows = (row_adapter == a).nonzero().squeeze(1)
+        assert rows.numel() > 0
+        xa = x.detach()[rows].requires_grad_(True)
+        ya = lora_linear(xa, w, b, A, B, s, p, multi_impl.adapter_seed(seed, a), backend="triton")
+        dxa, dA, dB = torch.autograd.grad(ya, [xa, A, B], dy[rows])
+        torch.testing.assert_close(y[rows], ya.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grads[1 + 2 * a], dA, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grads[2 + 2 * a], dB, atol=1e-5, rtol=1e-5)
+        dx[rows] = dxa
+    base = (row_adapter == -1).nonzero().squeeze(1)
+    dx[base] = dy[base] @ w
+    torch.testing.assert_close(grads[0], dx, atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic_run_to_run():
+    """Adapters with many row tiles (several partial slots per dA / dB): two runs bit-identical."""
+    M, K, N = 150, 40, 36
+    ranks, specs = [5, 3], [(0.5, 0.2), (1.0, 0.0)]
+    row_adapter = layout("scattered", M, 3, seed=6).to(DEVICE)
+    x, w, b, loras = to_device(*make_multi(M, K, N, ranks, torch.float16, seed=7))
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(4)).half().to(DEVICE)
+    first = run("triton", x, w, b, loras, specs, row_adapter, 9, dy)
+    second = run("triton", x, w, b, loras, specs, row_adapter, 9, dy)
+    assert torch.equal(first[0], second[0])
+    for g1, g2 in zip(first[1], second[1]):
+        assert torch.equal(g1, g2)
+
+
+def test_base_only_no_adapters_and_empty_batch():
+    x, w, b, loras = to_device(*make_multi(9, 12, 7, [3], torch.float32))
+    dy = torch.randn(9, 7).to(DEVICE)
+    y, grads = run("triton", x, w, b, loras, [(1.0, 0.5)], torch.full((9,), -1).to(DEVICE), 1, dy)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b).detach())
+    assert not grads[3].any() and not grads[4].any()  # the adapter saw no rows: zero gradients
+    torch.testing.assert_close(grads[0], dy @ w.detach())
+    y = lora_linear_multi(x, w, b, [], torch.full((9,), -1).to(DEVICE), backend="triton")
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))
+    x0 = x[:0].detach().requires_grad_(True)
+    y0 = lora_linear_multi(x0, w, b, [(loras[0][0], loras[0][1], 1.0, 0.0)], torch.zeros(0, dtype=torch.int64,
+                           device=DEVICE), backend="triton")
+    assert y0.shape == (0, 7)
+
+
+def test_double_backward_uses_the_triton_masks():
+    """create_graph=True recomputes the forward with differentiable ops: with the Triton backend's
+    masks, so the first-order gradients equal the kernels' ones."""
+    M, K, N = 30, 16, 12
+    ranks, specs = [3, 2], [(0.5, 0.4), (1.5, 0.25)]
+    row_adapter = layout("scattered", M, 3, seed=2).to(DEVICE)
+    x, w, b, loras = to_device(*make_multi(M, K, N, ranks, torch.float32, seed=8))
+    dy = torch.randn(M, N).to(DEVICE)
+    adapters = [(A, B, s, p) for (A, B), (s, p) in zip(loras, specs)]
+    tensors = [x] + [t for pair in loras for t in pair]
+    y = lora_linear_multi(x, w, b, adapters, row_adapter, 5, backend="triton")
+    plain = torch.autograd.grad(y, tensors, dy, retain_graph=True)
+    with_graph = torch.autograd.grad(y, tensors, dy, create_graph=True)
+    for g1, g2 in zip(plain, with_graph):
+        torch.testing.assert_close(g1, g2.detach(), atol=1e-5, rtol=1e-5)
+    assert backends.calls[("multi_bwd_differentiable", "triton")] >= 1
+
+
+def test_adapter_seed_is_multi_impls():
+    from fused_lora.kernels import multi
+    for seed in (0, 1, 2**62 - 1, 123456789012345):
+        for a in range(20):
+            assert multi.adapter_seed(seed, a) == multi_impl.adapter_seed(seed, a)
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 32])
+def test_tile_table_covers_each_adapter_without_crossing(block_m):
+    from fused_lora.kernels.multi import tile_table
+    row_adapter = torch.tensor([2, -1, 0, 0, 2, 2, 2, 0, -1, 2, 0, 2, 2, 2, 2, 2, 2])
+    segs = multi_impl.segments(row_adapter, 4)  # adapters 1 and 3 have no rows
+    tiles, n_base, bounds = tile_table(segs.offsets, block_m)
+    covered = np.zeros(row_adapter.numel(), dtype=int)
+    for a, first, end, local in tiles:
+        lo, hi = segs.offsets[a + 1], segs.offsets[a + 2]
+        assert lo <= first < end <= hi and end - first <= block_m and local == first - lo
+        covered[first:end] += 1
+    assert (covered == 1).all()
+    assert n_base == -(-2 // block_m) and (tiles[:n_base, 0] == -1).all()
+    for a in range(4):
+        mine = tiles[n_base + bounds[a]:n_base + bounds[a + 1]]
+        assert (mine[:, 0] == a).all() and sum(mine[:, 2] - mine[:, 1]) == segs.count(a)
+
+
+def test_refusals_name_the_reason():
+    x, w, b, loras = make_multi(4, 6, 5, [129], torch.float32)
+    with pytest.raises(BackendUnavailable, match="ranks up to 128"):
+        lora_linear_multi(x, w, b, [(loras[0][0], loras[0][1], 1.0, 0.0)], torch.zeros(4, dtype=torch.int64),
+                          backend="triton")
+    gpu_fp32 = backends.Problem("multi_fwd", torch.device("cuda"), torch.float32, 8, 8, 8, 16)
+    assert any("float32" in r for r in backends.triton_multi_reasons(gpu_fp32))
+    assert backends.triton_multi_reasons(backends.Problem("fwd", torch.device("cuda"), torch.float32, 8, 8, 8, 300)) == []
+
+
+def test_auto_backward_with_dropout_follows_the_forward_choice():
+    """Each backend draws its own masks: with dropout, multi_bwd runs on the backend timed fastest
+    for the matching multi_fwd key (never timed on its own)."""
+    times = {"torch": 2.0, "triton": 1.0}
+    timed = []
+
+    def timer(fn):
+        name = fn()
+        timed.append(name)
+        return times[name]
+    reg = backends.Registry(timer=timer, tuned_devices=(DEVICE,), cache_directory="/nonexistent/never-written",
+                            name_of=lambda device: "device", versions_of=lambda: {})
+    fwd = backends.Problem("multi_fwd", torch.device(DEVICE), torch.float16, 64, 8, 8, 4, dropout=True)
+    bwd = backends.Problem("multi_bwd", torch.device(DEVICE), torch.float16, 64, 8, 8, 4, dropout=True)
+    bench = lambda module: (lambda: "triton" if module.__name__.endswith("kernels") else "torch")  # noqa: E731
+    assert reg.select(fwd, bench=bench).name == "triton"
+    timed.clear()
+    times.update(torch=0.5)  # were backward timed, torch would now win
+    assert reg.select(bwd, bench=bench).name == "triton" and timed == []
