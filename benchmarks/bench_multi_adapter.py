@@ -9,13 +9,18 @@ an adapter's rows are not contiguous: the gather path; --grouped sorts the sampl
 Inference (eval, no grad), forward only:
     base                the frozen nn.Linear (the floor)
     ours                FusedLoRALinear(x, adapter_names=...): one base GEMM, per-adapter low-rank terms
+    ours single         the same layer without adapter_names: one adapter on every row (the target's
+                        denominator: a mixed batch should cost about what a single-adapter batch costs)
     peft                peft's lora.Linear with k adapters, forward(x, adapter_names=...): its loop
 Training (train mode, every adapter trainable, x requiring grad), forward+backward:
     base                the frozen nn.Linear
     ours                one mixed pass: FusedLoRALinear(x, adapter_names=...) then backward
+    ours single         one pass of the active adapter over the whole batch
     ours k passes       k separate passes of FusedLoRALinear, one per adapter on its own samples
                         (set_adapter, forward, backward), the sub-batches split outside the timing
     peft k passes       the same with peft (peft refuses adapter_names in training)
+"ours" runs the backend `--backends` names first (CPU: auto = torch; the GPU suite: triton, the
+segment kernels); each further backend adds "ours <backend>" and "ours <backend> single" rows.
 Ratios are taken within the run; a 2-core shared CPU moves absolute times by 10-20%.
 """
 from __future__ import annotations
@@ -59,7 +64,7 @@ def build(K, N, r, k, dtype, device):
     return base, ours, theirs
 
 
-def cases(samples, seq, K, N, r, ks, dtype, device, grouped, reps, log=print):
+def cases(samples, seq, K, N, r, ks, dtype, device, grouped, reps, backends=("auto",), log=print):
     rows = []
     for k in ks:
         base, ours, theirs = build(K, N, r, k, dtype, device)
@@ -86,9 +91,18 @@ def cases(samples, seq, K, N, r, ks, dtype, device, grouped, reps, log=print):
             base(xg).backward(dy)
             clear(base, xg)
 
-        def train_ours():
-            ours.train()(xg, adapter_names=names).backward(dy)
-            clear(ours, xg)
+        def with_backend(backend, fn):
+            def run():
+                ours.backend = backend
+                fn()
+            return run
+
+        def train_ours(mixed=True):
+            def fn():
+                ours.set_adapter(names_of(k)[0])
+                ours.train()(xg, **({"adapter_names": names} if mixed else {})).backward(dy)
+                clear(ours, xg)
+            return fn
 
         def separate(module):
             def fn():
@@ -99,10 +113,15 @@ def cases(samples, seq, K, N, r, ks, dtype, device, grouped, reps, log=print):
                     clear(module, xs)
             return fn
 
-        fns = {("inference", "base"): infer(base), ("inference", "ours"): infer(ours, adapter_names=names),
-               ("inference", "peft"): infer(theirs, adapter_names=names),
-               ("training", "base"): train_base, ("training", "ours"): train_ours,
-               ("training", "ours k passes"): separate(ours), ("training", "peft k passes"): separate(theirs)}
+        fns = {("inference", "base"): infer(base), ("inference", "peft"): infer(theirs, adapter_names=names),
+               ("training", "base"): train_base, ("training", "peft k passes"): separate(theirs)}
+        for i, backend in enumerate(backends):
+            label = "ours" if i == 0 else f"ours {backend}"
+            fns[("inference", label)] = with_backend(backend, infer(ours, adapter_names=names))
+            fns[("inference", label + " single")] = with_backend(backend, infer(ours))
+            fns[("training", label)] = with_backend(backend, train_ours())
+            fns[("training", label + " single")] = with_backend(backend, train_ours(mixed=False))
+        fns[("training", "ours k passes")] = with_backend(backends[0], separate(ours))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ms = time_variants(fns, device, reps=reps)
@@ -120,6 +139,11 @@ def cases(samples, seq, K, N, r, ks, dtype, device, grouped, reps, log=print):
         log(f"# k={k}: inference ours/peft {ratios[('inference', 'ours')]:.2f}; training ours/(ours k passes) "
             f"{ratios[('training', 'ours')]:.2f}, (peft k passes)/(ours k passes) "
             f"{ratios[('training', 'peft k passes')]:.2f}")
+        for i, backend in enumerate(backends):  # the GPU target: mixed <= 1.15x single, both modes
+            label = "ours" if i == 0 else f"ours {backend}"
+            log(f"# k={k} {backend}: mixed / single-adapter batch: inference "
+                f"{ms[('inference', label)] / ms[('inference', label + ' single')]:.3f}, training "
+                f"{ms[('training', label)] / ms[('training', label + ' single')]:.3f}")
     return rows
 
 
@@ -134,6 +158,8 @@ def main(argv=None):
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--grouped", action="store_true", help="samples sorted by adapter (contiguous rows)")
     ap.add_argument("--reps", type=int, default=10, help="CPU repetitions per variant (median)")
+    ap.add_argument("--backends", nargs="+", help="backends of our layer, the first labelled 'ours' "
+                    "(default: auto on CPU; triton torch on CUDA)")
     ap.add_argument("--out", default=os.path.join(OUT_DIR, "multi_adapter"))
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,7 +173,8 @@ def main(argv=None):
         torch.set_num_threads(os.cpu_count() or 1)
     print(f"# {environment(device)}; {dtype}; {samples} samples x {args.seq} tokens, K={K}, N={N}, r={args.r}, "
           f"{'grouped' if args.grouped else 'interleaved'} adapters")
-    rows = cases(samples, args.seq, K, N, args.r, args.ks, dtype, device, args.grouped, args.reps)
+    backend_list = args.backends or (["triton", "torch"] if gpu else ["auto"])
+    rows = cases(samples, args.seq, K, N, args.r, args.ks, dtype, device, args.grouped, args.reps, backend_list)
     write_csv(args.out + ".csv", rows)
     print(f"# wrote {args.out}.csv")
 

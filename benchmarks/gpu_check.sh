@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command, within a time budget (default 470 s: under 8 minutes
+# Everything that needs a GPU, in one command, within a time budget (default 560 s: under 10 minutes
 # on an H100, autotuning and auto's backend timing included): the CUDA tests (bf16 too), the layer
 # benchmark at the anchor shapes (each shape its own run, so one failure costs one shape; a run that
 # fails, e.g. in torch.compile, is retried without torch.compile), one fine-tuning step of the 1B
@@ -10,7 +10,7 @@
 # Output goes to $OUT when set, else benchmarks/out.
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP (stages not to run: any of info tests
-# layer finetune, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
+# layer multi finetune, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
 # FINETUNE_ARGS, TEST_FILES; FUSED_LORA_CACHE_DIR (default $OUT/backend_cache: auto tunes afresh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,13 +20,13 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 export FUSED_LORA_CACHE_DIR="${FUSED_LORA_CACHE_DIR:-$out/backend_cache}"
 py="${PYTHON:-python3}"
-budget="${GPU_CHECK_BUDGET_S:-470}"
+budget="${GPU_CHECK_BUDGET_S:-560}"
 skip=" ${GPU_CHECK_SKIP:-} "
 # "M K N [ranks...]; ...": the anchors' shapes; r=64 where a target or DESIGN.md's roofline names it.
 shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14336 16; 8192 14336 4096 16}"
 read -r -a layer_args <<< "${LAYER_ARGS:-}"
 read -r -a finetune_args <<< "${FINETUNE_ARGS:-}"
-read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
+read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_multi_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
 start=$SECONDS
 status=0
 : > "$out/status.tsv"
@@ -82,6 +82,10 @@ for shape in "${shape_list[@]}"; do
     fi
     cap=75
 done
+
+# Several adapters in one batch: the segment kernels (triton) and the torch path, mixed against a
+# single-adapter batch of the same size (the target: <= 1.15x at k = 4), k = 1, 4, 16, and peft's loop.
+stage multi 90 110 multi_adapter.log "$py" benchmarks/bench_multi_adapter.py --gpu-suite --out "$out/multi_adapter"
 
 stage finetune 100 10 finetune.log "$py" benchmarks/bench_finetune.py "${finetune_args[@]}" --out "$out/finetune.csv"
 

@@ -3,7 +3,8 @@ sm_80 without a GPU, and read by ptxas.
 
 A variant is one kernel x architecture x dtype (bf16, fp16, fp32: fp32 dots run as TF32) x padded
 rank (BLOCK_R) x flag combination that changes the code (HAS_DROPOUT, HAS_BIAS, HAS_DB,
-HAS_DX/HAS_DA) x autotuning config the launchers may pick. Each is compiled the way the JIT
+HAS_DX/HAS_DA) x autotuning config the launchers may pick. The segment kernels of mixed batches
+(kernels/multi*.py) add their own: bf16/fp16 x the two multi ranks x flags, one config each. Each is compiled the way the JIT
 specializes it for contiguous inputs with sizes divisible by 16 (unit strides constant, the rest
 16-divisible: the case that pipelines fully and uses the most shared memory), then Triton's own
 ptxas is run with -v on its PTX, with the flags Triton's make_cubin uses, and its report parsed:
@@ -59,6 +60,26 @@ FLAGS = {
     "dx_da": _DX_DA,
     "reduce": [{}],
 }
+# Several adapters in one batch (kernels/multi*.py): one config per variant, the multi ranks
+# (configs.MULTI_BLOCK_RS) and the 16-bit dtypes only (float32 multi batches are refused on a GPU).
+MULTI_DTYPES = ("bf16", "fp16")
+_UNIT_STRIDES.update({
+    "multi_shrink": {"stride_xk", "stride_ak", "stride_hr"},
+    "multi_forward": {"stride_xk", "stride_wk", "stride_hr", "stride_br", "stride_yn"},
+    "multi_dy": {"stride_dyn", "stride_br", "stride_hr"},
+    "multi_dx_da": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_xk", "stride_dxk"},
+    "multi_sum": set(),
+})
+FLAGS.update({
+    "multi_shrink": [dict(HAS_DROPOUT=False), dict(HAS_DROPOUT=True)],
+    "multi_forward": [{}],
+    "multi_dy": [{}],
+    "multi_dx_da": [dict(HAS_DX=dx, HAS_DROPOUT=drop) for dx, drop in itertools.product([True, False], [False, True])],
+    "multi_sum": [{}],
+})
+_TYPED_PTRS = {"order_ptr": "*i32", "tiles_ptr": "*i32", "ints_ptr": "*i64", "floats_ptr": "*fp32",
+               "bounds_ptr": "*i32", "ws_ptr": "*fp32"}
+_PLAIN_INTS = {"tile0", "lora_tile0", "pos0", "n_tiles"}  # tile and position counts: no 16-divisibility
 _FLOAT_ARGS = {"scaling", "scale"}
 _FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr"}
 
@@ -112,6 +133,11 @@ def variants(archs=ARCHS, dtypes=DTYPES) -> list:
                 n = len(configs.candidates(kernel, arch, block_r, _ELT[dtype], flags.get("HAS_DROPOUT", False)))
                 out.extend(Variant(kernel, arch, dtype, block_r, tuple(flags.items()), i) for i in range(n))
         out.append(Variant("reduce", arch, dtype, 0, (), -1))
+        if dtype in MULTI_DTYPES:
+            out.extend(Variant(kernel, arch, dtype, block_r, tuple(flags.items()), 0)
+                       for kernel in configs.MULTI_KERNELS
+                       for block_r, flags in itertools.product(configs.MULTI_BLOCK_RS, FLAGS[kernel]))
+            out.append(Variant("multi_sum", arch, dtype, 0, (), -1))
     return out
 
 
@@ -122,8 +148,15 @@ def _source(v: Variant):
 
     from . import _KERNELS, configs
     from .reduce import BLOCK, sum_partials_kernel
+    from .multi import KERNELS as MULTI
     if v.kernel == "reduce":
         fn, constexprs, cfg = sum_partials_kernel, {"BLOCK": BLOCK}, triton.Config({}, num_warps=4, num_stages=1)
+    elif v.kernel == "multi_sum":
+        fn, constexprs, cfg = MULTI[v.kernel], {"BLOCK": BLOCK}, triton.Config({}, num_warps=4, num_stages=1)
+    elif v.kernel in MULTI:
+        fn = MULTI[v.kernel]
+        cfg = configs.multi_config(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))
+        constexprs = dict(cfg.kwargs, BLOCK_R=v.block_r, **dict(v.flags))
     else:
         fn = _KERNELS[v.kernel][0]
         cfg = configs.candidates(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))[v.config]
@@ -134,6 +167,9 @@ def _source(v: Variant):
             signature[name] = "constexpr"
         elif name in _UNIT_STRIDES[v.kernel]:
             signature[name], constexprs[name] = "constexpr", 1
+        elif name in _TYPED_PTRS:
+            signature[name] = _TYPED_PTRS[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in _FP32_BUFFERS else f"*{v.dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -141,6 +177,8 @@ def _source(v: Variant):
             signature[name] = "fp32"
         elif name == "seed":
             signature[name] = "i64"
+        elif name in _PLAIN_INTS:
+            signature[name] = "i32"
         else:
             signature[name] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
