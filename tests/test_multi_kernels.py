@@ -267,3 +267,25 @@ def test_layer_mixed_batch_on_the_triton_backend():
     assert len(runs["triton"]) == 5  # y and A, B of both adapters
     for got, want in zip(runs["triton"], runs["torch"]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_custom_ops_opcheck_on_the_triton_backend():
+    """The custom ops (what torch.compile traces) with backend="triton": fake shapes, schema, and
+    the kernels' results for both gradient patterns (dx with dA/dB; dA/dB only, dW and db)."""
+    M, K, N = 45, 12, 10
+    x, w, b, loras = to_device(*make_multi(M, K, N, [2, 3], torch.float16))
+    row_adapter = layout("scattered", M, 3, seed=1).to(DEVICE)
+    args = (x, w.detach(), b.detach(), [A for A, _ in loras], [B for _, B in loras], [0.5, 2.0], [0.0, 0.3],
+            row_adapter, torch.tensor(5), "triton")
+    torch.library.opcheck(torch.ops.fused_lora.lora_linear_multi_fwd.default, args)
+    _, h = torch.ops.fused_lora.lora_linear_multi_fwd(*args)
+    assert h.shape == multi_impl.packed_h_shape(M, [(A, B, 0.0, 0.0) for A, B in loras])
+    dy = torch.randn(M, N).half().to(DEVICE)
+    for needs in [(True, [True, True], False, False), (False, [False, True], True, True)]:
+        lists = [[t.detach() for t in ts] for ts in args[3:5]]
+        bwd_args = (dy, x.detach(), w.detach(), *lists, h.detach(), *args[5:10], needs[0], needs[1], *needs[2:])
+        torch.library.opcheck(torch.ops.fused_lora.lora_linear_multi_bwd.default, bwd_args)
+        dx, dA, dB, dW, db = torch.ops.fused_lora.lora_linear_multi_bwd(*bwd_args)
+        assert dx.shape == ((M, K) if needs[0] else (0,)) and dW.shape == ((N, K) if needs[2] else (0,))
+        assert [t.shape for t in dA] == [(2, K) if needs[1][0] else (0,), (3, K)]
+        assert [t.shape for t in dB] == [(N, 2) if needs[1][0] else (0,), (N, 3)]

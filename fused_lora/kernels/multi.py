@@ -170,7 +170,8 @@ def multi_backward(dy, x, weight, adapters, h, segs, seed, need_dx, need_lora, n
         if stacks is None:  # nothing to sum (no LoRA rows, or an empty size): zeros
             pairs.append((torch.zeros_like(lora_A, dtype=x.dtype), torch.zeros_like(lora_B, dtype=x.dtype)))
         else:
-            pairs.append((stacks[0][a, :r], stacks[1][a, :, :r].contiguous()))
+            # Own tensors, not views of the stacks: the custom op's outputs may not alias each other.
+            pairs.append((stacks[0][a, :r].clone(), stacks[1][a, :, :r].clone(memory_format=torch.contiguous_format)))
     dW = torch.mm(dy.t(), x) if need_dw else None
     db = dy.sum(0) if need_db else None
     return dx, pairs, dW, db
