@@ -289,3 +289,28 @@ def test_custom_ops_opcheck_on_the_triton_backend():
         assert dx.shape == ((M, K) if needs[0] else (0,)) and dW.shape == ((N, K) if needs[2] else (0,))
         assert [t.shape for t in dA] == [(2, K) if needs[1][0] else (0,), (3, K)]
         assert [t.shape for t in dB] == [(N, 2) if needs[1][0] else (0,), (N, 3)]
+
+
+def test_packed_h_is_shared_by_both_backends():
+    """Without dropout auto may time forward and backward apart, so a backward may receive the other
+    backend's packed H: the layouts agree (H itself, and each backward on the other's H)."""
+    from fused_lora import kernels, torch_impl
+    M, K, N = 53, 18, 14
+    ranks, specs = [4, 1, 6], [0.5, 2.0, -1.0]
+    row_adapter = layout("scattered", M, 4, seed=5).to(DEVICE)
+    x, w, b, loras = to_device(*make_multi(M, K, N, ranks, torch.float32, seed=2))
+    x, w, b = x.detach(), w.detach(), b.detach()
+    adapters = [(A.detach(), B.detach(), s, 0.0) for (A, B), s in zip(loras, specs)]
+    segs = multi_impl.segments(row_adapter, len(adapters))
+    dy = torch.randn(M, N).to(DEVICE)
+    tol = dict(atol=2e-5, rtol=1e-5) if not CUDA else dict(atol=2e-2, rtol=1e-2)
+    h = {name: impl.multi_forward(x, w, b, adapters, segs, 0)[1] for name, impl in
+         (("torch", torch_impl), ("triton", kernels))}
+    assert h["triton"].shape == multi_impl.packed_h_shape(M, adapters)
+    torch.testing.assert_close(h["triton"], h["torch"], **tol)
+    want = torch_impl.multi_backward(dy, x, w, adapters, h["torch"], segs, 0, True, [True] * 3, False, False)
+    got = kernels.multi_backward(dy, x, w, adapters, h["torch"], segs, 0, True, [True] * 3, False, False)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    for pair, pair_want in zip(got[1], want[1]):
+        torch.testing.assert_close(pair[0], pair_want[0], **tol)
+        torch.testing.assert_close(pair[1], pair_want[1], **tol)
