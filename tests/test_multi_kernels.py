@@ -188,8 +188,10 @@ def test_double_backward_uses_the_triton_masks():
     assert backends.calls[("multi_bwd_differentiable", "triton")] >= 1
 
 
-def test_adapter_seed_is_multi_impls():
-    from fused_lora.kernels import multi
+def test_adapter_seed_and_rank_limit_agree_with_the_package():
+    """Restated constants (the kernels import nothing of the package; backends imports no Triton)."""
+    from fused_lora.kernels import configs, multi
+    assert backends.MAX_TRITON_MULTI_RANK == configs.MAX_MULTI_RANK
     for seed in (0, 1, 2**62 - 1, 123456789012345):
         for a in range(20):
             assert multi.adapter_seed(seed, a) == multi_impl.adapter_seed(seed, a)
