@@ -222,7 +222,8 @@ def test_refusals_name_the_reason():
                           backend="triton")
     gpu_fp32 = backends.Problem("multi_fwd", torch.device("cuda"), torch.float32, 8, 8, 8, 16)
     assert any("float32" in r for r in backends.triton_multi_reasons(gpu_fp32))
-    assert backends.triton_multi_reasons(backends.Problem("fwd", torch.device("cuda"), torch.float32, 8, 8, 8, 300)) == []
+    single = backends.Problem("fwd", torch.device("cuda"), torch.float32, 8, 8, 8, 300)
+    assert backends.triton_multi_reasons(single) == []
 
 
 def test_auto_backward_with_dropout_follows_the_forward_choice():

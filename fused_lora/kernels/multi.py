@@ -90,10 +90,11 @@ class _Batch:
         self.elt = x.element_size()
         self.dropout = any(a[3] > 0.0 for a in adapters)
         self.a_stack, self.b_stack = self._stacked(x, adapters, ranks)
-        ints = [(r, keep_threshold(p), adapter_seed(seed, a)) for a, (r, (_, _, _, p)) in enumerate(zip(ranks, adapters))]
+        ints = [(r, keep_threshold(p), adapter_seed(seed, a))
+                for a, (r, (_, _, _, p)) in enumerate(zip(ranks, adapters))]
         floats = [(s, 1.0 / (1.0 - p)) for _, _, s, p in adapters]
-        self.ints = torch.tensor(ints or [(0, 0, 0)], dtype=torch.int64).to(x.device)
-        self.floats = torch.tensor(floats or [(0.0, 1.0)], dtype=torch.float32).to(x.device)
+        self.ints = _to_device(torch.tensor(ints or [(0, 0, 0)], dtype=torch.int64), x.device)
+        self.floats = _to_device(torch.tensor(floats or [(0.0, 1.0)], dtype=torch.float32), x.device)
         self.order = segs.order.to(torch.int32)  # int32 row indices: fewer registers in the GEMM loops
         self.pos0 = segs.offsets[1]  # base rows come first in the sorted order
 
@@ -116,11 +117,20 @@ class _Batch:
         return configs.multi_config(kernel, self.arch, self.block_r, self.elt, dropout)
 
 
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table on the device without waiting for the GPU's queue (a plain copy from
+    pageable memory synchronizes the stream): pinned, non-blocking."""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 @lru_cache(maxsize=64)
 def _device_tiles(offsets: tuple, block_m: int, device: torch.device):
     """tile_table on the device, cached: every layer of a model sees the same layout in one step."""
     rows, n_base, bounds = tile_table(offsets, block_m)
-    return torch.from_numpy(rows).to(device), rows.shape[0], n_base, torch.from_numpy(bounds).to(device)
+    return (_to_device(torch.from_numpy(rows), device), rows.shape[0], n_base,
+            _to_device(torch.from_numpy(bounds), device))
 
 
 def _launch_opts(cfg) -> dict:
