@@ -6,8 +6,9 @@ rank (BLOCK_R) x flag combination that changes the code (HAS_DROPOUT, HAS_BIAS, 
 HAS_DX/HAS_DA) x autotuning config the launchers may pick. The segment kernels of mixed batches
 (kernels/multi*.py) add their own: bf16/fp16 x the two multi ranks x flags, one config each.
 Each is compiled the way the JIT specializes it for contiguous inputs with sizes divisible by 16
-(unit strides constant, the rest 16-divisible: the case that pipelines fully and uses the most shared memory), then Triton's own
-ptxas is run with -v on its PTX, with the flags Triton's make_cubin uses, and its report parsed:
+(unit strides constant, the rest 16-divisible: the case that pipelines fully and uses the most
+shared memory), then Triton's own ptxas is run with -v on its PTX, with the flags Triton's
+make_cubin uses, and its report parsed:
 registers per thread, spill stores/loads in bytes, and the C75xx performance advisories
 ("wgmma.mma_async instructions are serialized ..." and the like).
 
