@@ -99,7 +99,9 @@ def cases(samples, seq, K, N, r, ks, dtype, device, grouped, reps, backends=("au
 
         def train_ours(mixed=True):
             def fn():
-                ours.set_adapter(names_of(k)[0])
+                ours.set_adapter(names_of(k)[0])  # trainable: this adapter alone (set_adapter's rule) ...
+                if mixed:
+                    ours.set_requires_grad(names_of(k))  # ... or, mixed, all k (separate() leaves one)
                 ours.train()(xg, **({"adapter_names": names} if mixed else {})).backward(dy)
                 clear(ours, xg)
             return fn
