@@ -112,7 +112,7 @@ def variants(archs=ARCHS, dtypes=DTYPES) -> list:
                 n = len(configs.candidates(kernel, arch, block_r, _ELT[dtype], flags.get("HAS_DROPOUT", False)))
                 out.extend(Variant(kernel, arch, dtype, block_r, tuple(flags.items()), i) for i in range(n))
         out.append(Variant("reduce", arch, dtype, 0, (), -1))
-    return out
+    return out + hopper_variants(archs, dtypes)
 
 
 def _source(v: Variant):
@@ -122,7 +122,13 @@ def _source(v: Variant):
 
     from . import _KERNELS, configs
     from .reduce import BLOCK, sum_partials_kernel
-    if v.kernel == "reduce":
+    descriptors = {}
+    if v.kernel in HOPPER_FLAGS:
+        fn, blocks = _hopper_kernel(v.kernel)
+        cfg = configs.tma_candidates(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))[v.config]
+        constexprs = dict(cfg.kwargs, BLOCK_R=v.block_r, **dict(v.flags))
+        descriptors = blocks(cfg)
+    elif v.kernel == "reduce":
         fn, constexprs, cfg = sum_partials_kernel, {"BLOCK": BLOCK}, triton.Config({}, num_warps=4, num_stages=1)
     else:
         fn = _KERNELS[v.kernel][0]
@@ -132,6 +138,8 @@ def _source(v: Variant):
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in descriptors:
+            signature[name] = f"tensordesc<{v.dtype}[{', '.join(map(str, descriptors[name]))}]>"
         elif name in _UNIT_STRIDES[v.kernel]:
             signature[name], constexprs[name] = "constexpr", 1
         elif name.endswith("_ptr"):
@@ -141,12 +149,61 @@ def _source(v: Variant):
             signature[name] = "fp32"
         elif name == "seed":
             signature[name] = "i64"
+        elif name == "NUM_PROGRAMS":  # the SM count: no divisibility to assume
+            signature[name] = "i32"
         else:
             signature[name] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): val for k, val in constexprs.items()})
     return src, cfg
+
+
+# ---- The Hopper path's kernels (configs.HOPPER_KERNELS): compiled for sm_90 only, in bf16 and fp16,
+# at padded ranks <= configs.HOPPER_MAX_BLOCK_R, one config per variant (the rows that run them,
+# "triton-tma" and "triton-onepass" in fused_lora.backends, refuse everything else).
+_UNIT_STRIDES.update({
+    "forward_tma": {"stride_hr", "stride_br"},
+    "dx_tma": {"stride_gr", "stride_ak", "stride_xk"},
+    "forward_one_pass": {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_hr"},
+})
+HOPPER_FLAGS = {
+    "forward_tma": [dict(HAS_BIAS=False), dict(HAS_BIAS=True)],
+    "dx_tma": [dict(HAS_DA=da, HAS_DROPOUT=drop) for da, drop in itertools.product([True, False], [False, True])],
+    "forward_one_pass": [dict(HAS_BIAS=bias, HAS_DROPOUT=drop)
+                         for bias, drop in itertools.product([False, True], [False, True])],
+}
+FLAGS.update(HOPPER_FLAGS)
+
+
+def _hopper_kernel(name: str):
+    """(jit function, descriptor block shapes of a config or None) of a Hopper-path kernel."""
+    if name == "forward_tma":
+        from .forward_tma import descriptor_blocks, lora_forward_tma_kernel
+        return lora_forward_tma_kernel, descriptor_blocks
+    if name == "dx_tma":
+        from .dx_tma import descriptor_blocks, lora_dx_tma_kernel
+        return lora_dx_tma_kernel, descriptor_blocks
+    from .forward_one_pass import lora_forward_one_pass_kernel
+    return lora_forward_one_pass_kernel, lambda cfg: {}
+
+
+def hopper_variants(archs=ARCHS, dtypes=DTYPES) -> list:
+    from . import configs
+    out = []
+    if configs.HOPPER_ARCH not in archs:
+        return out
+    for dtype in dtypes:
+        if _ELT[dtype] != configs.HOPPER_ELT:
+            continue
+        for kernel in configs.HOPPER_KERNELS:
+            for block_r, flags in itertools.product([r for r in RANKS if r <= configs.HOPPER_MAX_BLOCK_R],
+                                                    HOPPER_FLAGS[kernel]):
+                n = len(configs.tma_candidates(kernel, configs.HOPPER_ARCH, block_r, _ELT[dtype],
+                                               flags.get("HAS_DROPOUT", False)))
+                out.extend(Variant(kernel, configs.HOPPER_ARCH, dtype, block_r, tuple(flags.items()), i)
+                           for i in range(n))
+    return out
 
 
 def _ptxas_command(arch: int, ptx_path: str, fp_fusion: bool) -> list:
@@ -240,7 +297,7 @@ def run_all(workers: int | None = None, archs=ARCHS, dtypes=DTYPES) -> list:
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 2, mp_context=ctx) as pool:
             todo = pool.submit(variants, archs, dtypes).result()
             # The largest tiles compile slowest: start them first so the workers finish together.
-            todo.sort(key=lambda v: (v.kernel not in ("forward", "dx_da"), v.config))
+            todo.sort(key=lambda v: (v.kernel not in ("forward", "dx_da") + tuple(HOPPER_FLAGS), v.config))
             return list(pool.map(compile_variant, todo, chunksize=4))
     finally:
         if saved is not None:
