@@ -108,6 +108,21 @@ def test_tma_backward_flag_variants(need_dx, need_lora, p, monkeypatch):
     _check_module(tma, 37, 40, 72, 5, torch.float16, p, True, need_dx, need_lora)
 
 
+@pytest.mark.skipif(CUDA, reason="forces an interpreter config; on a GPU the configs are the gate's")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_tma_256_wide_tiles_store_in_two_halves(dtype, p, monkeypatch):
+    # 256-wide output tiles leave through two TMA stores of 128 columns (forward_tma.epilogue_parts);
+    # the interpreter's own config is 32 wide, so force a 256-wide one. K and N of 264: the second
+    # column tile is mostly outside the matrix (its right half entirely), which the stores clip.
+    from fused_lora.kernels import configs, forward_tma
+    wide = configs._cfg(16, 256, 32, 4, 1, group=2)
+    assert forward_tma.epilogue_parts(wide) == 2
+    monkeypatch.setattr(configs, "tma_candidates", lambda *args, **kwargs: [wide])
+    _no_pointer_fallback(monkeypatch)
+    _check_module(tma, 20, 264, 264, 5, dtype, p, True)
+
+
 def test_tma_grid_is_persistent():
     # The shapes above have more tiles than the interpreter's persistent programs, so each program
     # walks several tiles (the persistent loop is exercised, not just its first iteration).

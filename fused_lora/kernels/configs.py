@@ -129,6 +129,8 @@ def candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout: boo
 
 
 # ---- The Hopper path (kernels/tma.py: forward_tma, dx_tma; kernels/one_pass.py: forward_one_pass).
+# 128x256 tiles (8 warps, 3 stages; the TMA kernels store them in two halves) fit at BLOCK_R = 16;
+# larger ranks get 128x128 (4 stages).
 # Rows of their own in fused_lora.backends, timed against the pointer kernels; sm_90 only, bf16 and
 # fp16, padded rank <= 64 (the static gate compiles each (dtype, rank, flags) once: one config per
 # variant keeps these three kernels to 60 variants). fp32 and larger ranks run on the pointer rows.
@@ -149,11 +151,12 @@ _HOPPER_DROPOUT = {"dx_tma": [_cfg(128, 64, 64, 4, 3)]}
 
 def hopper_smem_estimate(cfg, block_r: int, elt: int, kernel_name: str) -> int:
     """The GEMM estimate, plus (TMA kernels) the output tile staged in shared memory for the TMA
-    store, plus (one-pass) the pipelined A^T tiles of the in-loop H product."""
+    store (half of it for 256-wide tiles, stored in two halves), plus (one-pass) the pipelined A^T
+    tiles of the in-loop H product."""
     k = cfg.kwargs
     extra = 0
     if kernel_name in ("forward_tma", "dx_tma"):
-        extra = k["BLOCK_M"] * k["BLOCK_N"] * elt
+        extra = k["BLOCK_M"] * k["BLOCK_N"] * elt // (2 if k["BLOCK_N"] >= 256 else 1)
     else:
         extra = k["BLOCK_K"] * block_r * elt * cfg.num_stages
     return gemm_smem_estimate(cfg, block_r, elt) + extra

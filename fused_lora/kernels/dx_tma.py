@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .dropout import keep_tile
 from .forward import grouped_tile
+from .forward_tma import epilogue_parts
 from .tiles import load_tile, store_tile
 
 
@@ -24,7 +25,7 @@ def descriptor_blocks(cfg) -> dict:
     """The block shape of each descriptor argument under a config."""
     k = cfg.kwargs
     return {"dy_desc": [k["BLOCK_M"], k["BLOCK_K"]], "w_desc": [k["BLOCK_K"], k["BLOCK_N"]],
-            "dx_desc": [k["BLOCK_M"], k["BLOCK_N"]]}
+            "dx_desc": [k["BLOCK_M"], k["BLOCK_N"] // epilogue_parts(cfg)]}
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -66,4 +67,10 @@ def lora_dx_tma_kernel(
             dy = dy_desc.load([row0, n0])
             w = w_desc.load([n0, col0])
             acc = tl.dot(dy, w, acc)
-        dx_desc.store([row0, col0], acc.to(dtype))
+        if BLOCK_N >= 256:  # in two halves, as forward_tma
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            left, right = tl.split(halves)
+            dx_desc.store([row0, col0], left.to(dtype))
+            dx_desc.store([row0, col0 + BLOCK_N // 2], right.to(dtype))
+        else:
+            dx_desc.store([row0, col0], acc.to(dtype))

@@ -28,7 +28,13 @@ def descriptor_blocks(cfg) -> dict:
     descriptors with these; the static gate compiles with them)."""
     k = cfg.kwargs
     return {"x_desc": [k["BLOCK_M"], k["BLOCK_K"]], "w_desc": [k["BLOCK_N"], k["BLOCK_K"]],
-            "y_desc": [k["BLOCK_M"], k["BLOCK_N"]]}
+            "y_desc": [k["BLOCK_M"], k["BLOCK_N"] // epilogue_parts(cfg)]}
+
+
+def epilogue_parts(cfg) -> int:
+    """Y tiles 256 wide leave in two halves (tutorial 09's epilogue subtiling): half the shared
+    memory staged for the TMA store, which lets a 128x256 tile's pipeline fit."""
+    return 2 if cfg.kwargs["BLOCK_N"] >= 256 else 1
 
 
 @triton.jit
@@ -61,4 +67,10 @@ def lora_forward_tma_kernel(
             acc = tl.dot(x, w.T, acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-        y_desc.store([row0, col0], acc.to(dtype))
+        if BLOCK_N >= 256:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            left, right = tl.split(halves)
+            y_desc.store([row0, col0], left.to(dtype))
+            y_desc.store([row0, col0 + BLOCK_N // 2], right.to(dtype))
+        else:
+            y_desc.store([row0, col0], acc.to(dtype))
