@@ -14,11 +14,14 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import arch_of, backward, block_r, configs
+from .. import kernels as pointer_kernels  # this package's launchers: the pointer kernels
+from . import arch_of, block_r, configs
 from .dropout import keep_mask, keep_threshold
 from .forward_one_pass import lora_forward_one_pass_kernel
 
 __all__ = ["forward", "backward", "keep_mask"]
+
+backward = pointer_kernels.backward  # H and the mask mean what they mean there
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):

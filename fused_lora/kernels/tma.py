@@ -22,7 +22,7 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import arch_of, block_r, configs, dx_da_pointer, forward_gemm, shrink
-from .. import kernels as pointer_kernels
+from .. import kernels as pointer_kernels  # this package's launchers: the pointer kernels
 from .dropout import keep_mask, keep_threshold
 from .dx_tma import descriptor_blocks as dx_blocks
 from .dx_tma import lora_dx_tma_kernel
