@@ -50,9 +50,14 @@ def build_variants(M, K, N, r, p, dtype, device, with_peft=True, with_compile=Fa
                                            init_lora_weights=False, backend=backend)
     variants["fused_lora"] = ours("auto")
     if device == "cuda":
-        # The other strategy on the GPU: cuBLAS GEMMs accumulating onto the rank-r term (beta = 1).
-        variants["fused_lora[torch]"] = ours("torch")
-        variants["fused_lora[triton]"] = ours("triton")
+        # Every row of the backends table that can run this layer, forced: torch (cuBLAS GEMMs onto
+        # the rank-r term, beta = 1), triton (the pointer kernels) and the Hopper-path candidates
+        # (triton-tma, triton-onepass: sm_90), each beside what auto picks among them.
+        for name, reasons in backend_rows(M, K, N, r, p, dtype, device):
+            if reasons:
+                print(f"# fused_lora[{name}] not run at {M}x{K}x{N} r={r}: {'; '.join(reasons)}")
+            else:
+                variants[f"fused_lora[{name}]"] = ours(name)
     if with_peft:
         import peft
         cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"])
@@ -66,6 +71,13 @@ def build_variants(M, K, N, r, p, dtype, device, with_peft=True, with_compile=Fa
     for m in variants.values():
         m.train()
     return variants
+
+
+def backend_rows(M, K, N, r, p, dtype, device):
+    """(name, reasons it cannot run this layer's forward) for each row of the backends table."""
+    from fused_lora import backends
+    problem = backends.Problem("fwd", torch.device(device), dtype, M, N, K, r, p > 0)
+    return [(impl.name, impl.not_supported_reasons(problem)) for impl in backends.IMPLEMENTATIONS]
 
 
 def step_fns(module, x, dy):
@@ -113,13 +125,13 @@ def run(shapes, ranks, dropouts, dtype, device, reps, with_peft=True, compile_ra
     return rows
 
 
-HEADER = (f"{'M':>5} {'K':>5} {'N':>5} {'r':>3} {'p':>4} {'variant':<17} {'fwd ms':>8} {'fwd x':>6} "
+HEADER = (f"{'M':>5} {'K':>5} {'N':>5} {'r':>3} {'p':>4} {'variant':<26} {'fwd ms':>8} {'fwd x':>6} "
           f"{'f+b ms':>8} {'f+b x':>6} {'vs peft':>7} {'held MiB':>9} {'peak MiB':>9} {'ideal f/fb':>11}")
 
 
 def format_row(row):
     vs = f"{row['fwdbwd_vs_peft']:.2f}" if row["fwdbwd_vs_peft"] != "" else "-"
-    return (f"{row['M']:>5} {row['K']:>5} {row['N']:>5} {row['r']:>3} {row['dropout']:>4} {row['variant']:<17} "
+    return (f"{row['M']:>5} {row['K']:>5} {row['N']:>5} {row['r']:>3} {row['dropout']:>4} {row['variant']:<26} "
             f"{row['fwd_ms']:>8.3f} {row['fwd_x']:>6.2f} {row['fwdbwd_ms']:>8.3f} {row['fwdbwd_x']:>6.2f} {vs:>7} "
             f"{row['held_MiB']:>9.1f} {row['peak_MiB']:>9.1f} {row['ideal_fwd_x']:>5.2f}/{row['ideal_fwdbwd_x']:<5.2f}")
 
@@ -132,7 +144,8 @@ def plot(rows, path):
     except ImportError:
         return False
     cases = sorted({(r["M"], r["K"], r["N"], r["r"], r["dropout"]) for r in rows if r["variant"] != "base"})
-    names = [n for n in ("fused_lora", "fused_lora[torch]", "patch_peft", "peft", "compile(peft)")
+    names = [n for n in ("fused_lora", "fused_lora[torch]", "fused_lora[triton]", "fused_lora[triton-tma]",
+                         "fused_lora[triton-onepass]", "patch_peft", "peft", "compile(peft)")
              if any(r["variant"] == n for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases)), 4))
     width = 0.8 / max(1, len(names))

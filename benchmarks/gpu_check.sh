@@ -10,8 +10,13 @@
 # Output goes to $OUT when set, else benchmarks/out.
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP (stages not to run: any of info tests
-# layer multi finetune, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
-# FINETUNE_ARGS, TEST_FILES; FUSED_LORA_CACHE_DIR (default $OUT/backend_cache: auto tunes afresh).
+# hopper layer multi finetune, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
+# FINETUNE_ARGS, TEST_FILES, HOPPER_TEST_FILES; FUSED_LORA_CACHE_DIR (default $OUT/backend_cache: auto
+# tunes afresh).
+#
+# The Hopper-path candidates (backends rows triton-tma, triton-onepass: sm_90 only) get their own
+# test stage (their kernels have run on no GPU before: bf16 and TMA descriptors are checked here
+# first), and the layer benchmark times each beside the pointer kernels, torch and peft.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -27,6 +32,7 @@ shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14
 read -r -a layer_args <<< "${LAYER_ARGS:-}"
 read -r -a finetune_args <<< "${FINETUNE_ARGS:-}"
 read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_multi_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
+read -r -a hopper_test_files <<< "${HOPPER_TEST_FILES:-tests/test_hopper_kernels.py tests/test_backends_hopper.py}"
 start=$SECONDS
 status=0
 : > "$out/status.tsv"
@@ -63,6 +69,11 @@ stage info 30 0 info.log "$py" -m fused_lora info
 
 FUSED_LORA_CACHE_DIR="$out/test_backend_cache" \
     stage tests 120 300 gpu_tests.log "$py" -m pytest -q -p no:cacheprovider --durations=10 "${test_files[@]}"
+
+# Off sm_90 these tests skip at once (the rows refuse the GPU); on it they compile ~40 variants.
+FUSED_LORA_CACHE_DIR="$out/test_backend_cache" \
+    stage hopper_tests 90 250 hopper_tests.log "$py" -m pytest -q -p no:cacheprovider --durations=5 \
+    "${hopper_test_files[@]}"
 
 IFS=';' read -r -a shape_list <<< "$shapes"
 cap=150  # the first shape pays for compiling the kernels' variants; later ones reuse Triton's cache

@@ -11,7 +11,8 @@ Reads, each if present (a missing or broken piece is recorded, never fatal):
     backends_report.txt, info.log
 Writes, per layer shape and rank: each variant's times, ratios to the base Linear, held/peak memory,
 and its distance from the roofline ideal (benchmarks/roofline.py); our variants are named by strategy:
-auto (what the layer picks; `auto_ran` says which it ran), torch (cuBLAS), triton (fused kernels). Then the fine-tune rows, the
+auto (what the layer picks; `auto_ran` says which it ran), torch (cuBLAS), triton (fused kernels), triton-tma and
+triton-onepass (the Hopper-path candidates, where the GPU runs them). Then the fine-tune rows, the
 issue's targets with the measured values, and each stage's outcome (with its log's tail if it failed).
 """
 from __future__ import annotations
@@ -27,8 +28,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import roofline  # noqa: E402
 
-STRATEGY = {"fused_lora": "auto", "fused_lora[torch]": "torch", "fused_lora[triton]": "triton"}
+STRATEGY = {"fused_lora": "auto", "fused_lora[torch]": "torch", "fused_lora[triton]": "triton",
+            "fused_lora[triton-tma]": "triton-tma", "fused_lora[triton-onepass]": "triton-onepass"}
 NUMERIC = ("fwd_ms", "fwdbwd_ms", "fwd_x", "fwdbwd_x", "fwdbwd_vs_peft", "held_MiB", "peak_MiB")
+PRINTED = ("fwd_ms", "fwd_x", "fwdbwd_ms", "fwdbwd_x", "fwdbwd_vs_peft", "held_MiB", "peak_MiB")  # bench_layer's column order
 NOISE = 0.03  # auto counts as "not slower" than torch within this relative margin (timing noise)
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
                  r"\s+(\S+)\s+([\d.]+)\s+([\d.]+)(\s.*)?$")
@@ -74,7 +77,7 @@ def read_layer_rows(out: str, errors: list) -> list[dict]:
                     m = ROW.match(line)
                     if m:
                         g = m.groups()
-                        add(_layer_row(dict(zip(("M", "K", "N", "r", "dropout", "variant") + NUMERIC, g[:13]))))
+                        add(_layer_row(dict(zip(("M", "K", "N", "r", "dropout", "variant") + PRINTED, g[:13]))))
         except OSError as err:
             errors.append(f"{os.path.basename(path)}: {err}")
     return rows
@@ -265,7 +268,7 @@ def summarize(out: str, elt: int = 2, dtype: str = "bfloat16") -> dict:
 
 
 def print_table(summary: dict) -> None:
-    names = ("auto", "torch", "triton", "peft", "compile(peft)")
+    names = ("auto", "torch", "triton", "triton-tma", "triton-onepass", "peft", "compile(peft)")
     print("layer / base Linear, forward / forward+backward (ideal: the roofline)")
     print(f"{'shape':<17} {'r':>3} {'p':>4} {'ideal':>11} " + " ".join(f"{n:>13}" for n in names) + "  auto ran")
     for case in summary["layer"]:

@@ -3,6 +3,8 @@
 The table (`IMPLEMENTATIONS`, in order of preference on ties):
     torch   fused_lora.torch_impl: PyTorch ops (cuBLAS on a GPU); runs whatever torch runs
     triton  fused_lora.kernels: the fused Triton kernels
+    triton-tma      fused_lora.kernels.tma: the Hopper path (TMA + persistent forward and dX GEMMs)
+    triton-onepass  fused_lora.kernels.one_pass: the single-pass forward (no shrink pass)
 (a `cuda` row for csrc/ joins it later). Each row states why it cannot run a `Problem` (its
 `not_supported_reasons`, empty when it can), as xformers' dispatch does.
 
@@ -18,6 +20,9 @@ Rules, in order:
    being captured: there the known winner runs, else torch.
 4. With dropout, backward runs what the forward's key chose: the rows draw different masks from
    one seed, and forward and backward must agree on the mask.
+5. A row with `check_against` (the Hopper-path rows, whose kernels no GPU has run yet) is timed only
+   after its output on the key's inputs matched that row's (torch; with dropout the triton row, whose
+   mask it shares); a row that does not match is recorded as failed and never chosen.
 
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 (its interpreter), and only when asked
 for by name: that is how CI tests the real kernels without a GPU. The interpreter computes
@@ -126,11 +131,6 @@ def triton_not_supported_reasons(device: torch.device, dtype: torch.dtype, rank:
     return reasons
 
 
-def triton_op_reasons(op: str) -> list[str]:
-    """Ops the Triton kernels do not implement yet (empty when they do)."""
-    return []
-
-
 MAX_TRITON_MULTI_RANK = 128  # kernels/configs.MAX_MULTI_RANK (not imported here: no Triton at import)
 
 
@@ -158,6 +158,9 @@ class Implementation:
     doc: str
     loader: Callable[[], Any]
     reasons: Callable[[Problem], list] = lambda problem: []
+    # For a row auto must not trust untested on a device: the name of the row whose output its own
+    # must match, on the same inputs, before auto times it (see `Registry._time`); None: trusted.
+    check_against: Optional[Callable[[Problem], str]] = None
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         return list(self.reasons(problem))
@@ -172,8 +175,60 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     # Imported on first use only: no Triton work at package import.
     Implementation("triton", "the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
                    lambda: importlib.import_module("fused_lora.kernels"),
-                   lambda p: (triton_not_supported_reasons(p.device, p.dtype, p.rank) + triton_op_reasons(p.op)
-                              + triton_multi_reasons(p))),
+                   lambda p: (triton_not_supported_reasons(p.device, p.dtype, p.rank) + triton_multi_reasons(p))),
+)
+
+
+# ---- The Hopper path: candidates beside the pointer kernels, timed by auto like every row.
+HOPPER_MAX_RANK = 64
+HOPPER_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _hopper_reasons(p: Problem, tma: bool) -> list[str]:
+    """Why the Hopper-path kernels (fused_lora.kernels.tma, .one_pass) cannot run `p`: what the
+    triton row cannot run, and beyond it what their compiled variant set leaves out (the static gate
+    compiles them for sm_90, in float16/bfloat16, at ranks <= 64; the triton row runs the rest),
+    and for TMA rows of K and N that are not 16-byte multiples (a descriptor's row stride)."""
+    reasons = triton_not_supported_reasons(p.device, p.dtype, p.rank)
+    if p.op not in ("fwd", "bwd"):
+        reasons.append(f"op {p.op}: the Hopper-path rows run one plain adapter (ops fwd, bwd); several adapters "
+                       "in one batch run on the triton row's segment kernels")
+    if p.device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(p.device)
+        if major != 9:
+            reasons.append(f"this GPU is sm_{major}{minor}: the Hopper-path kernels are built and gated for "
+                           f"sm_90 only{' (TMA descriptors need sm_90)' if tma and major < 9 else ''}")
+    if p.dtype in TRITON_DTYPES and p.dtype not in HOPPER_DTYPES:
+        reasons.append(f"dtype {str(p.dtype).replace('torch.', '')}: the Hopper-path kernels are compiled for "
+                       "float16 and bfloat16 only (the triton row runs it)")
+    if HOPPER_MAX_RANK < p.rank <= MAX_TRITON_RANK:
+        reasons.append(f"rank {p.rank} is above {HOPPER_MAX_RANK}, the largest the Hopper-path kernels are "
+                       "compiled for (the triton row runs it)")
+    if tma and p.dtype in HOPPER_DTYPES:
+        elt = torch.empty((), dtype=p.dtype).element_size()
+        odd = [f"{name}={n}" for name, n in (("K", p.K), ("N", p.N)) if (n * elt) % 16]
+        if odd:
+            reasons.append(f"TMA descriptors need rows of 16-byte multiples: {', '.join(odd)} in "
+                           f"{str(p.dtype).replace('torch.', '')} is not (the triton row runs it)")
+    return reasons
+
+
+def _checked_against(p: Problem) -> str:
+    """The row a Hopper-path row's output is checked against before auto times it: torch (an
+    independent implementation) without dropout; with dropout the pointer kernels (triton), whose
+    dropout mask the Hopper path shares bit for bit (torch draws a different one)."""
+    return "triton" if p.dropout else "torch"
+
+
+IMPLEMENTATIONS += (
+    Implementation("triton-tma", "Hopper path: TMA descriptors + persistent grid for the forward and dX GEMMs "
+                   "(fused_lora.kernels.tma; sm_90)",
+                   lambda: importlib.import_module("fused_lora.kernels.tma"),
+                   lambda p: _hopper_reasons(p, tma=True), check_against=_checked_against),
+    Implementation("triton-onepass", "single-pass forward: H accumulated in the GEMM's K loop, no shrink pass "
+                   "(fused_lora.kernels.one_pass; sm_90)",
+                   lambda: importlib.import_module("fused_lora.kernels.one_pass"),
+                   lambda p: _hopper_reasons(p, tma=False), check_against=_checked_against),
 )
 BACKENDS = tuple(impl.name for impl in IMPLEMENTATIONS)
 
@@ -397,9 +452,12 @@ class Registry:
 
     def _time(self, problem: Problem, candidates: list[Implementation], bench) -> Choice:
         ms, errors = {}, {}
+        references: dict = {}  # row name -> its output on these inputs (for rows with check_against)
         for impl in candidates:
             try:
                 fn = bench(impl.load())
+                if impl.check_against is not None:
+                    self._check(problem, impl, fn, bench, references)
                 with torch.no_grad():
                     ms[impl.name] = float(self._timer(fn))
             except Exception as err:  # a row that fails on this GPU (e.g. out of shared memory) is not chosen
@@ -412,6 +470,22 @@ class Registry:
         if ms:  # a choice nothing was timed for (every row failed, perhaps for want of memory) is not kept on disk
             self._store(name, problem.key(), choice)
         return choice
+
+    def _check(self, problem: Problem, impl: Implementation, fn, bench, references: dict) -> None:
+        """The rule for rows with `check_against`: no such row wins a key before its output on that
+        key's actual inputs has matched its reference row's (a kernel never run on this device, a
+        miscompile or a wrong launch shows here, not in a training run). Checked each time a key is
+        timed (once per key and device: later calls and processes reuse the choice, which was
+        checked when it was made). A mismatch, or a reference that cannot run, raises: `_time`
+        records it as the row's error and the row is not chosen."""
+        ref_name = impl.check_against(problem)
+        with torch.no_grad():
+            if ref_name not in references:
+                references[ref_name] = bench(self.get(ref_name).load())()
+            got = fn()
+        mismatch = outputs_mismatch(got, references[ref_name], problem.dtype)
+        if mismatch:
+            raise RuntimeError(f"output differs from the {ref_name} row's, so it was not timed: {mismatch}")
 
     # ---- the disk cache
 
@@ -451,11 +525,11 @@ class Registry:
         """What runs where and why: the table, the cache, and each key's choice with its timings."""
         lines = ["backends (auto on CUDA times the rows per shape key and keeps the fastest; ties: the earlier row):"]
         for impl in self.implementations:
-            lines.append(f"  {impl.name:<7} {impl.doc}")
+            lines.append(f"  {impl.name:<14} {impl.doc}")
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
         for device in devices:
             for dtype in (torch.float32, torch.bfloat16):
-                problem = Problem("fwd", device, dtype, 1, 1, 1, 16)
+                problem = Problem("fwd", device, dtype, 1, 4096, 4096, 16)  # a typical layer (TMA rows need aligned sizes)
                 cells = []
                 for impl in self.implementations:
                     reasons = impl.not_supported_reasons(problem)
@@ -489,6 +563,39 @@ class Registry:
             lines.append("  none yet (auto times on the first CUDA call for each key)")
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+
+def _tensors(out) -> list:
+    return [t for t in (out if isinstance(out, (tuple, list)) else (out,))]
+
+
+def outputs_mismatch(got, want, dtype: torch.dtype) -> Optional[str]:
+    """Why two rows' outputs (a tensor, or tuples of tensors and Nones) do not agree, or None. Each
+    tensor is compared in max norm relative to the reference's largest magnitude: 3e-2 for 16-bit
+    dtypes, 1e-2 for float32 (TF32 on a GPU); enough for a different summation order, far below
+    what a wrong tile, a lost term or a garbage value gives. Non-finite values must match too."""
+    got, want = _tensors(got), _tensors(want)
+    if len(got) != len(want):
+        return f"{len(got)} outputs against {len(want)}"
+    tol = 1e-2 if dtype == torch.float32 else 3e-2
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g is None or w is None:
+            if (g is None) != (w is None):
+                return f"output {i} is {'missing' if g is None else 'not expected'}"
+            continue
+        if g.shape != w.shape:
+            return f"output {i} has shape {tuple(g.shape)}, expected {tuple(w.shape)}"
+        if not g.numel():
+            continue
+        g64, w64 = g.detach().double(), w.detach().double()
+        if not torch.equal(torch.isfinite(g64), torch.isfinite(w64)):
+            return f"output {i} has non-finite values where the reference has none (or the reverse)"
+        finite = torch.isfinite(w64)
+        scale = max(1.0, w64[finite].abs().max().item()) if finite.any() else 1.0
+        err = (g64 - w64)[finite].abs().max().item() if finite.any() else 0.0
+        if err > tol * scale:
+            return f"output {i}: max error {err:.3g} > {tol} x {scale:.3g}"
+    return None
 
 
 def _choice_line(key: str, choice: Choice) -> str:
@@ -534,7 +641,7 @@ def describe(device: torch.device, dtype: torch.dtype, rank: int, requested: str
     registry = registry or REGISTRY
     try:
         choice = registry.requested(requested)
-        problem = Problem("fwd", device, dtype, 1, 1, 1, rank)
+        problem = Problem("fwd", device, dtype, 1, 4096, 4096, rank)  # a typical layer (see report)
         if choice != "auto":
             return registry.select(problem, choice).name
         names = [impl.name for impl in registry.candidates(problem)]

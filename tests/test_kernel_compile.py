@@ -32,7 +32,11 @@ def test_every_variant_compiles_clean():
     want = {(k, a, d) for k in configs.KERNELS + ("reduce",) for a in compile_check.ARCHS for d in compile_check.DTYPES}
     want |= {(k, a, d) for k in configs.MULTI_KERNELS + ("multi_sum",) for a in compile_check.ARCHS
              for d in compile_check.MULTI_DTYPES}  # the segment kernels: 16-bit only
+    # The Hopper path (TMA + persistent GEMMs, the single-pass forward): sm_90, 16-bit dtypes only.
+    want |= {(k, configs.HOPPER_ARCH, d) for k in configs.HOPPER_KERNELS for d in ("bf16", "fp16")}
     assert seen == want
+    hopper = [r for r in results if r.variant.kernel in configs.HOPPER_KERNELS]
+    assert {r.variant.block_r for r in hopper} == {16, 32, 64}
     flags = {(r.variant.kernel, r.variant.flags) for r in results}
     assert len(flags) == sum(len(f) for f in compile_check.FLAGS.values())
     failures = [f"{compile_check._describe(r)}: {'; '.join(r.failures())}" for r in results if r.failures()]

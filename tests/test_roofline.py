@@ -120,7 +120,8 @@ def test_gpu_check_records_failed_stages_and_still_writes_the_summary(tmp_path):
     import subprocess
     root = os.path.dirname(BENCH)
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": "400",
-           "TEST_FILES": "tests/no_such_test_file.py", "LAYER_SHAPES": "8 8 8", "LAYER_ARGS": "--ranks 0",
+           "TEST_FILES": "tests/no_such_test_file.py", "HOPPER_TEST_FILES": "tests/no_such_test_file.py",
+           "LAYER_SHAPES": "8 8 8", "LAYER_ARGS": "--ranks 0",
            "GPU_CHECK_SKIP": "finetune"}  # one stage fewer to start: CI time
     env.pop("FUSED_LORA_CACHE_DIR", None)
     proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh")], cwd=root, env=env,
@@ -129,7 +130,7 @@ def test_gpu_check_records_failed_stages_and_still_writes_the_summary(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     stages = summary["stages"]
     assert stages["info"]["ok"]
-    for name in ("tests", "layer_8x8x8", "layer_8x8x8_nocompile"):
+    for name in ("tests", "hopper_tests", "layer_8x8x8", "layer_8x8x8_nocompile"):
         assert stages[name]["run"] and not stages[name]["ok"] and stages[name]["error_tail"], name
     assert not stages["finetune"]["run"]
     assert "r must be" in stages["layer_8x8x8_nocompile"]["error_tail"]

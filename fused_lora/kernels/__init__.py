@@ -98,37 +98,51 @@ def _tiles_grid(M, N):
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    h = shrink(x, lora_A, dropout_p, seed)
+    return forward_gemm(x, weight, bias, h, lora_B, scaling), h
+
+
+def shrink(x, lora_A, dropout_p, seed):
+    """H = (D x) A^T (the shrink pass), in x's dtype."""
     M, K = x.shape
-    N, r = weight.shape[0], lora_A.shape[0]
+    r = lora_A.shape[0]
     h = torch.empty((M, r), dtype=x.dtype, device=x.device)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     p = float(dropout_p)
-    scale = 1.0 / (1.0 - p)
     _launcher("shrink", x, r, p > 0.0)[_rows_grid(M)](
         x, lora_A, h, *x.stride(), *lora_A.stride(), *h.stride(),
-        M, K, r, seed, keep_threshold(p), scale, m_bucket(M), HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
+        M, K, r, seed, keep_threshold(p), 1.0 / (1.0 - p), m_bucket(M), HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
+    return h
+
+
+def forward_gemm(x, weight, bias, h, lora_B, scaling):
+    """Y = x W^T + b + s H B^T with the pointer kernel."""
+    M, K = x.shape
+    N, r = weight.shape[0], h.shape[1]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _launcher("forward", x, r)[_tiles_grid(M, N)](
         x, weight, bias if bias is not None else y, h, lora_B, y,
         *x.stride(), *weight.stride(), *h.stride(), *lora_B.stride(), *y.stride(),
         M, N, K, r, float(scaling), m_bucket(M), HAS_BIAS=bias is not None, BLOCK_R=block_r(r))
-    return y, h
+    return y
 
 
-def backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_dw, need_db):
+def backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_dw, need_db,
+             dx_da_step=None):
+    """`dx_da_step` (default `dx_da_pointer`) launches the dX / dA-partials step: other launchers
+    (fused_lora.kernels.tma) replace that step alone."""
     dx = dA = dB = None
     if need_dx or need_lora:
-        dx, dA, dB = _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora)
+        dx, dA, dB = _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora,
+                                    dx_da_step or dx_da_pointer)
     dW = torch.mm(dy.t(), x) if need_dw else None
     db = dy.sum(0) if need_db else None
     return dx, dA, dB, dW, db
 
 
-def _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora):
+def _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, dx_da_step):
     """dX, dA, dB in four launches: dY pass, G sum, dX/dA, dA+dB sums."""
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
-    p = float(dropout_p)
-    scale = 1.0 / (1.0 - p)
     f32 = dict(dtype=torch.float32, device=x.device)
     # 1. dY pass: partials of G (one per column chunk) and of dB (one per row block).
     dy_pass = _launcher("dy", x, r)
@@ -142,22 +156,31 @@ def _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, n
     g = torch.empty((M, r), dtype=x.dtype, device=x.device)
     sum_partials((g_ws, g))
     # 2. dX and the dA partials (one per row block).
-    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
-    dx_da = _launcher("dx_da", x, r, p > 0.0)
-    da_ws = torch.empty((_row_blocks(dx_da, M), r, K), **f32) if need_lora else g_ws
-    dx_da[_tiles_grid(M, K)](
-        dy, weight, g, lora_A, x, dx if need_dx else g, da_ws,
-        *dy.stride(), *weight.stride(), *g.stride(), *lora_A.stride(), *x.stride(),
-        *(dx.stride() if need_dx else (0, 0)),
-        M, N, K, r, seed, keep_threshold(p), scale, m_bucket(M),
-        HAS_DX=need_dx, HAS_DA=need_lora, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
+    dx, da_ws, da_slots = dx_da_step(dy, x, weight, g, lora_A, float(dropout_p), seed, need_dx, need_lora)
     if not need_lora:
         return dx, None, None
     # 3. dA and dB summed in a fixed order, written in the parameters' dtypes.
     dA = torch.empty((r, K), dtype=lora_A.dtype, device=x.device)
     dB = torch.empty((N, r), dtype=lora_B.dtype, device=x.device)
-    sum_partials((da_ws[:_row_blocks_used(dx_da, M)], dA), (db_ws[:db_slots], dB))
+    sum_partials((da_ws[:da_slots], dA), (db_ws[:db_slots], dB))
     return dx, dA, dB
+
+
+def dx_da_pointer(dy, x, weight, g, lora_A, p, seed, need_dx, need_lora):
+    """dX = D (G A) + dY W and the dA partials with the pointer kernel: (dx or None, the fp32
+    workspace of dA partials (None without need_lora), how many of its slots were written)."""
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
+    dx_da = _launcher("dx_da", x, r, p > 0.0)
+    da_ws = torch.empty((_row_blocks(dx_da, M), r, K), dtype=torch.float32, device=x.device) if need_lora else g
+    dx_da[_tiles_grid(M, K)](
+        dy, weight, g, lora_A, x, dx if need_dx else g, da_ws,
+        *dy.stride(), *weight.stride(), *g.stride(), *lora_A.stride(), *x.stride(),
+        *(dx.stride() if need_dx else (0, 0)),
+        M, N, K, r, seed, keep_threshold(p), 1.0 / (1.0 - p), m_bucket(M),
+        HAS_DX=need_dx, HAS_DA=need_lora, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
+    return dx, (da_ws if need_lora else None), _row_blocks_used(dx_da, M)
 
 
 # Several adapters in one batch (segment kernels; the interface of fused_lora.multi_impl). Imported

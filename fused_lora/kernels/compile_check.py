@@ -139,7 +139,7 @@ def variants(archs=ARCHS, dtypes=DTYPES) -> list:
                        for kernel in configs.MULTI_KERNELS
                        for block_r, flags in itertools.product(configs.MULTI_BLOCK_RS, FLAGS[kernel]))
             out.append(Variant("multi_sum", arch, dtype, 0, (), -1))
-    return out
+    return out + hopper_variants(archs, dtypes)
 
 
 def _source(v: Variant):
@@ -150,7 +150,13 @@ def _source(v: Variant):
     from . import _KERNELS, configs
     from .reduce import BLOCK, sum_partials_kernel
     from .multi import KERNELS as MULTI
-    if v.kernel == "reduce":
+    descriptors = {}
+    if v.kernel in HOPPER_FLAGS:
+        fn, blocks = _hopper_kernel(v.kernel)
+        cfg = configs.tma_candidates(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))[v.config]
+        constexprs = dict(cfg.kwargs, BLOCK_R=v.block_r, **dict(v.flags))
+        descriptors = blocks(cfg)
+    elif v.kernel == "reduce":
         fn, constexprs, cfg = sum_partials_kernel, {"BLOCK": BLOCK}, triton.Config({}, num_warps=4, num_stages=1)
     elif v.kernel == "multi_sum":
         fn, constexprs, cfg = MULTI[v.kernel], {"BLOCK": BLOCK}, triton.Config({}, num_warps=4, num_stages=1)
@@ -166,6 +172,8 @@ def _source(v: Variant):
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in descriptors:
+            signature[name] = f"tensordesc<{v.dtype}[{', '.join(map(str, descriptors[name]))}]>"
         elif name in _UNIT_STRIDES[v.kernel]:
             signature[name], constexprs[name] = "constexpr", 1
         elif name in _TYPED_PTRS:
@@ -178,7 +186,7 @@ def _source(v: Variant):
             signature[name] = "fp32"
         elif name == "seed":
             signature[name] = "i64"
-        elif name in _PLAIN_INTS:
+        elif name in _PLAIN_INTS or name == "NUM_PROGRAMS":  # counts (NUM_PROGRAMS: the SM count): no divisibility to assume
             signature[name] = "i32"
         else:
             signature[name] = "i32"
@@ -186,6 +194,53 @@ def _source(v: Variant):
     src = ASTSource(fn=fn, signature=signature, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): val for k, val in constexprs.items()})
     return src, cfg
+
+
+# ---- The Hopper path's kernels (configs.HOPPER_KERNELS): compiled for sm_90 only, in bf16 and fp16,
+# at padded ranks <= configs.HOPPER_MAX_BLOCK_R, one config per variant (the rows that run them,
+# "triton-tma" and "triton-onepass" in fused_lora.backends, refuse everything else).
+_UNIT_STRIDES.update({
+    "forward_tma": {"stride_hr", "stride_br"},
+    "dx_tma": {"stride_gr", "stride_ak", "stride_xk"},
+    "forward_one_pass": {"stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_hr"},
+})
+HOPPER_FLAGS = {
+    "forward_tma": [dict(HAS_BIAS=False), dict(HAS_BIAS=True)],
+    "dx_tma": [dict(HAS_DA=da, HAS_DROPOUT=drop) for da, drop in itertools.product([True, False], [False, True])],
+    "forward_one_pass": [dict(HAS_BIAS=bias, HAS_DROPOUT=drop)
+                         for bias, drop in itertools.product([False, True], [False, True])],
+}
+FLAGS.update(HOPPER_FLAGS)
+
+
+def _hopper_kernel(name: str):
+    """(jit function, descriptor block shapes of a config or None) of a Hopper-path kernel."""
+    if name == "forward_tma":
+        from .forward_tma import descriptor_blocks, lora_forward_tma_kernel
+        return lora_forward_tma_kernel, descriptor_blocks
+    if name == "dx_tma":
+        from .dx_tma import descriptor_blocks, lora_dx_tma_kernel
+        return lora_dx_tma_kernel, descriptor_blocks
+    from .forward_one_pass import lora_forward_one_pass_kernel
+    return lora_forward_one_pass_kernel, lambda cfg: {}
+
+
+def hopper_variants(archs=ARCHS, dtypes=DTYPES) -> list:
+    from . import configs
+    out = []
+    if configs.HOPPER_ARCH not in archs:
+        return out
+    for dtype in dtypes:
+        if _ELT[dtype] != configs.HOPPER_ELT:
+            continue
+        for kernel in configs.HOPPER_KERNELS:
+            for block_r, flags in itertools.product([r for r in RANKS if r <= configs.HOPPER_MAX_BLOCK_R],
+                                                    HOPPER_FLAGS[kernel]):
+                n = len(configs.tma_candidates(kernel, configs.HOPPER_ARCH, block_r, _ELT[dtype],
+                                               flags.get("HAS_DROPOUT", False)))
+                out.extend(Variant(kernel, configs.HOPPER_ARCH, dtype, block_r, tuple(flags.items()), i)
+                           for i in range(n))
+    return out
 
 
 def _ptxas_command(arch: int, ptx_path: str, fp_fusion: bool) -> list:
@@ -279,7 +334,7 @@ def run_all(workers: int | None = None, archs=ARCHS, dtypes=DTYPES) -> list:
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 2, mp_context=ctx) as pool:
             todo = pool.submit(variants, archs, dtypes).result()
             # The largest tiles compile slowest: start them first so the workers finish together.
-            todo.sort(key=lambda v: (v.kernel not in ("forward", "dx_da"), v.config))
+            todo.sort(key=lambda v: (v.kernel not in ("forward", "dx_da") + tuple(HOPPER_FLAGS), v.config))
             return list(pool.map(compile_variant, todo, chunksize=4))
     finally:
         if saved is not None:
@@ -311,14 +366,14 @@ def main(argv=None) -> int:
     results = run_all()
     elapsed = time.time() - start
     print(f"triton {triton.__version__}: {len(results)} variants in {elapsed:.0f} s")
-    print(f"{'kernel':14s}{'arch':6s}{'variants':>9s}{'max regs':>9s}{'spills':>7s}{'advis.':>7s}{'max smem':>9s}")
+    print(f"{'kernel':17s}{'arch':6s}{'variants':>9s}{'max regs':>9s}{'spills':>7s}{'advis.':>7s}{'max smem':>9s}")
     groups = itertools.groupby(sorted(results, key=lambda r: (r.variant.kernel, -r.variant.arch)),
                                key=lambda r: (r.variant.kernel, r.variant.arch))
     for (kernel, arch), rs in groups:
         rs = list(rs)
         regs = max((r.registers or 0) for r in rs)
         smem = max((r.shared or 0) for r in rs)
-        print(f"{kernel:14s}sm_{arch:<3d}{len(rs):9d}{regs:9d}{sum(r.spills for r in rs):7d}"
+        print(f"{kernel:17s}sm_{arch:<3d}{len(rs):9d}{regs:9d}{sum(r.spills for r in rs):7d}"
               f"{sum(bool(r.advisories) for r in rs):7d}{smem:9d}")
     for r in results:
         problems = r.failures() or ([f"spills {r.spill_stores}/{r.spill_loads} B"] if r.spills else []) + r.advisories

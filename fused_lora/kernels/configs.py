@@ -154,3 +154,54 @@ def multi_config(kernel_name: str, arch: int, block_r: int, elt: int, dropout: b
     if kernel_name == "multi_dx_da" and dropout and block_r == 32:
         return kept[min(1, len(kept) - 1)]
     return kept[0]
+# ---- The Hopper path (kernels/tma.py: forward_tma, dx_tma; kernels/one_pass.py: forward_one_pass).
+# 128x256 tiles (8 warps, 3 stages; the TMA kernels store them in two halves) fit at BLOCK_R = 16;
+# larger ranks get 128x128 (4 stages).
+# Rows of their own in fused_lora.backends, timed against the pointer kernels; sm_90 only, bf16 and
+# fp16, padded rank <= 64 (the static gate compiles each (dtype, rank, flags) once: one config per
+# variant keeps these three kernels to 60 variants). fp32 and larger ranks run on the pointer rows.
+HOPPER_KERNELS = ("forward_tma", "dx_tma", "forward_one_pass")
+HOPPER_ARCH = 90
+HOPPER_ELT = 2
+HOPPER_MAX_BLOCK_R = 64
+_HOPPER = {
+    "forward_tma": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4)],
+    "dx_tma": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4)],
+    "forward_one_pass": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4)],
+}
+# dX with dropout: the keep mask and the masked x tile of the dA partial, beside the persistent
+# loop's state, take 128x128 (8 warps) to 255 registers and spill at BLOCK_R = 32 under triton
+# 3.9 (and 128x64x32 at 64 under 3.6); 128x64x64 on one warpgroup, 3 stages, is clean under both.
+_HOPPER_DROPOUT = {"dx_tma": [_cfg(128, 64, 64, 4, 3)]}
+
+
+def hopper_smem_estimate(cfg, block_r: int, elt: int, kernel_name: str) -> int:
+    """The GEMM estimate, plus (TMA kernels) the output tile staged in shared memory for the TMA
+    store (half of it for 256-wide tiles, stored in two halves), plus (one-pass) the pipelined A^T
+    tiles of the in-loop H product."""
+    k = cfg.kwargs
+    extra = 0
+    if kernel_name in ("forward_tma", "dx_tma"):
+        extra = k["BLOCK_M"] * k["BLOCK_N"] * elt // (2 if k["BLOCK_N"] >= 256 else 1)
+    else:
+        extra = k["BLOCK_K"] * block_r * elt * cfg.num_stages
+    return gemm_smem_estimate(cfg, block_r, elt) + extra
+
+
+def hopper_regs_estimate(cfg, block_r: int, elt: int, kernel_name: str, dropout: bool) -> float:
+    """The GEMM estimate, plus (one-pass) the fp32 BLOCK_M x BLOCK_R accumulator of H."""
+    extra = cfg.kwargs["BLOCK_M"] * block_r / (32 * cfg.num_warps) if kernel_name == "forward_one_pass" else 0
+    return gemm_regs_estimate(cfg, block_r, elt, dropout) + extra
+
+
+def tma_candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout: bool = False) -> list:
+    """The one config a Hopper-path kernel runs with for this variant (a list, as `candidates`)."""
+    if kernel_name not in _HOPPER:
+        raise KeyError(kernel_name)
+    if interpreting():
+        return list(_INTERPRETER)
+    dropout = dropout and kernel_name != "forward_tma"
+    smem = lambda c, r, e: hopper_smem_estimate(c, r, e, kernel_name)  # noqa: E731
+    regs = lambda c: hopper_regs_estimate(c, block_r, elt, kernel_name, dropout)  # noqa: E731
+    configs = _HOPPER_DROPOUT.get(kernel_name, _HOPPER[kernel_name]) if dropout else _HOPPER[kernel_name]
+    return keep_fitting(configs, smem, block_r, elt, arch, regs)[:1]
