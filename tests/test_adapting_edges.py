@@ -1,7 +1,5 @@
 """Adapting a model: what a user can hand get_lora_model / from_linear that it must refuse, and
 what a refused or finished operation leaves behind (found by trying the library as a new user)."""
-import copy
-
 import pytest
 import torch
 from torch import nn

@@ -166,7 +166,6 @@ def multi_forward(x, weight, bias, adapters, segs, seed):
 
 def multi_backward(dy, x, weight, adapters, h, segs, seed, need_dx, need_lora, need_dw, need_db):
     M, K = x.shape
-    N = weight.shape[0]
     need_lora = list(need_lora)
     dx, stacks = None, None
     if need_dx or any(need_lora):
