@@ -55,6 +55,7 @@ MAX_TRITON_RANK = 256
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CACHE_FORMAT = 1
 
+BACKWARD_OPS = {"bwd": "fwd", "quant_bwd": "quant_fwd"}  # a backward op -> the forward whose mask it must reuse
 calls: Counter = Counter()  # (op name, backend) -> number of calls
 
 
@@ -79,7 +80,7 @@ class Problem:
     """What an op is asked to compute, as far as choosing an implementation goes.
 
     op: "fwd" or "bwd" (one adapter), "multi_fwd" or "multi_bwd" (several adapters, a per-row adapter
-    index; `rank` is then the largest rank); x is M x K, W is N x K, the LoRA rank is `rank`; `dropout` whether p > 0;
+    index; `rank` is then the largest rank), "quant_fwd" or "quant_bwd" (a quantized base); x is M x K, W is N x K, the LoRA rank is `rank`; `dropout` whether p > 0;
     `grads`: for backward, the gradients asked for, among ("dx", "lora", "dW", "db").
     """
     op: str
@@ -96,13 +97,13 @@ class Problem:
         """The tuning key within one device: M and the rank by power-of-two bucket."""
         key = (f"{self.op} {str(self.dtype).replace('torch.', '')} M{_pow2_bucket(self.M)} N{self.N} K{self.K} "
                f"r{_pow2_bucket(self.rank)} dropout={'on' if self.dropout else 'off'}")
-        if self.op == "bwd":
+        if self.op in BACKWARD_OPS:
             key += " grads=" + ("+".join(self.grads) or "none")
         return key
 
     def forward_twin(self) -> "Problem":
         """The forward problem whose backward this is."""
-        return dataclasses.replace(self, op="fwd", grads=())
+        return dataclasses.replace(self, op=BACKWARD_OPS[self.op], grads=())
 
 
 def triton_not_supported_reasons(device: torch.device, dtype: torch.dtype, rank: int) -> list[str]:
@@ -131,6 +132,9 @@ def triton_op_reasons(op: str) -> list[str]:
     if op.startswith("multi_"):
         return ["the Triton kernels have no segment kernels yet for several adapters in one batch "
                 "(lora_linear_multi); the torch backend runs it"]
+    if op.startswith("quant_") and importlib.util.find_spec("fused_lora.kernels.quant") is None:
+        return ["the Triton kernels for a quantized base (fused_lora.kernels.quant: forward_quant, "
+                "backward_quant) are not there yet; the torch backend runs it"]
     return []
 
 
@@ -363,7 +367,7 @@ class Registry:
             return default
         by_name = {impl.name: impl for impl in candidates}
         with self._lock:
-            if problem.op == "bwd" and problem.dropout:
+            if problem.op in BACKWARD_OPS and problem.dropout:
                 known = self.known(problem.forward_twin())
                 return by_name.get(known.winner, default) if known else default
             known = self.known(problem)
