@@ -223,12 +223,16 @@ class QuantizedWeight(nn.Module):
             self.register_buffer("qweight", data.qweight)
             self.register_buffer("scale", data.scale)
         else:
-            self.blocksize, self.blocksize2, self.offset = int(data.blocksize), int(data.blocksize2), float(data.offset)
+            self.blocksize, self.blocksize2 = int(data.blocksize), int(data.blocksize2)
             self.register_buffer("packed", data.packed.reshape(-1))
             self.register_buffer("code", data.code)
             for name in ("absmax", "qabsmax", "code2", "absmax2"):
                 if getattr(data, name) is not None:
                     self.register_buffer(name, getattr(data, name))
+            if data.nested:  # a buffer, so a state_dict carries it; read back as a float once (no sync per call)
+                self.register_buffer("offset", torch.tensor(float(data.offset), dtype=torch.float32,
+                                                            device=data.packed.device))
+            self._offset_value: Optional[float] = float(data.offset)
 
     # ---- the weight-like view the layer reads
 
@@ -257,9 +261,16 @@ class QuantizedWeight(nn.Module):
         if self.format == "int8":
             return Int8Data(self._shape, self.qweight, self.scale)
         get = self._buffers.get
+        if self._offset_value is None:
+            self._offset_value = float(self.offset)
         return NF4Data(self._shape, self.packed, self.code, self.blocksize, absmax=get("absmax"),
                        qabsmax=get("qabsmax"), code2=get("code2"), absmax2=get("absmax2"),
-                       blocksize2=self.blocksize2, offset=self.offset)
+                       blocksize2=self.blocksize2, offset=self._offset_value)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.format == "nf4":
+            self._offset_value = None  # re-read from the loaded buffer
 
     def nbytes(self) -> int:
         """Bytes held by every tensor of this weight (packed data, scales, code tables)."""
