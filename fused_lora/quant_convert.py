@@ -50,6 +50,11 @@ def _nf4_from_params4bit(weight, what: str) -> NF4Data:
     if state is None:
         raise QuantizationError(f"{what}: the Params4bit has no quant_state (not quantized yet: bitsandbytes "
                                 "quantizes a Linear4bit when it is moved to a device, e.g. .to('cpu') or .cuda())")
+    if getattr(state, "packing_format_for_cpu", False):
+        raise QuantizationError(f"{what}: bitsandbytes has repacked this weight into its CPU inference format "
+                                "(it does so on the first eval-mode forward without grad on a CPU with AVX512-BF16); "
+                                "that layout is not bitsandbytes' NF4 layout. Adapt the layer before running it in "
+                                "eval mode, or reload it")
     if state.quant_type != "nf4":
         raise QuantizationError(f"{what}: quant_type {state.quant_type!r} is not supported (NF4 only)")
     N, K = (int(s) for s in state.shape)
