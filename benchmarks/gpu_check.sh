@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command, within a time budget (default 470 s: under 8 minutes
+# Everything that needs a GPU, in one command, within a time budget (default 560 s: under 10 minutes
 # on an H100, autotuning and auto's backend timing included): the CUDA tests (bf16 too), the layer
 # benchmark at the anchor shapes (each shape its own run, so one failure costs one shape; a run that
 # fails, e.g. in torch.compile, is retried without torch.compile), one fine-tuning step of the 1B
-# Llama-shaped model, what auto chose, and $OUT/summary.json (benchmarks/summarize.py: ratios to the
+# Llama-shaped model, the quantized-base benchmark (bench_quant.py), what auto chose, and
+# $OUT/summary.json (benchmarks/summarize.py: ratios to the
 # base per strategy, peft, torch.compile(peft), memory, fine-tune ratios, roofline ideals, targets,
 # each stage's outcome). A stage that fails or runs out of time is recorded in status.tsv and the
 # summary; the others still run. Runs from the source tree with the machine's python3 (no install).
 # Output goes to $OUT when set, else benchmarks/out.
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP (stages not to run: any of info tests
-# layer finetune, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
+# layer finetune quant, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
 # FINETUNE_ARGS, TEST_FILES; FUSED_LORA_CACHE_DIR (default $OUT/backend_cache: auto tunes afresh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 export FUSED_LORA_CACHE_DIR="${FUSED_LORA_CACHE_DIR:-$out/backend_cache}"
 py="${PYTHON:-python3}"
-budget="${GPU_CHECK_BUDGET_S:-470}"
+budget="${GPU_CHECK_BUDGET_S:-560}"  # 470 s + 90 s for the quantized-base stage
 skip=" ${GPU_CHECK_SKIP:-} "
 # "M K N [ranks...]; ...": the anchors' shapes; r=64 where a target or DESIGN.md's roofline names it.
 shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14336 16; 8192 14336 4096 16}"
@@ -83,7 +84,11 @@ for shape in "${shape_list[@]}"; do
     cap=75
 done
 
-stage finetune 100 10 finetune.log "$py" benchmarks/bench_finetune.py "${finetune_args[@]}" --out "$out/finetune.csv"
+stage finetune 100 100 finetune.log "$py" benchmarks/bench_finetune.py "${finetune_args[@]}" --out "$out/finetune.csv"
+
+# A quantized (QLoRA) base: bytes per parameter, an NF4 / int8 LoRA layer at 8192x4096x4096 r=16 and a 1B
+# fine-tune step against the 16-bit base and peft + bitsandbytes (benchmarks/bench_quant.py; CSVs in $out/quant).
+stage quant 90 10 quant.log "$py" benchmarks/bench_quant.py --device cuda --out "$out/quant"
 
 # What auto chose for each key, with the timings behind it (read from FUSED_LORA_CACHE_DIR).
 timeout 60 "$py" -c "from fused_lora import backends; print(backends.report())" > "$out/backends_report.txt" 2>&1 \

@@ -56,7 +56,8 @@ def base_refusal(module: nn.Module) -> Optional[str]:
     if kind is not nn.Linear and kind.forward is not nn.Linear.forward and not _is_conv1d(module):
         return f"{kind.__name__} overrides nn.Linear's forward, which the adapted layer would not run"
     if not module.weight.is_floating_point():
-        return f"its weight has dtype {module.weight.dtype} (quantized bases are not supported yet)"
+        return (f"its weight has dtype {module.weight.dtype}: a quantized base must be a bitsandbytes Linear4bit (NF4) / "
+                "Linear8bitLt or a fused_lora QuantizedLinear (fused_lora.quantize_model)")
     hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
              if getattr(module, h, None)]
     if hooks:

@@ -31,7 +31,7 @@ chunk_hook: Optional[Callable[[int, int, Tensor], None]] = None
 def weight_chunks(data, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
     """(start, stop, W[start:stop] in `dtype`) over the rows of the quantized weight."""
     for start, stop in quant.row_chunks(*data.shape):
-        w = data.dequantize_rows(start, stop).to(dtype)
+        w = quant.dequantize_rows(data, start, stop).to(dtype)
         if chunk_hook is not None:
             chunk_hook(start, stop, w)
         yield start, stop, w

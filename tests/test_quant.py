@@ -92,6 +92,16 @@ def test_dequantization_bit_exact_on_bitsandbytes_packed_data(nested, shape):
     assert torch.equal(qw.dequantize_rows(1, 3), expected[1:3])
 
 
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_fast_dequantization_equals_the_reference_bit_for_bit(nested, fmt):
+    """The PyTorch path's lean dequantization equals quant_format's reference on every row range."""
+    w = weight(300, 256, seed=7)
+    data = (quantize_nf4(w, double_quant=nested) if fmt == "nf4" else quantize_int8(w)).data()
+    for start, stop in ((0, 300), (0, 1), (17, 130), (299, 300)):
+        assert torch.equal(quant.dequantize_rows(data, start, stop), data.dequantize_rows(start, stop))
+
+
 def test_int8_codes_equal_bitsandbytes():
     w = weight(64, 96)
     ours = quantize_int8(w)
