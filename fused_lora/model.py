@@ -575,6 +575,7 @@ class LoraModel(nn.Module):
         for p in self.model.parameters():
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
+        total += quant_layer.quantized_parameter_count(self.model)  # frozen weights held as packed buffers
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

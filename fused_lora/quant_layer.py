@@ -91,3 +91,9 @@ def to_linear(layer, safe_merge: bool = False, adapter_names: Optional[Sequence[
 def unloaded(layer) -> QuantizedLinear:
     """The quantized base alone again (the same packed tensors and bias)."""
     return QuantizedLinear(layer.weight, layer.bias)
+
+
+def quantized_parameter_count(model: nn.Module) -> int:
+    """The weights held quantized in `model` (buffers, not parameters), counted as peft counts a 4-bit
+    weight: its N x K elements."""
+    return sum(math.prod(m.shape) for m in model.modules() if isinstance(m, QuantizedWeight))

@@ -138,6 +138,7 @@ def test_llama_over_linear4bit_matches_peft_qlora(tmp_path):
     ours, theirs = llama_pair(tmp_path)
     assert sum(isinstance(m, PeftLinear4bit) for m in theirs.modules()) == 14
     assert sum(layer.quantized for _, layer in ours.lora_layers()) == 14
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     tokens = next(counting_batches(256, 2, 16))
     out1, out2 = ours(input_ids=tokens, labels=tokens), theirs(input_ids=tokens, labels=tokens)
     torch.testing.assert_close(out1.logits, out2.logits, atol=1e-5, rtol=1e-5)
