@@ -347,6 +347,33 @@ def row_chunks(N: int, K: int, max_elements: Optional[int] = None) -> Iterator[t
         yield start, min(N, start + step)
 
 
+_NF4, _NF4_NESTED, _INT8 = 0, 1, 2  # layout codes of op_args' meta
+
+
+def op_args(data: QuantData) -> tuple[list, list, float]:
+    """The layout as a custom op's arguments: (tensors, [layout code, N, K, blocksize, blocksize2], offset)."""
+    N, K = data.shape
+    if isinstance(data, Int8Data):
+        return [data.qweight, data.scale], [_INT8, N, K, 0, 0], 0.0
+    if data.nested:
+        return ([data.packed, data.code, data.qabsmax, data.code2, data.absmax2],
+                [_NF4_NESTED, N, K, data.blocksize, data.blocksize2], float(data.offset))
+    return [data.packed, data.code, data.absmax], [_NF4, N, K, data.blocksize, data.blocksize2], 0.0
+
+
+def from_op_args(tensors: list, meta: list, offset: float) -> QuantData:
+    """The inverse of `op_args`."""
+    kind, N, K, blocksize, blocksize2 = meta
+    if kind == _INT8:
+        return Int8Data((N, K), tensors[0], tensors[1])
+    if kind == _NF4_NESTED:
+        packed, code, qabsmax, code2, absmax2 = tensors
+        return NF4Data((N, K), packed, code, blocksize, qabsmax=qabsmax, code2=code2, absmax2=absmax2,
+                       blocksize2=blocksize2, offset=offset)
+    packed, code, absmax = tensors
+    return NF4Data((N, K), packed, code, blocksize, absmax=absmax, blocksize2=blocksize2)
+
+
 def is_quantized_weight(weight) -> bool:
     return isinstance(weight, QuantizedWeight)
 

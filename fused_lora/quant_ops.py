@@ -19,7 +19,10 @@ The quantized weight is frozen: there is no dW (gradients never flow to it; it i
 autograd sees). The bias's gradient is computed when the bias requires grad (peft's bias="all").
 Double backward (create_graph=True through this op) is refused with a clear error.
 
-Eager autograd.Function only (no custom op yet): under torch.compile this op is a graph break.
+As `ops.lora_linear`: under torch.compile the custom ops fused_lora::lora_linear_quant_fwd / _bwd (the
+packed tensors as a list, their layout as integers: `quant.op_args`) with fake implementations and
+registered autograd, traced without graph breaks; in eager mode an autograd.Function calling the same
+backend code without the custom-op dispatch cost.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from . import quant
 from .op_inputs import as_scaling, as_seed_tensor, check_op_inputs, seed_value
 from .quant import QuantizedWeight
 
@@ -62,6 +66,86 @@ def _run_forward(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed: int, b
     return fwd(*args)
 
 
+def _run_backward(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed: int, backend, need_dx, need_lora,
+                  need_db):
+    grads = tuple(n for n, f in zip(("dx", "lora", "db"), (need_dx, need_lora, need_db)) if f)
+    args = (dy.contiguous(), x, data, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_db)
+    _, bwd = _chosen("quant_bwd", x, data, lora_A.shape[0], backend, dropout_p, grads,
+                     bench=lambda m: lambda: _functions_of_module(m)[1](*args))
+    if x.shape[0] == 0:
+        bwd = _functions(backends.get("torch"))[1]
+    return bwd(*args)
+
+
+def _refuse_double_backward(dy, x, lora_A, lora_B) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (dy, x, lora_A, lora_B)):
+        raise RuntimeError("lora_linear_quant: double backward (create_graph=True) through a quantized base "
+                           "is not supported")
+
+
+# ------------------------------------------------------------------ custom ops (what torch.compile traces)
+# The packed tensors travel as a list with their layout in `meta` (quant.op_args / quant.from_op_args).
+
+@torch.library.custom_op("fused_lora::lora_linear_quant_fwd", mutates_args=())
+def lora_linear_quant_fwd(
+    x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float, bias: Optional[Tensor], lora_A: Tensor,
+    lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor, backend: str,
+) -> tuple[Tensor, Tensor]:
+    data = quant.from_op_args(qtensors, meta, offset)
+    return _run_forward(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed), backend)
+
+
+@lora_linear_quant_fwd.register_fake
+def _(x, qtensors, meta, offset, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    N = meta[1]
+    _check(x, N, meta[2], bias, lora_A, lora_B, dropout_p)
+    return x.new_empty(x.shape[0], N), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("fused_lora::lora_linear_quant_bwd", mutates_args=())
+def lora_linear_quant_bwd(
+    dy: Tensor, x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float, lora_A: Tensor, lora_B: Tensor,
+    h: Tensor, scaling: float, dropout_p: float, seed: Tensor, backend: str, need_dx: bool, need_lora: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    data = quant.from_op_args(qtensors, meta, offset)
+    grads = _run_backward(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed_value(seed), backend,
+                          need_dx, need_lora, need_db)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@lora_linear_quant_bwd.register_fake
+def _(dy, x, qtensors, meta, offset, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_dx, need_lora,
+      need_db):
+    M, K = x.shape
+    N, r = meta[1], lora_A.shape[0]
+    return (x.new_empty((M, K) if need_dx else (0,)), x.new_empty((r, K) if need_lora else (0,)),
+            x.new_empty((N, r) if need_lora else (0,)), x.new_empty((N,) if need_db else (0,)))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, qtensors, meta, offset, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    ctx.save_for_backward(x, lora_A, lora_B, output[1], seed, *qtensors)
+    ctx.meta, ctx.offset, ctx.scaling, ctx.dropout_p, ctx.backend = meta, offset, scaling, dropout_p, backend
+    ctx.has_bias = bias is not None
+
+
+def _op_backward(ctx, dy, _dh):
+    x, lora_A, lora_B, h, seed, *qtensors = ctx.saved_tensors
+    need = ctx.needs_input_grad  # x, qtensors, meta, offset, bias, lora_A, lora_B, ...
+    _refuse_double_backward(dy, x, lora_A, lora_B)
+    need_db = bool(ctx.has_bias and need[4])
+    dx, dA, dB, db = lora_linear_quant_bwd(dy, x, qtensors, ctx.meta, ctx.offset, lora_A, lora_B, h, ctx.scaling,
+                                           ctx.dropout_p, seed, ctx.backend, need[0], need[5] or need[6], need_db)
+    return (dx if need[0] else None, [None] * len(qtensors), None, None, db if need_db else None,
+            dA if need[5] else None, dB if need[6] else None, None, None, None, None)
+
+
+lora_linear_quant_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ------------------------------------------------------------------ eager mode (no custom-op dispatch cost)
+
 class _QuantLoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, data, scaling, dropout_p, seed, backend):
@@ -75,20 +159,19 @@ class _QuantLoRALinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, lora_A, lora_B, h = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (dy, x, lora_A, lora_B)):
-            raise RuntimeError("lora_linear_quant: double backward (create_graph=True) through a quantized base "
-                               "is not supported")
+        _refuse_double_backward(dy, x, lora_A, lora_B)
         need_db = bool(ctx.has_bias and need[1])
-        grads = tuple(n for n, f in zip(("dx", "lora", "db"), (need[0], need[2] or need[3], need_db)) if f)
-        args = (dy.contiguous(), x, ctx.data, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, ctx.seed,
-                need[0], need[2] or need[3], need_db)
-        _, bwd = _chosen("quant_bwd", x, ctx.data, lora_A.shape[0], ctx.backend, ctx.dropout_p, grads,
-                         bench=lambda m: lambda: _functions_of_module(m)[1](*args))
-        if x.shape[0] == 0:
-            bwd = _functions(backends.get("torch"))[1]
-        dx, dA, dB, db = bwd(*args)
+        dx, dA, dB, db = _run_backward(dy, x, ctx.data, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, ctx.seed,
+                                       ctx.backend, need[0], need[2] or need[3], need_db)
         return (dx if need[0] else None, db if need_db else None, dA if need[2] else None,
                 dB if need[3] else None, None, None, None, None, None)
+
+
+def _check(x, N, K, bias, lora_A, lora_B, dropout_p) -> None:
+    """The unquantized op's checks, with a stride-0 stand-in of W's shape (x's dtype and device, no memory)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"lora_linear: x must be a tensor, got {type(x).__name__}")
+    check_op_inputs(x, x.new_empty(1).expand(N, K) if x.dim() == 2 else x, bias, lora_A, lora_B, dropout_p)
 
 
 def lora_linear_quant(
@@ -105,16 +188,14 @@ def lora_linear_quant(
                         f"{type(qweight).__name__}")
     seed = as_seed_tensor(seed, dropout_p)
     scaling = as_scaling(scaling)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"lora_linear: x must be a tensor, got {type(x).__name__}")
     N, K = qweight.shape
-    # A stride-0 stand-in with W's shape, x's dtype and device: the op's checks, no memory.
-    check_op_inputs(x, x.new_empty(1).expand(N, K) if x.dim() == 2 else x, bias, lora_A, lora_B, dropout_p)
+    data = qweight.data()
+    if torch.compiler.is_compiling() or (isinstance(x, Tensor) and x.is_meta):  # the fake checks the inputs
+        return lora_linear_quant_fwd(x, *quant.op_args(data), bias, lora_A, lora_B, scaling, float(dropout_p),
+                                     seed, backend)[0]
+    _check(x, N, K, bias, lora_A, lora_B, dropout_p)
     if qweight.device != x.device:
         raise ValueError(f"lora_linear_quant: the quantized weight is on {qweight.device} but x is on {x.device}")
-    if x.is_meta:
-        return x.new_empty(x.shape[0], N)
-    data = qweight.data()
     args = (x, bias, lora_A, lora_B, data, scaling, float(dropout_p), seed_value(seed), backend)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B))):
         return _run_forward(x, data, bias, lora_A, lora_B, scaling, float(dropout_p), seed_value(seed), backend)[0]

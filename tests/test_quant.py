@@ -355,3 +355,36 @@ def test_get_lora_model_on_quantize_model_and_unload():
     lm = fused_lora.get_lora_model(model, fused_lora.LoraConfig(r=4, target_modules=["0"]))
     back = lm.unload()
     assert isinstance(back[0], QuantizedLinear) and back[0].weight.qweight is packed
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_torch_compile_fullgraph_matches_eager(fmt):
+    """Under torch.compile the custom ops run (no graph break), with the eager results and mask."""
+    qw = quantize_nf4(weight(64, 128)) if fmt == "nf4" else quantize_int8(weight(64, 128))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 128, generator=g, requires_grad=True)
+    A = (torch.randn(4, 128, generator=g) * 0.1).requires_grad_()
+    B = (torch.randn(64, 4, generator=g) * 0.1).requires_grad_()
+    b = torch.randn(64, generator=g).requires_grad_()
+
+    def f(x, b, A, B):
+        return lora_linear_quant(x, qw, b, A, B, 0.5, 0.25, 77)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    y1 = compiled(x, b, A, B)
+    grads1 = torch.autograd.grad(y1.square().sum(), (x, b, A, B))
+    y2 = f(x, b, A, B)
+    grads2 = torch.autograd.grad(y2.square().sum(), (x, b, A, B))
+    torch.testing.assert_close(y1, y2, atol=1e-6, rtol=1e-6)
+    for g1, g2 in zip(grads1, grads2):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_op_opcheck():
+    from fused_lora import quant_ops
+    qw = quantize_nf4(weight(64, 128))
+    x = torch.randn(5, 128, requires_grad=True)
+    A, B = torch.randn(4, 128, requires_grad=True), torch.randn(64, 4, requires_grad=True)
+    args = (x, *quant.op_args(qw.data()), None, A, B, 0.5, 0.0, torch.tensor(3), "torch")
+    torch.library.opcheck(quant_ops.lora_linear_quant_fwd, args)
