@@ -106,8 +106,8 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True,
     bitsandbytes.functional.quantize_4bit(weight, blocksize, quant_type="nf4",
     compress_statistics=double_quant) gives (nested: its quantize_blockwise of absmax - mean, blocks
     of 256). `compute_dtype` defaults to the weight's dtype. in_features must be a multiple of
-    `blocksize` (QuantizationError otherwise). The weight is read once (as fp32, one row chunk at a time
-    is not needed: the result replaces it)."""
+    `blocksize` (QuantizationError otherwise). Rows are quantized a chunk at a time (rows are whole
+    blocks), so the temporaries stay bounded whatever the weight's size."""
     what = "quantize_nf4"
     _check_float_weight(weight, what)
     if blocksize not in NF4_BLOCKSIZES:
@@ -119,8 +119,12 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True,
     if N * K == 0:
         raise QuantizationError(f"{what}: the weight is empty (shape {tuple(weight.shape)})")
     code = nf4_code(weight.device)
-    q, absmax = _blockwise(weight.reshape(-1).float(), code, blocksize)
-    packed = (q[::2] << 4) | q[1::2]
+    packed = torch.empty(N * K // 2, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(N * K // blocksize, dtype=torch.float32, device=weight.device)
+    for start, stop in row_chunks(N, K):
+        q, absmax[start * K // blocksize: stop * K // blocksize] = _blockwise(weight[start:stop].reshape(-1).float(),
+                                                                             code, blocksize)
+        packed[start * K // 2: stop * K // 2] = (q[::2] << 4) | q[1::2]
     data = dict(shape=(N, K), packed=packed, code=code, blocksize=blocksize)
     if double_quant:
         offset = absmax.mean()
@@ -141,9 +145,13 @@ def quantize_int8(weight: Tensor, compute_dtype: Optional[torch.dtype] = None) -
     _check_float_weight(weight, what)
     if weight.numel() == 0:
         raise QuantizationError(f"{what}: the weight is empty (shape {tuple(weight.shape)})")
-    w = weight.float()
-    row_max = w.abs().max(dim=1).values
-    q = torch.round(w * (127.0 / row_max.clamp(min=1e-38).unsqueeze(-1))).to(torch.int8)
+    N, K = weight.shape
+    q = torch.empty(N, K, dtype=torch.int8, device=weight.device)
+    row_max = torch.empty(N, dtype=torch.float32, device=weight.device)
+    for start, stop in row_chunks(N, K):  # bounded temporaries
+        w = weight[start:stop].float()
+        row_max[start:stop] = w.abs().max(dim=1).values
+        q[start:stop] = torch.round(w * (127.0 / row_max[start:stop].clamp(min=1e-38).unsqueeze(-1)))
     return QuantizedWeight(Int8Data(tuple(weight.shape), q, row_max / 127.0), compute_dtype or weight.dtype)
 
 

@@ -31,7 +31,8 @@ def weight(N, K, seed=0, dtype=torch.float32):
 
 @pytest.mark.parametrize("shape,blocksize", [(s, 64) for s in SHAPES] + [((64, 128), 128), ((5, 256), 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nf4_codes_equal_bitsandbytes(shape, blocksize, dtype):
+def test_nf4_codes_equal_bitsandbytes(shape, blocksize, dtype, monkeypatch):
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 2 * shape[1])  # quantized two rows at a time
     w = weight(*shape, dtype=dtype)
     ours = quantize_nf4(w, blocksize=blocksize, double_quant=False)
     packed, state = BF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
@@ -102,7 +103,8 @@ def test_fast_dequantization_equals_the_reference_bit_for_bit(nested, fmt):
         assert torch.equal(quant.dequantize_rows(data, start, stop), data.dequantize_rows(start, stop))
 
 
-def test_int8_codes_equal_bitsandbytes():
+def test_int8_codes_equal_bitsandbytes(monkeypatch):
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 5 * 96)  # five rows at a time, the last chunk short
     w = weight(64, 96)
     ours = quantize_int8(w)
     cb, scb, _ = BF.int8_vectorwise_quant(w.clone())
