@@ -123,14 +123,28 @@ def test_linear4bit_refusals():
 
 # ------------------------------------------------------------------ a Llama
 
-def llama_pair(tmp_path, nested=True):
-    """A Llama whose projections bitsandbytes quantized (NF4), adapted by fused_lora and by peft with the
-    same adapter (ours saved, loaded into peft's QLoRA model)."""
-    base = bnb_quantize(tiny_llama(), LLAMA_TARGETS, "nf4", nested)
+def transformers_4bit_llama(tmp_path):
+    """A Llama loaded by transformers with BitsAndBytesConfig(load_in_4bit=True, nf4, double quant, fp32
+    compute) on the CPU, as a QLoRA user loads one; put in training mode (on an eval-mode forward without
+    grad, bitsandbytes repacks its CPU weights into a bf16 inference layout)."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    tiny_llama().save_pretrained(tmp_path / "base")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, device_map="cpu",
+                                             dtype=torch.float32)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    return model.train()
+
+
+def llama_pair(tmp_path):
+    """A Llama bitsandbytes quantized (NF4, loaded through transformers), adapted by fused_lora and by peft
+    with the same adapter (ours saved, loaded into peft's QLoRA model)."""
+    base = transformers_4bit_llama(tmp_path)
     ours = get_lora_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS,
                                                            init_lora_weights=False))
-    ours.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    ours.save_pretrained(tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter", is_trainable=True)
     return ours, theirs
 
 
@@ -151,11 +165,11 @@ def test_llama_over_linear4bit_matches_peft_qlora(tmp_path):
 
 
 def test_peft_qlora_adapter_loads_into_fused_lora(tmp_path):
-    base = bnb_quantize(tiny_llama(), LLAMA_TARGETS, "nf4")
+    base = transformers_4bit_llama(tmp_path)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS,
                                                                       init_lora_weights=False))
-    theirs.save_pretrained(tmp_path)
-    ours = LoraModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
     tokens = next(counting_batches(256, 2, 12, seed=3))
     torch.testing.assert_close(ours(input_ids=tokens).logits, theirs(input_ids=tokens).logits, atol=1e-5, rtol=1e-5)
 
