@@ -1,13 +1,14 @@
-"""A quantized (QLoRA) base: bytes per parameter held by the base, and step times against the 16-bit base.
+"""A quantized (QLoRA) base: bytes per parameter held by the base, and step times against the dense base.
 
-One run measures, on one device, with ratios to the 16-bit frozen base measured in the same run:
+One run measures, on one device, with ratios to the dense (unquantized: fp32 on CPU, bf16 on CUDA) frozen
+base measured in the same run:
   1. bytes per parameter held by the base weight: fused_lora NF4 (double quant and not), int8,
-     bitsandbytes' Linear4bit (its packed data and quant state), the 16-bit weight;
-  2. one LoRA layer, forward + backward (dX and the adapter's gradients): the frozen 16-bit nn.Linear
-     alone (the floor), fused_lora over the 16-bit base, over NF4, over int8, and peft over bitsandbytes'
+     bitsandbytes' Linear4bit (its packed data and quant state), the dense weight;
+  2. one LoRA layer, forward + backward (dX and the adapter's gradients): the frozen dense nn.Linear
+     alone (the floor), fused_lora over the dense base, over NF4, over int8, and peft over bitsandbytes'
      Linear4bit (NF4, double quant), with the peak memory above the inputs;
   3. one fine-tuning step (forward, backward, AdamW on the adapters) of a Llama-shaped model from a config:
-     fused_lora over the 16-bit base, fused_lora over NF4 (quantize_model), peft over bitsandbytes NF4.
+     fused_lora over the dense base, fused_lora over NF4 (quantize_model), peft over bitsandbytes NF4.
 
 CPU defaults are scaled down to run in about a minute (say so when quoting them): layer 1024x1024x1024,
 r=16, the "small" Llama (4M parameters, batch 2 x 128). On CUDA: --shape 8192 4096 4096 and --model 1b.
@@ -64,7 +65,7 @@ def have_bnb() -> bool:
 def memory_table(K: int, N: int, device: str, dtype: torch.dtype) -> list[dict]:
     w = torch.randn(N, K, device=device, dtype=dtype) * K ** -0.5
     n = w.numel()
-    rows = [("16-bit" if dtype != torch.float32 else "fp32", w.numel() * w.element_size()),
+    rows = [(str(dtype).replace("torch.", ""), w.numel() * w.element_size()),
             ("fused_lora nf4 + double quant", quantize_nf4(w).nbytes()),
             ("fused_lora nf4", quantize_nf4(w, double_quant=False).nbytes()),
             ("fused_lora int8", quantize_int8(w).nbytes())]
@@ -81,8 +82,9 @@ def layer_table(M: int, K: int, N: int, r: int, device: str, dtype: torch.dtype,
     lin = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(M, N, device=device, dtype=dtype)
-    layers = {"16-bit base alone (floor)": lin,
-              "fused_lora, 16-bit base": FusedLoRALinear.from_linear(copy.deepcopy(lin), r=r, lora_alpha=2 * r),
+    dense = f"{str(dtype).replace('torch.', '')} base"
+    layers = {f"{dense} alone (floor)": lin,
+              f"fused_lora, {dense}": FusedLoRALinear.from_linear(copy.deepcopy(lin), r=r, lora_alpha=2 * r),
               "fused_lora, nf4 base": FusedLoRALinear.from_linear(QuantizedLinear.from_linear(lin, "nf4"), r=r,
                                                                   lora_alpha=2 * r),
               "fused_lora, int8 base": FusedLoRALinear.from_linear(QuantizedLinear.from_linear(lin, "int8"), r=r,
@@ -103,11 +105,11 @@ def layer_table(M: int, K: int, N: int, r: int, device: str, dtype: torch.dtype,
         return run
 
     ms = time_variants({k: step(m) for k, m in layers.items()}, device, reps=reps)
-    floor = ms["16-bit base alone (floor)"]
+    floor = ms[f"{dense} alone (floor)"]
     rows = []
     for name, layer in layers.items():
         _, peak = memory_mib(lambda: layer(x), lambda out: out.backward(dy), device)
-        rows.append({"variant": name, "ms": round(ms[name], 3), "ratio_to_16bit_base": round(ms[name] / floor, 3),
+        rows.append({"variant": name, "ms": round(ms[name], 3), "ratio_to_dense_base": round(ms[name] / floor, 3),
                      "peak_MiB": round(peak, 1)})
     return rows
 
@@ -116,7 +118,8 @@ def finetune_table(size: str, batch: int, seq: int, r: int, device: str, dtype: 
     base = build_llama(size, dtype=dtype, device=device)
     vocab = base.config.vocab_size
     cfg = dict(r=r, lora_alpha=2 * r, target_modules=LLAMA_TARGETS)
-    models = {"fused_lora, 16-bit base": get_lora_model(copy.deepcopy(base), LoraConfig(**cfg)),
+    dense = f"fused_lora, {str(dtype).replace('torch.', '')} base"
+    models = {dense: get_lora_model(copy.deepcopy(base), LoraConfig(**cfg)),
               "fused_lora, nf4 base": get_lora_model(quantize_model(copy.deepcopy(base), "nf4",
                                                                     target_modules=LLAMA_TARGETS), LoraConfig(**cfg))}
     if have_bnb():
@@ -141,8 +144,8 @@ def finetune_table(size: str, batch: int, seq: int, r: int, device: str, dtype: 
             opt.zero_grad(set_to_none=True)
         steps[name] = run
     ms = time_variants(steps, device, reps=reps, warmup=1)
-    ref = ms["fused_lora, 16-bit base"]
-    return [{"variant": k, "ms": round(v, 2), "ratio_to_16bit_base": round(v / ref, 3)} for k, v in ms.items()]
+    ref = ms[dense]
+    return [{"variant": k, "ms": round(v, 2), "ratio_to_dense_base": round(v / ref, 3)} for k, v in ms.items()]
 
 
 def markdown(rows: list[dict]) -> str:
