@@ -277,7 +277,7 @@ class QuantizedWeight(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        if self.format == "nf4":
+        if self.nested:
             self._offset_value = None  # re-read from the loaded buffer
 
     def nbytes(self) -> int:

@@ -100,7 +100,9 @@ def weight_from_bnb(module: nn.Module) -> QuantizedWeight:
         dtype = getattr(module, "compute_dtype", None) or state.dtype
         return QuantizedWeight(data, dtype)
     if kind == "8bit":
-        dtype = module.bias.dtype if module.bias is not None and module.bias.is_floating_point() else torch.float16
+        # no compute dtype is recorded: the bias's dtype (the model's), else the default dtype
+        dtype = module.bias.dtype if module.bias is not None and module.bias.is_floating_point() \
+            else torch.get_default_dtype()
         return QuantizedWeight(_int8_from_linear8bit(module, what), dtype)
     raise TypeError(f"weight_from_bnb expects a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}")
 

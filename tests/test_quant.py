@@ -224,9 +224,10 @@ def test_to_dtype_keeps_the_packed_tensors():
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
 
 
-def test_state_dict_round_trip():
-    ql = QuantizedLinear(quantize_nf4(weight(64, 128)), torch.randn(64))
-    other = QuantizedLinear(quantize_nf4(weight(64, 128, seed=5)), torch.zeros(64))
+@pytest.mark.parametrize("nested", [False, True])
+def test_state_dict_round_trip(nested):
+    ql = QuantizedLinear(quantize_nf4(weight(64, 128), double_quant=nested), torch.randn(64))
+    other = QuantizedLinear(quantize_nf4(weight(64, 128, seed=5), double_quant=nested), torch.zeros(64))
     other.load_state_dict(ql.state_dict())
     x = torch.randn(2, 128)
     assert torch.equal(other(x), ql(x))
