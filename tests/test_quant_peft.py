@@ -98,6 +98,23 @@ def test_layer_over_linear8bitlt():
     y_bnb = base(x)
     assert (ours(x) - y_bnb).abs().max() <= 0.02 * y_bnb.abs().max()
 
+    # peft over the same Linear8bitLt, same adapter: the adapter's gradients do not involve W (equal);
+    # dx = dY W + ... uses the dequantized int8 weight on both sides.
+    seq = nn.Sequential(copy.deepcopy(base))
+    seq.is_loaded_in_8bit = True
+    theirs = peft.get_peft_model(seq, peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False)).base_model.model[0]
+    assert type(theirs).__module__ == "peft.tuners.lora.bnb"
+    with torch.no_grad():
+        ours.lora_A.copy_(theirs.lora_A["default"].weight)
+        ours.lora_B.copy_(theirs.lora_B["default"].weight)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn(6, 96)
+    ours(x1).backward(dy)
+    theirs(x2).backward(dy)
+    torch.testing.assert_close(ours.lora_A.grad, theirs.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.lora_B.grad, theirs.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
 
 def test_linear4bit_refusals():
     lin = nn.Linear(128, 64)
