@@ -80,7 +80,8 @@ class Problem:
     """What an op is asked to compute, as far as choosing an implementation goes.
 
     op: "fwd" or "bwd" (one adapter), "multi_fwd" or "multi_bwd" (several adapters, a per-row adapter
-    index; `rank` is then the largest rank), "quant_fwd" or "quant_bwd" (a quantized base); x is M x K, W is N x K, the LoRA rank is `rank`; `dropout` whether p > 0;
+    index; `rank` is then the largest rank), "quant_fwd" or "quant_bwd" (a quantized base, `quant_ops`);
+    x is M x K, W is N x K, the LoRA rank is `rank`; `dropout` whether p > 0;
     `grads`: for backward, the gradients asked for, among ("dx", "lora", "dW", "db").
     """
     op: str

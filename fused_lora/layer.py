@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import backends, quant_layer
 from .dropout import new_seed, no_seed
 from .ops import lora_linear, lora_linear_multi
+from .quant_convert import as_quantized_linear, is_quantized_base, quantized_base_refusal
 from .reference import lora_delta_weight
 from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_init_lora_weights, lora_scaling
 
@@ -44,9 +45,8 @@ def base_refusal(module: nn.Module) -> Optional[str]:
     nn.Linear's function itself (Conv1D's, transposed), so a subclass with a forward of its own, a
     non-float (quantized) weight, or hooks that change what the module computes would silently be
     dropped: such modules are refused rather than adapted into something else."""
-    from . import quant_convert
-    if quant_convert.is_quantized_base(module):  # bitsandbytes Linear4bit / Linear8bitLt, QuantizedLinear
-        return quant_convert.quantized_base_refusal(module)
+    if is_quantized_base(module):  # bitsandbytes Linear4bit / Linear8bitLt, QuantizedLinear
+        return quantized_base_refusal(module)
     if not isinstance(module, nn.Linear) and not _is_conv1d(module):
         return f"{type(module).__name__} is not an nn.Linear or a transformers Conv1D"
     kind = type(module)
@@ -176,7 +176,6 @@ class FusedLoRALinear(nn.Module):
         and frozen. A quantized base (bitsandbytes' Linear4bit NF4 / Linear8bitLt, or fused_lora's
         QuantizedLinear) is held as a frozen `QuantizedWeight` sharing its packed tensors (see
         `fused_lora.quant_layer` for what changes: merge refused, to_linear 16-bit)."""
-        from .quant_convert import is_quantized_base
         if not isinstance(linear, nn.Linear) and not _is_conv1d(linear) and not is_quantized_base(linear):
             raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         refusal = base_refusal(linear)
@@ -191,7 +190,6 @@ class FusedLoRALinear(nn.Module):
         return self
 
     def _attach_base(self, linear: nn.Module) -> None:
-        from .quant_convert import as_quantized_linear, is_quantized_base
         if is_quantized_base(linear):
             linear = as_quantized_linear(linear)  # weight: a frozen QuantizedWeight module
         self.fan_in_fan_out = _is_conv1d(linear)
