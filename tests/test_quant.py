@@ -391,3 +391,17 @@ def test_custom_op_opcheck():
     A, B = torch.randn(4, 128, requires_grad=True), torch.randn(64, 4, requires_grad=True)
     args = (x, *quant.op_args(qw.data()), None, A, B, 0.5, 0.0, torch.tensor(3), "torch")
     torch.library.opcheck(quant_ops.lora_linear_quant_fwd, args)
+
+
+def test_double_backward_refused_clearly():
+    layer, _ = _quantized_layer()
+    x = torch.randn(3, 128, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+
+
+def test_meta_device_gives_shapes():
+    layer, _ = _quantized_layer()
+    layer.to("meta")
+    assert layer.weight.device.type == "meta"
+    assert layer(torch.empty(2, 5, 128, device="meta")).shape == (2, 5, 64)

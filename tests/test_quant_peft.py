@@ -218,3 +218,25 @@ def test_our_quantization_with_peft_over_bitsandbytes_same_model(tmp_path):
     torch.testing.assert_close(ours(input_ids=tokens).logits, theirs(input_ids=tokens).logits, atol=1e-5, rtol=1e-5)
     back = ours.unload()
     assert isinstance(back.model.layers[0].self_attn.q_proj, QuantizedLinear)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_with_dropout_gives_the_same_gradients(reentrant):
+    """Over a quantized base, with dropout: checkpointing recomputes the forward (same seed, same mask) and
+    gives the gradients of the plain run exactly."""
+    model = get_lora_model(quantize_model(tiny_llama(), "nf4", target_modules=LLAMA_TARGETS),
+                           LoraConfig(r=4, target_modules=LLAMA_TARGETS, lora_dropout=0.1, init_lora_weights=False))
+    tokens = next(counting_batches(256, 2, 12))
+    torch.manual_seed(0)
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    torch.manual_seed(0)
+    again = model(input_ids=tokens, labels=tokens).loss
+    again.backward()
+    assert again.item() == loss.item()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, plain[n]), n
