@@ -13,7 +13,13 @@ dropout mask D is the row's own (`keep_mask`), drawn from `seed`. The torch row 
 `fused_lora.quant_impl` (re-exported by `torch_impl`). The triton row is
 `fused_lora.kernels.quant` with exactly these two signatures (its forward GEMM and dX GEMM dequantize
 inside the K loop; dA, dB, db may reuse the existing dY kernel); `fused_lora.kernels` should re-export
-them, and until that module exists the triton row states why it cannot run "quant_" ops.
+them (if it does not, they are looked up in `fused_lora.kernels.quant`), and until that module exists
+the triton row states why it cannot run "quant_" ops. What the launchers may rely on (checked by
+`quant.check_data` when the container is built): NF4 `packed` is a flat contiguous uint8 tensor of
+N*K/2 bytes (high nibble first), every row is a whole number of blocks (K % blocksize == 0, blocksize in
+32..4096), `code` fp32[16], and either `absmax` fp32[N*K/blocksize] or the nested triple (`qabsmax`
+uint8, `code2` fp32[256], `absmax2` fp32, `blocksize2`, `offset` a Python float); int8 `qweight` is
+N x K int8 (row-major), `scale` fp32[N]. All on x's device; x's dtype is the compute dtype.
 
 The quantized weight is frozen: there is no dW (gradients never flow to it; it is not a tensor
 autograd sees). The bias's gradient is computed when the bias requires grad (peft's bias="all").
