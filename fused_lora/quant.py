@@ -228,15 +228,16 @@ class QuantizedWeight(nn.Module):
         self._shape = tuple(int(s) for s in data.shape)
         self.compute_dtype = dtype
         if self.format == "int8":
-            self.register_buffer("qweight", data.qweight)
-            self.register_buffer("scale", data.scale)
+            self.register_buffer("qweight", data.qweight.contiguous())  # no copy when it is (the usual case)
+            self.register_buffer("scale", data.scale.float().contiguous())
         else:
             self.blocksize, self.blocksize2 = int(data.blocksize), int(data.blocksize2)
-            self.register_buffer("packed", data.packed.reshape(-1))
-            self.register_buffer("code", data.code)
-            for name in ("absmax", "qabsmax", "code2", "absmax2"):
+            self.register_buffer("packed", data.packed.contiguous().reshape(-1))
+            self.register_buffer("code", data.code.float().contiguous())
+            for name in ("absmax", "qabsmax", "code2", "absmax2"):  # as they are (views when contiguous)
                 if getattr(data, name) is not None:
-                    self.register_buffer(name, getattr(data, name))
+                    t = getattr(data, name).contiguous().reshape(-1)
+                    self.register_buffer(name, t.float() if name != "qabsmax" else t)
             if data.nested:  # a buffer, so a state_dict carries it; read back as a float once (no sync per call)
                 self.register_buffer("offset", torch.tensor(float(data.offset), dtype=torch.float32,
                                                             device=data.packed.device))
