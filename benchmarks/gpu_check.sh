@@ -3,14 +3,15 @@
 # on an H100, autotuning and auto's backend timing included): the CUDA tests (bf16 too), the layer
 # benchmark at the anchor shapes (each shape its own run, so one failure costs one shape; a run that
 # fails, e.g. in torch.compile, is retried without torch.compile), one fine-tuning step of the 1B
-# Llama-shaped model, what auto chose, and $OUT/summary.json (benchmarks/summarize.py: ratios to the
+# Llama-shaped model, the quantized-base benchmark (bench_quant.py), what auto chose, and
+# $OUT/summary.json (benchmarks/summarize.py: ratios to the
 # base per strategy, peft, torch.compile(peft), memory, fine-tune ratios, roofline ideals, targets,
 # each stage's outcome). A stage that fails or runs out of time is recorded in status.tsv and the
 # summary; the others still run. Runs from the source tree with the machine's python3 (no install).
 # Output goes to $OUT when set, else benchmarks/out.
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP (stages not to run: any of info tests
-# hopper layer multi finetune, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
+# hopper layer multi finetune quant, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
 # FINETUNE_ARGS, TEST_FILES, HOPPER_TEST_FILES; FUSED_LORA_CACHE_DIR (default $OUT/backend_cache: auto
 # tunes afresh).
 #
@@ -25,6 +26,9 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 export FUSED_LORA_CACHE_DIR="${FUSED_LORA_CACHE_DIR:-$out/backend_cache}"
 py="${PYTHON:-python3}"
+# Under one device command's 600 s. Every stage together needs more: the layer shapes give way to the
+# later stages (multi, finetune, quant: ~290 s reserved); a second command with GPU_CHECK_SKIP set
+# to the stages already run measures the rest.
 budget="${GPU_CHECK_BUDGET_S:-560}"
 skip=" ${GPU_CHECK_SKIP:-} "
 # "M K N [ranks...]; ...": the anchors' shapes; r=64 where a target or DESIGN.md's roofline names it.
@@ -83,12 +87,12 @@ for shape in "${shape_list[@]}"; do
     name="layer_${M}x${K}x${N}"
     rank_args=()
     [[ -n "${ranks:-}" ]] && read -r -a rank_args <<< "--ranks $ranks"
-    stage "$name" "$cap" 110 "$name.log" "$py" benchmarks/bench_layer.py --shape "$M" "$K" "$N" "${rank_args[@]}" \
+    stage "$name" "$cap" 290 "$name.log" "$py" benchmarks/bench_layer.py --shape "$M" "$K" "$N" "${rank_args[@]}" \
         "${layer_args[@]}" --out "$out/$name"
     rc=$?
     if ((rc != 0 && rc != 124 && rc != 137)) && [[ ! -e "$out/$name.csv" ]]; then
         # A crash (the usual culprit: torch.compile(peft)), not the time limit: keep the shape's other figures.
-        stage "${name}_nocompile" 60 110 "${name}_nocompile.log" "$py" benchmarks/bench_layer.py \
+        stage "${name}_nocompile" 60 290 "${name}_nocompile.log" "$py" benchmarks/bench_layer.py \
             --shape "$M" "$K" "$N" "${rank_args[@]}" "${layer_args[@]}" --compile-ranks --out "$out/${name}_nocompile"
     fi
     cap=75
@@ -96,9 +100,13 @@ done
 
 # Several adapters in one batch: the segment kernels (triton) and the torch path, mixed against a
 # single-adapter batch of the same size (the target: <= 1.15x at k = 4), k = 1, 4, 16, and peft's loop.
-stage multi 90 110 multi_adapter.log "$py" benchmarks/bench_multi_adapter.py --gpu-suite --out "$out/multi_adapter"
+stage multi 90 200 multi_adapter.log "$py" benchmarks/bench_multi_adapter.py --gpu-suite --out "$out/multi_adapter"
 
-stage finetune 100 10 finetune.log "$py" benchmarks/bench_finetune.py "${finetune_args[@]}" --out "$out/finetune.csv"
+stage finetune 100 100 finetune.log "$py" benchmarks/bench_finetune.py "${finetune_args[@]}" --out "$out/finetune.csv"
+
+# A quantized (QLoRA) base: bytes per parameter, an NF4 / int8 LoRA layer at 8192x4096x4096 r=16 and a 1B
+# fine-tune step against the 16-bit base and peft + bitsandbytes (benchmarks/bench_quant.py; CSVs in $out/quant).
+stage quant 90 10 quant.log "$py" benchmarks/bench_quant.py --device cuda --out "$out/quant"
 
 # What auto chose for each key, with the timings behind it (read from FUSED_LORA_CACHE_DIR).
 timeout 60 "$py" -c "from fused_lora import backends; print(backends.report())" > "$out/backends_report.txt" 2>&1 \

@@ -9,6 +9,10 @@ Public API:
     patch_peft, unpatch_peft        run an existing peft model's LoRA layers through the fused op
     LoraTrainer, lora_trainer_class transformers' Trainer (or e.g. TRL's SFTTrainer) checkpointing a
                                     LoraModel as a peft adapter (imports transformers on first use)
+    quantize_model                  quantize a plain model's Linears to NF4 / int8 (QLoRA base, no bitsandbytes)
+    QuantizedLinear, QuantizedWeight
+                                    the frozen quantized base (also read from bitsandbytes' Linear4bit/8bitLt)
+    lora_linear_quant               the functional op over a quantized base
     AdapterError                    an adapter directory that cannot be loaded
     BackendUnavailable              a requested backend cannot run
 """
@@ -19,11 +23,14 @@ from .layer import FusedLoRALinear
 from .model import LoraModel, get_lora_model
 from .ops import lora_linear, lora_linear_multi
 from .peft_patch import patch_peft, unpatch_peft
+from .quant import QuantizedLinear, QuantizedWeight, quantize_int8, quantize_model, quantize_nf4
+from .quant_ops import lora_linear_quant
 
 __version__ = "0.1.0"
 
 __all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_multi", "LoraConfig", "get_lora_model", "LoraModel", "AdapterError",
-           "BackendUnavailable", "patch_peft", "unpatch_peft", "LoraTrainer", "lora_trainer_class", "__version__"]
+           "BackendUnavailable", "patch_peft", "unpatch_peft",
+           "quantize_model", "QuantizedLinear", "QuantizedWeight", "quantize_nf4", "quantize_int8", "lora_linear_quant", "LoraTrainer", "lora_trainer_class", "__version__"]
 
 
 def __getattr__(name):

@@ -60,6 +60,7 @@ MAX_TRITON_RANK = 256
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CACHE_FORMAT = 1
 
+BACKWARD_OPS = {"bwd": "fwd", "multi_bwd": "multi_fwd", "quant_bwd": "quant_fwd"}  # a backward op -> the forward whose mask it must reuse
 calls: Counter = Counter()  # (op name, backend) -> number of calls
 
 
@@ -84,7 +85,8 @@ class Problem:
     """What an op is asked to compute, as far as choosing an implementation goes.
 
     op: "fwd" or "bwd" (one adapter), "multi_fwd" or "multi_bwd" (several adapters, a per-row adapter
-    index; `rank` is then the largest rank); x is M x K, W is N x K, the LoRA rank is `rank`; `dropout` whether p > 0;
+    index; `rank` is then the largest rank), "quant_fwd" or "quant_bwd" (a quantized base, `quant_ops`);
+    x is M x K, W is N x K, the LoRA rank is `rank`; `dropout` whether p > 0;
     `grads`: for backward, the gradients asked for, among ("dx", "lora", "dW", "db").
     """
     op: str
@@ -101,13 +103,13 @@ class Problem:
         """The tuning key within one device: M and the rank by power-of-two bucket."""
         key = (f"{self.op} {str(self.dtype).replace('torch.', '')} M{_pow2_bucket(self.M)} N{self.N} K{self.K} "
                f"r{_pow2_bucket(self.rank)} dropout={'on' if self.dropout else 'off'}")
-        if self.op == "bwd":
+        if self.op in BACKWARD_OPS:
             key += " grads=" + ("+".join(self.grads) or "none")
         return key
 
     def forward_twin(self) -> "Problem":
         """The forward problem whose backward this is."""
-        return dataclasses.replace(self, op="multi_fwd" if self.op == "multi_bwd" else "fwd", grads=())
+        return dataclasses.replace(self, op=BACKWARD_OPS[self.op], grads=())
 
 
 def triton_not_supported_reasons(device: torch.device, dtype: torch.dtype, rank: int) -> list[str]:
@@ -148,6 +150,14 @@ def triton_multi_reasons(problem: "Problem") -> list[str]:
     return reasons
 
 
+def triton_op_reasons(op: str) -> list[str]:
+    """Ops the Triton kernels do not implement yet (empty when they do)."""
+    if op.startswith("quant_") and importlib.util.find_spec("fused_lora.kernels.quant") is None:
+        return ["the Triton kernels for a quantized base (fused_lora.kernels.quant: forward_quant, "
+                "backward_quant) are not there yet; the torch backend runs it"]
+    return []
+
+
 @dataclass(frozen=True)
 class Implementation:
     """One row of the table: a name, what it is, where its code lives, and what it cannot run.
@@ -175,7 +185,8 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     # Imported on first use only: no Triton work at package import.
     Implementation("triton", "the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
                    lambda: importlib.import_module("fused_lora.kernels"),
-                   lambda p: (triton_not_supported_reasons(p.device, p.dtype, p.rank) + triton_multi_reasons(p))),
+                   lambda p: (triton_not_supported_reasons(p.device, p.dtype, p.rank) + triton_op_reasons(p.op)
+                              + triton_multi_reasons(p))),
 )
 
 
@@ -433,7 +444,7 @@ class Registry:
             return default
         by_name = {impl.name: impl for impl in candidates}
         with self._lock:
-            if problem.op in ("bwd", "multi_bwd") and problem.dropout:
+            if problem.op in BACKWARD_OPS and problem.dropout:
                 known = self.known(problem.forward_twin())
                 return by_name.get(known.winner, default) if known else default
             known = self.known(problem)

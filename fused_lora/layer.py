@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, quant_layer
 from .dropout import new_seed, no_seed
 from .ops import lora_linear, lora_linear_multi
+from .quant_convert import as_quantized_linear, is_quantized_base, quantized_base_refusal
 from .reference import lora_delta_weight
 from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_init_lora_weights, lora_scaling
 
@@ -44,15 +45,19 @@ def base_refusal(module: nn.Module) -> Optional[str]:
     nn.Linear's function itself (Conv1D's, transposed), so a subclass with a forward of its own, a
     non-float (quantized) weight, or hooks that change what the module computes would silently be
     dropped: such modules are refused rather than adapted into something else."""
+    if is_quantized_base(module):  # bitsandbytes Linear4bit / Linear8bitLt, QuantizedLinear
+        return quantized_base_refusal(module)
     if not isinstance(module, nn.Linear) and not _is_conv1d(module):
         return f"{type(module).__name__} is not an nn.Linear or a transformers Conv1D"
     kind = type(module)
     if type(module).__module__.startswith("bitsandbytes"):
-        return f"{kind.__name__} is a quantized (bitsandbytes) layer: quantized bases are not supported yet"
+        return f"{kind.__name__} is a quantized (bitsandbytes) layer fused_lora cannot read (Linear4bit NF4 and " \
+               f"Linear8bitLt are supported)"
     if kind is not nn.Linear and kind.forward is not nn.Linear.forward and not _is_conv1d(module):
         return f"{kind.__name__} overrides nn.Linear's forward, which the adapted layer would not run"
     if not module.weight.is_floating_point():
-        return f"its weight has dtype {module.weight.dtype} (quantized bases are not supported yet)"
+        return (f"its weight has dtype {module.weight.dtype}: a quantized base must be a bitsandbytes Linear4bit (NF4) / "
+                "Linear8bitLt or a fused_lora QuantizedLinear (fused_lora.quantize_model)")
     hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
              if getattr(module, h, None)]
     if hooks:
@@ -168,8 +173,10 @@ class FusedLoRALinear(nn.Module):
     ) -> "FusedLoRALinear":
         """Wrap an existing `nn.Linear` (or a transformers `Conv1D`, as peft does: its in x out weight is
         read through a transposed view, `fan_in_fan_out`): weight and bias are shared (same storage)
-        and frozen."""
-        if not isinstance(linear, nn.Linear) and not _is_conv1d(linear):
+        and frozen. A quantized base (bitsandbytes' Linear4bit NF4 / Linear8bitLt, or fused_lora's
+        QuantizedLinear) is held as a frozen `QuantizedWeight` sharing its packed tensors (see
+        `fused_lora.quant_layer` for what changes: merge refused, to_linear 16-bit)."""
+        if not isinstance(linear, nn.Linear) and not _is_conv1d(linear) and not is_quantized_base(linear):
             raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         refusal = base_refusal(linear)
         if refusal:
@@ -183,6 +190,8 @@ class FusedLoRALinear(nn.Module):
         return self
 
     def _attach_base(self, linear: nn.Module) -> None:
+        if is_quantized_base(linear):
+            linear = as_quantized_linear(linear)  # weight: a frozen QuantizedWeight module
         self.fan_in_fan_out = _is_conv1d(linear)
         self.out_features, self.in_features = self._base_weight(linear.weight).shape
         self.weight = linear.weight
@@ -382,6 +391,11 @@ class FusedLoRALinear(nn.Module):
             for t in self.adapter_weights(name):
                 t.requires_grad_(requires_grad)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen base weight is quantized (a `fused_lora.quant.QuantizedWeight`)."""
+        return quant_layer.is_quantized(self)
+
     def _base_weight(self, weight: Optional[Tensor] = None) -> Tensor:
         """The base weight as out x in (a transposed view of a Conv1D's in x out weight: the op takes strides)."""
         weight = self.weight if weight is None else weight
@@ -429,6 +443,8 @@ class FusedLoRALinear(nn.Module):
         """y = x W^T + b + s B A dropout(x) with the active adapter; with `adapter_names` (one name per
         sample, i.e. per index of x's first dimension; "__base__" for none) each sample uses its own
         adapter, in eval and training mode (each adapter's gradients from its own samples only)."""
+        if self.quantized:
+            return quant_layer.forward(self, x, adapter_names)
         self._check_input(x)
         if adapter_names is not None:
             used, row_adapter = self._row_adapters(x, adapter_names)
@@ -492,6 +508,8 @@ class FusedLoRALinear(nn.Module):
     def check_merge(self, what: str = "FusedLoRALinear.merge", adapter_names: Optional[Sequence[str]] = None) -> None:
         """Raise ValueError (naming `what`) if merging would write NaN or inf into the weight, in its own
         dtype; changes nothing either way (what safe_merge checks, for callers that check many layers first)."""
+        if self.quantized:
+            quant_layer.refuse_merge(what)
         self._refuse_non_finite(self._weight_with_delta(+1, adapter_names),
                                 f"{what}: the merged weight has NaN or inf in {self.weight.dtype}; nothing was merged")
 
@@ -504,7 +522,10 @@ class FusedLoRALinear(nn.Module):
         weight's own dtype before anything is written; a NaN or inf (e.g. a delta that overflows
         float16) raises ValueError and leaves the weight and `merged` untouched.
         Merging adapters already merged warns and does nothing for them.
+        Over a quantized base: ValueError (see `to_linear`), nothing changed.
         """
+        if self.quantized:
+            quant_layer.refuse_merge("FusedLoRALinear.merge")
         names = [self._active_adapter] if adapter_names is None else list(adapter_names)
         for name in names:
             self._require_adapter(name)
@@ -548,7 +569,10 @@ class FusedLoRALinear(nn.Module):
         layer is not changed).
 
         With `safe_merge`, a merged weight with NaN or inf in the weight's dtype raises ValueError.
+        Over a quantized base: an nn.Linear in the compute dtype holding dequantize(W) + s * B @ A.
         """
+        if self.quantized:
+            return quant_layer.to_linear(self, safe_merge)
         w = self.weight.detach() if self.merged else self._weight_with_delta(+1)
         if safe_merge:
             self._refuse_non_finite(w, f"FusedLoRALinear.to_linear: the merged weight has NaN or inf in "

@@ -20,6 +20,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
+from .quant_convert import base_compute_dtype
+from . import quant_layer
 from .targets import _as_set, find_modules_to_save, find_targets, is_adaptable, name_matches
 from .validation import check_adapter_args, check_adapter_name
 
@@ -175,7 +177,8 @@ class LoraModel(nn.Module):
         fan_in_fan_out = config.fan_in_fan_out
         for name in targets:
             base = model.get_submodule(name)
-            dtype = torch.float32 if autocast_adapter_dtype and base.weight.dtype in _LOW_PRECISION else None
+            base_dtype = base_compute_dtype(base)
+            dtype = torch.float32 if autocast_adapter_dtype and base_dtype in _LOW_PRECISION else None
             layer = FusedLoRALinear.from_linear(
                 base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                 use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
@@ -572,6 +575,7 @@ class LoraModel(nn.Module):
         for p in self.model.parameters():
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
+        total += quant_layer.quantized_parameter_count(self.model)  # frozen weights held as packed buffers
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -598,6 +602,11 @@ class LoraModel(nn.Module):
 
     def _replace_all(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         layers = list(self.lora_layers())
+        # Quantized bases: their 16-bit merged layers (merge) or QuantizedLinear (unload) are built before
+        # anything changes; the other layers merge in place as before.
+        quantized = {name: (quant_layer.to_linear(layer, safe_merge, adapter_names) if merge
+                            else quant_layer.unloaded(layer)) for name, layer in layers if layer.quantized}
+        layers = [(name, layer) for name, layer in layers if not layer.quantized]
         if merge:
             self._merge_all(layers, safe_merge, adapter_names)
         else:  # every unmerge (which can refuse) before any layer is swapped: no half-unloaded model
@@ -607,6 +616,8 @@ class LoraModel(nn.Module):
         for name, layer in layers:
             new = layer._plain_base()  # an nn.Linear or Conv1D on meta, then the very same tensors, no copy
             new.weight, new.bias = layer.weight, layer.bias
+            _set_submodule(self.model, name, new)
+        for name, new in quantized.items():
             _set_submodule(self.model, name, new)
         for name, m in list(self.saved_modules()):
             _set_submodule(self.model, name, m.trainable)  # peft keeps the trained copy, merged or not

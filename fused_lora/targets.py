@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import TASK_HEADS, LoraConfig
 from .layer import _is_conv1d, base_refusal
+from .quant import QuantizedLinear
 from .validation import short_repr
 
 Spec = Optional[Union[list, str]]
@@ -49,8 +50,9 @@ def _output_layer_name(model: nn.Module) -> Optional[str]:
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """What gets a LoRA adapter: an nn.Linear, or transformers' Conv1D (GPT-2; peft adapts it too)."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    """What gets a LoRA adapter: an nn.Linear, or transformers' Conv1D (GPT-2; peft adapts it too), or a
+    quantized Linear (bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear; fused_lora's QuantizedLinear)."""
+    return isinstance(module, (nn.Linear, QuantizedLinear)) or _is_conv1d(module)
 
 
 def base_features(module: nn.Module) -> tuple[int, int]:

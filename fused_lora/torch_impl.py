@@ -86,3 +86,6 @@ def backward_with_mask(
         db = dy.sum(0)
     return dx, dA, dB, dW, db
 
+
+# A quantized base: the torch row's ops (imported last: quant_impl reuses the functions above).
+from .quant_impl import backward_quant, forward_quant  # noqa: F401  (a quantized base: the torch row's ops)

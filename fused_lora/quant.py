@@ -1,0 +1,462 @@
+"""A frozen quantized base weight: NF4 (bitsandbytes' layout, optionally with nested absmax) or int8
+with one scale per output row, and the module that runs it as a Linear.
+
+    QuantizedWeight     the packed tensors as buffers (never a 16-bit copy); `data()` gives the
+                        `quant_format` view (NF4Data / Int8Data) the PyTorch path and the kernels read
+    quantize_nf4, quantize_int8
+                        our own quantizers, no bitsandbytes needed: NF4 gives bitsandbytes'
+                        quantize_4bit codes and absmax (nested: its quantize_blockwise of the absmax)
+    QuantizedLinear     a frozen Linear over a QuantizedWeight (fused_lora's Linear4bit): what
+                        `quantize_model` puts in place of nn.Linear, and what the adapted layer holds
+    quantize_model      quantize a plain model's targeted nn.Linear layers in place
+
+Why our own container and not bitsandbytes' Params4bit: the CPU path and tests must run without
+bitsandbytes, and the kernels need one layout they can rely on (`quant_format`); converters from
+bitsandbytes' modules share their packed tensors (`quant_convert`).
+
+Choices written down:
+- A weight is frozen: its tensors are buffers, never Parameters; nothing asks for their gradient.
+- NF4 needs in_features to be a multiple of the block size (every row is a whole number of
+  blocks, so a row chunk never splits a block and a kernel tile reads whole blocks); bitsandbytes
+  accepts any size, so a bitsandbytes layer of another shape is refused by name.
+- `dtype` is the compute dtype the base was in (its 16-bit dtype): the default dtype of the adapter
+  weights and of a merged weight. Inputs of any float dtype run in their own dtype.
+- `.to(dtype)`/`.half()` change that compute dtype but never the stored tensors (casting the fp32
+  absmax would change the dequantized values); `.to(device)` moves them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .quant_format import NF4_LEVELS, Int8Data, NF4Data
+
+FORMATS = ("nf4", "int8")
+NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit accepts these
+NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the nested (double) quantization of the absmax
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+QuantData = Union[NF4Data, Int8Data]
+
+
+class QuantizationError(ValueError):
+    """A weight that cannot be quantized or a packed layout that does not hold together."""
+
+
+def nf4_code(device=None) -> Tensor:
+    """The 16 NF4 levels (bitsandbytes' get_4bit_type('nf4')), fp32."""
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+
+
+def dynamic_code(device=None) -> Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map(signed=True, 7, 8)): the 256-entry
+    table that nested quantization indexes the absmax with. Computed as bitsandbytes computes it."""
+    data = []
+    non_sign_bits, max_exponent_bits = 7, 7
+    for i in range(max_exponent_bits):
+        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1)
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data += [0, 1.0]
+    data += [0] * (256 - len(data))
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32, device=device)
+
+
+def _blockwise(flat: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """(indices into `code`, fp32 absmax per block) of a flat fp32 tensor: scale each block by
+    1/absmax, round to the nearest code value (bitsandbytes' blockwise rule, ties to the upper value)."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].reshape(-1, blocksize)
+    absmax = blocks.abs().max(dim=-1)[0]
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if n % blocksize:
+        am = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+    bounds = (code[:-1] + code[1:]) / 2  # code is sorted
+    return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
+
+
+def _check_float_weight(weight, what: str) -> None:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{what}: expected a weight tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise QuantizationError(f"{what}: the weight must be 2-D (out_features x in_features), got shape "
+                                f"{tuple(weight.shape)}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what}: the weight has dtype {weight.dtype}; expected a floating-point weight "
+                        "(float32, float16, bfloat16 or float64)")
+    if weight.is_meta:
+        raise QuantizationError(f"{what}: the weight is on the meta device (no values to quantize)")
+    if weight.numel() and not bool(torch.isfinite(weight).all()):
+        raise QuantizationError(f"{what}: the weight holds NaN or inf")
+
+
+@torch.no_grad()
+def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True,
+                 compute_dtype: Optional[torch.dtype] = None) -> "QuantizedWeight":
+    """NF4 of an out x in float weight in bitsandbytes' layout: the codes and absmax
+    bitsandbytes.functional.quantize_4bit(weight, blocksize, quant_type="nf4",
+    compress_statistics=double_quant) gives (nested: its quantize_blockwise of absmax - mean, blocks
+    of 256). `compute_dtype` defaults to the weight's dtype. in_features must be a multiple of
+    `blocksize` (QuantizationError otherwise). Rows are quantized a chunk at a time (rows are whole
+    blocks), so the temporaries stay bounded whatever the weight's size."""
+    what = "quantize_nf4"
+    _check_float_weight(weight, what)
+    if blocksize not in NF4_BLOCKSIZES:
+        raise QuantizationError(f"{what}: blocksize {blocksize!r} is not one of {NF4_BLOCKSIZES}")
+    N, K = weight.shape
+    if K % blocksize:
+        raise QuantizationError(f"{what}: in_features {K} is not a multiple of the block size {blocksize} "
+                                "(every row must be a whole number of blocks)")
+    if N * K == 0:
+        raise QuantizationError(f"{what}: the weight is empty (shape {tuple(weight.shape)})")
+    code = nf4_code(weight.device)
+    packed = torch.empty(N * K // 2, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(N * K // blocksize, dtype=torch.float32, device=weight.device)
+    for start, stop in row_chunks(N, K):
+        q, absmax[start * K // blocksize: stop * K // blocksize] = _blockwise(weight[start:stop].reshape(-1).float(),
+                                                                             code, blocksize)
+        packed[start * K // 2: stop * K // 2] = (q[::2] << 4) | q[1::2]
+    data = dict(shape=(N, K), packed=packed, code=code, blocksize=blocksize)
+    if double_quant:
+        offset = absmax.mean()
+        code2 = dynamic_code(weight.device)
+        qabsmax, absmax2 = _blockwise(absmax - offset, code2, NESTED_BLOCKSIZE)
+        nf4 = NF4Data(**data, qabsmax=qabsmax, code2=code2, absmax2=absmax2, blocksize2=NESTED_BLOCKSIZE,
+                      offset=float(offset))
+    else:
+        nf4 = NF4Data(**data, absmax=absmax)
+    return QuantizedWeight(nf4, compute_dtype or weight.dtype)
+
+
+@torch.no_grad()
+def quantize_int8(weight: Tensor, compute_dtype: Optional[torch.dtype] = None) -> "QuantizedWeight":
+    """int8 weight-only, one scale per output row: q = round(W * 127 / absmax_row), scale = absmax_row / 127
+    (bitsandbytes' int8_vectorwise_quant codes, threshold 0). A zero row gets scale 0."""
+    what = "quantize_int8"
+    _check_float_weight(weight, what)
+    if weight.numel() == 0:
+        raise QuantizationError(f"{what}: the weight is empty (shape {tuple(weight.shape)})")
+    N, K = weight.shape
+    q = torch.empty(N, K, dtype=torch.int8, device=weight.device)
+    row_max = torch.empty(N, dtype=torch.float32, device=weight.device)
+    for start, stop in row_chunks(N, K):  # bounded temporaries
+        w = weight[start:stop].float()
+        row_max[start:stop] = w.abs().max(dim=1).values
+        q[start:stop] = torch.round(w * (127.0 / row_max[start:stop].clamp(min=1e-38).unsqueeze(-1)))
+    return QuantizedWeight(Int8Data(tuple(weight.shape), q, row_max / 127.0), compute_dtype or weight.dtype)
+
+
+def quantize(weight: Tensor, quant_type: str, **kwargs) -> "QuantizedWeight":
+    """quantize_nf4 or quantize_int8 by name ("nf4" | "int8")."""
+    if quant_type == "nf4":
+        return quantize_nf4(weight, **kwargs)
+    if quant_type == "int8":
+        return quantize_int8(weight, **kwargs)
+    raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {', '.join(FORMATS)}")
+
+
+def check_data(data: QuantData, what: str = "QuantizedWeight") -> None:
+    """The packed layout holds together: sizes, dtypes, one device (QuantizationError / TypeError naming
+    the field)."""
+    if isinstance(data, Int8Data):
+        N, K = data.shape
+        if data.qweight.dtype != torch.int8 or tuple(data.qweight.shape) != (N, K):
+            raise QuantizationError(f"{what}: qweight must be int8 of shape {(N, K)}, got {data.qweight.dtype} "
+                                    f"{tuple(data.qweight.shape)}")
+        if tuple(data.scale.shape) != (N,) or not data.scale.is_floating_point():
+            raise QuantizationError(f"{what}: scale must be float of shape ({N},), got {data.scale.dtype} "
+                                    f"{tuple(data.scale.shape)}")
+        tensors = (data.qweight, data.scale)
+    elif isinstance(data, NF4Data):
+        N, K = data.shape
+        if data.blocksize not in NF4_BLOCKSIZES or K % data.blocksize:
+            raise QuantizationError(f"{what}: in_features {K} is not a multiple of the NF4 block size "
+                                    f"{data.blocksize} (every row must be a whole number of blocks)")
+        if data.packed.dtype != torch.uint8 or data.packed.numel() != N * K // 2:
+            raise QuantizationError(f"{what}: packed must hold {N * K // 2} uint8 (two 4-bit codes a byte), got "
+                                    f"{data.packed.numel()} {data.packed.dtype}")
+        if data.code.numel() != 16:
+            raise QuantizationError(f"{what}: code must hold the 16 NF4 levels, got {data.code.numel()} values")
+        blocks = N * K // data.blocksize
+        if data.nested:
+            if data.qabsmax.dtype != torch.uint8 or data.qabsmax.numel() != blocks:
+                raise QuantizationError(f"{what}: the nested absmax must be {blocks} uint8, got "
+                                        f"{data.qabsmax.numel()} {data.qabsmax.dtype}")
+            if data.code2 is None or data.code2.numel() != 256 or data.absmax2 is None \
+                    or data.absmax2.numel() != math.ceil(blocks / data.blocksize2):
+                raise QuantizationError(f"{what}: the nested absmax needs code2 (256 values) and absmax2 "
+                                        f"({math.ceil(blocks / data.blocksize2)} values)")
+            tensors = (data.packed, data.code, data.qabsmax, data.code2, data.absmax2)
+        else:
+            if data.absmax is None or data.absmax.numel() != blocks or not data.absmax.is_floating_point():
+                raise QuantizationError(f"{what}: absmax must hold {blocks} floats (one per block of "
+                                        f"{data.blocksize}), got "
+                                        f"{None if data.absmax is None else data.absmax.numel()}")
+            tensors = (data.packed, data.code, data.absmax)
+    else:
+        raise TypeError(f"{what}: expected NF4Data or Int8Data, got {type(data).__name__}")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise QuantizationError(f"{what}: the packed tensors are on several devices: {sorted(map(str, devices))}")
+
+
+class QuantizedWeight(nn.Module):
+    """A frozen N x K weight held quantized (NF4 or int8); behaves enough like a weight tensor for the
+    layer: `shape`, `dtype` (the compute dtype), `device`, `requires_grad` (False).
+
+    Build it with `quantize_nf4` / `quantize_int8`, or from bitsandbytes' packed tensors
+    (`quant_convert`). The tensors are buffers (state_dict keys `packed`, `code`, `absmax` or
+    `qabsmax`/`code2`/`absmax2` for NF4; `qweight`, `scale` for int8)."""
+
+    requires_grad = False
+
+    def __init__(self, data: QuantData, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        check_data(data)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"QuantizedWeight: compute dtype {dtype} is not a floating-point dtype")
+        self.format = "int8" if isinstance(data, Int8Data) else "nf4"
+        self._shape = tuple(int(s) for s in data.shape)
+        self.compute_dtype = dtype
+        if self.format == "int8":
+            self.register_buffer("qweight", data.qweight.contiguous())  # no copy when it is (the usual case)
+            self.register_buffer("scale", data.scale.float().contiguous())
+        else:
+            self.blocksize, self.blocksize2 = int(data.blocksize), int(data.blocksize2)
+            self.register_buffer("packed", data.packed.contiguous().reshape(-1))
+            self.register_buffer("code", data.code.float().contiguous())
+            for name in ("absmax", "qabsmax", "code2", "absmax2"):  # as they are (views when contiguous)
+                if getattr(data, name) is not None:
+                    t = getattr(data, name).contiguous().reshape(-1)
+                    self.register_buffer(name, t.float() if name != "qabsmax" else t)
+            if data.nested:  # a buffer, so a state_dict carries it; read back as a float once (no sync per call)
+                self.register_buffer("offset", torch.tensor(float(data.offset), dtype=torch.float32,
+                                                            device=data.packed.device))
+            self._offset_value: Optional[float] = float(data.offset)
+
+    # ---- the weight-like view the layer reads
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    @property
+    def is_meta(self) -> bool:
+        return self.device.type == "meta"
+
+    @property
+    def nested(self) -> bool:
+        return self.format == "nf4" and "qabsmax" in self._buffers
+
+    def data(self) -> QuantData:
+        """The `quant_format` view of the current buffers (follows .to(device))."""
+        if self.format == "int8":
+            return Int8Data(self._shape, self.qweight, self.scale)
+        get = self._buffers.get
+        if self._offset_value is None:
+            self._offset_value = float(self.offset)
+        return NF4Data(self._shape, self.packed, self.code, self.blocksize, absmax=get("absmax"),
+                       qabsmax=get("qabsmax"), code2=get("code2"), absmax2=get("absmax2"),
+                       blocksize2=self.blocksize2, offset=self._offset_value)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.nested:
+            self._offset_value = None  # re-read from the loaded buffer
+
+    def nbytes(self) -> int:
+        """Bytes held by every tensor of this weight (packed data, scales, code tables)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def bytes_per_param(self) -> float:
+        return self.nbytes() / max(1, math.prod(self._shape))
+
+    # ---- dequantization
+
+    def dequantize_rows(self, start: int, stop: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Rows start..stop-1 of W (computed in fp32, as bitsandbytes does, then cast to `dtype`)."""
+        rows = dequantize_rows(self.data(), start, stop)
+        return rows if dtype in (None, torch.float32) else rows.to(dtype)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The whole N x K weight in `dtype` (default: the compute dtype). Allocates the full weight:
+        for merging and export, never on the training path."""
+        dtype = dtype or self.compute_dtype
+        out = torch.empty(self._shape, dtype=dtype, device=self.device)
+        for start, stop in row_chunks(*self._shape):
+            out[start:stop] = self.dequantize_rows(start, stop, dtype)
+        return out
+
+    # ---- moving
+
+    def _apply(self, fn, recurse=True):
+        # A float cast (.half(), .to(dtype)) changes the compute dtype only; a device move moves the
+        # buffers with their dtypes kept (an fp32 absmax cast to fp16 would change every value).
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.device))
+        self.compute_dtype = probe.dtype
+        for name, t in self._buffers.items():
+            if t is not None:
+                self._buffers[name] = t.to(probe.device)
+        return self
+
+    def extra_repr(self) -> str:
+        N, K = self._shape
+        kind = (f"nf4, blocksize={self.blocksize}{', double_quant' if self.nested else ''}"
+                if self.format == "nf4" else "int8 per-row scale")
+        return (f"{N}x{K}, {kind}, dtype={str(self.compute_dtype).replace('torch.', '')}, "
+                f"{self.bytes_per_param():.3f} bytes/param")
+
+
+# ------------------------------------------------------------------------------ row chunks
+
+def dequantize_rows(data: QuantData, start: int, stop: int) -> Tensor:
+    """Rows start..stop-1 of W in fp32, bit for bit `data.dequantize_rows` (the quant_format reference),
+    with fewer and smaller temporaries (what the PyTorch path runs on every chunk): NF4 bytes index a
+    256 x 2 table of level pairs with int32 indices and each block is scaled in place (rows are whole
+    blocks); about 6 bytes of temporaries per element instead of ~20."""
+    if isinstance(data, Int8Data):
+        return data.qweight[start:stop].float().mul_(data.scale[start:stop, None].float())
+    N, K = data.shape
+    byte_index = torch.arange(256, device=data.packed.device)
+    code = data.code.float()
+    pairs = torch.stack([code[byte_index >> 4], code[byte_index & 15]], dim=1)  # byte -> (high, low) levels
+    packed = data.packed.reshape(-1)[start * K // 2: stop * K // 2]
+    values = pairs.index_select(0, packed.int()).view(-1, data.blocksize)
+    per_row = K // data.blocksize
+    values.mul_(data.block_absmax(start * per_row, stop * per_row)[:, None])
+    return values.view(stop - start, K)
+
+
+CHUNK_ELEMENTS = 1 << 22  # the most weight elements dequantized at once on the PyTorch path (8 MiB in 16-bit)
+
+
+def row_chunks(N: int, K: int, max_elements: Optional[int] = None) -> Iterator[tuple[int, int]]:
+    """(start, stop) row ranges of an N x K weight, each at most `max_elements` (default
+    CHUNK_ELEMENTS, read at each call) elements, at least one row."""
+    limit = CHUNK_ELEMENTS if max_elements is None else max_elements
+    step = max(1, limit // max(1, K))
+    for start in range(0, N, step):
+        yield start, min(N, start + step)
+
+
+_NF4, _NF4_NESTED, _INT8 = 0, 1, 2  # layout codes of op_args' meta
+
+
+def op_args(data: QuantData) -> tuple[list, list, float]:
+    """The layout as a custom op's arguments: (tensors, [layout code, N, K, blocksize, blocksize2], offset)."""
+    N, K = data.shape
+    if isinstance(data, Int8Data):
+        return [data.qweight, data.scale], [_INT8, N, K, 0, 0], 0.0
+    if data.nested:
+        return ([data.packed, data.code, data.qabsmax, data.code2, data.absmax2],
+                [_NF4_NESTED, N, K, data.blocksize, data.blocksize2], float(data.offset))
+    return [data.packed, data.code, data.absmax], [_NF4, N, K, data.blocksize, data.blocksize2], 0.0
+
+
+def from_op_args(tensors: list, meta: list, offset: float) -> QuantData:
+    """The inverse of `op_args`."""
+    kind, N, K, blocksize, blocksize2 = meta
+    if kind == _INT8:
+        return Int8Data((N, K), tensors[0], tensors[1])
+    if kind == _NF4_NESTED:
+        packed, code, qabsmax, code2, absmax2 = tensors
+        return NF4Data((N, K), packed, code, blocksize, qabsmax=qabsmax, code2=code2, absmax2=absmax2,
+                       blocksize2=blocksize2, offset=offset)
+    packed, code, absmax = tensors
+    return NF4Data((N, K), packed, code, blocksize, absmax=absmax, blocksize2=blocksize2)
+
+
+def is_quantized_weight(weight) -> bool:
+    return isinstance(weight, QuantizedWeight)
+
+
+# ------------------------------------------------------------------------------ the Linear
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W a frozen QuantizedWeight (fused_lora's counterpart of bitsandbytes'
+    Linear4bit / Linear8bitLt): the base `get_lora_model` adapts, and what `unload()` gives back.
+
+    The forward dequantizes W in row chunks (never the whole weight at once) in x's dtype."""
+
+    def __init__(self, weight: QuantizedWeight, bias: Optional[Tensor] = None):
+        super().__init__()
+        if not isinstance(weight, QuantizedWeight):
+            raise TypeError(f"QuantizedLinear: weight must be a QuantizedWeight, got {type(weight).__name__}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"QuantizedLinear: bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+            bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+            bias.requires_grad_(False)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", **kwargs) -> "QuantizedLinear":
+        """Quantize an nn.Linear's weight (`quantize_nf4` / `quantize_int8` arguments in kwargs); the bias
+        is shared."""
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"QuantizedLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        return cls(quantize(linear.weight.detach(), quant_type, **kwargs), linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from .quant_impl import base_linear
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantizedLinear: input's last dimension is {x.shape[-1]} but in_features is "
+                             f"{self.in_features}")
+        lead = x.shape[:-1]
+        y = base_linear(x.reshape(math.prod(lead), self.in_features), self.weight.data(),
+                        None if self.bias is None else self.bias.to(x.dtype))
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=None, blocksize: int = 64,
+                   double_quant: bool = True, exclude_modules=None) -> nn.Module:
+    """Quantize `model`'s nn.Linear layers in place to NF4 or int8 (fused_lora's counterpart of loading
+    with transformers' BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=double_quant) / load_in_8bit=True), without bitsandbytes.
+
+    target_modules: peft's matching (a regex over full names, or a list of names / dotted suffixes);
+    default: every nn.Linear but the output layer (transformers keeps lm_head unquantized too).
+    Every layer is quantized before any is replaced: an error leaves the model as it was. Returns the model.
+    """
+    from .targets import _output_layer_name, name_matches
+    if quant_type not in FORMATS:
+        raise ValueError(f"quantize_model: unknown quant_type {quant_type!r}; expected one of {', '.join(FORMATS)}")
+    skip = _output_layer_name(model) if target_modules is None else None
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n != skip
+             and (target_modules is None or name_matches(n, target_modules))
+             and not name_matches(n, exclude_modules)]
+    if not names:
+        raise ValueError(f"quantize_model: target_modules {target_modules!r} matches no nn.Linear")
+    kwargs = dict(blocksize=blocksize, double_quant=double_quant) if quant_type == "nf4" else {}
+    new = {}
+    for name in names:
+        try:
+            new[name] = QuantizedLinear.from_linear(model.get_submodule(name), quant_type, **kwargs)
+        except (QuantizationError, TypeError) as err:
+            raise type(err)(f"quantize_model: layer {name!r}: {err}") from None
+    for name, module in new.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    return model

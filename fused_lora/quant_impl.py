@@ -1,0 +1,85 @@
+"""The PyTorch path of the LoRA layer over a quantized base: W is dequantized in bounded row chunks.
+
+    forward_quant(x, data, b, A, B, s, p, seed) -> (Y, H)
+    backward_quant(dY, x, data, A, B, H, s, p, seed, need_dx, need_lora, need_db) -> (dx, dA, dB, db)
+
+`data` is the `quant_format` layout (NF4Data or Int8Data), as the Triton launchers take it. The
+math is `torch_impl`'s with W replaced by its dequantization; the rank-r parts are `torch_impl`'s own
+code, only the products with W are here:
+    Y[:, n0:n1] += x W[n0:n1]^T            dx += dY[:, n0:n1] W[n0:n1]
+one chunk of at most `quant.CHUNK_ELEMENTS` weight elements at a time (dequantized in fp32 as
+bitsandbytes does, then cast to x's dtype), so no full 16-bit copy of W ever exists. The dropout mask is
+the torch row's (`dropout.keep_mask`), as for an unquantized base. W is frozen: there is no dW.
+
+`chunk_hook`, when set, is called with (start, stop, chunk tensor) for every chunk dequantized: tests
+use it to see that no chunk is the whole weight.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from . import quant
+from .dropout import keep_mask
+from .torch_impl import backward_with_mask, dropped
+
+chunk_hook: Optional[Callable[[int, int, Tensor], None]] = None
+
+
+def weight_chunks(data, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
+    """(start, stop, W[start:stop] in `dtype`) over the rows of the quantized weight."""
+    for start, stop in quant.row_chunks(*data.shape):
+        w = quant.dequantize_rows(data, start, stop).to(dtype)
+        if chunk_hook is not None:
+            chunk_hook(start, stop, w)
+        yield start, stop, w
+
+
+def _accumulate_base(y: Tensor, x: Tensor, data) -> Tensor:
+    """y += x W^T, chunk by chunk of W's rows (y's column blocks)."""
+    for start, stop, w in weight_chunks(data, x.dtype):
+        y[:, start:stop].addmm_(x, w.t())
+    return y
+
+
+def base_linear(x: Tensor, data, bias: Optional[Tensor]) -> Tensor:
+    """x W^T + b (x: M x K), W dequantized chunk by chunk: the base layer alone (QuantizedLinear)."""
+    N = data.shape[0]
+    y = bias.expand(x.shape[0], N).clone() if bias is not None else x.new_zeros(x.shape[0], N)
+    return _accumulate_base(y, x, data)
+
+
+def forward_quant(
+    x: Tensor, data, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+    scaling: float, dropout_p: float, seed: int,
+) -> tuple[Tensor, Tensor]:
+    """(Y, H): Y = x W^T + b + s H B^T, H = (D x) A^T; the rank-r term written first, the base
+    product accumulated onto it chunk by chunk."""
+    keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
+    h = torch.mm(dropped(x, keep, dropout_p), lora_A.t())
+    if bias is not None:
+        y = torch.addmm(bias, h, lora_B.t(), alpha=scaling)
+    else:
+        y = torch.mm(h, lora_B.t()).mul_(scaling)
+    return _accumulate_base(y, x, data), h
+
+
+def backward_quant(
+    dy: Tensor, x: Tensor, data, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+    scaling: float, dropout_p: float, seed: int, need_dx: bool, need_lora: bool, need_db: bool,
+) -> tuple[Optional[Tensor], ...]:
+    """(dx, dA, dB, db), None where not asked for. dA, dB, db are torch_impl's; dx = D (G A) + dY W with
+    dY W accumulated chunk by chunk."""
+    keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
+    _, dA, dB, _, db = backward_with_mask(dy, x, dy.new_empty(0, x.shape[1]), lora_A, lora_B, h, scaling,
+                                          dropout_p, keep, False, need_lora, False, need_db)
+    dx = None
+    if need_dx:
+        dx = torch.mm(torch.mm(dy, lora_B).mul_(scaling), lora_A)  # G A
+        if keep is not None:
+            dx = dropped(dx, keep, dropout_p)
+        for start, stop, w in weight_chunks(data, dy.dtype):
+            dx.addmm_(dy[:, start:stop], w)
+    return dx, dA, dB, db

@@ -1,0 +1,208 @@
+"""The LoRA op over a frozen quantized base: `lora_linear_quant`, chosen through the one backend table.
+
+    Y = x W^T + b + s ((D x) A^T) B^T,   W = dequantize(packed)  (never materialised whole)
+
+Backends: the table of `fused_lora.backends` with ops "quant_fwd" / "quant_bwd"; the chosen row's
+module (`Implementation.load()`) provides
+    forward_quant(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed: int) -> (Y, H)
+    backward_quant(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed: int,
+                   need_dx: bool, need_lora: bool, need_db: bool) -> (dx, dA, dB, db)   (None where not asked)
+where `data` is the `fused_lora.quant_format` layout (NF4Data / Int8Data, on x's device), x is M x K,
+contiguous or not, dy contiguous, H = (D x) A^T (M x r) as the same row's forward returned it, and the
+dropout mask D is the row's own (`keep_mask`), drawn from `seed`. The torch row is
+`fused_lora.quant_impl` (re-exported by `torch_impl`). The triton row is
+`fused_lora.kernels.quant` with exactly these two signatures (its forward GEMM and dX GEMM dequantize
+inside the K loop; dA, dB, db may reuse the existing dY kernel); `fused_lora.kernels` should re-export
+them (if it does not, they are looked up in `fused_lora.kernels.quant`), and until that module exists
+the triton row states why it cannot run "quant_" ops. What the launchers may rely on (checked by
+`quant.check_data` when the container is built): NF4 `packed` is a flat contiguous uint8 tensor of
+N*K/2 bytes (high nibble first), every row is a whole number of blocks (K % blocksize == 0, blocksize in
+32..4096), `code` fp32[16], and either `absmax` fp32[N*K/blocksize] or the nested triple (`qabsmax`
+uint8, `code2` fp32[256], `absmax2` fp32, `blocksize2`, `offset` a Python float); int8 `qweight` is
+N x K int8 (row-major), `scale` fp32[N]. All on x's device; x's dtype is the compute dtype.
+
+The quantized weight is frozen: there is no dW (gradients never flow to it; it is not a tensor
+autograd sees). The bias's gradient is computed when the bias requires grad (peft's bias="all").
+Double backward (create_graph=True through this op) is refused with a clear error.
+
+As `ops.lora_linear`: under torch.compile the custom ops fused_lora::lora_linear_quant_fwd / _bwd (the
+packed tensors as a list, their layout as integers: `quant.op_args`) with fake implementations and
+registered autograd, traced without graph breaks; in eager mode an autograd.Function calling the same
+backend code without the custom-op dispatch cost.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from . import quant
+from .op_inputs import as_scaling, as_seed_tensor, check_op_inputs, seed_value
+from .quant import QuantizedWeight
+
+
+def _functions_of_module(module):
+    """(forward_quant, backward_quant) of a row's module: its own, else its `quant` sub-module's."""
+    if not hasattr(module, "forward_quant"):
+        module = importlib.import_module(module.__name__ + ".quant")
+    return module.forward_quant, module.backward_quant
+
+
+def _functions(impl):
+    return _functions_of_module(impl.load())
+
+
+def _chosen(op: str, x: Tensor, data, rank: int, backend: str, dropout_p: float, grads: tuple = (), bench=None):
+    problem = backends.Problem(op, x.device, x.dtype, x.shape[0], data.shape[0], x.shape[1], rank,
+                               dropout_p > 0.0, grads)
+    impl = backends.select(problem, backend, bench)
+    backends.calls[(op, impl.name)] += 1
+    return _functions(impl)
+
+
+def _run_forward(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed: int, backend):
+    args = (x, data, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    fwd, _ = _chosen("quant_fwd", x, data, lora_A.shape[0], backend, dropout_p,
+                     bench=lambda m: lambda: _functions_of_module(m)[0](*args))
+    if x.shape[0] == 0:
+        fwd = _functions(backends.get("torch"))[0]
+    return fwd(*args)
+
+
+def _run_backward(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed: int, backend, need_dx, need_lora,
+                  need_db):
+    grads = tuple(n for n, f in zip(("dx", "lora", "db"), (need_dx, need_lora, need_db)) if f)
+    args = (dy.contiguous(), x, data, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_db)
+    _, bwd = _chosen("quant_bwd", x, data, lora_A.shape[0], backend, dropout_p, grads,
+                     bench=lambda m: lambda: _functions_of_module(m)[1](*args))
+    if x.shape[0] == 0:
+        bwd = _functions(backends.get("torch"))[1]
+    return bwd(*args)
+
+
+def _refuse_double_backward(dy, x, lora_A, lora_B) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (dy, x, lora_A, lora_B)):
+        raise RuntimeError("lora_linear_quant: double backward (create_graph=True) through a quantized base "
+                           "is not supported")
+
+
+# ------------------------------------------------------------------ custom ops (what torch.compile traces)
+# The packed tensors travel as a list with their layout in `meta` (quant.op_args / quant.from_op_args).
+
+@torch.library.custom_op("fused_lora::lora_linear_quant_fwd", mutates_args=())
+def lora_linear_quant_fwd(
+    x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float, bias: Optional[Tensor], lora_A: Tensor,
+    lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor, backend: str,
+) -> tuple[Tensor, Tensor]:
+    data = quant.from_op_args(qtensors, meta, offset)
+    return _run_forward(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed), backend)
+
+
+@lora_linear_quant_fwd.register_fake
+def _(x, qtensors, meta, offset, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    N = meta[1]
+    _check(x, N, meta[2], bias, lora_A, lora_B, dropout_p)
+    return x.new_empty(x.shape[0], N), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("fused_lora::lora_linear_quant_bwd", mutates_args=())
+def lora_linear_quant_bwd(
+    dy: Tensor, x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float, lora_A: Tensor, lora_B: Tensor,
+    h: Tensor, scaling: float, dropout_p: float, seed: Tensor, backend: str, need_dx: bool, need_lora: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    data = quant.from_op_args(qtensors, meta, offset)
+    grads = _run_backward(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed_value(seed), backend,
+                          need_dx, need_lora, need_db)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@lora_linear_quant_bwd.register_fake
+def _(dy, x, qtensors, meta, offset, lora_A, lora_B, h, scaling, dropout_p, seed, backend, need_dx, need_lora,
+      need_db):
+    M, K = x.shape
+    N, r = meta[1], lora_A.shape[0]
+    return (x.new_empty((M, K) if need_dx else (0,)), x.new_empty((r, K) if need_lora else (0,)),
+            x.new_empty((N, r) if need_lora else (0,)), x.new_empty((N,) if need_db else (0,)))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, qtensors, meta, offset, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    ctx.save_for_backward(x, lora_A, lora_B, output[1], seed, *qtensors)
+    ctx.meta, ctx.offset, ctx.scaling, ctx.dropout_p, ctx.backend = meta, offset, scaling, dropout_p, backend
+    ctx.has_bias = bias is not None
+
+
+def _op_backward(ctx, dy, _dh):
+    x, lora_A, lora_B, h, seed, *qtensors = ctx.saved_tensors
+    need = ctx.needs_input_grad  # x, qtensors, meta, offset, bias, lora_A, lora_B, ...
+    _refuse_double_backward(dy, x, lora_A, lora_B)
+    need_db = bool(ctx.has_bias and need[4])
+    dx, dA, dB, db = lora_linear_quant_bwd(dy, x, qtensors, ctx.meta, ctx.offset, lora_A, lora_B, h, ctx.scaling,
+                                           ctx.dropout_p, seed, ctx.backend, need[0], need[5] or need[6], need_db)
+    return (dx if need[0] else None, [None] * len(qtensors), None, None, db if need_db else None,
+            dA if need[5] else None, dB if need[6] else None, None, None, None, None)
+
+
+lora_linear_quant_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# ------------------------------------------------------------------ eager mode (no custom-op dispatch cost)
+
+class _QuantLoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, lora_A, lora_B, data, scaling, dropout_p, seed, backend):
+        y, h = _run_forward(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x, lora_A, lora_B, h)
+        ctx.data, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = data, scaling, dropout_p, seed, backend
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, lora_A, lora_B, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        _refuse_double_backward(dy, x, lora_A, lora_B)
+        need_db = bool(ctx.has_bias and need[1])
+        dx, dA, dB, db = _run_backward(dy, x, ctx.data, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, ctx.seed,
+                                       ctx.backend, need[0], need[2] or need[3], need_db)
+        return (dx if need[0] else None, db if need_db else None, dA if need[2] else None,
+                dB if need[3] else None, None, None, None, None, None)
+
+
+def _check(x, N, K, bias, lora_A, lora_B, dropout_p) -> None:
+    """The unquantized op's checks, with a stride-0 stand-in of W's shape (x's dtype and device, no memory)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"lora_linear: x must be a tensor, got {type(x).__name__}")
+    check_op_inputs(x, x.new_empty(1).expand(N, K) if x.dim() == 2 else x, bias, lora_A, lora_B, dropout_p)
+
+
+def lora_linear_quant(
+    x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+    scaling: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None, backend: str = "auto",
+) -> Tensor:
+    """`lora_linear` with a frozen quantized base: Y = x W^T + b + s ((D x) A^T) B^T for a 2-D x (M x K),
+    W the N x K weight `qweight` (NF4 or int8) holds, computed in x's dtype. Differentiable in x, bias,
+    lora_A and lora_B; never in W. x, bias, lora_A and lora_B share x's dtype and device (the quantized
+    weight must be on that device too). Bad inputs raise ValueError / TypeError before anything runs.
+    """
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"lora_linear_quant: qweight must be a fused_lora.quant.QuantizedWeight, got "
+                        f"{type(qweight).__name__}")
+    seed = as_seed_tensor(seed, dropout_p)
+    scaling = as_scaling(scaling)
+    N, K = qweight.shape
+    data = qweight.data()
+    if torch.compiler.is_compiling() or (isinstance(x, Tensor) and x.is_meta):  # the fake checks the inputs
+        return lora_linear_quant_fwd(x, *quant.op_args(data), bias, lora_A, lora_B, scaling, float(dropout_p),
+                                     seed, backend)[0]
+    _check(x, N, K, bias, lora_A, lora_B, dropout_p)
+    if qweight.device != x.device:
+        raise ValueError(f"lora_linear_quant: the quantized weight is on {qweight.device} but x is on {x.device}")
+    args = (x, bias, lora_A, lora_B, data, scaling, float(dropout_p), seed_value(seed), backend)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B))):
+        return _run_forward(x, data, bias, lora_A, lora_B, scaling, float(dropout_p), seed_value(seed), backend)[0]
+    return _QuantLoRALinear.apply(*args)
