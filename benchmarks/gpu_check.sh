@@ -10,7 +10,7 @@
 # Output goes to $OUT when set, else benchmarks/out.
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP (stages not to run: any of info tests
-# layer finetune, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
+# layer quant finetune, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
 # FINETUNE_ARGS, TEST_FILES; FUSED_LORA_CACHE_DIR (default $OUT/backend_cache: auto tunes afresh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,7 @@ skip=" ${GPU_CHECK_SKIP:-} "
 shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14336 16; 8192 14336 4096 16}"
 read -r -a layer_args <<< "${LAYER_ARGS:-}"
 read -r -a finetune_args <<< "${FINETUNE_ARGS:-}"
-read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
+read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_quant_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
 start=$SECONDS
 status=0
 : > "$out/status.tsv"
@@ -82,6 +82,9 @@ for shape in "${shape_list[@]}"; do
     fi
     cap=75
 done
+
+# The quantized-base kernels (NF4, int8) against the 16-bit base at 8192x4096x4096, r=16 (issue 12's target).
+stage quant 60 100 quant_kernels.log "$py" benchmarks/bench_quant_kernels.py --out "$out"
 
 stage finetune 100 10 finetune.log "$py" benchmarks/bench_finetune.py "${finetune_args[@]}" --out "$out/finetune.csv"
 

@@ -62,6 +62,22 @@ FLAGS = {
 _FLOAT_ARGS = {"scaling", "scale"}
 _FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr"}
 
+# The GEMMs over a quantized base (kernels/quant*.py): no rank variants (their low-rank term loops
+# over rank chunks); QUANT x NESTED change the code, and the packed weight's pointer types.
+_QUANT_FORMATS = [dict(QUANT="nf4", NESTED=False), dict(QUANT="nf4", NESTED=True), dict(QUANT="int8", NESTED=False)]
+FLAGS["quant_forward"] = [dict(f, HAS_BIAS=b) for f in _QUANT_FORMATS for b in (False, True)]
+FLAGS["quant_dx"] = [dict(f, HAS_DROPOUT=d) for f in _QUANT_FORMATS for d in (False, True)]
+_UNIT_STRIDES["quant_forward"] = {"stride_xk", "stride_hr", "stride_br", "stride_yn"}
+_UNIT_STRIDES["quant_dx"] = {"stride_dyn", "stride_gr", "stride_ak", "stride_dxk"}
+_QUANT_POINTERS = {"code_ptr": "*fp32", "absmax_ptr": "*fp32", "qabsmax_ptr": "*u8", "code2_ptr": "*fp32",
+                   "absmax2_ptr": "*fp32"}
+
+
+def _quant_kernel(name: str):
+    from .quant_backward import quant_dx_kernel
+    from .quant_forward import quant_forward_kernel
+    return {"quant_forward": quant_forward_kernel, "quant_dx": quant_dx_kernel}[name]
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -112,6 +128,10 @@ def variants(archs=ARCHS, dtypes=DTYPES) -> list:
                 n = len(configs.candidates(kernel, arch, block_r, _ELT[dtype], flags.get("HAS_DROPOUT", False)))
                 out.extend(Variant(kernel, arch, dtype, block_r, tuple(flags.items()), i) for i in range(n))
         out.append(Variant("reduce", arch, dtype, 0, (), -1))
+        for kernel in configs.QUANT_KERNELS:
+            for flags in FLAGS[kernel]:
+                n = len(configs.quant_candidates(kernel, arch, _ELT[dtype], flags.get("HAS_DROPOUT", False)))
+                out.extend(Variant(kernel, arch, dtype, 0, tuple(flags.items()), i) for i in range(n))
     return out
 
 
@@ -124,6 +144,10 @@ def _source(v: Variant):
     from .reduce import BLOCK, sum_partials_kernel
     if v.kernel == "reduce":
         fn, constexprs, cfg = sum_partials_kernel, {"BLOCK": BLOCK}, triton.Config({}, num_warps=4, num_stages=1)
+    elif v.kernel in configs.QUANT_KERNELS:
+        fn = _quant_kernel(v.kernel)
+        cfg = configs.quant_candidates(v.kernel, v.arch, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))[v.config]
+        constexprs = dict(cfg.kwargs, RANK_STEP=configs.QUANT_RANK_STEP, **dict(v.flags))
     else:
         fn = _KERNELS[v.kernel][0]
         cfg = configs.candidates(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))[v.config]
@@ -134,10 +158,16 @@ def _source(v: Variant):
             signature[name] = "constexpr"
         elif name in _UNIT_STRIDES[v.kernel]:
             signature[name], constexprs[name] = "constexpr", 1
+        elif name == "q_ptr":  # the packed weight: NF4 byte pairs or int8
+            signature[name] = "*u8" if dict(v.flags)["QUANT"] == "nf4" else "*i8"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _QUANT_POINTERS:
+            signature[name] = _QUANT_POINTERS[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in _FP32_BUFFERS else f"*{v.dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in _FLOAT_ARGS:
+        elif name in _FLOAT_ARGS or name == "offset":
             signature[name] = "fp32"
         elif name == "seed":
             signature[name] = "i64"
@@ -240,7 +270,7 @@ def run_all(workers: int | None = None, archs=ARCHS, dtypes=DTYPES) -> list:
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 2, mp_context=ctx) as pool:
             todo = pool.submit(variants, archs, dtypes).result()
             # The largest tiles compile slowest: start them first so the workers finish together.
-            todo.sort(key=lambda v: (v.kernel not in ("forward", "dx_da"), v.config))
+            todo.sort(key=lambda v: (v.kernel not in ("forward", "dx_da", "quant_forward", "quant_dx"), v.config))
             return list(pool.map(compile_variant, todo, chunksize=4))
     finally:
         if saved is not None:
@@ -260,7 +290,7 @@ def summary(results) -> dict:
 
 def _describe(r: Result) -> str:
     v = r.variant
-    flags = ",".join(k for k, val in v.flags if val) or "-"
+    flags = ",".join(k if val is True else f"{k}={val}" for k, val in v.flags if val) or "-"
     return (f"{v.kernel:7s} sm_{v.arch} {v.dtype:4s} r<={v.block_r:<3d} {flags:30s} {r.config:18s} "
             f"regs={r.registers} spill={r.spill_stores}/{r.spill_loads} smem={r.shared}")
 

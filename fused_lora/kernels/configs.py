@@ -126,3 +126,55 @@ def candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout: boo
             configs = [c for c in configs if c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 32 and c.num_warps == 8]
         return keep_fitting(configs, estimate, block_r, elt, arch, regs)[:1]
     raise KeyError(kernel_name)
+
+
+# The GEMMs over a quantized frozen base (kernels/quant_forward.py, quant_backward.py): the W tile
+# of each step is dequantized in registers by every thread, so its cost per FLOP falls with
+# BLOCK_M (256 rows share it: on sm_90 about 470 instructions per thread and step for NF4 against
+# 1024 cycles of wgmma, where 128 rows would leave the dequantization exposed). The forward's
+# BLOCK_K and the dX kernel's BLOCK_N are the run of a W row dequantized at once: at most 64 and
+# 128 (quant_tiles bounds the absmax blocks a run crosses). With dropout the dX kernel keeps to one
+# warpgroup: at 8 warps triton 3.6 serializes its wgmma (C7515) behind the masked low-rank term.
+# One config per variant (the gate's budget): the first that fits.
+_QUANT_GEMM = {
+    ("quant_forward", False): {
+        90: [_cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 2)],
+        80: [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 32, 4, 2)],
+    },
+    ("quant_dx", False): {
+        90: [_cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 2)],
+        80: [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 32, 4, 2)],
+    },
+    ("quant_dx", True): {
+        90: [_cfg(64, 128, 64, 4, 3), _cfg(64, 64, 32, 4, 2)],
+        80: [_cfg(64, 128, 32, 4, 3), _cfg(64, 64, 32, 4, 2)],
+    },
+}
+QUANT_KERNELS = ("quant_forward", "quant_dx")
+QUANT_RANK_STEP = 16  # the rank chunk of the quantized GEMMs' low-rank term (a loop, any rank)
+
+
+def quant_smem_estimate(cfg, block_r: int, elt: int) -> int:
+    """Pipelined activation tiles and packed W bytes (int8 size: an upper bound for NF4), the
+    dequantized W tile staged for the dot, and the rank chunks of the low-rank product."""
+    k = cfg.kwargs
+    w = k["BLOCK_N"] * k["BLOCK_K"]
+    stream = (k["BLOCK_M"] * k["BLOCK_K"] * elt + w) * cfg.num_stages
+    return stream + w * elt + (k["BLOCK_M"] + k["BLOCK_N"]) * QUANT_RANK_STEP * elt
+
+
+def quant_regs_estimate(cfg, elt: int) -> float:
+    """Per thread: the fp32 accumulator and the W tile's levels and scales (fp32, about 1.5 values
+    per element with 16-bit inputs, 2 with fp32)."""
+    k, threads = cfg.kwargs, 32 * cfg.num_warps
+    return (k["BLOCK_M"] * k["BLOCK_N"] + (1 + elt / 4) * k["BLOCK_N"] * k["BLOCK_K"]) / threads
+
+
+def quant_candidates(kernel_name: str, arch: int, elt: int, dropout: bool = False) -> list:
+    """The config a quantized-base GEMM uses for this architecture, element size and dropout (it
+    changes the dX kernel's code)."""
+    if interpreting():
+        return list(_INTERPRETER)
+    configs = _QUANT_GEMM[(kernel_name, dropout and kernel_name == "quant_dx")][arch]
+    regs = lambda c: quant_regs_estimate(c, elt)  # noqa: E731
+    return keep_fitting(configs, quant_smem_estimate, 0, elt, arch, regs)[:1]
