@@ -66,7 +66,7 @@ _FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr"}
 # over rank chunks); QUANT x NESTED change the code, and the packed weight's pointer types.
 _QUANT_FORMATS = [dict(QUANT="nf4", NESTED=False), dict(QUANT="nf4", NESTED=True), dict(QUANT="int8", NESTED=False)]
 FLAGS["quant_forward"] = [dict(f, HAS_BIAS=b) for f in _QUANT_FORMATS for b in (False, True)]
-FLAGS["quant_dx"] = [dict(f, HAS_DROPOUT=d) for f in _QUANT_FORMATS for d in (False, True)]
+FLAGS["quant_dx"] = [dict(f, LOW_RANK_IN_DX=d) for f in _QUANT_FORMATS for d in (False, True)]
 _UNIT_STRIDES["quant_forward"] = {"stride_xk", "stride_hr", "stride_br", "stride_yn"}
 _UNIT_STRIDES["quant_dx"] = {"stride_dyn", "stride_gr", "stride_ak", "stride_dxk"}
 _QUANT_POINTERS = {"code_ptr": "*fp32", "absmax_ptr": "*fp32", "qabsmax_ptr": "*u8", "code2_ptr": "*fp32",
@@ -130,7 +130,7 @@ def variants(archs=ARCHS, dtypes=DTYPES) -> list:
         out.append(Variant("reduce", arch, dtype, 0, (), -1))
         for kernel in configs.QUANT_KERNELS:
             for flags in FLAGS[kernel]:
-                n = len(configs.quant_candidates(kernel, arch, _ELT[dtype], flags.get("HAS_DROPOUT", False)))
+                n = len(configs.quant_candidates(kernel, arch, _ELT[dtype]))
                 out.extend(Variant(kernel, arch, dtype, 0, tuple(flags.items()), i) for i in range(n))
     return out
 
@@ -146,7 +146,7 @@ def _source(v: Variant):
         fn, constexprs, cfg = sum_partials_kernel, {"BLOCK": BLOCK}, triton.Config({}, num_warps=4, num_stages=1)
     elif v.kernel in configs.QUANT_KERNELS:
         fn = _quant_kernel(v.kernel)
-        cfg = configs.quant_candidates(v.kernel, v.arch, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))[v.config]
+        cfg = configs.quant_candidates(v.kernel, v.arch, _ELT[v.dtype])[v.config]
         constexprs = dict(cfg.kwargs, RANK_STEP=configs.QUANT_RANK_STEP, **dict(v.flags))
     else:
         fn = _KERNELS[v.kernel][0]

@@ -129,28 +129,23 @@ def candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout: boo
 
 
 # The GEMMs over a quantized frozen base (kernels/quant_forward.py, quant_backward.py): the W tile
-# of each step is dequantized in registers by every thread, so its cost per FLOP falls with
-# BLOCK_M (256 rows share it: on sm_90 about 470 instructions per thread and step for NF4 against
-# 1024 cycles of wgmma, where 128 rows would leave the dequantization exposed). The forward's
-# BLOCK_K and the dX kernel's BLOCK_N are the run of a W row dequantized at once: at most 64 and
-# 128 (quant_tiles bounds the absmax blocks a run crosses). With dropout the dX kernel keeps to one
-# warpgroup: at 8 warps triton 3.6 serializes its wgmma (C7515) behind the masked low-rank term.
+# of each step is dequantized in registers by every thread, so its cost per FLOP falls with the
+# rows sharing it: 256 rows (on sm_90 about 320 instructions per thread per 32-deep step for NF4,
+# which 8 warps issue in about the time of the step's wgmma; 128 rows would leave half of the
+# dequantization exposed). The forward's BLOCK_K and the dX kernel's BLOCK_N are the run of a W row
+# dequantized at once: at most 64 and 128 (quant_tiles bounds the absmax blocks a run crosses).
 # One config per variant (the gate's budget): the first that fits.
 _QUANT_GEMM = {
-    ("quant_forward", False): {
-        90: [_cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 2)],
+    "quant_forward": {
+        90: [_cfg(256, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 2)],
         80: [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 32, 4, 2)],
     },
-    ("quant_dx", False): {
-        90: [_cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 2)],
+    "quant_dx": {
+        90: [_cfg(256, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 2)],
         80: [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 32, 4, 2)],
-    },
-    ("quant_dx", True): {
-        90: [_cfg(64, 128, 64, 4, 3), _cfg(64, 64, 32, 4, 2)],
-        80: [_cfg(64, 128, 32, 4, 3), _cfg(64, 64, 32, 4, 2)],
     },
 }
-QUANT_KERNELS = ("quant_forward", "quant_dx")
+QUANT_KERNELS = tuple(_QUANT_GEMM)
 QUANT_RANK_STEP = 16  # the rank chunk of the quantized GEMMs' low-rank term (a loop, any rank)
 
 
@@ -170,11 +165,14 @@ def quant_regs_estimate(cfg, elt: int) -> float:
     return (k["BLOCK_M"] * k["BLOCK_N"] + (1 + elt / 4) * k["BLOCK_N"] * k["BLOCK_K"]) / threads
 
 
-def quant_candidates(kernel_name: str, arch: int, elt: int, dropout: bool = False) -> list:
-    """The config a quantized-base GEMM uses for this architecture, element size and dropout (it
-    changes the dX kernel's code)."""
+def quant_candidates(kernel_name: str, arch: int, elt: int) -> list:
+    """The config a quantized-base GEMM uses for this architecture and element size."""
     if interpreting():
         return list(_INTERPRETER)
-    configs = _QUANT_GEMM[(kernel_name, dropout and kernel_name == "quant_dx")][arch]
     regs = lambda c: quant_regs_estimate(c, elt)  # noqa: E731
+    configs = _QUANT_GEMM[kernel_name][arch]
+    if kernel_name == "quant_dx" and elt == 4:
+        # The fp32 D (G A) tile read into the accumulator (LOW_RANK_IN_DX) is converted to the MMA
+        # layout while both are live: beside a 256 x 128 accumulator that spills (sm_90, 3.9).
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     return keep_fitting(configs, quant_smem_estimate, 0, elt, arch, regs)[:1]

@@ -21,9 +21,12 @@ fp16/bf16/fp32; scaling, dropout_p floats; seed an int), but the frozen weight i
 Y = x W^T + b + s H B^T and dX = D (G A) + dY W with W = wq.dequantize_rows(0, N) cast to x's
 dtype (the dequantization is exact in fp32, then rounded to x's dtype like a 16-bit copy would be);
 H, dropout (the same mask as the 16-bit kernels draw for the seed), G, dA and dB exactly as
-`fused_lora.kernels` computes them: the shrink pass, the dY pass, the dA partials of
-`lora_dx_da_kernel` (HAS_DX off) and the fixed-order reductions are reused unchanged. The base
-weight and bias are frozen: there is no dW, db.
+`fused_lora.kernels` computes them: the shrink pass, the dY pass, `lora_dx_da_kernel` (run with
+N = 0: the dA partials, and with dropout the masked low-rank term D (G A) of dX) and the
+fixed-order reductions are reused unchanged. The base weight and bias are frozen: no dW, db.
+
+Launches: forward 2 (shrink, quantized GEMM); backward 3 to 5 (dY pass, G sum, [dA partials /
+D (G A)], [quantized dX GEMM], [dA + dB sum]).
 """
 from __future__ import annotations
 
@@ -45,18 +48,18 @@ __all__ = ["forward_quant", "backward_quant", "check_quant_weight", "MIN_BLOCKSI
 
 _KERNELS = {  # name -> (jit function, autotuning key: every argument that changes the code or the work)
     "quant_forward": (quant_forward_kernel, ["M_BUCKET", "N", "K", "HAS_BIAS", "QUANT", "NESTED"]),
-    "quant_dx": (quant_dx_kernel, ["M_BUCKET", "N", "K", "HAS_DROPOUT", "QUANT", "NESTED"]),
+    "quant_dx": (quant_dx_kernel, ["M_BUCKET", "N", "K", "LOW_RANK_IN_DX", "QUANT", "NESTED"]),
 }
 
 
 @lru_cache(maxsize=None)
-def _tuned(kernel_name: str, arch: int, elt: int, dropout: bool):
+def _tuned(kernel_name: str, arch: int, elt: int):
     fn, key = _KERNELS[kernel_name]
-    return triton.autotune(configs.quant_candidates(kernel_name, arch, elt, dropout), key=key)(fn)
+    return triton.autotune(configs.quant_candidates(kernel_name, arch, elt), key=key)(fn)
 
 
-def _quant_launcher(kernel_name: str, x: torch.Tensor, dropout: bool = False):
-    return _tuned(kernel_name, arch_of(x.device), x.element_size(), dropout)
+def _quant_launcher(kernel_name: str, x: torch.Tensor):
+    return _tuned(kernel_name, arch_of(x.device), x.element_size())
 
 
 def _fail(msg: str):
@@ -146,7 +149,8 @@ def forward_quant(x, wq, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 def backward_quant(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora):
     """(dx, dA, dB), each None when not asked for: the dY pass (G and dB partials), the G sum, the
-    dA partials (lora_dx_da_kernel, HAS_DX off), dX = D (G A) + dY W over the quantized W, the sums."""
+    dA partials and with dropout D (G A) (lora_dx_da_kernel with N = 0), dX = D (G A) + dY W over
+    the quantized W, the sums."""
     check_quant_weight(wq, x)
     if not (need_dx or need_lora):
         return None, None, None
@@ -165,26 +169,28 @@ def backward_quant(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_
     db_slots = _row_blocks_used(dy_pass, M)
     g = torch.empty((M, r), dtype=x.dtype, device=x.device)
     sum_partials((g_ws, g))
-    # 2. The dA partials: the 16-bit backward's kernel with HAS_DX off reads no weight (g stands in).
-    if need_lora:
+    # 2. The dA partials, and with dropout D (G A) written into dX: the 16-bit backward's kernel
+    #    with N = 0 (no dY W; it reads no weight, g stands in for it).
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
+    low_rank_in_dx = need_dx and p > 0.0
+    if need_lora or low_rank_in_dx:
         dx_da = _launcher("dx_da", x, r, p > 0.0)
-        da_ws = torch.empty((_row_blocks(dx_da, M), r, K), **f32)
+        da_ws = torch.empty((_row_blocks(dx_da, M), r, K), **f32) if need_lora else g
         dx_da[_tiles_grid(M, K)](
-            dy, g, g, lora_A, x, g, da_ws,
-            *dy.stride(), *g.stride(), *g.stride(), *lora_A.stride(), *x.stride(), 0, 0,
-            M, N, K, r, seed, keep_threshold(p), 1.0 / (1.0 - p), m_bucket(M),
-            HAS_DX=False, HAS_DA=True, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
+            dy, g, g, lora_A, x, dx if low_rank_in_dx else g, da_ws,
+            *dy.stride(), *g.stride(), *g.stride(), *lora_A.stride(), *x.stride(),
+            *(dx.stride() if low_rank_in_dx else (0, 0)),
+            M, 0, K, r, seed, keep_threshold(p), 1.0 / (1.0 - p), m_bucket(M),
+            HAS_DX=low_rank_in_dx, HAS_DA=need_lora, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
         da_slots = _row_blocks_used(dx_da, M)
-    # 3. dX over the quantized weight.
-    dx = None
+    # 3. dX over the quantized weight, onto the low-rank term.
     if need_dx:
-        dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
         ptrs, sizes, flags = _weight_args(wq)
-        _quant_launcher("quant_dx", x, p > 0.0)[_tiles_grid(M, K)](
+        _quant_launcher("quant_dx", x)[_tiles_grid(M, K)](
             dy, *ptrs, g, lora_A, dx,
             *dy.stride(), *g.stride(), *lora_A.stride(), *dx.stride(),
-            M, N, K, r, *sizes, seed, keep_threshold(p), 1.0 / (1.0 - p), m_bucket(M),
-            HAS_DROPOUT=p > 0.0, RANK_STEP=configs.QUANT_RANK_STEP, **flags)
+            M, N, K, r, *sizes, m_bucket(M),
+            LOW_RANK_IN_DX=low_rank_in_dx, RANK_STEP=configs.QUANT_RANK_STEP, **flags)
     if not need_lora:
         return dx, None, None
     # 4. dA and dB summed in a fixed order, written in the parameters' dtypes.

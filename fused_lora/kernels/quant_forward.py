@@ -28,22 +28,25 @@ def quant_forward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_in = offs_m < M
     n_in = offs_n < N
-    # The accumulator starts as scaling * H B^T (no second tile live across the K loop).
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Computed transposed, Y^T tile = W x^T + ..., so that the dequantized W tile is the MMA's
+    # first operand, which Hopper's wgmma reads from registers: no shared-memory round trip for it,
+    # so the wgmma of one step runs while the next step's tile is being dequantized.
+    # The accumulator starts as scaling * B H^T (no second tile live across the K loop).
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for r0 in range(0, R, RANK_STEP):
         offs_r = r0 + tl.arange(0, RANK_STEP)
         r_in = offs_r < R
-        h = load_tile(h_ptr, offs_m, offs_r, stride_hm, stride_hr, m_in, r_in)
-        bt = load_tile(b_ptr, offs_r, offs_n, stride_br, stride_bn, r_in, n_in)  # B^T tile
-        acc = tl.dot(h, bt, acc)
+        b = load_tile(b_ptr, offs_n, offs_r, stride_bn, stride_br, n_in, r_in)
+        ht = load_tile(h_ptr, offs_r, offs_m, stride_hr, stride_hm, r_in, m_in)  # H^T tile
+        acc = tl.dot(b, ht, acc)
     acc = acc * scaling
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, m_in, offs_k < K)
+        xt = load_tile(x_ptr, offs_k, offs_m, stride_xk, stride_xm, offs_k < K, m_in)  # x^T tile
         w = dequant_tile(q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr,
                          offs_n, n_in, k0, K, K_HALF, K_ODD, bs_shift, bs2_shift, n_blocks, offset,
                          QUANT, NESTED, BLOCK_K)  # W[offs_n, offs_k], fp32
-        acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+        acc = tl.dot(w.to(x_ptr.dtype.element_ty), xt, acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    store_tile(y_ptr, acc, offs_m, offs_n, stride_ym, stride_yn, m_in, n_in)
+        acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[:, None]
+    store_tile(y_ptr, acc, offs_n, offs_m, stride_yn, stride_ym, n_in, m_in)
