@@ -136,6 +136,12 @@ def test_odd_k_rows_start_inside_a_byte(nested):
     check_against_reference(random_nf4(34, 45, 64, nested, seed=5), 23, 4, torch.float32, p=0.1)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("M,N,K", [(1, 2, 1), (3, 6, 5)])
+def test_tiny_shapes(fmt, M, N, K):
+    check_against_reference(make_weight(fmt, N, K, seed=13), M, 1, torch.float32, p=0.5)
+
+
 def test_int8_odd_k():
     check_against_reference(random_int8(19, 45, seed=6), 23, 4, torch.float16, p=0.1)
 

@@ -3,7 +3,9 @@ sm_80 without a GPU, and read by ptxas.
 
 A variant is one kernel x architecture x dtype (bf16, fp16, fp32: fp32 dots run as TF32) x padded
 rank (BLOCK_R) x flag combination that changes the code (HAS_DROPOUT, HAS_BIAS, HAS_DB,
-HAS_DX/HAS_DA) x autotuning config the launchers may pick. Each is compiled the way the JIT
+HAS_DX/HAS_DA) x autotuning config the launchers may pick; the quantized-base GEMMs
+(kernels/quant*.py) have no rank variants but QUANT/NESTED (nf4, nested nf4, int8) x HAS_BIAS or
+LOW_RANK_IN_DX. Each is compiled the way the JIT
 specializes it for contiguous inputs with sizes divisible by 16 (unit strides constant, the rest
 16-divisible: the case that pipelines fully and uses the most shared memory), then Triton's own
 ptxas is run with -v on its PTX, with the flags Triton's make_cubin uses, and its report parsed:
@@ -167,6 +169,8 @@ def _source(v: Variant):
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in _FP32_BUFFERS else f"*{v.dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("bs_shift", "bs2_shift"):  # not specialized by the JIT (do_not_specialize)
+            signature[name] = "i32"
         elif name in _FLOAT_ARGS or name == "offset":
             signature[name] = "fp32"
         elif name == "seed":

@@ -25,7 +25,7 @@ from .quant_tiles import dequant_tile
 from .tiles import load_tile, store_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bs_shift", "bs2_shift"])  # small values: no alignment to find
 def quant_dx_kernel(
     dy_ptr, q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr, g_ptr, a_ptr, dx_ptr,
     stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,

@@ -14,7 +14,7 @@ from .quant_tiles import dequant_tile
 from .tiles import load_tile, store_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bs_shift", "bs2_shift"])  # small values: no alignment to find
 def quant_forward_kernel(
     x_ptr, q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr, bias_ptr, h_ptr, b_ptr, y_ptr,
     stride_xm, stride_xk, stride_hm, stride_hr, stride_bn, stride_br, stride_ym, stride_yn,
