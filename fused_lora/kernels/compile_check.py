@@ -295,7 +295,7 @@ def summary(results) -> dict:
 def _describe(r: Result) -> str:
     v = r.variant
     flags = ",".join(k if val is True else f"{k}={val}" for k, val in v.flags if val) or "-"
-    return (f"{v.kernel:7s} sm_{v.arch} {v.dtype:4s} r<={v.block_r:<3d} {flags:30s} {r.config:18s} "
+    return (f"{v.kernel:13s} sm_{v.arch} {v.dtype:4s} r<={v.block_r:<3d} {flags:30s} {r.config:18s} "
             f"regs={r.registers} spill={r.spill_stores}/{r.spill_loads} smem={r.shared}")
 
 
@@ -306,14 +306,14 @@ def main(argv=None) -> int:
     results = run_all()
     elapsed = time.time() - start
     print(f"triton {triton.__version__}: {len(results)} variants in {elapsed:.0f} s")
-    print(f"{'kernel':8s}{'arch':6s}{'variants':>9s}{'max regs':>9s}{'spills':>7s}{'advis.':>7s}{'max smem':>9s}")
+    print(f"{'kernel':14s}{'arch':6s}{'variants':>9s}{'max regs':>9s}{'spills':>7s}{'advis.':>7s}{'max smem':>9s}")
     groups = itertools.groupby(sorted(results, key=lambda r: (r.variant.kernel, -r.variant.arch)),
                                key=lambda r: (r.variant.kernel, r.variant.arch))
     for (kernel, arch), rs in groups:
         rs = list(rs)
         regs = max((r.registers or 0) for r in rs)
         smem = max((r.shared or 0) for r in rs)
-        print(f"{kernel:8s}sm_{arch:<3d}{len(rs):9d}{regs:9d}{sum(r.spills for r in rs):7d}"
+        print(f"{kernel:14s}sm_{arch:<3d}{len(rs):9d}{regs:9d}{sum(r.spills for r in rs):7d}"
               f"{sum(bool(r.advisories) for r in rs):7d}{smem:9d}")
     for r in results:
         problems = r.failures() or ([f"spills {r.spill_stores}/{r.spill_loads} B"] if r.spills else []) + r.advisories
