@@ -17,6 +17,8 @@ fp16/bf16/fp32; scaling, dropout_p floats; seed an int), but the frozen weight i
   or (nested) qabsmax uint8[same], code2 fp32[256], absmax2 fp32[ceil(len(qabsmax) / blocksize2)],
   offset. The nested absmax is un-nested inside the kernels (no fp32 absmax made per call).
 - Int8Data: qweight int8 N x K contiguous, scale fp32[N].
+Any M, N, K (K odd too: NF4 rows then start inside a byte). Each NF4 call builds a 2 KB table of
+level pairs (`quant_tiles.pair_table`, one small torch op).
 
 Y = x W^T + b + s H B^T and dX = D (G A) + dY W with W = wq.dequantize_rows(0, N) cast to x's
 dtype (the dequantization is exact in fp32, then rounded to x's dtype like a 16-bit copy would be);
@@ -24,6 +26,8 @@ H, dropout (the same mask as the 16-bit kernels draw for the seed), G, dA and dB
 `fused_lora.kernels` computes them: the shrink pass, the dY pass, `lora_dx_da_kernel` (run with
 N = 0: the dA partials, and with dropout the masked low-rank term D (G A) of dX) and the
 fixed-order reductions are reused unchanged. The base weight and bias are frozen: no dW, db.
+With dropout, D (G A) passes through dX's memory, so it is rounded once to x's dtype before dY W is
+added (the 16-bit kernels keep it in fp32): within the tests' tolerance rule.
 
 Launches: forward 2 (shrink, quantized GEMM); backward 3 to 5 (dY pass, G sum, [dA partials /
 D (G A)], [quantized dX GEMM], [dA + dB sum]).
