@@ -26,16 +26,16 @@ mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 export FUSED_LORA_CACHE_DIR="${FUSED_LORA_CACHE_DIR:-$out/backend_cache}"
 py="${PYTHON:-python3}"
-# Under one device command's 600 s. Every stage together needs more: the layer shapes give way to the
-# later stages (multi, finetune, quant: ~290 s reserved); a second command with GPU_CHECK_SKIP set
-# to the stages already run measures the rest.
+# Under one device command's 600 s. Every stage together needs more: the stages run in order of
+# priority (tests, the layer table) and the later ones get what is left; a second command with
+# GPU_CHECK_SKIP="info tests hopper layer" measures the rest (multi, finetune, quant, ...).
 budget="${GPU_CHECK_BUDGET_S:-560}"
 skip=" ${GPU_CHECK_SKIP:-} "
 # "M K N [ranks...]; ...": the anchors' shapes; r=64 where a target or DESIGN.md's roofline names it.
 shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14336 16; 8192 14336 4096 16}"
 read -r -a layer_args <<< "${LAYER_ARGS:-}"
 read -r -a finetune_args <<< "${FINETUNE_ARGS:-}"
-read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_multi_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
+read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_multi_kernels.py tests/test_quant_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
 read -r -a hopper_test_files <<< "${HOPPER_TEST_FILES:-tests/test_hopper_kernels.py tests/test_backends_hopper.py}"
 start=$SECONDS
 status=0
@@ -87,12 +87,12 @@ for shape in "${shape_list[@]}"; do
     name="layer_${M}x${K}x${N}"
     rank_args=()
     [[ -n "${ranks:-}" ]] && read -r -a rank_args <<< "--ranks $ranks"
-    stage "$name" "$cap" 290 "$name.log" "$py" benchmarks/bench_layer.py --shape "$M" "$K" "$N" "${rank_args[@]}" \
+    stage "$name" "$cap" 110 "$name.log" "$py" benchmarks/bench_layer.py --shape "$M" "$K" "$N" "${rank_args[@]}" \
         "${layer_args[@]}" --out "$out/$name"
     rc=$?
     if ((rc != 0 && rc != 124 && rc != 137)) && [[ ! -e "$out/$name.csv" ]]; then
         # A crash (the usual culprit: torch.compile(peft)), not the time limit: keep the shape's other figures.
-        stage "${name}_nocompile" 60 290 "${name}_nocompile.log" "$py" benchmarks/bench_layer.py \
+        stage "${name}_nocompile" 60 110 "${name}_nocompile.log" "$py" benchmarks/bench_layer.py \
             --shape "$M" "$K" "$N" "${rank_args[@]}" "${layer_args[@]}" --compile-ranks --out "$out/${name}_nocompile"
     fi
     cap=75
@@ -106,7 +106,9 @@ stage finetune 100 100 finetune.log "$py" benchmarks/bench_finetune.py "${finetu
 
 # A quantized (QLoRA) base: bytes per parameter, an NF4 / int8 LoRA layer at 8192x4096x4096 r=16 and a 1B
 # fine-tune step against the 16-bit base and peft + bitsandbytes (benchmarks/bench_quant.py; CSVs in $out/quant).
-stage quant 90 10 quant.log "$py" benchmarks/bench_quant.py --device cuda --out "$out/quant"
+stage quant 90 70 quant.log "$py" benchmarks/bench_quant.py --device cuda --out "$out/quant"
+# The quantized-base kernels alone (NF4, int8) against the 16-bit base at 8192x4096x4096, r=16 (issue 12's target).
+stage quant_kernels 60 0 quant_kernels.log "$py" benchmarks/bench_quant_kernels.py --out "$out"
 
 # What auto chose for each key, with the timings behind it (read from FUSED_LORA_CACHE_DIR).
 timeout 60 "$py" -c "from fused_lora import backends; print(backends.report())" > "$out/backends_report.txt" 2>&1 \

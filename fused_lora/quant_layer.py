@@ -18,7 +18,6 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-import torch.nn.functional as F
 
 from .dropout import new_seed, no_seed
 from .quant import QuantizedLinear, QuantizedWeight

@@ -4,11 +4,12 @@ sm_80 without a GPU, and read by ptxas.
 A variant is one kernel x architecture x dtype (bf16, fp16, fp32: fp32 dots run as TF32) x padded
 rank (BLOCK_R) x flag combination that changes the code (HAS_DROPOUT, HAS_BIAS, HAS_DB,
 HAS_DX/HAS_DA) x autotuning config the launchers may pick. The segment kernels of mixed batches
-(kernels/multi*.py) add their own: bf16/fp16 x the two multi ranks x flags, one config each.
-Each is compiled the way the JIT specializes it for contiguous inputs with sizes divisible by 16
-(unit strides constant, the rest 16-divisible: the case that pipelines fully and uses the most
-shared memory), then Triton's own ptxas is run with -v on its PTX, with the flags Triton's
-make_cubin uses, and its report parsed:
+(kernels/multi*.py) add their own: bf16/fp16 x the two multi ranks x flags, one config each; the
+quantized-base GEMMs (kernels/quant*.py) have no rank variants but QUANT/NESTED (nf4, nested nf4,
+int8) x HAS_BIAS or LOW_RANK_IN_DX; the Hopper path (TMA, single pass) sm_90 16-bit only.
+Each is compiled the way the JIT specializes it for contiguous inputs with sizes divisible by 16 (unit strides constant, the rest
+16-divisible: the case that pipelines fully and uses the most shared memory), then Triton's own
+ptxas is run with -v on its PTX, with the flags Triton's make_cubin uses, and its report parsed:
 registers per thread, spill stores/loads in bytes, and the C75xx performance advisories
 ("wgmma.mma_async instructions are serialized ..." and the like).
 
@@ -84,6 +85,22 @@ _PLAIN_INTS = {"tile0", "lora_tile0", "pos0", "n_tiles"}  # tile and position co
 _FLOAT_ARGS = {"scaling", "scale"}
 _FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr"}
 
+# The GEMMs over a quantized base (kernels/quant*.py): no rank variants (their low-rank term loops
+# over rank chunks); QUANT x NESTED change the code, and the packed weight's pointer types.
+_QUANT_FORMATS = [dict(QUANT="nf4", NESTED=False), dict(QUANT="nf4", NESTED=True), dict(QUANT="int8", NESTED=False)]
+FLAGS["quant_forward"] = [dict(f, HAS_BIAS=b) for f in _QUANT_FORMATS for b in (False, True)]
+FLAGS["quant_dx"] = [dict(f, LOW_RANK_IN_DX=d) for f in _QUANT_FORMATS for d in (False, True)]
+_UNIT_STRIDES["quant_forward"] = {"stride_xk", "stride_hr", "stride_br", "stride_yn"}
+_UNIT_STRIDES["quant_dx"] = {"stride_dyn", "stride_gr", "stride_ak", "stride_dxk"}
+_QUANT_POINTERS = {"code_ptr": "*fp32", "absmax_ptr": "*fp32", "qabsmax_ptr": "*u8", "code2_ptr": "*fp32",
+                   "absmax2_ptr": "*fp32"}
+
+
+def _quant_kernel(name: str):
+    from .quant_backward import quant_dx_kernel
+    from .quant_forward import quant_forward_kernel
+    return {"quant_forward": quant_forward_kernel, "quant_dx": quant_dx_kernel}[name]
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -139,6 +156,10 @@ def variants(archs=ARCHS, dtypes=DTYPES) -> list:
                        for kernel in configs.MULTI_KERNELS
                        for block_r, flags in itertools.product(configs.MULTI_BLOCK_RS, FLAGS[kernel]))
             out.append(Variant("multi_sum", arch, dtype, 0, (), -1))
+        for kernel in configs.QUANT_KERNELS:
+            for flags in FLAGS[kernel]:
+                n = len(configs.quant_candidates(kernel, arch, _ELT[dtype]))
+                out.extend(Variant(kernel, arch, dtype, 0, tuple(flags.items()), i) for i in range(n))
     return out + hopper_variants(archs, dtypes)
 
 
@@ -164,6 +185,10 @@ def _source(v: Variant):
         fn = MULTI[v.kernel]
         cfg = configs.multi_config(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))
         constexprs = dict(cfg.kwargs, BLOCK_R=v.block_r, **dict(v.flags))
+    elif v.kernel in configs.QUANT_KERNELS:
+        fn = _quant_kernel(v.kernel)
+        cfg = configs.quant_candidates(v.kernel, v.arch, _ELT[v.dtype])[v.config]
+        constexprs = dict(cfg.kwargs, RANK_STEP=configs.QUANT_RANK_STEP, **dict(v.flags))
     else:
         fn = _KERNELS[v.kernel][0]
         cfg = configs.candidates(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))[v.config]
@@ -179,10 +204,18 @@ def _source(v: Variant):
         elif name in _TYPED_PTRS:
             signature[name] = _TYPED_PTRS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "q_ptr":  # the packed weight: NF4 byte pairs or int8
+            signature[name] = "*u8" if dict(v.flags)["QUANT"] == "nf4" else "*i8"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _QUANT_POINTERS:
+            signature[name] = _QUANT_POINTERS[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
             signature[name] = "*fp32" if name in _FP32_BUFFERS else f"*{v.dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in _FLOAT_ARGS:
+        elif name in ("bs_shift", "bs2_shift"):  # not specialized by the JIT (do_not_specialize)
+            signature[name] = "i32"
+        elif name in _FLOAT_ARGS or name == "offset":
             signature[name] = "fp32"
         elif name == "seed":
             signature[name] = "i64"
@@ -334,7 +367,7 @@ def run_all(workers: int | None = None, archs=ARCHS, dtypes=DTYPES) -> list:
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 2, mp_context=ctx) as pool:
             todo = pool.submit(variants, archs, dtypes).result()
             # The largest tiles compile slowest: start them first so the workers finish together.
-            todo.sort(key=lambda v: (v.kernel not in ("forward", "dx_da") + tuple(HOPPER_FLAGS), v.config))
+            todo.sort(key=lambda v: (v.kernel not in ("forward", "dx_da", "quant_forward", "quant_dx") + tuple(HOPPER_FLAGS), v.config))
             return list(pool.map(compile_variant, todo, chunksize=4))
     finally:
         if saved is not None:
@@ -354,7 +387,7 @@ def summary(results) -> dict:
 
 def _describe(r: Result) -> str:
     v = r.variant
-    flags = ",".join(k for k, val in v.flags if val) or "-"
+    flags = ",".join(k if val is True else f"{k}={val}" for k, val in v.flags if val) or "-"
     return (f"{v.kernel:13s} sm_{v.arch} {v.dtype:4s} r<={v.block_r:<3d} {flags:30s} {r.config:18s} "
             f"regs={r.registers} spill={r.spill_stores}/{r.spill_loads} smem={r.shared}")
 

@@ -205,3 +205,51 @@ def tma_candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout:
     regs = lambda c: hopper_regs_estimate(c, block_r, elt, kernel_name, dropout)  # noqa: E731
     configs = _HOPPER_DROPOUT.get(kernel_name, _HOPPER[kernel_name]) if dropout else _HOPPER[kernel_name]
     return keep_fitting(configs, smem, block_r, elt, arch, regs)[:1]
+# The GEMMs over a quantized frozen base (kernels/quant_forward.py, quant_backward.py): the W tile
+# of each step is dequantized in registers by every thread, so its cost per FLOP falls with the
+# rows sharing it: 256 rows (on sm_90 about 320 instructions per thread per 32-deep step for NF4,
+# which 8 warps issue in about the time of the step's wgmma; 128 rows would leave half of the
+# dequantization exposed). The forward's BLOCK_K and the dX kernel's BLOCK_N are the run of a W row
+# dequantized at once: at most 64 and 128 (quant_tiles bounds the absmax blocks a run crosses).
+# One config per variant (the gate's budget): the first that fits.
+_QUANT_GEMM = {
+    "quant_forward": {
+        90: [_cfg(256, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 2)],
+        80: [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 32, 4, 2)],
+    },
+    "quant_dx": {
+        90: [_cfg(256, 128, 32, 8, 4), _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 32, 4, 2)],
+        80: [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 32, 4, 2)],
+    },
+}
+QUANT_KERNELS = tuple(_QUANT_GEMM)
+QUANT_RANK_STEP = 16  # the rank chunk of the quantized GEMMs' low-rank term (a loop, any rank)
+
+
+def quant_smem_estimate(cfg, block_r: int, elt: int) -> int:
+    """Pipelined activation tiles and packed W bytes (int8 size: an upper bound for NF4), the
+    dequantized W tile staged for the dot, and the rank chunks of the low-rank product."""
+    k = cfg.kwargs
+    w = k["BLOCK_N"] * k["BLOCK_K"]
+    stream = (k["BLOCK_M"] * k["BLOCK_K"] * elt + w) * cfg.num_stages
+    return stream + w * elt + (k["BLOCK_M"] + k["BLOCK_N"]) * QUANT_RANK_STEP * elt
+
+
+def quant_regs_estimate(cfg, elt: int) -> float:
+    """Per thread: the fp32 accumulator and the W tile's levels and scales (fp32, about 1.5 values
+    per element with 16-bit inputs, 2 with fp32)."""
+    k, threads = cfg.kwargs, 32 * cfg.num_warps
+    return (k["BLOCK_M"] * k["BLOCK_N"] + (1 + elt / 4) * k["BLOCK_N"] * k["BLOCK_K"]) / threads
+
+
+def quant_candidates(kernel_name: str, arch: int, elt: int) -> list:
+    """The config a quantized-base GEMM uses for this architecture and element size."""
+    if interpreting():
+        return list(_INTERPRETER)
+    regs = lambda c: quant_regs_estimate(c, elt)  # noqa: E731
+    configs = _QUANT_GEMM[kernel_name][arch]
+    if kernel_name == "quant_dx" and elt == 4:
+        # The fp32 D (G A) tile read into the accumulator (LOW_RANK_IN_DX) is converted to the MMA
+        # layout while both are live: beside a 256 x 128 accumulator that spills (sm_90, 3.9).
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+    return keep_fitting(configs, quant_smem_estimate, 0, elt, arch, regs)[:1]

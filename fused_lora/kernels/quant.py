@@ -1,0 +1,211 @@
+"""Triton launchers for a LoRA layer over a quantized frozen base (NF4 or int8), the 16-bit weight
+never made in memory: the forward GEMM and the dX GEMM dequantize their W tiles in registers.
+
+    forward_quant(x, wq, bias, lora_A, lora_B, scaling, dropout_p, seed) -> (Y, H)
+    backward_quant(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_db=False)
+        -> (dx, dA, dB, db), each None when not asked for
+    check_quant_weight(wq, x) -> None, or ValueError naming what the kernels cannot take
+
+Arguments as `fused_lora.kernels.forward` / `backward` take them (x: M x K, 2-D, non-empty, on the
+GPU or under TRITON_INTERPRET=1 on the CPU; x, lora_A, lora_B, bias, dy, h in the compute dtype
+fp16/bf16/fp32; scaling, dropout_p floats; seed an int), but the frozen weight is `wq`, a
+`fused_lora.quant_format.NF4Data` or `Int8Data` of shape (N, K) on x's device:
+
+- NF4Data: packed uint8 contiguous with N * K / 2 elements (N * K even), code fp32[16], blocksize
+  a power of two >= 64 (MIN_BLOCKSIZE; bitsandbytes' default is 64), blocksize2 a power of two, and
+  either absmax fp32[ceil(N K / blocksize)]
+  or (nested) qabsmax uint8[same], code2 fp32[256], absmax2 fp32[ceil(len(qabsmax) / blocksize2)],
+  offset. The nested absmax is un-nested inside the kernels (no fp32 absmax made per call).
+- Int8Data: qweight int8 N x K contiguous, scale fp32[N].
+Any M, N, K (K odd too: NF4 rows then start inside a byte). Each NF4 call builds a 2 KB table of
+level pairs (`quant_tiles.pair_table`, one small torch op).
+
+Y = x W^T + b + s H B^T and dX = D (G A) + dY W with W = wq.dequantize_rows(0, N) cast to x's
+dtype (the dequantization is exact in fp32, then rounded to x's dtype like a 16-bit copy would be);
+H, dropout (the same mask as the 16-bit kernels draw for the seed), G, dA and dB exactly as
+`fused_lora.kernels` computes them: the shrink pass, the dY pass, `lora_dx_da_kernel` (run with
+N = 0: the dA partials, and with dropout the masked low-rank term D (G A) of dX) and the
+fixed-order reductions are reused unchanged. The base weight and bias are frozen: no dW, db.
+With dropout, D (G A) passes through dX's memory, so it is rounded once to x's dtype before dY W is
+added (the 16-bit kernels keep it in fp32): within the tests' tolerance rule.
+
+Launches: forward 2 (shrink, quantized GEMM); backward 3 to 5 (dY pass, G sum, [dA partials /
+D (G A)], [quantized dX GEMM], [dA + dB sum]).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import triton
+
+from ..quant_format import Int8Data, NF4Data
+from . import _launcher, _row_blocks, _row_blocks_used, _rows_grid, _tiles_grid, arch_of, block_r, dy_chunk, m_bucket
+from . import configs
+from .dropout import keep_threshold
+from .quant_backward import quant_dx_kernel
+from .quant_forward import quant_forward_kernel
+from .quant_tiles import MIN_BLOCKSIZE, pair_table
+from .reduce import sum_partials
+
+__all__ = ["forward_quant", "backward_quant", "check_quant_weight", "MIN_BLOCKSIZE"]
+
+_KERNELS = {  # name -> (jit function, autotuning key: every argument that changes the code or the work)
+    "quant_forward": (quant_forward_kernel, ["M_BUCKET", "N", "K", "HAS_BIAS", "QUANT", "NESTED"]),
+    "quant_dx": (quant_dx_kernel, ["M_BUCKET", "N", "K", "LOW_RANK_IN_DX", "QUANT", "NESTED"]),
+}
+
+
+@lru_cache(maxsize=None)
+def _tuned(kernel_name: str, arch: int, elt: int):
+    fn, key = _KERNELS[kernel_name]
+    return triton.autotune(configs.quant_candidates(kernel_name, arch, elt), key=key)(fn)
+
+
+def _quant_launcher(kernel_name: str, x: torch.Tensor):
+    return _tuned(kernel_name, arch_of(x.device), x.element_size())
+
+
+def _fail(msg: str):
+    raise ValueError(f"quantized base for the Triton kernels: {msg}")
+
+
+def _expect(t, name: str, dtype, numel: int, device):
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name} is missing")
+    if t.dtype != dtype or t.numel() != numel or not t.is_contiguous() or t.device != device:
+        _fail(f"{name} must be a contiguous {dtype} tensor of {numel} elements on {device}, "
+              f"got {t.dtype}, {t.numel()} elements, contiguous={t.is_contiguous()}, on {t.device}")
+
+
+def _power_of_two(n) -> bool:
+    return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
+
+
+def check_quant_weight(wq, x: torch.Tensor) -> None:
+    """The layout invariants the kernels rely on (cheap: sizes, dtypes, contiguity, devices)."""
+    if not isinstance(wq, (NF4Data, Int8Data)):
+        _fail(f"expected NF4Data or Int8Data, got {type(wq).__name__}")
+    N, K = wq.shape
+    if x.dim() != 2 or x.shape[1] != K:
+        _fail(f"x of shape {tuple(x.shape)} does not match the weight's {N} x {K}")
+    dev = x.device
+    if isinstance(wq, Int8Data):
+        _expect(wq.qweight, "qweight", torch.int8, N * K, dev)
+        _expect(wq.scale, "scale", torch.float32, N, dev)
+        return
+    if (N * K) % 2:
+        _fail(f"N * K = {N * K} is odd: NF4 packs two elements per byte")
+    if wq.blocksize < MIN_BLOCKSIZE or not _power_of_two(wq.blocksize):
+        _fail(f"blocksize {wq.blocksize}: the kernels take powers of two from {MIN_BLOCKSIZE} (as bitsandbytes writes)")
+    _expect(wq.packed, "packed", torch.uint8, N * K // 2, dev)
+    _expect(wq.code, "code", torch.float32, 16, dev)
+    n_blocks = triton.cdiv(N * K, wq.blocksize)
+    if wq.nested:
+        _expect(wq.qabsmax, "qabsmax", torch.uint8, n_blocks, dev)
+        _expect(wq.code2, "code2", torch.float32, 256, dev)
+        if not _power_of_two(wq.blocksize2):
+            _fail(f"blocksize2 {wq.blocksize2} is not a power of two (bitsandbytes writes 256)")
+        _expect(wq.absmax2, "absmax2", torch.float32, triton.cdiv(n_blocks, wq.blocksize2), dev)
+    else:
+        _expect(wq.absmax, "absmax", torch.float32, n_blocks, dev)
+
+
+def _weight_args(wq) -> tuple:
+    """(pointers q, code, absmax, qabsmax, code2, absmax2), (K // 2, K % 2, log2 blocksize,
+    log2 blocksize2, n_blocks, offset), constexprs. Pointers a format does not read get a stand-in
+    of the type the gate compiles with."""
+    N, K = wq.shape
+    if isinstance(wq, Int8Data):
+        q = wq.qweight
+        ptrs = (q, wq.scale, wq.scale, q.view(torch.uint8), wq.scale, wq.scale)
+        return ptrs, (K // 2, K % 2, 0, 0, 1, 0.0), dict(QUANT="int8", NESTED=False)
+    sizes = (K // 2, K % 2, wq.blocksize.bit_length() - 1, wq.blocksize2.bit_length() - 1,
+             triton.cdiv(N * K, wq.blocksize), float(wq.offset))
+    pairs = pair_table(wq.code)
+    if wq.nested:
+        ptrs = (wq.packed, pairs, wq.code2, wq.qabsmax, wq.code2, wq.absmax2)
+    else:
+        ptrs = (wq.packed, pairs, wq.absmax, wq.packed, wq.absmax, wq.absmax)
+    return ptrs, sizes, dict(QUANT="nf4", NESTED=wq.nested)
+
+
+def forward_quant(x, wq, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """(Y, H): Y = x W^T + b + s H B^T, H = (D x) A^T, W = wq dequantized tile by tile in the GEMM."""
+    check_quant_weight(wq, x)
+    M, K = x.shape
+    N, r = wq.shape[0], lora_A.shape[0]
+    h = torch.empty((M, r), dtype=x.dtype, device=x.device)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    p = float(dropout_p)
+    # The shrink pass, as fused_lora.kernels.forward launches it.
+    _launcher("shrink", x, r, p > 0.0)[_rows_grid(M)](
+        x, lora_A, h, *x.stride(), *lora_A.stride(), *h.stride(),
+        M, K, r, seed, keep_threshold(p), 1.0 / (1.0 - p), m_bucket(M), HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
+    ptrs, sizes, flags = _weight_args(wq)
+    _quant_launcher("quant_forward", x)[_tiles_grid(M, N)](
+        x, *ptrs, bias if bias is not None else y, h, lora_B, y,
+        *x.stride(), *h.stride(), *lora_B.stride(), *y.stride(),
+        M, N, K, r, *sizes, float(scaling), m_bucket(M),
+        HAS_BIAS=bias is not None, RANK_STEP=configs.QUANT_RANK_STEP, **flags)
+    return y, h
+
+
+def backward_quant(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_db=False):
+    """(dx, dA, dB, db), each None when not asked for (the contract of fused_lora.quant_ops; db is
+    dY's column sum, as the 16-bit launcher computes it)."""
+    dx, dA, dB = _lora_grads(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora)
+    return dx, dA, dB, (dy.sum(0) if need_db else None)
+
+
+def _lora_grads(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora):
+    """(dx, dA, dB), each None when not asked for: the dY pass (G and dB partials), the G sum, the
+    dA partials and with dropout D (G A) (lora_dx_da_kernel with N = 0), dX = D (G A) + dY W over
+    the quantized W, the sums."""
+    check_quant_weight(wq, x)
+    if not (need_dx or need_lora):
+        return None, None, None
+    M, K = x.shape
+    N, r = wq.shape[0], lora_A.shape[0]
+    p = float(dropout_p)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    # 1. dY pass and G, as fused_lora.kernels.backward runs them.
+    dy_pass = _launcher("dy", x, r)
+    chunk = dy_chunk(M, N)
+    g_ws = torch.empty((triton.cdiv(N, chunk), M, r), **f32)
+    db_ws = torch.empty((_row_blocks(dy_pass, M), N, r), **f32) if need_lora else g_ws
+    dy_pass[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, chunk))](
+        dy, lora_B, h, g_ws, db_ws, *dy.stride(), *lora_B.stride(), *h.stride(),
+        M, N, r, chunk, float(scaling), m_bucket(M), HAS_DB=need_lora, BLOCK_R=block_r(r))
+    db_slots = _row_blocks_used(dy_pass, M)
+    g = torch.empty((M, r), dtype=x.dtype, device=x.device)
+    sum_partials((g_ws, g))
+    # 2. The dA partials, and with dropout D (G A) written into dX: the 16-bit backward's kernel
+    #    with N = 0 (no dY W; it reads no weight, g stands in for it).
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
+    low_rank_in_dx = need_dx and p > 0.0
+    if need_lora or low_rank_in_dx:
+        dx_da = _launcher("dx_da", x, r, p > 0.0)
+        da_ws = torch.empty((_row_blocks(dx_da, M), r, K), **f32) if need_lora else g
+        dx_da[_tiles_grid(M, K)](
+            dy, g, g, lora_A, x, dx if low_rank_in_dx else g, da_ws,
+            *dy.stride(), *g.stride(), *g.stride(), *lora_A.stride(), *x.stride(),
+            *(dx.stride() if low_rank_in_dx else (0, 0)),
+            M, 0, K, r, seed, keep_threshold(p), 1.0 / (1.0 - p), m_bucket(M),
+            HAS_DX=low_rank_in_dx, HAS_DA=need_lora, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
+        da_slots = _row_blocks_used(dx_da, M)
+    # 3. dX over the quantized weight, onto the low-rank term.
+    if need_dx:
+        ptrs, sizes, flags = _weight_args(wq)
+        _quant_launcher("quant_dx", x)[_tiles_grid(M, K)](
+            dy, *ptrs, g, lora_A, dx,
+            *dy.stride(), *g.stride(), *lora_A.stride(), *dx.stride(),
+            M, N, K, r, *sizes, m_bucket(M),
+            LOW_RANK_IN_DX=low_rank_in_dx, RANK_STEP=configs.QUANT_RANK_STEP, **flags)
+    if not need_lora:
+        return dx, None, None
+    # 4. dA and dB summed in a fixed order, written in the parameters' dtypes.
+    dA = torch.empty((r, K), dtype=lora_A.dtype, device=x.device)
+    dB = torch.empty((N, r), dtype=lora_B.dtype, device=x.device)
+    sum_partials((da_ws[:da_slots], dA), (db_ws[:db_slots], dB))
+    return dx, dA, dB

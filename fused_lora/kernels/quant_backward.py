@@ -1,0 +1,60 @@
+"""The dX GEMM over a quantized frozen base: dX = D (G A) + dY W, W dequantized per N step.
+
+Each step of the loop over the layer's N adds dY[:, n-step] W[n-step, k-tile], the W tile
+dequantized in registers (`quant_tiles.dequant_tile`), onto an accumulator that starts from the
+low-rank term:
+- without dropout, G A computed here (summed over rank chunks of RANK_STEP: one variant serves
+  every rank);
+- with dropout (LOW_RANK_IN_DX), D (G A) read from dX itself, where `lora_dx_da_kernel` (run with
+  N = 0: no dY W) wrote it beside the dA partials. Drawing the mask here would keep the tile's
+  Philox numbers live beside the accumulator: the 256-row tiles the dequantization needs spill,
+  and at 8 warps triton 3.6 serializes the wgmma (C7515). The price is one extra write and read
+  of an M x K tile, about a tenth of this GEMM's time at 8192x4096x4096.
+G, dB and the sums come from the unchanged dY pass and reduction.
+
+Computed transposed (dX^T tile = W^T dY^T + ...), so that the dequantized tile is the MMA's first
+operand, which Hopper's wgmma reads from registers (see quant_forward). Config names are the
+generic GEMM's: the output columns run over the layer's K (BLOCK_N, at most 128: a W row run
+crosses at most 3 absmax blocks) and the reduction over the layer's N (BLOCK_K).
+"""
+import triton
+import triton.language as tl
+
+from .forward import grouped_tile
+from .quant_tiles import dequant_tile
+from .tiles import load_tile, store_tile
+
+
+@triton.jit(do_not_specialize=["bs_shift", "bs2_shift"])  # small values: no alignment to find
+def quant_dx_kernel(
+    dy_ptr, q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr, g_ptr, a_ptr, dx_ptr,
+    stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    M, N, K, R, K_HALF, K_ODD, bs_shift, bs2_shift, n_blocks, offset, M_BUCKET,
+    QUANT: tl.constexpr, NESTED: tl.constexpr, LOW_RANK_IN_DX: tl.constexpr, RANK_STEP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Tile (m, k) of dX = dY W + (G A, or with LOW_RANK_IN_DX the D (G A) dX already holds)."""
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_in = offs_m < M
+    k_in = offs_k < K
+    if LOW_RANK_IN_DX:
+        acc = load_tile(dx_ptr, offs_k, offs_m, stride_dxk, stride_dxm, k_in, m_in).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for r0 in range(0, R, RANK_STEP):
+            offs_r = r0 + tl.arange(0, RANK_STEP)
+            r_in = offs_r < R
+            at = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, k_in, r_in)  # A^T tile
+            gt = load_tile(g_ptr, offs_r, offs_m, stride_gr, stride_gm, r_in, m_in)  # G^T tile
+            acc = tl.dot(at, gt, acc)
+    for n0 in range(0, N, BLOCK_K):
+        offs_n = n0 + tl.arange(0, BLOCK_K)
+        n_in = offs_n < N
+        dyt = load_tile(dy_ptr, offs_n, offs_m, stride_dyn, stride_dym, n_in, m_in)  # dY^T tile
+        w = dequant_tile(q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr,
+                         offs_n, n_in, pid_k * BLOCK_N, K, K_HALF, K_ODD, bs_shift, bs2_shift, n_blocks, offset,
+                         QUANT, NESTED, BLOCK_N)  # W[offs_n, offs_k], fp32
+        acc = tl.dot(tl.trans(w.to(dy_ptr.dtype.element_ty)), dyt, acc)
+    store_tile(dx_ptr, acc, offs_k, offs_m, stride_dxk, stride_dxm, k_in, m_in)
