@@ -22,7 +22,9 @@ Rules, in order:
    one seed, and forward and backward must agree on the mask.
 5. A row with `check_against` (the Hopper-path rows, whose kernels no GPU has run yet) is timed only
    after its output on the key's inputs matched that row's (torch; with dropout the triton row, whose
-   mask it shares); a row that does not match is recorded as failed and never chosen.
+   mask it shares); a row that does not match is recorded as failed and never chosen. A backward
+   with dropout that follows such a row (rule 4) is checked the same way on its first call per key
+   and process; if it does not match, the reference row (same mask) runs it instead.
 
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 (its interpreter), and only when asked
 for by name: that is how CI tests the real kernels without a GPU. The interpreter computes
@@ -392,7 +394,8 @@ class Registry:
         self._tuned_devices = tuple(tuned_devices)
         self._versions_of = versions_of
         self.choices: dict[tuple[str, str], Choice] = {}  # (device name, key) -> choice
-        self.notes: list[str] = []  # cache files ignored, writes that failed
+        self.notes: list[str] = []  # cache files ignored, writes that failed, backward checks failed
+        self.checked: dict[tuple[str, str, str], Optional[str]] = {}  # (device, key, row) -> None or why not
         self._loaded: set[str] = set()  # device names whose cache file was read
         self._lock = threading.RLock()
 
@@ -446,7 +449,8 @@ class Registry:
         with self._lock:
             if problem.op in BACKWARD_OPS and problem.dropout:
                 known = self.known(problem.forward_twin())
-                return by_name.get(known.winner, default) if known else default
+                follows = by_name.get(known.winner, default) if known else default
+                return self._checked_follower(problem, follows, by_name, bench)
             known = self.known(problem)
             if known is not None:
                 return by_name.get(known.winner, default)
@@ -454,6 +458,30 @@ class Registry:
                 return default  # nothing to time (or no timing allowed here): the deterministic default
             chosen = self._time(problem, candidates, bench)
             return by_name[chosen.winner]
+
+    def _checked_follower(self, problem: Problem, impl: Implementation, by_name: dict, bench) -> Implementation:
+        """Rule 5 for a backward that follows its forward's row (rule 4, which times nothing): a row
+        with `check_against` runs its backward only once that backward's output on the key's inputs
+        matched its reference row's (the forward's check says nothing of the backward kernels);
+        otherwise, and where no check can run now (a CUDA graph being captured), the reference runs,
+        which draws the same mask. Without `bench` the caller needs only the row's mask: the row.
+        The outcome is kept per key in memory (`checked`): one check per process."""
+        if impl.check_against is None or bench is None:
+            return impl
+        ref = by_name.get(impl.check_against(problem))
+        if ref is None:  # not a candidate here: nothing shares the mask, keep the forward's row
+            return impl
+        slot = (self._name_of(problem.device), problem.key(), impl.name)
+        if slot not in self.checked:
+            if not timing_allowed():
+                return ref
+            try:
+                self._check(problem, impl, bench(impl.load()), bench, {})
+                self.checked[slot] = None
+            except Exception as err:
+                self.checked[slot] = f"{type(err).__name__}: {err}"[:500]
+                self.notes.append(f"{impl.name} not run for {problem.key()}: {self.checked[slot]}")
+        return impl if self.checked[slot] is None else ref
 
     def known(self, problem: Problem) -> Optional[Choice]:
         """The choice already made for this problem's key (in memory or in the cache file), if any."""
