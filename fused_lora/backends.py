@@ -428,9 +428,11 @@ class Registry:
         return [impl for impl in self.implementations if not impl.not_supported_reasons(problem)]
 
     def select(self, problem: Problem, requested: str = "auto",
-               bench: Optional[Callable[[Any], Callable[[], Any]]] = None) -> Implementation:
+               bench: Optional[Callable[[Any], Callable[[], Any]]] = None,
+               probe: Optional[Callable[[Any], Callable[[], Any]]] = None) -> Implementation:
         """The row that runs `problem`. `bench(module)` returns a callable running the op on the actual
-        inputs with that row's module: auto times those on a key's first call (see the module doc)."""
+        inputs with that row's module: auto times those on a key's first call (see the module doc).
+        `probe(module)`, where given, runs it on the inputs rule 5 checks rows on (default: bench's)."""
         choice = self.requested(requested)
         if choice != "auto":
             impl = self._by_name[choice]
@@ -450,16 +452,17 @@ class Registry:
             if problem.op in BACKWARD_OPS and problem.dropout:
                 known = self.known(problem.forward_twin())
                 follows = by_name.get(known.winner, default) if known else default
-                return self._checked_follower(problem, follows, by_name, bench)
+                return self._checked_follower(problem, follows, by_name, bench, probe)
             known = self.known(problem)
             if known is not None:
                 return by_name.get(known.winner, default)
             if bench is None or min(problem.M, problem.N, problem.K) == 0 or not timing_allowed():
                 return default  # nothing to time (or no timing allowed here): the deterministic default
-            chosen = self._time(problem, candidates, bench)
+            chosen = self._time(problem, candidates, bench, probe)
             return by_name[chosen.winner]
 
-    def _checked_follower(self, problem: Problem, impl: Implementation, by_name: dict, bench) -> Implementation:
+    def _checked_follower(self, problem: Problem, impl: Implementation, by_name: dict, bench,
+                          probe=None) -> Implementation:
         """Rule 5 for a backward that follows its forward's row (rule 4, which times nothing): a row
         with `check_against` runs its backward only once that backward's output on the key's inputs
         matched its reference row's (the forward's check says nothing of the backward kernels);
@@ -476,7 +479,7 @@ class Registry:
             if not timing_allowed():
                 return ref
             try:
-                self._check(problem, impl, bench(impl.load()), bench, {})
+                self._check(problem, impl, probe or bench, {})
                 self.checked[slot] = None
             except Exception as err:
                 self.checked[slot] = f"{type(err).__name__}: {err}"[:500]
@@ -489,14 +492,14 @@ class Registry:
         self._load(name)
         return self.choices.get((name, problem.key()))
 
-    def _time(self, problem: Problem, candidates: list[Implementation], bench) -> Choice:
+    def _time(self, problem: Problem, candidates: list[Implementation], bench, probe=None) -> Choice:
         ms, errors = {}, {}
         references: dict = {}  # row name -> its output on these inputs (for rows with check_against)
         for impl in candidates:
             try:
                 fn = bench(impl.load())
                 if impl.check_against is not None:
-                    self._check(problem, impl, fn, bench, references)
+                    self._check(problem, impl, probe or bench, references)
                 with torch.no_grad():
                     ms[impl.name] = float(self._timer(fn))
             except Exception as err:  # a row that fails on this GPU (e.g. out of shared memory) is not chosen
@@ -510,18 +513,20 @@ class Registry:
             self._store(name, problem.key(), choice)
         return choice
 
-    def _check(self, problem: Problem, impl: Implementation, fn, bench, references: dict) -> None:
+    def _check(self, problem: Problem, impl: Implementation, bench, references: dict) -> None:
         """The rule for rows with `check_against`: no such row wins a key before its output on that
         key's actual inputs has matched its reference row's (a kernel never run on this device, a
         miscompile or a wrong launch shows here, not in a training run). Checked each time a key is
         timed (once per key and device: later calls and processes reuse the choice, which was
         checked when it was made). A mismatch, or a reference that cannot run, raises: `_time`
-        records it as the row's error and the row is not chosen."""
+        records it as the row's error and the row is not chosen. `bench` here is the caller's probe
+        where it gave one: the op on inputs whose LoRA weights are random, since on a fresh adapter's
+        (B = 0) every low-rank term is zero and a kernel that loses one would pass."""
         ref_name = impl.check_against(problem)
         with torch.no_grad():
             if ref_name not in references:
                 references[ref_name] = bench(self.get(ref_name).load())()
-            got = fn()
+            got = bench(impl.load())()
         mismatch = outputs_mismatch(got, references[ref_name], problem.dtype)
         if mismatch:
             raise RuntimeError(f"output differs from the {ref_name} row's, so it was not timed: {mismatch}")
@@ -652,9 +657,9 @@ def get(name: str) -> Implementation:
     return REGISTRY.get(name)
 
 
-def select(problem: Problem, requested: str = "auto", bench=None) -> Implementation:
+def select(problem: Problem, requested: str = "auto", bench=None, probe=None) -> Implementation:
     """The implementation that runs `problem` (see the module doc for the rules)."""
-    return REGISTRY.select(problem, requested, bench)
+    return REGISTRY.select(problem, requested, bench, probe)
 
 
 def report() -> str:

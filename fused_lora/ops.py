@@ -55,13 +55,13 @@ def _impl(name: str):
 
 
 def _chosen(op: str, x: Tensor, rank: int, backend: str, weight: Optional[Tensor] = None, dropout_p: float = 0.0,
-            grads: tuple = (), bench=None, counted_as: Optional[str] = None):
+            grads: tuple = (), bench=None, counted_as: Optional[str] = None, probe=None):
     """The implementation that runs `op` on these inputs, chosen by `backends.select` (which, in auto
-    on CUDA, times the candidates through `bench` on a key's first call); counted in backends.calls
-    under `counted_as` (default: op)."""
+    on CUDA, times the candidates through `bench` on a key's first call, and checks rows on `probe`);
+    counted in backends.calls under `counted_as` (default: op)."""
     problem = backends.Problem(op, x.device, x.dtype, x.shape[0], weight.shape[0] if weight is not None else 0,
                                x.shape[-1], rank, dropout_p > 0.0, grads)
-    impl = backends.select(problem, backend, bench)
+    impl = backends.select(problem, backend, bench, probe)
     backends.calls[(counted_as or op, impl.name)] += 1
     return impl.load()
 
@@ -71,11 +71,31 @@ def _empty(x: Tensor, weight: Tensor) -> bool:
     return min(x.shape[0], x.shape[1], weight.shape[0]) == 0
 
 
+def _probe(args: tuple, a_at: int, method):
+    """A `probe` for backends.select: `method(module)` on `args` with lora_A, lora_B (at a_at, a_at + 1)
+    replaced by random ones of the same shapes (made on first use, shared by every row). A fresh
+    adapter's B is zero, so on the actual inputs every low-rank term is zero and a row's check could
+    not see a kernel that loses one."""
+    made = []
+
+    def probe(module):
+        if not made:
+            lora_A, lora_B = args[a_at], args[a_at + 1]
+            (r, K), N = lora_A.shape, lora_B.shape[0]
+            g = torch.Generator().manual_seed(0)
+            a = (torch.randn(r, K, generator=g, dtype=torch.float64) * K ** -0.5).to(lora_A)
+            b = (torch.randn(N, r, generator=g, dtype=torch.float64) * r ** -0.5).to(lora_B)
+            made.append(args[:a_at] + (a, b) + args[a_at + 2:])
+        return lambda: method(module)(*made[0])
+    return probe
+
+
 def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int, backend):
     if bias is not None:
         bias = bias.contiguous()  # the kernels read the bias with unit stride; N elements, cheap
     args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    impl = _chosen("fwd", x, lora_A.shape[0], backend, weight, dropout_p, bench=lambda m: lambda: m.forward(*args))
+    impl = _chosen("fwd", x, lora_A.shape[0], backend, weight, dropout_p, bench=lambda m: lambda: m.forward(*args),
+                   probe=_probe(args, 3, lambda m: m.forward))
     return (torch_impl if _empty(x, weight) else impl).forward(*args)
 
 
@@ -84,7 +104,7 @@ def _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed: in
     args = (dy.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_dw, need_db)
     grads = tuple(n for n, need in zip(("dx", "lora", "dW", "db"), (need_dx, need_lora, need_dw, need_db)) if need)
     impl = _chosen("bwd", x, lora_A.shape[0], backend, weight, dropout_p, grads,
-                   bench=lambda m: lambda: m.backward(*args))
+                   bench=lambda m: lambda: m.backward(*args), probe=_probe(args, 3, lambda m: m.backward))
     return (torch_impl if _empty(x, weight) else impl).backward(*args)
 
 

@@ -50,3 +50,66 @@ def test_backward_with_dropout_runs_a_checked_row(tmp_path):
     # A caller that only needs the row's mask (no bench: the differentiable backward) gets the
     # forward's row: the mask is the same either way.
     assert reg.select(bwd).name == "new"
+
+
+# ---- the check must see the low-rank terms: a fresh adapter's B is zero (peft's init)
+
+def _auto_on_cpu(tmp_path, monkeypatch):
+    """The real table under the interpreter with auto timing on the CPU and a timer that finds each
+    row faster than the one before, so the last row timed (triton-onepass) wins unless refused."""
+    from fused_lora.backends import Registry
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+
+    def each_faster(fn):
+        fn()
+        calls.append(1)
+        return 10.0 - len(calls)
+
+    reg = Registry(timer=each_faster, cache_directory=str(tmp_path), tuned_devices=("cpu",),
+                   name_of=lambda d: "test-device")
+    monkeypatch.setattr(backends, "REGISTRY", reg)
+    return reg
+
+
+def _without_lora_b(fn, position):
+    """fn computing as if lora_B (argument `position`) were zero: a kernel that loses its low-rank term."""
+    def broken(*args):
+        args = list(args)
+        args[position] = torch.zeros_like(args[position])
+        return fn(*args)
+    return broken
+
+
+@pytest.mark.skipif(not backends.triton_installed(), reason="triton not installed")
+def test_forward_check_sees_the_low_rank_term_of_a_fresh_adapter(tmp_path, monkeypatch):
+    # At a fine-tune's first step B = 0: a row that drops s H B^T gives the right Y on those inputs.
+    # It must still fail the check (and its choice, kept on disk, must not be made on it).
+    from fused_lora.kernels import one_pass
+    from fused_lora.ops import lora_linear_fwd
+    from utils import make_problem
+    reg = _auto_on_cpu(tmp_path, monkeypatch)
+    monkeypatch.setattr(one_pass, "forward", _without_lora_b(one_pass.forward, 4))
+    x, w, b, a, bb = make_problem(37, 40, 72, 4, torch.float16, "cpu", seed=1, requires_grad=False)
+    lora_linear_fwd(x, w, b, a, torch.zeros_like(bb), 0.5, 0.0, torch.tensor(3, dtype=torch.int64), "auto")
+    (choice,) = reg.choices.values()
+    assert "triton-onepass" in choice.errors and choice.winner == "triton-tma", choice
+
+
+@pytest.mark.skipif(not backends.triton_installed(), reason="triton not installed")
+def test_backward_check_sees_the_low_rank_terms_of_a_fresh_adapter(tmp_path, monkeypatch):
+    # With B = 0, G = s dY B is zero, so dA and the low-rank part of dX are zero whatever a kernel
+    # does with them: a dX/dA kernel that loses them passes a check on those inputs.
+    from fused_lora.kernels import tma
+    from fused_lora.ops import lora_linear_bwd
+    from utils import make_problem
+    reg = _auto_on_cpu(tmp_path, monkeypatch)
+    monkeypatch.setattr(tma, "backward", _without_lora_b(tma.backward, 4))
+    x, w, b, a, bb = make_problem(37, 40, 72, 4, torch.float16, "cpu", seed=1, requires_grad=False)
+    bb = torch.zeros_like(bb)
+    h = (x.double() @ a.double().t()).to(x.dtype)
+    dy = torch.randn(37, 72, generator=torch.Generator().manual_seed(2)).to(x.dtype)
+    lora_linear_bwd(dy, x, w, a, bb, h, 0.5, 0.0, torch.tensor(3, dtype=torch.int64), "auto",
+                    True, True, False, False)
+    (choice,) = reg.choices.values()
+    assert "triton-tma" in choice.errors, choice
