@@ -113,3 +113,27 @@ def test_backward_check_sees_the_low_rank_terms_of_a_fresh_adapter(tmp_path, mon
                     True, True, False, False)
     (choice,) = reg.choices.values()
     assert "triton-tma" in choice.errors, choice
+
+
+# ---- the TMA dX launcher runs the config the static gate compiled for its dropout variant
+
+@pytest.mark.skipif(not backends.triton_installed(), reason="triton not installed")
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_tma_dx_launcher_asks_for_the_dropout_variants_config(monkeypatch, p):
+    # compile_check compiles lora_dx_tma_kernel with HAS_DROPOUT=True under
+    # configs.tma_candidates("dx_tma", ..., dropout=True) (a smaller tile: the large one spills);
+    # the launcher must launch that variant with that config, not the dropout-free one.
+    from fused_lora.kernels import configs, tma
+    from utils import make_problem
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    asked = []
+    real = configs.tma_candidates
+
+    def recording(kernel_name, arch, block_r, elt, dropout=False):
+        asked.append((kernel_name, dropout))
+        return real(kernel_name, arch, block_r, elt, dropout)
+    monkeypatch.setattr(configs, "tma_candidates", recording)
+    x, w, b, a, bb = make_problem(37, 40, 72, 5, torch.float16, "cpu", seed=3, requires_grad=False)
+    y, h = tma.forward(x, w, b, a, bb, 0.5, p, 11)
+    tma.backward(torch.ones_like(y), x, w, a, bb, h, 0.5, p, 11, True, True, False, False)
+    assert ("dx_tma", p > 0.0) in asked and ("dx_tma", p == 0.0) not in asked, asked
