@@ -20,7 +20,8 @@ Rules, in order:
    being captured: there the known winner runs, else torch.
 4. With dropout, backward runs what the forward's key chose: the rows draw different masks from
    one seed, and forward and backward must agree on the mask.
-5. A row with `check_against` (the Hopper-path rows, whose kernels no GPU has run yet) is timed only
+5. A row with `check_against` (the Hopper-path rows and the triton row's segment kernels without
+   dropout, whose kernels no GPU has run yet) is timed only
    after its output on the key's inputs matched that row's (torch; with dropout the triton row, whose
    mask it shares); a row that does not match is recorded as failed and never chosen. A backward
    with dropout that follows such a row (rule 4) is checked the same way on its first call per key
@@ -171,7 +172,8 @@ class Implementation:
     loader: Callable[[], Any]
     reasons: Callable[[Problem], list] = lambda problem: []
     # For a row auto must not trust untested on a device: the name of the row whose output its own
-    # must match, on the same inputs, before auto times it (see `Registry._time`); None: trusted.
+    # must match, on the same inputs, before auto times it (see `Registry._time`); None (or a
+    # callable returning None for a problem): trusted.
     check_against: Optional[Callable[[Problem], str]] = None
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
@@ -188,8 +190,16 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("triton", "the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
                    lambda: importlib.import_module("fused_lora.kernels"),
                    lambda p: (triton_not_supported_reasons(p.device, p.dtype, p.rank) + triton_op_reasons(p.op)
-                              + triton_multi_reasons(p))),
+                              + triton_multi_reasons(p)),
+                   check_against=lambda p: _segment_kernels_checked_against(p)),
 )
+
+
+def _segment_kernels_checked_against(p: Problem) -> Optional[str]:
+    """The triton row's segment kernels (ops multi_fwd / multi_bwd), which no GPU has run yet either,
+    are checked against the torch row's multi-adapter path; with dropout the two draw different masks,
+    so nothing can be compared (unchecked). The single-adapter ops are trusted."""
+    return "torch" if p.op.startswith("multi_") and not p.dropout else None
 
 
 # ---- The Hopper path: candidates beside the pointer kernels, timed by auto like every row.
@@ -469,7 +479,7 @@ class Registry:
         otherwise, and where no check can run now (a CUDA graph being captured), the reference runs,
         which draws the same mask. Without `bench` the caller needs only the row's mask: the row.
         The outcome is kept per key in memory (`checked`): one check per process."""
-        if impl.check_against is None or bench is None:
+        if impl.check_against is None or impl.check_against(problem) is None or bench is None:
             return impl
         ref = by_name.get(impl.check_against(problem))
         if ref is None:  # not a candidate here: nothing shares the mask, keep the forward's row
@@ -498,7 +508,7 @@ class Registry:
         for impl in candidates:
             try:
                 fn = bench(impl.load())
-                if impl.check_against is not None:
+                if impl.check_against is not None and impl.check_against(problem) is not None:
                     self._check(problem, impl, probe or bench, references)
                 with torch.no_grad():
                     ms[impl.name] = float(self._timer(fn))
@@ -610,7 +620,11 @@ class Registry:
 
 
 def _tensors(out) -> list:
-    return [t for t in (out if isinstance(out, (tuple, list)) else (out,))]
+    """The tensors and Nones of an op's output, nested tuples and lists flattened in order (the multi
+    backward returns a list of (dA, dB) pairs or Nones)."""
+    if not isinstance(out, (tuple, list)):
+        return [out]
+    return [t for item in out for t in _tensors(item)]
 
 
 def outputs_mismatch(got, want, dtype: torch.dtype) -> Optional[str]:

@@ -137,3 +137,60 @@ def test_tma_dx_launcher_asks_for_the_dropout_variants_config(monkeypatch, p):
     y, h = tma.forward(x, w, b, a, bb, 0.5, p, 11)
     tma.backward(torch.ones_like(y), x, w, a, bb, h, 0.5, p, 11, True, True, False, False)
     assert ("dx_tma", p > 0.0) in asked and ("dx_tma", p == 0.0) not in asked, asked
+
+
+# ---- the segment kernels (triton row, ops multi_fwd / multi_bwd) have never run on a GPU either
+
+def _multi_inputs():
+    from test_multi_adapter import make_multi
+    x, w, b, loras = make_multi(29, 24, 40, [3, 5], torch.float16, seed=4)
+    adapters = [(A.detach(), torch.zeros_like(B.detach()), 0.5, 0.0) for A, B in loras]  # fresh: B = 0
+    row_adapter = torch.tensor([i % 3 - 1 for i in range(29)])
+    return x.detach(), w.detach(), b.detach(), adapters, row_adapter
+
+
+def _without_b(fn, position):
+    """fn computing as if every adapter's B (adapters at argument `position`) were zero."""
+    def broken(*args):
+        args = list(args)
+        args[position] = [(A, torch.zeros_like(B), s, p) for A, B, s, p in args[position]]
+        return fn(*args)
+    return broken
+
+
+@pytest.mark.skipif(not backends.triton_installed(), reason="triton not installed")
+@pytest.mark.parametrize("broken", [False, True])
+def test_auto_checks_the_segment_kernels_before_timing(tmp_path, monkeypatch, broken):
+    from fused_lora import kernels
+    from fused_lora.ops import lora_linear_multi
+    reg = _auto_on_cpu(tmp_path, monkeypatch)
+    if broken:
+        monkeypatch.setattr(kernels, "multi_forward", _without_b(kernels.multi_forward, 3))
+    x, w, b, adapters, row_adapter = _multi_inputs()
+    with torch.no_grad():
+        lora_linear_multi(x, w, b, adapters, row_adapter, torch.tensor(5), backend="auto")
+    (choice,) = [c for (_, key), c in reg.choices.items() if key.startswith("multi_fwd")]
+    if broken:
+        assert "differs from the torch row" in choice.errors["triton"] and choice.winner == "torch", choice
+    else:
+        assert choice.errors == {} and choice.winner == "triton", choice
+
+
+@pytest.mark.skipif(not backends.triton_installed(), reason="triton not installed")
+@pytest.mark.parametrize("broken", [False, True])
+def test_auto_checks_the_segment_backward_before_timing(tmp_path, monkeypatch, broken):
+    from fused_lora import kernels
+    from fused_lora.ops import lora_linear_multi_bwd
+    reg = _auto_on_cpu(tmp_path, monkeypatch)
+    if broken:
+        monkeypatch.setattr(kernels, "multi_backward", _without_b(kernels.multi_backward, 3))
+    x, w, b, adapters, row_adapter = _multi_inputs()
+    h = torch.zeros(29, 5, dtype=x.dtype)
+    dy = torch.randn(29, 40, generator=torch.Generator().manual_seed(3)).to(x.dtype)
+    lora_linear_multi_bwd(dy, x, w, [a[0] for a in adapters], [a[1] for a in adapters], h, [0.5, 0.5], [0.0, 0.0],
+                          row_adapter, torch.tensor(5), "auto", True, [True, True], False, False)
+    (choice,) = [c for (_, key), c in reg.choices.items() if key.startswith("multi_bwd")]
+    if broken:
+        assert "differs from the torch row" in choice.errors["triton"] and choice.winner == "torch", choice
+    else:
+        assert choice.errors == {} and choice.winner == "triton", choice
