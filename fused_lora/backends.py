@@ -21,9 +21,10 @@ Rules, in order:
 4. With dropout, backward runs what the forward's key chose: the rows draw different masks from
    one seed, and forward and backward must agree on the mask.
 5. A row with `check_against` (the Hopper-path rows and the triton row's segment kernels without
-   dropout, whose kernels no GPU has run yet) is timed only
-   after its output on the key's inputs matched that row's (torch; with dropout the triton row, whose
-   mask it shares); a row that does not match is recorded as failed and never chosen. A backward
+   dropout, whose kernels no GPU has run yet) is timed only after its output matched that row's
+   (torch; with dropout the triton row, whose mask it shares) on the key's inputs with random LoRA
+   weights (the ops' `probe`: a fresh adapter's B = 0 would hide every low-rank term); a row that
+   does not match is recorded as failed and never chosen. A backward
    with dropout that follows such a row (rule 4) is checked the same way on its first call per key
    and process; if it does not match, the reference row (same mask) runs it instead.
 
