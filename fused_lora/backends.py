@@ -20,9 +20,13 @@ Rules, in order:
    being captured: there the known winner runs, else torch.
 4. With dropout, backward runs what the forward's key chose: the rows draw different masks from
    one seed, and forward and backward must agree on the mask.
-5. A row with `check_against` (the Hopper-path rows, whose kernels no GPU has run yet) is timed only
-   after its output on the key's inputs matched that row's (torch; with dropout the triton row, whose
-   mask it shares); a row that does not match is recorded as failed and never chosen.
+5. A row with `check_against` (the Hopper-path rows and the triton row's segment kernels without
+   dropout, whose kernels no GPU has run yet) is timed only after its output matched that row's
+   (torch; with dropout the triton row, whose mask it shares) on the key's inputs with random LoRA
+   weights (the ops' `probe`: a fresh adapter's B = 0 would hide every low-rank term); a row that
+   does not match is recorded as failed and never chosen. A backward
+   with dropout that follows such a row (rule 4) is checked the same way on its first call per key
+   and process; if it does not match, the reference row (same mask) runs it instead.
 
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 (its interpreter), and only when asked
 for by name: that is how CI tests the real kernels without a GPU. The interpreter computes
@@ -169,7 +173,8 @@ class Implementation:
     loader: Callable[[], Any]
     reasons: Callable[[Problem], list] = lambda problem: []
     # For a row auto must not trust untested on a device: the name of the row whose output its own
-    # must match, on the same inputs, before auto times it (see `Registry._time`); None: trusted.
+    # must match, on the same inputs, before auto times it (see `Registry._time`); None (or a
+    # callable returning None for a problem): trusted.
     check_against: Optional[Callable[[Problem], str]] = None
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
@@ -186,8 +191,16 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("triton", "the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
                    lambda: importlib.import_module("fused_lora.kernels"),
                    lambda p: (triton_not_supported_reasons(p.device, p.dtype, p.rank) + triton_op_reasons(p.op)
-                              + triton_multi_reasons(p))),
+                              + triton_multi_reasons(p)),
+                   check_against=lambda p: _segment_kernels_checked_against(p)),
 )
+
+
+def _segment_kernels_checked_against(p: Problem) -> Optional[str]:
+    """The triton row's segment kernels (ops multi_fwd / multi_bwd), which no GPU has run yet either,
+    are checked against the torch row's multi-adapter path; with dropout the two draw different masks,
+    so nothing can be compared (unchecked). The single-adapter ops are trusted."""
+    return "torch" if p.op.startswith("multi_") and not p.dropout else None
 
 
 # ---- The Hopper path: candidates beside the pointer kernels, timed by auto like every row.
@@ -392,7 +405,8 @@ class Registry:
         self._tuned_devices = tuple(tuned_devices)
         self._versions_of = versions_of
         self.choices: dict[tuple[str, str], Choice] = {}  # (device name, key) -> choice
-        self.notes: list[str] = []  # cache files ignored, writes that failed
+        self.notes: list[str] = []  # cache files ignored, writes that failed, backward checks failed
+        self.checked: dict[tuple[str, str, str], Optional[str]] = {}  # (device, key, row) -> None or why not
         self._loaded: set[str] = set()  # device names whose cache file was read
         self._lock = threading.RLock()
 
@@ -425,9 +439,11 @@ class Registry:
         return [impl for impl in self.implementations if not impl.not_supported_reasons(problem)]
 
     def select(self, problem: Problem, requested: str = "auto",
-               bench: Optional[Callable[[Any], Callable[[], Any]]] = None) -> Implementation:
+               bench: Optional[Callable[[Any], Callable[[], Any]]] = None,
+               probe: Optional[Callable[[Any], Callable[[], Any]]] = None) -> Implementation:
         """The row that runs `problem`. `bench(module)` returns a callable running the op on the actual
-        inputs with that row's module: auto times those on a key's first call (see the module doc)."""
+        inputs with that row's module: auto times those on a key's first call (see the module doc).
+        `probe(module)`, where given, runs it on the inputs rule 5 checks rows on (default: bench's)."""
         choice = self.requested(requested)
         if choice != "auto":
             impl = self._by_name[choice]
@@ -446,14 +462,40 @@ class Registry:
         with self._lock:
             if problem.op in BACKWARD_OPS and problem.dropout:
                 known = self.known(problem.forward_twin())
-                return by_name.get(known.winner, default) if known else default
+                follows = by_name.get(known.winner, default) if known else default
+                return self._checked_follower(problem, follows, by_name, bench, probe)
             known = self.known(problem)
             if known is not None:
                 return by_name.get(known.winner, default)
             if bench is None or min(problem.M, problem.N, problem.K) == 0 or not timing_allowed():
                 return default  # nothing to time (or no timing allowed here): the deterministic default
-            chosen = self._time(problem, candidates, bench)
+            chosen = self._time(problem, candidates, bench, probe)
             return by_name[chosen.winner]
+
+    def _checked_follower(self, problem: Problem, impl: Implementation, by_name: dict, bench,
+                          probe=None) -> Implementation:
+        """Rule 5 for a backward that follows its forward's row (rule 4, which times nothing): a row
+        with `check_against` runs its backward only once that backward's output on the key's inputs
+        matched its reference row's (the forward's check says nothing of the backward kernels);
+        otherwise, and where no check can run now (a CUDA graph being captured), the reference runs,
+        which draws the same mask. Without `bench` the caller needs only the row's mask: the row.
+        The outcome is kept per key in memory (`checked`): one check per process."""
+        if impl.check_against is None or impl.check_against(problem) is None or bench is None:
+            return impl
+        ref = by_name.get(impl.check_against(problem))
+        if ref is None:  # not a candidate here: nothing shares the mask, keep the forward's row
+            return impl
+        slot = (self._name_of(problem.device), problem.key(), impl.name)
+        if slot not in self.checked:
+            if not timing_allowed():
+                return ref
+            try:
+                self._check(problem, impl, probe or bench, {})
+                self.checked[slot] = None
+            except Exception as err:
+                self.checked[slot] = f"{type(err).__name__}: {err}"[:500]
+                self.notes.append(f"{impl.name} not run for {problem.key()}: {self.checked[slot]}")
+        return impl if self.checked[slot] is None else ref
 
     def known(self, problem: Problem) -> Optional[Choice]:
         """The choice already made for this problem's key (in memory or in the cache file), if any."""
@@ -461,14 +503,14 @@ class Registry:
         self._load(name)
         return self.choices.get((name, problem.key()))
 
-    def _time(self, problem: Problem, candidates: list[Implementation], bench) -> Choice:
+    def _time(self, problem: Problem, candidates: list[Implementation], bench, probe=None) -> Choice:
         ms, errors = {}, {}
         references: dict = {}  # row name -> its output on these inputs (for rows with check_against)
         for impl in candidates:
             try:
                 fn = bench(impl.load())
-                if impl.check_against is not None:
-                    self._check(problem, impl, fn, bench, references)
+                if impl.check_against is not None and impl.check_against(problem) is not None:
+                    self._check(problem, impl, probe or bench, references)
                 with torch.no_grad():
                     ms[impl.name] = float(self._timer(fn))
             except Exception as err:  # a row that fails on this GPU (e.g. out of shared memory) is not chosen
@@ -482,18 +524,20 @@ class Registry:
             self._store(name, problem.key(), choice)
         return choice
 
-    def _check(self, problem: Problem, impl: Implementation, fn, bench, references: dict) -> None:
+    def _check(self, problem: Problem, impl: Implementation, bench, references: dict) -> None:
         """The rule for rows with `check_against`: no such row wins a key before its output on that
         key's actual inputs has matched its reference row's (a kernel never run on this device, a
         miscompile or a wrong launch shows here, not in a training run). Checked each time a key is
         timed (once per key and device: later calls and processes reuse the choice, which was
         checked when it was made). A mismatch, or a reference that cannot run, raises: `_time`
-        records it as the row's error and the row is not chosen."""
+        records it as the row's error and the row is not chosen. `bench` here is the caller's probe
+        where it gave one: the op on inputs whose LoRA weights are random, since on a fresh adapter's
+        (B = 0) every low-rank term is zero and a kernel that loses one would pass."""
         ref_name = impl.check_against(problem)
         with torch.no_grad():
             if ref_name not in references:
                 references[ref_name] = bench(self.get(ref_name).load())()
-            got = fn()
+            got = bench(impl.load())()
         mismatch = outputs_mismatch(got, references[ref_name], problem.dtype)
         if mismatch:
             raise RuntimeError(f"output differs from the {ref_name} row's, so it was not timed: {mismatch}")
@@ -577,7 +621,11 @@ class Registry:
 
 
 def _tensors(out) -> list:
-    return [t for t in (out if isinstance(out, (tuple, list)) else (out,))]
+    """The tensors and Nones of an op's output, nested tuples and lists flattened in order (the multi
+    backward returns a list of (dA, dB) pairs or Nones)."""
+    if not isinstance(out, (tuple, list)):
+        return [out]
+    return [t for item in out for t in _tensors(item)]
 
 
 def outputs_mismatch(got, want, dtype: torch.dtype) -> Optional[str]:
@@ -624,9 +672,9 @@ def get(name: str) -> Implementation:
     return REGISTRY.get(name)
 
 
-def select(problem: Problem, requested: str = "auto", bench=None) -> Implementation:
+def select(problem: Problem, requested: str = "auto", bench=None, probe=None) -> Implementation:
     """The implementation that runs `problem` (see the module doc for the rules)."""
-    return REGISTRY.select(problem, requested, bench)
+    return REGISTRY.select(problem, requested, bench, probe)
 
 
 def report() -> str:

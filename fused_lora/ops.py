@@ -55,13 +55,13 @@ def _impl(name: str):
 
 
 def _chosen(op: str, x: Tensor, rank: int, backend: str, weight: Optional[Tensor] = None, dropout_p: float = 0.0,
-            grads: tuple = (), bench=None, counted_as: Optional[str] = None):
+            grads: tuple = (), bench=None, counted_as: Optional[str] = None, probe=None):
     """The implementation that runs `op` on these inputs, chosen by `backends.select` (which, in auto
-    on CUDA, times the candidates through `bench` on a key's first call); counted in backends.calls
-    under `counted_as` (default: op)."""
+    on CUDA, times the candidates through `bench` on a key's first call, and checks rows on `probe`);
+    counted in backends.calls under `counted_as` (default: op)."""
     problem = backends.Problem(op, x.device, x.dtype, x.shape[0], weight.shape[0] if weight is not None else 0,
                                x.shape[-1], rank, dropout_p > 0.0, grads)
-    impl = backends.select(problem, backend, bench)
+    impl = backends.select(problem, backend, bench, probe)
     backends.calls[(counted_as or op, impl.name)] += 1
     return impl.load()
 
@@ -71,11 +71,38 @@ def _empty(x: Tensor, weight: Tensor) -> bool:
     return min(x.shape[0], x.shape[1], weight.shape[0]) == 0
 
 
+def _random_lora(lora_A: Tensor, lora_B: Tensor, seed: int = 0) -> tuple:
+    """Random A and B of these shapes, dtypes and devices, with O(1) low-rank outputs."""
+    (r, K), N = lora_A.shape, lora_B.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(r, K, generator=g, dtype=torch.float64) * max(K, 1) ** -0.5).to(lora_A)
+    b = (torch.randn(N, r, generator=g, dtype=torch.float64) * max(r, 1) ** -0.5).to(lora_B)
+    return a, b
+
+
+def _probe(args: tuple, a_at: int, method, replace=None):
+    """A `probe` for backends.select: `method(module)` on `args` with lora_A, lora_B (at a_at, a_at + 1)
+    replaced by random ones of the same shapes (made on first use, shared by every row); `replace`
+    instead maps args[a_at] alone. A fresh adapter's B is zero, so on the actual inputs every
+    low-rank term is zero and a row's check could not see a kernel that loses one."""
+    made = []
+
+    def probe(module):
+        if not made:
+            if replace is not None:
+                made.append(args[:a_at] + (replace(args[a_at]),) + args[a_at + 1:])
+            else:
+                made.append(args[:a_at] + _random_lora(args[a_at], args[a_at + 1]) + args[a_at + 2:])
+        return lambda: method(module)(*made[0])
+    return probe
+
+
 def _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed: int, backend):
     if bias is not None:
         bias = bias.contiguous()  # the kernels read the bias with unit stride; N elements, cheap
     args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    impl = _chosen("fwd", x, lora_A.shape[0], backend, weight, dropout_p, bench=lambda m: lambda: m.forward(*args))
+    impl = _chosen("fwd", x, lora_A.shape[0], backend, weight, dropout_p, bench=lambda m: lambda: m.forward(*args),
+                   probe=_probe(args, 3, lambda m: m.forward))
     return (torch_impl if _empty(x, weight) else impl).forward(*args)
 
 
@@ -84,7 +111,7 @@ def _run_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed: in
     args = (dy.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_dw, need_db)
     grads = tuple(n for n, need in zip(("dx", "lora", "dW", "db"), (need_dx, need_lora, need_dw, need_db)) if need)
     impl = _chosen("bwd", x, lora_A.shape[0], backend, weight, dropout_p, grads,
-                   bench=lambda m: lambda: m.backward(*args))
+                   bench=lambda m: lambda: m.backward(*args), probe=_probe(args, 3, lambda m: m.backward))
     return (torch_impl if _empty(x, weight) else impl).backward(*args)
 
 
@@ -282,13 +309,14 @@ def _multi_forward(x, weight, bias, adapters, segs, seed: int, backend):
     if bias is not None:
         bias = bias.contiguous()
     args = (x, weight, bias, adapters, segs, seed)
-    return _chosen_multi("multi_fwd", x, weight, adapters, backend,
-                         bench=lambda m: lambda: m.multi_forward(*args)).multi_forward(*args)
+    return _chosen_multi("multi_fwd", x, weight, adapters, backend, bench=lambda m: lambda: m.multi_forward(*args),
+                         probe=_multi_probe(args, 3, lambda m: m.multi_forward)).multi_forward(*args)
 
 
 def _multi_backward(dy, x, weight, adapters, h, segs, seed: int, backend, need_dx, need_lora, need_dw, need_db):
     args = (dy.contiguous(), x, weight, adapters, h, segs, seed, need_dx, need_lora, need_dw, need_db)
-    impl = _chosen_multi("multi_bwd", x, weight, adapters, backend, bench=lambda m: lambda: m.multi_backward(*args))
+    impl = _chosen_multi("multi_bwd", x, weight, adapters, backend, bench=lambda m: lambda: m.multi_backward(*args),
+                         probe=_multi_probe(args, 3, lambda m: m.multi_backward))
     return impl.multi_backward(*args)
 
 
@@ -413,10 +441,17 @@ def _multi_double_backward(ctx, dy, x, weight, bias, adapters, need):
 
 
 def _chosen_multi(op: str, x: Tensor, weight: Tensor, adapters, backend: str, bench=None,
-                  counted_as: Optional[str] = None):
+                  counted_as: Optional[str] = None, probe=None):
     rank = max([0] + [a[0].shape[0] for a in adapters])
     return _chosen(op, x, rank, backend, weight, max([0.0] + [a[3] for a in adapters]), bench=bench,
-                   counted_as=counted_as)
+                   counted_as=counted_as, probe=probe)
+
+
+def _multi_probe(args: tuple, at: int, method):
+    """`_probe` for the multi-adapter ops: every adapter's A and B (the adapters at args[at]) random."""
+    def with_random(adapters):
+        return tuple((*_random_lora(lora_A, lora_B, a), s, p) for a, (lora_A, lora_B, s, p) in enumerate(adapters))
+    return _probe(args, at, method, with_random)
 
 
 def lora_linear_multi(

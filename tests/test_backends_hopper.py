@@ -77,7 +77,13 @@ def test_checked_against_torch_without_dropout_and_the_pointer_kernels_with_it()
         impl = backends.get(name)
         assert impl.check_against(Problem("fwd", CUDA, torch.float16, 8, 8, 8, 2)) == "torch"
         assert impl.check_against(Problem("fwd", CUDA, torch.float16, 8, 8, 8, 2, dropout=True)) == "triton"
-    assert backends.get("torch").check_against is None and backends.get("triton").check_against is None
+    assert backends.get("torch").check_against is None
+    # The triton row: its segment kernels (multi ops) are checked against torch without dropout only.
+    triton = backends.get("triton").check_against
+    assert triton(Problem("fwd", CUDA, torch.float16, 8, 8, 8, 2)) is None
+    assert triton(Problem("multi_fwd", CUDA, torch.float16, 8, 8, 8, 2)) == "torch"
+    assert triton(Problem("multi_bwd", CUDA, torch.float16, 8, 8, 8, 2, grads=("dx",))) == "torch"
+    assert triton(Problem("multi_fwd", CUDA, torch.float16, 8, 8, 8, 2, dropout=True)) is None
 
 
 # ---- the check rule, with fake rows: each returns a fixed output, the timer reads the row's ms

@@ -59,8 +59,9 @@ def _programs(device: torch.device, tiles: int) -> int:
     return max(1, min(sms, tiles))
 
 
-def _config(kernel_name: str, x: torch.Tensor, r: int):
-    return configs.tma_candidates(kernel_name, arch_of(x.device), block_r(r), x.element_size())[0]
+def _config(kernel_name: str, x: torch.Tensor, r: int, dropout: bool = False):
+    """The variant's config: with dropout the one the static gate compiles that variant with."""
+    return configs.tma_candidates(kernel_name, arch_of(x.device), block_r(r), x.element_size(), dropout)[0]
 
 
 def _descriptors(blocks: dict, **tensors) -> dict:
@@ -93,7 +94,7 @@ def dx_da_tma(dy, x, weight, g, lora_A, p, seed, need_dx, need_lora):
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
     if not need_dx or not tma_ready(dy, weight, dx):
         return dx_da_pointer(dy, x, weight, g, lora_A, p, seed, need_dx, need_lora)
-    cfg = _config("dx_tma", x, r)
+    cfg = _config("dx_tma", x, r, p > 0.0)
     k = cfg.kwargs
     row_blocks = triton.cdiv(M, k["BLOCK_M"])
     da_ws = torch.empty((row_blocks, r, K), dtype=torch.float32, device=x.device) if need_lora else g
