@@ -317,12 +317,20 @@ def cache_dir() -> str:
 
 
 @lru_cache(maxsize=None)
-def _sources_digest() -> str:
-    """A digest of the implementations' source: an edited kernel invalidates its tuned choices."""
+def digested_sources() -> list[str]:
+    """The files whose content keys the tuned choices: the implementations (kernels, the PyTorch
+    paths) and the rules choosing between them (this file)."""
     root = os.path.dirname(os.path.abspath(__file__))
-    h = hashlib.sha1()
     kernels = glob.glob(os.path.join(root, "kernels", "**", "*.py"), recursive=True)
-    for path in sorted(kernels) + [os.path.join(root, "torch_impl.py")]:
+    own = ["torch_impl.py", "multi_impl.py", "quant_impl.py", "backends.py"]
+    return sorted(kernels) + [os.path.join(root, name) for name in own]
+
+
+def _sources_digest() -> str:
+    """A digest of `digested_sources()`: an edited kernel, PyTorch path or selection rule
+    invalidates the tuned choices."""
+    h = hashlib.sha1()
+    for path in digested_sources():
         try:
             with open(path, "rb") as f:
                 h.update(f.read())

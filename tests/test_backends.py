@@ -310,3 +310,13 @@ def test_auto_on_the_real_rows(tmp_path, monkeypatch, p):
     assert_close_rule(y, y_e, y64, torch.float32, "y", tf32)
     for name, g, ge, g6 in zip(("dx", "dA", "dB"), got, (g_e[0], g_e[3], g_e[4]), (g64[0], g64[3], g64[4])):
         assert_close_rule(g, ge, g6, torch.float32, name, tf32)
+
+
+def test_tuned_choices_are_keyed_by_every_implementation_and_the_rules():
+    """An edited PyTorch path (single, mixed-batch, quantized) or selection rule must invalidate
+    cached choices, as an edited kernel does: each file exists and is hashed."""
+    import os
+    names = {os.path.relpath(p, os.path.dirname(backends.__file__)) for p in backends.digested_sources()}
+    assert {"torch_impl.py", "multi_impl.py", "quant_impl.py", "backends.py", "kernels/forward.py",
+            "kernels/multi.py", "kernels/quant.py", "kernels/tma.py"} <= names
+    assert all(os.path.isfile(p) for p in backends.digested_sources())
