@@ -48,19 +48,24 @@ _UNIT_STRIDES = {
     "dy": {"stride_dyn", "stride_br", "stride_hr"},
     "dx_da": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_xk", "stride_dxk"},
     "reduce": set(),
+    "dora_forward": {"stride_xk", "stride_wk", "stride_hr", "stride_br", "stride_yn"},
+    "dora_dy": {"stride_dyn", "stride_br", "stride_hr", "stride_yn"},
 }
 # Every combination of the constexpr flags each launcher passes.
 _DX_DA = [dict(HAS_DX=dx, HAS_DA=da, HAS_DROPOUT=drop)
           for (dx, da), drop in itertools.product([(True, True), (True, False), (False, True)], [False, True])]
 FLAGS = {
     "shrink": [dict(HAS_DROPOUT=False), dict(HAS_DROPOUT=True)],
-    "forward": [dict(HAS_BIAS=False), dict(HAS_BIAS=True)],
-    "dy": [dict(HAS_DB=False), dict(HAS_DB=True)],
+    "forward": [dict(HAS_BIAS=False, HAS_COLSCALE=False), dict(HAS_BIAS=True, HAS_COLSCALE=False)],
+    "dy": [dict(HAS_DB=False, HAS_COLSCALE=False), dict(HAS_DB=True, HAS_COLSCALE=False)],
     "dx_da": _DX_DA,
     "reduce": [{}],
+    # DoRA launches one combination of each (a missing bias is passed as zeros)
+    "dora_forward": [dict(HAS_BIAS=True, HAS_COLSCALE=True)],
+    "dora_dy": [dict(HAS_DB=True, HAS_COLSCALE=True)],
 }
 _FLOAT_ARGS = {"scaling", "scale"}
-_FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr"}
+_FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr", "colscale_ptr", "dm_ws_ptr"}
 
 
 @dataclass(frozen=True)
