@@ -106,6 +106,8 @@ class LoraConfig:
         and "score" to modules_to_save, "QUESTION_ANS" adds "qa_outputs" (done here, on construction;
         a head the model lacks is skipped).
     inference_mode: True builds the adapters frozen (peft's meaning).
+    use_dora: DoRA (peft's meaning: a trained magnitude per output feature, `lora_magnitude_vector`,
+        times the direction W + s B A normalised per row); the first adapter of a model only.
     backend: which implementation runs the adapted layers ("auto", "torch", "triton"); not saved.
     """
 

@@ -87,14 +87,19 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
     if weight_sq is None:
         weight_sq = weight_sq_norms(weight, acc)
     weight_sq = weight_sq.to(acc)
-    cross = torch.empty_like(weight_sq)  # B_j . (A W_j^T)
-    for i, rows in _row_chunks(weight, acc):
-        cross[i:i + rows.shape[0]] = (torch.mm(rows, A.t()) * B[i:i + rows.shape[0]]).sum(1)
-    lora_sq = (torch.mm(B, torch.mm(A, A.t())) * B).sum(1)  # ||B_j A||^2
+    if weight.dtype == acc:  # B_j . (A W_j^T), W read in place
+        cross = torch.mm(weight.detach(), A.t()).mul_(B).sum(1)
+    else:  # a low-precision W: fp32 copies of row chunks only
+        cross = torch.empty_like(weight_sq)
+        for i, rows in _row_chunks(weight, acc):
+            cross[i:i + rows.shape[0]] = (torch.mm(rows, A.t()) * B[i:i + rows.shape[0]]).sum(1)
+    lora_sq = torch.mm(B, torch.mm(A, A.t())).mul_(B).sum(1)  # ||B_j A||^2
     s = float(scaling)
-    n2 = weight_sq + (2.0 * s) * cross + (s * s) * lora_sq
-    bad = (n2 <= CANCELLATION * (weight_sq + (s * s) * lora_sq)).nonzero().flatten()
-    if bad.numel():
+    lora_sq.mul_(s * s)
+    n2 = torch.add(weight_sq, cross, alpha=2.0 * s).add_(lora_sq)
+    bad = n2 <= CANCELLATION * (weight_sq + lora_sq)
+    if bool(bad.any()):
+        bad = bad.nonzero().flatten()
         rows = weight.detach()[bad].to(acc) + s * torch.mm(B[bad], A)
         n2[bad] = (rows * rows).sum(1)
     return n2.clamp_min_(0.0).sqrt_()
@@ -131,8 +136,11 @@ def _dm(dm_num: Tensor, colscale: Tensor, norm: Tensor, dy: Tensor, x: Tensor, w
         lora_B: Tensor, scaling: float) -> Tensor:
     """dm_j = sum_i dY_ij (Y_ij - b_j) / (c_j n_j); columns with c_j == 0 (Y holds no Y0) from x directly."""
     denom = colscale * norm
-    dm = dm_num / torch.where(denom == 0, torch.ones_like(denom), denom)
-    zero = (denom == 0).nonzero().flatten()
+    zeros = denom == 0
+    if not bool(zeros.any()):
+        return dm_num / denom
+    dm = dm_num / torch.where(zeros, torch.ones_like(denom), denom)
+    zero = zeros.nonzero().flatten()
     if zero.numel():
         y0 = torch.mm(x, weight[zero].t()) + scaling * torch.mm(h, lora_B[zero].t())
         acc = dm.dtype

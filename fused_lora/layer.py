@@ -125,6 +125,9 @@ class FusedLoRALinear(nn.Module):
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton";
             FUSED_LORA_BACKEND overrides "auto".
         device, dtype: of the base weight; the adapter weights use `adapter_dtype` (default: dtype).
+        use_dora: DoRA (peft's use_dora) for the "default" adapter: a trained magnitude
+            `lora_magnitude_vector` (out_features, initialised to ||W + s B A|| per row, as peft) and
+            y = (m / ||W + s B A||) (x W^T + s B A x) + b, the norm detached (fused_lora.dora).
 
     Attributes: `weight`, `bias` (frozen base), `lora_A` (r x in), `lora_B` (out x r), `scaling`,
     `r`, `lora_alpha`, `lora_dropout`, `merged`, `fan_in_fan_out` (True when the base is a
@@ -142,6 +145,10 @@ class FusedLoRALinear(nn.Module):
     layer has exactly the keys it always had), every other adapter at `lora_adapters.<name>.lora_A` /
     `.lora_B`. Keys depend on the names only, never on which adapter is active, so a state_dict saved
     with one active adapter loads correctly with another.
+
+    DoRA (`use_dora=True`, the "default" adapter only): merge / unmerge / to_linear follow peft's DoRA
+    (W <- (m / n)(W + s B A)); the DoRA adapter cannot be merged together with others, nor used in an
+    `adapter_names` mixed batch (ValueError); `use_dora` says whether the active adapter is DoRA.
 
     Inputs have any leading shape (..., in_features) and dtype float32, float16 or bfloat16; under
     autocast everything is computed in the autocast dtype. Adapter weights of another dtype than the
