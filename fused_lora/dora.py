@@ -13,8 +13,9 @@ cache is keyed on the weight's storage and version counter, so merge/unmerge, lo
 any in-place write recomputes it); A W^T is an r x out product (2 r in out FLOPs: r/M of the
 forward GEMM) and A A^T is r x r. The identity cancels when W_j + s B_j A is small against W_j
 (||W_j||^2 + s^2 ||B_j A||^2 over n_j^2 large); such rows (n_j^2 < 2^-6 of that sum, so the
-identity's rounding stays below ~64 ulp of n_j^2) are recomputed directly, one row at a time
-(a rows x in temporary, rows = the few bad ones).
+identity's rounding stays below ~64 ulp of n_j^2) are recomputed directly (a rows x in temporary,
+rows = the few bad ones; on CUDA, without a host sync, always the DIRECT_ROWS rows nearest to
+cancelling, and more such rows in one layer raise through torch._assert_async).
 
 The op (`dora_linear`): the column scale c = m / n multiplies the fused GEMM's output (in the
 Triton kernel's epilogue; on the PyTorch path folded into W or B, see `dora_torch`). Backward:
@@ -47,12 +48,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends
 from .op_inputs import as_scaling, check_op_inputs
 
 MAGNITUDE = "lora_magnitude_vector"  # peft's parameter name (and its adapter file key)
 CANCELLATION = 2.0 ** -6  # n^2 below this fraction of ||W_j||^2 + s^2 ||B_j A||^2: computed directly
 _CHUNK_ELEMENTS = 1 << 24  # rows of a low-precision W cast to fp32 at a time (64 MiB)
+# On CUDA nothing here waits for the GPU (a host sync per layer would stall the launch queue): the
+# DIRECT_ROWS rows nearest to cancelling are always recomputed directly, the ZERO_COLUMNS columns of
+# smallest |m| always get dm from x, and more than that many cases raise through torch._assert_async.
+DIRECT_ROWS = 64
+ZERO_COLUMNS = 16
+SYNC_FREE: Optional[bool] = None  # None: on CUDA only (tests set True to run that path on the CPU)
+
+
+def _sync_free(t: Tensor) -> bool:
+    return t.is_cuda if SYNC_FREE is None else SYNC_FREE
 
 
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
@@ -97,9 +107,16 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
     s = float(scaling)
     lora_sq.mul_(s * s)
     n2 = torch.add(weight_sq, cross, alpha=2.0 * s).add_(lora_sq)
-    bad = n2 <= CANCELLATION * (weight_sq + lora_sq)
-    if bool(bad.any()):
-        bad = bad.nonzero().flatten()
+    ratio = n2 / (weight_sq + lora_sq)  # 1 without cancellation, 0 where W_j + s B_j A vanishes
+    if _sync_free(n2):
+        k = min(n2.shape[0], DIRECT_ROWS)
+        bad = torch.topk(ratio, k, largest=False).indices  # the rows nearest to cancelling, recomputed
+        torch._assert_async(ratio.kthvalue(k).values > CANCELLATION if k < n2.shape[0] else torch.tensor(True),
+                            f"DoRA weight norm: more than {k} rows of one layer cancel (||W_j + s B_j A|| tiny "
+                            "beside ||W_j||); raise fused_lora.dora.DIRECT_ROWS")
+    else:
+        bad = (ratio <= CANCELLATION).nonzero().flatten() if bool((ratio <= CANCELLATION).any()) else None
+    if bad is not None:
         rows = weight.detach()[bad].to(acc) + s * torch.mm(B[bad], A)
         n2[bad] = (rows * rows).sum(1)
     return n2.clamp_min_(0.0).sqrt_()
@@ -137,14 +154,19 @@ def _dm(dm_num: Tensor, colscale: Tensor, norm: Tensor, dy: Tensor, x: Tensor, w
     """dm_j = sum_i dY_ij (Y_ij - b_j) / (c_j n_j); columns with c_j == 0 (Y holds no Y0) from x directly."""
     denom = colscale * norm
     zeros = denom == 0
-    if not bool(zeros.any()):
+    if _sync_free(denom):
+        k = min(denom.shape[0], ZERO_COLUMNS)
+        zero = torch.topk(denom.abs(), k, largest=False).indices  # recomputed whether zero or not
+        torch._assert_async(zeros.sum() <= k, f"DoRA: more than {k} magnitudes of one layer are exactly 0; "
+                                              "raise fused_lora.dora.ZERO_COLUMNS")
+    elif bool(zeros.any()):
+        zero = zeros.nonzero().flatten()
+    else:
         return dm_num / denom
     dm = dm_num / torch.where(zeros, torch.ones_like(denom), denom)
-    zero = zeros.nonzero().flatten()
-    if zero.numel():
-        y0 = torch.mm(x, weight[zero].t()) + scaling * torch.mm(h, lora_B[zero].t())
-        acc = dm.dtype
-        dm[zero] = (dy[:, zero].to(acc) * y0.to(acc)).sum(0) / norm[zero]
+    y0 = torch.mm(x, weight[zero].t()) + scaling * torch.mm(h, lora_B[zero].t())
+    acc = dm.dtype
+    dm[zero] = (dy[:, zero].to(acc) * y0.to(acc)).sum(0) / norm[zero]
     return dm
 
 

@@ -374,6 +374,7 @@ class FusedLoRALinear(nn.Module):
         del self._adapter_settings[adapter_name]
         if adapter_name == DEFAULT_ADAPTER:
             del self._parameters["lora_A"], self._parameters["lora_B"]
+            self._parameters.pop(dora.MAGNITUDE, None)  # DoRA's magnitude belongs to "default"
         else:
             del self.lora_adapters[adapter_name]
             if not len(self.lora_adapters):

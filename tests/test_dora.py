@@ -464,3 +464,34 @@ def test_gpt2_conv1d_outputs_gradients_and_merge_equal_peft(tmp_path):
     _assert_same_grads(ours, ref)
     merged, merged_ref = ours.merge_and_unload(), ref.merge_and_unload()
     torch.testing.assert_close(merged.transformer.h[0].attn.c_attn.weight, merged_ref.transformer.h[0].attn.c_attn.weight)
+
+
+def test_deleting_the_dora_adapter_removes_its_magnitude():
+    layer = FusedLoRALinear(8, 6, r=2, use_dora=True)
+    layer.add_adapter("plain", r=2)
+    layer.set_adapter("plain")
+    layer.delete_adapter("default")
+    assert "lora_magnitude_vector" not in layer.state_dict() and not layer.use_dora
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), x @ layer.weight.t() + layer.bias)  # the LoRA "plain" (B = 0)
+
+
+def test_the_sync_free_path_used_on_cuda_handles_cancellation_and_zero_magnitudes(monkeypatch):
+    # On CUDA the norm and dm never wait for the GPU: a fixed number of rows / columns is always
+    # recomputed. Run that path here, on the cases it exists for, against the same truths.
+    monkeypatch.setattr(dora, "SYNC_FREE", True)
+    monkeypatch.setattr(dora, "DIRECT_ROWS", 16)  # fewer than the 40 rows: the choice of rows matters
+    _, w, _, a, b = make_problem(1, 64, 40, 4, requires_grad=False)
+    w = w.clone()
+    w[::3] = -2.0 * (b[::3] @ a) + 1e-4 * torch.randn(14, 64)  # 14 cancelling rows
+    truth = direct_norm64(w, a, b, 2.0)
+    peft_err = (torch.linalg.norm(w + 2.0 * (b @ a), dim=1).double() - truth).abs() / truth
+    err = (weight_norm(w, a, b, 2.0).double() - truth).abs() / truth
+    assert (err <= 2 * peft_err + 1e-6).all(), (err.max(), peft_err.max())
+    _check_op("torch", 19, 24, 28, 3, torch.float32, True, zero_m=True)
+    monkeypatch.setattr(dora, "DIRECT_ROWS", 4)  # 14 cancelling rows, 4 recomputed: refused, not wrong
+    with pytest.raises(RuntimeError, match="rows of one layer cancel"):
+        weight_norm(w, a, b, 2.0)
+    monkeypatch.setattr(dora, "ZERO_COLUMNS", 2)
+    with pytest.raises(RuntimeError, match="magnitudes of one layer are exactly 0"):
+        _check_op("torch", 19, 24, 28, 3, torch.float32, True, zero_m=True)
