@@ -85,7 +85,10 @@ done
 
 stage finetune 100 10 finetune.log "$py" benchmarks/bench_finetune.py "${finetune_args[@]}" --out "$out/finetune.csv"
 
-# DoRA beside LoRA (fused_lora's and peft's): layer at 8192x4096x4096 r=16 and a 1B fine-tuning step.
+# DoRA: its Triton kernels against the float64 reference on the GPU (bf16 too), then beside LoRA
+# (fused_lora's and peft's): layer at 8192x4096x4096 r=16 and a 1B fine-tuning step.
+FUSED_LORA_CACHE_DIR="$out/test_backend_cache" \
+    stage dora_tests 60 10 dora_tests.log "$py" -m pytest -q -p no:cacheprovider tests/test_dora.py -k "triton or only"
 stage dora 90 10 dora.log "$py" benchmarks/bench_dora.py --gpu-suite --out "$out/dora.csv"
 
 # What auto chose for each key, with the timings behind it (read from FUSED_LORA_CACHE_DIR).
