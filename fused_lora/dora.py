@@ -28,7 +28,8 @@ holds), so dm needs no third GEMM and no M x N buffer: dm_j = sum_i dY_ij (Y_ij 
 reduced in fp32 in the dY pass (Triton: per-row-block partials summed in a fixed order). Columns
 with c_j == 0 (m_j == 0: Y holds no Y0) are recomputed directly from x (an M x |J| product).
 Memory held: x, H (M x r) as LoRA, plus the output Y itself (shared with the caller; it is extra
-only where the next op would not have kept it) and two fp32 vectors of out floats (c and n).
+only where the next op would not have kept it) and one fp32 vector of out floats (n; c = m / n is
+recomputed in backward from the magnitude parameter itself).
 Precision: Y is rounded to the input dtype, so in float16/bfloat16 dm carries that rounding
 (relative ~2^-8 of |Y|/|Y - b| per element), as peft's own low-precision DoRA does with its
 rounded intermediates; float32 matches peft to rounding.
@@ -175,16 +176,21 @@ class _DoraLinear(torch.autograd.Function):
     W and b are frozen (their gradients are not computed: refused in `dora_linear`)."""
 
     @staticmethod
+    def _colscale(magnitude: Tensor, norm: Tensor, x: Tensor) -> Tensor:
+        """c = m / n (fp32; fp64 for fp64 inputs): recomputed in backward, bit for bit, rather than kept."""
+        colscale = magnitude.detach().to(norm.dtype) / norm
+        return colscale if x.dtype == torch.float64 else colscale.float()
+
+    @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, backend, weight_sq):
         norm = weight_norm(weight, lora_A, lora_B, scaling, weight_sq)
-        colscale = magnitude.detach().to(norm.dtype) / norm
-        if x.dtype != torch.float64:
-            colscale = colscale.float()
+        colscale = _DoraLinear._colscale(magnitude, norm, x)
         args = (x, weight, bias, lora_A, lora_B, scaling, colscale)
         impl = _impl("dora_fwd", x, lora_A.shape[0], weight, backend,
                      bench=lambda m: lambda: m.dora_forward(*args))
         y, h = impl.dora_forward(*args)
-        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, h, y, colscale, norm)
+        # magnitude is the caller's parameter (no copy); its version counter refuses an in-place change
+        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, h, y, magnitude, norm)
         ctx.scaling, ctx.backend, ctx.magnitude_dtype = scaling, backend, magnitude.dtype
         return y
 
@@ -192,7 +198,8 @@ class _DoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient is asked for
             raise RuntimeError("dora_linear: double backward (create_graph=True) is not supported with DoRA")
-        x, weight, bias, lora_A, lora_B, h, y, colscale, norm = ctx.saved_tensors
+        x, weight, bias, lora_A, lora_B, h, y, magnitude, norm = ctx.saved_tensors
+        colscale = _DoraLinear._colscale(magnitude, norm, x)
         need = ctx.needs_input_grad
         need_dx, need_lora, need_dm = need[0], need[3] or need[4], need[5]
         dy = dy.contiguous()
