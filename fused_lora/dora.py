@@ -30,6 +30,11 @@ with c_j == 0 (m_j == 0: Y holds no Y0) are recomputed directly from x (an M x |
 Memory held: x, H (M x r) as LoRA, plus the output Y itself (shared with the caller; it is extra
 only where the next op would not have kept it) and one fp32 vector of out floats (n; c = m / n is
 recomputed in backward from the magnitude parameter itself).
+Compute: against LoRA, the norm (r/M of the forward GEMM), one more read of Y in the dY pass (Triton;
+the PyTorch path: one fp32 pass over dY and Y), and c * W (N x K, in W's dtype, built per forward on
+the PyTorch path when N x K < M x N, and per backward for dX on both paths: a transient that raises
+the peak, not the memory held). The alternatives cost more: keeping Y0 is an M x N tensor held,
+recomputing it is a third GEMM, and scaling dY instead of W is an M x N transient.
 Precision: Y is rounded to the input dtype, so in float16/bfloat16 dm carries that rounding
 (relative ~2^-8 of |Y|/|Y - b| per element), as peft's own low-precision DoRA does with its
 rounded intermediates; float32 matches peft to rounding.
