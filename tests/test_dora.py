@@ -108,10 +108,11 @@ def _check_op(backend, M, K, N, r, dtype, bias, zero_m=False, device="cpu"):
         assert err <= bound, f"{backend} {dtype} {name}: {err:.3e} > {bound:.3e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(37, 45, 53, 5), (8, 64, 32, 16), (3, 40, 70, 2)])  # M<K and M>K folds
-def test_op_torch_matches_float64_reference(shape, bias):
-    _check_op("torch", *shape, torch.float32, bias)
+def test_op_torch_matches_float64_reference(shape, bias, dtype):
+    _check_op("torch", *shape, dtype, bias)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
