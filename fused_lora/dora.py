@@ -39,6 +39,10 @@ Precision: Y is rounded to the input dtype, so in float16/bfloat16 dm carries th
 (relative ~2^-8 of |Y|/|Y - b| per element), as peft's own low-precision DoRA does with its
 rounded intermediates; float32 matches peft to rounding.
 
+Under torch.compile `dora_linear` calls the custom ops fused_lora::dora_linear_fwd / _bwd (same code,
+autograd registered on them, ||W||^2 recomputed per call); in eager mode an autograd.Function that
+skips the custom-op dispatch, as `fused_lora.ops` does for LoRA.
+
 Dropout (p > 0, training): matched to peft, whose DoRA computes the base term on the dropped input:
 y = x W^T + b + (c - 1) (D x) W^T + c s (D x) A^T B^T (not the paper's c (x W^T + s B A D x) + b).
 That costs a second GEMM: y = (x - D x) W^T + b + dora_linear(D x) with D drawn by torch's dropout
@@ -196,7 +200,7 @@ class _DoraLinear(torch.autograd.Function):
         y, h = impl.dora_forward(*args)
         # magnitude is the caller's parameter (no copy); its version counter refuses an in-place change
         ctx.save_for_backward(x, weight, bias, lora_A, lora_B, h, y, magnitude, norm)
-        ctx.scaling, ctx.backend, ctx.magnitude_dtype = scaling, backend, magnitude.dtype
+        ctx.scaling, ctx.backend = scaling, backend
         return y
 
     @staticmethod
@@ -204,19 +208,78 @@ class _DoraLinear(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient is asked for
             raise RuntimeError("dora_linear: double backward (create_graph=True) is not supported with DoRA")
         x, weight, bias, lora_A, lora_B, h, y, magnitude, norm = ctx.saved_tensors
-        colscale = _DoraLinear._colscale(magnitude, norm, x)
         need = ctx.needs_input_grad
-        need_dx, need_lora, need_dm = need[0], need[3] or need[4], need[5]
-        dy = dy.contiguous()
-        args = (dy, x, weight, lora_A, lora_B, h, ctx.scaling, colscale, y, bias, need_dx, need_lora, need_dm)
-        impl = _impl("dora_bwd", x, lora_A.shape[0], weight, ctx.backend,
-                     bench=lambda m: lambda: m.dora_backward(*args))
-        dx, dA, dB, dm_num = impl.dora_backward(*args)
-        dm = None
-        if need_dm:
-            dm = _dm(dm_num, colscale, norm, dy, x, weight, h, lora_B, ctx.scaling).to(ctx.magnitude_dtype)
+        dx, dA, dB, dm = _backward(dy.contiguous(), x, weight, bias, lora_A, lora_B, h, y, magnitude, norm,
+                                   ctx.scaling, ctx.backend, need[0], need[3] or need[4], need[5])
         return (dx if need[0] else None, None, None, dA if need[3] else None, dB if need[4] else None,
                 dm, None, None, None)
+
+
+def _backward(dy, x, weight, bias, lora_A, lora_B, h, y, magnitude, norm, scaling, backend,
+              need_dx, need_lora, need_dm):
+    """(dx, dA, dB, dm), None where not needed: the backend's kernels, then dm from their column sums."""
+    colscale = _DoraLinear._colscale(magnitude, norm, x)
+    args = (dy, x, weight, lora_A, lora_B, h, scaling, colscale, y, bias, need_dx, need_lora, need_dm)
+    impl = _impl("dora_bwd", x, lora_A.shape[0], weight, backend, bench=lambda m: lambda: m.dora_backward(*args))
+    dx, dA, dB, dm_num = impl.dora_backward(*args)
+    dm = _dm(dm_num, colscale, norm, dy, x, weight, h, lora_B, scaling).to(magnitude.dtype) if need_dm else None
+    return dx, dA, dB, dm
+
+
+# ------------------------------------------------------------------ the same op for torch.compile
+
+@torch.library.custom_op("fused_lora::dora_linear_fwd", mutates_args=())
+def dora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    magnitude: Tensor, scaling: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(Y, H, n): what _DoraLinear.forward computes, as a custom op torch.compile traces without breaks."""
+    norm = weight_norm(weight, lora_A, lora_B, scaling)
+    colscale = _DoraLinear._colscale(magnitude, norm, x)
+    y, h = _impl("dora_fwd", x, lora_A.shape[0], weight, backend).dora_forward(
+        x, weight, bias, lora_A, lora_B, scaling, colscale)
+    return y, h, norm
+
+
+@dora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, magnitude, scaling, backend):
+    acc = _acc_dtype(x, weight, lora_A, lora_B)
+    return (x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0]),
+            weight.new_empty(weight.shape[0], dtype=acc))
+
+
+@torch.library.custom_op("fused_lora::dora_linear_bwd", mutates_args=())
+def dora_linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    h: Tensor, y: Tensor, magnitude: Tensor, norm: Tensor, scaling: float, backend: str,
+                    need_dx: bool, need_lora: bool, need_dm: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dm), empty where not asked for (custom ops cannot return None)."""
+    grads = _backward(dy.contiguous(), x, weight, bias, lora_A, lora_B, h, y, magnitude, norm, scaling, backend,
+                      need_dx, need_lora, need_dm)
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@dora_linear_bwd.register_fake
+def _(dy, x, weight, bias, lora_A, lora_B, h, y, magnitude, norm, scaling, backend, need_dx, need_lora, need_dm):
+    def maybe(flag, *shape, dtype=None):
+        return x.new_empty(shape if flag else (0,), dtype=dtype if flag else None)
+    return (maybe(need_dx, *x.shape), maybe(need_lora, *lora_A.shape), maybe(need_lora, *lora_B.shape),
+            maybe(need_dm, weight.shape[0], dtype=magnitude.dtype))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, magnitude, scaling, backend = inputs
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, output[1], output[0], magnitude, output[2])
+    ctx.scaling, ctx.backend = scaling, backend
+
+
+def _op_backward(ctx, dy, _dh, _dn):
+    x, weight, bias, lora_A, lora_B, h, y, magnitude, norm = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dA, dB, dm = dora_linear_bwd(dy, x, weight, bias, lora_A, lora_B, h, y, magnitude, norm, ctx.scaling,
+                                     ctx.backend, need[0], need[3] or need[4], need[5])
+    return (dx if need[0] else None, None, None, dA if need[3] else None, dB if need[4] else None,
+            dm if need[5] else None, None, None)
+
+
+dora_linear_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def check_magnitude(magnitude, weight: Tensor) -> None:
@@ -252,6 +315,8 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     if min(x.shape[0], x.shape[1], weight.shape[0], lora_A.shape[0]) == 0:
         raise ValueError(f"dora_linear: empty sizes are not supported (x {tuple(x.shape)}, weight "
                          f"{tuple(weight.shape)}, rank {lora_A.shape[0]})")
+    if torch.compiler.is_compiling():  # the custom op: traced without graph breaks (||W||^2 not cached)
+        return dora_linear_fwd(x, weight, bias, lora_A, lora_B, magnitude, scaling, backend)[0]
     return _DoraLinear.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, backend, weight_sq)
 
 
@@ -283,7 +348,9 @@ def dora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    weight_sq = weight_sq_cache.get(weight, _acc_dtype(weight, A)) if weight_sq_cache is not None else None
+    weight_sq = None
+    if weight_sq_cache is not None and not torch.compiler.is_compiling():
+        weight_sq = weight_sq_cache.get(weight, _acc_dtype(weight, A))
     if dropout_p > 0.0:  # peft's formula: the (c - 1) base term on the dropped input
         xd = F.dropout(x2, dropout_p, training=True)
         y = F.linear(x2 - xd, weight, bias) + dora_linear(xd, weight, None, A, B, magnitude, scaling, backend,

@@ -498,3 +498,22 @@ def test_the_sync_free_path_used_on_cuda_handles_cancellation_and_zero_magnitude
     monkeypatch.setattr(dora, "ZERO_COLUMNS", 2)
     with pytest.raises(RuntimeError, match="magnitudes of one layer are exactly 0"):
         _check_op("torch", 19, 24, 28, 3, torch.float32, True, zero_m=True)
+
+
+def test_torch_compile_fullgraph_equals_eager_and_opcheck():
+    torch.manual_seed(0)
+    layer = FusedLoRALinear(16, 12, r=2, init_lora_weights=False, use_dora=True)
+    with torch.no_grad():
+        layer.lora_magnitude_vector.mul_(1.2)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    torch._dynamo.reset()
+    y = torch.compile(layer, fullgraph=True)(x)
+    grads = torch.autograd.grad(y.sum(), (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector))
+    y_ref = layer(x2)
+    grads_ref = torch.autograd.grad(y_ref.sum(), (x2, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector))
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+    x, w, b, a, bb, m, _ = _op_case(6, 7, 5, 2, torch.float32, True)
+    torch.library.opcheck(dora.dora_linear_fwd, (x, w, b, a, bb, m, 1.3, "torch"))
