@@ -16,7 +16,7 @@ from . import backends, dora
 from .dropout import new_seed, no_seed
 from .ops import lora_linear, lora_linear_multi
 from .reference import lora_delta_weight
-from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_flag, check_adapter_name, check_init_lora_weights, lora_scaling
+from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_flag, check_init_lora_weights, lora_scaling
 
 InitSpec = Union[bool, str]
 DEFAULT_ADAPTER = "default"  # the adapter a layer is built with; its weights are the top-level lora_A, lora_B
@@ -641,6 +641,7 @@ class FusedLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {'fan_in_fan_out=True, ' if self.fan_in_fan_out else ''}"
                 f"r={self.r}, lora_alpha={self.lora_alpha}, "
-                f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, merged={self.merged}, "
+                f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+                f"{'use_dora=True, ' if self.use_dora else ''}merged={self.merged}, "
                 f"backend={runs}" + (f", adapters={list(self._adapter_settings)}, active_adapter="
                                      f"{self._active_adapter!r}" if len(self._adapter_settings) > 1 else ""))
