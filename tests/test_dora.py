@@ -86,8 +86,10 @@ def _op_case(M, K, N, r, dtype, bias, seed=0, zero_m=False, device="cpu"):
     return x, w, b, a, bb, m, dy
 
 
-def _check_op(backend, M, K, N, r, dtype, bias, zero_m=False, device="cpu"):
+def _check_op(backend, M, K, N, r, dtype, bias, zero_m=False, device="cpu", weight_in_by_out=False):
     x, w, b, a, bb, m, dy = _op_case(M, K, N, r, dtype, bias, zero_m=zero_m, device=device)
+    if weight_in_by_out:  # a Conv1D's layout: the op reads W (N x K) through a transposed view
+        w = w.t().contiguous().t()
     y = dora_linear(x, w, b, a, bb, m, 1.3, backend=backend)
     y.backward(dy.to(dtype))
     x64, w64, b64, a64, bb64, m64 = to64(x, w, b, a, bb, m)
@@ -113,6 +115,12 @@ def _check_op(backend, M, K, N, r, dtype, bias, zero_m=False, device="cpu"):
 @pytest.mark.parametrize("shape", [(37, 45, 53, 5), (8, 64, 32, 16), (3, 40, 70, 2)])  # M<K and M>K folds
 def test_op_torch_matches_float64_reference(shape, bias, dtype):
     _check_op("torch", *shape, dtype, bias)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_op_with_a_transposed_weight_view(backend):
+    _check_op(backend, 21, 30, 26, 3, torch.float32, True, device=DEVICE if backend == "triton" else "cpu",
+              weight_in_by_out=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
