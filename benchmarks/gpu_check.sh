@@ -11,7 +11,7 @@
 # Output goes to $OUT when set, else benchmarks/out.
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP (stages not to run: any of info tests
-# hopper layer multi finetune quant, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
+# hopper layer multi finetune quant dora, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
 # FINETUNE_ARGS, TEST_FILES, HOPPER_TEST_FILES; FUSED_LORA_CACHE_DIR (default $OUT/backend_cache: auto
 # tunes afresh).
 #
@@ -108,7 +108,13 @@ stage finetune 100 100 finetune.log "$py" benchmarks/bench_finetune.py "${finetu
 # fine-tune step against the 16-bit base and peft + bitsandbytes (benchmarks/bench_quant.py; CSVs in $out/quant).
 stage quant 90 70 quant.log "$py" benchmarks/bench_quant.py --device cuda --out "$out/quant"
 # The quantized-base kernels alone (NF4, int8) against the 16-bit base at 8192x4096x4096, r=16 (issue 12's target).
-stage quant_kernels 60 0 quant_kernels.log "$py" benchmarks/bench_quant_kernels.py --out "$out"
+stage quant_kernels 60 80 quant_kernels.log "$py" benchmarks/bench_quant_kernels.py --out "$out"
+
+# DoRA: its Triton kernels against the float64 reference on the GPU (bf16 too), then beside LoRA
+# (fused_lora's and peft's): layer at 8192x4096x4096 r=16 and a 1B fine-tuning step.
+FUSED_LORA_CACHE_DIR="$out/test_backend_cache" \
+    stage dora_tests 60 10 dora_tests.log "$py" -m pytest -q -p no:cacheprovider tests/test_dora.py -k "triton or only"
+stage dora 90 10 dora.log "$py" benchmarks/bench_dora.py --gpu-suite --out "$out/dora.csv"
 
 # What auto chose for each key, with the timings behind it (read from FUSED_LORA_CACHE_DIR).
 timeout 60 "$py" -c "from fused_lora import backends; print(backends.report())" > "$out/backends_report.txt" 2>&1 \

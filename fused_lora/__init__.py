@@ -4,6 +4,7 @@ Public API:
     FusedLoRALinear                 drop-in nn.Linear with a LoRA adapter
     lora_linear                     the functional op (differentiable)
     lora_linear_multi               the same with several adapters, one per row (mixed batches)
+    dora_linear                     the DoRA op (weight-decomposed LoRA, peft's use_dora; differentiable)
     LoraConfig, get_lora_model      adapt a whole model (peft's vocabulary)
     LoraModel                       the adapted model: counts, merge_and_unload, save/load
     patch_peft, unpatch_peft        run an existing peft model's LoRA layers through the fused op
@@ -19,6 +20,7 @@ Public API:
 from .adapters import AdapterError
 from .backends import BackendUnavailable
 from .config import LoraConfig
+from .dora import dora_linear
 from .layer import FusedLoRALinear
 from .model import LoraModel, get_lora_model
 from .ops import lora_linear, lora_linear_multi
@@ -28,9 +30,10 @@ from .quant_ops import lora_linear_quant
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_multi", "LoraConfig", "get_lora_model", "LoraModel", "AdapterError",
+__all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_multi", "dora_linear", "LoraConfig", "get_lora_model", "LoraModel", "AdapterError",
            "BackendUnavailable", "patch_peft", "unpatch_peft",
-           "quantize_model", "QuantizedLinear", "QuantizedWeight", "quantize_nf4", "quantize_int8", "lora_linear_quant", "LoraTrainer", "lora_trainer_class", "__version__"]
+           "quantize_model", "QuantizedLinear", "QuantizedWeight", "quantize_nf4", "quantize_int8", "lora_linear_quant",
+           "LoraTrainer", "lora_trainer_class", "__version__"]
 
 
 def __getattr__(name):

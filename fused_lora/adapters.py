@@ -2,6 +2,7 @@
 
 Keys carry peft's prefix and names, so peft loads our adapters and we load peft's:
     base_model.model.<layer>.lora_A.weight / .lora_B.weight     the adapter of a targeted Linear
+    base_model.model.<layer>.lora_magnitude_vector              DoRA's magnitude (use_dora=True)
     base_model.model.<module>.<tensor>                          a modules_to_save copy (buffers too)
     base_model.model.<layer>.base_layer.bias, <module>.bias      biases, when config.bias is not "none"
 Only safetensors are read (never pickle). Loading validates every key, shape and dtype against the
@@ -31,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import dora
 from .config import LoraConfig
 from .targets import base_features, check_loaded_targets, find_modules_to_save
 from .validation import check_backend
@@ -76,6 +78,8 @@ def adapter_state(lora_model, adapter_name: Optional[str] = None) -> dict[str, t
         owners.append(name)
         # The adapter the config describes, whichever a layer has active.
         out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = layer.adapter_weights(slot)
+        if dora.is_dora(layer, slot):
+            out[f"{PREFIX}{name}.{dora.MAGNITUDE}"] = layer.adapter_parameters(slot)[2]
         if cfg.bias != "none" and layer.bias is not None:
             out[f"{PREFIX}{name}.base_layer.bias"] = layer.bias
     if slot != "default":  # modules_to_save and biases belong to the first adapter
@@ -396,6 +400,8 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str]
         in_features, out_features = base_features(lin)
         want[f"{name}.lora_A.weight"] = (torch.Size((config.r, in_features)), None)
         want[f"{name}.lora_B.weight"] = (torch.Size((out_features, config.r)), None)
+        if config.use_dora:
+            want[f"{name}.{dora.MAGNITUDE}"] = (torch.Size((out_features,)), None)
         if config.bias != "none" and lin.bias is not None:
             want[f"{name}.base_layer.bias"] = (lin.bias.shape, None)
     for name in to_save:
@@ -497,6 +503,9 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
         raise AdapterError(f"{where}: fused_lora loads further adapters only on the modules the first adapter "
                            f"targets ({len(ours)} modules, e.g. {ours[:3]}); this one adapts {len(theirs)} "
                            f"(e.g. {theirs[:3]})")
+    if config.use_dora:
+        raise AdapterError(f"{where}: use_dora=True: in fused_lora only the first adapter of a model can be a DoRA "
+                           "adapter (load it with from_pretrained)")
     if config.modules_to_save or config.bias != "none":
         raise AdapterError(f"{where}: modules_to_save and trained biases belong to the first adapter only in "
                            f"fused_lora (this adapter has modules_to_save={config.modules_to_save!r}, "
@@ -580,6 +589,8 @@ def _destination(lora_model, key: str, slot: str = "default") -> torch.Tensor:
     the layers' adapter `slot` (never merely the active one)."""
     model = lora_model.model
     owner = key.rpartition(".")[0]
+    if key.endswith("." + dora.MAGNITUDE):
+        return model.get_submodule(key[: -len(dora.MAGNITUDE) - 1]).adapter_parameters(slot)[2]
     if owner.endswith(".lora_A") or owner.endswith(".lora_B"):
         layer, _, attr = owner.rpartition(".")
         return model.get_submodule(layer).adapter_weights(slot)[0 if attr == "lora_A" else 1]

@@ -56,7 +56,8 @@ PEFT_FIELD_RULES: dict[str, FieldRule] = {
                                      "init and its rank redistribution is in rank_pattern (refused)"),
     "corda_config": FieldRule(REFUSED, "CorDA changes the base weights"),
     "lora_ga_config": FieldRule(REFUSED, "LoRA-GA changes the base weights"),
-    "use_dora": FieldRule(REFUSED, "DoRA (a magnitude vector, another forward) is not implemented"),
+    "use_dora": FieldRule(HONOURED, "DoRA (lora_magnitude_vector, the norm by a low-rank identity, fused); the "
+                                    "first adapter only: a further adapter with DoRA is refused"),
     "velora_config": FieldRule(REFUSED, "VeLoRA (a peft variant) is not implemented"),
     "alora_invocation_tokens": FieldRule(REFUSED, "activated LoRA (token-dependent adapter) is not implemented"),
     "use_qalora": FieldRule(REFUSED, "QALoRA (pooled inputs) is not implemented"),
@@ -79,7 +80,7 @@ TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "s
 # Fields written to adapter_config.json, in peft's vocabulary (so peft can read our adapters).
 PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save",
                "bias", "use_rslora", "init_lora_weights", "fan_in_fan_out", "task_type",
-               "base_model_name_or_path", "inference_mode")
+               "base_model_name_or_path", "inference_mode", "use_dora")
 
 
 def is_off(value) -> bool:
@@ -105,6 +106,8 @@ class LoraConfig:
         and "score" to modules_to_save, "QUESTION_ANS" adds "qa_outputs" (done here, on construction;
         a head the model lacks is skipped).
     inference_mode: True builds the adapters frozen (peft's meaning).
+    use_dora: DoRA (peft's meaning: a trained magnitude per output feature, `lora_magnitude_vector`,
+        times the direction W + s B A normalised per row); the first adapter of a model only.
     backend: which implementation runs the adapted layers ("auto", "torch", "triton"); not saved.
     """
 
@@ -121,7 +124,7 @@ class LoraConfig:
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     inference_mode: bool = False
-    use_dora: bool = False  # peft's name; True raises NotImplementedError (DoRA is not implemented yet)
+    use_dora: bool = False  # peft's name: DoRA (weight-decomposed LoRA), see fused_lora.dora
     backend: str = field(default="auto", compare=False)
 
     def __post_init__(self):
@@ -154,9 +157,6 @@ class LoraConfig:
         v.check_flag("fan_in_fan_out", self.fan_in_fan_out)
         v.check_flag("inference_mode", self.inference_mode)
         v.check_flag("use_dora", self.use_dora)
-        if self.use_dora:
-            raise NotImplementedError("use_dora=True: DoRA is not supported yet by fused_lora (use peft, "
-                                      "whose DoRA layers fused_lora.patch_peft leaves to peft)")
         v.check_bias(self.bias)
         v.check_init_lora_weights(self.init_lora_weights)
         v.check_task_type(self.task_type, TASK_TYPES)
@@ -168,7 +168,6 @@ class LoraConfig:
         d = {k: getattr(self, k) for k in PEFT_FIELDS}
         d["peft_type"] = "LORA"
         d["inference_mode"] = True  # peft writes True: a loaded adapter is frozen unless is_trainable
-        d["use_dora"] = False
         d["rank_pattern"] = {}
         d["alpha_pattern"] = {}
         return d

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends, quant_layer
+from . import backends, dora, quant_layer
 from .dropout import new_seed, no_seed
 from .ops import lora_linear, lora_linear_multi
 from .quant_convert import as_quantized_linear, is_quantized_base, quantized_base_refusal
 from .reference import lora_delta_weight
-from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_init_lora_weights, lora_scaling
+from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_flag, check_init_lora_weights, lora_scaling
 
 InitSpec = Union[bool, str]
 DEFAULT_ADAPTER = "default"  # the adapter a layer is built with; its weights are the top-level lora_A, lora_B
@@ -130,6 +130,9 @@ class FusedLoRALinear(nn.Module):
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton";
             FUSED_LORA_BACKEND overrides "auto".
         device, dtype: of the base weight; the adapter weights use `adapter_dtype` (default: dtype).
+        use_dora: DoRA (peft's use_dora) for the "default" adapter: a trained magnitude
+            `lora_magnitude_vector` (out_features, initialised to ||W + s B A|| per row, as peft) and
+            y = (m / ||W + s B A||) (x W^T + s B A x) + b, the norm detached (fused_lora.dora).
 
     Attributes: `weight`, `bias` (frozen base), `lora_A` (r x in), `lora_B` (out x r), `scaling`,
     `r`, `lora_alpha`, `lora_dropout`, `merged`, `fan_in_fan_out` (True when the base is a
@@ -148,6 +151,10 @@ class FusedLoRALinear(nn.Module):
     `.lora_B`. Keys depend on the names only, never on which adapter is active, so a state_dict saved
     with one active adapter loads correctly with another.
 
+    DoRA (`use_dora=True`, the "default" adapter only): merge / unmerge / to_linear follow peft's DoRA
+    (W <- (m / n)(W + s B A)); the DoRA adapter cannot be merged together with others, nor used in an
+    `adapter_names` mixed batch (ValueError); `use_dora` says whether the active adapter is DoRA.
+
     Inputs have any leading shape (..., in_features) and dtype float32, float16 or bfloat16; under
     autocast everything is computed in the autocast dtype. Adapter weights of another dtype than the
     input are cast for the computation and receive gradients in their own dtype.
@@ -157,19 +164,22 @@ class FusedLoRALinear(nn.Module):
         self, in_features: int, out_features: int, r: int = 8, lora_alpha: float = 8,
         lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
         init_lora_weights: InitSpec = True, backend: str = "auto", device=None, dtype=None,
-        adapter_dtype: Optional[torch.dtype] = None,
+        adapter_dtype: Optional[torch.dtype] = None, use_dora: bool = False,
     ):
         super().__init__()
         check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha, use_rslora)
+        check_flag("use_dora", use_dora)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach_base(base)
         self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype)
+        if use_dora:
+            dora.enable(self)
 
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
         use_rslora: bool = False, init_lora_weights: InitSpec = True, backend: str = "auto",
-        adapter_dtype: Optional[torch.dtype] = None,
+        adapter_dtype: Optional[torch.dtype] = None, use_dora: bool = False,
     ) -> "FusedLoRALinear":
         """Wrap an existing `nn.Linear` (or a transformers `Conv1D`, as peft does: its in x out weight is
         read through a transposed view, `fan_in_fan_out`): weight and bias are shared (same storage)
@@ -183,10 +193,17 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(f"from_linear: cannot adapt this {type(linear).__name__}: {refusal}")
         # before the linear is frozen
         check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha, use_rslora)
+        check_flag("use_dora", use_dora)
+        if use_dora and is_quantized_base(linear):
+            raise ValueError(f"from_linear: use_dora=True over a quantized base ({type(linear).__name__}) is not "
+                             "supported (DoRA's weight norm needs the dequantized rows; QDoRA is not implemented): "
+                             "use LoRA over the quantized base, or DoRA over a 16-bit one")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._attach_base(linear)
         self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype)
+        if use_dora:
+            dora.enable(self)
         return self
 
     def _attach_base(self, linear: nn.Module) -> None:
@@ -229,6 +246,16 @@ class FusedLoRALinear(nn.Module):
             return self._parameters["lora_A"], self._parameters["lora_B"]
         held = self._modules["lora_adapters"][adapter_name]
         return held.lora_A, held.lora_B
+
+    def adapter_parameters(self, adapter_name: str) -> tuple[nn.Parameter, ...]:
+        """Every trainable tensor of `adapter_name`: (lora_A, lora_B), and DoRA's lora_magnitude_vector."""
+        extra = (self._parameters[dora.MAGNITUDE],) if dora.is_dora(self, adapter_name) else ()
+        return self.adapter_weights(adapter_name) + extra
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether the active adapter is a DoRA adapter (peft's use_dora; only "default" can be)."""
+        return dora.is_dora(self, self._active_adapter)
 
     def adapter_settings(self, adapter_name: str) -> AdapterSettings:
         """The settings (r, lora_alpha, lora_dropout, use_rslora, scaling) of `adapter_name`."""
@@ -360,6 +387,7 @@ class FusedLoRALinear(nn.Module):
         del self._adapter_settings[adapter_name]
         if adapter_name == DEFAULT_ADAPTER:
             del self._parameters["lora_A"], self._parameters["lora_B"]
+            self._parameters.pop(dora.MAGNITUDE, None)  # DoRA's magnitude belongs to "default"
         else:
             del self.lora_adapters[adapter_name]
             if not len(self.lora_adapters):
@@ -379,7 +407,7 @@ class FusedLoRALinear(nn.Module):
             self.unmerge()
         self._active_adapter = adapter_name
         for name in self._adapter_settings:
-            for t in self.adapter_weights(name):
+            for t in self.adapter_parameters(name):
                 t.requires_grad_(name == adapter_name and not inference_mode)
 
     def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
@@ -388,7 +416,7 @@ class FusedLoRALinear(nn.Module):
         for name in names:
             self._require_adapter(name)
         for name in names:
-            for t in self.adapter_weights(name):
+            for t in self.adapter_parameters(name):
                 t.requires_grad_(requires_grad)
 
     @property
@@ -455,7 +483,10 @@ class FusedLoRALinear(nn.Module):
         if self.merged or self._disabled:
             return F.linear(x, weight, bias)
         if adapter_names is not None:
+            dora.refuse_in_mixed_batch(self, used)
             return self._mixed_forward(x, weight, bias, used, row_adapter)
+        if dora.is_dora(self, self._active_adapter):
+            return dora.forward(self, x, weight, bias)
         return lora_forward(x, weight, bias, self.lora_A, self.lora_B, self.scaling,
                             self.lora_dropout if self.training else 0.0, self.backend)
 
@@ -497,6 +528,22 @@ class FusedLoRALinear(nn.Module):
         delta = self._base_weight(delta)  # in the weight's own layout
         return torch.add(self.weight.detach().to(delta.dtype), delta, alpha=sign).to(self.weight.dtype)
 
+    def _dora_merge_names(self, names: Sequence[str], what: str) -> bool:
+        """Whether merging `names` (on top of what is merged) merges the DoRA adapter; a DoRA adapter is
+        merged alone (ValueError otherwise: W is rescaled, so deltas no longer add)."""
+        merging = list(names) + [n for n in self.merged_adapters if n not in names]
+        if not any(dora.is_dora(self, n) for n in merging):
+            return False
+        if len(merging) > 1:
+            raise ValueError(f"{what}: the DoRA adapter is merged alone; merging it with other adapters "
+                             f"({', '.join(merging)}) is not supported")
+        return True
+
+    def _merged_weight(self, names: Sequence[str], what: str) -> Tensor:
+        if self._dora_merge_names(names, what):
+            return dora.merged_weight(self)[0]
+        return self._weight_with_delta(+1, names)
+
     @staticmethod
     def _refuse_non_finite(w: Tensor, message: str) -> None:
         # Checked after rounding to the weight's dtype: a float32 sum can be finite and still
@@ -510,7 +557,8 @@ class FusedLoRALinear(nn.Module):
         dtype; changes nothing either way (what safe_merge checks, for callers that check many layers first)."""
         if self.quantized:
             quant_layer.refuse_merge(what)
-        self._refuse_non_finite(self._weight_with_delta(+1, adapter_names),
+        names = [self._active_adapter] if adapter_names is None else list(adapter_names)
+        self._refuse_non_finite(self._merged_weight(names, what),
                                 f"{what}: the merged weight has NaN or inf in {self.weight.dtype}; nothing was merged")
 
     @torch.no_grad()
@@ -536,11 +584,16 @@ class FusedLoRALinear(nn.Module):
                           stacklevel=2)
         if not todo:
             return
-        merged = self._weight_with_delta(+1, todo)
+        norm = None
+        if self._dora_merge_names(todo, "FusedLoRALinear.merge"):  # peft's: c (W + s B A), n kept to unmerge
+            merged, norm = dora.merged_weight(self)
+        else:
+            merged = self._weight_with_delta(+1, todo)
         if safe_merge:
             self._refuse_non_finite(merged, f"FusedLoRALinear.merge: the merged weight has NaN or inf in "
                                             f"{self.weight.dtype}; weight left unchanged")
         self.weight.copy_(merged)
+        self._dora_merge_norm = norm
         self.merged_adapters.extend(todo)
 
     @torch.no_grad()
@@ -556,12 +609,16 @@ class FusedLoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("FusedLoRALinear.unmerge: not merged; nothing done", stacklevel=2)
             return
-        unmerged = self._weight_with_delta(-1, self.merged_adapters)
+        if getattr(self, "_dora_merge_norm", None) is not None:
+            unmerged = dora.unmerged_weight(self, self._dora_merge_norm)
+        else:
+            unmerged = self._weight_with_delta(-1, self.merged_adapters)
         self._refuse_non_finite(unmerged, f"FusedLoRALinear.unmerge: the unmerged weight would have NaN or inf "
                                           f"(the merge overflowed {self.weight.dtype}?); the base weight cannot be "
                                           f"restored, layer left merged")
         self.weight.copy_(unmerged)
         self.merged_adapters = []
+        self._dora_merge_norm = None
 
     @torch.no_grad()
     def to_linear(self, safe_merge: bool = False) -> nn.Module:
@@ -573,7 +630,8 @@ class FusedLoRALinear(nn.Module):
         """
         if self.quantized:
             return quant_layer.to_linear(self, safe_merge)
-        w = self.weight.detach() if self.merged else self._weight_with_delta(+1)
+        w = self.weight.detach() if self.merged else self._merged_weight([self._active_adapter],
+                                                                         "FusedLoRALinear.to_linear")
         if safe_merge:
             self._refuse_non_finite(w, f"FusedLoRALinear.to_linear: the merged weight has NaN or inf in "
                                        f"{self.weight.dtype}")
@@ -611,6 +669,7 @@ class FusedLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {'fan_in_fan_out=True, ' if self.fan_in_fan_out else ''}"
                 f"r={self.r}, lora_alpha={self.lora_alpha}, "
-                f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, merged={self.merged}, "
+                f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+                f"{'use_dora=True, ' if self.use_dora else ''}merged={self.merged}, "
                 f"backend={runs}" + (f", adapters={list(self._adapter_settings)}, active_adapter="
                                      f"{self._active_adapter!r}" if len(self._adapter_settings) > 1 else ""))

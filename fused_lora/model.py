@@ -182,7 +182,7 @@ class LoraModel(nn.Module):
             layer = FusedLoRALinear.from_linear(
                 base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                 use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
-                backend=config.backend, adapter_dtype=dtype)
+                backend=config.backend, adapter_dtype=dtype, use_dora=config.use_dora)
             if layer.fan_in_fan_out != fan_in_fan_out:  # peft's rule: the base layer's kind decides, with a warning
                 warnings.warn(f"fan_in_fan_out is set to {fan_in_fan_out} but the target module {name!r} is "
                               f"`{type(base).__name__}`. Setting fan_in_fan_out to {layer.fan_in_fan_out}.",
@@ -291,6 +291,9 @@ class LoraModel(nn.Module):
         config.validate()
         check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
                            config.lora_alpha, config.use_rslora)
+        if config.use_dora:
+            raise ValueError(f"{what}: use_dora=True: in fused_lora only the first adapter of a model can be a DoRA "
+                             "adapter (a further one is refused)")
         ours = sorted(n for n, _ in self.lora_layers())
         if targets_checked:
             theirs = ours
@@ -375,6 +378,8 @@ class LoraModel(nn.Module):
             raise TypeError(f"{what}: adapters must be a non-empty list of adapter names")
         for name in adapters:
             self._require_adapter(name, what)
+        if any(self.peft_config[n].use_dora for n in adapters):
+            raise NotImplementedError(f"{what}: combining DoRA adapters (use_dora=True) is not supported")
         if isinstance(weights, (str, bytes)) or len(weights) != len(adapters):
             raise ValueError(f"{what}: {len(adapters)} adapters need {len(adapters)} weights, got {weights!r}")
         weights = [float(w) for w in weights]

@@ -10,7 +10,10 @@ tensors: the base layer's weight and bias, `lora_A[name].weight`, `lora_B[name].
 class is modified, no parameter or buffer is added or replaced, so saving, loading, merging,
 adapter switching and trainers see the peft model they know.
 
-peft's state can change after patching (another adapter activated, a DoRA adapter added, a
+A DoRA adapter runs `fused_lora.dora.dora_forward` on peft's `lora_magnitude_vector[name].weight`
+(the norm by the low-rank identity, never W + s B A; the base weight must be frozen, as in training).
+
+peft's state can change after patching (another adapter activated, a LoRA variant added, a
 merge, `disable_adapter()`, `adapter_names=` passed, a hook registered on the base layer). The
 patched forward checks that state on every call (a few attribute and dict look-ups) and, unless
 the call is one fused_lora computes exactly as peft would, hands it to peft's own forward. So a
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
-from . import backends
+from . import backends, dora
 from .layer import autocast_inputs, lora_forward
 
 REPORT_ATTR = "fused_lora_report"
@@ -143,10 +146,31 @@ def _selection_reason(layer: nn.Module) -> Optional[str]:
     return None
 
 
+def _dora_reason(layer: nn.Module, name: str) -> Optional[str]:
+    """Why fused_lora cannot run this DoRA adapter as peft does (None when it can)."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.tuners.lora.variants import DoraLinearVariant
+    variant, held = layer.lora_variant.get(name), layer.lora_magnitude_vector[name] \
+        if name in layer.lora_magnitude_vector else None
+    if type(variant) is not DoraLinearVariant or type(held) is not DoraLinearLayer or not _unhooked(held):
+        return "DoRA layer of another kind, or hooked"
+    if getattr(held, "fan_in_fan_out", False) != (_base_kind(layer.base_layer) == "conv1d"):
+        return "DoRA fan_in_fan_out differs from the base layer's kind"
+    magnitude = getattr(held, "weight", None)
+    if not isinstance(magnitude, Tensor) or magnitude.dim() != 1 or not magnitude.is_floating_point():
+        return "DoRA magnitude is not a 1-D float tensor"
+    base = layer.base_layer
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return "DoRA with a trainable base weight or bias"
+    return None
+
+
 def _adapter_reason(layer: nn.Module, name: str) -> Optional[str]:
     if layer.use_dora.get(name, False):
-        return "DoRA"
-    if name in layer.lora_variant:
+        reason = _dora_reason(layer, name)
+        if reason is not None:
+            return reason
+    elif name in layer.lora_variant:
         return f"LoRA variant {type(layer.lora_variant[name]).__name__}"
     lora_A, lora_B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
     if layer.lora_bias.get(name, False) or getattr(lora_B, "bias", None) is not None:
@@ -184,6 +208,8 @@ def _call_reason(layer: nn.Module, x, args, kwargs) -> Optional[str]:
     if x.shape[-1] != layer.in_features or x.device != weight.device or lora_A.device != x.device \
             or layer.lora_B[name].weight.device != x.device:
         return "input shape or device"
+    if layer.use_dora.get(name, False) and layer.lora_magnitude_vector[name].weight.device != x.device:
+        return "input shape or device"
     if not torch.is_autocast_enabled(x.device.type):
         if x.dtype != weight.dtype:
             return "input dtype differs from the base weight's"
@@ -192,8 +218,8 @@ def _call_reason(layer: nn.Module, x, args, kwargs) -> Optional[str]:
     return None
 
 
-def _fused_forward(layer: nn.Module, x: Tensor, backend: str) -> Tensor:
-    """peft's vanilla-LoRA forward of `layer`'s one active adapter, through fused_lora's op."""
+def _fused_forward(layer: nn.Module, x: Tensor, backend: str, weight_sq_cache=None) -> Tensor:
+    """peft's vanilla-LoRA (or DoRA) forward of `layer`'s one active adapter, through fused_lora's op."""
     name = layer.active_adapters[0]
     base = layer.base_layer
     weight, bias = base.weight, base.bias
@@ -203,6 +229,11 @@ def _fused_forward(layer: nn.Module, x: Tensor, backend: str) -> Tensor:
     dropout = layer.lora_dropout[name]
     # peft applies its dropout module, whose own training flag decides (as here).
     p = float(dropout.p) if type(dropout) is nn.Dropout and dropout.training else 0.0
+    if layer.use_dora.get(name, False):
+        # peft's DoRA: its dropout formula applies whenever the dropout module is an active nn.Dropout
+        return dora.dora_forward(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                 layer.lora_magnitude_vector[name].weight, float(layer.scaling[name]),
+                                 p if layer.training else 0.0, backend, weight_sq_cache)
     return lora_forward(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
                         float(layer.scaling[name]), p, backend)
 
@@ -214,12 +245,13 @@ class PatchedForward:
     def __init__(self, layer: nn.Module, backend: str):
         self.layer = layer
         self.backend = backend
+        self.weight_sq = dora.WeightSqCache()  # DoRA's ||W_j||^2 of this layer's frozen weight
 
     def __call__(self, x, *args, **kwargs):
         layer = self.layer
         if _call_reason(layer, x, args, kwargs) is not None:  # peft's forward, exactly as unpatched
             return type(layer).forward(layer, x, *args, **kwargs)
-        return _fused_forward(layer, x, self.backend)
+        return _fused_forward(layer, x, self.backend, self.weight_sq)
 
     def __repr__(self) -> str:
         return f"PatchedForward(backend={self.backend!r})"
@@ -253,8 +285,9 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
 
     Takes a peft `PeftModel` (or any model peft has injected LoRA layers into). Each peft
     `lora.Linear` over an `nn.Linear` or transformers' `Conv1D`, with one active adapter that is
-    vanilla LoRA (no DoRA or other peft LoRA variant, no `lora_bias`; dropout an `nn.Dropout` or
-    none), gets a forward that runs `fused_lora.ops.lora_linear` on peft's own parameters,
+    vanilla LoRA or DoRA (no other peft LoRA variant, no `lora_bias`; dropout an `nn.Dropout` or
+    none), gets a forward that runs `fused_lora.ops.lora_linear` (DoRA: `fused_lora.dora.dora_forward`,
+    with peft's `lora_magnitude_vector` and peft's dropout formula) on peft's own parameters,
     scaling and dropout probability. Every call first checks peft's state (active adapters,
     merged, disabled, variants, `adapter_names` and other extra arguments, hooks, input dtype and
     device) and hands the call to peft's forward whenever fused_lora would not compute exactly

@@ -76,3 +76,18 @@ def lora_linear_multi_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], ada
         rows = (row_adapter == a).to(x.dtype).unsqueeze(-1)
         y = y + scaling * rows * ((xd @ lora_A.t()) @ lora_B.t())
     return y
+
+
+def dora_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    magnitude: Tensor, scaling: float, keep: Optional[Tensor] = None,
+                    dropout_p: float = 0.0) -> Tensor:
+    """DoRA as peft computes it: W + s B A formed, its row norms n detached, c = m / n;
+    without dropout y = c (x W^T + s B A x) + b; with dropout (D x the dropped input)
+    y = x W^T + b + (c - 1) (D x) W^T + c s B A (D x)."""
+    norm = torch.linalg.norm(weight + scaling * (lora_B @ lora_A), dim=1).detach()
+    c = magnitude / norm
+    xd = x if keep is None else x * dropout_scale(keep, dropout_p, x.dtype)
+    lora = scaling * ((xd @ lora_A.t()) @ lora_B.t())
+    base = x @ weight.t()
+    y = c * (base + lora) if keep is None else base + (c - 1) * (xd @ weight.t()) + c * lora
+    return y if bias is None else y + bias

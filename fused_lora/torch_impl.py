@@ -18,6 +18,21 @@ from .multi_impl import backward as multi_backward  # noqa: F401  (several adapt
 from .multi_impl import forward as multi_forward  # noqa: F401
 
 
+def _dora():
+    from . import dora_torch  # noqa: F401  (imports backward_with_mask from here)
+    return dora_torch
+
+
+def dora_forward(*args):
+    """DoRA's forward (`fused_lora.dora_torch.dora_forward`)."""
+    return _dora().dora_forward(*args)
+
+
+def dora_backward(*args):
+    """DoRA's backward (`fused_lora.dora_torch.dora_backward`)."""
+    return _dora().dora_backward(*args)
+
+
 def forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: int,

@@ -127,13 +127,15 @@ def test_missing_key(tmp_path):
 def test_config_naming_absent_modules_and_corrupt_files(tmp_path):
     d, _ = saved(tmp_path)
     cfg = json.loads((d / "adapter_config.json").read_text())
+    targets = cfg["target_modules"]
     cfg["target_modules"] = ["q_proj"]
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     check_refused(d, "does not fit this model")
     cfg["target_modules"] = ["seq.0"]
-    cfg["use_dora"] = True
+    cfg["use_dora"] = True  # a DoRA config over a file without magnitudes
+    cfg["target_modules"] = targets
     (d / "adapter_config.json").write_text(json.dumps(cfg))
-    check_refused(d, "use_dora")
+    check_refused(d, "lora_magnitude_vector' is missing")
     (d / "adapter_config.json").write_text("{not json")
     check_refused(d, "adapter_config.json")
     d2 = tmp_path / "corrupt"

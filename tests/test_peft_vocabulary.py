@@ -185,10 +185,14 @@ def test_forward_with_adapter_names_none_is_the_plain_forward():
         torch.testing.assert_close(lm(input_ids=TOKENS, adapter_names=None).logits, lm(input_ids=TOKENS).logits)
 
 
-def test_dora_is_refused_by_name(tmp_path):
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        LoraConfig(target_modules=["q_proj"], use_dora=True)
+def test_dora_config_round_trips_and_a_peft_dora_adapter_loads(tmp_path):
+    cfg = LoraConfig(target_modules=["q_proj"], use_dora=True)
+    assert cfg.to_peft_dict()["use_dora"] is True
+    assert LoraConfig.from_peft_dict(cfg.to_peft_dict()).use_dora is True
+    assert LoraConfig.from_peft_dict(LoraConfig(target_modules=["q_proj"]).to_peft_dict()).use_dora is False
     ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(target_modules=["q_proj"], use_dora=True))
     ref.save_pretrained(tmp_path)
-    with pytest.raises(AdapterError, match="use_dora=True.*DoRA"):
-        LoraModel.from_pretrained(build_llama("tiny"), tmp_path)
+    ours = LoraModel.from_pretrained(build_llama("tiny"), tmp_path)
+    assert ours.peft_config["default"].use_dora
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=TOKENS).logits, ref(input_ids=TOKENS).logits)

@@ -3,6 +3,8 @@
     forward(x, W, b, A, B, s, p, seed) -> (Y, H)
     backward(dY, x, W, A, B, H, s, p, seed, need_dx, need_lora, need_dw, need_db) -> (dx, dA, dB, dW, db)
     keep_mask(seed, (M, K), p, device) -> the boolean dropout mask the kernels use
+    dora_forward(x, W, b, A, B, s, c) -> (Y, H)          DoRA: Y = c * (x W^T + s H B^T) + b
+    dora_backward(dY, x, W, A, B, H, s, c, Y, b, need_dx, need_lora, need_dm) -> (dx, dA, dB, dm_num)
 
 Importing this module imports triton; `fused_lora.ops` imports it only when the Triton backend
 is chosen. Inputs reach these launchers checked and non-empty (`fused_lora.ops` computes empty sizes
@@ -21,7 +23,7 @@ from .dropout import keep_mask, keep_threshold
 from .forward import lora_forward_kernel, lora_shrink_kernel
 from .reduce import sum_partials
 
-__all__ = ["forward", "backward", "keep_mask", "block_r", "arch_of"]
+__all__ = ["forward", "backward", "keep_mask", "block_r", "arch_of", "dora_forward", "dora_backward"]
 
 
 def block_r(r: int) -> int:
@@ -49,8 +51,11 @@ def arch_of(device: torch.device) -> int:
 
 _KERNELS = {  # name -> (jit function, autotuning key: every argument that changes the code or the work)
     "shrink": (lora_shrink_kernel, ["M_BUCKET", "K", "HAS_DROPOUT"]),
-    "forward": (lora_forward_kernel, ["M_BUCKET", "N", "K", "HAS_BIAS"]),
-    "dy": (lora_dy_kernel, ["M_BUCKET", "N", "N_CHUNK", "HAS_DB"]),
+    "forward": (lora_forward_kernel, ["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_COLSCALE"]),
+    "dy": (lora_dy_kernel, ["M_BUCKET", "N", "N_CHUNK", "HAS_DB", "HAS_COLSCALE"]),
+    # DoRA's variants of the same kernels (HAS_COLSCALE), tuned and gated as kernels of their own
+    "dora_forward": (lora_forward_kernel, ["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_COLSCALE"]),
+    "dora_dy": (lora_dy_kernel, ["M_BUCKET", "N", "N_CHUNK", "HAS_DB", "HAS_COLSCALE"]),
     "dx_da": (lora_dx_da_kernel, ["M_BUCKET", "N", "K", "HAS_DX", "HAS_DA", "HAS_DROPOUT"]),
 }
 
@@ -120,9 +125,9 @@ def forward_gemm(x, weight, bias, h, lora_B, scaling):
     N, r = weight.shape[0], h.shape[1]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _launcher("forward", x, r)[_tiles_grid(M, N)](
-        x, weight, bias if bias is not None else y, h, lora_B, y,
+        x, weight, bias if bias is not None else y, h, lora_B, y, y,
         *x.stride(), *weight.stride(), *h.stride(), *lora_B.stride(), *y.stride(),
-        M, N, K, r, float(scaling), m_bucket(M), HAS_BIAS=bias is not None, BLOCK_R=block_r(r))
+        M, N, K, r, float(scaling), m_bucket(M), HAS_BIAS=bias is not None, HAS_COLSCALE=False, BLOCK_R=block_r(r))
     return y
 
 
@@ -139,22 +144,31 @@ def backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx
     return dx, dA, dB, dW, db
 
 
+def dy_pass(dy, lora_B, h, scaling, need_lora):
+    """The first step of every backward: G = s dY B (in H's dtype) from fp32 partials (one per
+    column chunk, summed in a fixed order), and with `need_lora` the fp32 partials of dB = s dY^T H
+    (one per row block). Returns (G, dB partials or None, how many of their slots were written)."""
+    M, N = dy.shape
+    r = h.shape[1]
+    f32 = dict(dtype=torch.float32, device=dy.device)
+    launcher = _launcher("dy", h, r)
+    chunk = dy_chunk(M, N)
+    g_ws = torch.empty((triton.cdiv(N, chunk), M, r), **f32)
+    db_ws = torch.empty((_row_blocks(launcher, M), N, r), **f32) if need_lora else g_ws
+    launcher[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, chunk))](
+        dy, lora_B, h, g_ws, db_ws, dy, dy, g_ws, g_ws, *dy.stride(), *lora_B.stride(), *h.stride(), 0, 0,
+        M, N, r, chunk, float(scaling), m_bucket(M), HAS_DB=need_lora, HAS_COLSCALE=False, BLOCK_R=block_r(r))
+    g = torch.empty((M, r), dtype=h.dtype, device=h.device)
+    sum_partials((g_ws, g))
+    return g, (db_ws if need_lora else None), _row_blocks_used(launcher, M)
+
+
 def _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, dx_da_step):
     """dX, dA, dB in four launches: dY pass, G sum, dX/dA, dA+dB sums."""
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
-    f32 = dict(dtype=torch.float32, device=x.device)
-    # 1. dY pass: partials of G (one per column chunk) and of dB (one per row block).
-    dy_pass = _launcher("dy", x, r)
-    chunk = dy_chunk(M, N)
-    g_ws = torch.empty((triton.cdiv(N, chunk), M, r), **f32)
-    db_ws = torch.empty((_row_blocks(dy_pass, M), N, r), **f32) if need_lora else g_ws
-    dy_pass[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, chunk))](
-        dy, lora_B, h, g_ws, db_ws, *dy.stride(), *lora_B.stride(), *h.stride(),
-        M, N, r, chunk, float(scaling), m_bucket(M), HAS_DB=need_lora, BLOCK_R=block_r(r))
-    db_slots = _row_blocks_used(dy_pass, M)
-    g = torch.empty((M, r), dtype=x.dtype, device=x.device)
-    sum_partials((g_ws, g))
+    # 1. dY pass: G, and the partials of dB (one per row block).
+    g, db_ws, db_slots = dy_pass(dy, lora_B, h, scaling, need_lora)
     # 2. dX and the dA partials (one per row block).
     dx, da_ws, da_slots = dx_da_step(dy, x, weight, g, lora_A, float(dropout_p), seed, need_dx, need_lora)
     if not need_lora:
@@ -181,6 +195,69 @@ def dx_da_pointer(dy, x, weight, g, lora_A, p, seed, need_dx, need_lora):
         M, N, K, r, seed, keep_threshold(p), 1.0 / (1.0 - p), m_bucket(M),
         HAS_DX=need_dx, HAS_DA=need_lora, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
     return dx, (da_ws if need_lora else None), _row_blocks_used(dx_da, M)
+
+
+# ------------------------------------------------------------------ DoRA
+
+def dora_forward(x, weight, bias, lora_A, lora_B, scaling, colscale):
+    """Y = c * (x W^T + s H B^T) + b, H = x A^T (no dropout: the layer applies DoRA's dropout outside);
+    c fp32 (N,). A missing bias is passed as zeros, so DoRA compiles one flag combination."""
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    h = torch.empty((M, r), dtype=x.dtype, device=x.device)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    bias = bias if bias is not None else torch.zeros(N, dtype=x.dtype, device=x.device)
+    _launcher("shrink", x, r, False)[_rows_grid(M)](
+        x, lora_A, h, *x.stride(), *lora_A.stride(), *h.stride(),
+        M, K, r, 0, 0, 1.0, m_bucket(M), HAS_DROPOUT=False, BLOCK_R=block_r(r))
+    _launcher("dora_forward", x, r)[_tiles_grid(M, N)](
+        x, weight, bias, h, lora_B, y, colscale,
+        *x.stride(), *weight.stride(), *h.stride(), *lora_B.stride(), *y.stride(),
+        M, N, K, r, float(scaling), m_bucket(M), HAS_BIAS=True, HAS_COLSCALE=True, BLOCK_R=block_r(r))
+    return y, h
+
+
+def dora_backward(dy, x, weight, lora_A, lora_B, h, scaling, colscale, y, bias, need_dx, need_lora, need_dm):
+    """With dY' = dY * c: dx = dY' W + G A, dA = G^T x, dB = s dY'^T H (G = s dY' B), and
+    dm_num = sum_i dY (Y - b) per column, fp32. One dY pass (G, dB and dm partials; c * B, N x r, is
+    formed here), one reduction of G and dm, the dX/dA kernel on c * W (an N x K temporary in W's
+    dtype: smaller than an M x N dY' whenever M > K), one reduction of dA and dB."""
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    bias = bias if bias is not None else torch.zeros(N, dtype=x.dtype, device=x.device)
+    bc = (lora_B.float() * colscale[:, None]).to(lora_B.dtype)
+    dy_pass = _launcher("dora_dy", x, r)
+    chunk = dy_chunk(M, N)
+    slots = _row_blocks(dy_pass, M)
+    g_ws = torch.empty((triton.cdiv(N, chunk), M, r), **f32)
+    db_ws = torch.empty((slots, N, r), **f32)
+    dm_ws = torch.empty((slots, N), **f32)
+    dy_pass[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, chunk))](
+        dy, bc, h, g_ws, db_ws, y, bias, colscale, dm_ws, *dy.stride(), *bc.stride(), *h.stride(), *y.stride(),
+        M, N, r, chunk, float(scaling), m_bucket(M), HAS_DB=True, HAS_COLSCALE=True, BLOCK_R=block_r(r))
+    used = _row_blocks_used(dy_pass, M)
+    g = torch.empty((M, r), dtype=x.dtype, device=x.device)
+    dm_num = torch.empty(N, **f32)
+    sum_partials((g_ws, g), (dm_ws[:used], dm_num))
+    if not (need_dx or need_lora):
+        return None, None, None, dm_num if need_dm else None
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
+    w = weight * colscale.to(weight.dtype)[:, None] if need_dx else weight
+    dx_da = _launcher("dx_da", x, r, False)
+    da_ws = torch.empty((_row_blocks(dx_da, M), r, K), **f32) if need_lora else g_ws
+    dx_da[_tiles_grid(M, K)](
+        dy, w, g, lora_A, x, dx if need_dx else g, da_ws,
+        *dy.stride(), *w.stride(), *g.stride(), *lora_A.stride(), *x.stride(),
+        *(dx.stride() if need_dx else (0, 0)),
+        M, N, K, r, 0, 0, 1.0, m_bucket(M),
+        HAS_DX=need_dx, HAS_DA=need_lora, HAS_DROPOUT=False, BLOCK_R=block_r(r))
+    dA = dB = None
+    if need_lora:
+        dA = torch.empty((r, K), dtype=lora_A.dtype, device=x.device)
+        dB = torch.empty((N, r), dtype=lora_B.dtype, device=x.device)
+        sum_partials((da_ws[:_row_blocks_used(dx_da, M)], dA), (db_ws[:used], dB))
+    return dx, dA, dB, dm_num if need_dm else None
 
 
 # Several adapters in one batch (segment kernels; the interface of fused_lora.multi_impl). Imported

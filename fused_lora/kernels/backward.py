@@ -2,7 +2,8 @@
 
     lora_dy_kernel:     one pass over dY on a 2-D grid (row blocks x column chunks of N): partial
                         sums of G = s dY B (one per column chunk) and of dB = s dY^T H (one per
-                        row block), both fp32, each program writing only its own slots.
+                        row block), both fp32, each program writing only its own slots; with
+                        HAS_COLSCALE (DoRA) also the partials of dm's column sums of dY * (Y - b).
     lora_dx_da_kernel:  dX = D (G A) + dY W, the accumulator started from the low-rank term, and
                         in the same program its row block's partial of dA = G^T (D x); D is
                         regenerated in-kernel from the seed.
@@ -22,16 +23,19 @@ from .tiles import load_tile, store_tile
 
 @triton.jit
 def lora_dy_kernel(
-    dy_ptr, b_ptr, h_ptr, g_ws_ptr, db_ws_ptr,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_hm, stride_hr,
+    dy_ptr, b_ptr, h_ptr, g_ws_ptr, db_ws_ptr, y_ptr, bias_ptr, colscale_ptr, dm_ws_ptr,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_hm, stride_hr, stride_ym, stride_yn,
     M, N, R, N_CHUNK, scaling, M_BUCKET,
-    HAS_DB: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DB: tl.constexpr, HAS_COLSCALE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Program (i, j): rows i * BLOCK_M.., columns j * N_CHUNK.. (N_CHUNK a multiple of BLOCK_N).
 
     g_ws_ptr: fp32 (cdiv(N, N_CHUNK), M, R), slot j gets s dY[rows, chunk] B[chunk].
     db_ws_ptr: fp32 (cdiv(M, BLOCK_M), N, R), slot i gets s dY[rows, chunk]^T H[rows] (HAS_DB).
+    HAS_COLSCALE (DoRA, dY' = dY * c columnwise): b_ptr holds c * B (so G = s dY' B), the dB partial's
+    rows are scaled by c (s dY'^T H), and dm_ws_ptr fp32 (cdiv(M, BLOCK_M), N), slot i gets
+    sum over its rows of dY * (Y - b) per column (Y the forward's output, b its bias).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -51,7 +55,15 @@ def lora_dy_kernel(
         b = load_tile(b_ptr, offs_n, offs_r, stride_bn, stride_br, n_in, r_in)
         acc_g = tl.dot(dy, b, acc_g)
         if HAS_DB:
-            store_tile(db_slot, tl.dot(tl.trans(dy), h) * scaling, offs_n, offs_r, R, 1, n_in, r_in)
+            part = tl.dot(tl.trans(dy), h) * scaling
+            if HAS_COLSCALE:
+                part = part * tl.load(colscale_ptr + offs_n, mask=n_in, other=0.0)[:, None]
+            store_tile(db_slot, part, offs_n, offs_r, R, 1, n_in, r_in)
+        if HAS_COLSCALE:
+            y = load_tile(y_ptr, offs_m, offs_n, stride_ym, stride_yn, m_in, n_in).to(tl.float32)
+            bias = tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)
+            dm = tl.sum(dy.to(tl.float32) * (y - bias[None, :]), axis=0)
+            tl.store(dm_ws_ptr + pid_m.to(tl.int64) * N + offs_n, dm, mask=n_in)
     g_slot = g_ws_ptr + pid_n.to(tl.int64) * M * R
     store_tile(g_slot, acc_g * scaling, offs_m, offs_r, R, 1, m_in, r_in)
 

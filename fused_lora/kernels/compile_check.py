@@ -51,16 +51,21 @@ _UNIT_STRIDES = {
     "dy": {"stride_dyn", "stride_br", "stride_hr"},
     "dx_da": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_xk", "stride_dxk"},
     "reduce": set(),
+    "dora_forward": {"stride_xk", "stride_wk", "stride_hr", "stride_br", "stride_yn"},
+    "dora_dy": {"stride_dyn", "stride_br", "stride_hr", "stride_yn"},
 }
 # Every combination of the constexpr flags each launcher passes.
 _DX_DA = [dict(HAS_DX=dx, HAS_DA=da, HAS_DROPOUT=drop)
           for (dx, da), drop in itertools.product([(True, True), (True, False), (False, True)], [False, True])]
 FLAGS = {
     "shrink": [dict(HAS_DROPOUT=False), dict(HAS_DROPOUT=True)],
-    "forward": [dict(HAS_BIAS=False), dict(HAS_BIAS=True)],
-    "dy": [dict(HAS_DB=False), dict(HAS_DB=True)],
+    "forward": [dict(HAS_BIAS=False, HAS_COLSCALE=False), dict(HAS_BIAS=True, HAS_COLSCALE=False)],
+    "dy": [dict(HAS_DB=False, HAS_COLSCALE=False), dict(HAS_DB=True, HAS_COLSCALE=False)],
     "dx_da": _DX_DA,
     "reduce": [{}],
+    # DoRA launches one combination of each (a missing bias is passed as zeros)
+    "dora_forward": [dict(HAS_BIAS=True, HAS_COLSCALE=True)],
+    "dora_dy": [dict(HAS_DB=True, HAS_COLSCALE=True)],
 }
 # Several adapters in one batch (kernels/multi*.py): one config per variant, the multi ranks
 # (configs.MULTI_BLOCK_RS) and the 16-bit dtypes only (float32 multi batches are refused on a GPU).
@@ -83,7 +88,7 @@ _TYPED_PTRS = {"order_ptr": "*i32", "tiles_ptr": "*i32", "ints_ptr": "*i64", "fl
                "bounds_ptr": "*i32", "ws_ptr": "*fp32"}
 _PLAIN_INTS = {"tile0", "lora_tile0", "pos0", "n_tiles"}  # tile and position counts: no 16-divisibility
 _FLOAT_ARGS = {"scaling", "scale"}
-_FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr"}
+_FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr", "colscale_ptr", "dm_ws_ptr"}
 
 # The GEMMs over a quantized base (kernels/quant*.py): no rank variants (their low-rank term loops
 # over rank chunks); QUANT x NESTED change the code, and the packed weight's pointer types.

@@ -102,7 +102,7 @@ def keep_fitting(configs, estimate, block_r: int, elt: int, arch: int, regs=None
     return kept
 
 
-KERNELS = ("shrink", "forward", "dy", "dx_da")
+KERNELS = ("shrink", "forward", "dy", "dx_da", "dora_forward", "dora_dy")
 
 
 def candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout: bool = False) -> list:
@@ -110,6 +110,8 @@ def candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout: boo
     and dropout (on or off: it changes the code of shrink and dx_da)."""
     if interpreting():
         return list(_INTERPRETER)
+    if kernel_name in ("dora_forward", "dora_dy"):  # DoRA's variants: the LoRA kernel's first choice only
+        return candidates(kernel_name[len("dora_"):], arch, block_r, elt)[:1]
     if kernel_name in ("forward", "dx_da"):
         dropout = dropout and kernel_name == "dx_da"
         regs = lambda c: gemm_regs_estimate(c, block_r, elt, dropout)  # noqa: E731

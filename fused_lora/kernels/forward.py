@@ -2,7 +2,8 @@
 
 The shrink pass reads x once and writes the small M x r matrix H (dropout drawn here, in-kernel).
 The GEMM starts its accumulator from s * H B^T and adds the base product onto it, so Y is written
-once and no M x N temporary exists. Parameter order: pointers, strides, sizes, scalars, constexprs.
+once and no M x N temporary exists. With HAS_COLSCALE (DoRA) the epilogue scales each output column
+by c = m / n before the bias. Parameter order: pointers, strides, sizes, scalars, constexprs.
 """
 import triton
 import triton.language as tl
@@ -52,14 +53,15 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 @triton.jit
 def lora_forward_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, y_ptr, colscale_ptr,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr, stride_bn, stride_br,
     stride_ym, stride_yn,
     M, N, K, R, scaling, M_BUCKET,
-    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_COLSCALE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Y tile = x W^T (+ b) + scaling * H B^T, fp32 accumulation, one write."""
+    """Y tile = x W^T (+ b) + scaling * H B^T, fp32 accumulation, one write.
+    HAS_COLSCALE (DoRA): Y tile = c * (x W^T + scaling * H B^T) (+ b), c fp32 per column."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,6 +81,8 @@ def lora_forward_kernel(
         x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, m_in, k_in)
         w = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, k_in, n_in)  # W^T tile
         acc = tl.dot(x, w, acc)
+    if HAS_COLSCALE:  # in the epilogue: nothing more is live across the K loop
+        acc = acc * tl.load(colscale_ptr + offs_n, mask=n_in, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
     store_tile(y_ptr, acc, offs_m, offs_n, stride_ym, stride_yn, m_in, n_in)

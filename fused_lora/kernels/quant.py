@@ -40,7 +40,7 @@ import torch
 import triton
 
 from ..quant_format import Int8Data, NF4Data
-from . import _launcher, _row_blocks, _row_blocks_used, _rows_grid, _tiles_grid, arch_of, block_r, dy_chunk, m_bucket
+from . import _launcher, _row_blocks, _row_blocks_used, _tiles_grid, arch_of, block_r, dy_pass, m_bucket, shrink
 from . import configs
 from .dropout import keep_threshold
 from .quant_backward import quant_dx_kernel
@@ -135,13 +135,8 @@ def forward_quant(x, wq, bias, lora_A, lora_B, scaling, dropout_p, seed):
     check_quant_weight(wq, x)
     M, K = x.shape
     N, r = wq.shape[0], lora_A.shape[0]
-    h = torch.empty((M, r), dtype=x.dtype, device=x.device)
+    h = shrink(x, lora_A, dropout_p, seed)  # the 16-bit forward's shrink pass
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    p = float(dropout_p)
-    # The shrink pass, as fused_lora.kernels.forward launches it.
-    _launcher("shrink", x, r, p > 0.0)[_rows_grid(M)](
-        x, lora_A, h, *x.stride(), *lora_A.stride(), *h.stride(),
-        M, K, r, seed, keep_threshold(p), 1.0 / (1.0 - p), m_bucket(M), HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
     ptrs, sizes, flags = _weight_args(wq)
     _quant_launcher("quant_forward", x)[_tiles_grid(M, N)](
         x, *ptrs, bias if bias is not None else y, h, lora_B, y,
@@ -169,17 +164,8 @@ def _lora_grads(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx,
     N, r = wq.shape[0], lora_A.shape[0]
     p = float(dropout_p)
     f32 = dict(dtype=torch.float32, device=x.device)
-    # 1. dY pass and G, as fused_lora.kernels.backward runs them.
-    dy_pass = _launcher("dy", x, r)
-    chunk = dy_chunk(M, N)
-    g_ws = torch.empty((triton.cdiv(N, chunk), M, r), **f32)
-    db_ws = torch.empty((_row_blocks(dy_pass, M), N, r), **f32) if need_lora else g_ws
-    dy_pass[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, chunk))](
-        dy, lora_B, h, g_ws, db_ws, *dy.stride(), *lora_B.stride(), *h.stride(),
-        M, N, r, chunk, float(scaling), m_bucket(M), HAS_DB=need_lora, BLOCK_R=block_r(r))
-    db_slots = _row_blocks_used(dy_pass, M)
-    g = torch.empty((M, r), dtype=x.dtype, device=x.device)
-    sum_partials((g_ws, g))
+    # 1. dY pass and G, as the 16-bit backward runs them.
+    g, db_ws, db_slots = dy_pass(dy, lora_B, h, scaling, need_lora)
     # 2. The dA partials, and with dropout D (G A) written into dX: the 16-bit backward's kernel
     #    with N = 0 (no dY W; it reads no weight, g stands in for it).
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
