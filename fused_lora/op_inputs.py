@@ -53,6 +53,10 @@ def as_scaling(scaling) -> float:
         scaling = scaling.item()
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"lora_linear: scaling must be a real number, got {type(scaling).__name__}")
+    if torch.compiler.is_compiling():
+        # torch.compile may make the scale symbolic (layers with different scales share one graph):
+        # the ops check it again, concrete, where they run.
+        return scaling
     if not math.isfinite(scaling):
         raise ValueError(f"lora_linear: scaling must be finite, got {scaling!r}")
     return float(scaling)

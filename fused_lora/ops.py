@@ -122,6 +122,7 @@ def lora_linear_fwd(
 ) -> tuple[Tensor, Tensor]:
     check_op_inputs(x, weight, bias, lora_A, lora_B, dropout_p)
     check_seed_tensor(seed)
+    scaling = as_scaling(scaling)  # concrete here, also when torch.compile traced it as a symbol
     return _run_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed), backend)
 
 

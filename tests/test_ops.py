@@ -104,3 +104,34 @@ if given is not None:
            p=st.sampled_from([0.0, 0.15]), bias=st.booleans(), seed=st.integers(0, 1000))
     def test_torch_op_random_shapes(M, K, N, r, p, bias, seed):
         check_op_against_reference("torch", M, K, N, r, torch.float32, p=p, bias=bias, seed=seed)
+
+
+def test_compiled_layers_with_different_scales_share_a_graph():
+    """torch.compile turns a scale that varies between calls into a symbolic float: the op must take
+    it (the finiteness check moves into the op's body), for plain, DoRA and quantized layers."""
+    import torch._dynamo
+    from fused_lora import FusedLoRALinear, quantize_model
+    torch._dynamo.reset()
+    try:
+        for make in (lambda a: FusedLoRALinear(32, 16, r=4, lora_alpha=a, init_lora_weights=False, backend="torch"),
+                     lambda a: FusedLoRALinear(32, 16, r=4, lora_alpha=a, init_lora_weights=False, backend="torch",
+                                               use_dora=True),
+                     lambda a: FusedLoRALinear.from_linear(quantize_model(torch.nn.Linear(64, 16), "nf4"), r=4,
+                                                           lora_alpha=a, init_lora_weights=False, backend="torch")):
+            for alpha in (8, 16, 4):
+                layer = make(alpha)
+                x = torch.randn(5, layer.in_features)
+                torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+            torch._dynamo.reset()
+        # A non-finite scale is still refused when the compiled op runs.
+        x, w, a, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+        for bad in (1.0, float("inf")):
+            f = torch.compile(lambda x, s: lora_linear(x, w, None, a, b, s, backend="torch"), fullgraph=True)
+            if bad == 1.0:
+                f(x, 2.0)  # a second value makes the scale symbolic
+                f(x, 1.0)
+            else:
+                with pytest.raises(ValueError, match="scaling must be finite"):
+                    f(x, bad)
+    finally:
+        torch._dynamo.reset()
