@@ -271,15 +271,22 @@ class QuantizedWeight(nn.Module):
             return Int8Data(self._shape, self.qweight, self.scale)
         get = self._buffers.get
         if self._offset_value is None:
-            self._offset_value = float(self.offset)
+            self._read_offset()
         return NF4Data(self._shape, self.packed, self.code, self.blocksize, absmax=get("absmax"),
                        qabsmax=get("qabsmax"), code2=get("code2"), absmax2=get("absmax2"),
                        blocksize2=self.blocksize2, offset=self._offset_value)
 
+    def _read_offset(self) -> None:
+        # The offset as a Python float, read once (a tensor read per call would sync, and under
+        # torch.compile would become an unbacked float the custom op cannot take). A meta offset has no
+        # value: any float serves there (shapes only).
+        offset = self._buffers["offset"]
+        self._offset_value = 0.0 if offset.is_meta else float(offset)
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         if self.nested:
-            self._offset_value = None  # re-read from the loaded buffer
+            self._read_offset()  # now, in eager mode: not later inside a compiled forward
 
     def nbytes(self) -> int:
         """Bytes held by every tensor of this weight (packed data, scales, code tables)."""
@@ -309,11 +316,14 @@ class QuantizedWeight(nn.Module):
     def _apply(self, fn, recurse=True):
         # A float cast (.half(), .to(dtype)) changes the compute dtype only; a device move moves the
         # buffers with their dtypes kept (an fp32 absmax cast to fp16 would change every value).
+        # fn runs on each buffer (so to_empty, which cannot copy out of meta, works); a result of
+        # another dtype is replaced by the buffer moved as it is.
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.device))
         self.compute_dtype = probe.dtype
         for name, t in self._buffers.items():
             if t is not None:
-                self._buffers[name] = t.to(probe.device)
+                new = fn(t)
+                self._buffers[name] = new if new.dtype == t.dtype else t.to(new.device)
         return self
 
     def extra_repr(self) -> str:
@@ -430,6 +440,13 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _holds_quantized(module: nn.Module) -> bool:
+    """A module whose frozen weight is quantized: QuantizedLinear, a layer adapted over one, or
+    bitsandbytes' Linear4bit / Linear8bitLt."""
+    from .quant_convert import bnb_kind
+    return isinstance(module._modules.get("weight"), QuantizedWeight) or bnb_kind(module) is not None
+
+
 def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=None, blocksize: int = 64,
                    double_quant: bool = True, exclude_modules=None) -> nn.Module:
     """Quantize `model`'s nn.Linear layers in place to NF4 or int8 (fused_lora's counterpart of loading
@@ -448,7 +465,11 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=Non
              and (target_modules is None or name_matches(n, target_modules))
              and not name_matches(n, exclude_modules)]
     if not names:
-        raise ValueError(f"quantize_model: target_modules {target_modules!r} matches no nn.Linear")
+        done = [n for n, m in model.named_modules() if _holds_quantized(m)
+                and (target_modules is None or name_matches(n, target_modules))]
+        hint = f" (already quantized: {', '.join(map(repr, done[:4]))}{', ...' if len(done) > 4 else ''})" \
+            if done else ""
+        raise ValueError(f"quantize_model: target_modules {target_modules!r} matches no nn.Linear{hint}")
     kwargs = dict(blocksize=blocksize, double_quant=double_quant) if quant_type == "nf4" else {}
     new = {}
     for name in names:
