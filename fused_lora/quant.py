@@ -427,13 +427,13 @@ class QuantizedLinear(nn.Module):
         return cls(quantize(linear.weight.detach(), quant_type, **kwargs), linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        from .quant_impl import base_linear
+        from .quant_ops import quant_linear
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear: input's last dimension is {x.shape[-1]} but in_features is "
                              f"{self.in_features}")
         lead = x.shape[:-1]
-        y = base_linear(x.reshape(math.prod(lead), self.in_features), self.weight.data(),
-                        None if self.bias is None else self.bias.to(x.dtype))
+        y = quant_linear(x.reshape(math.prod(lead), self.in_features), self.weight,
+                         None if self.bias is None else self.bias.to(x.dtype))
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

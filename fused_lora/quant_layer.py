@@ -18,11 +18,10 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-import torch.nn.functional as F
 
 from .dropout import new_seed, no_seed
 from .quant import QuantizedLinear, QuantizedWeight
-from .quant_ops import lora_linear_quant
+from .quant_ops import lora_linear_quant, quant_linear
 
 
 def is_quantized(layer) -> bool:
@@ -45,8 +44,7 @@ def forward(layer, x: Tensor, adapter_names: Optional[Sequence[str]] = None) -> 
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), layer.in_features)
     if layer._disabled:
-        from .quant_impl import base_linear
-        y = base_linear(x2, layer.weight.data(), bias)
+        y = quant_linear(x2, layer.weight, bias)
     else:
         p = layer.lora_dropout if layer.training else 0.0
         seed = new_seed() if p > 0.0 else no_seed()

@@ -21,6 +21,10 @@ N*K/2 bytes (high nibble first), every row is a whole number of blocks (K % bloc
 uint8, `code2` fp32[256], `absmax2` fp32, `blocksize2`, `offset` a Python float); int8 `qweight` is
 N x K int8 (row-major), `scale` fp32[N]. All on x's device; x's dtype is the compute dtype.
 
+`quant_linear(x, qweight, bias)` is the base alone (a QuantizedLinear that is not adapted, or a disabled
+adapter): custom ops fused_lora::quant_linear_fwd / _bwd (torch row), so backward dequantizes W again
+instead of keeping the forward's dequantized chunks (a full copy of W) alive.
+
 The quantized weight is frozen: there is no dW (gradients never flow to it; it is not a tensor
 autograd sees). The bias's gradient is computed when the bias requires grad (peft's bias="all").
 Double backward (create_graph=True through this op) is refused with a clear error.
@@ -206,3 +210,79 @@ def lora_linear_quant(
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B))):
         return _run_forward(x, data, bias, lora_A, lora_B, scaling, float(dropout_p), seed_value(seed), backend)[0]
     return _QuantLoRALinear.apply(*args)
+
+
+# ------------------------------------------------------------------ the quantized base alone (QuantizedLinear)
+# y = x W^T + b without an adapter: what a quantized layer that is not adapted, or an adapted one with its
+# adapter disabled, computes. Plain torch ops would save every dequantized chunk for backward (a full copy
+# of W); this op saves only the packed tensors and dequantizes again in backward (dx = dY W, chunked).
+
+def _base_backward(dy: Tensor, data, need_dx: bool, need_db: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    from .quant_impl import accumulate_grad_input
+    dx = accumulate_grad_input(dy.new_zeros(dy.shape[0], data.shape[1]), dy, data) if need_dx else None
+    return dx, (dy.sum(0) if need_db else None)
+
+
+@torch.library.custom_op("fused_lora::quant_linear_fwd", mutates_args=())
+def quant_linear_fwd(x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float,
+                     bias: Optional[Tensor]) -> Tensor:
+    from .quant_impl import base_linear
+    return base_linear(x, quant.from_op_args(qtensors, meta, offset), bias)
+
+
+@quant_linear_fwd.register_fake
+def _(x, qtensors, meta, offset, bias):
+    return x.new_empty(x.shape[0], meta[1])
+
+
+@torch.library.custom_op("fused_lora::quant_linear_bwd", mutates_args=())
+def quant_linear_bwd(dy: Tensor, qtensors: list[Tensor], meta: list[int], offset: float, need_dx: bool,
+                     need_db: bool) -> tuple[Tensor, Tensor]:
+    dx, db = _base_backward(dy.contiguous(), quant.from_op_args(qtensors, meta, offset), need_dx, need_db)
+    return (dx if dx is not None else dy.new_empty(0)), (db if db is not None else dy.new_empty(0))
+
+
+@quant_linear_bwd.register_fake
+def _(dy, qtensors, meta, offset, need_dx, need_db):
+    return dy.new_empty((dy.shape[0], meta[2]) if need_dx else (0,)), dy.new_empty((meta[1],) if need_db else (0,))
+
+
+def _base_setup_context(ctx, inputs, output):
+    x, qtensors, meta, offset, bias = inputs
+    ctx.save_for_backward(*qtensors)
+    ctx.meta, ctx.offset, ctx.has_bias = meta, offset, bias is not None
+
+
+def _base_op_backward(ctx, dy):
+    need_dx, need_db = ctx.needs_input_grad[0], bool(ctx.has_bias and ctx.needs_input_grad[4])
+    dx, db = quant_linear_bwd(dy, list(ctx.saved_tensors), ctx.meta, ctx.offset, need_dx, need_db)
+    return (dx if need_dx else None), [None] * len(ctx.saved_tensors), None, None, (db if need_db else None)
+
+
+quant_linear_fwd.register_autograd(_base_op_backward, setup_context=_base_setup_context)
+
+
+class _QuantLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, data):
+        from .quant_impl import base_linear
+        ctx.data, ctx.has_bias = data, bias is not None
+        return base_linear(x, data, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        need = ctx.needs_input_grad
+        dx, db = _base_backward(dy.contiguous(), ctx.data, need[0], bool(ctx.has_bias and need[1]))
+        return dx, db, None
+
+
+def quant_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor]) -> Tensor:
+    """x W^T + b for a 2-D x (M x K) and a frozen quantized W, in x's dtype (bias already in it): the
+    dequantized weight is never kept for backward (dx = dY W is dequantized again, chunk by chunk)."""
+    data = qweight.data()
+    if torch.compiler.is_compiling() or x.is_meta:
+        return quant_linear_fwd(x, *quant.op_args(data), bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _QuantLinear.apply(x, bias, data)
+    from .quant_impl import base_linear
+    return base_linear(x, data, bias)

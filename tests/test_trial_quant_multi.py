@@ -56,3 +56,71 @@ def test_quantize_model_again_says_already_quantized():
         quantize_model(model, "nf4", target_modules=["0", "1"])
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model, "int8")
+
+
+# ------------------------------------------------------------------ a quantized base layer that is not adapted
+
+def _saved_elements(fn):
+    """(result, elements of every tensor autograd saves while fn runs)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = fn()
+    return out, sum(saved)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_quantized_linear_backward_keeps_no_dequantized_weight(fmt, monkeypatch):
+    """A QuantizedLinear that is not adapted (quantize_model's default targets every Linear; peft's usual
+    LoRA targets only some) still passes gradients to its input. Its forward must not leave the
+    dequantized weight (all chunks together: a full 16-bit copy) saved for backward; dx and db equal
+    float64 over the dequantized weight."""
+    from fused_lora import quant
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 64 * 64)  # several chunks
+    torch.manual_seed(0)
+    ql = QuantizedLinear.from_linear(nn.Linear(128, 256), fmt)
+    ql.bias.requires_grad_(True)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    y, saved = _saved_elements(lambda: ql(x))
+    assert saved < 256 * 128 // 2, f"{saved} elements saved for backward (the weight has {256 * 128})"
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    W = ql.weight.dequantize(torch.float64)
+    torch.testing.assert_close(y.double(), x.double() @ W.T + ql.bias.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), dy.double() @ W, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ql.bias.grad.double(), dy.double().sum((0, 1)), atol=1e-5, rtol=1e-5)
+
+
+def test_disabled_adapter_over_quantized_base_keeps_no_dequantized_weight():
+    layer = _layer("nf4")
+    x = torch.randn(4, 128, requires_grad=True)
+    with layer.disable_adapter():
+        y, saved = _saved_elements(lambda: layer(x))
+    assert saved < 64 * 128 // 2
+    y.sum().backward()
+    W = layer.weight.dequantize(torch.float64)
+    torch.testing.assert_close(x.grad.double(), torch.ones(4, 64, dtype=torch.float64) @ W, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_quantized_linear_under_torch_compile(fmt):
+    torch.manual_seed(0)
+    ql = QuantizedLinear.from_linear(nn.Linear(128, 64), fmt)
+    x = torch.randn(5, 128, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(ql, fullgraph=True)
+    y1 = compiled(x)
+    (g1,) = torch.autograd.grad(y1.square().sum(), x)
+    y2 = ql(x)
+    (g2,) = torch.autograd.grad(y2.square().sum(), x)
+    torch.testing.assert_close(y1, y2, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+
+
+def test_quant_linear_custom_op_opcheck():
+    from fused_lora import quant, quant_ops
+    torch.manual_seed(0)
+    qw = QuantizedLinear.from_linear(nn.Linear(128, 64), "nf4").weight
+    x = torch.randn(5, 128, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    torch.library.opcheck(quant_ops.quant_linear_fwd, (x, *quant.op_args(qw.data()), b))
+    torch.library.opcheck(quant_ops.quant_linear_fwd, (x, *quant.op_args(qw.data()), None))
