@@ -431,9 +431,10 @@ class QuantizedLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear: input's last dimension is {x.shape[-1]} but in_features is "
                              f"{self.in_features}")
+        from .quant_layer import autocast_inputs
+        x, bias = autocast_inputs(x, self.bias)  # as nn.Linear under torch.autocast
         lead = x.shape[:-1]
-        y = quant_linear(x.reshape(math.prod(lead), self.in_features), self.weight,
-                         None if self.bias is None else self.bias.to(x.dtype))
+        y = quant_linear(x.reshape(math.prod(lead), self.in_features), self.weight, bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -28,7 +28,8 @@ def is_quantized(layer) -> bool:
     return isinstance(layer.__dict__.get("_modules", {}).get("weight"), QuantizedWeight)
 
 
-def _autocast(x: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+def autocast_inputs(x: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """x and bias in the autocast dtype when autocast is on for x's device, else in x's dtype."""
     from .layer import _autocast_dtype
     dtype = _autocast_dtype(x.device.type) or x.dtype
     return x.to(dtype), None if bias is None else bias.to(dtype)
@@ -40,7 +41,7 @@ def forward(layer, x: Tensor, adapter_names: Optional[Sequence[str]] = None) -> 
     if adapter_names is not None:
         raise NotImplementedError("FusedLoRALinear: adapter_names (several adapters in one batch) is not supported "
                                   "over a quantized base yet; set_adapter() one adapter per batch")
-    x, bias = _autocast(x, layer.bias)
+    x, bias = autocast_inputs(x, layer.bias)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), layer.in_features)
     if layer._disabled:
