@@ -462,9 +462,11 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=Non
     if quant_type not in FORMATS:
         raise ValueError(f"quantize_model: unknown quant_type {quant_type!r}; expected one of {', '.join(FORMATS)}")
     skip = _output_layer_name(model) if target_modules is None else None
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n != skip
-             and (target_modules is None or name_matches(n, target_modules))
-             and not name_matches(n, exclude_modules)]
+    every = list(model.named_modules(remove_duplicate=False))  # a shared Linear is replaced under all its names
+    chosen = {id(m) for n, m in every if type(m) is nn.Linear and n != skip
+              and (target_modules is None or name_matches(n, target_modules))
+              and not name_matches(n, exclude_modules)}
+    names = [n for n, m in model.named_modules() if id(m) in chosen]
     if not names:
         done = [n for n, m in model.named_modules() if _holds_quantized(m)
                 and (target_modules is None or name_matches(n, target_modules))]
@@ -478,7 +480,9 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=Non
             new[name] = QuantizedLinear.from_linear(model.get_submodule(name), quant_type, **kwargs)
         except (QuantizationError, TypeError) as err:
             raise type(err)(f"quantize_model: layer {name!r}: {err}") from None
-    for name, module in new.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
+    by_module = {id(model.get_submodule(name)): module for name, module in new.items()}
+    for name, old in every:
+        if id(old) in by_module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, by_module[id(old)])
     return model

@@ -139,3 +139,20 @@ def test_quantized_linear_follows_autocast_like_nn_linear():
     ref = nn.functional.linear(x.bfloat16().double(), ql.weight.dequantize(torch.bfloat16).double(),
                                ql.bias.bfloat16().double())
     torch.testing.assert_close(y.double(), ref, atol=0.05, rtol=0.02)
+
+
+def test_quantize_model_replaces_a_shared_linear_everywhere():
+    """A Linear registered under two names (shared / tied modules) becomes one QuantizedLinear under both
+    names, not a quantized copy under the first and the float layer under the second."""
+    shared = nn.Linear(64, 64)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(3, 64)
+    W = None
+    quantize_model(model, "int8", target_modules=["0", "2"])
+    assert isinstance(model[0], QuantizedLinear) and model[2] is model[0]
+    W = model[0].weight.dequantize(torch.float64)
+    h = torch.relu(x.double() @ W.T + shared.bias.double())
+    torch.testing.assert_close(model(x).double(), h @ W.T + shared.bias.double(), atol=1e-5, rtol=1e-5)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    quantize_model(model, "nf4")  # default targets
+    assert isinstance(model[2], QuantizedLinear) and model[2] is model[0]
