@@ -269,12 +269,15 @@ class QuantizedWeight(nn.Module):
         """The `quant_format` view of the current buffers (follows .to(device))."""
         if self.format == "int8":
             return Int8Data(self._shape, self.qweight, self.scale)
-        get = self._buffers.get
         if self._offset_value is None:
             self._read_offset()
+        return self._data_with_offset(self._offset_value)
+
+    def _data_with_offset(self, offset: float) -> NF4Data:
+        get = self._buffers.get
         return NF4Data(self._shape, self.packed, self.code, self.blocksize, absmax=get("absmax"),
                        qabsmax=get("qabsmax"), code2=get("code2"), absmax2=get("absmax2"),
-                       blocksize2=self.blocksize2, offset=self._offset_value)
+                       blocksize2=self.blocksize2, offset=offset)
 
     def _read_offset(self) -> None:
         # The offset as a Python float, read once (a tensor read per call would sync, and under
@@ -283,8 +286,23 @@ class QuantizedWeight(nn.Module):
         offset = self._buffers["offset"]
         self._offset_value = 0.0 if offset.is_meta else float(offset)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    _FLOAT_BUFFERS = ("code", "absmax", "code2", "absmax2", "scale")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # assign=True takes the checkpoint's tensors as they are: keep the layout contract (fp32 tables,
+        # uint8 / int8 codes), refusing by name what cannot be read.
+        for name in self._FLOAT_BUFFERS:
+            t = self._buffers.get(name)
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                self._buffers[name] = t.float()
+        try:
+            check_data(self.data() if not self.nested else self._data_with_offset(0.0), "QuantizedWeight")
+        except (QuantizationError, TypeError) as err:
+            error_msgs.append(f"{prefix.rstrip('.') or '(root)'}: {err}")
+            return
         if self.nested:
             self._read_offset()  # now, in eager mode: not later inside a compiled forward
 

@@ -156,3 +156,28 @@ def test_quantize_model_replaces_a_shared_linear_everywhere():
     model = nn.Sequential(shared, nn.ReLU(), shared)
     quantize_model(model, "nf4")  # default targets
     assert isinstance(model[2], QuantizedLinear) and model[2] is model[0]
+
+
+def test_load_state_dict_assign_keeps_the_layout_contract():
+    """load_state_dict(assign=True) (meta-device loading) takes the checkpoint's tensors as they are: packed
+    data of the wrong dtype is refused by name (not an IndexError deep in dequantization, nor wrong codes),
+    and float tables come out float32 as the launchers rely on."""
+    torch.manual_seed(0)
+    src = QuantizedLinear.from_linear(nn.Linear(128, 64), "nf4")
+    x = torch.randn(2, 128)
+    bad = dict(src.state_dict())
+    bad["weight.packed"] = bad["weight.packed"].view(torch.int8)
+    m = copy.deepcopy(src).to("meta")
+    with pytest.raises(RuntimeError, match="packed"):
+        m.load_state_dict(bad, assign=True)
+    half = {k: (v.half() if k in ("weight.absmax2", "weight.code") else v) for k, v in src.state_dict().items()}
+    m = copy.deepcopy(src).to("meta")
+    m.load_state_dict(half, assign=True)
+    assert m.weight.absmax2.dtype == m.weight.code.dtype == torch.float32
+    torch.testing.assert_close(m(x), src(x), atol=1e-3, rtol=1e-3)  # the checkpoint's tables were rounded to fp16
+    i8 = QuantizedLinear.from_linear(nn.Linear(128, 64), "int8")
+    bad = dict(i8.state_dict())
+    bad["weight.qweight"] = bad["weight.qweight"].view(torch.uint8)
+    m = copy.deepcopy(i8).to("meta")
+    with pytest.raises(RuntimeError, match="qweight"):
+        m.load_state_dict(bad, assign=True)
