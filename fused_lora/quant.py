@@ -217,7 +217,21 @@ class QuantizedWeight(nn.Module):
     (`quant_convert`). The tensors are buffers (state_dict keys `packed`, `code`, `absmax` or
     `qabsmax`/`code2`/`absmax2` for NF4; `qweight`, `scale` for int8)."""
 
-    requires_grad = False
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        self.requires_grad_(value)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "QuantizedWeight":
+        """Only False: the quantized weight is frozen (no float values a gradient could update)."""
+        if requires_grad:
+            raise TypeError("QuantizedWeight: the quantized base weight is frozen and cannot require gradients "
+                            "(train the LoRA adapter; to train the base, dequantize it: FusedLoRALinear.to_linear() "
+                            "or LoraModel.merge_and_unload())")
+        return self
 
     def __init__(self, data: QuantData, dtype: torch.dtype = torch.float32):
         super().__init__()

@@ -181,3 +181,18 @@ def test_load_state_dict_assign_keeps_the_layout_contract():
     m = copy.deepcopy(i8).to("meta")
     with pytest.raises(RuntimeError, match="qweight"):
         m.load_state_dict(bad, assign=True)
+
+
+def test_quantized_weight_refuses_to_become_trainable():
+    """Asking the quantized base weight for gradients is refused clearly (it has no float values to train;
+    silently staying frozen would look like training it); freezing it and whole-model requires_grad_ work."""
+    layer = _layer("nf4")
+    with pytest.raises(TypeError, match="frozen"):
+        layer.weight.requires_grad_(True)
+    with pytest.raises(TypeError, match="frozen"):
+        layer.weight.requires_grad = True
+    layer.weight.requires_grad_(False)
+    layer.weight.requires_grad = False
+    assert layer.weight.requires_grad is False
+    layer.requires_grad_(True)  # the module-wide switch touches parameters only
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["bias", "lora_A", "lora_B"]
