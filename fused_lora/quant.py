@@ -480,6 +480,19 @@ def _holds_quantized(module: nn.Module) -> bool:
     return isinstance(module._modules.get("weight"), QuantizedWeight) or bnb_kind(module) is not None
 
 
+def _default_skip(model: nn.Module) -> set:
+    """What default targets leave unquantized, as transformers' bitsandbytes loading does
+    (get_keys_to_not_convert): the output layer and, in a transformers model (one with
+    get_output_embeddings), the module holding its last parameter (a classification head: `score`)."""
+    from .targets import _output_layer_name
+    skip = {_output_layer_name(model)}
+    if callable(getattr(model, "get_output_embeddings", None)):
+        last = next(reversed(list(model.named_parameters())), None)
+        if last is not None:
+            skip.add(last[0].rpartition(".")[0])
+    return skip - {None}
+
+
 def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=None, blocksize: int = 64,
                    double_quant: bool = True, exclude_modules=None) -> nn.Module:
     """Quantize `model`'s nn.Linear layers in place to NF4 or int8 (fused_lora's counterpart of loading
@@ -487,15 +500,16 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=Non
     bnb_4bit_use_double_quant=double_quant) / load_in_8bit=True), without bitsandbytes.
 
     target_modules: peft's matching (a regex over full names, or a list of names / dotted suffixes);
-    default: every nn.Linear but the output layer (transformers keeps lm_head unquantized too).
+    default: every nn.Linear but the output layer and a transformers model's last module (its classification
+    head), which transformers' bitsandbytes loading keeps unquantized too.
     Every layer is quantized before any is replaced: an error leaves the model as it was. Returns the model.
     """
-    from .targets import _output_layer_name, name_matches
+    from .targets import name_matches
     if quant_type not in FORMATS:
         raise ValueError(f"quantize_model: unknown quant_type {quant_type!r}; expected one of {', '.join(FORMATS)}")
-    skip = _output_layer_name(model) if target_modules is None else None
+    skip = _default_skip(model) if target_modules is None else set()
     every = list(model.named_modules(remove_duplicate=False))  # a shared Linear is replaced under all its names
-    chosen = {id(m) for n, m in every if type(m) is nn.Linear and n != skip
+    chosen = {id(m) for n, m in every if type(m) is nn.Linear and n not in skip
               and (target_modules is None or name_matches(n, target_modules))
               and not name_matches(n, exclude_modules)}
     names = [n for n, m in model.named_modules() if id(m) in chosen]

@@ -196,3 +196,25 @@ def test_quantized_weight_refuses_to_become_trainable():
     assert layer.weight.requires_grad is False
     layer.requires_grad_(True)  # the module-wide switch touches parameters only
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["bias", "lora_A", "lora_B"]
+
+
+def test_quantize_model_default_keeps_the_classification_head_like_transformers():
+    """Default targets leave unquantized what transformers' bitsandbytes loading leaves (its
+    get_keys_to_not_convert: output embeddings and the model's last module), e.g. a sequence
+    classifier's `score` head, which task_type="SEQ_CLS" then trains through modules_to_save."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from fused_lora import LoraConfig, get_lora_model
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, num_labels=3, pad_token_id=0)
+    for cls in (LlamaForSequenceClassification, LlamaForCausalLM):
+        torch.manual_seed(0)
+        model = cls(config)
+        keep = {k.removesuffix(".weight").removesuffix(".bias") for k in get_keys_to_not_convert(model)}
+        quantize_model(model, "nf4")
+        for name in keep:
+            assert type(model.get_submodule(name)) is nn.Linear, (cls.__name__, name)
+        assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    lm = get_lora_model(quantize_model(LlamaForSequenceClassification(config), "nf4"),
+                        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS"))
+    assert any(p.requires_grad and "score" in n for n, p in lm.named_parameters())
