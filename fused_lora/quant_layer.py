@@ -9,7 +9,8 @@ dtype = the compute dtype, device, like a weight tensor) and `bias`. Decisions:
   and lose most of the adapter (peft does re-quantize; we do not). `to_linear()` and
   `LoraModel.merge_and_unload()` return 16-bit (compute dtype) nn.Linear layers holding
   dequantize(W) + s B A; `unload()` gives back a `QuantizedLinear` holding the same packed tensors.
-- several adapters in one batch (forward(adapter_names=...)) are refused for now.
+- several adapters in one batch (forward(adapter_names=...)): `quant_ops.lora_linear_quant_multi`, torch
+  backend, eager mode.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from .dropout import new_seed, no_seed
 from .quant import QuantizedLinear, QuantizedWeight
-from .quant_ops import lora_linear_quant, quant_linear
+from .quant_ops import lora_linear_quant, lora_linear_quant_multi, quant_linear
 
 
 def is_quantized(layer) -> bool:
@@ -39,13 +40,21 @@ def forward(layer, x: Tensor, adapter_names: Optional[Sequence[str]] = None) -> 
     """The layer's forward over a quantized base (see the module doc)."""
     layer._check_input(x)
     if adapter_names is not None:
-        raise NotImplementedError("FusedLoRALinear: adapter_names (several adapters in one batch) is not supported "
-                                  "over a quantized base yet; set_adapter() one adapter per batch")
+        used, row_adapter = layer._row_adapters(x, adapter_names)
     x, bias = autocast_inputs(x, layer.bias)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), layer.in_features)
     if layer._disabled:
         y = quant_linear(x2, layer.weight, bias)
+    elif adapter_names is not None:
+        adapters = []
+        for name in used:
+            lora_A, lora_B = layer.adapter_weights(name)
+            settings = layer._adapter_settings[name]
+            adapters.append((lora_A.to(x.dtype), lora_B.to(x.dtype), settings.scaling,
+                             settings.lora_dropout if layer.training else 0.0))
+        seed = new_seed() if any(a[3] > 0.0 for a in adapters) else no_seed()
+        y = lora_linear_quant_multi(x2, layer.weight, bias, adapters, row_adapter, seed, layer.backend)
     else:
         p = layer.lora_dropout if layer.training else 0.0
         seed = new_seed() if p > 0.0 else no_seed()

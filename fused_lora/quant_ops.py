@@ -286,3 +286,82 @@ def quant_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor]) ->
         return _QuantLinear.apply(x, bias, data)
     from .quant_impl import base_linear
     return base_linear(x, data, bias)
+
+
+# ------------------------------------------------------------------ several adapters in one batch
+# The base once for the whole batch (dequantized chunk by chunk), each adapter's low-rank term on its own
+# rows (`multi_impl.add_lora` / `lora_backward`, the torch backend's code): torch backend, eager mode.
+
+def _quant_multi_forward(x, data, bias, adapters, segs, seed: int):
+    from .multi_impl import add_lora
+    from .quant_impl import base_linear
+    y = base_linear(x, data, bias)
+    return y, add_lora(y, x, adapters, segs, seed)
+
+
+class _QuantLoRALinearMulti(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, data, segs, spec, seed, *lora):
+        adapters = tuple((lora[2 * a], lora[2 * a + 1], s, p) for a, (s, p) in enumerate(spec))
+        y, h = _quant_multi_forward(x, data, bias, adapters, segs, seed)
+        ctx.save_for_backward(x, h, *lora)
+        ctx.data, ctx.segs, ctx.spec, ctx.seed, ctx.has_bias = data, segs, spec, seed, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .multi_impl import lora_backward
+        from .quant_impl import accumulate_grad_input
+        x, h, *lora = ctx.saved_tensors
+        n, need = len(ctx.spec), ctx.needs_input_grad
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (dy, x, *lora)):
+            raise RuntimeError("lora_linear_quant_multi: double backward (create_graph=True) through a quantized "
+                               "base is not supported")
+        dy = dy.contiguous()
+        adapters = tuple((lora[2 * a], lora[2 * a + 1], s, p) for a, (s, p) in enumerate(ctx.spec))
+        dx = accumulate_grad_input(dy.new_zeros(x.shape), dy, ctx.data) if need[0] else None
+        need_lora = [need[6 + 2 * a] or need[7 + 2 * a] for a in range(n)]
+        pairs = lora_backward(dx, dy, x, adapters, h, ctx.segs, ctx.seed, need_lora)
+        flat = []
+        for a, pair in enumerate(pairs):
+            dA, dB = pair if pair is not None else (None, None)
+            flat += [dA if need[6 + 2 * a] else None, dB if need[7 + 2 * a] else None]
+        db = dy.sum(0) if ctx.has_bias and need[1] else None
+        return (dx, db, None, None, None, None, *flat)
+
+
+@torch.compiler.disable  # eager code (Python loops over the adapters' rows): a graph break under torch.compile
+def lora_linear_quant_multi(
+    x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor], adapters, row_adapter: Tensor,
+    seed: Optional[Tensor] = None, backend: str = "auto",
+) -> Tensor:
+    """`ops.lora_linear_multi` over a frozen quantized base: y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m]),
+    a = row_adapter[m] (-1: no adapter), W = dequantize(qweight) chunk by chunk. Same arguments, checks and
+    dropout masks as lora_linear_multi on the torch backend (adapter a's mask: the torch row's keep_mask of
+    `multi_impl.adapter_seed(seed, a)` over its rows). Differentiable in x, bias and every A_a, B_a, never in
+    W. Runs on the torch backend in eager mode: a forced other backend raises BackendUnavailable; under
+    torch.compile it is a graph break (so fullgraph=True refuses it)."""
+    from .multi_impl import segments
+    from .ops import _check_row_adapter, _multi_adapters
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"lora_linear_quant_multi: qweight must be a fused_lora.quant.QuantizedWeight, got "
+                        f"{type(qweight).__name__}")
+    N, K = qweight.shape
+    stand_in = x.new_empty(1).expand(N, K) if isinstance(x, Tensor) and x.dim() == 2 else x  # W's shape, no memory
+    adapters = _multi_adapters(x, stand_in, bias, adapters)
+    seed = as_seed_tensor(seed, max([0.0] + [a[3] for a in adapters]))
+    if backend not in ("auto", "torch"):
+        raise backends.BackendUnavailable(f"the {backend} backend was requested but cannot run: several adapters "
+                                          "in one batch over a quantized base run on the torch backend only")
+    _check_row_adapter(row_adapter, x, len(adapters))
+    if qweight.device != x.device:
+        raise ValueError(f"lora_linear_quant_multi: the quantized weight is on {qweight.device} but x is on "
+                         f"{x.device}")
+    if x.is_meta:
+        return x.new_empty(x.shape[0], N)
+    data, segs, seed_int = qweight.data(), segments(row_adapter, len(adapters)), seed_value(seed)
+    lora = [t for a in adapters for t in a[:2]]
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora))):
+        return _quant_multi_forward(x, data, bias, adapters, segs, seed_int)[0]
+    spec = tuple((a[2], a[3]) for a in adapters)
+    return _QuantLoRALinearMulti.apply(x, bias, data, segs, spec, seed_int, *lora)
