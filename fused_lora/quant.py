@@ -459,11 +459,11 @@ class QuantizedLinear(nn.Module):
         return cls(quantize(linear.weight.detach(), quant_type, **kwargs), linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        from .quant_layer import autocast_inputs
         from .quant_ops import quant_linear
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear: input's last dimension is {x.shape[-1]} but in_features is "
                              f"{self.in_features}")
-        from .quant_layer import autocast_inputs
         x, bias = autocast_inputs(x, self.bias)  # as nn.Linear under torch.autocast
         lead = x.shape[:-1]
         y = quant_linear(x.reshape(math.prod(lead), self.in_features), self.weight, bias)
