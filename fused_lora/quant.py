@@ -257,6 +257,13 @@ class QuantizedWeight(nn.Module):
                                                             device=data.packed.device))
             self._offset_value: Optional[float] = float(data.offset)
 
+    def __getstate__(self):
+        # copies (deepcopy, pickle) leave out the bitsandbytes layer the weight was read from (quant_convert):
+        # a reference for unload(), whose copy would store the packed data twice
+        state = self.__dict__.copy()
+        state.pop("_bnb_source", None)
+        return state
+
     # ---- the weight-like view the layer reads
 
     @property

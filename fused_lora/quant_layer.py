@@ -96,9 +96,11 @@ def to_linear(layer, safe_merge: bool = False, adapter_names: Optional[Sequence[
     return out
 
 
-def unloaded(layer) -> QuantizedLinear:
-    """The quantized base alone again (the same packed tensors and bias)."""
-    return QuantizedLinear(layer.weight, layer.bias)
+def unloaded(layer) -> nn.Module:
+    """The quantized base alone again: the bitsandbytes layer it was read from when it still holds the same
+    packed tensors (peft's unload gives back its base layer), else a QuantizedLinear over them."""
+    from .quant_convert import bnb_source
+    return bnb_source(layer.weight, layer.bias) or QuantizedLinear(layer.weight, layer.bias)
 
 
 def quantized_parameter_count(model: nn.Module) -> int:

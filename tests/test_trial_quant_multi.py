@@ -346,3 +346,43 @@ def test_model_mixed_batch_over_quantized_base_equals_per_sample_set_adapter():
                 lm.set_adapter(name)
                 alone = lm(input_ids=ids[i:i + 1]).logits
             torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ unload over bitsandbytes' layers
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_unload_gives_back_the_bitsandbytes_layers(kind):
+    """unload() of a model adapted over bitsandbytes' layers gives back those very layers (peft's unload
+    does), so transformers' bitsandbytes model (save_pretrained, its quantizer) sees its own modules again;
+    the model computes what it computed before adaptation."""
+    pytest.importorskip("bitsandbytes")
+    from fused_lora import LoraConfig, get_lora_model
+    from test_quant_peft import bnb_quantize, tiny_llama
+    model = bnb_quantize(tiny_llama(), ["q_proj", "v_proj"], kind)
+    before = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))}
+    tokens = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits
+    lm = get_lora_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    back = lm.unload()
+    for name, module in before.items():
+        assert back.get_submodule(name) is module
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=tokens).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_copies_do_not_carry_the_bitsandbytes_layer():
+    """The remembered bitsandbytes layer is a reference for unload(), not part of the weight: deepcopy and
+    pickling do not copy it (that would store the packed data twice)."""
+    pytest.importorskip("bitsandbytes")
+    import io
+    from test_quant_peft import bnb_linear
+    layer = FusedLoRALinear.from_linear(bnb_linear(nn.Linear(128, 64), "nf4"), r=4)
+    assert "_bnb_source" not in copy.deepcopy(layer).weight.__dict__
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert "_bnb_source" not in loaded.weight.__dict__
+    x = torch.randn(2, 128)
+    assert torch.equal(loaded(x), layer(x))
