@@ -1,7 +1,9 @@
 """Regression tests from trying the quantized base and mixed-adapter batches as a new user would:
-meta-device initialisation (to_empty, then a checkpoint), a loaded checkpoint under torch.compile,
-re-quantizing a model. Each compares against an independent truth (the source layer's own output,
-float64 over the dequantized weight)."""
+meta-device initialisation and checkpoints (to_empty, assign=True, torch.compile after loading),
+re-quantizing and shared/classifier layers in quantize_model, memory kept for backward by a
+non-adapted quantized layer, autocast, requires_grad on the frozen weight, mixed-adapter batches over
+a quantized base, unload() over bitsandbytes' layers. Each compares against an independent truth
+(float64 over the dequantized weight, the single-adapter op, transformers' and peft's behaviour)."""
 import copy
 
 import pytest
