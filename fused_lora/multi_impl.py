@@ -137,6 +137,12 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequenc
     """(Y, H): Y (M x N) as in the module doc; H every adapter's H_a packed into one M x max(r_a) tensor
     (`h_of`), the only activation kept for backward besides x (one static shape: custom ops need it)."""
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return y, add_lora(y, x, adapters, segs, seed)
+
+
+def add_lora(y: Tensor, x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed: int) -> Tensor:
+    """y[rows_a] += s_a H_a B_a^T for every adapter, in place (y holds the base output); returns the packed H.
+    The low-rank half of `forward`, on its own for a base computed elsewhere (a quantized base)."""
     h_packed = x.new_zeros(packed_h_shape(x.shape[0], adapters))
     for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
         m = segs.count(a)
@@ -146,7 +152,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequenc
             lo, hi = piece.lo, piece.hi
             h[lo:hi] = torch.mm(_dropped(_take(x, piece.rows), None if keep is None else keep[lo:hi], p), lora_A.t())
             _add_product(y, piece.rows, h[lo:hi], lora_B.t(), scaling)
-    return y, h_packed
+    return h_packed
 
 
 def backward(dy: Tensor, x: Tensor, weight: Tensor, adapters: Sequence[Adapter], h_packed: Tensor,
@@ -156,6 +162,17 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, adapters: Sequence[Adapter],
     Per adapter, on its rows: G = s dY B;  dB = s dY^T H;  dA = G^T (D x);  dx += D (G A).
     """
     dx = torch.mm(dy, weight) if need_dx else None
+    lora_grads = lora_backward(dx, dy, x, adapters, h_packed, segs, seed, need_lora)
+    dW = torch.mm(dy.t(), x) if need_dw else None
+    db = dy.sum(0) if need_db else None
+    return dx, lora_grads, dW, db
+
+
+def lora_backward(dx: Optional[Tensor], dy: Tensor, x: Tensor, adapters: Sequence[Adapter], h_packed: Tensor,
+                  segs: Segments, seed: int, need_lora: Sequence[bool]) -> list:
+    """[(dA_a, dB_a) or None]; adds each adapter's D (G A) to dx in place when dx is given (it holds dY W).
+    The low-rank half of `backward`, on its own for a base computed elsewhere (a quantized base)."""
+    need_dx = dx is not None
     lora_grads = []
     for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
         want = need_lora[a]
@@ -182,9 +199,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, adapters: Sequence[Adapter],
                 else:
                     _add_rows(dx, rows, torch.mm(g, lora_A).mul_(keep_p), 1.0 / (1.0 - p))
         lora_grads.append((dA.to(x.dtype), dB_t.t().contiguous().to(x.dtype)) if want else None)
-    dW = torch.mm(dy.t(), x) if need_dw else None
-    db = dy.sum(0) if need_db else None
-    return dx, lora_grads, dW, db
+    return lora_grads
 
 
 def differentiable_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Adapter],

@@ -217,7 +217,21 @@ class QuantizedWeight(nn.Module):
     (`quant_convert`). The tensors are buffers (state_dict keys `packed`, `code`, `absmax` or
     `qabsmax`/`code2`/`absmax2` for NF4; `qweight`, `scale` for int8)."""
 
-    requires_grad = False
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        self.requires_grad_(value)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "QuantizedWeight":
+        """Only False: the quantized weight is frozen (no float values a gradient could update)."""
+        if requires_grad:
+            raise TypeError("QuantizedWeight: the quantized base weight is frozen and cannot require gradients "
+                            "(train the LoRA adapter; to train the base, dequantize it: FusedLoRALinear.to_linear() "
+                            "or LoraModel.merge_and_unload())")
+        return self
 
     def __init__(self, data: QuantData, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -242,6 +256,13 @@ class QuantizedWeight(nn.Module):
                 self.register_buffer("offset", torch.tensor(float(data.offset), dtype=torch.float32,
                                                             device=data.packed.device))
             self._offset_value: Optional[float] = float(data.offset)
+
+    def __getstate__(self):
+        # copies (deepcopy, pickle) leave out the bitsandbytes layer the weight was read from (quant_convert):
+        # a reference for unload(), whose copy would store the packed data twice
+        state = self.__dict__.copy()
+        state.pop("_bnb_source", None)
+        return state
 
     # ---- the weight-like view the layer reads
 
@@ -269,17 +290,42 @@ class QuantizedWeight(nn.Module):
         """The `quant_format` view of the current buffers (follows .to(device))."""
         if self.format == "int8":
             return Int8Data(self._shape, self.qweight, self.scale)
-        get = self._buffers.get
         if self._offset_value is None:
-            self._offset_value = float(self.offset)
+            self._read_offset()
+        return self._data_with_offset(self._offset_value)
+
+    def _data_with_offset(self, offset: float) -> NF4Data:
+        get = self._buffers.get
         return NF4Data(self._shape, self.packed, self.code, self.blocksize, absmax=get("absmax"),
                        qabsmax=get("qabsmax"), code2=get("code2"), absmax2=get("absmax2"),
-                       blocksize2=self.blocksize2, offset=self._offset_value)
+                       blocksize2=self.blocksize2, offset=offset)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _read_offset(self) -> None:
+        # The offset as a Python float, read once (a tensor read per call would sync, and under
+        # torch.compile would become an unbacked float the custom op cannot take). A meta offset has no
+        # value: any float serves there (shapes only).
+        offset = self._buffers["offset"]
+        self._offset_value = 0.0 if offset.is_meta else float(offset)
+
+    _FLOAT_BUFFERS = ("code", "absmax", "code2", "absmax2", "scale")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # assign=True takes the checkpoint's tensors as they are: keep the layout contract (fp32 tables,
+        # uint8 / int8 codes), refusing by name what cannot be read.
+        for name in self._FLOAT_BUFFERS:
+            t = self._buffers.get(name)
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                self._buffers[name] = t.float()
+        try:
+            check_data(self.data() if not self.nested else self._data_with_offset(0.0), "QuantizedWeight")
+        except (QuantizationError, TypeError) as err:
+            error_msgs.append(f"{prefix.rstrip('.') or '(root)'}: {err}")
+            return
         if self.nested:
-            self._offset_value = None  # re-read from the loaded buffer
+            self._read_offset()  # now, in eager mode: not later inside a compiled forward
 
     def nbytes(self) -> int:
         """Bytes held by every tensor of this weight (packed data, scales, code tables)."""
@@ -309,11 +355,14 @@ class QuantizedWeight(nn.Module):
     def _apply(self, fn, recurse=True):
         # A float cast (.half(), .to(dtype)) changes the compute dtype only; a device move moves the
         # buffers with their dtypes kept (an fp32 absmax cast to fp16 would change every value).
+        # fn runs on each buffer (so to_empty, which cannot copy out of meta, works); a result of
+        # another dtype is replaced by the buffer moved as it is.
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.device))
         self.compute_dtype = probe.dtype
         for name, t in self._buffers.items():
             if t is not None:
-                self._buffers[name] = t.to(probe.device)
+                new = fn(t)
+                self._buffers[name] = new if new.dtype == t.dtype else t.to(new.device)
         return self
 
     def extra_repr(self) -> str:
@@ -417,17 +466,38 @@ class QuantizedLinear(nn.Module):
         return cls(quantize(linear.weight.detach(), quant_type, **kwargs), linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        from .quant_impl import base_linear
+        from .quant_layer import autocast_inputs
+        from .quant_ops import quant_linear
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear: input's last dimension is {x.shape[-1]} but in_features is "
                              f"{self.in_features}")
+        x, bias = autocast_inputs(x, self.bias)  # as nn.Linear under torch.autocast
         lead = x.shape[:-1]
-        y = base_linear(x.reshape(math.prod(lead), self.in_features), self.weight.data(),
-                        None if self.bias is None else self.bias.to(x.dtype))
+        y = quant_linear(x.reshape(math.prod(lead), self.in_features), self.weight, bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _holds_quantized(module: nn.Module) -> bool:
+    """A module whose frozen weight is quantized: QuantizedLinear, a layer adapted over one, or
+    bitsandbytes' Linear4bit / Linear8bitLt."""
+    from .quant_convert import bnb_kind
+    return isinstance(module._modules.get("weight"), QuantizedWeight) or bnb_kind(module) is not None
+
+
+def _default_skip(model: nn.Module) -> set:
+    """What default targets leave unquantized, as transformers' bitsandbytes loading does
+    (get_keys_to_not_convert): the output layer and, in a transformers model (one with
+    get_output_embeddings), the module holding its last parameter (a classification head: `score`)."""
+    from .targets import _output_layer_name
+    skip = {_output_layer_name(model)}
+    if callable(getattr(model, "get_output_embeddings", None)):
+        last = next(reversed(list(model.named_parameters())), None)
+        if last is not None:
+            skip.add(last[0].rpartition(".")[0])
+    return skip - {None}
 
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=None, blocksize: int = 64,
@@ -437,18 +507,25 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=Non
     bnb_4bit_use_double_quant=double_quant) / load_in_8bit=True), without bitsandbytes.
 
     target_modules: peft's matching (a regex over full names, or a list of names / dotted suffixes);
-    default: every nn.Linear but the output layer (transformers keeps lm_head unquantized too).
+    default: every nn.Linear but the output layer and a transformers model's last module (its classification
+    head), which transformers' bitsandbytes loading keeps unquantized too.
     Every layer is quantized before any is replaced: an error leaves the model as it was. Returns the model.
     """
-    from .targets import _output_layer_name, name_matches
+    from .targets import name_matches
     if quant_type not in FORMATS:
         raise ValueError(f"quantize_model: unknown quant_type {quant_type!r}; expected one of {', '.join(FORMATS)}")
-    skip = _output_layer_name(model) if target_modules is None else None
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n != skip
-             and (target_modules is None or name_matches(n, target_modules))
-             and not name_matches(n, exclude_modules)]
+    skip = _default_skip(model) if target_modules is None else set()
+    every = list(model.named_modules(remove_duplicate=False))  # a shared Linear is replaced under all its names
+    chosen = {id(m) for n, m in every if type(m) is nn.Linear and n not in skip
+              and (target_modules is None or name_matches(n, target_modules))
+              and not name_matches(n, exclude_modules)}
+    names = [n for n, m in model.named_modules() if id(m) in chosen]
     if not names:
-        raise ValueError(f"quantize_model: target_modules {target_modules!r} matches no nn.Linear")
+        done = [n for n, m in model.named_modules() if _holds_quantized(m)
+                and (target_modules is None or name_matches(n, target_modules))]
+        hint = f" (already quantized: {', '.join(map(repr, done[:4]))}{', ...' if len(done) > 4 else ''})" \
+            if done else ""
+        raise ValueError(f"quantize_model: target_modules {target_modules!r} matches no nn.Linear{hint}")
     kwargs = dict(blocksize=blocksize, double_quant=double_quant) if quant_type == "nf4" else {}
     new = {}
     for name in names:
@@ -456,7 +533,9 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=Non
             new[name] = QuantizedLinear.from_linear(model.get_submodule(name), quant_type, **kwargs)
         except (QuantizationError, TypeError) as err:
             raise type(err)(f"quantize_model: layer {name!r}: {err}") from None
-    for name, module in new.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
+    by_module = {id(model.get_submodule(name)): module for name, module in new.items()}
+    for name, old in every:
+        if id(old) in by_module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, by_module[id(old)])
     return model

@@ -109,10 +109,24 @@ def weight_from_bnb(module: nn.Module) -> QuantizedWeight:
 
 def as_quantized_linear(module: nn.Module) -> QuantizedLinear:
     """A QuantizedLinear for a quantized base (itself if it is one; bitsandbytes' layers converted,
-    packed tensors and bias shared)."""
+    packed tensors and bias shared, the bitsandbytes layer remembered for `bnb_source`)."""
     if isinstance(module, QuantizedLinear):
         return module
-    return QuantizedLinear(weight_from_bnb(module), module.bias)
+    weight = weight_from_bnb(module)
+    object.__setattr__(weight, "_bnb_source", module)  # a plain attribute: not a submodule, not in state_dict
+    return QuantizedLinear(weight, module.bias)
+
+
+def bnb_source(weight: QuantizedWeight, bias) -> Optional[nn.Module]:
+    """The bitsandbytes layer `weight` was read from, if it still holds the very same packed data and `bias`
+    (what unload() gives back, as peft's does); None otherwise (e.g. after a device move or a deepcopy)."""
+    module = weight.__dict__.get("_bnb_source")
+    if module is None or module.bias is not bias:
+        return None
+    ours = weight.qweight if weight.format == "int8" else weight.packed
+    theirs = module.weight.data
+    same = ours.device == theirs.device and ours.untyped_storage().data_ptr() == theirs.untyped_storage().data_ptr()
+    return module if same else None
 
 
 def quantized_base_refusal(module: nn.Module) -> Optional[str]:

@@ -51,6 +51,13 @@ def base_linear(x: Tensor, data, bias: Optional[Tensor]) -> Tensor:
     return _accumulate_base(y, x, data)
 
 
+def accumulate_grad_input(dx: Tensor, dy: Tensor, data) -> Tensor:
+    """dx += dY W (dy: M x N), chunk by chunk of W's rows."""
+    for start, stop, w in weight_chunks(data, dy.dtype):
+        dx.addmm_(dy[:, start:stop], w)
+    return dx
+
+
 def forward_quant(
     x: Tensor, data, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float, seed: int,
@@ -80,6 +87,5 @@ def backward_quant(
         dx = torch.mm(torch.mm(dy, lora_B).mul_(scaling), lora_A)  # G A
         if keep is not None:
             dx = dropped(dx, keep, dropout_p)
-        for start, stop, w in weight_chunks(data, dy.dtype):
-            dx.addmm_(dy[:, start:stop], w)
+        accumulate_grad_input(dx, dy, data)
     return dx, dA, dB, db

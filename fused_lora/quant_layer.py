@@ -9,7 +9,8 @@ dtype = the compute dtype, device, like a weight tensor) and `bias`. Decisions:
   and lose most of the adapter (peft does re-quantize; we do not). `to_linear()` and
   `LoraModel.merge_and_unload()` return 16-bit (compute dtype) nn.Linear layers holding
   dequantize(W) + s B A; `unload()` gives back a `QuantizedLinear` holding the same packed tensors.
-- several adapters in one batch (forward(adapter_names=...)) are refused for now.
+- several adapters in one batch (forward(adapter_names=...)): `quant_ops.lora_linear_quant_multi`, torch
+  backend, eager mode.
 """
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ from torch import Tensor, nn
 
 from .dropout import new_seed, no_seed
 from .quant import QuantizedLinear, QuantizedWeight
-from .quant_ops import lora_linear_quant
+from .quant_ops import lora_linear_quant, lora_linear_quant_multi, quant_linear
 
 
 def is_quantized(layer) -> bool:
     return isinstance(layer.__dict__.get("_modules", {}).get("weight"), QuantizedWeight)
 
 
-def _autocast(x: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+def autocast_inputs(x: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """x and bias in the autocast dtype when autocast is on for x's device, else in x's dtype."""
     from .layer import _autocast_dtype
     dtype = _autocast_dtype(x.device.type) or x.dtype
     return x.to(dtype), None if bias is None else bias.to(dtype)
@@ -38,14 +40,21 @@ def forward(layer, x: Tensor, adapter_names: Optional[Sequence[str]] = None) -> 
     """The layer's forward over a quantized base (see the module doc)."""
     layer._check_input(x)
     if adapter_names is not None:
-        raise NotImplementedError("FusedLoRALinear: adapter_names (several adapters in one batch) is not supported "
-                                  "over a quantized base yet; set_adapter() one adapter per batch")
-    x, bias = _autocast(x, layer.bias)
+        used, row_adapter = layer._row_adapters(x, adapter_names)
+    x, bias = autocast_inputs(x, layer.bias)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), layer.in_features)
     if layer._disabled:
-        from .quant_impl import base_linear
-        y = base_linear(x2, layer.weight.data(), bias)
+        y = quant_linear(x2, layer.weight, bias)
+    elif adapter_names is not None:
+        adapters = []
+        for name in used:
+            lora_A, lora_B = layer.adapter_weights(name)
+            settings = layer._adapter_settings[name]
+            adapters.append((lora_A.to(x.dtype), lora_B.to(x.dtype), settings.scaling,
+                             settings.lora_dropout if layer.training else 0.0))
+        seed = new_seed() if any(a[3] > 0.0 for a in adapters) else no_seed()
+        y = lora_linear_quant_multi(x2, layer.weight, bias, adapters, row_adapter, seed, layer.backend)
     else:
         p = layer.lora_dropout if layer.training else 0.0
         seed = new_seed() if p > 0.0 else no_seed()
@@ -87,9 +96,11 @@ def to_linear(layer, safe_merge: bool = False, adapter_names: Optional[Sequence[
     return out
 
 
-def unloaded(layer) -> QuantizedLinear:
-    """The quantized base alone again (the same packed tensors and bias)."""
-    return QuantizedLinear(layer.weight, layer.bias)
+def unloaded(layer) -> nn.Module:
+    """The quantized base alone again: the bitsandbytes layer it was read from when it still holds the same
+    packed tensors (peft's unload gives back its base layer), else a QuantizedLinear over them."""
+    from .quant_convert import bnb_source
+    return bnb_source(layer.weight, layer.bias) or QuantizedLinear(layer.weight, layer.bias)
 
 
 def quantized_parameter_count(model: nn.Module) -> int:

@@ -21,6 +21,10 @@ N*K/2 bytes (high nibble first), every row is a whole number of blocks (K % bloc
 uint8, `code2` fp32[256], `absmax2` fp32, `blocksize2`, `offset` a Python float); int8 `qweight` is
 N x K int8 (row-major), `scale` fp32[N]. All on x's device; x's dtype is the compute dtype.
 
+`quant_linear(x, qweight, bias)` is the base alone (a QuantizedLinear that is not adapted, or a disabled
+adapter): custom ops fused_lora::quant_linear_fwd / _bwd (torch row), so backward dequantizes W again
+instead of keeping the forward's dequantized chunks (a full copy of W) alive.
+
 The quantized weight is frozen: there is no dW (gradients never flow to it; it is not a tensor
 autograd sees). The bias's gradient is computed when the bias requires grad (peft's bias="all").
 Double backward (create_graph=True through this op) is refused with a clear error.
@@ -206,3 +210,158 @@ def lora_linear_quant(
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B))):
         return _run_forward(x, data, bias, lora_A, lora_B, scaling, float(dropout_p), seed_value(seed), backend)[0]
     return _QuantLoRALinear.apply(*args)
+
+
+# ------------------------------------------------------------------ the quantized base alone (QuantizedLinear)
+# y = x W^T + b without an adapter: what a quantized layer that is not adapted, or an adapted one with its
+# adapter disabled, computes. Plain torch ops would save every dequantized chunk for backward (a full copy
+# of W); this op saves only the packed tensors and dequantizes again in backward (dx = dY W, chunked).
+
+def _base_backward(dy: Tensor, data, need_dx: bool, need_db: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    from .quant_impl import accumulate_grad_input
+    dx = accumulate_grad_input(dy.new_zeros(dy.shape[0], data.shape[1]), dy, data) if need_dx else None
+    return dx, (dy.sum(0) if need_db else None)
+
+
+@torch.library.custom_op("fused_lora::quant_linear_fwd", mutates_args=())
+def quant_linear_fwd(x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float,
+                     bias: Optional[Tensor]) -> Tensor:
+    from .quant_impl import base_linear
+    return base_linear(x, quant.from_op_args(qtensors, meta, offset), bias)
+
+
+@quant_linear_fwd.register_fake
+def _(x, qtensors, meta, offset, bias):
+    return x.new_empty(x.shape[0], meta[1])
+
+
+@torch.library.custom_op("fused_lora::quant_linear_bwd", mutates_args=())
+def quant_linear_bwd(dy: Tensor, qtensors: list[Tensor], meta: list[int], offset: float, need_dx: bool,
+                     need_db: bool) -> tuple[Tensor, Tensor]:
+    dx, db = _base_backward(dy.contiguous(), quant.from_op_args(qtensors, meta, offset), need_dx, need_db)
+    return (dx if dx is not None else dy.new_empty(0)), (db if db is not None else dy.new_empty(0))
+
+
+@quant_linear_bwd.register_fake
+def _(dy, qtensors, meta, offset, need_dx, need_db):
+    return dy.new_empty((dy.shape[0], meta[2]) if need_dx else (0,)), dy.new_empty((meta[1],) if need_db else (0,))
+
+
+def _base_setup_context(ctx, inputs, output):
+    x, qtensors, meta, offset, bias = inputs
+    ctx.save_for_backward(*qtensors)
+    ctx.meta, ctx.offset, ctx.has_bias = meta, offset, bias is not None
+
+
+def _base_op_backward(ctx, dy):
+    need_dx, need_db = ctx.needs_input_grad[0], bool(ctx.has_bias and ctx.needs_input_grad[4])
+    dx, db = quant_linear_bwd(dy, list(ctx.saved_tensors), ctx.meta, ctx.offset, need_dx, need_db)
+    return (dx if need_dx else None), [None] * len(ctx.saved_tensors), None, None, (db if need_db else None)
+
+
+quant_linear_fwd.register_autograd(_base_op_backward, setup_context=_base_setup_context)
+
+
+class _QuantLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, data):
+        from .quant_impl import base_linear
+        ctx.data, ctx.has_bias = data, bias is not None
+        return base_linear(x, data, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        need = ctx.needs_input_grad
+        dx, db = _base_backward(dy.contiguous(), ctx.data, need[0], bool(ctx.has_bias and need[1]))
+        return dx, db, None
+
+
+def quant_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor]) -> Tensor:
+    """x W^T + b for a 2-D x (M x K) and a frozen quantized W, in x's dtype (bias already in it): the
+    dequantized weight is never kept for backward (dx = dY W is dequantized again, chunk by chunk)."""
+    data = qweight.data()
+    if torch.compiler.is_compiling() or x.is_meta:
+        return quant_linear_fwd(x, *quant.op_args(data), bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _QuantLinear.apply(x, bias, data)
+    from .quant_impl import base_linear
+    return base_linear(x, data, bias)
+
+
+# ------------------------------------------------------------------ several adapters in one batch
+# The base once for the whole batch (dequantized chunk by chunk), each adapter's low-rank term on its own
+# rows (`multi_impl.add_lora` / `lora_backward`, the torch backend's code): torch backend, eager mode.
+
+def _quant_multi_forward(x, data, bias, adapters, segs, seed: int):
+    from .multi_impl import add_lora
+    from .quant_impl import base_linear
+    y = base_linear(x, data, bias)
+    return y, add_lora(y, x, adapters, segs, seed)
+
+
+class _QuantLoRALinearMulti(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, data, segs, spec, seed, *lora):
+        adapters = tuple((lora[2 * a], lora[2 * a + 1], s, p) for a, (s, p) in enumerate(spec))
+        y, h = _quant_multi_forward(x, data, bias, adapters, segs, seed)
+        ctx.save_for_backward(x, h, *lora)
+        ctx.data, ctx.segs, ctx.spec, ctx.seed, ctx.has_bias = data, segs, spec, seed, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .multi_impl import lora_backward
+        from .quant_impl import accumulate_grad_input
+        x, h, *lora = ctx.saved_tensors
+        n, need = len(ctx.spec), ctx.needs_input_grad
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (dy, x, *lora)):
+            raise RuntimeError("lora_linear_quant_multi: double backward (create_graph=True) through a quantized "
+                               "base is not supported")
+        dy = dy.contiguous()
+        adapters = tuple((lora[2 * a], lora[2 * a + 1], s, p) for a, (s, p) in enumerate(ctx.spec))
+        dx = accumulate_grad_input(dy.new_zeros(x.shape), dy, ctx.data) if need[0] else None
+        need_lora = [need[6 + 2 * a] or need[7 + 2 * a] for a in range(n)]
+        pairs = lora_backward(dx, dy, x, adapters, h, ctx.segs, ctx.seed, need_lora)
+        flat = []
+        for a, pair in enumerate(pairs):
+            dA, dB = pair if pair is not None else (None, None)
+            flat += [dA if need[6 + 2 * a] else None, dB if need[7 + 2 * a] else None]
+        db = dy.sum(0) if ctx.has_bias and need[1] else None
+        return (dx, db, None, None, None, None, *flat)
+
+
+@torch.compiler.disable  # eager code (Python loops over the adapters' rows): a graph break under torch.compile
+def lora_linear_quant_multi(
+    x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor], adapters, row_adapter: Tensor,
+    seed: Optional[Tensor] = None, backend: str = "auto",
+) -> Tensor:
+    """`ops.lora_linear_multi` over a frozen quantized base: y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m]),
+    a = row_adapter[m] (-1: no adapter), W = dequantize(qweight) chunk by chunk. Same arguments, checks and
+    dropout masks as lora_linear_multi on the torch backend (adapter a's mask: the torch row's keep_mask of
+    `multi_impl.adapter_seed(seed, a)` over its rows). Differentiable in x, bias and every A_a, B_a, never in
+    W. Runs on the torch backend in eager mode: a forced other backend raises BackendUnavailable; under
+    torch.compile it is a graph break (so fullgraph=True refuses it)."""
+    from .multi_impl import segments
+    from .ops import _check_row_adapter, _multi_adapters
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"lora_linear_quant_multi: qweight must be a fused_lora.quant.QuantizedWeight, got "
+                        f"{type(qweight).__name__}")
+    N, K = qweight.shape
+    stand_in = x.new_empty(1).expand(N, K) if isinstance(x, Tensor) and x.dim() == 2 else x  # W's shape, no memory
+    adapters = _multi_adapters(x, stand_in, bias, adapters)
+    seed = as_seed_tensor(seed, max([0.0] + [a[3] for a in adapters]))
+    if backend not in ("auto", "torch"):
+        raise backends.BackendUnavailable(f"the {backend} backend was requested but cannot run: several adapters "
+                                          "in one batch over a quantized base run on the torch backend only")
+    _check_row_adapter(row_adapter, x, len(adapters))
+    if qweight.device != x.device:
+        raise ValueError(f"lora_linear_quant_multi: the quantized weight is on {qweight.device} but x is on "
+                         f"{x.device}")
+    if x.is_meta:
+        return x.new_empty(x.shape[0], N)
+    data, segs, seed_int = qweight.data(), segments(row_adapter, len(adapters)), seed_value(seed)
+    lora = [t for a in adapters for t in a[:2]]
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora))):
+        return _quant_multi_forward(x, data, bias, adapters, segs, seed_int)[0]
+    spec = tuple((a[2], a[3]) for a in adapters)
+    return _QuantLoRALinearMulti.apply(x, bias, data, segs, spec, seed_int, *lora)

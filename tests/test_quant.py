@@ -327,8 +327,6 @@ def test_layer_merge_refused_nothing_changed():
             call()
     assert not layer.merged
     assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
-    with pytest.raises(NotImplementedError, match="adapter_names"):
-        layer(torch.randn(2, 128), adapter_names=["default", "default"])
 
 
 def test_layer_autocast_and_half_inputs():
