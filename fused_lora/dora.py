@@ -8,10 +8,11 @@ and this module computes the same without the out x in matrix W + s B A:
 
     n_j^2 = ||W_j||^2 + 2 s B_j . (A W_j^T) + s^2 B_j (A A^T) B_j^T
 
-in float32 (float64 for float64 inputs). ||W_j||^2 is computed once and cached (W is frozen; the
-cache is keyed on the weight's storage and version counter, so merge/unmerge, load_state_dict or
-any in-place write recomputes it); A W^T is an r x out product (2 r in out FLOPs: r/M of the
-forward GEMM) and A A^T is r x r. The identity cancels when W_j + s B_j A is small against W_j
+in float32 (float64 for float64 inputs). ||W_j||^2 is recomputed per forward, in the same read of W
+as A W^T (one more pass over W in fp32, none extra for a low-precision W, whose fp32 row chunks serve
+both): a cache keyed on the weight's version missed writes through `.data` and, under autocast,
+keyed a per-call cast copy whose address the allocator reuses. A W^T is an r x out product (2 r in
+out FLOPs: r/M of the forward GEMM) and A A^T is r x r. The identity cancels when W_j + s B_j A is small against W_j
 (||W_j||^2 + s^2 ||B_j A||^2 over n_j^2 large); such rows (n_j^2 < 2^-6 of that sum, so the
 identity's rounding stays below ~64 ulp of n_j^2) are recomputed directly (a rows x in temporary,
 rows = the few bad ones; on CUDA, without a host sync, always the DIRECT_ROWS rows nearest to
@@ -40,7 +41,7 @@ Precision: Y is rounded to the input dtype, so in float16/bfloat16 dm carries th
 rounded intermediates; float32 matches peft to rounding.
 
 Under torch.compile `dora_linear` calls the custom ops fused_lora::dora_linear_fwd / _bwd (same code,
-autograd registered on them, ||W||^2 recomputed per call); in eager mode an autograd.Function that
+autograd registered on them); in eager mode an autograd.Function that
 skips the custom-op dispatch, as `fused_lora.ops` does for LoRA.
 
 Dropout (p > 0, training): matched to peft, whose DoRA computes the base term on the dropped input:
@@ -101,18 +102,25 @@ def weight_sq_norms(weight: Tensor, acc: Optional[torch.dtype] = None) -> Tensor
 def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                 weight_sq: Optional[Tensor] = None) -> Tensor:
     """n_j = ||W_j + s B_j A|| for W (N x K), A (r x K), B (N x r), without forming W + s B A;
-    fp32 (fp64 if any input is fp64). `weight_sq`: ||W_j||^2 if already known (`weight_sq_norms`)."""
+    fp32 (fp64 if any input is fp64). `weight_sq`: ||W_j||^2 if already known (`weight_sq_norms`);
+    otherwise computed here, from the same reads of W as the cross term (W is read as it is now: a
+    cache would miss writes through `.data`, which bump no version counter)."""
     acc = _acc_dtype(weight, lora_A, lora_B)
     A, B = lora_A.detach().to(acc), lora_B.detach().to(acc)
-    if weight_sq is None:
-        weight_sq = weight_sq_norms(weight, acc)
-    weight_sq = weight_sq.to(acc)
+    weight = weight.detach()
     if weight.dtype == acc:  # B_j . (A W_j^T), W read in place
-        cross = torch.mm(weight.detach(), A.t()).mul_(B).sum(1)
-    else:  # a low-precision W: fp32 copies of row chunks only
-        cross = torch.empty_like(weight_sq)
+        cross = torch.mm(weight, A.t()).mul_(B).sum(1)
+        if weight_sq is None:  # one reduction over W, no N x K temporary
+            weight_sq = torch.linalg.vector_norm(weight, dim=1).square_()
+    else:  # a low-precision W: fp32 copies of row chunks only, each read for both terms
+        cross = torch.empty(weight.shape[0], dtype=acc, device=weight.device)
+        sq = torch.empty_like(cross) if weight_sq is None else None
         for i, rows in _row_chunks(weight, acc):
             cross[i:i + rows.shape[0]] = (torch.mm(rows, A.t()) * B[i:i + rows.shape[0]]).sum(1)
+            if sq is not None:
+                sq[i:i + rows.shape[0]] = (rows * rows).sum(1)
+        weight_sq = sq if weight_sq is None else weight_sq
+    weight_sq = weight_sq.to(acc)
     lora_sq = torch.mm(B, torch.mm(A, A.t())).mul_(B).sum(1)  # ||B_j A||^2
     s = float(scaling)
     lora_sq.mul_(s * s)
@@ -130,26 +138,6 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
         rows = weight.detach()[bad].to(acc) + s * torch.mm(B[bad], A)
         n2[bad] = (rows * rows).sum(1)
     return n2.clamp_min_(0.0).sqrt_()
-
-
-class WeightSqCache:
-    """||W_j||^2 of a frozen weight, recomputed when the weight changes (storage, version, dtype, shape)."""
-
-    def __init__(self):
-        self._key, self._value = None, None
-
-    def get(self, weight: Tensor, acc: torch.dtype) -> Tensor:
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), tuple(weight.stride()),
-               weight.device, acc)
-        if key != self._key or weight.requires_grad:  # a trainable W is not cached
-            self._value, self._key = weight_sq_norms(weight.detach(), acc), key
-        return self._value
-
-    def __deepcopy__(self, memo):
-        return WeightSqCache()  # a copied layer has its own weight
-
-    def __getstate__(self):
-        return {"_key": None, "_value": None}
 
 
 # ------------------------------------------------------------------ the op
@@ -304,7 +292,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     device (as `lora_linear`); magnitude (N,) any floating dtype (its gradient comes back in it).
     Differentiable in x, lora_A, lora_B and magnitude, once (create_graph=True raises RuntimeError); W and b
     frozen.
-    `weight_sq`: ||W_j||^2 if known (the layer caches it). Bad inputs raise ValueError / TypeError.
+    `weight_sq`: ||W_j||^2 if the caller knows it for this W (else computed). Bad inputs raise ValueError / TypeError.
     """
     scaling = as_scaling(scaling)
     check_op_inputs(x, weight, bias, lora_A, lora_B, 0.0)
@@ -315,7 +303,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     if min(x.shape[0], x.shape[1], weight.shape[0], lora_A.shape[0]) == 0:
         raise ValueError(f"dora_linear: empty sizes are not supported (x {tuple(x.shape)}, weight "
                          f"{tuple(weight.shape)}, rank {lora_A.shape[0]})")
-    if torch.compiler.is_compiling():  # the custom op: traced without graph breaks (||W||^2 not cached)
+    if torch.compiler.is_compiling():  # the custom op: traced without graph breaks
         return dora_linear_fwd(x, weight, bias, lora_A, lora_B, magnitude, scaling, backend)[0]
     return _DoraLinear.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, backend, weight_sq)
 
@@ -335,28 +323,22 @@ def enable(layer: nn.Module) -> None:
     lora_A, lora_B = layer.adapter_weights("default")
     weight = layer._base_weight().detach()
     norm = weight_norm(weight, lora_A, lora_B, layer.adapter_settings("default").scaling)
-    layer._dora_weight_sq = WeightSqCache()
     layer._parameters[MAGNITUDE] = nn.Parameter(norm.to(lora_A.dtype), requires_grad=lora_A.requires_grad)
 
 
 def dora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                 magnitude: Tensor, scaling: float, dropout_p: float, backend: str,
-                 weight_sq_cache: Optional[WeightSqCache] = None) -> Tensor:
+                 magnitude: Tensor, scaling: float, dropout_p: float, backend: str) -> Tensor:
     """peft's DoRA layer on x of any leading shape (weight out x in, in x's dtype; A and B cast to it):
     the fused op, or with dropout_p > 0 peft's dropout formula (see the module docstring). Shared by
     FusedLoRALinear and patched peft layers."""
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    weight_sq = None
-    if weight_sq_cache is not None and not torch.compiler.is_compiling():
-        weight_sq = weight_sq_cache.get(weight, _acc_dtype(weight, A))
     if dropout_p > 0.0:  # peft's formula: the (c - 1) base term on the dropped input
         xd = F.dropout(x2, dropout_p, training=True)
-        y = F.linear(x2 - xd, weight, bias) + dora_linear(xd, weight, None, A, B, magnitude, scaling, backend,
-                                                          weight_sq)
+        y = F.linear(x2 - xd, weight, bias) + dora_linear(xd, weight, None, A, B, magnitude, scaling, backend)
     else:
-        y = dora_linear(x2, weight, bias, A, B, magnitude, scaling, backend, weight_sq)
+        y = dora_linear(x2, weight, bias, A, B, magnitude, scaling, backend)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -365,7 +347,7 @@ def forward(layer: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor])
     lora_A, lora_B = layer.adapter_weights("default")
     settings = layer.adapter_settings("default")
     return dora_forward(x, weight, bias, lora_A, lora_B, layer._parameters[MAGNITUDE], settings.scaling,
-                        settings.lora_dropout if layer.training else 0.0, layer.backend, layer._dora_weight_sq)
+                        settings.lora_dropout if layer.training else 0.0, layer.backend)
 
 
 @torch.no_grad()

@@ -1,0 +1,59 @@
+"""Review of DoRA: cases the first tests did not reach, each against an independent truth (the float64
+reference formula, or peft's own DoRA layer)."""
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+from fused_lora import FusedLoRALinear, patch_peft
+from fused_lora.reference import dora_linear_ref
+
+
+def _truth(layer, x):
+    """peft's DoRA output of `layer` (no dropout) in float64, from the layer's current tensors."""
+    return dora_linear_ref(x.double(), layer.weight.double(), layer.bias.double(), layer.lora_A.double(),
+                           layer.lora_B.double(), layer.lora_magnitude_vector.double(), layer.scaling)
+
+
+def _layer(seed=0):
+    torch.manual_seed(seed)
+    return FusedLoRALinear(64, 32, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False, backend="torch")
+
+
+def test_base_weight_written_through_data_after_a_forward_is_seen():
+    # `.data` writes (HF's _init_weights, many loaders) do not bump the weight's version counter; the
+    # norm must follow the weight anyway.
+    layer, x = _layer(), torch.randn(5, 64)
+    layer(x)
+    layer.weight.data.mul_(2.0)
+    torch.testing.assert_close(layer(x), _truth(layer, x).float())
+
+
+def test_base_weight_changed_between_autocast_steps_is_seen():
+    # Under autocast the op gets a fresh cast copy of W per forward; the allocator reuses its address,
+    # so a cache keyed on the copy hit after an in-place (versioned) write of the layer's own weight.
+    layer, x = _layer(), torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            layer(x).float().sum().backward()
+        with torch.no_grad():
+            layer.weight.mul_(3.0)
+        y = layer(x)
+    truth = _truth(layer, x)
+    assert (y.double() - truth).abs().max() <= 0.02 * truth.abs().max()  # bfloat16 rounding, not a stale norm
+
+
+def test_patched_peft_layer_sees_a_base_weight_written_through_data():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 40))
+    ref = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, use_dora=True,
+                                                    target_modules=["0"]))
+    ours = copy.deepcopy(ref)
+    patch_peft(ours, verbose=False)
+    x = torch.randn(3, 24)
+    ours(x)
+    for model in (ours, ref):
+        model.base_model.model[0].base_layer.weight.data.mul_(2.0)
+    torch.testing.assert_close(ours(x), ref(x))
