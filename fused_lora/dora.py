@@ -125,6 +125,8 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
     s = float(scaling)
     lora_sq.mul_(s * s)
     n2 = torch.add(weight_sq, cross, alpha=2.0 * s).add_(lora_sq)
+    if n2.is_meta:  # a model built on the meta device (weights come later): shapes only, no values to guard
+        return n2.sqrt_()
     ratio = n2 / (weight_sq + lora_sq)  # 1 without cancellation, 0 where W_j + s B_j A vanishes
     if _sync_free(n2):
         k = min(n2.shape[0], DIRECT_ROWS)

@@ -57,3 +57,24 @@ def test_patched_peft_layer_sees_a_base_weight_written_through_data():
     for model in (ours, ref):
         model.base_model.model[0].base_layer.weight.data.mul_(2.0)
     torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_dora_on_a_meta_device_base_builds_as_peft():
+    # Models built under torch.device("meta") (weights loaded later): peft's DoRA builds a meta magnitude;
+    # LoRA here builds too. The norm's cancellation guard read a meta tensor's value (RuntimeError).
+    from fused_lora import LoraConfig, get_lora_model
+    with torch.device("meta"):
+        base, base_ref = nn.Sequential(nn.Linear(24, 40)), nn.Sequential(nn.Linear(24, 40))
+    ref = peft.get_peft_model(base_ref, peft.LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    ours = get_lora_model(base, LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    m, m_ref = ours.base_model.model[0].lora_magnitude_vector, ref.base_model.model[0].lora_magnitude_vector["default"].weight
+    assert m.is_meta and m.shape == m_ref.shape and m.dtype == m_ref.dtype and m.requires_grad
+
+
+def test_merge_unmerge_then_forward_equals_the_unmerged_output():
+    layer, x = _layer(), torch.randn(5, 64)
+    before = _truth(layer, x).float()
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)  # one more fp32 rounding of W
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), before)
