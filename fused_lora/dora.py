@@ -172,7 +172,7 @@ def _dm(dm_num: Tensor, colscale: Tensor, norm: Tensor, dy: Tensor, x: Tensor, w
 
 class _DoraLinear(torch.autograd.Function):
     """Forward y = c * (x W^T + s (x A^T) B^T) + b with c = m / n (n detached); backward as the module says.
-    W and b are frozen (their gradients are not computed: refused in `dora_linear`)."""
+    W is frozen (its gradient is not computed: refused in `dora_linear`); db is dY's column sum."""
 
     @staticmethod
     def _colscale(magnitude: Tensor, norm: Tensor, x: Tensor) -> Tensor:
@@ -201,8 +201,14 @@ class _DoraLinear(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dA, dB, dm = _backward(dy.contiguous(), x, weight, bias, lora_A, lora_B, h, y, magnitude, norm,
                                    ctx.scaling, ctx.backend, need[0], need[3] or need[4], need[5])
-        return (dx if need[0] else None, None, None, dA if need[3] else None, dB if need[4] else None,
-                dm, None, None, None)
+        return (dx if need[0] else None, None, _bias_grad(dy, need[2]), dA if need[3] else None,
+                dB if need[4] else None, dm, None, None, None)
+
+
+def _bias_grad(dy: Tensor, needed: bool) -> Optional[Tensor]:
+    """db = dY's column sum: b is added after the column scale, outside the weight norm (peft trains it
+    with bias="all" / "lora_only")."""
+    return dy.sum(0) if needed else None
 
 
 def _backward(dy, x, weight, bias, lora_A, lora_B, h, y, magnitude, norm, scaling, backend,
@@ -265,8 +271,8 @@ def _op_backward(ctx, dy, _dh, _dn):
     need = ctx.needs_input_grad
     dx, dA, dB, dm = dora_linear_bwd(dy, x, weight, bias, lora_A, lora_B, h, y, magnitude, norm, ctx.scaling,
                                      ctx.backend, need[0], need[3] or need[4], need[5])
-    return (dx if need[0] else None, None, None, dA if need[3] else None, dB if need[4] else None,
-            dm if need[5] else None, None, None)
+    return (dx if need[0] else None, None, _bias_grad(dy, need[2]), dA if need[3] else None,
+            dB if need[4] else None, dm if need[5] else None, None, None)
 
 
 dora_linear_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -292,16 +298,16 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 
     x, weight (N x K), bias (N) or None, lora_A (r x K), lora_B (N x r) share one floating dtype and
     device (as `lora_linear`); magnitude (N,) any floating dtype (its gradient comes back in it).
-    Differentiable in x, lora_A, lora_B and magnitude, once (create_graph=True raises RuntimeError); W and b
-    frozen.
+    Differentiable in x, bias, lora_A, lora_B and magnitude, once (create_graph=True raises RuntimeError);
+    W frozen.
     `weight_sq`: ||W_j||^2 if the caller knows it for this W (else computed). Bad inputs raise ValueError / TypeError.
     """
     scaling = as_scaling(scaling)
     check_op_inputs(x, weight, bias, lora_A, lora_B, 0.0)
     check_magnitude(magnitude, weight)
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError("dora_linear: the base weight and bias must be frozen with DoRA (requires_grad=False): "
-                         "their gradients through the weight norm are not implemented")
+    if weight.requires_grad:
+        raise ValueError("dora_linear: the base weight must be frozen with DoRA (requires_grad=False): "
+                         "its gradient through the weight norm is not implemented")
     if min(x.shape[0], x.shape[1], weight.shape[0], lora_A.shape[0]) == 0:
         raise ValueError(f"dora_linear: empty sizes are not supported (x {tuple(x.shape)}, weight "
                          f"{tuple(weight.shape)}, rank {lora_A.shape[0]})")

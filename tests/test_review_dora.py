@@ -78,3 +78,49 @@ def test_merge_unmerge_then_forward_equals_the_unmerged_output():
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)  # one more fp32 rounding of W
     layer.unmerge()
     torch.testing.assert_close(layer(x), before)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_bias_with_dora_equals_peft(bias, tmp_path):
+    # peft trains the base bias beside DoRA (the bias is outside the weight norm: its gradient is dY's
+    # column sum); get_lora_model accepted the config, then the first forward raised.
+    from fused_lora import LoraConfig, get_lora_model
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8))
+    cfg = dict(r=4, lora_alpha=8, target_modules=["0", "2"], use_dora=True, bias=bias)
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    torch.manual_seed(1)
+    ours = get_lora_model(copy.deepcopy(base), LoraConfig(**cfg))
+    x = torch.randn(16, 24)
+    y, y_ref = ours(x), ref(x)
+    torch.testing.assert_close(y, y_ref)
+    y.pow(2).sum().backward()
+    y_ref.pow(2).sum().backward()
+    for i in ("0", "2"):
+        layer, layer_ref = ours.base_model.model.get_submodule(i), ref.base_model.model.get_submodule(i)
+        assert layer.bias.grad is not None
+        torch.testing.assert_close(layer.bias.grad, layer_ref.base_layer.bias.grad)
+        torch.testing.assert_close(layer.lora_magnitude_vector.grad, layer_ref.lora_magnitude_vector["default"].weight.grad)
+        torch.testing.assert_close(layer.lora_A.grad, layer_ref.lora_A["default"].weight.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_op_bias_gradient_and_gradcheck(backend):
+    from utils import make_problem
+    x, w, b, a, bb = make_problem(7, 12, 9, 3, dtype=torch.float64)
+    w.requires_grad_(False)
+    m = (torch.rand(9, dtype=torch.float64) + 0.5).requires_grad_()
+    from fused_lora.dora import dora_linear
+    if backend == "torch":
+        # x, b and m only: the norm (a function of A and B) is detached, which gradcheck's numerics do not know
+        assert torch.autograd.gradcheck(lambda x, b, m: dora_linear(x, w, b, a.detach(), bb.detach(), m, 1.3,
+                                                                    backend="torch"), (x, b, m))
+    else:  # the Triton kernels (interpreter on the CPU) in float32, against the float64 reference
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        args = [t.detach().float().to(dev).requires_grad_(t.requires_grad) for t in (x, w, b, a, bb, m)]
+        dy = torch.randn(7, 9, dtype=torch.float64)
+        dora_linear(*args[:5], args[5], 1.3, backend="triton").backward(dy.float().to(dev))
+        b64 = b.detach().clone().requires_grad_()
+        dora_linear_ref(x.detach(), w, b64, a.detach(), bb.detach(), m.detach(), 1.3).backward(dy)
+        torch.testing.assert_close(args[2].grad.double().cpu(), b64.grad, rtol=1e-5, atol=1e-5)
