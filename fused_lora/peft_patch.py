@@ -159,9 +159,8 @@ def _dora_reason(layer: nn.Module, name: str) -> Optional[str]:
     magnitude = getattr(held, "weight", None)
     if not isinstance(magnitude, Tensor) or magnitude.dim() != 1 or not magnitude.is_floating_point():
         return "DoRA magnitude is not a 1-D float tensor"
-    base = layer.base_layer
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return "DoRA with a trainable base weight or bias"
+    if layer.base_layer.weight.requires_grad:  # a trained bias is fine: it is outside the norm
+        return "DoRA with a trainable base weight"
     return None
 
 

@@ -124,3 +124,23 @@ def test_op_bias_gradient_and_gradcheck(backend):
         b64 = b.detach().clone().requires_grad_()
         dora_linear_ref(x.detach(), w, b64, a.detach(), bb.detach(), m.detach(), 1.3).backward(dy)
         torch.testing.assert_close(args[2].grad.double().cpu(), b64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_peft_fuses_dora_with_a_trained_bias():
+    from fused_lora import backends
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8))
+    ref = peft.get_peft_model(base, peft.LoraConfig(r=4, init_lora_weights=False, use_dora=True, bias="all",
+                                                    target_modules=["0", "2"], lora_dropout=0.2))
+    ours = copy.deepcopy(ref)
+    patch_peft(ours, verbose=False)
+    x = torch.randn(5, 24)
+    before = backends.calls[("dora_fwd", "torch")]
+    torch.manual_seed(4)
+    ours(x).pow(2).sum().backward()
+    assert backends.calls[("dora_fwd", "torch")] == before + 2  # fused, not peft's forward
+    torch.manual_seed(4)
+    ref(x).pow(2).sum().backward()
+    for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        if q.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=n)
