@@ -359,25 +359,31 @@ def forward(layer: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor])
 
 
 @torch.no_grad()
-def merged_weight(layer: nn.Module) -> tuple[Tensor, Tensor]:
-    """peft's DoRA merge: (c (W + s B A), in W's own layout and dtype; n) with n = ||W + s B A|| of the
-    unmerged W and c = m / n. n is kept by the layer to unmerge."""
+def merged_weight(layer: nn.Module) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """peft's DoRA merge: (c (W + s B A), in W's own layout and dtype; what unmerge needs) with
+    n = ||W + s B A|| of the unmerged W and c = m / n. The layer keeps the second item to unmerge:
+    n, and the rows j with c_j == 0 with their unmerged W_j (the merge zeroes them: W / c cannot)."""
     delta = layer.delta_weight("default")  # out x in, fp32 / fp64
     weight = layer._base_weight().detach()
     lora_A, lora_B = layer.adapter_weights("default")
     norm = weight_norm(weight, lora_A, lora_B, layer.adapter_settings("default").scaling)
     c = layer._parameters[MAGNITUDE].detach().to(norm.dtype) / norm
     merged = (weight.to(delta.dtype) + delta) * c[:, None].to(delta.dtype)
-    return layer._base_weight(merged).to(layer.weight.dtype), norm
+    lost = (c == 0).nonzero().flatten()
+    return layer._base_weight(merged).to(layer.weight.dtype), (norm, lost, weight[lost].clone())
 
 
 @torch.no_grad()
-def unmerged_weight(layer: nn.Module, norm: Tensor) -> Tensor:
-    """peft's DoRA unmerge: W = W_merged / c - s B A, c = m / n with the n saved at merge."""
+def unmerged_weight(layer: nn.Module, kept: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """peft's DoRA unmerge: W = W_merged / c - s B A, c = m / n with the n saved at merge; the rows with
+    c_j == 0 are put back from the copies saved at merge."""
+    norm, lost, rows = kept
     delta = layer.delta_weight("default")
     c = layer._parameters[MAGNITUDE].detach().to(norm.dtype) / norm
     weight = layer._base_weight().detach().to(delta.dtype)
-    return layer._base_weight(weight / c[:, None].to(delta.dtype) - delta).to(layer.weight.dtype)
+    unmerged = weight / c[:, None].to(delta.dtype) - delta
+    unmerged[lost] = rows.to(delta.dtype)
+    return layer._base_weight(unmerged).to(layer.weight.dtype)
 
 
 def refuse_in_mixed_batch(layer: nn.Module, used) -> None:

@@ -144,3 +144,39 @@ def test_patch_peft_fuses_dora_with_a_trained_bias():
     for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
         if q.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+def test_unmerge_restores_rows_whose_magnitude_is_zero():
+    # c_j = m_j / n_j = 0 zeroes row j of the merged weight: W / c cannot bring it back, and unmerge raised
+    # (blaming an overflow) with the layer stuck merged. The rows are kept at merge, as the norm is.
+    layer, x = _layer(), torch.randn(5, 64)
+    with torch.no_grad():
+        layer.lora_magnitude_vector[[2, 7]] = 0.0
+    w0, before = layer.weight.detach().clone(), _truth(layer, x).float()
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.weight, w0)
+    torch.testing.assert_close(layer(x), before)
+
+
+def test_in_place_write_into_the_output_raises_or_checkpoints_correctly():
+    # The op keeps its output Y for dm (no copy): an in-place write into Y must raise autograd's error,
+    # never give a wrong dm; non-reentrant checkpointing (recomputes Y) gives peft's dm.
+    from torch.utils.checkpoint import checkpoint
+    layer, x, res = _layer(), torch.randn(5, 64), torch.randn(5, 32)
+
+    def f(x):
+        y = layer(x)
+        y += res
+        return y
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        f(x).pow(2).sum().backward()
+    layer.zero_grad()
+    checkpoint(f, x, use_reentrant=False).pow(2).sum().backward()
+    m = layer.lora_magnitude_vector.detach().double().requires_grad_()
+    y = dora_linear_ref(x.double(), layer.weight.double(), layer.bias.double(), layer.lora_A.double(),
+                        layer.lora_B.double(), m, layer.scaling)
+    (y + res.double()).pow(2).sum().backward()
+    torch.testing.assert_close(layer.lora_magnitude_vector.grad, m.grad.float())
