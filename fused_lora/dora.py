@@ -118,7 +118,7 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
         for i, rows in _row_chunks(weight, acc):
             cross[i:i + rows.shape[0]] = (torch.mm(rows, A.t()) * B[i:i + rows.shape[0]]).sum(1)
             if sq is not None:
-                sq[i:i + rows.shape[0]] = (rows * rows).sum(1)
+                sq[i:i + rows.shape[0]] = torch.linalg.vector_norm(rows, dim=1).square_()
         weight_sq = sq if weight_sq is None else weight_sq
     weight_sq = weight_sq.to(acc)
     lora_sq = torch.mm(B, torch.mm(A, A.t())).mul_(B).sum(1)  # ||B_j A||^2
