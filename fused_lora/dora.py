@@ -342,7 +342,11 @@ def dora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    if dropout_p > 0.0:  # peft's formula: the (c - 1) base term on the dropped input
+    if x2.shape[0] == 0:  # no rows (an MoE expert without tokens): peft's formula, every gradient zero
+        colscale = magnitude / weight_norm(weight, A, B, scaling).to(magnitude.dtype)
+        y = (F.linear(x2, weight) + scaling * F.linear(F.linear(x2, A), B)) * colscale.to(x.dtype)
+        y = y + bias if bias is not None else y
+    elif dropout_p > 0.0:  # peft's formula: the (c - 1) base term on the dropped input
         xd = F.dropout(x2, dropout_p, training=True)
         y = F.linear(x2 - xd, weight, bias) + dora_linear(xd, weight, None, A, B, magnitude, scaling, backend)
     else:

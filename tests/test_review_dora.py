@@ -180,3 +180,18 @@ def test_in_place_write_into_the_output_raises_or_checkpoints_correctly():
                         layer.lora_B.double(), m, layer.scaling)
     (y + res.double()).pow(2).sum().backward()
     torch.testing.assert_close(layer.lora_magnitude_vector.grad, m.grad.float())
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64)])
+def test_empty_batch_as_peft(shape):
+    # An MoE expert that receives no tokens calls its linears on 0 rows: peft's DoRA (and LoRA here)
+    # return an empty output with zero gradients; the DoRA layer raised ValueError.
+    layer = _layer()
+    layer.train()
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 32)
+    y.sum().backward()
+    for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+        assert p.grad is not None and not p.grad.any()
+    assert x.grad.shape == x.shape
