@@ -195,3 +195,18 @@ def test_empty_batch_as_peft(shape):
     for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
         assert p.grad is not None and not p.grad.any()
     assert x.grad.shape == x.shape
+
+
+def test_unmerge_restores_zero_magnitude_rows_of_a_conv1d_base():
+    from transformers.pytorch_utils import Conv1D  # in x out weight: the rows are its columns
+    torch.manual_seed(0)
+    layer = FusedLoRALinear.from_linear(Conv1D(32, 64), r=4, use_dora=True, init_lora_weights=False,
+                                        backend="torch")
+    with torch.no_grad():
+        layer.lora_magnitude_vector[[1, 5]] = 0.0
+    x = torch.randn(3, 64)
+    w0, before = layer.weight.detach().clone(), layer(x).detach()
+    layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0)
+    torch.testing.assert_close(layer(x), before)
