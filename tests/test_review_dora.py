@@ -67,7 +67,8 @@ def test_dora_on_a_meta_device_base_builds_as_peft():
         base, base_ref = nn.Sequential(nn.Linear(24, 40)), nn.Sequential(nn.Linear(24, 40))
     ref = peft.get_peft_model(base_ref, peft.LoraConfig(r=4, target_modules=["0"], use_dora=True))
     ours = get_lora_model(base, LoraConfig(r=4, target_modules=["0"], use_dora=True))
-    m, m_ref = ours.base_model.model[0].lora_magnitude_vector, ref.base_model.model[0].lora_magnitude_vector["default"].weight
+    m = ours.base_model.model[0].lora_magnitude_vector
+    m_ref = ref.base_model.model[0].lora_magnitude_vector["default"].weight
     assert m.is_meta and m.shape == m_ref.shape and m.dtype == m_ref.dtype and m.requires_grad
 
 
@@ -101,7 +102,8 @@ def test_trained_bias_with_dora_equals_peft(bias, tmp_path):
         layer, layer_ref = ours.base_model.model.get_submodule(i), ref.base_model.model.get_submodule(i)
         assert layer.bias.grad is not None
         torch.testing.assert_close(layer.bias.grad, layer_ref.base_layer.bias.grad)
-        torch.testing.assert_close(layer.lora_magnitude_vector.grad, layer_ref.lora_magnitude_vector["default"].weight.grad)
+        torch.testing.assert_close(layer.lora_magnitude_vector.grad,
+                                   layer_ref.lora_magnitude_vector["default"].weight.grad)
         torch.testing.assert_close(layer.lora_A.grad, layer_ref.lora_A["default"].weight.grad)
 
 
