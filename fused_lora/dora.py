@@ -8,10 +8,11 @@ and this module computes the same without the out x in matrix W + s B A:
 
     n_j^2 = ||W_j||^2 + 2 s B_j . (A W_j^T) + s^2 B_j (A A^T) B_j^T
 
-in float32 (float64 for float64 inputs). ||W_j||^2 is computed once and cached (W is frozen; the
-cache is keyed on the weight's storage and version counter, so merge/unmerge, load_state_dict or
-any in-place write recomputes it); A W^T is an r x out product (2 r in out FLOPs: r/M of the
-forward GEMM) and A A^T is r x r. The identity cancels when W_j + s B_j A is small against W_j
+in float32 (float64 for float64 inputs). ||W_j||^2 is recomputed per forward, in the same read of W
+as A W^T (one more pass over W in fp32, none extra for a low-precision W, whose fp32 row chunks serve
+both): a cache keyed on the weight's version missed writes through `.data` and, under autocast,
+keyed a per-call cast copy whose address the allocator reuses. A W^T is an r x out product (2 r in
+out FLOPs: r/M of the forward GEMM) and A A^T is r x r. The identity cancels when W_j + s B_j A is small against W_j
 (||W_j||^2 + s^2 ||B_j A||^2 over n_j^2 large); such rows (n_j^2 < 2^-6 of that sum, so the
 identity's rounding stays below ~64 ulp of n_j^2) are recomputed directly (a rows x in temporary,
 rows = the few bad ones; on CUDA, without a host sync, always the DIRECT_ROWS rows nearest to
@@ -40,7 +41,7 @@ Precision: Y is rounded to the input dtype, so in float16/bfloat16 dm carries th
 rounded intermediates; float32 matches peft to rounding.
 
 Under torch.compile `dora_linear` calls the custom ops fused_lora::dora_linear_fwd / _bwd (same code,
-autograd registered on them, ||W||^2 recomputed per call); in eager mode an autograd.Function that
+autograd registered on them); in eager mode an autograd.Function that
 skips the custom-op dispatch, as `fused_lora.ops` does for LoRA.
 
 Dropout (p > 0, training): matched to peft, whose DoRA computes the base term on the dropped input:
@@ -101,22 +102,31 @@ def weight_sq_norms(weight: Tensor, acc: Optional[torch.dtype] = None) -> Tensor
 def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                 weight_sq: Optional[Tensor] = None) -> Tensor:
     """n_j = ||W_j + s B_j A|| for W (N x K), A (r x K), B (N x r), without forming W + s B A;
-    fp32 (fp64 if any input is fp64). `weight_sq`: ||W_j||^2 if already known (`weight_sq_norms`)."""
+    fp32 (fp64 if any input is fp64). `weight_sq`: ||W_j||^2 if already known (`weight_sq_norms`);
+    otherwise computed here, from the same reads of W as the cross term (W is read as it is now: a
+    cache would miss writes through `.data`, which bump no version counter)."""
     acc = _acc_dtype(weight, lora_A, lora_B)
     A, B = lora_A.detach().to(acc), lora_B.detach().to(acc)
-    if weight_sq is None:
-        weight_sq = weight_sq_norms(weight, acc)
-    weight_sq = weight_sq.to(acc)
+    weight = weight.detach()
     if weight.dtype == acc:  # B_j . (A W_j^T), W read in place
-        cross = torch.mm(weight.detach(), A.t()).mul_(B).sum(1)
-    else:  # a low-precision W: fp32 copies of row chunks only
-        cross = torch.empty_like(weight_sq)
+        cross = torch.mm(weight, A.t()).mul_(B).sum(1)
+        if weight_sq is None:  # one reduction over W, no N x K temporary
+            weight_sq = torch.linalg.vector_norm(weight, dim=1).square_()
+    else:  # a low-precision W: fp32 copies of row chunks only, each read for both terms
+        cross = torch.empty(weight.shape[0], dtype=acc, device=weight.device)
+        sq = torch.empty_like(cross) if weight_sq is None else None
         for i, rows in _row_chunks(weight, acc):
             cross[i:i + rows.shape[0]] = (torch.mm(rows, A.t()) * B[i:i + rows.shape[0]]).sum(1)
+            if sq is not None:
+                sq[i:i + rows.shape[0]] = torch.linalg.vector_norm(rows, dim=1).square_()
+        weight_sq = sq if weight_sq is None else weight_sq
+    weight_sq = weight_sq.to(acc)
     lora_sq = torch.mm(B, torch.mm(A, A.t())).mul_(B).sum(1)  # ||B_j A||^2
     s = float(scaling)
     lora_sq.mul_(s * s)
     n2 = torch.add(weight_sq, cross, alpha=2.0 * s).add_(lora_sq)
+    if n2.is_meta:  # a model built on the meta device (weights come later): shapes only, no values to guard
+        return n2.sqrt_()
     ratio = n2 / (weight_sq + lora_sq)  # 1 without cancellation, 0 where W_j + s B_j A vanishes
     if _sync_free(n2):
         k = min(n2.shape[0], DIRECT_ROWS)
@@ -130,26 +140,6 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
         rows = weight.detach()[bad].to(acc) + s * torch.mm(B[bad], A)
         n2[bad] = (rows * rows).sum(1)
     return n2.clamp_min_(0.0).sqrt_()
-
-
-class WeightSqCache:
-    """||W_j||^2 of a frozen weight, recomputed when the weight changes (storage, version, dtype, shape)."""
-
-    def __init__(self):
-        self._key, self._value = None, None
-
-    def get(self, weight: Tensor, acc: torch.dtype) -> Tensor:
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), tuple(weight.stride()),
-               weight.device, acc)
-        if key != self._key or weight.requires_grad:  # a trainable W is not cached
-            self._value, self._key = weight_sq_norms(weight.detach(), acc), key
-        return self._value
-
-    def __deepcopy__(self, memo):
-        return WeightSqCache()  # a copied layer has its own weight
-
-    def __getstate__(self):
-        return {"_key": None, "_value": None}
 
 
 # ------------------------------------------------------------------ the op
@@ -182,7 +172,7 @@ def _dm(dm_num: Tensor, colscale: Tensor, norm: Tensor, dy: Tensor, x: Tensor, w
 
 class _DoraLinear(torch.autograd.Function):
     """Forward y = c * (x W^T + s (x A^T) B^T) + b with c = m / n (n detached); backward as the module says.
-    W and b are frozen (their gradients are not computed: refused in `dora_linear`)."""
+    W is frozen (its gradient is not computed: refused in `dora_linear`); db is dY's column sum."""
 
     @staticmethod
     def _colscale(magnitude: Tensor, norm: Tensor, x: Tensor) -> Tensor:
@@ -211,8 +201,14 @@ class _DoraLinear(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dA, dB, dm = _backward(dy.contiguous(), x, weight, bias, lora_A, lora_B, h, y, magnitude, norm,
                                    ctx.scaling, ctx.backend, need[0], need[3] or need[4], need[5])
-        return (dx if need[0] else None, None, None, dA if need[3] else None, dB if need[4] else None,
-                dm, None, None, None)
+        return (dx if need[0] else None, None, _bias_grad(dy, need[2]), dA if need[3] else None,
+                dB if need[4] else None, dm, None, None, None)
+
+
+def _bias_grad(dy: Tensor, needed: bool) -> Optional[Tensor]:
+    """db = dY's column sum: b is added after the column scale, outside the weight norm (peft trains it
+    with bias="all" / "lora_only")."""
+    return dy.sum(0) if needed else None
 
 
 def _backward(dy, x, weight, bias, lora_A, lora_B, h, y, magnitude, norm, scaling, backend,
@@ -275,8 +271,8 @@ def _op_backward(ctx, dy, _dh, _dn):
     need = ctx.needs_input_grad
     dx, dA, dB, dm = dora_linear_bwd(dy, x, weight, bias, lora_A, lora_B, h, y, magnitude, norm, ctx.scaling,
                                      ctx.backend, need[0], need[3] or need[4], need[5])
-    return (dx if need[0] else None, None, None, dA if need[3] else None, dB if need[4] else None,
-            dm if need[5] else None, None, None)
+    return (dx if need[0] else None, None, _bias_grad(dy, need[2]), dA if need[3] else None,
+            dB if need[4] else None, dm if need[5] else None, None, None)
 
 
 dora_linear_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -302,20 +298,20 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 
     x, weight (N x K), bias (N) or None, lora_A (r x K), lora_B (N x r) share one floating dtype and
     device (as `lora_linear`); magnitude (N,) any floating dtype (its gradient comes back in it).
-    Differentiable in x, lora_A, lora_B and magnitude, once (create_graph=True raises RuntimeError); W and b
-    frozen.
-    `weight_sq`: ||W_j||^2 if known (the layer caches it). Bad inputs raise ValueError / TypeError.
+    Differentiable in x, bias, lora_A, lora_B and magnitude, once (create_graph=True raises RuntimeError);
+    W frozen.
+    `weight_sq`: ||W_j||^2 if the caller knows it for this W (else computed). Bad inputs raise ValueError / TypeError.
     """
     scaling = as_scaling(scaling)
     check_op_inputs(x, weight, bias, lora_A, lora_B, 0.0)
     check_magnitude(magnitude, weight)
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError("dora_linear: the base weight and bias must be frozen with DoRA (requires_grad=False): "
-                         "their gradients through the weight norm are not implemented")
+    if weight.requires_grad:
+        raise ValueError("dora_linear: the base weight must be frozen with DoRA (requires_grad=False): "
+                         "its gradient through the weight norm is not implemented")
     if min(x.shape[0], x.shape[1], weight.shape[0], lora_A.shape[0]) == 0:
         raise ValueError(f"dora_linear: empty sizes are not supported (x {tuple(x.shape)}, weight "
                          f"{tuple(weight.shape)}, rank {lora_A.shape[0]})")
-    if torch.compiler.is_compiling():  # the custom op: traced without graph breaks (||W||^2 not cached)
+    if torch.compiler.is_compiling():  # the custom op: traced without graph breaks
         return dora_linear_fwd(x, weight, bias, lora_A, lora_B, magnitude, scaling, backend)[0]
     return _DoraLinear.apply(x, weight, bias, lora_A, lora_B, magnitude, scaling, backend, weight_sq)
 
@@ -335,28 +331,26 @@ def enable(layer: nn.Module) -> None:
     lora_A, lora_B = layer.adapter_weights("default")
     weight = layer._base_weight().detach()
     norm = weight_norm(weight, lora_A, lora_B, layer.adapter_settings("default").scaling)
-    layer._dora_weight_sq = WeightSqCache()
     layer._parameters[MAGNITUDE] = nn.Parameter(norm.to(lora_A.dtype), requires_grad=lora_A.requires_grad)
 
 
 def dora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                 magnitude: Tensor, scaling: float, dropout_p: float, backend: str,
-                 weight_sq_cache: Optional[WeightSqCache] = None) -> Tensor:
+                 magnitude: Tensor, scaling: float, dropout_p: float, backend: str) -> Tensor:
     """peft's DoRA layer on x of any leading shape (weight out x in, in x's dtype; A and B cast to it):
     the fused op, or with dropout_p > 0 peft's dropout formula (see the module docstring). Shared by
     FusedLoRALinear and patched peft layers."""
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    weight_sq = None
-    if weight_sq_cache is not None and not torch.compiler.is_compiling():
-        weight_sq = weight_sq_cache.get(weight, _acc_dtype(weight, A))
-    if dropout_p > 0.0:  # peft's formula: the (c - 1) base term on the dropped input
+    if x2.shape[0] == 0:  # no rows (an MoE expert without tokens): peft's formula, every gradient zero
+        colscale = magnitude / weight_norm(weight, A, B, scaling).to(magnitude.dtype)
+        y = (F.linear(x2, weight) + scaling * F.linear(F.linear(x2, A), B)) * colscale.to(x.dtype)
+        y = y + bias if bias is not None else y
+    elif dropout_p > 0.0:  # peft's formula: the (c - 1) base term on the dropped input
         xd = F.dropout(x2, dropout_p, training=True)
-        y = F.linear(x2 - xd, weight, bias) + dora_linear(xd, weight, None, A, B, magnitude, scaling, backend,
-                                                          weight_sq)
+        y = F.linear(x2 - xd, weight, bias) + dora_linear(xd, weight, None, A, B, magnitude, scaling, backend)
     else:
-        y = dora_linear(x2, weight, bias, A, B, magnitude, scaling, backend, weight_sq)
+        y = dora_linear(x2, weight, bias, A, B, magnitude, scaling, backend)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -365,29 +359,35 @@ def forward(layer: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor])
     lora_A, lora_B = layer.adapter_weights("default")
     settings = layer.adapter_settings("default")
     return dora_forward(x, weight, bias, lora_A, lora_B, layer._parameters[MAGNITUDE], settings.scaling,
-                        settings.lora_dropout if layer.training else 0.0, layer.backend, layer._dora_weight_sq)
+                        settings.lora_dropout if layer.training else 0.0, layer.backend)
 
 
 @torch.no_grad()
-def merged_weight(layer: nn.Module) -> tuple[Tensor, Tensor]:
-    """peft's DoRA merge: (c (W + s B A), in W's own layout and dtype; n) with n = ||W + s B A|| of the
-    unmerged W and c = m / n. n is kept by the layer to unmerge."""
+def merged_weight(layer: nn.Module) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """peft's DoRA merge: (c (W + s B A), in W's own layout and dtype; what unmerge needs) with
+    n = ||W + s B A|| of the unmerged W and c = m / n. The layer keeps the second item to unmerge:
+    n, and the rows j with c_j == 0 with their unmerged W_j (the merge zeroes them: W / c cannot)."""
     delta = layer.delta_weight("default")  # out x in, fp32 / fp64
     weight = layer._base_weight().detach()
     lora_A, lora_B = layer.adapter_weights("default")
     norm = weight_norm(weight, lora_A, lora_B, layer.adapter_settings("default").scaling)
     c = layer._parameters[MAGNITUDE].detach().to(norm.dtype) / norm
     merged = (weight.to(delta.dtype) + delta) * c[:, None].to(delta.dtype)
-    return layer._base_weight(merged).to(layer.weight.dtype), norm
+    lost = (c == 0).nonzero().flatten()
+    return layer._base_weight(merged).to(layer.weight.dtype), (norm, lost, weight[lost].clone())
 
 
 @torch.no_grad()
-def unmerged_weight(layer: nn.Module, norm: Tensor) -> Tensor:
-    """peft's DoRA unmerge: W = W_merged / c - s B A, c = m / n with the n saved at merge."""
+def unmerged_weight(layer: nn.Module, kept: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """peft's DoRA unmerge: W = W_merged / c - s B A, c = m / n with the n saved at merge; the rows with
+    c_j == 0 are put back from the copies saved at merge."""
+    norm, lost, rows = kept
     delta = layer.delta_weight("default")
     c = layer._parameters[MAGNITUDE].detach().to(norm.dtype) / norm
     weight = layer._base_weight().detach().to(delta.dtype)
-    return layer._base_weight(weight / c[:, None].to(delta.dtype) - delta).to(layer.weight.dtype)
+    unmerged = weight / c[:, None].to(delta.dtype) - delta
+    unmerged[lost] = rows.to(delta.dtype)
+    return layer._base_weight(unmerged).to(layer.weight.dtype)
 
 
 def refuse_in_mixed_batch(layer: nn.Module, used) -> None:

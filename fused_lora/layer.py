@@ -584,16 +584,16 @@ class FusedLoRALinear(nn.Module):
                           stacklevel=2)
         if not todo:
             return
-        norm = None
+        unmerge_state = None
         if self._dora_merge_names(todo, "FusedLoRALinear.merge"):  # peft's: c (W + s B A), n kept to unmerge
-            merged, norm = dora.merged_weight(self)
+            merged, unmerge_state = dora.merged_weight(self)
         else:
             merged = self._weight_with_delta(+1, todo)
         if safe_merge:
             self._refuse_non_finite(merged, f"FusedLoRALinear.merge: the merged weight has NaN or inf in "
                                             f"{self.weight.dtype}; weight left unchanged")
         self.weight.copy_(merged)
-        self._dora_merge_norm = norm
+        self._dora_unmerge_state = unmerge_state
         self.merged_adapters.extend(todo)
 
     @torch.no_grad()
@@ -609,8 +609,8 @@ class FusedLoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("FusedLoRALinear.unmerge: not merged; nothing done", stacklevel=2)
             return
-        if getattr(self, "_dora_merge_norm", None) is not None:
-            unmerged = dora.unmerged_weight(self, self._dora_merge_norm)
+        if getattr(self, "_dora_unmerge_state", None) is not None:
+            unmerged = dora.unmerged_weight(self, self._dora_unmerge_state)
         else:
             unmerged = self._weight_with_delta(-1, self.merged_adapters)
         self._refuse_non_finite(unmerged, f"FusedLoRALinear.unmerge: the unmerged weight would have NaN or inf "
@@ -618,7 +618,7 @@ class FusedLoRALinear(nn.Module):
                                           f"restored, layer left merged")
         self.weight.copy_(unmerged)
         self.merged_adapters = []
-        self._dora_merge_norm = None
+        self._dora_unmerge_state = None
 
     @torch.no_grad()
     def to_linear(self, safe_merge: bool = False) -> nn.Module:

@@ -159,9 +159,8 @@ def _dora_reason(layer: nn.Module, name: str) -> Optional[str]:
     magnitude = getattr(held, "weight", None)
     if not isinstance(magnitude, Tensor) or magnitude.dim() != 1 or not magnitude.is_floating_point():
         return "DoRA magnitude is not a 1-D float tensor"
-    base = layer.base_layer
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return "DoRA with a trainable base weight or bias"
+    if layer.base_layer.weight.requires_grad:  # a trained bias is fine: it is outside the norm
+        return "DoRA with a trainable base weight"
     return None
 
 
@@ -218,7 +217,7 @@ def _call_reason(layer: nn.Module, x, args, kwargs) -> Optional[str]:
     return None
 
 
-def _fused_forward(layer: nn.Module, x: Tensor, backend: str, weight_sq_cache=None) -> Tensor:
+def _fused_forward(layer: nn.Module, x: Tensor, backend: str) -> Tensor:
     """peft's vanilla-LoRA (or DoRA) forward of `layer`'s one active adapter, through fused_lora's op."""
     name = layer.active_adapters[0]
     base = layer.base_layer
@@ -233,7 +232,7 @@ def _fused_forward(layer: nn.Module, x: Tensor, backend: str, weight_sq_cache=No
         # peft's DoRA: its dropout formula applies whenever the dropout module is an active nn.Dropout
         return dora.dora_forward(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
                                  layer.lora_magnitude_vector[name].weight, float(layer.scaling[name]),
-                                 p if layer.training else 0.0, backend, weight_sq_cache)
+                                 p if layer.training else 0.0, backend)
     return lora_forward(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
                         float(layer.scaling[name]), p, backend)
 
@@ -245,13 +244,12 @@ class PatchedForward:
     def __init__(self, layer: nn.Module, backend: str):
         self.layer = layer
         self.backend = backend
-        self.weight_sq = dora.WeightSqCache()  # DoRA's ||W_j||^2 of this layer's frozen weight
 
     def __call__(self, x, *args, **kwargs):
         layer = self.layer
         if _call_reason(layer, x, args, kwargs) is not None:  # peft's forward, exactly as unpatched
             return type(layer).forward(layer, x, *args, **kwargs)
-        return _fused_forward(layer, x, self.backend, self.weight_sq)
+        return _fused_forward(layer, x, self.backend)
 
     def __repr__(self) -> str:
         return f"PatchedForward(backend={self.backend!r})"
