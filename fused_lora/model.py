@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
-from .quant_convert import base_compute_dtype
+from .quant_convert import base_compute_dtype, is_quantized_base
 from . import quant_layer
 from .targets import _as_set, find_modules_to_save, find_targets, is_adaptable, name_matches
 from .validation import check_adapter_args, check_adapter_name
@@ -158,6 +158,12 @@ class LoraModel(nn.Module):
         clash = [n for n in targets if any(n == s or n.startswith(s + ".") for s in to_save)]
         if clash:
             raise ValueError(f"modules {clash} are both LoRA targets and (inside) modules_to_save")
+        frozen = [f"{n}.{sub}".rstrip(".") for n in to_save
+                  for sub, m in model.get_submodule(n).named_modules() if is_quantized_base(m)]
+        if frozen:
+            raise ValueError(f"modules_to_save: {frozen} are quantized layers, whose packed weights cannot be "
+                             "trained (a trainable copy would silently train nothing); leave them out, or keep "
+                             "them unquantized (quantize_model(..., exclude_modules=...))")
         self.model = model
         self.active_adapter = adapter_name
         self._first_adapter = adapter_name  # held in the layers' "default" slot

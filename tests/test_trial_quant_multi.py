@@ -388,3 +388,15 @@ def test_copies_do_not_carry_the_bitsandbytes_layer():
     assert "_bnb_source" not in loaded.weight.__dict__
     x = torch.randn(2, 128)
     assert torch.equal(loaded(x), layer(x))
+
+
+def test_modules_to_save_over_a_quantized_module_is_refused():
+    """A quantized layer's weight cannot be trained: a trainable copy of it would silently train
+    nothing, so get_lora_model says so and leaves the model as it was."""
+    from fused_lora import LoraConfig, get_lora_model, quantize_model
+    from fused_lora.quant import QuantizedLinear
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+    quantize_model(model, "nf4", target_modules=["0", "2"])
+    with pytest.raises(ValueError, match="modules_to_save.*quantized"):
+        get_lora_model(model, LoraConfig(r=4, target_modules=["0"], modules_to_save=["2"]))
+    assert isinstance(model[0], QuantizedLinear) and isinstance(model[2], QuantizedLinear)
