@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import quant
 from .dropout import keep_mask
-from .torch_impl import backward_with_mask, dropped
+from .torch_impl import backward_with_mask, dropped, low_rank_start
 
 chunk_hook: Optional[Callable[[int, int, Tensor], None]] = None
 
@@ -64,12 +64,7 @@ def forward_quant(
 ) -> tuple[Tensor, Tensor]:
     """(Y, H): Y = x W^T + b + s H B^T, H = (D x) A^T; the rank-r term written first, the base
     product accumulated onto it chunk by chunk."""
-    keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
-    h = torch.mm(dropped(x, keep, dropout_p), lora_A.t())
-    if bias is not None:
-        y = torch.addmm(bias, h, lora_B.t(), alpha=scaling)
-    else:
-        y = torch.mm(h, lora_B.t()).mul_(scaling)
+    y, h = low_rank_start(x, bias, lora_A, lora_B, scaling, dropout_p, seed)
     return _accumulate_base(y, x, data), h
 
 

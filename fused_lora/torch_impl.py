@@ -42,13 +42,21 @@ def forward(
     Y is first written with b + s H B^T (cheap: rank r), then the base product is accumulated
     onto it by the GEMM itself (beta = 1), so Y is written by one GEMM pass and no M x N temporary exists.
     """
+    y, h = low_rank_start(x, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    y.addmm_(x, weight.t())
+    return y, h
+
+
+def low_rank_start(x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+                   dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(Y started as b + s H B^T, H = (D * x) A^T): what every PyTorch path writes before adding the
+    base product onto Y (`forward` here, `quant_impl.forward_quant` chunk by chunk)."""
     keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     h = torch.mm(dropped(x, keep, dropout_p), lora_A.t())
     if bias is not None:
         y = torch.addmm(bias, h, lora_B.t(), alpha=scaling)
     else:
         y = torch.mm(h, lora_B.t()).mul_(scaling)
-    y.addmm_(x, weight.t())
     return y, h
 
 

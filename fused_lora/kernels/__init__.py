@@ -165,8 +165,6 @@ def dy_pass(dy, lora_B, h, scaling, need_lora):
 
 def _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, dx_da_step):
     """dX, dA, dB in four launches: dY pass, G sum, dX/dA, dA+dB sums."""
-    M, K = x.shape
-    N, r = weight.shape[0], lora_A.shape[0]
     # 1. dY pass: G, and the partials of dB (one per row block).
     g, db_ws, db_slots = dy_pass(dy, lora_B, h, scaling, need_lora)
     # 2. dX and the dA partials (one per row block).
@@ -174,10 +172,16 @@ def _lora_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, n
     if not need_lora:
         return dx, None, None
     # 3. dA and dB summed in a fixed order, written in the parameters' dtypes.
-    dA = torch.empty((r, K), dtype=lora_A.dtype, device=x.device)
-    dB = torch.empty((N, r), dtype=lora_B.dtype, device=x.device)
-    sum_partials((da_ws[:da_slots], dA), (db_ws[:db_slots], dB))
-    return dx, dA, dB
+    return (dx,) + sum_lora_grads(da_ws[:da_slots], db_ws[:db_slots], lora_A, lora_B)
+
+
+def sum_lora_grads(da_partials, db_partials, lora_A, lora_B):
+    """(dA, dB): the fp32 partials summed in a fixed order (bit-identical run to run), written in
+    the parameters' dtypes."""
+    dA = torch.empty(lora_A.shape, dtype=lora_A.dtype, device=lora_A.device)
+    dB = torch.empty(lora_B.shape, dtype=lora_B.dtype, device=lora_B.device)
+    sum_partials((da_partials, dA), (db_partials, dB))
+    return dA, dB
 
 
 def dx_da_pointer(dy, x, weight, g, lora_A, p, seed, need_dx, need_lora):

@@ -40,13 +40,12 @@ import torch
 import triton
 
 from ..quant_format import Int8Data, NF4Data
-from . import _launcher, _row_blocks, _row_blocks_used, _tiles_grid, arch_of, block_r, dy_pass, m_bucket, shrink
+from . import _launcher, _row_blocks, _row_blocks_used, _tiles_grid, arch_of, block_r, dy_pass, m_bucket, shrink, sum_lora_grads
 from . import configs
 from .dropout import keep_threshold
 from .quant_backward import quant_dx_kernel
 from .quant_forward import quant_forward_kernel
 from .quant_tiles import MIN_BLOCKSIZE, pair_table
-from .reduce import sum_partials
 
 __all__ = ["forward_quant", "backward_quant", "check_quant_weight", "MIN_BLOCKSIZE"]
 
@@ -191,7 +190,4 @@ def _lora_grads(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx,
     if not need_lora:
         return dx, None, None
     # 4. dA and dB summed in a fixed order, written in the parameters' dtypes.
-    dA = torch.empty((r, K), dtype=lora_A.dtype, device=x.device)
-    dB = torch.empty((N, r), dtype=lora_B.dtype, device=x.device)
-    sum_partials((da_ws[:da_slots], dA), (db_ws[:db_slots], dB))
-    return dx, dA, dB
+    return (dx,) + sum_lora_grads(da_ws[:da_slots], db_ws[:db_slots], lora_A, lora_B)
