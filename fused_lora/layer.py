@@ -490,15 +490,20 @@ class FusedLoRALinear(nn.Module):
         return lora_forward(x, weight, bias, self.lora_A, self.lora_B, self.scaling,
                             self.lora_dropout if self.training else 0.0, self.backend)
 
-    def _mixed_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], used: list[str],
-                       row_adapter: Tensor) -> Tensor:
+    def _mixed_adapters(self, used: list[str], dtype: torch.dtype) -> tuple[list, object]:
+        """The mixed-batch op's adapters ((A, B, scaling, dropout_p) in the compute dtype, dropout in
+        training only) for the adapters `used`, and the call's seed."""
         adapters = []
         for name in used:
             lora_A, lora_B = self.adapter_weights(name)
             settings = self._adapter_settings[name]
-            adapters.append((lora_A.to(x.dtype), lora_B.to(x.dtype), settings.scaling,
+            adapters.append((lora_A.to(dtype), lora_B.to(dtype), settings.scaling,
                              settings.lora_dropout if self.training else 0.0))
-        seed = new_seed() if any(a[3] > 0.0 for a in adapters) else no_seed()
+        return adapters, (new_seed() if any(a[3] > 0.0 for a in adapters) else no_seed())
+
+    def _mixed_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], used: list[str],
+                       row_adapter: Tensor) -> Tensor:
+        adapters, seed = self._mixed_adapters(used, x.dtype)
         lead = x.shape[:-1]
         y = lora_linear_multi(x.reshape(math.prod(lead), self.in_features), weight, bias, adapters, row_adapter,
                               seed, self.backend)

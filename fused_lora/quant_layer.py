@@ -47,13 +47,7 @@ def forward(layer, x: Tensor, adapter_names: Optional[Sequence[str]] = None) -> 
     if layer._disabled:
         y = quant_linear(x2, layer.weight, bias)
     elif adapter_names is not None:
-        adapters = []
-        for name in used:
-            lora_A, lora_B = layer.adapter_weights(name)
-            settings = layer._adapter_settings[name]
-            adapters.append((lora_A.to(x.dtype), lora_B.to(x.dtype), settings.scaling,
-                             settings.lora_dropout if layer.training else 0.0))
-        seed = new_seed() if any(a[3] > 0.0 for a in adapters) else no_seed()
+        adapters, seed = layer._mixed_adapters(used, x.dtype)
         y = lora_linear_quant_multi(x2, layer.weight, bias, adapters, row_adapter, seed, layer.backend)
     else:
         p = layer.lora_dropout if layer.training else 0.0
