@@ -22,21 +22,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import environment, memory_mib, time_variants, write_csv  # noqa: E402
+from harness import Holder, environment, memory_mib, time_variants, write_csv  # noqa: E402
 
 from fused_lora import FusedLoRALinear, LoraConfig, get_lora_model, patch_peft  # noqa: E402
 from fused_lora.finetune import build_llama, counting_batches  # noqa: E402
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-
-
-class Holder(nn.Module):
-    def __init__(self, linear):
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def layer_variants(K, N, r, dtype, device):

@@ -20,24 +20,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import environment, memory_mib, time_variants, write_csv  # noqa: E402
+from harness import Holder, environment, memory_mib, time_variants, write_csv  # noqa: E402
 from roofline import ideal_ratios  # noqa: E402
 
 from fused_lora import FusedLoRALinear, patch_peft  # noqa: E402
 
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (2048, 4096, 4096)]
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
-
-
-class Holder(nn.Module):
-    """peft adapts named children; the layer lives at `proj`."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def build_variants(M, K, N, r, p, dtype, device, with_peft=True, with_compile=False):

@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 import torch
+from torch import nn
 
 
 def sync(device: str) -> None:
@@ -100,3 +101,14 @@ def environment(device: str) -> str:
         pass
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     return f"{name}; " + ", ".join(parts)
+
+
+class Holder(nn.Module):
+    """peft adapts named children; the layer lives at `proj`."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
