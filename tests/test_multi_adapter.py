@@ -12,7 +12,7 @@ from fused_lora.dropout import keep_mask, new_seed
 from fused_lora.ops import lora_linear, lora_linear_multi
 from fused_lora.reference import lora_linear_multi_ref
 
-from utils import assert_close_rule
+from utils import assert_close_rule, mixed_batch_keeps
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -31,18 +31,8 @@ def make_multi(M, K, N, ranks, dtype=torch.float64, seed=0, bias=True):
 
 
 def full_keeps(row_adapter, K, specs, seed):
-    """The M x K keep masks the op's documented rule gives: adapter a's own rows, in increasing order,
-    drawn by keep_mask(adapter_seed(seed, a), (m_a, K), p_a)."""
-    keeps = []
-    for a, (_, p) in enumerate(specs):
-        if p == 0.0:
-            keeps.append(None)
-            continue
-        rows = (row_adapter == a).nonzero().squeeze(1)
-        keep = torch.zeros(row_adapter.shape[0], K, dtype=torch.bool)
-        keep[rows] = keep_mask(multi_impl.adapter_seed(seed, a), (rows.numel(), K), p, "cpu")
-        keeps.append(keep)
-    return keeps
+    """The M x K keep masks the op's documented rule gives on the torch backend."""
+    return mixed_batch_keeps(row_adapter, K, specs, seed, keep_mask)
 
 
 def run_and_grads(fn, tensors, dy):

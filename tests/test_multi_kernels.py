@@ -12,7 +12,7 @@ from fused_lora import BackendUnavailable, backends, multi_impl
 from fused_lora.ops import lora_linear, lora_linear_multi
 from fused_lora.reference import lora_linear_multi_ref
 from test_multi_adapter import make_multi
-from utils import assert_close_rule
+from utils import assert_close_rule, mixed_batch_keeps
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -26,16 +26,7 @@ def triton_keeps(row_adapter, K, specs, seed):
     """The documented masks of the Triton backend: adapter a's rows in increasing order, drawn by the
     Triton keep_mask(adapter_seed(seed, a), (m_a, K), p_a), as M x K masks for the reference."""
     from fused_lora.kernels import keep_mask
-    keeps = []
-    for a, (_, p) in enumerate(specs):
-        if p == 0.0:
-            keeps.append(None)
-            continue
-        rows = (row_adapter == a).nonzero().squeeze(1)
-        keep = torch.zeros(row_adapter.shape[0], K, dtype=torch.bool, device=row_adapter.device)
-        keep[rows] = keep_mask(multi_impl.adapter_seed(seed, a), (rows.numel(), K), p, row_adapter.device)
-        keeps.append(keep)
-    return keeps
+    return mixed_batch_keeps(row_adapter, K, specs, seed, keep_mask)
 
 
 def to_device(x, w, b, loras):

@@ -105,3 +105,20 @@ def float64_op_case(p, bias, backend="torch"):
         return lora_linear(x, w, b, a, bb, 1.5, p, seed, backend=backend)
 
     return f, (x, w, b if bias else None, a, bb)
+
+
+def mixed_batch_keeps(row_adapter, K, specs, seed, keep_mask):
+    """The M x K keep masks of a mixed batch by the ops' documented rule, for a backend's `keep_mask`:
+    adapter a's own rows, in increasing order, drawn by keep_mask(adapter_seed(seed, a), (m_a, K),
+    p_a); None for an adapter without dropout. `specs`: (rank, p) per adapter."""
+    from fused_lora.multi_impl import adapter_seed
+    keeps = []
+    for a, (_, p) in enumerate(specs):
+        if p == 0.0:
+            keeps.append(None)
+            continue
+        rows = (row_adapter == a).nonzero().squeeze(1)
+        keep = torch.zeros(row_adapter.shape[0], K, dtype=torch.bool, device=row_adapter.device)
+        keep[rows] = keep_mask(adapter_seed(seed, a), (rows.numel(), K), p, row_adapter.device)
+        keeps.append(keep)
+    return keeps
