@@ -188,8 +188,7 @@ def test_auto_checks_the_real_hopper_rows_before_timing(tmp_path, monkeypatch, b
     import importlib
 
     from fused_lora.ops import lora_linear_fwd
-    from utils import make_problem
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from utils import auto_on_cpu, make_problem
     if broken:
         module = importlib.import_module({"triton-tma": "fused_lora.kernels.tma",
                                           "triton-onepass": "fused_lora.kernels.one_pass"}[broken])
@@ -200,16 +199,7 @@ def test_auto_checks_the_real_hopper_rows_before_timing(tmp_path, monkeypatch, b
             y[0, 0] += 10.0
             return y, h
         monkeypatch.setattr(module, "forward", wrong_forward)
-    calls = []
-
-    def each_faster(fn):
-        fn()
-        calls.append(1)
-        return 10.0 - len(calls)
-
-    reg = Registry(timer=each_faster, cache_directory=str(tmp_path), tuned_devices=("cpu",),
-                   name_of=lambda d: "test-device")
-    monkeypatch.setattr(backends, "REGISTRY", reg)
+    reg = auto_on_cpu(tmp_path, monkeypatch)
     x, w, b, a, bb = make_problem(37, 40, 72, 4, torch.float16, "cpu", seed=1, requires_grad=False)
     lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, torch.tensor(3, dtype=torch.int64), "auto")
     (choice,) = reg.choices.values()

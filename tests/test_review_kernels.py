@@ -6,6 +6,7 @@ import torch
 from fused_lora import backends
 from fused_lora.backends import Problem
 from test_backends_hopper import REF, Bench, fake_registry
+from utils import auto_on_cpu
 
 CUDA = torch.device("cuda")  # a label for fake-GPU problems; nothing touches a GPU
 
@@ -54,22 +55,6 @@ def test_backward_with_dropout_runs_a_checked_row(tmp_path):
 
 # ---- the check must see the low-rank terms: a fresh adapter's B is zero (peft's init)
 
-def _auto_on_cpu(tmp_path, monkeypatch):
-    """The real table under the interpreter with auto timing on the CPU and a timer that finds each
-    row faster than the one before, so the last row timed (triton-onepass) wins unless refused."""
-    from fused_lora.backends import Registry
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    calls = []
-
-    def each_faster(fn):
-        fn()
-        calls.append(1)
-        return 10.0 - len(calls)
-
-    reg = Registry(timer=each_faster, cache_directory=str(tmp_path), tuned_devices=("cpu",),
-                   name_of=lambda d: "test-device")
-    monkeypatch.setattr(backends, "REGISTRY", reg)
-    return reg
 
 
 def _without_lora_b(fn, position):
@@ -88,7 +73,7 @@ def test_forward_check_sees_the_low_rank_term_of_a_fresh_adapter(tmp_path, monke
     from fused_lora.kernels import one_pass
     from fused_lora.ops import lora_linear_fwd
     from utils import make_problem
-    reg = _auto_on_cpu(tmp_path, monkeypatch)
+    reg = auto_on_cpu(tmp_path, monkeypatch)
     monkeypatch.setattr(one_pass, "forward", _without_lora_b(one_pass.forward, 4))
     x, w, b, a, bb = make_problem(37, 40, 72, 4, torch.float16, "cpu", seed=1, requires_grad=False)
     lora_linear_fwd(x, w, b, a, torch.zeros_like(bb), 0.5, 0.0, torch.tensor(3, dtype=torch.int64), "auto")
@@ -103,7 +88,7 @@ def test_backward_check_sees_the_low_rank_terms_of_a_fresh_adapter(tmp_path, mon
     from fused_lora.kernels import tma
     from fused_lora.ops import lora_linear_bwd
     from utils import make_problem
-    reg = _auto_on_cpu(tmp_path, monkeypatch)
+    reg = auto_on_cpu(tmp_path, monkeypatch)
     monkeypatch.setattr(tma, "backward", _without_lora_b(tma.backward, 4))
     x, w, b, a, bb = make_problem(37, 40, 72, 4, torch.float16, "cpu", seed=1, requires_grad=False)
     bb = torch.zeros_like(bb)
@@ -163,7 +148,7 @@ def _without_b(fn, position):
 def test_auto_checks_the_segment_kernels_before_timing(tmp_path, monkeypatch, broken):
     from fused_lora import kernels
     from fused_lora.ops import lora_linear_multi
-    reg = _auto_on_cpu(tmp_path, monkeypatch)
+    reg = auto_on_cpu(tmp_path, monkeypatch)
     if broken:
         monkeypatch.setattr(kernels, "multi_forward", _without_b(kernels.multi_forward, 3))
     x, w, b, adapters, row_adapter = _multi_inputs()
@@ -181,7 +166,7 @@ def test_auto_checks_the_segment_kernels_before_timing(tmp_path, monkeypatch, br
 def test_auto_checks_the_segment_backward_before_timing(tmp_path, monkeypatch, broken):
     from fused_lora import kernels
     from fused_lora.ops import lora_linear_multi_bwd
-    reg = _auto_on_cpu(tmp_path, monkeypatch)
+    reg = auto_on_cpu(tmp_path, monkeypatch)
     if broken:
         monkeypatch.setattr(kernels, "multi_backward", _without_b(kernels.multi_backward, 3))
     x, w, b, adapters, row_adapter = _multi_inputs()

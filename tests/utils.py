@@ -122,3 +122,23 @@ def mixed_batch_keeps(row_adapter, K, specs, seed, keep_mask):
         keep[rows] = keep_mask(adapter_seed(seed, a), (rows.numel(), K), p, row_adapter.device)
         keeps.append(keep)
     return keeps
+
+
+def auto_on_cpu(tmp_path, monkeypatch):
+    """The real table under the interpreter with auto timing on the CPU and a timer that finds each
+    row faster than the one before, so the last row timed (triton-onepass) wins unless refused; the
+    registry is installed as backends.REGISTRY (undone by monkeypatch) and returned."""
+    from fused_lora import backends
+    from fused_lora.backends import Registry
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+
+    def each_faster(fn):
+        fn()
+        calls.append(1)
+        return 10.0 - len(calls)
+
+    reg = Registry(timer=each_faster, cache_directory=str(tmp_path), tuned_devices=("cpu",),
+                   name_of=lambda d: "test-device")
+    monkeypatch.setattr(backends, "REGISTRY", reg)
+    return reg
