@@ -497,19 +497,11 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
     PeftModel.load_adapter). Config and every key and shape are checked before anything changes."""
     config, tensors = read_adapter(directory)
     where = str(directory)
-    ours = sorted(n for n, _ in lora_model.lora_layers())
     theirs = targets_in(tensors)
-    if theirs != ours:
-        raise AdapterError(f"{where}: fused_lora loads further adapters only on the modules the first adapter "
-                           f"targets ({len(ours)} modules, e.g. {ours[:3]}); this one adapts {len(theirs)} "
-                           f"(e.g. {theirs[:3]})")
-    if config.use_dora:
-        raise AdapterError(f"{where}: use_dora=True: in fused_lora only the first adapter of a model can be a DoRA "
-                           "adapter (load it with from_pretrained)")
-    if config.modules_to_save or config.bias != "none":
-        raise AdapterError(f"{where}: modules_to_save and trained biases belong to the first adapter only in "
-                           f"fused_lora (this adapter has modules_to_save={config.modules_to_save!r}, "
-                           f"bias={config.bias!r})")
+    try:  # the model's rules for a further adapter, on the modules the file's keys adapt
+        lora_model._check_new_config(config, "load_adapter", targets=theirs)
+    except ValueError as err:
+        raise AdapterError(f"{where}: {err}") from err
     want = {}
     for name, layer in lora_model.lora_layers():
         want[f"{name}.lora_A.weight"] = (config.r, layer.in_features)
@@ -528,9 +520,9 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
     config.backend = lora_model.active_peft_config.backend
     config.inference_mode = not is_trainable  # as peft: is_trainable decides
     try:
-        # The targets are the file's keys, checked above: the config's target_modules is not run on names.
+        # The targets are the file's keys: the config's target_modules is not run on names.
         lora_model._add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True),
-                                f"load_adapter({adapter_name!r})", targets_checked=True)
+                                f"load_adapter({adapter_name!r})", targets=theirs)
     except ValueError as err:
         raise AdapterError(f"{where}: {err}") from err
     lora_model.peft_config[adapter_name] = dataclasses.replace(

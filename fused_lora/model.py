@@ -22,7 +22,7 @@ from .config import LoraConfig
 from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
 from .quant_convert import base_compute_dtype, is_quantized_base
 from . import quant_layer
-from .targets import _as_set, find_modules_to_save, find_targets, is_adaptable, name_matches
+from .targets import find_modules_to_save, find_targets, is_adaptable, named_targets
 from .validation import check_adapter_args, check_adapter_name
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -289,11 +289,11 @@ class LoraModel(nn.Module):
             raise ValueError(f"{what}: {DEFAULT_ADAPTER!r} names the first adapter's slot, held by "
                              f"{self._first_adapter!r} here; choose another name")
 
-    def _check_new_config(self, config: LoraConfig, what: str, targets_checked: bool = False) -> None:
+    def _check_new_config(self, config: LoraConfig, what: str, targets: Optional[list] = None) -> None:
         """An added adapter must target exactly the first adapter's modules and carry no modules_to_save
-        or trained biases (fused_lora's limits; peft allows other targets). `targets_checked`: the
-        targets came from a weights file's keys, already checked; the config's target_modules is then
-        not matched against module names (a downloaded regex must not be able to stall loading)."""
+        or trained biases (fused_lora's limits; peft allows other targets). `targets`: the module names an
+        adapter file's keys adapt, when it comes from one; the config's target_modules is then not matched
+        against module names (a downloaded regex must not be able to stall loading)."""
         config.validate()
         check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
                            config.lora_alpha, config.use_rslora)
@@ -301,22 +301,14 @@ class LoraModel(nn.Module):
             raise ValueError(f"{what}: use_dora=True: in fused_lora only the first adapter of a model can be a DoRA "
                              "adapter (a further one is refused)")
         ours = sorted(n for n, _ in self.lora_layers())
-        if targets_checked:
-            theirs = ours
-        elif config.target_modules == "all-linear":  # peft's meaning: every Linear / Conv1D but the output layer
-            get = getattr(self.model, "get_output_embeddings", None)
-            out = get() if callable(get) else None
-            theirs = sorted(n for n, m in self.model.named_modules()
-                            if (isinstance(m, FusedLoRALinear) or is_adaptable(m)) and m is not out
-                            and not name_matches(n, _as_set(config.exclude_modules)))
-        else:
-            spec, exclude = _as_set(config.target_modules), _as_set(config.exclude_modules)
-            theirs = sorted(n for n, _ in self.model.named_modules()
-                            if n and name_matches(n, spec) and not name_matches(n, exclude))
+        if targets is None:
+            targets = named_targets(self.model, config,
+                                    adaptable=lambda m: isinstance(m, FusedLoRALinear) or is_adaptable(m))
+        theirs = sorted(targets)
         if theirs != ours:
             raise ValueError(f"{what}: fused_lora adds adapters only on the modules the first adapter targets "
-                             f"({len(ours)} modules, e.g. {ours[:3]}); target_modules {config.target_modules!r} "
-                             f"names {len(theirs)} modules (e.g. {theirs[:3]})")
+                             f"({len(ours)} modules, e.g. {ours[:3]}); the new adapter adapts "
+                             f"{len(theirs)} modules (e.g. {theirs[:3]})")
         if config.modules_to_save:
             raise ValueError(f"{what}: modules_to_save belong to the first adapter only in fused_lora; "
                              f"got {config.modules_to_save!r}")
@@ -340,10 +332,10 @@ class LoraModel(nn.Module):
         what = f"add_adapter({adapter_name!r})"
         self._add_adapter(adapter_name, _as_lora_config(peft_config, what), what)
 
-    def _add_adapter(self, adapter_name: str, config: LoraConfig, what: str, targets_checked: bool = False) -> None:
+    def _add_adapter(self, adapter_name: str, config: LoraConfig, what: str, targets: Optional[list] = None) -> None:
         self._require_layers(what)
         self._check_new_name(adapter_name, what)
-        self._check_new_config(config, what, targets_checked)
+        self._check_new_config(config, what, targets)
         layers = [layer for _, layer in self.lora_layers()]
         for layer in layers:  # every check first: nothing is half-applied
             layer._check_new_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout,

@@ -89,19 +89,25 @@ def _check_bases(names: list[str], modules: dict) -> None:
         raise ValueError(f"cannot adapt {_few(refused)}")
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the nn.Linear (or Conv1D) modules to adapt. Raises ValueError when a target matches
-    nothing, or matches a module that is neither, listing what the model holds. "all-linear" takes
-    every one of them but the output layer, as peft does."""
+def named_targets(model: nn.Module, config: LoraConfig, adaptable=is_adaptable) -> list[str]:
+    """The module names `config` selects (target_modules, exclude_modules, a task's head left out), unchecked:
+    "all-linear" takes every module `adaptable` accepts but the output layer, as peft does."""
     if config.target_modules == "all-linear":
         skip = _output_layer_name(model)
-        names = [n for n in _linear_names(model) if n != skip]
+        names = [n for n, m in model.named_modules() if adaptable(m) and n != skip]
     else:
         spec = _as_set(config.target_modules)
         names = [n for n, _ in model.named_modules() if n and name_matches(n, spec)]
     exclude = _as_set(config.exclude_modules)
     names = [n for n in names if not name_matches(n, exclude)]
-    names = _without_task_heads(names, config)
+    return _without_task_heads(names, config)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the nn.Linear (or Conv1D) modules to adapt. Raises ValueError when a target matches
+    nothing, or matches a module that is neither, listing what the model holds. "all-linear" takes
+    every one of them but the output layer, as peft does."""
+    names = named_targets(model, config)
     modules = dict(model.named_modules())
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_adaptable(modules[n])]
     if wrong:
