@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from . import backends, dora
-from .layer import autocast_inputs, lora_forward
+from .layer import _conv1d_class, autocast_inputs, lora_forward
 
 REPORT_ATTR = "fused_lora_report"
 # Keyword arguments peft's forward pops before calling the base layer; given as None they mean nothing.
@@ -75,11 +75,7 @@ def _peft_classes() -> dict:
             from peft.tuners import lora
         except ImportError as e:  # pragma: no cover - peft is installed wherever a peft model exists
             raise ImportError("fused_lora.patch_peft needs peft (pip install peft)") from e
-        try:
-            from transformers.pytorch_utils import Conv1D
-        except ImportError:
-            Conv1D = None
-        _classes.update(LoraLayer=lora.LoraLayer, Linear=lora.Linear, Conv1D=Conv1D)
+        _classes.update(LoraLayer=lora.LoraLayer, Linear=lora.Linear, Conv1D=_conv1d_class())
     return _classes
 
 
