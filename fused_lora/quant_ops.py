@@ -327,8 +327,9 @@ def _multi_functions_of_module(module):
 
 
 def _multi_problem(op: str, x: Tensor, N: int, adapters, grads: tuple = ()) -> backends.Problem:
-    return backends.Problem(op, x.device, x.dtype, x.shape[0], N, x.shape[1], max([0] + [a[0].shape[0] for a in adapters]),
-                            any(a[3] > 0.0 for a in adapters), grads)
+    rank = max([0] + [a[0].shape[0] for a in adapters])
+    return backends.Problem(op, x.device, x.dtype, x.shape[0], N, x.shape[1], rank, any(a[3] > 0.0 for a in adapters),
+                            grads)
 
 
 def _multi_probe(args: tuple, method):

@@ -108,7 +108,8 @@ def quant_multi_backward(dy, x, wq, adapters, h, segs, seed, need_dx, need_lora,
         else:
             lora_A, lora_B, scaling, p = adapters[a]
             dxa, dA, dB, _ = backward_quant(_take(dy, rows), _take(x, rows), wq, lora_A, lora_B,
-                                            h[lo:hi, :lora_A.shape[0]], scaling, p, adapter_seed(seed, a), need_dx, want)
+                                            h[lo:hi, :lora_A.shape[0]], scaling, p, adapter_seed(seed, a),
+                                            need_dx, want)
             if want:
                 pairs[a] = (dA, dB)
         if need_dx:
