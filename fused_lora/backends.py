@@ -159,7 +159,7 @@ def triton_op_reasons(op: str) -> list[str]:
     if op.startswith("quant_") and importlib.util.find_spec("fused_lora.kernels.quant") is None:
         return ["the Triton kernels for a quantized base (fused_lora.kernels.quant: forward_quant, "
                 "backward_quant) are not there yet; the torch backend runs it"]
-    return []
+    return quant_multi_reasons(op)
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,31 @@ def _segment_kernels_checked_against(p: Problem) -> Optional[str]:
     """The triton row's segment kernels (ops multi_fwd / multi_bwd), which no GPU has run yet either,
     are checked against the torch row's multi-adapter path; with dropout the two draw different masks,
     so nothing can be compared (unchecked). The single-adapter ops are trusted."""
+    if p.op.startswith("quant_multi_"):
+        return quant_multi_checked_against(p)
     return "torch" if p.op.startswith("multi_") and not p.dropout else None
+
+
+# ---- Several adapters in one batch over a quantized base (quant_ops.lora_linear_quant_multi): ops
+# "quant_multi_fwd" / "quant_multi_bwd"; the triton row runs fused_lora.kernels.quant_multi.
+BACKWARD_OPS["quant_multi_bwd"] = "quant_multi_fwd"
+
+
+def quant_multi_reasons(op: str) -> list[str]:
+    """Why the triton row cannot run a "quant_multi_" op (beyond its other reasons): its launchers missing."""
+    if op.startswith("quant_multi_") and importlib.util.find_spec("fused_lora.kernels.quant_multi") is None:
+        return ["the Triton launchers for several adapters over a quantized base (fused_lora.kernels.quant_multi) "
+                "are not there; the torch backend runs it"]
+    return []
+
+
+def quant_multi_checked_against(p: Problem) -> Optional[str]:
+    """The triton row's "quant_multi_" ops have never run on a GPU: auto times the forward only after its
+    output matched the torch row's, on inputs with random adapters and dropout off (quant_ops' probe: the
+    rows draw different masks, so only dropout-free outputs compare), and the backward without dropout
+    likewise. A backward with dropout follows its forward's row (rule 4; torch could not stand in for it:
+    another mask), which was checked so."""
+    return None if p.op == "quant_multi_bwd" and p.dropout else "torch"
 
 
 # ---- The Hopper path: candidates beside the pointer kernels, timed by auto like every row.

@@ -9,8 +9,8 @@ dtype = the compute dtype, device, like a weight tensor) and `bias`. Decisions:
   and lose most of the adapter (peft does re-quantize; we do not). `to_linear()` and
   `LoraModel.merge_and_unload()` return 16-bit (compute dtype) nn.Linear layers holding
   dequantize(W) + s B A; `unload()` gives back a `QuantizedLinear` holding the same packed tensors.
-- several adapters in one batch (forward(adapter_names=...)): `quant_ops.lora_linear_quant_multi`, torch
-  backend, eager mode.
+- several adapters in one batch (forward(adapter_names=...)): `quant_ops.lora_linear_quant_multi`, through
+  the backend table (ops "quant_multi_fwd" / "quant_multi_bwd") and its custom ops under torch.compile.
 """
 from __future__ import annotations
 

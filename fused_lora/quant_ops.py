@@ -44,7 +44,7 @@ from torch import Tensor
 
 from . import backends
 from . import quant
-from .op_inputs import as_scaling, as_seed_tensor, check_op_inputs, seed_value
+from .op_inputs import as_scaling, as_seed_tensor, check_op_inputs, check_seed_tensor, seed_value
 from .quant import QuantizedWeight
 
 
@@ -289,79 +289,248 @@ def quant_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor]) ->
 
 
 # ------------------------------------------------------------------ several adapters in one batch
-# The base once for the whole batch (dequantized chunk by chunk), each adapter's low-rank term on its own
-# rows (`multi_impl.add_lora` / `lora_backward`, the torch backend's code): torch backend, eager mode.
+# Rows of the backend table (ops "quant_multi_fwd" / "quant_multi_bwd") provide
+#     quant_multi_forward(x, data, bias, adapters, segs, seed) -> (Y, packed H)
+#     quant_multi_backward(dy, x, data, adapters, h, segs, seed, need_dx, need_lora, need_db)
+#         -> (dx, [(dA_a, dB_a) or None per adapter], db)
+# with `adapters` ((A_a, B_a, s_a, p_a), ...), `segs` the grouped layout (`multi_impl.segments`), H packed as
+# `multi_impl.packed_h_shape` (sorted rows, the largest rank wide) and adapter a's dropout mask the row's
+# own keep_mask of `multi_impl.adapter_seed(seed, a)` over its rows in increasing order. The torch row is
+# below (the base dequantized chunk by chunk, the low-rank terms `multi_impl.add_lora` / `lora_backward`);
+# the triton row's module provides them itself or in its `quant_multi` sub-module.
 
-def _quant_multi_forward(x, data, bias, adapters, segs, seed: int):
+def quant_multi_forward_torch(x, data, bias, adapters, segs, seed: int):
+    """The torch row's forward: the base once for the whole batch, then each adapter's term on its rows."""
     from .multi_impl import add_lora
     from .quant_impl import base_linear
     y = base_linear(x, data, bias)
     return y, add_lora(y, x, adapters, segs, seed)
 
 
+def quant_multi_backward_torch(dy, x, data, adapters, h, segs, seed: int, need_dx, need_lora, need_db):
+    """The torch row's backward: dx = dY W (chunk by chunk) plus each adapter's D_a (G_a A_a) on its rows."""
+    from .multi_impl import lora_backward
+    from .quant_impl import accumulate_grad_input
+    dx = accumulate_grad_input(dy.new_zeros(x.shape), dy, data) if need_dx else None
+    pairs = lora_backward(dx, dy, x, adapters, h, segs, seed, need_lora)
+    return dx, pairs, (dy.sum(0) if need_db else None)
+
+
+def _multi_functions_of_module(module):
+    """(quant_multi_forward, quant_multi_backward) of a row's module (see above)."""
+    from . import torch_impl
+    if module is torch_impl:
+        return quant_multi_forward_torch, quant_multi_backward_torch
+    if not hasattr(module, "quant_multi_forward"):
+        module = importlib.import_module(module.__name__ + ".quant_multi")
+    return module.quant_multi_forward, module.quant_multi_backward
+
+
+def _multi_problem(op: str, x: Tensor, N: int, adapters, grads: tuple = ()) -> backends.Problem:
+    rank = max([0] + [a[0].shape[0] for a in adapters])
+    return backends.Problem(op, x.device, x.dtype, x.shape[0], N, x.shape[1], rank, any(a[3] > 0.0 for a in adapters),
+                            grads)
+
+
+def _multi_probe(args: tuple, method):
+    """The check rule's inputs (`ops._probe`): every adapter's A and B random and its dropout off. Rows draw
+    different masks from one seed, so only dropout-free outputs can be compared; the kernels a mask adds
+    are the single-adapter ones."""
+    from .ops import _probe, _random_lora
+
+    def random_without_dropout(adapters):
+        return tuple((*_random_lora(A, B, a), s, 0.0) for a, (A, B, s, _) in enumerate(adapters))
+    return _probe(args, 3, method, random_without_dropout)
+
+
+def _chosen_multi(op, x, N, adapters, backend, grads=(), args=(), which=0):
+    problem = _multi_problem(op, x, N, adapters, grads)
+    method = lambda m: _multi_functions_of_module(m)[which]  # noqa: E731
+    impl = backends.select(problem, backend, bench=lambda m: lambda: method(m)(*args),
+                           probe=_multi_probe(args, method))
+    backends.calls[(op, impl.name)] += 1
+    return _multi_functions_of_module(impl.load())[which] if x.shape[0] else (
+        quant_multi_forward_torch, quant_multi_backward_torch)[which]  # nothing to launch for no rows
+
+
+def _run_multi_forward(x, data, bias, adapters, segs, seed: int, backend):
+    args = (x, data, None if bias is None else bias.contiguous(), adapters, segs, seed)
+    return _chosen_multi("quant_multi_fwd", x, data.shape[0], adapters, backend, args=args)(*args)
+
+
+def _run_multi_backward(dy, x, data, adapters, h, segs, seed: int, backend, need_dx, need_lora, need_db):
+    grads = tuple(n for n, f in zip(("dx", "lora", "db"), (need_dx, any(need_lora), need_db)) if f)
+    args = (dy.contiguous(), x, data, adapters, h, segs, seed, need_dx, list(need_lora), need_db)
+    return _chosen_multi("quant_multi_bwd", x, data.shape[0], adapters, backend, grads, args, which=1)(*args)
+
+
+def _refuse_multi_double_backward(*tensors) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError("lora_linear_quant_multi: double backward (create_graph=True) through a quantized base "
+                           "is not supported")
+
+
+def _stand_in(x, N: int, K: int):
+    """A stride-0 tensor of W's shape in x's dtype and device (no memory), for the unquantized ops' checks."""
+    return x.new_empty(1).expand(N, K) if isinstance(x, Tensor) and x.dim() == 2 else x
+
+
+def _checked_adapters(x, N, K, bias, lora_A, lora_B, scaling, dropout_p):
+    from .ops import _multi_adapters
+    return _multi_adapters(x, _stand_in(x, N, K), bias, tuple(zip(lora_A, lora_B, scaling, dropout_p)))
+
+
+# The custom ops (what torch.compile traces): the packed weight as `quant.op_args`, the adapters as lists,
+# the row layout recomputed from row_adapter inside each op (as ops.lora_linear_multi_fwd / _bwd).
+
+@torch.library.custom_op("fused_lora::lora_linear_quant_multi_fwd", mutates_args=())
+def lora_linear_quant_multi_fwd(
+    x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float, bias: Optional[Tensor],
+    lora_A: list[Tensor], lora_B: list[Tensor], scaling: list[float], dropout_p: list[float],
+    row_adapter: Tensor, seed: Tensor, backend: str,
+) -> tuple[Tensor, Tensor]:
+    from .multi_impl import segments
+    from .ops import _check_row_adapter
+    adapters = _checked_adapters(x, meta[1], meta[2], bias, lora_A, lora_B, scaling, dropout_p)
+    _check_row_adapter(row_adapter, x, len(adapters))
+    check_seed_tensor(seed)
+    data = quant.from_op_args(qtensors, meta, offset)
+    return _run_multi_forward(x, data, bias, adapters, segments(row_adapter, len(adapters)), seed_value(seed),
+                              backend)
+
+
+@lora_linear_quant_multi_fwd.register_fake
+def _(x, qtensors, meta, offset, bias, lora_A, lora_B, scaling, dropout_p, row_adapter, seed, backend):
+    from .multi_impl import packed_h_shape
+    from .ops import _check_row_adapter_shape
+    adapters = _checked_adapters(x, meta[1], meta[2], bias, lora_A, lora_B, scaling, dropout_p)
+    _check_row_adapter_shape(row_adapter, x)
+    check_seed_tensor(seed)
+    return x.new_empty(x.shape[0], meta[1]), x.new_empty(packed_h_shape(x.shape[0], adapters))
+
+
+@torch.library.custom_op("fused_lora::lora_linear_quant_multi_bwd", mutates_args=())
+def lora_linear_quant_multi_bwd(
+    dy: Tensor, x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float, lora_A: list[Tensor],
+    lora_B: list[Tensor], h: Tensor, scaling: list[float], dropout_p: list[float], row_adapter: Tensor,
+    seed: Tensor, backend: str, need_dx: bool, need_lora: list[bool], need_db: bool,
+) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+    from .multi_impl import segments
+    adapters = _checked_adapters(x, meta[1], meta[2], None, lora_A, lora_B, scaling, dropout_p)
+    data = quant.from_op_args(qtensors, meta, offset)
+    dx, pairs, db = _run_multi_backward(dy, x, data, adapters, h, segments(row_adapter, len(adapters)),
+                                        seed_value(seed), backend, need_dx, need_lora, need_db)
+
+    def given(t):  # custom ops cannot return None, nor one tensor twice: a fresh empty tensor each
+        return x.new_empty(0) if t is None else t
+    return given(dx), [given(p and p[0]) for p in pairs], [given(p and p[1]) for p in pairs], given(db)
+
+
+@lora_linear_quant_multi_bwd.register_fake
+def _(dy, x, qtensors, meta, offset, lora_A, lora_B, h, scaling, dropout_p, row_adapter, seed, backend, need_dx,
+      need_lora, need_db):
+    def maybe(flag, *shape):
+        return x.new_empty(shape if flag else (0,))
+    return (maybe(need_dx, *x.shape), [maybe(n, *A.shape) for A, n in zip(lora_A, need_lora)],
+            [maybe(n, *B.shape) for B, n in zip(lora_B, need_lora)], maybe(need_db, meta[1]))
+
+
+def _multi_setup_context(ctx, inputs, output):
+    x, qtensors, meta, offset, bias, lora_A, lora_B, scaling, dropout_p, row_adapter, seed, backend = inputs
+    ctx.save_for_backward(x, output[1], row_adapter, seed, *lora_A, *lora_B, *qtensors)
+    ctx.n = len(lora_A)
+    ctx.meta, ctx.offset, ctx.scaling, ctx.dropout_p, ctx.backend = meta, offset, scaling, dropout_p, backend
+    ctx.has_bias = bias is not None
+
+
+def _multi_op_backward(ctx, dy, _dh):
+    n = ctx.n
+    x, h, row_adapter, seed, *rest = ctx.saved_tensors
+    lora_A, lora_B, qtensors = rest[:n], rest[n:2 * n], rest[2 * n:]
+    need = ctx.needs_input_grad  # list inputs: one flag for the whole list
+    _refuse_multi_double_backward(dy, x, *lora_A, *lora_B)
+    need_db = bool(ctx.has_bias and need[4])
+    dx, dA, dB, db = lora_linear_quant_multi_bwd(
+        dy, x, qtensors, ctx.meta, ctx.offset, lora_A, lora_B, h, ctx.scaling, ctx.dropout_p, row_adapter, seed,
+        ctx.backend, bool(need[0]), [bool(need[5] or need[6])] * n, need_db)
+    return (dx if need[0] else None, [None] * len(qtensors), None, None, db if need_db else None,
+            list(dA) if need[5] else None, list(dB) if need[6] else None, None, None, None, None, None)
+
+
+lora_linear_quant_multi_fwd.register_autograd(_multi_op_backward, setup_context=_multi_setup_context)
+
+
+# ------------------------------------------------------------------ eager mode (no custom-op dispatch cost)
+
 class _QuantLoRALinearMulti(torch.autograd.Function):
+    """Eager mode. Inputs after the non-tensor ones: lora_A_0, lora_B_0, lora_A_1, ...
+
+    Per adapter a, on its rows R_a only (H_a = (D_a x[R_a]) A_a^T saved from forward):
+        G_a = s_a dY[R_a] B_a;  dB_a = s_a dY[R_a]^T H_a;  dA_a = G_a^T (D_a x[R_a]);  dx[R_a] += D_a (G_a A_a)
+    and once for the whole batch: dx = dY W (+ the above), db = sum of dY's rows. W is frozen: no dW.
+    """
+
     @staticmethod
-    def forward(ctx, x, bias, data, segs, spec, seed, *lora):
+    def forward(ctx, x, bias, data, segs, spec, seed, backend, *lora):
         adapters = tuple((lora[2 * a], lora[2 * a + 1], s, p) for a, (s, p) in enumerate(spec))
-        y, h = _quant_multi_forward(x, data, bias, adapters, segs, seed)
+        y, h = _run_multi_forward(x, data, bias, adapters, segs, seed, backend)
         ctx.save_for_backward(x, h, *lora)
-        ctx.data, ctx.segs, ctx.spec, ctx.seed, ctx.has_bias = data, segs, spec, seed, bias is not None
+        ctx.data, ctx.segs, ctx.spec, ctx.seed, ctx.backend = data, segs, spec, seed, backend
+        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        from .multi_impl import lora_backward
-        from .quant_impl import accumulate_grad_input
         x, h, *lora = ctx.saved_tensors
         n, need = len(ctx.spec), ctx.needs_input_grad
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (dy, x, *lora)):
-            raise RuntimeError("lora_linear_quant_multi: double backward (create_graph=True) through a quantized "
-                               "base is not supported")
-        dy = dy.contiguous()
+        _refuse_multi_double_backward(dy, x, *lora)
         adapters = tuple((lora[2 * a], lora[2 * a + 1], s, p) for a, (s, p) in enumerate(ctx.spec))
-        dx = accumulate_grad_input(dy.new_zeros(x.shape), dy, ctx.data) if need[0] else None
-        need_lora = [need[6 + 2 * a] or need[7 + 2 * a] for a in range(n)]
-        pairs = lora_backward(dx, dy, x, adapters, h, ctx.segs, ctx.seed, need_lora)
+        need_lora = [bool(need[7 + 2 * a] or need[8 + 2 * a]) for a in range(n)]
+        need_db = bool(ctx.has_bias and need[1])
+        dx, pairs, db = _run_multi_backward(dy, x, ctx.data, adapters, h, ctx.segs, ctx.seed, ctx.backend,
+                                            bool(need[0]), need_lora, need_db)
         flat = []
         for a, pair in enumerate(pairs):
             dA, dB = pair if pair is not None else (None, None)
-            flat += [dA if need[6 + 2 * a] else None, dB if need[7 + 2 * a] else None]
-        db = dy.sum(0) if ctx.has_bias and need[1] else None
-        return (dx, db, None, None, None, None, *flat)
+            flat += [dA if need[7 + 2 * a] else None, dB if need[8 + 2 * a] else None]
+        return (dx if need[0] else None, db if need_db else None, None, None, None, None, None, *flat)
 
 
-@torch.compiler.disable  # eager code (Python loops over the adapters' rows): a graph break under torch.compile
 def lora_linear_quant_multi(
     x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor], adapters, row_adapter: Tensor,
     seed: Optional[Tensor] = None, backend: str = "auto",
 ) -> Tensor:
     """`ops.lora_linear_multi` over a frozen quantized base: y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m]),
-    a = row_adapter[m] (-1: no adapter), W = dequantize(qweight) chunk by chunk. Same arguments, checks and
-    dropout masks as lora_linear_multi on the torch backend (adapter a's mask: the torch row's keep_mask of
-    `multi_impl.adapter_seed(seed, a)` over its rows). Differentiable in x, bias and every A_a, B_a, never in
-    W. Runs on the torch backend in eager mode: a forced other backend raises BackendUnavailable; under
-    torch.compile it is a graph break (so fullgraph=True refuses it)."""
-    from .multi_impl import segments
+    a = row_adapter[m] (-1: no adapter), W = dequantize(qweight), never materialised whole. Same arguments,
+    checks and dropout rule as lora_linear_multi: adapter a's mask is the running backend's keep_mask of
+    `multi_impl.adapter_seed(seed, a)` over its rows (the torch and Triton rows draw different masks from one
+    seed). Differentiable in x, bias and every A_a, B_a, never in W (double backward is refused). Backends:
+    the table's ops "quant_multi_fwd" / "quant_multi_bwd" ("torch", "triton" where it can run, "auto").
+    Under torch.compile the custom op fused_lora::lora_linear_quant_multi_fwd is traced (fullgraph works)."""
     from .ops import _check_row_adapter, _multi_adapters
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"lora_linear_quant_multi: qweight must be a fused_lora.quant.QuantizedWeight, got "
                         f"{type(qweight).__name__}")
     N, K = qweight.shape
-    stand_in = x.new_empty(1).expand(N, K) if isinstance(x, Tensor) and x.dim() == 2 else x  # W's shape, no memory
-    adapters = _multi_adapters(x, stand_in, bias, adapters)
+    adapters = _multi_adapters(x, _stand_in(x, N, K), bias, adapters)
     seed = as_seed_tensor(seed, max([0.0] + [a[3] for a in adapters]))
-    if backend not in ("auto", "torch"):
-        raise backends.BackendUnavailable(f"the {backend} backend was requested but cannot run: several adapters "
-                                          "in one batch over a quantized base run on the torch backend only")
-    _check_row_adapter(row_adapter, x, len(adapters))
     if qweight.device != x.device:
         raise ValueError(f"lora_linear_quant_multi: the quantized weight is on {qweight.device} but x is on "
                          f"{x.device}")
+    if torch.compiler.is_compiling():  # the op's fake checks shapes; its body checks values
+        if not isinstance(row_adapter, Tensor) or row_adapter.dtype != torch.int64:
+            _check_row_adapter(row_adapter, x, len(adapters))  # the type errors
+        lists = [list(t) for t in zip(*adapters)] if adapters else [[], [], [], []]
+        return lora_linear_quant_multi_fwd(x, *quant.op_args(qweight.data()), bias, *lists, row_adapter, seed,
+                                           backend)[0]
+    _check_row_adapter(row_adapter, x, len(adapters))
     if x.is_meta:
         return x.new_empty(x.shape[0], N)
+    backends.select(_multi_problem("quant_multi_fwd", x, N, adapters), backend)  # a backend that cannot run: now
+    from .multi_impl import segments
     data, segs, seed_int = qweight.data(), segments(row_adapter, len(adapters)), seed_value(seed)
     lora = [t for a in adapters for t in a[:2]]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora))):
-        return _quant_multi_forward(x, data, bias, adapters, segs, seed_int)[0]
+        return _run_multi_forward(x, data, bias, adapters, segs, seed_int, backend)[0]
     spec = tuple((a[2], a[3]) for a in adapters)
-    return _QuantLoRALinearMulti.apply(x, bias, data, segs, spec, seed_int, *lora)
+    return _QuantLoRALinearMulti.apply(x, bias, data, segs, spec, seed_int, backend, *lora)
