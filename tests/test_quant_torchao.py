@@ -153,6 +153,37 @@ def test_layer_matches_float64_reference(backend, dtype):
         assert_close_rule(g, eager, ref, dtype, what)
 
 
+class FrozenNF4Linear(nn.Linear):
+    """torchtune's frozen NF4 Linear (torchtune.modules.low_precision.nf4_linear; torchtune is not installed
+    here), as torchtune writes it: the weight swapped for its NF4Tensor, forward by torchao's linear_nf4."""
+    __module__ = "torchtune.modules.low_precision.nf4_linear"
+
+    def __init__(self, in_dim, out_dim, bias=False, dtype=None):
+        super().__init__(in_dim, out_dim, bias=bias, dtype=dtype)
+        self.weight.requires_grad_(False)
+        torch.utils.swap_tensors(self.weight, nn.Parameter(to_nf4(self.weight.detach()), requires_grad=False))
+
+    def forward(self, x):
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+        out = linear_nf4(input=x, weight=self.weight)
+        return out + self.bias if self.bias is not None else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torchtune_frozen_nf4_linear_computes_as_torchao(dtype):
+    """Accepted (its forward is nn.Linear's function); adapted with lora_B = 0 (peft's init), the layer computes
+    what torchao's own forward does."""
+    torch.manual_seed(0)
+    base = FrozenNF4Linear(256, 64, bias=True, dtype=dtype)
+    layer = FusedLoRALinear.from_linear(base, r=4)
+    x = torch.randn(3, 256, dtype=dtype)
+    with torch.no_grad():
+        want = base(x)
+        ref = _formula(x, base.weight.get_original_weight(), base.bias, layer.lora_A, layer.lora_B, 1.0,
+                       torch.float64)[0]
+        assert_close_rule(layer(x), want, ref, dtype, "y")  # within twice torchao's own error
+
+
 def test_triton_row_agrees_with_torch_on_the_converted_weight():
     """The converted layout is plain NF4 (fp32 absmax, torchao's levels as the code table): the kernels take it."""
     qw = as_quantized_linear(nf4_linear(128, 64)).weight
