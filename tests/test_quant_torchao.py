@@ -5,7 +5,6 @@ bit for bit; layers and models adapted over it match a float64 reference on torc
 adapters save and load; unload gives the very NF4 layers back; bad input is refused by name.
 """
 import copy
-import math
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ from torchao.quantization import to_nf4  # noqa: E402
 import fused_lora  # noqa: E402
 from fused_lora import FusedLoRALinear, LoraConfig, LoraModel, get_lora_model  # noqa: E402
 from fused_lora.finetune import LLAMA_TARGETS, counting_batches  # noqa: E402
-from fused_lora.quant import QuantizationError, dequantize_rows  # noqa: E402
+from fused_lora.quant import dequantize_rows  # noqa: E402
 from fused_lora.quant_convert import as_quantized_linear, is_quantized_base  # noqa: E402
 from fused_lora.quant_ops import lora_linear_quant  # noqa: E402
 from test_quant_peft import bnb_quantize, lora_grads, tiny_llama  # noqa: E402
@@ -130,8 +129,8 @@ def _formula(x, W, b, A, B, s, dtype):
     return (y + b.to(dtype) if b is not None else y), (x, A, B)
 
 
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
-                                           ("triton", torch.float32), ("triton", torch.float16)])  # no bf16 in the interpreter
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),  # the interpreter:
+                                           ("triton", torch.float32), ("triton", torch.float16)])  # no bf16
 def test_layer_matches_float64_reference(backend, dtype):
     """FusedLoRALinear over an NF4Tensor Linear: output and gradients against the float64 formula on torchao's
     dequantized weight, by the project's rule (error <= 2 x the eager same-dtype formula's error + atol)."""
@@ -240,8 +239,9 @@ def test_mlp_matches_float64_reference():
     y64.square().sum().backward()
     for name, layer in ours.lora_layers():
         theirs = ref.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.lora_A.grad.double(), theirs.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(layer.lora_B.grad.double(), theirs.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
+        for ours_p, theirs_p in ((layer.lora_A, theirs.lora_A["default"].weight),
+                                 (layer.lora_B, theirs.lora_B["default"].weight)):
+            torch.testing.assert_close(ours_p.grad.double(), theirs_p.grad, atol=1e-5, rtol=1e-4)
 
 
 def torchao_llama(seed=0):
@@ -386,7 +386,8 @@ def test_hooks_dora_modules_to_save_and_merge_refused():
     with pytest.raises(ValueError, match="quantized base"):
         FusedLoRALinear.from_linear(linear, use_dora=True)
     with pytest.raises(ValueError, match="modules_to_save"):
-        get_lora_model(nn.Sequential(nn.Linear(64, 64), linear), LoraConfig(target_modules=["0"], modules_to_save=["1"]))
+        get_lora_model(nn.Sequential(nn.Linear(64, 64), linear),
+                       LoraConfig(target_modules=["0"], modules_to_save=["1"]))
 
 
 def test_fsdp_row_shard_reads_bit_exact():
