@@ -481,10 +481,10 @@ class QuantizedLinear(nn.Module):
 
 
 def _holds_quantized(module: nn.Module) -> bool:
-    """A module whose frozen weight is quantized: QuantizedLinear, a layer adapted over one, or
-    bitsandbytes' Linear4bit / Linear8bitLt."""
-    from .quant_convert import bnb_kind
-    return isinstance(module._modules.get("weight"), QuantizedWeight) or bnb_kind(module) is not None
+    """A module whose frozen weight is quantized: QuantizedLinear, a layer adapted over one,
+    bitsandbytes' Linear4bit / Linear8bitLt, or an nn.Linear holding torchao's NF4Tensor."""
+    from .quant_convert import is_quantized_base
+    return isinstance(module._modules.get("weight"), QuantizedWeight) or is_quantized_base(module)
 
 
 def _default_skip(model: nn.Module) -> set:
@@ -516,7 +516,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=Non
         raise ValueError(f"quantize_model: unknown quant_type {quant_type!r}; expected one of {', '.join(FORMATS)}")
     skip = _default_skip(model) if target_modules is None else set()
     every = list(model.named_modules(remove_duplicate=False))  # a shared Linear is replaced under all its names
-    chosen = {id(m) for n, m in every if type(m) is nn.Linear and n not in skip
+    chosen = {id(m) for n, m in every if type(m) is nn.Linear and n not in skip and not _holds_quantized(m)
               and (target_modules is None or name_matches(n, target_modules))
               and not name_matches(n, exclude_modules)}
     names = [n for n, m in model.named_modules() if id(m) in chosen]

@@ -10,8 +10,10 @@ With threshold > 0, bitsandbytes' Linear8bitLt quantizes the activations too (LL
 outlier columns); fused_lora computes x times the dequantized int8 weight (weight-only), so its
 outputs are closer to the 16-bit layer's than bitsandbytes' own.
 
-bitsandbytes is imported only when a module from it is seen (`pip install -e ".[quant]"`).
-torchao's NF4Tensor is not converted (torchao is not a dependency of this project; see the README).
+An nn.Linear whose weight is torchao's NF4Tensor (torchtune's QLoRA base): `quant_torchao` (packed bytes
+shared, block scales repacked once to fp32).
+
+bitsandbytes and torchao are imported only when a module from them is seen (`pip install -e ".[quant]"`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch import nn
 
 from .quant import QuantizationError, QuantizedLinear, QuantizedWeight, check_data
 from .quant_format import Int8Data, NF4Data
+from . import quant_torchao
 
 BNB_KINDS = ("Linear4bit", "LinearNF4", "Linear8bitLt")
 
@@ -40,9 +43,10 @@ def bnb_kind(module) -> Optional[str]:
 
 
 def is_quantized_base(module) -> bool:
-    """A base layer fused_lora adapts as a quantized base: a QuantizedLinear, or bitsandbytes'
-    Linear4bit / Linear8bitLt."""
-    return isinstance(module, QuantizedLinear) or bnb_kind(module) is not None
+    """A base layer fused_lora adapts as a quantized base: a QuantizedLinear, bitsandbytes'
+    Linear4bit / Linear8bitLt, or an nn.Linear whose weight is torchao's NF4Tensor."""
+    return isinstance(module, QuantizedLinear) or bnb_kind(module) is not None \
+        or quant_torchao.is_nf4_linear(module)
 
 
 def _nf4_from_params4bit(weight, what: str) -> NF4Data:
@@ -108,31 +112,44 @@ def weight_from_bnb(module: nn.Module) -> QuantizedWeight:
 
 
 def as_quantized_linear(module: nn.Module) -> QuantizedLinear:
-    """A QuantizedLinear for a quantized base (itself if it is one; bitsandbytes' layers converted,
-    packed tensors and bias shared, the bitsandbytes layer remembered for `bnb_source`)."""
+    """A QuantizedLinear for a quantized base (itself if it is one; bitsandbytes' layers and torchao
+    NF4Tensor Linears converted, packed tensors and bias shared, the source layer remembered for
+    `bnb_source`)."""
     if isinstance(module, QuantizedLinear):
         return module
-    weight = weight_from_bnb(module)
-    object.__setattr__(weight, "_bnb_source", module)  # a plain attribute: not a submodule, not in state_dict
+    weight = quant_torchao.weight_from_torchao(module) if quant_torchao.is_nf4_linear(module) \
+        else weight_from_bnb(module)
+    # a plain attribute (not a submodule, not in state_dict), the one QuantizedWeight's copies leave out
+    object.__setattr__(weight, "_bnb_source", module)
     return QuantizedLinear(weight, module.bias)
 
 
 def bnb_source(weight: QuantizedWeight, bias) -> Optional[nn.Module]:
-    """The bitsandbytes layer `weight` was read from, if it still holds the very same packed data and `bias`
-    (what unload() gives back, as peft's does); None otherwise (e.g. after a device move or a deepcopy)."""
+    """The layer `weight` was read from (bitsandbytes', or an nn.Linear holding a torchao NF4Tensor), if it
+    still holds the very same packed data and `bias` (what unload() gives back, as peft's does); None
+    otherwise (e.g. after a device move or a deepcopy)."""
     module = weight.__dict__.get("_bnb_source")
     if module is None or module.bias is not bias:
         return None
     ours = weight.qweight if weight.format == "int8" else weight.packed
-    theirs = module.weight.data
+    if quant_torchao.is_nf4_linear(module):
+        theirs = quant_torchao.source_packed(module)
+    elif bnb_kind(module) is not None:
+        theirs = module.weight.data
+    else:  # the module's weight was replaced since
+        return None
     same = ours.device == theirs.device and ours.untyped_storage().data_ptr() == theirs.untyped_storage().data_ptr()
     return module if same else None
 
 
 def quantized_base_refusal(module: nn.Module) -> Optional[str]:
-    """Why a quantized base cannot be adapted (None when it can): unreadable packed data, or hooks
-    the adapted layer would not run."""
-    if bnb_kind(module) is not None:
+    """Why a quantized base cannot be adapted (None when it can): unreadable packed data, a forward of its
+    own, or hooks the adapted layer would not run."""
+    if quant_torchao.is_nf4_linear(module):
+        reason = quant_torchao.refusal(module)
+        if reason:
+            return reason
+    elif bnb_kind(module) is not None:
         try:
             weight_from_bnb(module)
         except (QuantizationError, TypeError) as err:
