@@ -30,7 +30,7 @@ def quant_dx_kernel(
     dy_ptr, q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr, g_ptr, a_ptr, dx_ptr,
     stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
     M, N, K, R, K_HALF, K_ODD, bs_shift, bs2_shift, n_blocks, offset, M_BUCKET,
-    QUANT: tl.constexpr, NESTED: tl.constexpr, LOW_RANK_IN_DX: tl.constexpr, RANK_STEP: tl.constexpr,
+    QUANT: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr, LOW_RANK_IN_DX: tl.constexpr, RANK_STEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Tile (m, k) of dX = dY W + (G A, or with LOW_RANK_IN_DX the D (G A) dX already holds)."""
@@ -55,6 +55,6 @@ def quant_dx_kernel(
         dyt = load_tile(dy_ptr, offs_n, offs_m, stride_dyn, stride_dym, n_in, m_in)  # dY^T tile
         w = dequant_tile(q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr,
                          offs_n, n_in, pid_k * BLOCK_N, K, K_HALF, K_ODD, bs_shift, bs2_shift, n_blocks, offset,
-                         QUANT, NESTED, BLOCK_N)  # W[offs_n, offs_k], fp32
+                         QUANT, NESTED, BLOCK_N, ALIGNED)  # W[offs_n, offs_k], fp32
         acc = tl.dot(tl.trans(w.to(dy_ptr.dtype.element_ty)), dyt, acc)
     store_tile(dx_ptr, acc, offs_k, offs_m, stride_dxk, stride_dxm, k_in, m_in)
