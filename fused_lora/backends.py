@@ -20,8 +20,8 @@ Rules, in order:
    being captured: there the known winner runs, else torch.
 4. With dropout, backward runs what the forward's key chose: the rows draw different masks from
    one seed, and forward and backward must agree on the mask.
-5. A row with `check_against` (the Hopper-path rows and the triton row's segment kernels without
-   dropout, whose kernels no GPU has run yet) is timed only after its output matched that row's
+5. A row with `check_against` (the Hopper-path rows, and the triton row's segment and
+   quantized-base kernels without dropout, whose kernels no GPU has run yet) is timed only after its output matched that row's
    (torch; with dropout the triton row, whose mask it shares) on the key's inputs with random LoRA
    weights (the ops' `probe`: a fresh adapter's B = 0 would hide every low-rank term); a row that
    does not match is recorded as failed and never chosen. A backward
@@ -197,10 +197,11 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
 
 
 def _segment_kernels_checked_against(p: Problem) -> Optional[str]:
-    """The triton row's segment kernels (ops multi_fwd / multi_bwd), which no GPU has run yet either,
-    are checked against the torch row's multi-adapter path; with dropout the two draw different masks,
-    so nothing can be compared (unchecked). The single-adapter ops are trusted."""
-    return "torch" if p.op.startswith("multi_") and not p.dropout else None
+    """The triton row's segment kernels (ops multi_fwd / multi_bwd) and its quantized-base kernels
+    (quant_fwd / quant_bwd: NF4/int8 dequantized in the GEMMs), which no GPU has run yet either, are
+    checked against the torch row's path for the op; with dropout the two draw different masks, so
+    nothing can be compared (unchecked). The single-adapter ops are trusted."""
+    return "torch" if p.op.startswith(("multi_", "quant_")) and not p.dropout else None
 
 
 # ---- The Hopper path: candidates beside the pointer kernels, timed by auto like every row.
