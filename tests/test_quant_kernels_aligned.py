@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fused_lora.kernels.quant import aligned_nf4
-from test_quant_kernels import bnb_nf4, check_against_reference, random_nf4, _gen, pytestmark  # noqa: F401
+from test_quant_kernels import DTYPES, bnb_nf4, check_against_reference, random_nf4, _gen, pytestmark  # noqa: F401
 
 
 def _gpu_tiles(monkeypatch, forward=(32, 32, 64), dx=(32, 128, 32)):
@@ -29,7 +29,7 @@ def gpu_tiles(monkeypatch):
 
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)  # bf16 too on CUDA
 def test_aligned_path_with_gpu_runs(nested, blocksize, dtype, gpu_tiles):
     # K = 3 blocks of 64 (or 1.5 / 0.75 of the larger blocks: K = 192 is a multiple of 64 only, so
     # blocksize 128 and 256 use K = 256 and 512). The last dX tile of 128 columns at K = 192 has
