@@ -18,7 +18,11 @@ fp16/bf16/fp32; scaling, dropout_p floats; seed an int), but the frozen weight i
   offset. The nested absmax is un-nested inside the kernels (no fp32 absmax made per call).
 - Int8Data: qweight int8 N x K contiguous, scale fp32[N].
 Any M, N, K (K odd too: NF4 rows then start inside a byte). Each NF4 call builds a 2 KB table of
-level pairs (`quant_tiles.pair_table`, one small torch op).
+level pairs (`quant_tiles.pair_table`, one small torch op). NF4 weights whose rows are whole
+blocks (K % blocksize == 0: every weight fused_lora.quant or bitsandbytes makes) run the kernels'
+ALIGNED path (`aligned_nf4`: one byte load per two elements, one absmax per row and 64 columns,
+no per-element block compares); the others run the general path, compiled with one flag set only
+(a zero bias when there is none; the low-rank term of dX through dX's memory, as with dropout).
 
 Y = x W^T + b + s H B^T and dX = D (G A) + dY W with W = wq.dequantize_rows(0, N) cast to x's
 dtype (the dequantization is exact in fp32, then rounded to x's dtype like a 16-bit copy would be);

@@ -19,6 +19,10 @@ COLS // 64 + 1 absmax blocks (MIN_BLOCKSIZE = 64, the launchers check it), so ea
 that many absmax values (un-nested in the kernel: no fp32 copy of the absmax is made per call)
 and each element selects its own with compares: no per-element absmax load.
 
+When every row is a whole number of blocks (ALIGNED, the launcher's fact) the odd-row byte and
+the compares go: each run of 64 columns starting at a multiple of 64 lies in one block, so one
+absmax per row and run is scaled onto its levels (`_aligned_nf4`).
+
 Elements outside the weight (rows >= N, columns >= K) come out finite but not zero: the other
 dot operand is zero there (masked x or dY), or the output there is not stored.
 """
