@@ -76,3 +76,32 @@ def test_aligned_flag_is_what_the_launcher_passes():
     assert _weight_args(random_nf4(8, 128, 128, nested=True))[2]["ALIGNED"] is True
     assert _weight_args(random_nf4(8, 192, 128))[2]["ALIGNED"] is False  # rows end inside a block
     assert _weight_args(random_int8(8, 128))[2]["ALIGNED"] is False
+
+
+def test_every_flag_set_the_launchers_pass_is_compiled_by_the_gate(monkeypatch):
+    # The general NF4 path is compiled with one flag set only (HAS_BIAS, LOW_RANK_IN_DX): the
+    # launchers must never pass another, for any format, bias or dropout.
+    import itertools
+    from fused_lora.kernels import compile_check, quant
+    from test_quant_kernels import lora_inputs, make_weight
+    seen = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                keys = {k for f in compile_check.FLAGS[self.name] for k in f}
+                seen.append((self.name, {k: v for k, v in kwargs.items() if k in keys}))
+            return launch
+
+    monkeypatch.setattr(quant, "_quant_launcher", lambda name, x: Recorder(name))
+    for fmt, K, bias, p in itertools.product(("nf4", "nf4-nested", "int8"), (128, 70), (True, False), (0.0, 0.3)):
+        wq = make_weight(fmt, 16, K, seed=25)
+        x, b, a, bb, dy = lora_inputs(8, K, 16, 2, torch.float32, bias)
+        y, h = quant.forward_quant(x, wq, b, a, bb, 0.5, p, 3)
+        quant.backward_quant(dy, x, wq, a, bb, h, 0.5, p, 3, True, True)
+    assert len(seen) == 2 * 3 * 2 * 2 * 2
+    for name, flags in seen:
+        assert flags in compile_check.FLAGS[name], (name, flags)
