@@ -42,10 +42,8 @@ def quant_dx_kernel(
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     m_in = offs_m < M
     k_in = offs_k < K
-    if LOW_RANK_IN_DX:
-        acc = load_tile(dx_ptr, offs_m, offs_k, stride_dxm, stride_dxk, m_in, k_in).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not LOW_RANK_IN_DX:
         for r0 in range(0, R, RANK_STEP):
             offs_r = r0 + tl.arange(0, RANK_STEP)
             r_in = offs_r < R
@@ -60,4 +58,7 @@ def quant_dx_kernel(
                          offs_n, n_in, pid_k * BLOCK_N, K, K_HALF, K_ODD, bs_shift, bs2_shift, n_blocks, offset,
                          QUANT, NESTED, BLOCK_N, ALIGNED)  # W[offs_n, offs_k], fp32
         acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc)
+    if LOW_RANK_IN_DX:  # added after the loop: loaded before it, the tile's conversion to the
+        # accumulator's layout spills the 256 x 128 tile (sm_90, triton 3.6)
+        acc += load_tile(dx_ptr, offs_m, offs_k, stride_dxm, stride_dxk, m_in, k_in).to(tl.float32)
     store_tile(dx_ptr, acc, offs_m, offs_k, stride_dxm, stride_dxk, m_in, k_in)
