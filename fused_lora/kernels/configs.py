@@ -251,7 +251,7 @@ def quant_candidates(kernel_name: str, arch: int, elt: int) -> list:
     regs = lambda c: quant_regs_estimate(c, elt)  # noqa: E731
     configs = _QUANT_GEMM[kernel_name][arch]
     if kernel_name == "quant_dx" and elt == 4:
-        # The fp32 D (G A) tile read into the accumulator (LOW_RANK_IN_DX) is converted to the MMA
-        # layout while both are live: beside a 256 x 128 accumulator that spills (sm_90, 3.9).
+        # fp32 keeps 128 x 128: with the D (G A) tile read into the accumulator (LOW_RANK_IN_DX),
+        # 256 x 128 spilled (sm_90, 3.9) in the transposed kernel; not re-tried since dX = dY W.
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     return keep_fitting(configs, quant_smem_estimate, 0, elt, arch, regs)[:1]
