@@ -83,12 +83,13 @@ def base_gemm_kernel(
     store_tile(y_ptr, acc, offs_m, offs_n, stride_ym, stride_yn, offs_m < M, offs_n < N)
 
 
-def _base_source(dtype: str, transposed_w: bool):
-    """(ASTSource, config) of the floor GEMM at the LoRA forward's first config for this dtype."""
+def _base_source(dtype: str, dx: bool):
+    """(ASTSource, config) of the floor GEMM at the LoRA forward's first config for this dtype: the
+    forward reads W^T tiles (W's K contiguous: unit stride_wk), dX reads W tiles (unit stride_wn)."""
     from triton.compiler import ASTSource
     cfg = configs.candidates("forward", ARCH, 16, cc._ELT[dtype])[0]
     fn = base_gemm_kernel
-    unit = {"stride_xk", "stride_yn", "stride_wk" if transposed_w else "stride_wn"}
+    unit = {"stride_xk", "stride_yn", "stride_wn" if dx else "stride_wk"}
     signature, attrs, constexprs = {}, {}, dict(cfg.kwargs)
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
