@@ -41,6 +41,7 @@ Needs only the CPU (triton's compiler and its bundled nvdisasm).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -49,7 +50,8 @@ import tempfile
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, with the GPU config lists
+if __name__ == "__main__":  # compile real kernels, with the GPU config lists (imported, e.g. by the tests'
+    os.environ.pop("TRITON_INTERPRET", None)  # interpreter session, the module leaves the process as it is)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -282,6 +284,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     ap.add_argument("--kernels", nargs="*", help="labels (prefixes) to measure; default all")
     ap.add_argument("--dump", help="directory to write each kernel's disassembly to")
+    ap.add_argument("--json", help="file to write the rows to (counts and cycles per kernel)")
     args = ap.parse_args(argv)
     rows = []
     for label, what in subjects(args.dtype):
@@ -289,6 +292,9 @@ def main(argv=None) -> int:
             continue
         rows.append(measure(label, what, args.dtype, args.dump))
     print(report(rows, args.dtype))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     return 0
 
 
