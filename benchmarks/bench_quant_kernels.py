@@ -95,6 +95,38 @@ def variants(M, K, N, r, dtype, device):
             "int8": quant(int8), "deq+cublas": deq_cublas}
 
 
+def check_outputs(M, K, N, r, dtype, device) -> list:
+    """Before timing, the kernels' Y and dX at the benchmark shape against the same math on the
+    dequantized weight (quant_format.dequantize_rows, the layouts' one definition, rounded to the
+    compute dtype as a 16-bit copy would be) in fp32: (name, relative error of Y, of dX, ok) per
+    format. On a GPU this is the first run of these kernels at the real tile configs (the tests
+    run them at small shapes). The bound: a few units of the compute dtype's rounding, far below
+    what a lost tile, a wrong absmax or a swapped nibble gives (O(1))."""
+    from fused_lora.kernels.quant import backward_quant, forward_quant
+    g = torch.Generator(device=device).manual_seed(2)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    x, dy = rnd(M, K), rnd(M, N)
+    a, b = rnd(r, K, scale=K ** -0.5), rnd(N, r, scale=r ** -0.5)  # B != 0: the low-rank terms count
+    s = 2.0
+    bound = {torch.float32: 1e-2, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]  # fp32 runs tf32 dots
+    out = []
+    for name, wq in zip(("nf4", "nf4-nested", "int8"), random_weights(N, K, device)):
+        w = wq.dequantize_rows(0, N).to(dtype).float()
+        y, h = forward_quant(x, wq, None, a, b, s, 0.0, 1)
+        dx = backward_quant(dy, x, wq, a, b, h, s, 0.0, 1, True, False)[0]
+        xf, dyf, af, bf = x.float(), dy.float(), a.float(), b.float()
+        y_ref = xf @ w.T + s * (xf @ af.T) @ bf.T
+        dx_ref = dyf @ w + s * (dyf @ bf) @ af
+        err = [float((got.float() - ref).norm() / ref.norm()) for got, ref in ((y, y_ref), (dx, dx_ref))]
+        out.append((name, *err, max(err) <= bound))
+        print(f"correctness {name}: Y rel. error {err[0]:.2e}, dX {err[1]:.2e} (bound {bound:.0e}): "
+              f"{'ok' if out[-1][-1] else 'MISMATCH'}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", nargs=3, type=int, action="append", metavar=("M", "K", "N"))
@@ -115,7 +147,9 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'shape':>18s} {'r':>4s} " + " ".join(f"{k:>11s}" for k in ("base16", "lora16", "nf4", "nf4-nested",
                                                                       "int8", "deq+cublas")) + "   ratios to base16")
+    failed = []
     for M, K, N in shapes:
+        failed += [c[0] for c in check_outputs(M, K, N, args.ranks[0], dtype, device) if not c[-1]]
         for r in args.ranks:
             ms = time_variants(variants(M, K, N, r, dtype, device), device, reps=args.reps)
             ratio = {k: v / ms["base16"] for k, v in ms.items()}
@@ -133,7 +167,9 @@ def main(argv=None) -> int:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    return 0
+    if failed:
+        print(f"bench_quant_kernels: the kernels' output differs from the dequantized reference for {failed}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

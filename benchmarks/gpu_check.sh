@@ -107,7 +107,8 @@ stage finetune 100 100 finetune.log "$py" benchmarks/bench_finetune.py "${finetu
 # A quantized (QLoRA) base: bytes per parameter, an NF4 / int8 LoRA layer at 8192x4096x4096 r=16 and a 1B
 # fine-tune step against the 16-bit base and peft + bitsandbytes (benchmarks/bench_quant.py; CSVs in $out/quant).
 stage quant 90 70 quant.log "$py" benchmarks/bench_quant.py --device cuda --out "$out/quant"
-# The quantized-base kernels alone (NF4, int8) against the 16-bit base at 8192x4096x4096, r=16 (issue 12's target).
+# The quantized-base kernels alone (NF4, int8) against the 16-bit base at 8192x4096x4096, r=16 (issue 12's target),
+# after a correctness line per format: Y and dX at that shape against the dequantized weight (exit 1 on a mismatch).
 stage quant_kernels 60 80 quant_kernels.log "$py" benchmarks/bench_quant_kernels.py --out "$out"
 
 # DoRA: its Triton kernels against the float64 reference on the GPU (bf16 too), then beside LoRA

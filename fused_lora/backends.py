@@ -20,8 +20,8 @@ Rules, in order:
    being captured: there the known winner runs, else torch.
 4. With dropout, backward runs what the forward's key chose: the rows draw different masks from
    one seed, and forward and backward must agree on the mask.
-5. A row with `check_against` (the Hopper-path rows and the triton row's segment kernels without
-   dropout, whose kernels no GPU has run yet) is timed only after its output matched that row's
+5. A row with `check_against` (the Hopper-path rows, and the triton row's segment and
+   quantized-base kernels without dropout, whose kernels no GPU has run yet) is timed only after its output matched that row's
    (torch; with dropout the triton row, whose mask it shares) on the key's inputs with random LoRA
    weights (the ops' `probe`: a fresh adapter's B = 0 would hide every low-rank term); a row that
    does not match is recorded as failed and never chosen. A backward
@@ -197,12 +197,14 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
 
 
 def _segment_kernels_checked_against(p: Problem) -> Optional[str]:
-    """The triton row's segment kernels (ops multi_fwd / multi_bwd), which no GPU has run yet either,
-    are checked against the torch row's multi-adapter path; with dropout the two draw different masks,
-    so nothing can be compared (unchecked). The single-adapter ops are trusted."""
+    """The triton row's segment kernels (ops multi_fwd / multi_bwd) and its quantized-base kernels
+    (quant_fwd / quant_bwd: NF4/int8 dequantized in the GEMMs; quant_multi_*: see
+    `quant_multi_checked_against`), which no GPU has run yet either, are checked against the torch row's
+    path for the op; with dropout the two draw different masks, so nothing can be compared (unchecked).
+    The single-adapter ops are trusted."""
     if p.op.startswith("quant_multi_"):
         return quant_multi_checked_against(p)
-    return "torch" if p.op.startswith("multi_") and not p.dropout else None
+    return "torch" if p.op.startswith(("multi_", "quant_")) and not p.dropout else None
 
 
 # ---- Several adapters in one batch over a quantized base (quant_ops.lora_linear_quant_multi): ops

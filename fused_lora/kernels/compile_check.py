@@ -92,9 +92,23 @@ _FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr", "co
 
 # The GEMMs over a quantized base (kernels/quant*.py): no rank variants (their low-rank term loops
 # over rank chunks); QUANT x NESTED change the code, and the packed weight's pointer types.
+# NF4 runs ALIGNED (rows of whole blocks: every weight fused_lora.quant and bitsandbytes make) with
+# each flag, and its general path with one flag set only (kernels.quant passes a bias and the
+# low-rank term of dX through memory there).
 _QUANT_FORMATS = [dict(QUANT="nf4", NESTED=False), dict(QUANT="nf4", NESTED=True), dict(QUANT="int8", NESTED=False)]
-FLAGS["quant_forward"] = [dict(f, HAS_BIAS=b) for f in _QUANT_FORMATS for b in (False, True)]
-FLAGS["quant_dx"] = [dict(f, LOW_RANK_IN_DX=d) for f in _QUANT_FORMATS for d in (False, True)]
+
+
+def _quant_flags(name: str) -> list:
+    out = []
+    for f in _QUANT_FORMATS:
+        for aligned in ((True, False) if f["QUANT"] == "nf4" else (False,)):
+            general_nf4 = f["QUANT"] == "nf4" and not aligned
+            out.extend(dict(f, ALIGNED=aligned, **{name: b}) for b in ((True,) if general_nf4 else (False, True)))
+    return out
+
+
+FLAGS["quant_forward"] = _quant_flags("HAS_BIAS")
+FLAGS["quant_dx"] = _quant_flags("LOW_RANK_IN_DX")
 _UNIT_STRIDES["quant_forward"] = {"stride_xk", "stride_hr", "stride_br", "stride_yn"}
 _UNIT_STRIDES["quant_dx"] = {"stride_dyn", "stride_gr", "stride_ak", "stride_dxk"}
 _QUANT_POINTERS = {"code_ptr": "*fp32", "absmax_ptr": "*fp32", "qabsmax_ptr": "*u8", "code2_ptr": "*fp32",

@@ -209,9 +209,9 @@ def tma_candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout:
     return keep_fitting(configs, smem, block_r, elt, arch, regs)[:1]
 # The GEMMs over a quantized frozen base (kernels/quant_forward.py, quant_backward.py): the W tile
 # of each step is dequantized in registers by every thread, so its cost per FLOP falls with the
-# rows sharing it: 256 rows (on sm_90 about 320 instructions per thread per 32-deep step for NF4,
-# which 8 warps issue in about the time of the step's wgmma; 128 rows would leave half of the
-# dequantization exposed). The forward's BLOCK_K and the dX kernel's BLOCK_N are the run of a W row
+# rows sharing it: 256 rows (on sm_90, NF4 aligned to its blocks, about 210 non-MMA instructions
+# per warp per 32-deep step, which 2 warps per sub-partition issue in less than the step's 512
+# tensor-core cycles: benchmarks/static_loop.py; 128 rows would leave the dequantization exposed). The forward's BLOCK_K and the dX kernel's BLOCK_N are the run of a W row
 # dequantized at once: at most 64 and 128 (quant_tiles bounds the absmax blocks a run crosses).
 # One config per variant (the gate's budget): the first that fits.
 _QUANT_GEMM = {
@@ -251,7 +251,7 @@ def quant_candidates(kernel_name: str, arch: int, elt: int) -> list:
     regs = lambda c: quant_regs_estimate(c, elt)  # noqa: E731
     configs = _QUANT_GEMM[kernel_name][arch]
     if kernel_name == "quant_dx" and elt == 4:
-        # The fp32 D (G A) tile read into the accumulator (LOW_RANK_IN_DX) is converted to the MMA
-        # layout while both are live: beside a 256 x 128 accumulator that spills (sm_90, 3.9).
+        # fp32 keeps 128 x 128: with the D (G A) tile read into the accumulator (LOW_RANK_IN_DX),
+        # 256 x 128 spilled (sm_90, 3.9) in the transposed kernel; not re-tried since dX = dY W.
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     return keep_fitting(configs, quant_smem_estimate, 0, elt, arch, regs)[:1]

@@ -18,7 +18,11 @@ fp16/bf16/fp32; scaling, dropout_p floats; seed an int), but the frozen weight i
   offset. The nested absmax is un-nested inside the kernels (no fp32 absmax made per call).
 - Int8Data: qweight int8 N x K contiguous, scale fp32[N].
 Any M, N, K (K odd too: NF4 rows then start inside a byte). Each NF4 call builds a 2 KB table of
-level pairs (`quant_tiles.pair_table`, one small torch op).
+level pairs (`quant_tiles.pair_table`, one small torch op). NF4 weights whose rows are whole
+blocks (K % blocksize == 0: every weight fused_lora.quant or bitsandbytes makes) run the kernels'
+ALIGNED path (`aligned_nf4`: one byte load per two elements, one absmax per row and 64 columns,
+no per-element block compares); the others run the general path, compiled with one flag set only
+(a zero bias when there is none; the low-rank term of dX through dX's memory, as with dropout).
 
 Y = x W^T + b + s H B^T and dX = D (G A) + dY W with W = wq.dequantize_rows(0, N) cast to x's
 dtype (the dequantization is exact in fp32, then rounded to x's dtype like a 16-bit copy would be);
@@ -47,11 +51,11 @@ from .quant_backward import quant_dx_kernel
 from .quant_forward import quant_forward_kernel
 from .quant_tiles import MIN_BLOCKSIZE, pair_table
 
-__all__ = ["forward_quant", "backward_quant", "check_quant_weight", "MIN_BLOCKSIZE"]
+__all__ = ["forward_quant", "backward_quant", "check_quant_weight", "aligned_nf4", "MIN_BLOCKSIZE"]
 
 _KERNELS = {  # name -> (jit function, autotuning key: every argument that changes the code or the work)
-    "quant_forward": (quant_forward_kernel, ["M_BUCKET", "N", "K", "HAS_BIAS", "QUANT", "NESTED"]),
-    "quant_dx": (quant_dx_kernel, ["M_BUCKET", "N", "K", "LOW_RANK_IN_DX", "QUANT", "NESTED"]),
+    "quant_forward": (quant_forward_kernel, ["M_BUCKET", "N", "K", "HAS_BIAS", "QUANT", "NESTED", "ALIGNED"]),
+    "quant_dx": (quant_dx_kernel, ["M_BUCKET", "N", "K", "LOW_RANK_IN_DX", "QUANT", "NESTED", "ALIGNED"]),
 }
 
 
@@ -110,6 +114,14 @@ def check_quant_weight(wq, x: torch.Tensor) -> None:
         _expect(wq.absmax, "absmax", torch.float32, n_blocks, dev)
 
 
+def aligned_nf4(wq) -> bool:
+    """Whether wq is NF4 with rows of whole blocks (K % blocksize == 0, as fused_lora.quant and
+    bitsandbytes' Linear4bit layers always are): the kernels' fast path (ALIGNED: no odd-row bytes,
+    one absmax per row and 64-column run). Other NF4 weights take the general path, compiled in one
+    flag set only (a bias and the low-rank term of dX passed through memory) to keep the variants few."""
+    return isinstance(wq, NF4Data) and wq.shape[1] % wq.blocksize == 0
+
+
 def _weight_args(wq) -> tuple:
     """(pointers q, code, absmax, qabsmax, code2, absmax2), (K // 2, K % 2, log2 blocksize,
     log2 blocksize2, n_blocks, offset), constexprs. Pointers a format does not read get a stand-in
@@ -118,7 +130,7 @@ def _weight_args(wq) -> tuple:
     if isinstance(wq, Int8Data):
         q = wq.qweight
         ptrs = (q, wq.scale, wq.scale, q.view(torch.uint8), wq.scale, wq.scale)
-        return ptrs, (K // 2, K % 2, 0, 0, 1, 0.0), dict(QUANT="int8", NESTED=False)
+        return ptrs, (K // 2, K % 2, 0, 0, 1, 0.0), dict(QUANT="int8", NESTED=False, ALIGNED=False)
     sizes = (K // 2, K % 2, wq.blocksize.bit_length() - 1, wq.blocksize2.bit_length() - 1,
              triton.cdiv(N * K, wq.blocksize), float(wq.offset))
     pairs = pair_table(wq.code)
@@ -126,7 +138,7 @@ def _weight_args(wq) -> tuple:
         ptrs = (wq.packed, pairs, wq.code2, wq.qabsmax, wq.code2, wq.absmax2)
     else:
         ptrs = (wq.packed, pairs, wq.absmax, wq.packed, wq.absmax, wq.absmax)
-    return ptrs, sizes, dict(QUANT="nf4", NESTED=wq.nested)
+    return ptrs, sizes, dict(QUANT="nf4", NESTED=wq.nested, ALIGNED=aligned_nf4(wq))
 
 
 def forward_quant(x, wq, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -137,6 +149,8 @@ def forward_quant(x, wq, bias, lora_A, lora_B, scaling, dropout_p, seed):
     h = shrink(x, lora_A, dropout_p, seed)  # the 16-bit forward's shrink pass
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     ptrs, sizes, flags = _weight_args(wq)
+    if bias is None and isinstance(wq, NF4Data) and not flags["ALIGNED"]:
+        bias = torch.zeros(N, dtype=x.dtype, device=x.device)  # the general NF4 path runs with a bias only
     _quant_launcher("quant_forward", x)[_tiles_grid(M, N)](
         x, *ptrs, bias if bias is not None else y, h, lora_B, y,
         *x.stride(), *h.stride(), *lora_B.stride(), *y.stride(),
@@ -168,7 +182,8 @@ def _lora_grads(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx,
     # 2. The dA partials, and with dropout D (G A) written into dX: the 16-bit backward's kernel
     #    with N = 0 (no dY W; it reads no weight, g stands in for it).
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
-    low_rank_in_dx = need_dx and p > 0.0
+    # The general NF4 path (not aligned_nf4) is compiled with LOW_RANK_IN_DX only: G A comes through dX.
+    low_rank_in_dx = need_dx and (p > 0.0 or (isinstance(wq, NF4Data) and not aligned_nf4(wq)))
     if need_lora or low_rank_in_dx:
         dx_da = _launcher("dx_da", x, r, p > 0.0)
         da_ws = torch.empty((_row_blocks(dx_da, M), r, K), **f32) if need_lora else g

@@ -5,17 +5,20 @@ dequantized in registers (`quant_tiles.dequant_tile`), onto an accumulator that 
 low-rank term:
 - without dropout, G A computed here (summed over rank chunks of RANK_STEP: one variant serves
   every rank);
-- with dropout (LOW_RANK_IN_DX), D (G A) read from dX itself, where `lora_dx_da_kernel` (run with
-  N = 0: no dY W) wrote it beside the dA partials. Drawing the mask here would keep the tile's
+- with dropout, or on the general NF4 path (LOW_RANK_IN_DX), D (G A) read from dX itself, where
+  `lora_dx_da_kernel` (run with N = 0: no dY W) wrote it beside the dA partials. Drawing the mask here would keep the tile's
   Philox numbers live beside the accumulator: the 256-row tiles the dequantization needs spill,
   and at 8 warps triton 3.6 serializes the wgmma (C7515). The price is one extra write and read
   of an M x K tile, about a tenth of this GEMM's time at 8192x4096x4096.
 G, dB and the sums come from the unchanged dY pass and reduction.
 
-Computed transposed (dX^T tile = W^T dY^T + ...), so that the dequantized tile is the MMA's first
-operand, which Hopper's wgmma reads from registers (see quant_forward). Config names are the
-generic GEMM's: the output columns run over the layer's K (BLOCK_N, at most 128: a W row run
-crosses at most 3 absmax blocks) and the reduction over the layer's N (BLOCK_K).
+The dequantized W tile is the MMA's second operand (dX tile = dY tile x W tile), staged in shared
+memory as wgmma reads it. (Computed transposed, dX^T = W^T dY^T, the tile would be the register
+operand, but a transposed register tile is converted through shared memory anyway: on sm_90, per
+warp and step, 193 non-MMA instructions this way against 217 transposed under triton 3.9, 245
+against 253 under 3.6; benchmarks/static_loop.py.) Config names are the generic GEMM's: the output
+columns run over the layer's K (BLOCK_N, at most 128: a W row run crosses at most 3 absmax blocks)
+and the reduction over the layer's N (BLOCK_K).
 """
 import triton
 import triton.language as tl
@@ -30,7 +33,7 @@ def quant_dx_kernel(
     dy_ptr, q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr, g_ptr, a_ptr, dx_ptr,
     stride_dym, stride_dyn, stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
     M, N, K, R, K_HALF, K_ODD, bs_shift, bs2_shift, n_blocks, offset, M_BUCKET,
-    QUANT: tl.constexpr, NESTED: tl.constexpr, LOW_RANK_IN_DX: tl.constexpr, RANK_STEP: tl.constexpr,
+    QUANT: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr, LOW_RANK_IN_DX: tl.constexpr, RANK_STEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Tile (m, k) of dX = dY W + (G A, or with LOW_RANK_IN_DX the D (G A) dX already holds)."""
@@ -39,22 +42,23 @@ def quant_dx_kernel(
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     m_in = offs_m < M
     k_in = offs_k < K
-    if LOW_RANK_IN_DX:
-        acc = load_tile(dx_ptr, offs_k, offs_m, stride_dxk, stride_dxm, k_in, m_in).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not LOW_RANK_IN_DX:
         for r0 in range(0, R, RANK_STEP):
             offs_r = r0 + tl.arange(0, RANK_STEP)
             r_in = offs_r < R
-            at = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, k_in, r_in)  # A^T tile
-            gt = load_tile(g_ptr, offs_r, offs_m, stride_gr, stride_gm, r_in, m_in)  # G^T tile
-            acc = tl.dot(at, gt, acc)
+            g = load_tile(g_ptr, offs_m, offs_r, stride_gm, stride_gr, m_in, r_in)
+            a = load_tile(a_ptr, offs_r, offs_k, stride_ar, stride_ak, r_in, k_in)
+            acc = tl.dot(g, a, acc)
     for n0 in range(0, N, BLOCK_K):
         offs_n = n0 + tl.arange(0, BLOCK_K)
         n_in = offs_n < N
-        dyt = load_tile(dy_ptr, offs_n, offs_m, stride_dyn, stride_dym, n_in, m_in)  # dY^T tile
+        dy = load_tile(dy_ptr, offs_m, offs_n, stride_dym, stride_dyn, m_in, n_in)
         w = dequant_tile(q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr,
                          offs_n, n_in, pid_k * BLOCK_N, K, K_HALF, K_ODD, bs_shift, bs2_shift, n_blocks, offset,
-                         QUANT, NESTED, BLOCK_N)  # W[offs_n, offs_k], fp32
-        acc = tl.dot(tl.trans(w.to(dy_ptr.dtype.element_ty)), dyt, acc)
-    store_tile(dx_ptr, acc, offs_k, offs_m, stride_dxk, stride_dxm, k_in, m_in)
+                         QUANT, NESTED, BLOCK_N, ALIGNED)  # W[offs_n, offs_k], fp32
+        acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc)
+    if LOW_RANK_IN_DX:  # added after the loop: loaded before it, the tile's conversion to the
+        # accumulator's layout spills the 256 x 128 tile (sm_90, triton 3.6)
+        acc += load_tile(dx_ptr, offs_m, offs_k, stride_dxm, stride_dxk, m_in, k_in).to(tl.float32)
+    store_tile(dx_ptr, acc, offs_m, offs_k, stride_dxm, stride_dxk, m_in, k_in)

@@ -19,7 +19,7 @@ def quant_forward_kernel(
     x_ptr, q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr, bias_ptr, h_ptr, b_ptr, y_ptr,
     stride_xm, stride_xk, stride_hm, stride_hr, stride_bn, stride_br, stride_ym, stride_yn,
     M, N, K, R, K_HALF, K_ODD, bs_shift, bs2_shift, n_blocks, offset, scaling, M_BUCKET,
-    QUANT: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_STEP: tl.constexpr,
+    QUANT: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, RANK_STEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Y tile = x W^T (+ b) + scaling * H B^T, fp32 accumulation, one write. BLOCK_K <= 64."""
@@ -45,7 +45,7 @@ def quant_forward_kernel(
         xt = load_tile(x_ptr, offs_k, offs_m, stride_xk, stride_xm, offs_k < K, m_in)  # x^T tile
         w = dequant_tile(q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr,
                          offs_n, n_in, k0, K, K_HALF, K_ODD, bs_shift, bs2_shift, n_blocks, offset,
-                         QUANT, NESTED, BLOCK_K)  # W[offs_n, offs_k], fp32
+                         QUANT, NESTED, BLOCK_K, ALIGNED)  # W[offs_n, offs_k], fp32
         acc = tl.dot(w.to(x_ptr.dtype.element_ty), xt, acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[:, None]

@@ -19,6 +19,10 @@ COLS // 64 + 1 absmax blocks (MIN_BLOCKSIZE = 64, the launchers check it), so ea
 that many absmax values (un-nested in the kernel: no fp32 copy of the absmax is made per call)
 and each element selects its own with compares: no per-element absmax load.
 
+When every row is a whole number of blocks (ALIGNED, the launcher's fact) the odd-row byte and
+the compares go: each run of 64 columns starting at a multiple of 64 lies in one block, so one
+absmax per row and run is scaled onto its levels (`_aligned_nf4`).
+
 Elements outside the weight (rows >= N, columns >= K) come out finite but not zero: the other
 dot operand is zero there (masked x or dY), or the output there is not stored.
 """
@@ -50,7 +54,7 @@ def _absmax_at(j, valid, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr, bs2_sh
 def dequant_tile(
     q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr,
     offs_row, row_in, col0, C, C_HALF, C_ODD, bs_shift, bs2_shift, n_blocks, offset,
-    QUANT: tl.constexpr, NESTED: tl.constexpr, COLS: tl.constexpr,
+    QUANT: tl.constexpr, NESTED: tl.constexpr, COLS: tl.constexpr, ALIGNED: tl.constexpr = False,
 ):
     """fp32 tile W[offs_row, col0 : col0 + COLS] of a row-major weight with rows of C elements.
 
@@ -59,13 +63,20 @@ def dequant_tile(
     blocksize = 2 ** bs_shift, blocksize2 = 2 ** bs2_shift, n_blocks the number of blocks,
     C_HALF = C // 2, C_ODD = C % 2 (separate arguments: the byte offsets then keep the alignment
     the JIT knows of C_HALF, so even rows load as vectors). QUANT "int8": q_ptr int8 N x C,
-    absmax_ptr the fp32 scale per row (the other pointers and sizes unused). col0 is even."""
+    absmax_ptr the fp32 scale per row (the other pointers and sizes unused). col0 is even.
+
+    ALIGNED (NF4; the launcher's fact): C is a multiple of the blocksize and col0 of min(COLS, 64).
+    Every row then starts a block on a byte, and each run of 64 columns lies in one block: no
+    odd-row byte, one absmax per row and 64-column run, no per-element compares (`_aligned_nf4`)."""
     cols = col0 + tl.arange(0, COLS)
     if QUANT == "int8":
         ptrs = q_ptr + offs_row.to(tl.int64)[:, None] * C + cols[None, :]
         q = tl.load(ptrs, mask=row_in[:, None] & (cols < C)[None, :], other=0)
         scale = tl.load(absmax_ptr + offs_row, mask=row_in, other=0.0)
         return q.to(tl.float32) * scale[:, None]
+    elif ALIGNED:
+        return _aligned_nf4(q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr, offs_row, row_in,
+                            col0, C, C_HALF, bs_shift, bs2_shift, offset, NESTED, COLS)
     else:
         rows = offs_row.to(tl.int64)
         f0 = rows * C + col0  # flat index of each row's first element
@@ -99,3 +110,42 @@ def dequant_tile(
                             bs2_shift, offset, NESTED)
             scale = tl.where(local >= start[:, None], am[:, None], scale)
         return level * scale
+
+
+@triton.jit
+def _pair_levels(q_ptr, code_ptr, byte_offs, valid, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """fp32 levels of the ROWS x COLS // 2 bytes at q_ptr + byte_offs (two nibbles each, the high
+    one first): one 8-byte pair-table lookup per byte, the pair spread back to COLS columns."""
+    byte = tl.load(q_ptr + byte_offs, mask=valid, other=0)
+    both = tl.load(code_ptr.to(tl.pointer_type(tl.int64)) + byte)
+    level_even = (both & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+    level_odd = (both >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    return tl.reshape(tl.join(level_even, level_odd), (ROWS, COLS))
+
+
+@triton.jit
+def _aligned_nf4(q_ptr, code_ptr, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr, offs_row, row_in,
+                 col0, C, C_HALF, bs_shift, bs2_shift, offset, NESTED: tl.constexpr, COLS: tl.constexpr):
+    """dequant_tile's NF4 case when C % blocksize == 0 and col0 % min(COLS, 64) == 0: rows start on
+    a byte, so one byte load per two columns; a run of RUN = min(COLS, 64) <= blocksize columns
+    from a multiple of RUN lies in one block, so each row needs COLS // RUN absmax values, one per
+    run (un-nested once per row and run), and no element compares its column with a boundary."""
+    RUN: tl.constexpr = 64 if COLS > 64 else COLS
+    ROWS: tl.constexpr = offs_row.shape[0]
+    rows = offs_row.to(tl.int64)
+    pair = tl.arange(0, COLS // 2)
+    # C is even here (a multiple of the blocksize): every column pair is inside or outside together.
+    valid = row_in[:, None] & (pair < C_HALF - (col0 >> 1))[None, :]
+    level = _pair_levels(q_ptr, code_ptr, (rows * C_HALF + (col0 >> 1))[:, None] + pair[None, :], valid, ROWS, COLS)
+    f0 = rows * C + col0  # flat index of each row's first element
+    if COLS == RUN:
+        scale = _absmax_at(f0 >> bs_shift, row_in, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr, bs2_shift,
+                           offset, NESTED)
+        return level * scale[:, None]
+    else:
+        run = tl.arange(0, COLS // RUN)
+        j = (f0[:, None] + (run * RUN)[None, :]) >> bs_shift  # ROWS x runs: the block of each run
+        run_in = row_in[:, None] & ((col0 + run * RUN) < C)[None, :]
+        scale = _absmax_at(j, run_in, absmax_ptr, qabsmax_ptr, code2_ptr, absmax2_ptr, bs2_shift, offset, NESTED)
+        level = tl.reshape(level, (ROWS, COLS // RUN, RUN))
+        return tl.reshape(level * scale[:, :, None], (ROWS, COLS))

@@ -1,0 +1,61 @@
+"""Auto never picks the triton row for a quantized base (ops quant_fwd / quant_bwd) before its kernels'
+output on the key's inputs matched the torch row's: they have run on no GPU yet (fused_lora.backends,
+rule 5). On CPU, auto's timing is enabled under the interpreter (utils.auto_on_cpu)."""
+import torch
+
+from fused_lora import backends
+from fused_lora.backends import Problem
+from test_quant_kernels import pytestmark  # noqa: F401  (Triton must be able to run here)
+from utils import auto_on_cpu
+
+CUDA = torch.device("cuda")
+
+
+def test_quant_ops_are_checked_against_torch_without_dropout():
+    check = backends.get("triton").check_against
+    assert check(Problem("quant_fwd", CUDA, torch.bfloat16, 64, 8, 8, 4)) == "torch"
+    assert check(Problem("quant_bwd", CUDA, torch.bfloat16, 64, 8, 8, 4, grads=("dx", "lora"))) == "torch"
+    # With dropout the rows draw different masks: nothing to compare (as for the segment kernels).
+    assert check(Problem("quant_fwd", CUDA, torch.bfloat16, 64, 8, 8, 4, dropout=True)) is None
+
+
+def _layer_inputs():
+    from fused_lora import quant
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 128, generator=g) * 128 ** -0.5
+    qw = quant.quantize_nf4(w, blocksize=64, double_quant=True)
+    x = torch.randn(20, 128, generator=g)
+    a = torch.randn(4, 128, generator=g) * 0.1
+    b = torch.randn(24, 4, generator=g) * 0.1
+    return x, qw, a, b
+
+
+def test_a_wrong_quant_kernel_is_not_chosen_by_auto(tmp_path, monkeypatch):
+    from fused_lora.kernels import quant as kq
+    from fused_lora.quant_ops import lora_linear_quant
+    reg = auto_on_cpu(tmp_path, monkeypatch)
+    right = kq.forward_quant
+
+    def wrong(*args):
+        y, h = right(*args)
+        y[3, 5] += 1.0  # one wrong element: a miscompiled tile edge, say
+        return y, h
+
+    monkeypatch.setattr(kq, "forward_quant", wrong)
+    x, qw, a, b = _layer_inputs()
+    want = lora_linear_quant(x, qw, None, a, b, 0.5, backend="torch")
+    got = lora_linear_quant(x, qw, None, a, b, 0.5, backend="auto")
+    problem = Problem("quant_fwd", x.device, x.dtype, x.shape[0], 24, 128, 4, False)
+    choice = reg.known(problem)
+    assert choice.winner == "torch", choice
+    assert "differs from the torch row" in choice.errors["triton"]
+    torch.testing.assert_close(got, want)
+
+
+def test_a_right_quant_kernel_can_win(tmp_path, monkeypatch):
+    from fused_lora.quant_ops import lora_linear_quant
+    reg = auto_on_cpu(tmp_path, monkeypatch)
+    x, qw, a, b = _layer_inputs()
+    lora_linear_quant(x, qw, None, a, b, 0.5, backend="auto")
+    choice = reg.known(Problem("quant_fwd", x.device, x.dtype, x.shape[0], 24, 128, 4, False))
+    assert choice.winner == "triton" and not choice.errors, choice
