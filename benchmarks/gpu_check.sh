@@ -35,7 +35,7 @@ skip=" ${GPU_CHECK_SKIP:-} "
 shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14336 16; 8192 14336 4096 16}"
 read -r -a layer_args <<< "${LAYER_ARGS:-}"
 read -r -a finetune_args <<< "${FINETUNE_ARGS:-}"
-read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_multi_kernels.py tests/test_quant_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
+read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_multi_kernels.py tests/test_quant_kernels.py tests/test_quant_kernels_aligned.py tests/test_quant_backend_check.py tests/test_quant_multi_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
 read -r -a hopper_test_files <<< "${HOPPER_TEST_FILES:-tests/test_hopper_kernels.py tests/test_backends_hopper.py}"
 start=$SECONDS
 status=0
