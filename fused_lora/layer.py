@@ -583,10 +583,12 @@ class FusedLoRALinear(nn.Module):
         for name in names:
             self._require_adapter(name)
         todo = [n for i, n in enumerate(names) if n not in self.merged_adapters and n not in names[:i]]
-        if len(todo) < len(names):
+        for name in dict.fromkeys(n for i, n in enumerate(names) if n in names[:i]):
+            warnings.warn(f"FusedLoRALinear.merge: {name!r} is listed twice; merged once", stacklevel=2)
+        done = [n for n in dict.fromkeys(names) if n in self.merged_adapters]
+        if done:
             warnings.warn("FusedLoRALinear.merge: already merged; nothing done" if not todo else
-                          f"FusedLoRALinear.merge: {', '.join(n for n in names if n not in todo)} already merged",
-                          stacklevel=2)
+                          f"FusedLoRALinear.merge: {', '.join(map(repr, done))} already merged", stacklevel=2)
         if not todo:
             return
         unmerge_state = None

@@ -623,7 +623,9 @@ class LoraModel(nn.Module):
         for name, new in quantized.items():
             _set_submodule(self.model, name, new)
         for name, m in list(self.saved_modules()):
-            _set_submodule(self.model, name, m.trainable)  # peft keeps the trained copy, merged or not
+            # peft keeps the trained copy, merged or not, when its adapter (the first) is active; with another
+            # active adapter the model ran the original module, and keeps that (peft's rule)
+            _set_submodule(self.model, name, m.trainable if m.owner_active else m.original)
         self._removed_by = "merge_and_unload() removed them" if merge else "unload() removed them"
         return self.model
 
@@ -679,7 +681,8 @@ class LoraModel(nn.Module):
         """Write adapter_model.safetensors and adapter_config.json in peft's format (peft's signature).
 
         Several adapters in peft's layout: the adapter named "default" in `save_directory`, every other
-        in `save_directory/<name>`; `selected_adapters` (default all) says which.
+        in `save_directory/<name>`; `selected_adapters` (default all) says which. Every one is checked
+        before any is written: a refused save (ValueError) leaves every file as it was.
 
         The pair is replaced as a whole: a crash at any moment leaves the old adapter or the new one
         (see fused_lora/adapters.py). `base_model_name_or_path` is taken from the model's config when
@@ -689,7 +692,7 @@ class LoraModel(nn.Module):
         path_initial_model_for_weight_conversion (PiSSA/OLoRA conversion), a state_dict. After
         merge_and_unload() or unload() there is no adapter to save: RuntimeError.
         """
-        from .adapters import save_adapter
+        from .adapters import plan_save, write_adapter
         if safe_serialization is not True:
             raise ValueError("save_pretrained(safe_serialization=False): fused_lora writes safetensors only "
                              "(a pickled adapter_model.bin is not written, nor read)")
@@ -708,11 +711,14 @@ class LoraModel(nn.Module):
         if self._removed_by is not None:
             raise RuntimeError(f"save_pretrained: this LoraModel has no LoRA layers any more ({self._removed_by}); "
                                "save the adapter before merging or unloading")
+        # peft's layout: "default" at the top, any other in a sub-directory named after it. Every adapter
+        # is checked before any is written: a refusal leaves every file as it was.
         if not is_main_process:
             return
-        for name in names:  # peft's layout: "default" at the top, any other in a sub-directory named after it
-            save_adapter(self, save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name),
-                         adapter_name=name)
+        plans = [plan_save(self, save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name),
+                           adapter_name=name) for name in names]
+        for plan in plans:
+            write_adapter(plan)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, adapter_name: str = "default",
