@@ -26,6 +26,8 @@ from .targets import find_modules_to_save, find_targets, is_adaptable, named_tar
 from .validation import check_adapter_args, check_adapter_name
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# transformers' names of a model's main input, whose first dimension is the batch
+_MAIN_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "decoder_input_ids")
 
 
 class ModulesToSave(nn.Module):
@@ -501,7 +503,7 @@ class LoraModel(nn.Module):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with self._adapter_names_hooks(adapter_names, args, kwargs):
+        with self._adapter_names_call(adapter_names, args, kwargs):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -512,21 +514,24 @@ class LoraModel(nn.Module):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return generate(*args, **kwargs)
-        with self._adapter_names_hooks(adapter_names, args, kwargs):
+        with self._adapter_names_call(adapter_names, args, kwargs):
             return generate(*args, **kwargs)
 
     @staticmethod
     def _batch_size(args, kwargs) -> Optional[int]:
-        """The batch size of the call: the first dimension of its first tensor argument."""
-        for v in (*args, *kwargs.values()):
+        """The batch size of the call: the first dimension of its main input (a transformers model's
+        input_ids, inputs_embeds, ...), else of its first tensor argument (a keyword such as
+        position_ids, of batch 1, may come first)."""
+        main = [kwargs[k] for k in _MAIN_INPUTS if k in kwargs]
+        for v in (*args, *main, *kwargs.values()):
             if isinstance(v, torch.Tensor) and v.dim() >= 1:
                 return v.shape[0]
         return None
 
     @contextlib.contextmanager
-    def _adapter_names_hooks(self, adapter_names, args, kwargs):
-        """Within the block every LoRA layer receives `adapter_names` (mapped to its slots), through
-        forward pre-hooks as peft does. Names and length are checked here, before anything runs."""
+    def _adapter_names_call(self, adapter_names, args, kwargs):
+        """Within the block every LoRA layer receives `adapter_names` (mapped to its slots) as its
+        `_call_adapter_names`. Names and length are checked here, before anything runs."""
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
                 or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("adapter_names must be a list of adapter names (str), one per sample")
@@ -548,19 +553,19 @@ class LoraModel(nn.Module):
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
         slots = [n if n == BASE_ADAPTER else self._slot(n) for n in adapter_names]
 
-        def hook(module, hook_args, hook_kwargs):
-            hook_kwargs["adapter_names"] = slots
-            return hook_args, hook_kwargs
-
-        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in self.lora_layers()]
+        # An attribute of each layer for the call, not forward pre-hooks (peft's way): dynamo cannot trace
+        # registering hooks, so torch.compile(fullgraph=True) of the model could not take adapter_names.
+        layers = [layer for _, layer in self.lora_layers()]
+        for layer in layers:
+            layer._call_adapter_names = slots
         saved = [m for _, m in self.saved_modules()]
         for m in saved:  # modules_to_save belong to the first adapter
             m.sample_uses_trainable = [n == self._first_adapter for n in adapter_names]
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
+            for layer in layers:
+                layer._call_adapter_names = None
             for m in saved:
                 m.sample_uses_trainable = None
 

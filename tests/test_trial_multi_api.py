@@ -141,3 +141,22 @@ def test_merging_a_name_twice_warns_naming_it():
         layer.merge(adapter_names=["other", "other"])
     assert [str(w.message) for w in caught] == ["FusedLoRALinear.merge: 'other' is listed twice; merged once"]
     assert layer.merged_adapters == ["other"]
+
+
+def test_adapter_names_count_against_input_ids_whichever_keyword_comes_first(tmp_path):
+    # The batch size was read from the first tensor argument: position_ids of shape (1, seq) given
+    # before input_ids made a correct call fail ("3 names for a batch of 1"); peft runs it.
+    ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    ref.add_adapter("other", peft.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    ref.save_pretrained(tmp_path / "p")
+    lm = LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "p")
+    lm.load_adapter(tmp_path / "p" / "other", "other")
+    ref.eval()
+    names = ["other", "default", "__base__"]
+    position_ids = torch.arange(TOKENS.shape[1])[None]
+    with torch.no_grad():
+        want = ref(position_ids=position_ids, input_ids=TOKENS, adapter_names=names).logits
+        got = lm(position_ids=position_ids, input_ids=TOKENS, adapter_names=names).logits
+        torch.testing.assert_close(got, want)
+        with pytest.raises(ValueError, match="2 names for a batch of 3"):
+            lm(position_ids=position_ids, input_ids=TOKENS, adapter_names=names[:2])
