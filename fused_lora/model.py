@@ -386,6 +386,9 @@ class LoraModel(nn.Module):
         if not all(map(math.isfinite, weights)):
             raise ValueError(f"{what}: weights must be finite, got {weights}")
         self._check_new_name(adapter_name, what)
+        if combination_type not in weighted.COMBINATION_TYPES + weighted.PEFT_ONLY_TYPES:  # as peft words it
+            raise ValueError(f"{what}: Invalid combination_type: {combination_type!r} (one of "
+                             f"{', '.join(weighted.COMBINATION_TYPES)})")
         if combination_type not in weighted.COMBINATION_TYPES:
             raise NotImplementedError(f"{what}: combination_type={combination_type!r} is not supported by fused_lora "
                                       f"(one of {', '.join(weighted.COMBINATION_TYPES)}); use peft for the others")

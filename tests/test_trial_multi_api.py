@@ -160,3 +160,19 @@ def test_adapter_names_count_against_input_ids_whichever_keyword_comes_first(tmp
         torch.testing.assert_close(got, want)
         with pytest.raises(ValueError, match="2 names for a batch of 3"):
             lm(position_ids=position_ids, input_ids=TOKENS, adapter_names=names[:2])
+
+
+@pytest.mark.parametrize("combination_type, error", [("bogus", ValueError), ("ties", NotImplementedError),
+                                                     ("dare_linear_svd", NotImplementedError)])
+def test_an_unknown_combination_type_is_a_value_error_as_in_peft(combination_type, error):
+    # peft: ValueError "Invalid combination_type" for a name it does not know; fused_lora raised
+    # NotImplementedError for any name, as for peft's types it does not implement.
+    lm = three_adapters()
+    ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, target_modules=TARGETS))
+    ref.add_adapter("other", peft.LoraConfig(r=4, target_modules=TARGETS))
+    if error is ValueError:
+        with pytest.raises(ValueError, match="Invalid combination_type"):
+            ref.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix", combination_type=combination_type)
+    with pytest.raises(error, match="combination_type"):
+        lm.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix", combination_type=combination_type)
+    assert list(lm.peft_config) == ["default", "other", "third"]
