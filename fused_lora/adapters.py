@@ -245,6 +245,10 @@ def plan_save(lora_model, directory, adapter_name: Optional[str] = None) -> Save
     tensors = adapter_state(lora_model, adapter_name)
     if not any(k.endswith(".lora_A.weight") for k in tensors):
         raise RuntimeError("save_pretrained: the model holds no LoRA layers; nothing to save")
+    broken = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if broken is not None:  # loading refuses such a file: never write one
+        raise ValueError(f"save_pretrained: adapter {adapter_name!r}: {broken!r} holds NaN or inf (a diverged or broken "
+                         "adapter, which loading refuses); nothing was written")
     peft_config = lora_model.peft_config[adapter_name]
     peft_config.validate()  # a mutable dataclass: never write a config that would not load
     _check_config_matches_layers(lora_model, adapter_name)

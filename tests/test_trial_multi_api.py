@@ -176,3 +176,19 @@ def test_an_unknown_combination_type_is_a_value_error_as_in_peft(combination_typ
     with pytest.raises(error, match="combination_type"):
         lm.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix", combination_type=combination_type)
     assert list(lm.peft_config) == ["default", "other", "third"]
+
+
+def test_an_adapter_holding_nan_is_not_saved(tmp_path):
+    # Loading refuses a file holding NaN or inf (docs/ADAPTERS.md); saving wrote such a file (a diverged
+    # run's), which then could not be loaded back. Now the save refuses, before any file is written.
+    lm = three_adapters()
+    with torch.no_grad():
+        lm.model.model.layers[1].self_attn.v_proj.adapter_weights("third")[0][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="'third'.*NaN or inf"):
+        lm.save_pretrained(tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    lm.save_pretrained(tmp_path / "s", selected_adapters=["default", "other"])  # the sound ones save
+    back = LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "s")
+    back.load_adapter(tmp_path / "s" / "other", "other")
+    names = ["other", "default", "__base__"]
+    torch.testing.assert_close(logits(back.eval(), adapter_names=names), logits(lm, adapter_names=names))
