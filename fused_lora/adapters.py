@@ -10,7 +10,7 @@ model before changing anything; the adapted modules are the ones the weights fil
 config's regex, if any, is never run on module names).
 
 Saving replaces the pair as a whole. Both files are written and synced in a staging directory
-beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where the parent is
+beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where that name is too long or the parent is
 another filesystem or read-only), then renamed in: weights
 first, config second. The weights' header records the config they were saved with
 (FUSED_CONFIG_KEY), so a crash between the two renames is recognised: the loader then reads the
@@ -258,12 +258,6 @@ def plan_save(lora_model, directory, adapter_name: Optional[str] = None) -> Save
     if config["base_model_name_or_path"] is None:  # as peft records it, so AutoPeftModel finds the base
         config["base_model_name_or_path"] = _name_or_path(lora_model.model)
     return SavePlan(directory, tensors, config)
-
-
-def save_adapter(lora_model, directory, adapter_name: Optional[str] = None) -> None:
-    """Write an adapter's pair of files (default: the first adapter's); the directory holds the old pair
-    or the new, at any moment."""
-    write_adapter(plan_save(lora_model, directory, adapter_name))
 
 
 def write_adapter(plan: SavePlan) -> None:

@@ -192,3 +192,18 @@ def test_an_adapter_holding_nan_is_not_saved(tmp_path):
     back.load_adapter(tmp_path / "s" / "other", "other")
     names = ["other", "default", "__base__"]
     torch.testing.assert_close(logits(back.eval(), adapter_names=names), logits(lm, adapter_names=names))
+
+
+def test_a_long_adapter_name_saves_and_loads(tmp_path):
+    # A 240-byte name is a legal directory name, but the staging directory beside it (".<name>.fused_lora-
+    # staging-<pid>-xxxxxxxx") is not: the save raised OSError (File name too long); it now stages inside.
+    lm = three_adapters()
+    name = "n" * 240
+    lm.add_adapter(name, LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    lm.save_pretrained(tmp_path, selected_adapters=[name])
+    assert sorted(files(tmp_path)) == [f"{name}/adapter_config.json", f"{name}/adapter_model.safetensors"]
+    back = get_lora_model(build_llama("tiny"), LoraConfig(r=4, target_modules=TARGETS))
+    back.load_adapter(tmp_path / name, name)
+    back.set_adapter(name)
+    lm.set_adapter(name)
+    torch.testing.assert_close(logits(back.eval()), logits(lm))
