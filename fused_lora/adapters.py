@@ -10,7 +10,7 @@ model before changing anything; the adapted modules are the ones the weights fil
 config's regex, if any, is never run on module names).
 
 Saving replaces the pair as a whole. Both files are written and synced in a staging directory
-beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where the parent is
+beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where that name is too long or the parent is
 another filesystem or read-only), then renamed in: weights
 first, config second. The weights' header records the config they were saved with
 (FUSED_CONFIG_KEY), so a crash between the two renames is recognised: the loader then reads the
@@ -112,8 +112,11 @@ def _stage_beside(directory: str) -> bool:
     """Whether staging beside `directory` works: same filesystem (renames are atomic only within
     one) and a writable parent."""
     parent = os.path.dirname(directory)
+    # mkdtemp's name: the prefix, "<pid>-" and 8 random characters; too long beside a long name
+    name = f"{_staging_places(directory)[0][1]}{os.getpid()}-12345678"
     try:
-        return os.stat(parent).st_dev == os.stat(directory).st_dev and os.access(parent, os.W_OK)
+        return os.stat(parent).st_dev == os.stat(directory).st_dev and os.access(parent, os.W_OK) \
+            and len(os.fsencode(name)) <= _name_max(parent)
     except OSError:
         return False
 
@@ -200,23 +203,68 @@ def _check_config_matches_layers(lora_model, adapter_name: str) -> None:
                                  "config describes the adapter: build the model with the settings you want)")
 
 
-def save_adapter(lora_model, directory, adapter_name: Optional[str] = None) -> None:
-    """Write an adapter's pair of files (default: the first adapter's); the directory holds the old pair
-    or the new, at any moment."""
+@dataclasses.dataclass
+class SavePlan:
+    """One adapter's pair of files, checked and ready to be written (`plan_save`, `write_adapter`)."""
+    directory: str
+    tensors: dict[str, torch.Tensor]
+    config: dict
+
+
+def _name_max(path: str) -> int:
+    """The longest file name, in bytes, the filesystem holding `path` takes (255 where it cannot say)."""
+    try:
+        return os.pathconf(path, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 255
+
+
+def _check_directory(directory: str) -> None:
+    """`directory` can hold an adapter: it is not a file, and every component still to be created
+    has a length the filesystem takes (an adapter's name is a sub-directory's)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"save_pretrained: {directory!r} exists and is not a directory")
+    path, missing = os.path.abspath(directory), []
+    while not os.path.exists(path):
+        path, name = os.path.split(path)
+        if not name:
+            break
+        missing.append(name)
+    limit = _name_max(path)
+    for name in missing:
+        if len(os.fsencode(name)) > limit:
+            raise ValueError(f"save_pretrained: the directory name {name[:40]!r}... is too long "
+                             f"({len(os.fsencode(name))} bytes; the filesystem takes {limit}): use a shorter "
+                             "adapter name or directory")
+
+
+def plan_save(lora_model, directory, adapter_name: Optional[str] = None) -> SavePlan:
+    """Every check of saving an adapter (default: the first) to `directory`, nothing written: so a save
+    of several adapters can check them all before it writes any."""
     adapter_name = lora_model._first_adapter if adapter_name is None else adapter_name
     tensors = adapter_state(lora_model, adapter_name)
     if not any(k.endswith(".lora_A.weight") for k in tensors):
         raise RuntimeError("save_pretrained: the model holds no LoRA layers; nothing to save")
+    broken = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if broken is not None:  # loading refuses such a file: never write one
+        raise ValueError(f"save_pretrained: adapter {adapter_name!r}: {broken!r} holds NaN or inf (a diverged or broken "
+                         "adapter, which loading refuses); nothing was written")
     peft_config = lora_model.peft_config[adapter_name]
     peft_config.validate()  # a mutable dataclass: never write a config that would not load
     _check_config_matches_layers(lora_model, adapter_name)
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"save_pretrained: {os.fspath(directory)!r} exists and is not a directory")
+    directory = os.fspath(directory)
+    _check_directory(directory)
     config = peft_config.to_peft_dict()
     if config["base_model_name_or_path"] is None:  # as peft records it, so AutoPeftModel finds the base
         config["base_model_name_or_path"] = _name_or_path(lora_model.model)
+    return SavePlan(directory, tensors, config)
+
+
+def write_adapter(plan: SavePlan) -> None:
+    """Write a planned pair of files; the directory holds the old pair or the new, at any moment."""
+    tensors, config = plan.tensors, plan.config
     text = json.dumps(config, indent=2, sort_keys=True)
-    directory = os.path.realpath(os.fspath(directory))  # stage beside the real directory, not a link
+    directory = os.path.realpath(plan.directory)  # stage beside the real directory, not a link
     os.makedirs(directory, exist_ok=True)
     _finish_interrupted_save(directory)
     _remove_stale_staging(directory)

@@ -470,7 +470,10 @@ class FusedLoRALinear(nn.Module):
     def forward(self, x: Tensor, adapter_names: Optional[Sequence[str]] = None) -> Tensor:
         """y = x W^T + b + s B A dropout(x) with the active adapter; with `adapter_names` (one name per
         sample, i.e. per index of x's first dimension; "__base__" for none) each sample uses its own
-        adapter, in eval and training mode (each adapter's gradients from its own samples only)."""
+        adapter, in eval and training mode (each adapter's gradients from its own samples only).
+        Within a LoraModel call with adapter_names, the model's names (`_call_adapter_names`) apply."""
+        if adapter_names is None:
+            adapter_names = self._model_call_names()
         if self.quantized:
             return quant_layer.forward(self, x, adapter_names)
         self._check_input(x)
@@ -489,6 +492,22 @@ class FusedLoRALinear(nn.Module):
             return dora.forward(self, x, weight, bias)
         return lora_forward(x, weight, bias, self.lora_A, self.lora_B, self.scaling,
                             self.lora_dropout if self.training else 0.0, self.backend)
+
+    def _model_call_names(self) -> Optional[list[str]]:
+        """The adapter_names of the LoraModel call running (None outside one). A training call with names
+        leaves a mark: recomputing this layer in backward (activation checkpointing) runs after that call,
+        without its names, and would silently give other adapters' gradients: it raises instead."""
+        names = getattr(self, "_call_adapter_names", None)
+        if torch.compiler.is_compiling():  # a compiled graph holds the names it was traced with
+            return names
+        if torch._C._current_graph_task_id() == -1:  # a forward, not a recomputation inside backward
+            self._names_in_training = names is not None and self.training
+        elif names is None and getattr(self, "_names_in_training", False):
+            raise RuntimeError("FusedLoRALinear: activation (gradient) checkpointing recomputes this layer in "
+                               "backward without the adapter_names of the LoraModel call, so its gradients would "
+                               "be another adapter's: train mixed batches without gradient checkpointing, or "
+                               "pass adapter_names to the layers themselves inside the checkpointed function")
+        return names
 
     def _mixed_adapters(self, used: list[str], dtype: torch.dtype) -> tuple[list, object]:
         """The mixed-batch op's adapters ((A, B, scaling, dropout_p) in the compute dtype, dropout in
@@ -583,10 +602,12 @@ class FusedLoRALinear(nn.Module):
         for name in names:
             self._require_adapter(name)
         todo = [n for i, n in enumerate(names) if n not in self.merged_adapters and n not in names[:i]]
-        if len(todo) < len(names):
+        for name in dict.fromkeys(n for i, n in enumerate(names) if n in names[:i]):
+            warnings.warn(f"FusedLoRALinear.merge: {name!r} is listed twice; merged once", stacklevel=2)
+        done = [n for n in dict.fromkeys(names) if n in self.merged_adapters]
+        if done:
             warnings.warn("FusedLoRALinear.merge: already merged; nothing done" if not todo else
-                          f"FusedLoRALinear.merge: {', '.join(n for n in names if n not in todo)} already merged",
-                          stacklevel=2)
+                          f"FusedLoRALinear.merge: {', '.join(map(repr, done))} already merged", stacklevel=2)
         if not todo:
             return
         unmerge_state = None

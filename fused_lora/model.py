@@ -26,6 +26,8 @@ from .targets import find_modules_to_save, find_targets, is_adaptable, named_tar
 from .validation import check_adapter_args, check_adapter_name
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# transformers' names of a model's main input, whose first dimension is the batch
+_MAIN_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "decoder_input_ids")
 
 
 class ModulesToSave(nn.Module):
@@ -384,6 +386,9 @@ class LoraModel(nn.Module):
         if not all(map(math.isfinite, weights)):
             raise ValueError(f"{what}: weights must be finite, got {weights}")
         self._check_new_name(adapter_name, what)
+        if combination_type not in weighted.COMBINATION_TYPES + weighted.PEFT_ONLY_TYPES:  # as peft words it
+            raise ValueError(f"{what}: Invalid combination_type: {combination_type!r} (one of "
+                             f"{', '.join(weighted.COMBINATION_TYPES)})")
         if combination_type not in weighted.COMBINATION_TYPES:
             raise NotImplementedError(f"{what}: combination_type={combination_type!r} is not supported by fused_lora "
                                       f"(one of {', '.join(weighted.COMBINATION_TYPES)}); use peft for the others")
@@ -501,7 +506,7 @@ class LoraModel(nn.Module):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        with self._adapter_names_hooks(adapter_names, args, kwargs):
+        with self._adapter_names_call(adapter_names, args, kwargs):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -512,21 +517,24 @@ class LoraModel(nn.Module):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return generate(*args, **kwargs)
-        with self._adapter_names_hooks(adapter_names, args, kwargs):
+        with self._adapter_names_call(adapter_names, args, kwargs):
             return generate(*args, **kwargs)
 
     @staticmethod
     def _batch_size(args, kwargs) -> Optional[int]:
-        """The batch size of the call: the first dimension of its first tensor argument."""
-        for v in (*args, *kwargs.values()):
+        """The batch size of the call: the first dimension of its main input (a transformers model's
+        input_ids, inputs_embeds, ...), else of its first tensor argument (a keyword such as
+        position_ids, of batch 1, may come first)."""
+        main = [kwargs[k] for k in _MAIN_INPUTS if k in kwargs]
+        for v in (*args, *main, *kwargs.values()):
             if isinstance(v, torch.Tensor) and v.dim() >= 1:
                 return v.shape[0]
         return None
 
     @contextlib.contextmanager
-    def _adapter_names_hooks(self, adapter_names, args, kwargs):
-        """Within the block every LoRA layer receives `adapter_names` (mapped to its slots), through
-        forward pre-hooks as peft does. Names and length are checked here, before anything runs."""
+    def _adapter_names_call(self, adapter_names, args, kwargs):
+        """Within the block every LoRA layer receives `adapter_names` (mapped to its slots) as its
+        `_call_adapter_names`. Names and length are checked here, before anything runs."""
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
                 or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("adapter_names must be a list of adapter names (str), one per sample")
@@ -548,19 +556,19 @@ class LoraModel(nn.Module):
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
         slots = [n if n == BASE_ADAPTER else self._slot(n) for n in adapter_names]
 
-        def hook(module, hook_args, hook_kwargs):
-            hook_kwargs["adapter_names"] = slots
-            return hook_args, hook_kwargs
-
-        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for _, layer in self.lora_layers()]
+        # An attribute of each layer for the call, not forward pre-hooks (peft's way): dynamo cannot trace
+        # registering hooks, so torch.compile(fullgraph=True) of the model could not take adapter_names.
+        layers = [layer for _, layer in self.lora_layers()]
+        for layer in layers:
+            layer._call_adapter_names = slots
         saved = [m for _, m in self.saved_modules()]
         for m in saved:  # modules_to_save belong to the first adapter
             m.sample_uses_trainable = [n == self._first_adapter for n in adapter_names]
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
+            for layer in layers:
+                layer._call_adapter_names = None
             for m in saved:
                 m.sample_uses_trainable = None
 
@@ -623,7 +631,9 @@ class LoraModel(nn.Module):
         for name, new in quantized.items():
             _set_submodule(self.model, name, new)
         for name, m in list(self.saved_modules()):
-            _set_submodule(self.model, name, m.trainable)  # peft keeps the trained copy, merged or not
+            # peft keeps the trained copy, merged or not, when its adapter (the first) is active; with another
+            # active adapter the model ran the original module, and keeps that (peft's rule)
+            _set_submodule(self.model, name, m.trainable if m.owner_active else m.original)
         self._removed_by = "merge_and_unload() removed them" if merge else "unload() removed them"
         return self.model
 
@@ -679,7 +689,8 @@ class LoraModel(nn.Module):
         """Write adapter_model.safetensors and adapter_config.json in peft's format (peft's signature).
 
         Several adapters in peft's layout: the adapter named "default" in `save_directory`, every other
-        in `save_directory/<name>`; `selected_adapters` (default all) says which.
+        in `save_directory/<name>`; `selected_adapters` (default all) says which. Every one is checked
+        before any is written: a refused save (ValueError) leaves every file as it was.
 
         The pair is replaced as a whole: a crash at any moment leaves the old adapter or the new one
         (see fused_lora/adapters.py). `base_model_name_or_path` is taken from the model's config when
@@ -689,7 +700,7 @@ class LoraModel(nn.Module):
         path_initial_model_for_weight_conversion (PiSSA/OLoRA conversion), a state_dict. After
         merge_and_unload() or unload() there is no adapter to save: RuntimeError.
         """
-        from .adapters import save_adapter
+        from .adapters import plan_save, write_adapter
         if safe_serialization is not True:
             raise ValueError("save_pretrained(safe_serialization=False): fused_lora writes safetensors only "
                              "(a pickled adapter_model.bin is not written, nor read)")
@@ -708,11 +719,14 @@ class LoraModel(nn.Module):
         if self._removed_by is not None:
             raise RuntimeError(f"save_pretrained: this LoraModel has no LoRA layers any more ({self._removed_by}); "
                                "save the adapter before merging or unloading")
+        # peft's layout: "default" at the top, any other in a sub-directory named after it. Every adapter
+        # is checked before any is written: a refusal leaves every file as it was.
         if not is_main_process:
             return
-        for name in names:  # peft's layout: "default" at the top, any other in a sub-directory named after it
-            save_adapter(self, save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name),
-                         adapter_name=name)
+        plans = [plan_save(self, save_directory if name == DEFAULT_ADAPTER else os.path.join(save_directory, name),
+                           adapter_name=name) for name in names]
+        for plan in plans:
+            write_adapter(plan)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str, adapter_name: str = "default",

@@ -183,10 +183,10 @@ BASE_ADAPTER_NAME = "__base__"  # in forward's adapter_names: no adapter for tha
 
 def check_adapter_name(name, what: str) -> None:
     """An adapter's name: a non-empty string that is not "__base__" (which means no adapter), holds
-    no "." (module paths) or path separator (it names a sub-directory when saved), and is not an
+    no "." (module paths), path separator or NUL (it names a sub-directory when saved), and is not an
     attribute of nn.ModuleDict (where a layer keeps its adapters)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"{what}: the adapter name must be a non-empty string, got {name!r}")
-    if name == BASE_ADAPTER_NAME or any(c in name for c in "./\\") or hasattr(nn.ModuleDict(), name):
+    if name == BASE_ADAPTER_NAME or any(c in name for c in "./\\\0") or hasattr(nn.ModuleDict(), name):
         raise ValueError(f"{what}: {name!r} cannot name an adapter ({BASE_ADAPTER_NAME!r} means no adapter; "
-                         "names hold no '.', '/' or '\\' and are not nn.ModuleDict attributes)")
+                         "names hold no '.', '/', '\\' or NUL and are not nn.ModuleDict attributes)")

@@ -15,6 +15,9 @@ import torch
 from torch import Tensor
 
 COMBINATION_TYPES = ("linear", "cat", "svd")
+# peft 0.21's other types (TIES, DARE, magnitude pruning): known, not implemented here
+PEFT_ONLY_TYPES = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
+                   "magnitude_prune", "magnitude_prune_svd")
 
 
 def new_rank(combination_type: str, ranks: Sequence[int], svd_rank: Optional[int]) -> int:
