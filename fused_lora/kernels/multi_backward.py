@@ -40,6 +40,8 @@ def multi_dy_kernel(
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     adapter, first, end, _ = segment_tile(tiles_ptr, tile0 + t)
+    if adapter < 0:  # a base or empty tile (the grid is an upper bound of the LoRA tiles)
+        return
     offs_i = first + tl.arange(0, BLOCK_M)
     m_in = offs_i < end
     rows = tl.load(order_ptr + offs_i, mask=m_in, other=0)
@@ -79,6 +81,8 @@ def multi_dx_da_kernel(
     pid_t, pid_k = grouped_tile(tl.program_id(0), n_tiles * BLOCK_M, K, BLOCK_M, BLOCK_N, GROUP_M)
     t = tile0 + pid_t
     adapter, first, end, local0 = segment_tile(tiles_ptr, t)
+    if first >= end:  # an empty tile past the real ones (n_tiles is an upper bound)
+        return
     offs_i = first + tl.arange(0, BLOCK_M)
     m_in = offs_i < end
     rows = tl.load(order_ptr + offs_i, mask=m_in, other=0)
