@@ -9,18 +9,24 @@ Forward and backward share that layout.
 
 Two ways to compute the low-rank terms, chosen per call by the adapters' total rank (`dense`):
 
-- Dense ("stacked adapters", total rank <= DENSE_MAX_RANK): the adapters stacked into A_cat = [A_1; ...; A_n]
-  (R x K, R = sum of ranks) and B_cat = [B_1 ... B_n] (N x R), and a row/column mask S (M x R),
+- Dense ("stacked adapters", total rank <= DENSE_MAX_RANK): the adapters stacked into
+  A_cat = [A_1; ...; A_n] (R x K, R = sum of ranks) and B_cat = [B_1 ... B_n] (N x R), and a row/column mask S (M x R),
   S[m, c] = s_a when column c belongs to adapter a = row_adapter[m], else 0 (base rows: all 0):
       forward   H = (D x) A_cat^T;  y += (H * S) B_cat^T
       backward  G = (dY B_cat) * S;  dB_cat^T = (H * S)^T dY;  dA_cat = G^T (D x);  dx += D (G A_cat)
-  Two GEMMs per direction and product for the whole batch, whatever the number of adapters and runs,
-  no gather of x or dY, no host work (without dropout no device-to-host sync at all). S zeroes every
-  other adapter's columns, so each adapter's gradients still come from its own rows only. The price:
-  the GEMMs are R wide instead of r_a (n times the low-rank FLOPs for n equal adapters). On a CPU the
-  run-by-run path costs ~1 ms per run and direction in small-GEMM and synchronisation overhead (a
-  2-core machine, 16 runs of 128 rows, K = N = 1024), which outweighs those FLOPs up to about
-  R = 128 there (benchmarks/RESULTS.md, "several adapters: dense path"); hence DENSE_MAX_RANK.
+  One GEMM per product for the whole batch, whatever the number of adapters and runs, no gather of
+  x or dY, no host work (without dropout no device-to-host sync at all). S zeroes every other
+  adapter's columns, so each adapter's gradients still come from its own rows only. The price: the
+  six low-rank GEMMs are R wide instead of r_a (n times their FLOPs for n equal adapters).
+  Why DENSE_MAX_RANK = 64 (2048 x 1024 x 1024, r = 16 per adapter, 16 runs of 128 rows;
+  benchmarks/RESULTS.md, "several adapters: the dense path"): on one thread the run-by-run path is
+  cheaper at every R (forward+backward 1.11x the base GEMMs against 1.28x dense at R = 64, 1.40x at
+  R = 128, 1.80x at R = 256): its small GEMMs cost little there. On 2 threads of a loaded machine each
+  small op pays a thread synchronisation, and the 6 x (number of runs) ops of the run-by-run path
+  cost 2-4x the base GEMMs against 1.8-2.5x dense at every R. Up to R = 64 (4 adapters of rank 16)
+  the dense path's extra FLOPs stay within ~15% of the base GEMMs, about what the run-by-run path's
+  overhead costs on a quiet 2-core machine, and it wins by far on a busy one; past it the extra
+  FLOPs grow with R while the run-by-run path's overhead does not.
 - Per run (larger total rank), on each adapter's rows only:
   - rows that form long runs of consecutive rows (the usual case: one adapter per sample of a
     sequence) are read and written run by run through views: H = (D x[s:e]) A^T, then
@@ -54,7 +60,7 @@ from .dropout import SEED_HIGH, keep_mask
 
 CHUNK_ROWS = 512  # scattered rows are handled this many at a time: temporaries of CHUNK_ROWS x N at most
 MIN_RUN_ROWS = 32  # runs of consecutive rows at least this long (on average) are used through views
-DENSE_MAX_RANK = 128  # the dense path runs while the adapters' ranks sum to at most this (module doc)
+DENSE_MAX_RANK = 64  # the dense path runs while the adapters' ranks sum to at most this (module doc)
 _SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio (odd): spreads (seed, adapter) over the seed range
 
 Adapter = tuple  # (lora_A (r x K), lora_B (N x r), scaling, dropout_p)
