@@ -85,7 +85,8 @@ class Segments:
     """Rows grouped by adapter, from `row_adapter` (M,) and the number of adapters n: `order` (M,) the
     rows sorted by adapter (stable), `offsets` (n + 2 ints): adapter a (-1 = base) holds
     `order[offsets[a + 1]:offsets[a + 2]]`. Both are computed when first read, `offsets` on the host
-    (a device-to-host sync): the dense path without dropout reads neither of them in forward."""
+    (a device-to-host sync): the dense path without dropout and the Triton launchers read only `order`
+    (a sort on the device)."""
 
     def __init__(self, row_adapter: Tensor, n_adapters: int):
         self.row_adapter, self.n_adapters = row_adapter, n_adapters
