@@ -40,21 +40,22 @@ def multi_dy_kernel(
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     adapter, first, end, _ = segment_tile(tiles_ptr, tile0 + t)
-    if adapter < 0:  # a base or empty tile (the grid is an upper bound of the LoRA tiles)
-        return
     offs_i = first + tl.arange(0, BLOCK_M)
     m_in = offs_i < end
     rows = tl.load(order_ptr + offs_i, mask=m_in, other=0)
     offs_r = tl.arange(0, BLOCK_R)
     r_in = offs_r < adapter_rank(ints_ptr, adapter)
     w_in = offs_r < RW  # the workspace's columns: zeros past the rank
-    scaling = tl.load(floats_ptr + adapter * 2)
-    b_base = b_ptr + adapter.to(tl.int64) * stride_bb
+    scaling = tl.load(floats_ptr + tl.maximum(adapter, 0) * 2)
+    b_base = b_ptr + tl.maximum(adapter, 0).to(tl.int64) * stride_bb
     h = load_tile(h_ptr, offs_i, offs_r, stride_hm, stride_hr, m_in, r_in)
     db_slot = db_ws_ptr + t.to(tl.int64) * N * RW
     acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     n_start = pid_n * N_CHUNK
-    for n0 in range(n_start, tl.minimum(n_start + N_CHUNK, N), BLOCK_N):
+    # A base or empty tile (adapter -1: the grid is an upper bound of the LoRA tiles) runs no iteration
+    # and stores zeros for G; through the loop's bound, not an early return (which spilled on sm_80).
+    n_stop = tl.where(adapter >= 0, tl.minimum(n_start + N_CHUNK, N), n_start)
+    for n0 in range(n_start, n_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_in = offs_n < N
         dy = load_tile(dy_ptr, rows, offs_n, stride_dym, stride_dyn, m_in, n_in)
