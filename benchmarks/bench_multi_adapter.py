@@ -2,6 +2,7 @@
 
     python benchmarks/bench_multi_adapter.py            # CPU: 16 samples x 128 tokens, K=N=1024, r=16, fp32
     python benchmarks/bench_multi_adapter.py --gpu-suite # CUDA: 64 x 128 tokens, K=N=4096, r=16, bf16
+    python benchmarks/bench_multi_adapter.py --dense-max-rank 0  # the torch path run by run (1e9: stacked)
 
 The batch holds `samples` samples of `seq` tokens; sample i uses adapter i mod k (interleaved, so
 an adapter's rows are not contiguous: the gather path; --grouped sorts the samples by adapter).
@@ -37,7 +38,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment, time_variants, write_csv  # noqa: E402
 
-from fused_lora import FusedLoRALinear  # noqa: E402
+from fused_lora import FusedLoRALinear, multi_impl  # noqa: E402
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
@@ -162,8 +163,12 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10, help="CPU repetitions per variant (median)")
     ap.add_argument("--backends", nargs="+", help="backends of our layer, the first labelled 'ours' "
                     "(default: auto on CPU; triton torch on CUDA)")
+    ap.add_argument("--dense-max-rank", type=int, help="the torch path's multi_impl.DENSE_MAX_RANK for this run "
+                    "(0: the adapters run by run whatever their ranks; a large value: always stacked)")
     ap.add_argument("--out", default=os.path.join(OUT_DIR, "multi_adapter"))
     args = ap.parse_args(argv)
+    if args.dense_max_rank is not None:
+        multi_impl.DENSE_MAX_RANK = args.dense_max_rank
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.gpu_suite and device != "cuda":
         ap.error("--gpu-suite needs a CUDA device")
@@ -174,7 +179,9 @@ def main(argv=None):
     if not gpu:
         torch.set_num_threads(os.cpu_count() or 1)
     print(f"# {environment(device)}; {dtype}; {samples} samples x {args.seq} tokens, K={K}, N={N}, r={args.r}, "
-          f"{'grouped' if args.grouped else 'interleaved'} adapters")
+          f"{'grouped' if args.grouped else 'interleaved'} adapters; torch path stacked up to a total rank of "
+          f"{multi_impl.DENSE_MAX_RANK}; {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f}")
     backend_list = args.backends or (["triton", "torch"] if gpu else ["auto"])
     rows = cases(samples, args.seq, K, N, args.r, args.ks, dtype, device, args.grouped, args.reps, backend_list)
     write_csv(args.out + ".csv", rows)

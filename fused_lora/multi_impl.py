@@ -7,26 +7,50 @@ adapter once (a stable sort, so each adapter's rows stay in increasing order) an
 rows of adapter a are `order[offsets[a + 1]:offsets[a + 2]]` (the base rows, index -1, come first).
 Forward and backward share that layout.
 
-Work per adapter, on its rows only:
-- rows that form long runs of consecutive rows (the usual case: one adapter per sample of a
-  sequence) are read and written run by run through views: H = (D x[s:e]) A^T, then
-  y[s:e] += s H B^T in place (addmm_), no gather, no M x N temporary;
-- scattered rows (runs shorter than MIN_RUN_ROWS on average) are gathered with index_select and
-  written back with index_add_, in chunks of at most CHUNK_ROWS rows, so temporaries stay
-  CHUNK_ROWS x N (never M x N). The indices within a chunk are distinct, so index_add_ writes every
-  element once: deterministic on every device.
-The base GEMM runs once for the whole batch (y = x W^T + b, dx = dY W); dA_a, dB_a are sums over
-that adapter's rows only, accumulated chunk after chunk in a fixed order (in float32 for
-float16/bfloat16 inputs when there is more than one chunk), so deterministic too.
+Two ways to compute the low-rank terms, chosen per call by the adapters' total rank (`dense`):
+
+- Dense ("stacked adapters", total rank <= DENSE_MAX_RANK): the adapters stacked into
+  A_cat = [A_1; ...; A_n] (R x K, R = sum of ranks) and B_cat = [B_1 ... B_n] (N x R), and a row/column mask S (M x R),
+  S[m, c] = s_a when column c belongs to adapter a = row_adapter[m], else 0 (base rows: all 0):
+      forward   H = (D x) A_cat^T;  y += (H * S) B_cat^T
+      backward  G = (dY B_cat) * S;  dB_cat^T = (H * S)^T dY;  dA_cat = G^T (D x);  dx += D (G A_cat)
+  One GEMM per product for the whole batch, whatever the number of adapters and runs, no gather of
+  x or dY, no host work (without dropout no device-to-host sync at all). S zeroes every other
+  adapter's columns, so each adapter's gradients still come from its own rows only. The price: the
+  six low-rank GEMMs are R wide instead of r_a (n times their FLOPs for n equal adapters).
+  Why DENSE_MAX_RANK = 64 (2048 x 1024 x 1024, r = 16 per adapter, 16 runs of 128 rows;
+  benchmarks/RESULTS.md, "several adapters: the dense path"): on one thread the run-by-run path is
+  cheaper at every R (forward+backward 1.11x the base GEMMs against 1.28x dense at R = 64, 1.40x at
+  R = 128, 1.80x at R = 256): its small GEMMs cost little there. On 2 threads of a loaded machine each
+  small op pays a thread synchronisation, and the 6 x (number of runs) ops of the run-by-run path
+  cost 2-4x the base GEMMs against 1.8-2.5x dense at every R. Up to R = 64 (4 adapters of rank 16)
+  the dense path's extra FLOPs stay within ~15% of the base GEMMs, about what the run-by-run path's
+  overhead costs on a quiet 2-core machine, and it wins by far on a busy one; past it the extra
+  FLOPs grow with R while the run-by-run path's overhead does not.
+- Per run (larger total rank), on each adapter's rows only:
+  - rows that form long runs of consecutive rows (the usual case: one adapter per sample of a
+    sequence) are read and written run by run through views: H = (D x[s:e]) A^T, then
+    y[s:e] += s H B^T in place (addmm_), no gather, no M x N temporary;
+  - scattered rows (runs shorter than MIN_RUN_ROWS on average) are gathered with index_select and
+    written back with index_add_, in chunks of at most CHUNK_ROWS rows, so temporaries stay
+    CHUNK_ROWS x N (never M x N). The indices within a chunk are distinct, so index_add_ writes every
+    element once: deterministic on every device.
+  dA_a, dB_a are sums over that adapter's rows only, accumulated chunk after chunk in a fixed order
+  (in float32 for float16/bfloat16 inputs when there is more than one chunk), so deterministic too.
+The base GEMM runs once for the whole batch (y = x W^T + b, dx = dY W). Both paths return the same
+packed H (`packed_h_shape`: the custom ops' contract) and draw the same dropout masks, so the two
+agree up to rounding and backward may take either path whatever forward took.
 
 Dropout: adapter a's keep mask is `keep_mask(adapter_seed(seed, a), (m_a, K), p_a)` over its m_a
 rows in increasing row order, drawn for its rows only (cheap: M x K bits in all, whatever the number
-of adapters) and drawn again in backward. So a mixed batch computes, for each adapter, exactly what
+of adapters) and drawn again in backward; the dense path places them into one M x K mask (row m
+scaled by its adapter's 1 / (1 - p_a)). So a mixed batch computes, for each adapter, exactly what
 the single-adapter op computes on that adapter's rows with the seed `adapter_seed(seed, a)`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional, Sequence, Union
 
 import torch
@@ -36,6 +60,7 @@ from .dropout import SEED_HIGH, keep_mask
 
 CHUNK_ROWS = 512  # scattered rows are handled this many at a time: temporaries of CHUNK_ROWS x N at most
 MIN_RUN_ROWS = 32  # runs of consecutive rows at least this long (on average) are used through views
+DENSE_MAX_RANK = 64  # the dense path runs while the adapters' ranks sum to at most this (module doc)
 _SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio (odd): spreads (seed, adapter) over the seed range
 
 Adapter = tuple  # (lora_A (r x K), lora_B (N x r), scaling, dropout_p)
@@ -56,12 +81,24 @@ class Piece:
     hi: int
 
 
-@dataclass(frozen=True)
 class Segments:
-    """Rows grouped by adapter: `order` (M,) the rows sorted by adapter (stable), `offsets` (n + 2
-    ints): adapter a (-1 = base) holds `order[offsets[a + 1]:offsets[a + 2]]`."""
-    order: Tensor
-    offsets: tuple
+    """Rows grouped by adapter, from `row_adapter` (M,) and the number of adapters n: `order` (M,) the
+    rows sorted by adapter (stable), `offsets` (n + 2 ints): adapter a (-1 = base) holds
+    `order[offsets[a + 1]:offsets[a + 2]]`. Both are computed when first read, `offsets` on the host
+    (a device-to-host sync): the dense path without dropout and the Triton launchers read only `order`
+    (a sort on the device)."""
+
+    def __init__(self, row_adapter: Tensor, n_adapters: int):
+        self.row_adapter, self.n_adapters = row_adapter, n_adapters
+
+    @cached_property
+    def order(self) -> Tensor:
+        return torch.argsort(self.row_adapter, stable=True)
+
+    @cached_property
+    def offsets(self) -> tuple:
+        counts = torch.bincount(self.row_adapter + 1, minlength=self.n_adapters + 1)
+        return tuple([0] + torch.cumsum(counts, 0).tolist())
 
     def count(self, adapter: int) -> int:
         return self.offsets[adapter + 2] - self.offsets[adapter + 1]
@@ -87,9 +124,7 @@ class Segments:
 
 def segments(row_adapter: Tensor, n_adapters: int) -> Segments:
     """The grouped layout of `row_adapter` (values in [-1, n_adapters), checked by the caller)."""
-    order = torch.argsort(row_adapter, stable=True)
-    counts = torch.bincount(row_adapter + 1, minlength=n_adapters + 1)
-    return Segments(order, tuple([0] + torch.cumsum(counts, 0).tolist()))
+    return Segments(row_adapter, n_adapters)
 
 
 def _take(t: Tensor, rows: Rows) -> Tensor:
@@ -121,6 +156,124 @@ def _dropped(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
     return x if keep is None else x.mul(1.0 / (1.0 - p)).mul_(keep)
 
 
+# ------------------------------------------------------------------ the dense path (stacked adapters)
+
+def dense(adapters: Sequence[Adapter]) -> bool:
+    """Whether the dense path (the adapters stacked, module doc) computes these adapters' low-rank terms:
+    their ranks sum to at most DENSE_MAX_RANK (and to more than 0)."""
+    return 0 < sum(a[0].shape[0] for a in adapters) <= DENSE_MAX_RANK
+
+
+def _device_table(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host table on `device`; on CUDA through pinned memory without blocking (a plain copy from
+    pageable memory waits for the GPU's queue: a sync)."""
+    table = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+class _Stacked:
+    """One call's adapters stacked (A_cat R x K, B_cat N x R, R the sum of ranks) and the tables that
+    place the columns: adapter a owns columns starts[a]:starts[a] + r_a."""
+
+    def __init__(self, x: Tensor, adapters: Sequence[Adapter], segs: Segments):
+        device = x.device
+        ranks = [a[0].shape[0] for a in adapters]
+        self.starts = [0]
+        for r in ranks:
+            self.starts.append(self.starts[-1] + r)
+        self.R, self.rw = self.starts[-1], max(ranks)
+        self.a_cat = torch.cat([a[0] for a in adapters])  # R x K
+        self.b_cat = torch.cat([a[1] for a in adapters], 1)  # N x R
+        # Per column: its adapter, its place within the adapter; per row (index a + 1, the base first):
+        # the first column and the rank of the row's adapter.
+        cols = _device_table([[a for a, r in enumerate(ranks) for _ in range(r)],
+                              [j for r in ranks for j in range(r)]], torch.int64, device)
+        per_row = _device_table([[0] + self.starts[:-1], [0] + ranks], torch.int64, device)
+        self.col_scale = _device_table([float(a[2]) for a, r in zip(adapters, ranks) for _ in range(r)],
+                                       torch.float32, device)
+        self.col_pos = cols[1]
+        row = segs.row_adapter + 1
+        self.row_start, self.row_rank = per_row[0].index_select(0, row), per_row[1].index_select(0, row)
+        self.match = segs.row_adapter.unsqueeze(1) == cols[0].unsqueeze(0)  # M x R: column c is row m's
+
+    def masked(self, t: Tensor) -> Tensor:
+        """t * S (M x R): row m's own adapter's columns scaled by its s_a, every other column 0 (a select,
+        so nothing of another adapter's columns leaks, not even a NaN). Scaled in float32, rounded once."""
+        return torch.where(self.match, t * self.col_scale, 0.0).to(t.dtype)
+
+    def pack(self, h: Tensor, segs: Segments) -> Tensor:
+        """The packed H (packed_h_shape, rows in the sorted order) of H = (D x) A_cat^T (M x R): row m's
+        own adapter's columns, zero beyond its rank (and for a base row)."""
+        j = torch.arange(self.rw, device=h.device)
+        idx = (self.row_start.unsqueeze(1) + j).clamp_(max=self.R - 1)
+        own = torch.where(j < self.row_rank.unsqueeze(1), h.gather(1, idx), 0.0)
+        return own.index_select(0, segs.order)
+
+    def unpack(self, h_packed: Tensor, segs: Segments) -> Tensor:
+        """H * S (M x R) from the packed H (`pack`'s inverse, then `masked`)."""
+        own = torch.empty_like(h_packed).index_copy_(0, segs.order, h_packed)  # back to row order
+        return self.masked(own.gather(1, self.col_pos.expand(own.shape[0], self.R)))
+
+
+def _dense_dropout(x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed: int):
+    """(keep (M x K bool), scale (M x 1 float32)) of the whole batch: row m of D x is x[m] * scale[m] *
+    keep[m], its adapter's mask and 1 / (1 - p_a) (all kept, scale 1, for base rows and adapters without
+    dropout); None when no adapter has dropout. Each adapter's own mask, drawn as the per-run path draws it."""
+    if all(a[3] == 0.0 for a in adapters):
+        return None
+    M, K = x.shape
+    keep = torch.ones((M, K), dtype=torch.bool, device=x.device)
+    scale = torch.ones((M, 1), dtype=torch.float32, device=x.device)
+    for a, (_, _, _, p) in enumerate(adapters):
+        m = segs.count(a)
+        if p > 0.0 and m:
+            rows = segs.rows(a)
+            keep.index_copy_(0, rows, _mask(seed, a, m, K, p, x.device))
+            scale.index_fill_(0, rows, 1.0 / (1.0 - p))
+    return keep, scale
+
+
+def _apply_dropout(t: Tensor, drop) -> Tensor:
+    """D t (a new tensor; t itself without dropout): as `_dropped`, in t's dtype."""
+    if drop is None:
+        return t
+    keep, scale = drop
+    return t.mul(scale).to(t.dtype).mul_(keep)
+
+
+def _dense_lora(x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed: int):
+    """(stacked adapters, H * S (M x R), packed H): the forward's low-rank inputs."""
+    st = _Stacked(x, adapters, segs)
+    h = torch.mm(_apply_dropout(x, _dense_dropout(x, adapters, segs, seed)), st.a_cat.t())
+    return st, st.masked(h), st.pack(h, segs)
+
+
+def _dense_lora_backward(dx: Optional[Tensor], need_dx: bool, dy: Tensor, x: Tensor, adapters: Sequence[Adapter],
+                         h_packed: Tensor, segs: Segments, seed: int, need_lora: Sequence[bool]):
+    """(dx, [(dA_a, dB_a) or None]) on the dense path: D (G A_cat) added to dx in place when dx is given,
+    else returned as a new tensor when need_dx (None otherwise)."""
+    st = _Stacked(x, adapters, segs)
+    g = st.masked(torch.mm(dy, st.b_cat))  # G = (dY B_cat) * S, M x R
+    drop = _dense_dropout(x, adapters, segs, seed)
+    if need_dx:
+        if drop is None and dx is not None:
+            dx.addmm_(g, st.a_cat)
+        else:
+            lora_dx = _apply_dropout(torch.mm(g, st.a_cat), drop)
+            dx = lora_dx if dx is None else dx.add_(lora_dx)
+    pairs = [None] * len(adapters)
+    if any(need_lora):
+        dB_t = torch.mm(st.unpack(h_packed, segs).t(), dy)  # R x N: the faster orientation
+        dA = torch.mm(g.t(), _apply_dropout(x, drop))  # R x K
+        for a, want in enumerate(need_lora):
+            lo, hi = st.starts[a], st.starts[a + 1]
+            if want:  # own tensors (not views of one): the custom op's outputs may not alias each other
+                pairs[a] = (dA[lo:hi].clone(), dB_t[lo:hi].t().contiguous())
+    return dx, pairs
+
+
 def packed_h_shape(M: int, adapters: Sequence[Adapter]) -> tuple[int, int]:
     """The packed H: M x (largest rank), rows in the sorted order (see `h_of`)."""
     return M, max([0] + [a[0].shape[0] for a in adapters])
@@ -136,6 +289,10 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequenc
             seed: int) -> tuple[Tensor, Tensor]:
     """(Y, H): Y (M x N) as in the module doc; H every adapter's H_a packed into one M x max(r_a) tensor
     (`h_of`), the only activation kept for backward besides x (one static shape: custom ops need it)."""
+    if dense(adapters):  # the low-rank term first, the base GEMM accumulates onto it (beta = 1): one pass over y
+        st, hs, h_packed = _dense_lora(x, adapters, segs, seed)
+        y = torch.mm(hs, st.b_cat.t()) if bias is None else torch.addmm(bias, hs, st.b_cat.t())
+        return y.addmm_(x, weight.t()), h_packed
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     return y, add_lora(y, x, adapters, segs, seed)
 
@@ -143,6 +300,10 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequenc
 def add_lora(y: Tensor, x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed: int) -> Tensor:
     """y[rows_a] += s_a H_a B_a^T for every adapter, in place (y holds the base output); returns the packed H.
     The low-rank half of `forward`, on its own for a base computed elsewhere (a quantized base)."""
+    if dense(adapters):
+        st, hs, h_packed = _dense_lora(x, adapters, segs, seed)
+        y.addmm_(hs, st.b_cat.t())
+        return h_packed
     h_packed = x.new_zeros(packed_h_shape(x.shape[0], adapters))
     for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
         m = segs.count(a)
@@ -161,8 +322,13 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor, adapters: Sequence[Adapter],
 
     Per adapter, on its rows: G = s dY B;  dB = s dY^T H;  dA = G^T (D x);  dx += D (G A).
     """
-    dx = torch.mm(dy, weight) if need_dx else None
-    lora_grads = lora_backward(dx, dy, x, adapters, h_packed, segs, seed, need_lora)
+    if dense(adapters) and (need_dx or any(need_lora)):  # dx: the low-rank term first, then dY W onto it
+        dx, lora_grads = _dense_lora_backward(None, need_dx, dy, x, adapters, h_packed, segs, seed, need_lora)
+        if need_dx:
+            dx.addmm_(dy, weight)
+    else:
+        dx = torch.mm(dy, weight) if need_dx else None
+        lora_grads = lora_backward(dx, dy, x, adapters, h_packed, segs, seed, need_lora)
     dW = torch.mm(dy.t(), x) if need_dw else None
     db = dy.sum(0) if need_db else None
     return dx, lora_grads, dW, db
@@ -173,6 +339,8 @@ def lora_backward(dx: Optional[Tensor], dy: Tensor, x: Tensor, adapters: Sequenc
     """[(dA_a, dB_a) or None]; adds each adapter's D (G A) to dx in place when dx is given (it holds dY W).
     The low-rank half of `backward`, on its own for a base computed elsewhere (a quantized base)."""
     need_dx = dx is not None
+    if dense(adapters) and (need_dx or any(need_lora)):
+        return _dense_lora_backward(dx, need_dx, dy, x, adapters, h_packed, segs, seed, need_lora)[1]
     lora_grads = []
     for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
         want = need_lora[a]

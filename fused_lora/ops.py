@@ -467,11 +467,13 @@ def lora_linear_multi(
     -1 meaning no adapter (peft's "__base__"). Differentiable in x, W, b and every adapter's A and B:
     adapter a's gradients come from its own rows only (twice differentiable, in eager mode).
 
-    The base GEMM runs once for the whole batch; each adapter's low-rank term runs on its rows
-    (`multi_impl`). `seed` (int or 0-dim int64 tensor, required when some p_a > 0) fixes the dropout
-    masks: adapter a draws its mask as the single-adapter op would on its rows alone with the seed
-    `multi_impl.adapter_seed(seed, a)`, with the mask generator of the backend that runs (as for one
-    adapter, the torch and Triton backends draw different masks from one seed). Backends: "torch",
+    The base GEMM runs once for the whole batch; each adapter's low-rank term acts on its rows only
+    (on the torch backend, `multi_impl`: all adapters stacked into one GEMM per product when their
+    ranks sum to at most multi_impl.DENSE_MAX_RANK, else run by run; the same results). `seed` (int
+    or 0-dim int64 tensor, required when some p_a > 0) fixes the dropout masks: adapter a draws its
+    mask as the single-adapter op would on its rows alone with the seed `multi_impl.adapter_seed(seed,
+    a)`, with the mask generator of the backend that runs (as for one adapter, the torch and Triton
+    backends draw different masks from one seed). Backends: "torch",
     "triton" (segment kernels, `kernels.multi`: ranks up to 128, float16/bfloat16 on a GPU) and "auto".
     Bad inputs raise ValueError or
     TypeError naming the problem (and the adapter's index) before anything runs (under torch.compile,

@@ -70,11 +70,23 @@ SPECS = [(0.5, 0.0), (2.0, 0.0), (-1.25, 0.0), (0.75, 0.0)]  # (scaling, dropout
 RANKS = [3, 5, 1, 8]
 
 
+@pytest.fixture(params=["dense", "per_run"])
+def path(request, monkeypatch):
+    """Each of multi_impl's two paths (the adapters stacked, or run by run), forced through DENSE_MAX_RANK."""
+    monkeypatch.setattr(multi_impl, "DENSE_MAX_RANK", 10**9 if request.param == "dense" else 0)
+    return request.param
+
+
+def per_run_path(monkeypatch):
+    """Tests of the per-run path's own mechanics (chunks, runs, gathers) force it."""
+    monkeypatch.setattr(multi_impl, "DENSE_MAX_RANK", 0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("assign", list(ASSIGNMENTS))
 @pytest.mark.parametrize("M,K,N", [(37, 13, 11), (70, 33, 17)])
 @pytest.mark.parametrize("trainable_base", [False, True])
-def test_op_matches_reference(dtype, assign, M, K, N, trainable_base):
+def test_op_matches_reference(dtype, assign, M, K, N, trainable_base, path):
     row_adapter = ASSIGNMENTS[assign](M)
     x, w, b, loras = make_multi(M, K, N, RANKS, dtype)
     if not trainable_base:
@@ -97,6 +109,7 @@ def test_op_matches_reference(dtype, assign, M, K, N, trainable_base):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_op_chunked_scattered_rows(monkeypatch, dtype):
     """Scattered segments longer than CHUNK_ROWS go through several chunks (float32 accumulation)."""
+    per_run_path(monkeypatch)
     monkeypatch.setattr(multi_impl, "CHUNK_ROWS", 7)
     M, K, N = 61, 10, 9
     row_adapter = torch.randint(-1, 2, (M,), generator=torch.Generator().manual_seed(5))
@@ -113,7 +126,7 @@ def test_op_chunked_scattered_rows(monkeypatch, dtype):
         assert_close_rule(g, ge, g6, dtype, f"gradient {i}")
 
 
-def test_gradcheck_float64_with_dropout():
+def test_gradcheck_float64_with_dropout(path):
     M, K, N = 9, 5, 4
     row_adapter = torch.tensor([1, -1, 0, 1, 1, 0, -1, 2, 0])
     specs = [(0.5, 0.25), (2.0, 0.0), (-1.0, 0.5)]
@@ -125,7 +138,7 @@ def test_gradcheck_float64_with_dropout():
     assert torch.autograd.gradgradcheck(op, tensors)  # double backward: recomputed, same masks
 
 
-def test_dropout_masks_match_single_adapter_op_on_own_rows():
+def test_dropout_masks_match_single_adapter_op_on_own_rows(path):
     """The documented rule: a mixed batch with seed S computes, per adapter, exactly the single-adapter
     op on that adapter's rows with seed adapter_seed(S, a); dA, dB come from those rows alone."""
     M, K, N, seed = 40, 16, 12, 77
@@ -152,7 +165,7 @@ def test_dropout_masks_match_single_adapter_op_on_own_rows():
     torch.testing.assert_close(grads[0], dx)
 
 
-def test_deterministic_and_counted():
+def test_deterministic_and_counted(path):
     M, K, N = 50, 12, 10
     row_adapter = torch.randint(-1, 2, (M,), generator=torch.Generator().manual_seed(2))
     x, w, b, loras = make_multi(M, K, N, [3, 2], torch.float32)
@@ -169,7 +182,7 @@ def test_deterministic_and_counted():
     assert backends.calls[("multi_bwd", "torch")] == before[1] + 2
 
 
-def test_empty_batch_and_no_adapters():
+def test_empty_batch_and_no_adapters(path):
     x, w, b, loras = make_multi(0, 6, 5, [2], torch.float32)
     y = lora_linear_multi(x, w, b, [(loras[0][0], loras[0][1], 1.0, 0.0)], torch.zeros(0, dtype=torch.int64))
     assert y.shape == (0, 5)
@@ -473,6 +486,7 @@ def test_layout_groups_rows_by_adapter(monkeypatch):
 @pytest.mark.parametrize("min_run", [1, 10**9])
 def test_op_runs_and_gathers_agree_with_reference(monkeypatch, min_run):
     """The same per-sample layout through views (every run) and through gathers (never)."""
+    per_run_path(monkeypatch)
     monkeypatch.setattr(multi_impl, "MIN_RUN_ROWS", min_run)
     row_adapter = torch.tensor([0, 2, 1, 0, -1, 2, 0]).repeat_interleave(5)
     specs = [(0.5, 0.2), (1.5, 0.0), (-1.0, 0.4)]

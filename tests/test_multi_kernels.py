@@ -190,20 +190,41 @@ def test_adapter_seed_and_rank_limit_agree_with_the_package():
 
 @pytest.mark.parametrize("block_m", [1, 4, 32])
 def test_tile_table_covers_each_adapter_without_crossing(block_m):
-    from fused_lora.kernels.multi import tile_table
+    """The device-built tile table against the host layout (multi_impl.segments): every sorted position
+    in exactly one tile of its own adapter, the LoRA tiles first and within the LoRA grid bound, then
+    the base tiles, then empty tiles up to the table's size; bounds give each adapter's tiles."""
+    from fused_lora.kernels.multi import tile_count_bounds, tile_table
     row_adapter = torch.tensor([2, -1, 0, 0, 2, 2, 2, 0, -1, 2, 0, 2, 2, 2, 2, 2, 2])
     segs = multi_impl.segments(row_adapter, 4)  # adapters 1 and 3 have no rows
-    tiles, n_base, bounds = tile_table(segs.offsets, block_m)
+    tiles, bounds = tile_table(row_adapter, 4, block_m)
+    n_all, n_lora = tile_count_bounds(row_adapter.numel(), 4, block_m)
+    assert tiles.dtype == bounds.dtype == torch.int32 and tiles.shape == (n_all, 4) and bounds.shape == (5,)
     covered = np.zeros(row_adapter.numel(), dtype=int)
-    for a, first, end, local in tiles:
+    kinds = []  # per tile: "lora", "base" or "empty", in table order
+    for t, (a, first, end, local) in enumerate(tiles.tolist()):
+        if first == end:
+            assert (a, first, local) == (-1, 0, 0)
+            kinds.append("empty")
+            continue
         lo, hi = segs.offsets[a + 1], segs.offsets[a + 2]
         assert lo <= first < end <= hi and end - first <= block_m and local == first - lo
         covered[first:end] += 1
+        kinds.append("lora" if a >= 0 else "base")
+        assert a < 0 or t < n_lora
     assert (covered == 1).all()
-    assert n_base == -(-2 // block_m) and (tiles[:n_base, 0] == -1).all()
+    assert kinds == sorted(kinds, key=["lora", "base", "empty"].index)
+    assert kinds.count("base") == -(-segs.count(-1) // block_m)
     for a in range(4):
-        mine = tiles[n_base + bounds[a]:n_base + bounds[a + 1]]
-        assert (mine[:, 0] == a).all() and sum(mine[:, 2] - mine[:, 1]) == segs.count(a)
+        mine = tiles[bounds[a]:bounds[a + 1]]
+        assert (mine[:, 0] == a).all() and int((mine[:, 2] - mine[:, 1]).sum()) == segs.count(a)
+
+
+def test_tile_table_reads_no_row_count_on_the_host():
+    """Built from row_adapter by device ops alone: on the meta device (no values at all) it still gives
+    the table's shapes, so nothing waits for the device's counts (no sync on a GPU)."""
+    from fused_lora.kernels.multi import tile_count_bounds, tile_table
+    tiles, bounds = tile_table(torch.empty(300, dtype=torch.int64, device="meta"), 5, 64)
+    assert tiles.is_meta and tiles.shape == (tile_count_bounds(300, 5, 64)[0], 4) and bounds.shape == (6,)
 
 
 def test_refusals_name_the_reason():

@@ -4,18 +4,20 @@
     multi_backward(dY, x, W, adapters, H, segs, seed, need_dx, need_lora, need_dw, need_db)
         -> (dx, [(dA_a, dB_a) or None], dW, db)
 
-`adapters` is ((A_a, B_a, s_a, p_a), ...); `segs` the grouped layout (`multi_impl.Segments`: `order`,
-the rows sorted by adapter, base rows first, and the `offsets` of each adapter's run). The packed H
-is `multi_impl.packed_h_shape`: M x R (R the largest rank), row i for sorted position i, its first
-r_a columns used (the rest zero).
+`adapters` is ((A_a, B_a, s_a, p_a), ...); `segs` the grouped layout (`multi_impl.Segments`: its
+`row_adapter` and `order`, the rows sorted by adapter, base rows first; its host-side `offsets` are
+never read: the tile table is built on the device, so the launchers make no device-to-host sync).
+The packed H is `multi_impl.packed_h_shape`: M x R (R the largest rank), row i for sorted position
+i, its first r_a columns used (the rest zero).
 
 Scheduling (vLLM's sgmv): each adapter's run of sorted positions is cut into row tiles that never
-cross into another adapter's rows, so every program has one adapter (a scalar rank, scaling and
-seed, one A / B slice; no per-row adapter logic in the GEMM loops). The base GEMM runs once for
-the whole batch over all tiles (the base rows' tiles have rank 0). The price: at most one partial
-tile per adapter (a fraction ~ n_adapters * BLOCK_M / M of the GEMMs' MMA work, ~4% at 4 adapters
-and M = 8192 with 128-row tiles); a per-row adapter index in the GEMMs' low-rank prologue would
-avoid it at the cost of a loop over the adapters present in each tile.
+cross into another adapter's rows (`tile_table`, torch ops on the device; the grids take its upper
+bound cdiv(M, BLOCK_M) + n + 1, programs past the real tiles return at once), so every program has
+one adapter (a scalar rank, scaling and seed, one A / B slice; no per-row adapter logic in the GEMM
+loops). The base GEMM runs once for the whole batch over all tiles (the base rows' tiles have rank
+0). The price: at most one partial tile per adapter (a fraction ~ n_adapters * BLOCK_M / M of the
+GEMMs' MMA work, ~4% at 4 adapters and M = 8192 with 128-row tiles); a per-row adapter index in the
+GEMMs' low-rank prologue would avoid it at the cost of a loop over the adapters present in each tile.
 
 Adapters' A and B are passed stacked and zero-padded to the largest rank, (n, R, K) and (n, N, R)
 (a copy of n r x K and N x r tensors per call, small beside x; none when the ranks are equal, as
@@ -32,9 +34,6 @@ bit-identical run to run.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
-import numpy as np
 import torch
 import triton
 
@@ -60,19 +59,43 @@ def adapter_seed(seed: int, adapter: int) -> int:
     return (int(seed) + (adapter + 1) * _SEED_MIX) % _SEED_HIGH
 
 
-def tile_table(offsets, block_m: int):
-    """The row tiles of the grouped layout: (int32 (T, 4) rows (adapter or -1, first sorted position,
-    end, index of the first row within its adapter), number of base tiles (first in the table),
-    int32 (n + 1,) bounds: adapter a's tiles are base + bounds[a] .. base + bounds[a + 1])."""
-    off = np.asarray(offsets, dtype=np.int64)
-    lo, hi = off[:-1], off[1:]
-    counts = (hi - lo + block_m - 1) // block_m
-    segment = np.repeat(np.arange(lo.size), counts)
-    within = (np.arange(segment.size) - (np.cumsum(counts) - counts)[segment]) * block_m
-    first = lo[segment] + within
-    rows = np.stack([segment - 1, first, np.minimum(first + block_m, hi[segment]), within], 1).astype(np.int32)
-    bounds = np.concatenate([[0], np.cumsum(counts[1:])]).astype(np.int32)
-    return rows, int(counts[0]), bounds
+def tile_count_bounds(M: int, n_adapters: int, block_m: int) -> tuple[int, int]:
+    """(all tiles, LoRA tiles): upper bounds of the tile table's sizes that need no row count: the
+    segments' ceil(m_a / block_m) sum to at most cdiv(M, block_m) + (number of segments) - 1."""
+    lora = triton.cdiv(M, block_m) + n_adapters
+    return lora + 1, lora
+
+
+def tile_table(row_adapter: torch.Tensor, n_adapters: int, block_m: int):
+    """The row tiles of the grouped layout, built on row_adapter's device with torch ops (no sync):
+    (int32 (T, 4) rows (adapter or -1, first sorted position, end, index of the first row within its
+    adapter), int32 (n + 1,) bounds: adapter a's tiles are bounds[a] .. bounds[a + 1]).
+
+    T = tile_count_bounds(...)[0]. The LoRA tiles come first (adapter 0's, then 1's, ...), then the
+    base rows' tiles (adapter -1; sorted positions 0.. hold the base rows), then empty tiles
+    (first == end, adapter -1) up to T: their programs return at once. So a grid of the LoRA bound
+    covers every LoRA tile, one of T every tile, and workspace slot t is LoRA tile t."""
+    device = row_adapter.device
+    n = n_adapters
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=device)
+    counts.index_add_(0, row_adapter + 1, torch.ones_like(row_adapter))  # [base, adapter 0, ...]; no sync
+    starts = torch.cumsum(counts, 0) - counts  # each segment's first sorted position
+    seg_order = torch.arange(1, n + 2, device=device) % (n + 1)  # the segments in table order: adapters, base
+    c, st = counts[seg_order], starts[seg_order]
+    n_seg_tiles = (c + block_m - 1) // block_m
+    tile_end = torch.cumsum(n_seg_tiles, 0)
+    t = torch.arange(tile_count_bounds(row_adapter.shape[0], n, block_m)[0], device=device)
+    seg = torch.searchsorted(tile_end, t, right=True)  # n + 1 past the last real tile
+    real = seg <= n
+    seg = seg.clamp_(max=n)
+    within = (t - (tile_end - n_seg_tiles)[seg]) * block_m
+    first = st[seg] + within
+    end = torch.minimum(first + block_m, st[seg] + c[seg])
+    zero = torch.zeros_like(t)
+    rows = torch.stack([torch.where(real, seg_order[seg] - 1, -1), torch.where(real, first, zero),
+                        torch.where(real, end, zero), torch.where(real, within, zero)], 1)
+    bounds = torch.cat([tile_end.new_zeros(1), tile_end[:n]])
+    return rows.to(torch.int32), bounds.to(torch.int32)
 
 
 class _Batch:
@@ -96,7 +119,7 @@ class _Batch:
         self.ints = _to_device(torch.tensor(ints or [(0, 0, 0)], dtype=torch.int64), x.device)
         self.floats = _to_device(torch.tensor(floats or [(0.0, 1.0)], dtype=torch.float32), x.device)
         self.order = segs.order.to(torch.int32)  # int32 row indices: fewer registers in the GEMM loops
-        self.pos0 = segs.offsets[1]  # base rows come first in the sorted order
+        self._tiles = {}
 
     def _stacked(self, x, adapters, ranks):
         rw, K, N = max(self.rw, 1), self.K, self.N
@@ -110,8 +133,12 @@ class _Batch:
         return a_stack, b_stack
 
     def tiles(self, block_m: int):
-        """(tiles on the device, number of tiles, number of base tiles, bounds on the device)."""
-        return _device_tiles(tuple(self.segs.offsets), block_m, self.device)
+        """(tiles on the device, grid bound for every tile, grid bound for the LoRA tiles, bounds on the
+        device): `tile_table`, once per block size and call."""
+        if block_m not in self._tiles:
+            tiles, bounds = tile_table(self.segs.row_adapter, self.n, block_m)
+            self._tiles[block_m] = (tiles, *tile_count_bounds(self.order.shape[0], self.n, block_m), bounds)
+        return self._tiles[block_m]
 
     def config(self, kernel: str, dropout: bool = False):
         return configs.multi_config(kernel, self.arch, self.block_r, self.elt, dropout)
@@ -123,14 +150,6 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return table.to(device)
     return table.pin_memory().to(device, non_blocking=True)
-
-
-@lru_cache(maxsize=64)
-def _device_tiles(offsets: tuple, block_m: int, device: torch.device):
-    """tile_table on the device, cached: every layer of a model sees the same layout in one step."""
-    rows, n_base, bounds = tile_table(offsets, block_m)
-    return (_to_device(torch.from_numpy(rows), device), rows.shape[0], n_base,
-            _to_device(torch.from_numpy(bounds), device))
 
 
 def _launch_opts(cfg) -> dict:
@@ -147,15 +166,15 @@ def multi_forward(x, weight, bias, adapters, segs, seed):
     if M == 0 or N == 0:
         return y, h
     h_arg, h_strides = (h, h.stride()) if rw else (y, (0, 0))  # nothing of H is read at rank 0
-    if rw and M > batch.pos0:
+    if rw:
         cfg = batch.config("multi_shrink", batch.dropout)
-        tiles, n_tiles, n_base, _ = batch.tiles(cfg.kwargs["BLOCK_M"])
-        multi_shrink_kernel[(n_tiles - n_base,)](
+        tiles, _, n_lora, _ = batch.tiles(cfg.kwargs["BLOCK_M"])
+        multi_shrink_kernel[(n_lora,)](
             x, batch.a_stack, h, batch.order, tiles, batch.ints, batch.floats,
             *x.stride(), *batch.a_stack.stride(), *h.stride(),
-            K, n_base, HAS_DROPOUT=batch.dropout, BLOCK_R=batch.block_r, **_launch_opts(cfg))
+            K, 0, HAS_DROPOUT=batch.dropout, BLOCK_R=batch.block_r, **_launch_opts(cfg))
     cfg = batch.config("multi_forward")
-    tiles, n_tiles, _, _ = batch.tiles(cfg.kwargs["BLOCK_M"])
+    tiles, n_tiles, _, _ = batch.tiles(cfg.kwargs["BLOCK_M"])  # with the empty tiles past the real ones
     bias = bias if bias is not None else x.new_zeros(N)
     multi_forward_kernel[(n_tiles * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](
         x, weight, bias, h_arg, batch.b_stack, y, batch.order, tiles, batch.ints, batch.floats,
@@ -191,35 +210,37 @@ def _lora_backward(dy, x, weight, adapters, h, segs, seed, need_dx):
     M, K = x.shape
     N = weight.shape[0]
     batch = _Batch(x, weight, adapters, segs, seed)
-    rw, pos0, n = batch.rw, batch.pos0, batch.n
-    m_lora = M - pos0
-    if rw == 0 or m_lora == 0 or min(M, N, K) == 0:  # no low-rank term anywhere: the base GEMM alone
+    rw, n = batch.rw, batch.n
+    if rw == 0 or min(M, N, K) == 0:  # no low-rank term anywhere: the base GEMM alone
         return (torch.mm(dy, weight) if need_dx else None), None
+    # The row counts stay on the device (no sync): grids and workspaces take the tile table's upper
+    # bounds, and G is indexed by sorted position over all M rows: its partials start at zero, so the
+    # base rows' part (no program writes it, none reads it) sums to zero, not to uninitialised memory.
     f32 = dict(dtype=torch.float32, device=x.device)
     # 1. The dY pass: partials of G (one per column chunk) and of dB (one per LoRA tile).
     from . import dy_chunk
     cfg = batch.config("multi_dy")
-    tiles, n_tiles, n_base, db_bounds = batch.tiles(cfg.kwargs["BLOCK_M"])
-    chunk = dy_chunk(m_lora, N)
-    g_ws = torch.empty((triton.cdiv(N, chunk), m_lora, rw), **f32)
-    db_ws = torch.empty((n_tiles - n_base, N, rw), **f32)
-    multi_dy_kernel[(n_tiles - n_base, triton.cdiv(N, chunk))](
+    tiles, _, n_lora, db_bounds = batch.tiles(cfg.kwargs["BLOCK_M"])
+    chunk = dy_chunk(M, N)
+    g_ws = torch.zeros((triton.cdiv(N, chunk), M, rw), **f32)
+    db_ws = torch.empty((n_lora, N, rw), **f32)
+    multi_dy_kernel[(n_lora, triton.cdiv(N, chunk))](
         dy, batch.b_stack, h, g_ws, db_ws, batch.order, tiles, batch.ints, batch.floats,
         *dy.stride(), *batch.b_stack.stride(), *h.stride(),
-        m_lora, N, rw, chunk, n_base, pos0, BLOCK_R=batch.block_r, **_launch_opts(cfg))
-    g = torch.empty((m_lora, rw), dtype=x.dtype, device=x.device)
+        M, N, rw, chunk, 0, 0, BLOCK_R=batch.block_r, **_launch_opts(cfg))
+    g = torch.empty((M, rw), dtype=x.dtype, device=x.device)
     sum_partials((g_ws, g))
     # 2. dX (every tile) and the dA partials (one per LoRA tile).
     cfg = batch.config("multi_dx_da", batch.dropout)
-    tiles, n_tiles, n_base, da_bounds = batch.tiles(cfg.kwargs["BLOCK_M"])
-    tile0 = 0 if need_dx else n_base
+    tiles, n_all, n_lora, da_bounds = batch.tiles(cfg.kwargs["BLOCK_M"])
+    n_tiles = n_all if need_dx else n_lora  # the LoRA tiles come first in the table
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
-    da_ws = torch.empty((n_tiles - n_base, rw, K), **f32)
-    multi_dx_da_kernel[((n_tiles - tile0) * triton.cdiv(K, cfg.kwargs["BLOCK_N"]),)](
+    da_ws = torch.empty((n_lora, rw, K), **f32)
+    multi_dx_da_kernel[(n_tiles * triton.cdiv(K, cfg.kwargs["BLOCK_N"]),)](
         dy, weight, g, batch.a_stack, x, dx if need_dx else g, da_ws, batch.order, tiles, batch.ints, batch.floats,
         *dy.stride(), *weight.stride(), *g.stride(), *batch.a_stack.stride(), *x.stride(),
         *(dx.stride() if need_dx else (0, 0)),
-        N, K, rw, n_tiles - tile0, tile0, n_base, pos0,
+        N, K, rw, n_tiles, 0, 0, 0,
         HAS_DX=need_dx, HAS_DROPOUT=batch.dropout, BLOCK_R=batch.block_r, **_launch_opts(cfg))
     # 3. Each adapter's dA and dB: its slots summed in a fixed order.
     dA = torch.empty((n, rw, K), dtype=x.dtype, device=x.device)

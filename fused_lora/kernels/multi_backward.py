@@ -46,13 +46,16 @@ def multi_dy_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_in = offs_r < adapter_rank(ints_ptr, adapter)
     w_in = offs_r < RW  # the workspace's columns: zeros past the rank
-    scaling = tl.load(floats_ptr + adapter * 2)
-    b_base = b_ptr + adapter.to(tl.int64) * stride_bb
+    scaling = tl.load(floats_ptr + tl.maximum(adapter, 0) * 2)
+    b_base = b_ptr + tl.maximum(adapter, 0).to(tl.int64) * stride_bb
     h = load_tile(h_ptr, offs_i, offs_r, stride_hm, stride_hr, m_in, r_in)
     db_slot = db_ws_ptr + t.to(tl.int64) * N * RW
     acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     n_start = pid_n * N_CHUNK
-    for n0 in range(n_start, tl.minimum(n_start + N_CHUNK, N), BLOCK_N):
+    # A base or empty tile (adapter -1: the grid is an upper bound of the LoRA tiles) runs no iteration
+    # and stores zeros for G; through the loop's bound, not an early return (which spilled on sm_80).
+    n_stop = tl.where(adapter >= 0, tl.minimum(n_start + N_CHUNK, N), n_start)
+    for n0 in range(n_start, n_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_in = offs_n < N
         dy = load_tile(dy_ptr, rows, offs_n, stride_dym, stride_dyn, m_in, n_in)
@@ -79,6 +82,9 @@ def multi_dx_da_kernel(
     pid_t, pid_k = grouped_tile(tl.program_id(0), n_tiles * BLOCK_M, K, BLOCK_M, BLOCK_N, GROUP_M)
     t = tile0 + pid_t
     adapter, first, end, local0 = segment_tile(tiles_ptr, t)
+    # An empty tile past the real ones (n_tiles is an upper bound; adapter -1, no rows) skips the main
+    # loop through its bound, not an early return: that costs registers (a spill on sm_90, triton 3.6).
+    n_stop = tl.where(first < end, N, 0)
     offs_i = first + tl.arange(0, BLOCK_M)
     m_in = offs_i < end
     rows = tl.load(order_ptr + offs_i, mask=m_in, other=0)
@@ -103,7 +109,7 @@ def multi_dx_da_kernel(
         acc = tl.dot(g, load_tile(a_base, offs_r, offs_k, stride_ar, stride_ak, r_in, k_in))
         if HAS_DROPOUT:
             acc = tl.where(keep, acc * scale, 0.0)
-        for n0 in range(0, N, BLOCK_K):
+        for n0 in range(0, n_stop, BLOCK_K):
             offs_n = n0 + tl.arange(0, BLOCK_K)
             n_in = offs_n < N
             dy = load_tile(dy_ptr, rows, offs_n, stride_dym, stride_dyn, m_in, n_in)

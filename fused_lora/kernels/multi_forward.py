@@ -12,9 +12,11 @@ has one adapter: one scalar rank, scaling, dropout seed and threshold, one A / B
                            have rank 0): the base GEMM once for the whole batch, its accumulator
                            started from the low-rank term as in the single-adapter kernel.
 
-Tables (built by the launcher): tiles int32 (T, 4) = (adapter or -1, first sorted position, end,
-index of the first row within its adapter); ints int64 (n, 3) = (rank, dropout threshold, dropout
-seed); floats fp32 (n, 2) = (scaling, 1 / (1 - p)). A is stacked (n, R, K), B (n, N, R), R the
+Tables (built by the launcher on the device, so grids are upper bounds): tiles int32 (T, 4) =
+(adapter or -1, first sorted position, end, index of the first row within its adapter), the LoRA
+tiles first, then the base tiles, then empty ones (first == end) whose programs return at once;
+ints int64 (n, 3) = (rank, dropout threshold, dropout seed); floats fp32 (n, 2) = (scaling,
+1 / (1 - p)). A is stacked (n, R, K), B (n, N, R), R the
 largest rank (smaller ranks zero-padded, never read: loads are masked by the adapter's rank).
 """
 import triton
@@ -54,8 +56,11 @@ def multi_shrink_kernel(
     HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One program per LoRA tile (tile0 + program id). BLOCK_N/GROUP_M unused."""
+    """One program per LoRA tile (tile0 + program id); a base or empty tile (adapter -1: the grid is an
+    upper bound of the LoRA tiles) returns at once. BLOCK_N/GROUP_M unused."""
     adapter, first, end, local0 = segment_tile(tiles_ptr, tile0 + tl.program_id(0))
+    if adapter < 0:
+        return
     offs_i = first + tl.arange(0, BLOCK_M)
     m_in = offs_i < end
     rows = tl.load(order_ptr + offs_i, mask=m_in, other=0)
@@ -92,6 +97,8 @@ def multi_forward_kernel(
     one variant fewer to compile, N elements of traffic)."""
     pid_t, pid_n = grouped_tile(tl.program_id(0), n_tiles * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
     adapter, first, end, _ = segment_tile(tiles_ptr, pid_t)
+    if first >= end:  # an empty tile past the real ones (n_tiles is an upper bound)
+        return
     offs_i = first + tl.arange(0, BLOCK_M)
     m_in = offs_i < end
     rows = tl.load(order_ptr + offs_i, mask=m_in, other=0)
