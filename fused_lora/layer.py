@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import backends, dora, quant_layer
 from .dropout import new_seed, no_seed
+from .multi_impl import adapter_seed
 from .ops import lora_linear, lora_linear_multi
 from .quant_convert import as_quantized_linear, is_quantized_base, quantized_base_refusal
 from .reference import lora_delta_weight
@@ -82,12 +83,13 @@ def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
 
 
 def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                 scaling: float, dropout_p: float, backend: str) -> Tensor:
+                 scaling: float, dropout_p: float, seed: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """The LoRA layer on x of any leading shape: A and B cast to x's dtype (their gradients come back
-    in their own), a fresh seed when there is dropout, the op on x seen as 2-D. Shared by
+    in their own), the op on x seen as 2-D, with `seed` or a fresh one when there is dropout. Shared by
     FusedLoRALinear and patched peft layers, so both compute the same way."""
     lead = x.shape[:-1]
-    seed = new_seed() if dropout_p > 0.0 else no_seed()
+    if seed is None:
+        seed = new_seed() if dropout_p > 0.0 else no_seed()
     # math.prod, not -1: with in_features == 0 (or an empty batch) -1 is ambiguous
     y = lora_linear(x.reshape(math.prod(lead), x.shape[-1]), weight, bias, lora_A.to(x.dtype),
                     lora_B.to(x.dtype), scaling, dropout_p, seed, backend)
@@ -487,11 +489,14 @@ class FusedLoRALinear(nn.Module):
             return F.linear(x, weight, bias)
         if adapter_names is not None:
             dora.refuse_in_mixed_batch(self, used)
+            one = self._one_adapter_of(used, adapter_names, x.dtype)
+            if one is not None:
+                return lora_forward(x, weight, bias, *one, backend=self.backend)
             return self._mixed_forward(x, weight, bias, used, row_adapter)
         if dora.is_dora(self, self._active_adapter):
             return dora.forward(self, x, weight, bias)
         return lora_forward(x, weight, bias, self.lora_A, self.lora_B, self.scaling,
-                            self.lora_dropout if self.training else 0.0, self.backend)
+                            self.lora_dropout if self.training else 0.0, backend=self.backend)
 
     def _model_call_names(self) -> Optional[list[str]]:
         """The adapter_names of the LoraModel call running (None outside one). A training call with names
@@ -519,6 +524,15 @@ class FusedLoRALinear(nn.Module):
             adapters.append((lora_A.to(dtype), lora_B.to(dtype), settings.scaling,
                              settings.lora_dropout if self.training else 0.0))
         return adapters, (new_seed() if any(a[3] > 0.0 for a in adapters) else no_seed())
+
+    def _one_adapter_of(self, used: list[str], adapter_names: Sequence[str], dtype: torch.dtype) -> Optional[tuple]:
+        """For a mixed batch whose samples all name one adapter: (A, B, scaling, dropout_p, seed) for the
+        single-adapter op, which then computes exactly what the mixed op would (its seed is the mixed op's
+        seed for adapter 0: the same masks) without the per-row machinery. None otherwise."""
+        if len(used) != 1 or BASE_ADAPTER in adapter_names:
+            return None
+        (adapter,), seed = self._mixed_adapters(used, dtype)
+        return (*adapter, adapter_seed(seed, 0))
 
     def _mixed_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], used: list[str],
                        row_adapter: Tensor) -> Tensor:

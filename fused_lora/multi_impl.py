@@ -67,9 +67,11 @@ Adapter = tuple  # (lora_A (r x K), lora_B (N x r), scaling, dropout_p)
 Rows = Union[slice, Tensor]
 
 
-def adapter_seed(seed: int, adapter: int) -> int:
-    """The dropout seed of adapter `adapter` (index in the op's adapter list) for the call seed `seed`."""
-    return (int(seed) + (adapter + 1) * _SEED_MIX) % SEED_HIGH
+def adapter_seed(seed, adapter: int):
+    """The dropout seed of adapter `adapter` (index in the op's adapter list) for the call seed `seed`: an
+    int, or for a 0-dim int64 tensor a tensor (no host read; seed + step < 2^63, no overflow)."""
+    step = (adapter + 1) * _SEED_MIX % SEED_HIGH
+    return (seed + step) % SEED_HIGH if isinstance(seed, Tensor) else (int(seed) + step) % SEED_HIGH
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,7 @@ def _fused_forward(layer: nn.Module, x: Tensor, backend: str) -> Tensor:
                                  layer.lora_magnitude_vector[name].weight, float(layer.scaling[name]),
                                  p if layer.training else 0.0, backend)
     return lora_forward(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                        float(layer.scaling[name]), p, backend)
+                        float(layer.scaling[name]), p, backend=backend)
 
 
 class PatchedForward:

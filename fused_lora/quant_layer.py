@@ -46,6 +46,8 @@ def forward(layer, x: Tensor, adapter_names: Optional[Sequence[str]] = None) -> 
     x2 = x.reshape(math.prod(lead), layer.in_features)
     if layer._disabled:
         y = quant_linear(x2, layer.weight, bias)
+    elif adapter_names is not None and (one := layer._one_adapter_of(used, adapter_names, x.dtype)) is not None:
+        y = lora_linear_quant(x2, layer.weight, bias, *one, layer.backend)  # every sample names one adapter
     elif adapter_names is not None:
         adapters, seed = layer._mixed_adapters(used, x.dtype)
         y = lora_linear_quant_multi(x2, layer.weight, bias, adapters, row_adapter, seed, layer.backend)
