@@ -91,7 +91,8 @@ class Problem:
     op: "fwd" or "bwd" (one adapter), "multi_fwd" or "multi_bwd" (several adapters, a per-row adapter
     index; `rank` is then the largest rank), "quant_fwd" or "quant_bwd" (a quantized base, `quant_ops`);
     x is M x K, W is N x K, the LoRA rank is `rank`; `dropout` whether p > 0;
-    `grads`: for backward, the gradients asked for, among ("dx", "lora", "dW", "db").
+    `grads`: for backward, the gradients asked for, among ("dx", "lora", "dW", "db"); `base`, `blocksize`:
+    a quantized base's layout (`quant_format.layout_name`: other kernels, so tuned apart), "" for a 16-bit one.
     """
     op: str
     device: torch.device
@@ -102,6 +103,8 @@ class Problem:
     rank: int
     dropout: bool = False
     grads: tuple = ()
+    base: str = ""
+    blocksize: int = 0
 
     def key(self) -> str:
         """The tuning key within one device: M and the rank by power-of-two bucket."""
@@ -109,6 +112,8 @@ class Problem:
                f"r{_pow2_bucket(self.rank)} dropout={'on' if self.dropout else 'off'}")
         if self.op in BACKWARD_OPS:
             key += " grads=" + ("+".join(self.grads) or "none")
+        if self.base:
+            key += f" base={self.base}" + (f"/{self.blocksize}" if self.blocksize else "")
         return key
 
     def forward_twin(self) -> "Problem":
@@ -191,7 +196,7 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("triton", "the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
                    lambda: importlib.import_module("fused_lora.kernels"),
                    lambda p: (triton_not_supported_reasons(p.device, p.dtype, p.rank) + triton_op_reasons(p.op)
-                              + triton_multi_reasons(p)),
+                              + triton_multi_reasons(p) + triton_base_reasons(p)),
                    check_against=lambda p: _segment_kernels_checked_against(p)),
 )
 
@@ -205,6 +210,15 @@ def _segment_kernels_checked_against(p: Problem) -> Optional[str]:
     if p.op.startswith("quant_multi_"):
         return quant_multi_checked_against(p)
     return "torch" if p.op.startswith(("multi_", "quant_")) and not p.dropout else None
+
+
+def triton_base_reasons(p: Problem) -> list[str]:
+    """Why the triton row cannot run over this quantized base's layout (empty when it can)."""
+    from .quant_format import KERNEL_MIN_BLOCKSIZE
+    if p.base.startswith("nf4") and p.blocksize < KERNEL_MIN_BLOCKSIZE:
+        return [f"NF4 blocksize {p.blocksize}: the Triton kernels take blocks of {KERNEL_MIN_BLOCKSIZE} elements "
+                "or more; the torch backend runs it"]
+    return []
 
 
 # ---- Several adapters in one batch over a quantized base (quant_ops.lora_linear_quant_multi): ops

@@ -26,6 +26,17 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
 
 
+KERNEL_MIN_BLOCKSIZE = 64  # the smallest NF4 block the Triton kernels take (bitsandbytes' default)
+
+
+def layout_name(data) -> tuple[str, int]:
+    """(format, blocksize) of a weight's layout, as the backends table keys and refuses on it:
+    ("int8", 0), ("nf4", blocksize) or ("nf4-nested", blocksize)."""
+    if isinstance(data, Int8Data):
+        return "int8", 0
+    return ("nf4-nested" if data.nested else "nf4"), data.blocksize
+
+
 @dataclass(frozen=True)
 class NF4Data:
     """An N x K weight in NF4. Either `absmax` (fp32, one per block) or the nested triple

@@ -46,6 +46,7 @@ from . import backends
 from . import quant
 from .op_inputs import as_scaling, as_seed_tensor, check_op_inputs, check_seed_tensor, seed_value
 from .quant import QuantizedWeight
+from .quant_format import layout_name
 
 
 def _functions_of_module(module):
@@ -61,7 +62,7 @@ def _functions(impl):
 
 def _chosen(op: str, x: Tensor, data, rank: int, backend: str, dropout_p: float, grads: tuple = (), bench=None):
     problem = backends.Problem(op, x.device, x.dtype, x.shape[0], data.shape[0], x.shape[1], rank,
-                               dropout_p > 0.0, grads)
+                               dropout_p > 0.0, grads, *layout_name(data))
     impl = backends.select(problem, backend, bench)
     backends.calls[(op, impl.name)] += 1
     return _functions(impl)
@@ -326,10 +327,10 @@ def _multi_functions_of_module(module):
     return module.quant_multi_forward, module.quant_multi_backward
 
 
-def _multi_problem(op: str, x: Tensor, N: int, adapters, grads: tuple = ()) -> backends.Problem:
+def _multi_problem(op: str, x: Tensor, data, adapters, grads: tuple = ()) -> backends.Problem:
     rank = max([0] + [a[0].shape[0] for a in adapters])
-    return backends.Problem(op, x.device, x.dtype, x.shape[0], N, x.shape[1], rank, any(a[3] > 0.0 for a in adapters),
-                            grads)
+    return backends.Problem(op, x.device, x.dtype, x.shape[0], data.shape[0], x.shape[1], rank,
+                            any(a[3] > 0.0 for a in adapters), grads, *layout_name(data))
 
 
 def _multi_probe(args: tuple, method):
@@ -343,8 +344,8 @@ def _multi_probe(args: tuple, method):
     return _probe(args, 3, method, random_without_dropout)
 
 
-def _chosen_multi(op, x, N, adapters, backend, grads=(), args=(), which=0):
-    problem = _multi_problem(op, x, N, adapters, grads)
+def _chosen_multi(op, x, data, adapters, backend, grads=(), args=(), which=0):
+    problem = _multi_problem(op, x, data, adapters, grads)
     method = lambda m: _multi_functions_of_module(m)[which]  # noqa: E731
     impl = backends.select(problem, backend, bench=lambda m: lambda: method(m)(*args),
                            probe=_multi_probe(args, method))
@@ -355,13 +356,13 @@ def _chosen_multi(op, x, N, adapters, backend, grads=(), args=(), which=0):
 
 def _run_multi_forward(x, data, bias, adapters, segs, seed: int, backend):
     args = (x, data, None if bias is None else bias.contiguous(), adapters, segs, seed)
-    return _chosen_multi("quant_multi_fwd", x, data.shape[0], adapters, backend, args=args)(*args)
+    return _chosen_multi("quant_multi_fwd", x, data, adapters, backend, args=args)(*args)
 
 
 def _run_multi_backward(dy, x, data, adapters, h, segs, seed: int, backend, need_dx, need_lora, need_db):
     grads = tuple(n for n, f in zip(("dx", "lora", "db"), (need_dx, any(need_lora), need_db)) if f)
     args = (dy.contiguous(), x, data, adapters, h, segs, seed, need_dx, list(need_lora), need_db)
-    return _chosen_multi("quant_multi_bwd", x, data.shape[0], adapters, backend, grads, args, which=1)(*args)
+    return _chosen_multi("quant_multi_bwd", x, data, adapters, backend, grads, args, which=1)(*args)
 
 
 def _refuse_multi_double_backward(*tensors) -> None:
@@ -526,9 +527,10 @@ def lora_linear_quant_multi(
     _check_row_adapter(row_adapter, x, len(adapters))
     if x.is_meta:
         return x.new_empty(x.shape[0], N)
-    backends.select(_multi_problem("quant_multi_fwd", x, N, adapters), backend)  # a backend that cannot run: now
+    data = qweight.data()
+    backends.select(_multi_problem("quant_multi_fwd", x, data, adapters), backend)  # a backend that cannot run: now
     from .multi_impl import segments
-    data, segs, seed_int = qweight.data(), segments(row_adapter, len(adapters)), seed_value(seed)
+    segs, seed_int = segments(row_adapter, len(adapters)), seed_value(seed)
     lora = [t for a in adapters for t in a[:2]]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora))):
         return _run_multi_forward(x, data, bias, adapters, segs, seed_int, backend)[0]

@@ -45,7 +45,7 @@ def test_a_wrong_quant_kernel_is_not_chosen_by_auto(tmp_path, monkeypatch):
     x, qw, a, b = _layer_inputs()
     want = lora_linear_quant(x, qw, None, a, b, 0.5, backend="torch")
     got = lora_linear_quant(x, qw, None, a, b, 0.5, backend="auto")
-    problem = Problem("quant_fwd", x.device, x.dtype, x.shape[0], 24, 128, 4, False)
+    problem = Problem("quant_fwd", x.device, x.dtype, x.shape[0], 24, 128, 4, False, base="nf4-nested", blocksize=64)
     choice = reg.known(problem)
     assert choice.winner == "torch", choice
     assert "differs from the torch row" in choice.errors["triton"]
@@ -57,5 +57,38 @@ def test_a_right_quant_kernel_can_win(tmp_path, monkeypatch):
     reg = auto_on_cpu(tmp_path, monkeypatch)
     x, qw, a, b = _layer_inputs()
     lora_linear_quant(x, qw, None, a, b, 0.5, backend="auto")
-    choice = reg.known(Problem("quant_fwd", x.device, x.dtype, x.shape[0], 24, 128, 4, False))
+    choice = reg.known(Problem("quant_fwd", x.device, x.dtype, x.shape[0], 24, 128, 4, False, base="nf4-nested",
+                               blocksize=64))
     assert choice.winner == "triton" and not choice.errors, choice
+
+
+def _weights_of_one_shape():
+    from fused_lora import quant
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 128, generator=g) * 128 ** -0.5
+    return {"nf4": quant.quantize_nf4(w, blocksize=64, double_quant=True),
+            "nf4-32": quant.quantize_nf4(w, blocksize=32, double_quant=True),
+            "int8": quant.quantize_int8(w)}
+
+
+def test_formats_of_one_shape_are_tuned_apart(tmp_path, monkeypatch):
+    # A choice made for an int8 base must not be reused for an NF4 base of the same shape (other kernels),
+    # nor one made for 64-element NF4 blocks for 32-element ones (which the triton row cannot run).
+    from fused_lora.quant_ops import lora_linear_quant
+    reg = auto_on_cpu(tmp_path, monkeypatch)
+    x, _, a, b = _layer_inputs()
+    for name, qw in _weights_of_one_shape().items():
+        backends.calls.clear()
+        got = lora_linear_quant(x, qw, None, a, b, 0.5, backend="auto")
+        assert backends.calls[("quant_fwd", "torch" if name == "nf4-32" else "triton")] == 1, (name, backends.calls)
+        torch.testing.assert_close(got, lora_linear_quant(x, qw, None, a, b, 0.5, backend="torch"))
+    keys = sorted(k for (_, k) in reg.choices if k.startswith("quant_fwd"))
+    assert [k.split("base=")[1] for k in keys] == ["int8", "nf4-nested/64"], keys  # 32: torch alone, nothing timed
+
+
+def test_the_triton_row_refuses_nf4_blocks_under_64_by_name():
+    from fused_lora.quant_ops import lora_linear_quant
+    import pytest
+    x, _, a, b = _layer_inputs()
+    with pytest.raises(backends.BackendUnavailable, match="NF4 blocksize 32"):
+        lora_linear_quant(x, _weights_of_one_shape()["nf4-32"], None, a, b, 0.5, backend="triton")

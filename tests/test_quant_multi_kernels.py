@@ -170,7 +170,7 @@ def test_auto_checks_the_triton_row_before_choosing_it(tmp_path, monkeypatch, br
     before = backends.calls[("quant_multi_fwd", "torch")]
     with torch.no_grad():
         lora_linear_quant_multi(x, qw, None, adapters, row_adapter, backend="auto")
-    key = backends.Problem("quant_multi_fwd", x.device, x.dtype, 6, N, K, 4).key()
+    key = backends.Problem("quant_multi_fwd", x.device, x.dtype, 6, N, K, 4, base="int8").key()
     choice = reg.choices[("test-device", key)]
     assert choice.winner == ("torch" if broken else "triton")
     assert ("triton" in choice.errors) == broken

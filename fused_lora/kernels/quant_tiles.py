@@ -30,7 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-MIN_BLOCKSIZE = 64  # the smallest NF4 blocksize the kernels take (bitsandbytes' default)
+from ..quant_format import KERNEL_MIN_BLOCKSIZE
+
+MIN_BLOCKSIZE = KERNEL_MIN_BLOCKSIZE  # the smallest NF4 blocksize the kernels take (the backends table refuses less)
 
 
 def pair_table(code: torch.Tensor) -> torch.Tensor:
