@@ -12,7 +12,7 @@ from fused_lora.dropout import keep_mask, new_seed
 from fused_lora.ops import lora_linear, lora_linear_multi
 from fused_lora.reference import lora_linear_multi_ref
 
-from utils import assert_close_rule, mixed_batch_keeps
+from utils import assert_close_rule, compiled_and_eager_mixed, mixed_batch_keeps
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -522,16 +522,7 @@ def test_compiled_layer_fullgraph_matches_eager():
     x = torch.randn(4, 3, 12)
     names = ["b", "default", "__base__", "c"]
     dy = torch.randn(4, 3, 10)
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    outs = []
-    for fn in (compiled, layer):
-        xi = x.clone().requires_grad_(True)
-        y = fn(xi, adapter_names=names)
-        y.backward(dy)
-        params = [t for n in ("default", "b", "c") for t in layer.adapter_weights(n)]
-        outs.append([y.detach(), xi.grad] + [p.grad.clone() for p in params])
-        layer.zero_grad()
+    outs = compiled_and_eager_mixed(layer, x, names, dy, ("default", "b", "c"), backend="aot_eager")
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want)
 

@@ -9,6 +9,7 @@ import torch
 
 from fused_lora import AdapterError, LoraConfig, LoraModel, get_lora_model
 from fused_lora.finetune import build_llama
+from utils import peft_llama_with_head
 
 TOKENS = torch.arange(30).reshape(3, 10) * 7 % 128
 TARGETS = ["q_proj", "v_proj"]
@@ -375,11 +376,7 @@ def test_generate_with_beams_and_adapter_names_equals_peft(tmp_path):
 
 def test_mixed_batch_with_modules_to_save_equals_peft(tmp_path):
     # peft's rule: a modules_to_save copy serves its adapter's samples; others get the original module
-    ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False,
-                                                                   modules_to_save=["lm_head"]))
-    with torch.no_grad():
-        ref.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
-    ref.add_adapter("other", peft.LoraConfig(r=8, target_modules=TARGETS, init_lora_weights=False))
+    ref = peft_llama_with_head(r_other=8, targets=TARGETS)
     ref.save_pretrained(tmp_path / "m")
     ref.eval()
     lm = load_ours(tmp_path / "m")

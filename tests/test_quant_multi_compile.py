@@ -9,6 +9,7 @@ from torch import nn
 
 from fused_lora import FusedLoRALinear, QuantizedLinear, quant
 from fused_lora.quant_ops import lora_linear_quant_multi
+from utils import compiled_and_eager_mixed, two_random_adapters
 
 FORMATS = [("nf4", True), ("nf4", False), ("int8", None)]
 
@@ -66,17 +67,7 @@ def test_compiled_mixed_batch_training_matches_eager(fmt, nested):
     names = ["b", "default", "__base__", "b"]
     x = torch.randn(4, 3, 128)
     dy = torch.randn(4, 3, 64)
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True)
-    outs = []
-    for fn in (compiled, layer):
-        xi = x.clone().requires_grad_(True)
-        y = fn(xi, adapter_names=names)
-        y.backward(dy)
-        params = [t for n in ("default", "b", "c") for t in layer.adapter_weights(n)]
-        outs.append([y.detach(), xi.grad, layer.bias.grad.clone()]
-                    + [None if p.grad is None else p.grad.clone() for p in params])
-        layer.zero_grad(set_to_none=True)
+    outs = compiled_and_eager_mixed(layer, x, names, dy, ("default", "b", "c"))
     for got, want in zip(*outs):
         if want is None:  # adapter "c" is not in the batch: no gradient, in both paths
             assert got is None or not got.any()
@@ -90,10 +81,7 @@ def test_compiled_op_with_dropout_matches_eager(fmt, nested):
     layer = _layer(fmt, nested)
     qw = layer.weight
     g = torch.Generator().manual_seed(2)
-    adapters = [(torch.randn(4, 128, generator=g).requires_grad_(), torch.randn(64, 4, generator=g).requires_grad_(),
-                 0.5, 0.3),
-                (torch.randn(2, 128, generator=g).requires_grad_(), torch.randn(64, 2, generator=g).requires_grad_(),
-                 2.0, 0.6)]
+    adapters = two_random_adapters(g, 128, 64)
     row_adapter = torch.tensor([1, 0, -1, 1, 1, 0, -1, 0, 0])
     bias = layer.bias.detach().clone().requires_grad_(True)
 

@@ -11,6 +11,7 @@ import torch
 
 from fused_lora import LoraConfig, LoraModel, get_lora_model
 from fused_lora.finetune import build_llama
+from utils import peft_llama_with_head
 
 TOKENS = torch.arange(30).reshape(3, 10) * 7 % 128
 TARGETS = ["q_proj", "v_proj"]
@@ -92,11 +93,7 @@ def test_a_name_too_long_for_a_directory_is_refused_before_any_file_is_written(t
 
 def peft_with_head(tmp_path):
     """peft: a first adapter training a copy of lm_head (modules_to_save), a second without; saved."""
-    ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False,
-                                                                   modules_to_save=["lm_head"]))
-    with torch.no_grad():
-        ref.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
-    ref.add_adapter("other", peft.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+    ref = peft_llama_with_head(r_other=2, targets=TARGETS)
     ref.save_pretrained(tmp_path / "h")
     lm = LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "h")
     lm.load_adapter(tmp_path / "h" / "other", "other")

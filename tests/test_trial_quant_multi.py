@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fused_lora import FusedLoRALinear, QuantizedLinear, quantize_model
+from utils import two_random_adapters
 
 
 def _layer(fmt, seed=0, nested=True):
@@ -279,10 +280,7 @@ def test_mixed_batch_over_quantized_base_with_dropout_is_each_adapter_alone():
     layer = _multi_quant_layer("nf4")
     qw = layer.weight
     g = torch.Generator().manual_seed(1)
-    adapters = [(torch.randn(4, 128, generator=g).requires_grad_(), torch.randn(64, 4, generator=g).requires_grad_(),
-                 0.5, 0.3),
-                (torch.randn(2, 128, generator=g).requires_grad_(), torch.randn(64, 2, generator=g).requires_grad_(),
-                 2.0, 0.6)]
+    adapters = two_random_adapters(g, 128, 64)
     row_adapter = torch.tensor([1, 0, -1, 1, 1, 0, -1, 0])
     x = torch.randn(8, 128, generator=g, requires_grad=True)
     dy = torch.randn(8, 64, generator=g)

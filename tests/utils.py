@@ -142,3 +142,41 @@ def auto_on_cpu(tmp_path, monkeypatch):
                    name_of=lambda d: "test-device")
     monkeypatch.setattr(backends, "REGISTRY", reg)
     return reg
+
+
+def peft_llama_with_head(r_other: int, targets=("q_proj", "v_proj")):
+    """peft over the tiny Llama: a first adapter training a copy of lm_head (modules_to_save, its weight
+    scaled so it differs from the original), and a second adapter "other" of rank r_other without one."""
+    import peft
+    from fused_lora.finetune import build_llama
+    ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, target_modules=list(targets),
+                                                                   init_lora_weights=False, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        ref.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    ref.add_adapter("other", peft.LoraConfig(r=r_other, target_modules=list(targets), init_lora_weights=False))
+    return ref
+
+
+def compiled_and_eager_mixed(layer, x, names, dy, adapters, backend="inductor"):
+    """A mixed batch (adapter_names `names`) forward+backward through torch.compile(layer, fullgraph=True) and
+    through the layer itself: for each, [y, dx, (db if the bias trains), dA and dB of every adapter in
+    `adapters` (None where it got no gradient)]."""
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    outs = []
+    for fn in (compiled, layer):
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi, adapter_names=names)
+        y.backward(dy)
+        params = [t for n in adapters for t in layer.adapter_weights(n)]
+        db = [layer.bias.grad.clone()] if layer.bias is not None and layer.bias.requires_grad else []
+        outs.append([y.detach(), xi.grad, *db] + [None if p.grad is None else p.grad.clone() for p in params])
+        layer.zero_grad(set_to_none=True)
+    return outs
+
+
+def two_random_adapters(g: torch.Generator, K: int, N: int) -> list:
+    """Two (A, B, scaling, dropout_p) adapters of ranks 4 and 2, random, requiring grad, with dropout."""
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+    return [(rnd(4, K), rnd(N, 4), 0.5, 0.3), (rnd(2, K), rnd(N, 2), 2.0, 0.6)]
