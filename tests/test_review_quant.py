@@ -10,6 +10,7 @@ from torch import nn
 
 import fused_lora
 from fused_lora.quant import QuantizationError, quantize_nf4
+from test_static_loop import _static_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,15 +37,6 @@ def test_an_integer_blocksize_of_another_integer_type_is_taken():
 
 
 # ------------------------------------------------------------------ benchmarks/static_loop.py's table
-
-def _static_loop():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import static_loop
-    finally:
-        sys.path.pop(0)
-    return static_loop
-
 
 def _row(label, hgmma_op, hgmma, total, mma, issue, int_pipe, macs):
     counts = dict.fromkeys(("hgmma", "mem", "int", "float", "conv", "unif", "other"), 0)
