@@ -34,7 +34,7 @@ assumptions it is:
 - Ratios are per multiply-add, against the 16-bit floor: a plain Triton GEMM at the LoRA forward's
   config (the same loads and wgmma as cuBLAS' kernel to within its scheduling).
 
-    python benchmarks/static_loop.py [--dtype bf16] [--kernels ...] [--dump DIR] [--md]
+    python benchmarks/static_loop.py [--dtype bf16] [--kernels ...] [--dump DIR] [--json FILE]
 
 Needs only the CPU (triton's compiler and its bundled nvdisasm).
 """
@@ -255,7 +255,7 @@ def report(rows, dtype: str) -> str:
              "",
              "| kernel | config | HGMMA | " + " | ".join(CLASSES[1:]) + " | non-MMA per HGMMA | tensor | issue | "
              "int pipe | projected x floor (overlapped) | (serial) |",
-             "|" + "---|" * (len(CLASSES) + 9)]
+             "|" + "---|" * (len(CLASSES) + 8)]  # one per header cell: kernel, config, the classes, 6 more
     for r in rows:
         c = r["counts"]
         ref = floor["dX" if "dX" in r["label"] else "fwd"]

@@ -27,6 +27,7 @@ Choices written down:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterator, Optional, Union
 
 import torch
@@ -110,8 +111,10 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True,
     blocks), so the temporaries stay bounded whatever the weight's size."""
     what = "quantize_nf4"
     _check_float_weight(weight, what)
-    if blocksize not in NF4_BLOCKSIZES:
+    # an integer of any type (numpy's too), never a float or bool: 64.0 == 64 would pass the check below
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) or blocksize not in NF4_BLOCKSIZES:
         raise QuantizationError(f"{what}: blocksize {blocksize!r} is not one of {NF4_BLOCKSIZES}")
+    blocksize = int(blocksize)
     N, K = weight.shape
     if K % blocksize:
         raise QuantizationError(f"{what}: in_features {K} is not a multiple of the block size {blocksize} "
