@@ -203,13 +203,15 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
 
 def _segment_kernels_checked_against(p: Problem) -> Optional[str]:
     """The triton row's segment kernels (ops multi_fwd / multi_bwd) and its quantized-base kernels
-    (quant_fwd / quant_bwd: NF4/int8 dequantized in the GEMMs; quant_multi_*: see
-    `quant_multi_checked_against`), which no GPU has run yet either, are checked against the torch row's
-    path for the op; with dropout the two draw different masks, so nothing can be compared (unchecked).
-    The single-adapter ops are trusted."""
-    if p.op.startswith("quant_multi_"):
-        return quant_multi_checked_against(p)
-    return "torch" if p.op.startswith(("multi_", "quant_")) and not p.dropout else None
+    (quant_*: NF4/int8 dequantized in the GEMMs), which no GPU has run yet either, are checked against the
+    torch row's path for the op. The segment kernels' probe keeps the dropout, and the two rows draw
+    different masks: with dropout they are unchecked. The quantized ops' probe turns the dropout off
+    (quant_ops), so their forward is checked with dropout too; a backward with dropout follows its
+    forward's row (rule 4), and torch, another mask, could not stand in for it: unchecked there.
+    The single-adapter 16-bit ops are trusted."""
+    if p.op.startswith("quant_"):
+        return None if p.op.endswith("_bwd") and p.dropout else "torch"
+    return "torch" if p.op.startswith("multi_") and not p.dropout else None
 
 
 def triton_base_reasons(p: Problem) -> list[str]:
@@ -232,15 +234,6 @@ def quant_multi_reasons(op: str) -> list[str]:
         return ["the Triton launchers for several adapters over a quantized base (fused_lora.kernels.quant_multi) "
                 "are not there; the torch backend runs it"]
     return []
-
-
-def quant_multi_checked_against(p: Problem) -> Optional[str]:
-    """The triton row's "quant_multi_" ops have never run on a GPU: auto times the forward only after its
-    output matched the torch row's, on inputs with random adapters and dropout off (quant_ops' probe: the
-    rows draw different masks, so only dropout-free outputs compare), and the backward without dropout
-    likewise. A backward with dropout follows its forward's row (rule 4; torch could not stand in for it:
-    another mask), which was checked so."""
-    return None if p.op == "quant_multi_bwd" and p.dropout else "torch"
 
 
 # ---- The Hopper path: candidates beside the pointer kernels, timed by auto like every row.

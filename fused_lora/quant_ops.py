@@ -60,18 +60,27 @@ def _functions(impl):
     return _functions_of_module(impl.load())
 
 
-def _chosen(op: str, x: Tensor, data, rank: int, backend: str, dropout_p: float, grads: tuple = (), bench=None):
+def _chosen(op: str, x: Tensor, data, rank: int, backend: str, dropout_p: float, grads: tuple = (), bench=None,
+            probe=None):
     problem = backends.Problem(op, x.device, x.dtype, x.shape[0], data.shape[0], x.shape[1], rank,
                                dropout_p > 0.0, grads, *layout_name(data))
-    impl = backends.select(problem, backend, bench)
+    impl = backends.select(problem, backend, bench, probe=probe)
     backends.calls[(op, impl.name)] += 1
     return _functions(impl)
+
+
+def _probe(args: tuple, p_at: int, which: int):
+    """The check rule's inputs (`ops._probe`): A and B random (a fresh adapter's B = 0 would hide a kernel
+    losing a low-rank term) and the dropout off (rows draw different masks: only dropout-free outputs
+    compare), so keys with dropout are checked too."""
+    from .ops import _probe as random_lora_probe
+    return random_lora_probe(args[:p_at] + (0.0,) + args[p_at + 1:], 3, lambda m: _functions_of_module(m)[which])
 
 
 def _run_forward(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed: int, backend):
     args = (x, data, bias, lora_A, lora_B, scaling, dropout_p, seed)
     fwd, _ = _chosen("quant_fwd", x, data, lora_A.shape[0], backend, dropout_p,
-                     bench=lambda m: lambda: _functions_of_module(m)[0](*args))
+                     bench=lambda m: lambda: _functions_of_module(m)[0](*args), probe=_probe(args, 6, 0))
     if x.shape[0] == 0:
         fwd = _functions(backends.get("torch"))[0]
     return fwd(*args)
@@ -82,7 +91,7 @@ def _run_backward(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed: int,
     grads = tuple(n for n, f in zip(("dx", "lora", "db"), (need_dx, need_lora, need_db)) if f)
     args = (dy.contiguous(), x, data, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_db)
     _, bwd = _chosen("quant_bwd", x, data, lora_A.shape[0], backend, dropout_p, grads,
-                     bench=lambda m: lambda: _functions_of_module(m)[1](*args))
+                     bench=lambda m: lambda: _functions_of_module(m)[1](*args), probe=_probe(args, 7, 1))
     if x.shape[0] == 0:
         bwd = _functions(backends.get("torch"))[1]
     return bwd(*args)

@@ -11,12 +11,14 @@ from utils import auto_on_cpu
 CUDA = torch.device("cuda")
 
 
-def test_quant_ops_are_checked_against_torch_without_dropout():
+def test_quant_ops_are_checked_against_torch():
     check = backends.get("triton").check_against
     assert check(Problem("quant_fwd", CUDA, torch.bfloat16, 64, 8, 8, 4)) == "torch"
     assert check(Problem("quant_bwd", CUDA, torch.bfloat16, 64, 8, 8, 4, grads=("dx", "lora"))) == "torch"
-    # With dropout the rows draw different masks: nothing to compare (as for the segment kernels).
-    assert check(Problem("quant_fwd", CUDA, torch.bfloat16, 64, 8, 8, 4, dropout=True)) is None
+    # With dropout the forward is checked on a dropout-free probe; its backward follows the forward's row
+    # (torch, another mask, could not stand in for it), unchecked.
+    assert check(Problem("quant_fwd", CUDA, torch.bfloat16, 64, 8, 8, 4, dropout=True)) == "torch"
+    assert check(Problem("quant_bwd", CUDA, torch.bfloat16, 64, 8, 8, 4, dropout=True, grads=("dx",))) is None
 
 
 def _layer_inputs():
@@ -92,3 +94,60 @@ def test_the_triton_row_refuses_nf4_blocks_under_64_by_name():
     x, _, a, b = _layer_inputs()
     with pytest.raises(backends.BackendUnavailable, match="NF4 blocksize 32"):
         lora_linear_quant(x, _weights_of_one_shape()["nf4-32"], None, a, b, 0.5, backend="triton")
+
+
+def test_a_kernel_losing_the_low_rank_term_is_caught_on_a_fresh_adapter(tmp_path, monkeypatch):
+    # At the first step B = 0: on the real inputs every low-rank term is zero, so the check must run on
+    # random adapter weights (the probe), or a kernel dropping s H B^T would be chosen for good.
+    from fused_lora.kernels import quant as kq
+    from fused_lora.quant_ops import lora_linear_quant
+    reg = auto_on_cpu(tmp_path, monkeypatch)
+    right = kq.forward_quant
+    monkeypatch.setattr(kq, "forward_quant", lambda x, data, bias, A, B, *rest: right(x, data, bias, A, B * 0, *rest))
+    x, qw, a, b = _layer_inputs()
+    lora_linear_quant(x, qw, None, a, torch.zeros_like(b), 0.5, backend="auto")
+    choice = reg.known(Problem("quant_fwd", x.device, x.dtype, x.shape[0], 24, 128, 4, False, base="nf4-nested",
+                               blocksize=64))
+    assert choice.winner == "torch", choice
+
+
+def test_a_wrong_kernel_is_caught_with_dropout_too(tmp_path, monkeypatch):
+    # Training keys have dropout on: the check compares the rows with the dropout off (their masks differ).
+    from fused_lora.kernels import quant as kq
+    from fused_lora.quant_ops import lora_linear_quant
+    reg = auto_on_cpu(tmp_path, monkeypatch)
+    right = kq.forward_quant
+
+    def wrong(*args):
+        y, h = right(*args)
+        y[3, 5] += 1.0
+        return y, h
+
+    monkeypatch.setattr(kq, "forward_quant", wrong)
+    x, qw, a, b = _layer_inputs()
+    lora_linear_quant(x, qw, None, a, b, 0.5, dropout_p=0.1, seed=3, backend="auto")
+    choice = reg.known(Problem("quant_fwd", x.device, x.dtype, x.shape[0], 24, 128, 4, True, base="nf4-nested",
+                               blocksize=64))
+    assert choice.winner == "torch", choice
+
+
+def test_a_wrong_backward_kernel_is_not_run(tmp_path, monkeypatch):
+    from fused_lora.kernels import quant as kq
+    from fused_lora.quant_ops import lora_linear_quant
+    auto_on_cpu(tmp_path, monkeypatch)
+    right = kq.backward_quant
+
+    def wrong(*args):
+        dx, dA, dB, db = right(*args)
+        return dx, None if dA is None else dA * 0, dB, db  # loses dA
+
+    monkeypatch.setattr(kq, "backward_quant", wrong)
+    x, qw, a, b = _layer_inputs()
+    # B = 0 (a fresh adapter): dA = s (dY B)^T x is zero on the real inputs, so only the probe can tell.
+    b = torch.randn_like(b)
+    a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    lora_linear_quant(x, qw, None, a1, b1, 0.5, backend="auto").sum().backward()
+    a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    lora_linear_quant(x, qw, None, a2, b2, 0.5, backend="torch").sum().backward()
+    torch.testing.assert_close(a1.grad, a2.grad)
+    torch.testing.assert_close(b1.grad, b2.grad)
