@@ -16,7 +16,11 @@ Two ways to compute the low-rank terms, chosen per call by the adapters' total r
       backward  G = (dY B_cat) * S;  dB_cat^T = (H * S)^T dY;  dA_cat = G^T (D x);  dx += D (G A_cat)
   One GEMM per product for the whole batch, whatever the number of adapters and runs, no gather of
   x or dY, no host work (without dropout no device-to-host sync at all). S zeroes every other
-  adapter's columns, so each adapter's gradients still come from its own rows only. The price: the
+  adapter's columns, so each adapter's gradients still come from its own rows only; since 0 * NaN is
+  NaN, the stacked operands are made finite first and each adapter's results set to NaN where its own
+  weights or rows held a NaN/inf (`_Stacked._bad_by`): one adapter's NaN/inf never reaches another's
+  rows or gradients, as on the per-run path (its own results: NaN where the per-run path's are not
+  finite, which may be inf there). The price: the
   six low-rank GEMMs are R wide instead of r_a (n times their FLOPs for n equal adapters).
   Why DENSE_MAX_RANK = 64 (2048 x 1024 x 1024, r = 16 per adapter, 16 runs of 128 rows;
   benchmarks/RESULTS.md, "several adapters: the dense path"): on one thread the run-by-run path is
@@ -195,10 +199,40 @@ class _Stacked:
         per_row = _device_table([[0] + self.starts[:-1], [0] + ranks], torch.int64, device)
         self.col_scale = _device_table([float(a[2]) for a, r in zip(adapters, ranks) for _ in range(r)],
                                        torch.float32, device)
-        self.col_pos = cols[1]
+        self.col_pos, self.col_adapter, self.n = cols[1], cols[0], len(adapters)
         row = segs.row_adapter + 1
         self.row_start, self.row_rank = per_row[0].index_select(0, row), per_row[1].index_select(0, row)
         self.match = segs.row_adapter.unsqueeze(1) == cols[0].unsqueeze(0)  # M x R: column c is row m's
+
+    # A GEMM over all stacked columns (or all rows) multiplies another adapter's NaN/inf by S's zeros: NaN.
+    # So the operands are made finite first and each adapter's results poisoned (NaN) afterwards where its
+    # own weights / rows held a non-finite value: per adapter the per-run path's finiteness, nothing leaking.
+    def _bad_by(self, index: Tensor, t: Tensor) -> Tensor:
+        """(n + 1) x D bool: entry [a + 1, d] whether a row of t (M x D or R x D) whose adapter index[i] is a
+        holds a non-finite value in column d (counts of 0/1 in float32: exact, so deterministic)."""
+        table = torch.zeros((self.n + 1, t.shape[1]), dtype=torch.float32, device=t.device)
+        return table.index_add_(0, index + 1, (~torch.isfinite(t)).to(torch.float32)) > 0
+
+    def bad_weights(self, w_cat: Tensor, dim: int) -> Tensor:
+        """`_bad_by` of A_cat (dim 0) or B_cat (dim 1) by column adapter: which adapter's weights are non-finite
+        along the other dimension (the base, row 0, never)."""
+        return self._bad_by(self.col_adapter, w_cat if dim == 0 else w_cat.t())
+
+    def bad_rows(self, t: Tensor, segs: Segments) -> Tensor:
+        """`_bad_by` of an M x D activation by the rows' adapters."""
+        return self._bad_by(segs.row_adapter, t)
+
+    @staticmethod
+    def finite(t: Tensor) -> Tensor:
+        return torch.where(torch.isfinite(t), t, 0.0)
+
+    def poison_rows(self, out: Tensor, bad: Tensor, segs: Segments) -> Tensor:
+        """out (M x D) NaN in place where `bad` marks the row's adapter's column."""
+        return out.masked_fill_(bad.index_select(0, segs.row_adapter + 1), float("nan"))
+
+    def poison_cols(self, out: Tensor, bad: Tensor) -> Tensor:
+        """out (R x D, a stacked gradient) NaN in place where `bad` marks the column's adapter's column."""
+        return out.masked_fill_(bad.index_select(0, self.col_adapter + 1), float("nan"))
 
     def masked(self, t: Tensor) -> Tensor:
         """t * S (M x R): row m's own adapter's columns scaled by its s_a, every other column 0 (a select,
@@ -246,10 +280,17 @@ def _apply_dropout(t: Tensor, drop) -> Tensor:
 
 
 def _dense_lora(x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed: int):
-    """(stacked adapters, H * S (M x R), packed H): the forward's low-rank inputs."""
+    """(stacked adapters, H * S (M x R), packed H): the forward's low-rank inputs. H's other columns are
+    dropped by a select (`masked`), so no finiteness fix is needed here; `_dense_add` needs one."""
     st = _Stacked(x, adapters, segs)
     h = torch.mm(_apply_dropout(x, _dense_dropout(x, adapters, segs, seed)), st.a_cat.t())
     return st, st.masked(h), st.pack(h, segs)
+
+
+def _dense_add(y: Tensor, st: _Stacked, hs: Tensor, segs: Segments) -> Tensor:
+    """y += (H * S) B_cat^T in place, another adapter's non-finite B kept out of each row (`_Stacked._bad_by`)."""
+    y.addmm_(hs, st.finite(st.b_cat).t())
+    return st.poison_rows(y, st.bad_weights(st.b_cat, 1), segs)
 
 
 def _dense_lora_backward(dx: Optional[Tensor], need_dx: bool, dy: Tensor, x: Tensor, adapters: Sequence[Adapter],
@@ -260,15 +301,18 @@ def _dense_lora_backward(dx: Optional[Tensor], need_dx: bool, dy: Tensor, x: Ten
     g = st.masked(torch.mm(dy, st.b_cat))  # G = (dY B_cat) * S, M x R
     drop = _dense_dropout(x, adapters, segs, seed)
     if need_dx:
+        a_cat = st.finite(st.a_cat)
         if drop is None and dx is not None:
-            dx.addmm_(g, st.a_cat)
+            dx.addmm_(g, a_cat)
         else:
-            lora_dx = _apply_dropout(torch.mm(g, st.a_cat), drop)
+            lora_dx = _apply_dropout(torch.mm(g, a_cat), drop)
             dx = lora_dx if dx is None else dx.add_(lora_dx)
+        st.poison_rows(dx, st.bad_weights(st.a_cat, 0), segs)
     pairs = [None] * len(adapters)
-    if any(need_lora):
-        dB_t = torch.mm(st.unpack(h_packed, segs).t(), dy)  # R x N: the faster orientation
-        dA = torch.mm(g.t(), _apply_dropout(x, drop))  # R x K
+    if any(need_lora):  # sums over all rows: other adapters' non-finite rows of dY and D x kept out
+        xd = _apply_dropout(x, drop)
+        dB_t = st.poison_cols(torch.mm(st.unpack(h_packed, segs).t(), st.finite(dy)), st.bad_rows(dy, segs))
+        dA = st.poison_cols(torch.mm(g.t(), st.finite(xd)), st.bad_rows(xd, segs))  # R x K
         for a, want in enumerate(need_lora):
             lo, hi = st.starts[a], st.starts[a + 1]
             if want:  # own tensors (not views of one): the custom op's outputs may not alias each other
@@ -293,8 +337,9 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequenc
     (`h_of`), the only activation kept for backward besides x (one static shape: custom ops need it)."""
     if dense(adapters):  # the low-rank term first, the base GEMM accumulates onto it (beta = 1): one pass over y
         st, hs, h_packed = _dense_lora(x, adapters, segs, seed)
-        y = torch.mm(hs, st.b_cat.t()) if bias is None else torch.addmm(bias, hs, st.b_cat.t())
-        return y.addmm_(x, weight.t()), h_packed
+        b_t = st.finite(st.b_cat).t()  # another adapter's non-finite B kept out of each row (`_dense_add`)
+        y = torch.mm(hs, b_t) if bias is None else torch.addmm(bias, hs, b_t)
+        return st.poison_rows(y, st.bad_weights(st.b_cat, 1), segs).addmm_(x, weight.t()), h_packed
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     return y, add_lora(y, x, adapters, segs, seed)
 
@@ -304,7 +349,7 @@ def add_lora(y: Tensor, x: Tensor, adapters: Sequence[Adapter], segs: Segments, 
     The low-rank half of `forward`, on its own for a base computed elsewhere (a quantized base)."""
     if dense(adapters):
         st, hs, h_packed = _dense_lora(x, adapters, segs, seed)
-        y.addmm_(hs, st.b_cat.t())
+        _dense_add(y, st, hs, segs)
         return h_packed
     h_packed = x.new_zeros(packed_h_shape(x.shape[0], adapters))
     for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):

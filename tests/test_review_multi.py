@@ -1,0 +1,65 @@
+"""Review of the mixed-batch paths: edge cases checked against independent truth (float64 math on each
+adapter's own rows), on both of multi_impl's paths (dense and per run)."""
+import pytest
+import torch
+
+from fused_lora import multi_impl
+
+from test_multi_dense import PATHS
+
+M, K, N = 12, 16, 8
+ROW_ADAPTER = torch.tensor([0, 0, 0, 1, 1, 1, -1, -1, 0, 1, 0, 1])
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64)
+    w = torch.randn(N, K, generator=g, dtype=torch.float64)
+    b = torch.randn(N, generator=g, dtype=torch.float64)
+    adapters = [(torch.randn(4, K, generator=g, dtype=torch.float64),
+                 torch.randn(N, 4, generator=g, dtype=torch.float64), s, 0.0) for s in (0.5, -2.0)]
+    dy = torch.randn(M, N, generator=g, dtype=torch.float64)
+    return x, w, b, adapters, dy
+
+
+def _own_truth(x, w, b, adapter, dy, rows):
+    """y on `rows` and (dA, dB) of one adapter from those rows alone (float64, autograd on plain math)."""
+    A, B, s, _ = adapter
+    A, B = A.clone().requires_grad_(), B.clone().requires_grad_()
+    y = x[rows] @ w.t() + b + s * (x[rows] @ A.t()) @ B.t()
+    y.backward(dy[rows])
+    return y.detach(), A.grad, B.grad
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("poison", ["A", "B", "x", "dy"])
+def test_non_finite_in_one_adapter_stays_in_its_rows(monkeypatch, path, poison):
+    """A NaN/inf in adapter 1's weights or in adapter 1's rows of x / dY reaches neither adapter 0's rows
+    nor the base rows nor adapter 0's gradients (each adapter's results come from its own rows only)."""
+    monkeypatch.setattr(multi_impl, "DENSE_MAX_RANK", PATHS[path])
+    x, w, b, adapters, dy = _problem()
+    bad_row = int(torch.nonzero(ROW_ADAPTER == 1)[0])
+    if poison == "A":
+        adapters[1][0][0, 0] = float("inf")
+    elif poison == "B":
+        adapters[1][1][0, 0] = float("nan")
+    elif poison == "x":
+        x[bad_row, 0] = float("nan")
+    else:
+        dy[bad_row, 0] = float("inf")
+    segs = multi_impl.segments(ROW_ADAPTER, 2)
+    y, h = multi_impl.forward(x, w, b, adapters, segs, 0)
+    dx, pairs, _, _ = multi_impl.backward(dy, x, w, adapters, h, segs, 0, True, [True, True], False, False)
+    own = ROW_ADAPTER == 0
+    y_true, dA_true, dB_true = _own_truth(x, w, b, adapters[0], dy, own)
+    torch.testing.assert_close(y[own], y_true)
+    base = ROW_ADAPTER == -1
+    torch.testing.assert_close(y[base], x[base] @ w.t() + b)
+    torch.testing.assert_close(pairs[0][0], dA_true)
+    torch.testing.assert_close(pairs[0][1], dB_true)
+    torch.testing.assert_close(dx[base], dy[base] @ w)
+    if poison != "x":  # adapter 0's rows of dx: dY W + their own low-rank term
+        A, B, s, _ = adapters[0]
+        torch.testing.assert_close(dx[own], dy[own] @ w + s * (dy[own] @ B) @ A)
+    # The poisoned adapter's own results are not silently finite.
+    assert not torch.isfinite(torch.cat([pairs[1][0].flatten(), pairs[1][1].flatten()])).all()
