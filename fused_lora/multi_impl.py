@@ -179,6 +179,12 @@ def _device_table(values: list, dtype: torch.dtype, device: torch.device) -> Ten
     return table.pin_memory().to(device, non_blocking=True)
 
 
+def _scale_dtype(x: Tensor) -> torch.dtype:
+    """The dense path's scalings (s_a, 1 / (1 - p_a)) in float32, in float64 for float64 inputs (a float32
+    s_a would round float64 results at ~1e-8)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class _Stacked:
     """One call's adapters stacked (A_cat R x K, B_cat N x R, R the sum of ranks) and the tables that
     place the columns: adapter a owns columns starts[a]:starts[a] + r_a."""
@@ -198,7 +204,7 @@ class _Stacked:
                               [j for r in ranks for j in range(r)]], torch.int64, device)
         per_row = _device_table([[0] + self.starts[:-1], [0] + ranks], torch.int64, device)
         self.col_scale = _device_table([float(a[2]) for a, r in zip(adapters, ranks) for _ in range(r)],
-                                       torch.float32, device)
+                                       _scale_dtype(x), device)
         self.col_pos, self.col_adapter, self.n = cols[1], cols[0], len(adapters)
         row = segs.row_adapter + 1
         self.row_start, self.row_rank = per_row[0].index_select(0, row), per_row[1].index_select(0, row)
@@ -236,7 +242,8 @@ class _Stacked:
 
     def masked(self, t: Tensor) -> Tensor:
         """t * S (M x R): row m's own adapter's columns scaled by its s_a, every other column 0 (a select,
-        so nothing of another adapter's columns leaks, not even a NaN). Scaled in float32, rounded once."""
+        so nothing of another adapter's columns leaks, not even a NaN). Scaled in float32 (float64 for float64),
+        rounded once."""
         return torch.where(self.match, t * self.col_scale, 0.0).to(t.dtype)
 
     def pack(self, h: Tensor, segs: Segments) -> Tensor:
@@ -254,14 +261,14 @@ class _Stacked:
 
 
 def _dense_dropout(x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed: int):
-    """(keep (M x K bool), scale (M x 1 float32)) of the whole batch: row m of D x is x[m] * scale[m] *
+    """(keep (M x K bool), scale (M x 1, `_scale_dtype`)) of the whole batch: row m of D x is x[m] * scale[m] *
     keep[m], its adapter's mask and 1 / (1 - p_a) (all kept, scale 1, for base rows and adapters without
     dropout); None when no adapter has dropout. Each adapter's own mask, drawn as the per-run path draws it."""
     if all(a[3] == 0.0 for a in adapters):
         return None
     M, K = x.shape
     keep = torch.ones((M, K), dtype=torch.bool, device=x.device)
-    scale = torch.ones((M, 1), dtype=torch.float32, device=x.device)
+    scale = torch.ones((M, 1), dtype=_scale_dtype(x), device=x.device)
     for a, (_, _, _, p) in enumerate(adapters):
         m = segs.count(a)
         if p > 0.0 and m:

@@ -63,3 +63,34 @@ def test_non_finite_in_one_adapter_stays_in_its_rows(monkeypatch, path, poison):
         torch.testing.assert_close(dx[own], dy[own] @ w + s * (dy[own] @ B) @ A)
     # The poisoned adapter's own results are not silently finite.
     assert not torch.isfinite(torch.cat([pairs[1][0].flatten(), pairs[1][1].flatten()])).all()
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_float64_is_float64_exact(monkeypatch, path, dropout):
+    """float64 inputs are computed in float64 on both paths (scalings and 1 / (1 - p) not rounded to
+    float32): against the float64 reference to ~1e-12, with scalings float32 cannot hold."""
+    from fused_lora.dropout import keep_mask
+    from fused_lora.reference import lora_linear_multi_ref
+    monkeypatch.setattr(multi_impl, "DENSE_MAX_RANK", PATHS[path])
+    x, w, b, adapters, dy = _problem(1)
+    adapters = [(A, B, s, dropout) for (A, B, _, _), s in zip(adapters, (0.1, 1 / 3))]
+    segs = multi_impl.segments(ROW_ADAPTER, 2)
+    y, h = multi_impl.forward(x, w, b, adapters, segs, 7)
+    keeps = []
+    for a in range(2):  # adapter a's mask over its own rows, in increasing row order (multi_impl's doc)
+        keep = torch.ones(M, K, dtype=torch.bool)
+        if dropout:
+            keep[ROW_ADAPTER == a] = keep_mask(multi_impl.adapter_seed(7, a), (int((ROW_ADAPTER == a).sum()), K),
+                                               dropout, "cpu")
+        keeps.append(keep if dropout else None)
+    torch.testing.assert_close(y, lora_linear_multi_ref(x, w, b, adapters, ROW_ADAPTER, keeps), atol=1e-12, rtol=1e-12)
+    dx, pairs, _, _ = multi_impl.backward(dy, x, w, adapters, h, segs, 7, True, [True, True], False, False)
+    xr = x.clone().requires_grad_()
+    leaves = [(A.clone().requires_grad_(), B.clone().requires_grad_(), s, p) for A, B, s, p in adapters]
+    lora_linear_multi_ref(xr, w, b, leaves, ROW_ADAPTER, keeps).backward(dy)
+    tight = dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(dx, xr.grad, **tight)
+    for (dA, dB), (A, B, _, _) in zip(pairs, leaves):
+        torch.testing.assert_close(dA, A.grad, **tight)
+        torch.testing.assert_close(dB, B.grad, **tight)
