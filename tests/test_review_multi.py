@@ -94,3 +94,26 @@ def test_float64_is_float64_exact(monkeypatch, path, dropout):
     for (dA, dB), (A, B, _, _) in zip(pairs, leaves):
         torch.testing.assert_close(dA, A.grad, **tight)
         torch.testing.assert_close(dB, B.grad, **tight)
+
+
+@pytest.mark.parametrize("ranks", [(32, 32), (32, 33)])  # total rank exactly DENSE_MAX_RANK (dense), one past it
+def test_custom_ops_opcheck_on_both_sides_of_the_threshold(ranks):
+    """The multi ops' contract (fake against real: shapes, dtypes, no aliasing) on the dense and the
+    per-run paths: the opcheck tests elsewhere use small ranks, so only the dense path."""
+    assert sum(ranks) - multi_impl.DENSE_MAX_RANK == ranks[1] - ranks[0]  # the threshold these ranks straddle
+    g = torch.Generator().manual_seed(3)
+    Mx, Kx, Nx = 11, 6, 5
+    x, w, b = torch.randn(Mx, Kx, generator=g), torch.randn(Nx, Kx, generator=g), torch.randn(Nx, generator=g)
+    As = [torch.randn(r, Kx, generator=g, requires_grad=True) for r in ranks]
+    Bs = [torch.randn(Nx, r, generator=g, requires_grad=True) for r in ranks]
+    row_adapter = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1, 1, 0, 1])
+    for p in ([0.0, 0.0], [0.0, 0.3]):
+        args = (x.requires_grad_(), w, b, As, Bs, [0.5, 2.0], p, row_adapter, torch.tensor(5), "torch")
+        torch.library.opcheck(torch.ops.fused_lora.lora_linear_multi_fwd.default, args)
+        _, h = torch.ops.fused_lora.lora_linear_multi_fwd(*args)
+        assert h.shape == (Mx, max(ranks))
+        dy = torch.randn(Mx, Nx, generator=g)
+        for needs in [(True, [True, True], False, False), (False, [False, True], True, True)]:
+            lists = [[t.detach() for t in ts] for ts in (As, Bs)]
+            bwd = (dy, x.detach(), w, *lists, h.detach(), *args[5:10], needs[0], needs[1], *needs[2:])
+            torch.library.opcheck(torch.ops.fused_lora.lora_linear_multi_bwd.default, bwd)
