@@ -117,3 +117,13 @@ def test_custom_ops_opcheck_on_both_sides_of_the_threshold(ranks):
             lists = [[t.detach() for t in ts] for ts in (As, Bs)]
             bwd = (dy, x.detach(), w, *lists, h.detach(), *args[5:10], needs[0], needs[1], *needs[2:])
             torch.library.opcheck(torch.ops.fused_lora.lora_linear_multi_bwd.default, bwd)
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2**62 - 1, 2**62, 2**63 - 1])  # every seed as_seed_tensor accepts
+def test_adapter_seed_of_a_tensor_equals_the_int_one(seed):
+    """adapter_seed on a 0-dim int64 tensor (traced, no host read) gives the int path's seed for every
+    accepted seed (ints up to 2^63 - 1): seed + step may wrap around in int64, which must not change it
+    modulo 2^62."""
+    for a in range(4):
+        got = multi_impl.adapter_seed(torch.tensor(seed, dtype=torch.int64), a)
+        assert int(got) == multi_impl.adapter_seed(seed, a) == (seed + (a + 1) * multi_impl._SEED_MIX) % 2**62
