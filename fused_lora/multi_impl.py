@@ -17,10 +17,10 @@ Two ways to compute the low-rank terms, chosen per call by the adapters' total r
   One GEMM per product for the whole batch, whatever the number of adapters and runs, no gather of
   x or dY, no host work (without dropout no device-to-host sync at all). S zeroes every other
   adapter's columns, so each adapter's gradients still come from its own rows only; since 0 * NaN is
-  NaN, the stacked operands are made finite first and each adapter's results set to NaN where its own
-  weights or rows held a NaN/inf (`_Stacked._bad_by`): one adapter's NaN/inf never reaches another's
-  rows or gradients, as on the per-run path (its own results: NaN where the per-run path's are not
-  finite, which may be inf there). The price: the
+  NaN, the operands shared across adapters are made finite first and an adapter whose own weights or
+  rows held a NaN/inf gets NaN results (its rows' outputs, or its gradients; `_Stacked._bad_adapters`):
+  one adapter's NaN/inf never reaches another's rows or gradients, as on the per-run path (where the
+  bad adapter's own results are non-finite entry by entry, not all NaN). The price: the
   six low-rank GEMMs are R wide instead of r_a (n times their FLOPs for n equal adapters).
   Why DENSE_MAX_RANK = 64 (2048 x 1024 x 1024, r = 16 per adapter, 16 runs of 128 rows;
   benchmarks/RESULTS.md, "several adapters: the dense path"): on one thread the run-by-run path is
@@ -206,39 +206,44 @@ class _Stacked:
         self.col_scale = _device_table([float(a[2]) for a, r in zip(adapters, ranks) for _ in range(r)],
                                        _scale_dtype(x), device)
         self.col_pos, self.col_adapter, self.n = cols[1], cols[0], len(adapters)
+        # The columns of an adapter with a NaN/inf weight scaled by NaN (`_bad_adapters`): its rows' results NaN.
+        weight_bad = ~(torch.isfinite(self.a_cat).all(1) & torch.isfinite(self.b_cat).all(0))
+        self.col_scale = torch.where(self._bad_columns(self._bad_adapters(self.col_adapter, weight_bad)),
+                                     float("nan"), self.col_scale)
         row = segs.row_adapter + 1
         self.row_start, self.row_rank = per_row[0].index_select(0, row), per_row[1].index_select(0, row)
         self.match = segs.row_adapter.unsqueeze(1) == cols[0].unsqueeze(0)  # M x R: column c is row m's
 
     # A GEMM over all stacked columns (or all rows) multiplies another adapter's NaN/inf by S's zeros: NaN.
-    # So the operands are made finite first and each adapter's results poisoned (NaN) afterwards where its
-    # own weights / rows held a non-finite value: per adapter the per-run path's finiteness, nothing leaking.
-    def _bad_by(self, index: Tensor, t: Tensor) -> Tensor:
-        """(n + 1) x D bool: entry [a + 1, d] whether a row of t (M x D or R x D) whose adapter index[i] is a
-        holds a non-finite value in column d (counts of 0/1 in float32: exact, so deterministic)."""
-        table = torch.zeros((self.n + 1, t.shape[1]), dtype=torch.float32, device=t.device)
-        return table.index_add_(0, index + 1, (~torch.isfinite(t)).to(torch.float32)) > 0
+    # So the operands that GEMMs share across adapters are made finite first (weights element by element,
+    # activations row by row) and an adapter whose own weights or rows held a NaN/inf gets NaN results
+    # (its columns' scale NaN, its gradients NaN). Adapter-level and on the device: no sync, and without
+    # M x N masks (one reduction and one select per activation, in backward only).
+    def _bad_adapters(self, index: Tensor, flags: Tensor) -> Tensor:
+        """(n + 1,) bool: entry a + 1 whether some item i with index[i] == a has flags[i] (0/1 counts in
+        float32: exact, so deterministic)."""
+        table = torch.zeros(self.n + 1, dtype=torch.float32, device=flags.device)
+        return table.index_add_(0, index + 1, flags.to(torch.float32)) > 0
 
-    def bad_weights(self, w_cat: Tensor, dim: int) -> Tensor:
-        """`_bad_by` of A_cat (dim 0) or B_cat (dim 1) by column adapter: which adapter's weights are non-finite
-        along the other dimension (the base, row 0, never)."""
-        return self._bad_by(self.col_adapter, w_cat if dim == 0 else w_cat.t())
-
-    def bad_rows(self, t: Tensor, segs: Segments) -> Tensor:
-        """`_bad_by` of an M x D activation by the rows' adapters."""
-        return self._bad_by(segs.row_adapter, t)
+    def _bad_columns(self, bad: Tensor) -> Tensor:
+        """(R,) bool: the columns of the adapters `bad` ((n + 1,) from `_bad_adapters`) marks."""
+        return bad.index_select(0, self.col_adapter + 1)
 
     @staticmethod
     def finite(t: Tensor) -> Tensor:
-        return torch.where(torch.isfinite(t), t, 0.0)
+        """t with every NaN/inf replaced by 0 (nan_to_num: one fast pass)."""
+        return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
-    def poison_rows(self, out: Tensor, bad: Tensor, segs: Segments) -> Tensor:
-        """out (M x D) NaN in place where `bad` marks the row's adapter's column."""
-        return out.masked_fill_(bad.index_select(0, segs.row_adapter + 1), float("nan"))
-
-    def poison_cols(self, out: Tensor, bad: Tensor) -> Tensor:
-        """out (R x D, a stacked gradient) NaN in place where `bad` marks the column's adapter's column."""
-        return out.masked_fill_(bad.index_select(0, self.col_adapter + 1), float("nan"))
+    def finite_rows(self, t: Tensor, segs: Segments) -> tuple[Tensor, Optional[Tensor]]:
+        """(`finite`(t), (R, 1) bool: the columns of the adapters owning a row of t with a NaN/inf), or (t, None)
+        when every row is finite. A row counts as non-finite when its sum is (in float32, float64 for float64:
+        a NaN or inf anywhere in it, or finite values beyond float32's range, where the gradient GEMMs would
+        overflow anyway). On the CPU the all-finite case (the usual one) is read on the host and skips the
+        copy (no sync there); on an accelerator that read would be a sync, so the copy is always made."""
+        row_bad = ~torch.isfinite(t.sum(1, dtype=_scale_dtype(t)))
+        if t.device.type == "cpu" and not bool(row_bad.any()):
+            return t, None
+        return self.finite(t), self._bad_columns(self._bad_adapters(segs.row_adapter, row_bad)).unsqueeze(1)
 
     def masked(self, t: Tensor) -> Tensor:
         """t * S (M x R): row m's own adapter's columns scaled by its s_a, every other column 0 (a select,
@@ -288,16 +293,18 @@ def _apply_dropout(t: Tensor, drop) -> Tensor:
 
 def _dense_lora(x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed: int):
     """(stacked adapters, H * S (M x R), packed H): the forward's low-rank inputs. H's other columns are
-    dropped by a select (`masked`), so no finiteness fix is needed here; `_dense_add` needs one."""
+    dropped by a select (`masked`, `pack`), so A_cat may hold another adapter's NaN here; B_cat may not
+    (the caller multiplies by `_Stacked.finite(b_cat)`)."""
     st = _Stacked(x, adapters, segs)
     h = torch.mm(_apply_dropout(x, _dense_dropout(x, adapters, segs, seed)), st.a_cat.t())
     return st, st.masked(h), st.pack(h, segs)
 
 
-def _dense_add(y: Tensor, st: _Stacked, hs: Tensor, segs: Segments) -> Tensor:
-    """y += (H * S) B_cat^T in place, another adapter's non-finite B kept out of each row (`_Stacked._bad_by`)."""
-    y.addmm_(hs, st.finite(st.b_cat).t())
-    return st.poison_rows(y, st.bad_weights(st.b_cat, 1), segs)
+
+
+def _poisoned(grad: Tensor, bad: Optional[Tensor]) -> Tensor:
+    """A stacked gradient (R x D) NaN in the columns (rows here) `bad` marks (`_Stacked.finite_rows`)."""
+    return grad if bad is None else grad.masked_fill_(bad, float("nan"))
 
 
 def _dense_lora_backward(dx: Optional[Tensor], need_dx: bool, dy: Tensor, x: Tensor, adapters: Sequence[Adapter],
@@ -308,18 +315,18 @@ def _dense_lora_backward(dx: Optional[Tensor], need_dx: bool, dy: Tensor, x: Ten
     g = st.masked(torch.mm(dy, st.b_cat))  # G = (dY B_cat) * S, M x R
     drop = _dense_dropout(x, adapters, segs, seed)
     if need_dx:
-        a_cat = st.finite(st.a_cat)
+        a_cat = st.finite(st.a_cat)  # another adapter's NaN/inf kept out (`_Stacked`); a bad adapter's G is NaN
         if drop is None and dx is not None:
             dx.addmm_(g, a_cat)
         else:
             lora_dx = _apply_dropout(torch.mm(g, a_cat), drop)
             dx = lora_dx if dx is None else dx.add_(lora_dx)
-        st.poison_rows(dx, st.bad_weights(st.a_cat, 0), segs)
     pairs = [None] * len(adapters)
     if any(need_lora):  # sums over all rows: other adapters' non-finite rows of dY and D x kept out
-        xd = _apply_dropout(x, drop)
-        dB_t = st.poison_cols(torch.mm(st.unpack(h_packed, segs).t(), st.finite(dy)), st.bad_rows(dy, segs))
-        dA = st.poison_cols(torch.mm(g.t(), st.finite(xd)), st.bad_rows(xd, segs))  # R x K
+        dy_f, dy_bad = st.finite_rows(dy, segs)
+        x_f, x_bad = st.finite_rows(_apply_dropout(x, drop), segs)
+        dB_t = _poisoned(torch.mm(st.unpack(h_packed, segs).t(), dy_f), dy_bad)  # R x N: the faster orientation
+        dA = _poisoned(torch.mm(g.t(), x_f), x_bad)  # R x K
         for a, want in enumerate(need_lora):
             lo, hi = st.starts[a], st.starts[a + 1]
             if want:  # own tensors (not views of one): the custom op's outputs may not alias each other
@@ -344,9 +351,9 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequenc
     (`h_of`), the only activation kept for backward besides x (one static shape: custom ops need it)."""
     if dense(adapters):  # the low-rank term first, the base GEMM accumulates onto it (beta = 1): one pass over y
         st, hs, h_packed = _dense_lora(x, adapters, segs, seed)
-        b_t = st.finite(st.b_cat).t()  # another adapter's non-finite B kept out of each row (`_dense_add`)
+        b_t = st.finite(st.b_cat).t()  # another adapter's NaN/inf kept out of each row (`_Stacked`)
         y = torch.mm(hs, b_t) if bias is None else torch.addmm(bias, hs, b_t)
-        return st.poison_rows(y, st.bad_weights(st.b_cat, 1), segs).addmm_(x, weight.t()), h_packed
+        return y.addmm_(x, weight.t()), h_packed
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     return y, add_lora(y, x, adapters, segs, seed)
 
@@ -356,7 +363,7 @@ def add_lora(y: Tensor, x: Tensor, adapters: Sequence[Adapter], segs: Segments, 
     The low-rank half of `forward`, on its own for a base computed elsewhere (a quantized base)."""
     if dense(adapters):
         st, hs, h_packed = _dense_lora(x, adapters, segs, seed)
-        _dense_add(y, st, hs, segs)
+        y.addmm_(hs, st.finite(st.b_cat).t())  # another adapter's NaN/inf kept out of each row (`_Stacked`)
         return h_packed
     h_packed = x.new_zeros(packed_h_shape(x.shape[0], adapters))
     for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
