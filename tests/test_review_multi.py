@@ -129,3 +129,30 @@ def test_adapter_seed_of_a_tensor_equals_the_int_one(seed):
     for a in range(4):
         got = multi_impl.adapter_seed(torch.tensor(seed, dtype=torch.int64), a)
         assert int(got) == multi_impl.adapter_seed(seed, a) == (seed + (a + 1) * multi_impl._SEED_MIX) % 2**62
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_non_finite_adapter_stays_in_its_rows_over_a_quantized_base(monkeypatch, path):
+    """The quantized base's torch row composes multi_impl's low-rank halves (add_lora / lora_backward):
+    adapter 1's NaN B reaches neither adapter 0's rows nor its gradients there either."""
+    from torch import nn
+    from fused_lora.quant import QuantizedLinear
+    from fused_lora.quant_ops import lora_linear_quant_multi
+    monkeypatch.setattr(multi_impl, "DENSE_MAX_RANK", PATHS[path])
+    torch.manual_seed(0)
+    qweight = QuantizedLinear.from_linear(nn.Linear(64, 32), "int8").weight
+    x = torch.randn(M, 64)
+    adapters = [(torch.randn(4, 64, requires_grad=True), torch.randn(32, 4, requires_grad=True), s, 0.0)
+                for s in (0.5, 2.0)]
+    with torch.no_grad():
+        adapters[1][1][3, 1] = float("nan")
+    y = lora_linear_quant_multi(x, qweight, None, adapters, ROW_ADAPTER, backend="torch")
+    own = ROW_ADAPTER == 0
+    A, B = (t.detach().clone().requires_grad_() for t in adapters[0][:2])
+    want_y = x[own] @ qweight.dequantize(torch.float32).t() + 0.5 * (x[own] @ A.t()) @ B.t()
+    torch.testing.assert_close(y[own], want_y, atol=1e-4, rtol=1e-4)
+    assert torch.isnan(y[ROW_ADAPTER == 1]).any()
+    (y[own] * 2).sum().backward()
+    (want_y * 2).sum().backward()
+    torch.testing.assert_close(adapters[0][0].grad, A.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(adapters[0][1].grad, B.grad, atol=1e-4, rtol=1e-4)
