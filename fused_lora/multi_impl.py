@@ -16,7 +16,11 @@ Two ways to compute the low-rank terms, chosen per call by the adapters' total r
       backward  G = (dY B_cat) * S;  dB_cat^T = (H * S)^T dY;  dA_cat = G^T (D x);  dx += D (G A_cat)
   One GEMM per product for the whole batch, whatever the number of adapters and runs, no gather of
   x or dY, no host work (without dropout no device-to-host sync at all). S zeroes every other
-  adapter's columns, so each adapter's gradients still come from its own rows only. The price: the
+  adapter's columns, so each adapter's gradients still come from its own rows only; since 0 * NaN is
+  NaN, the operands shared across adapters are made finite first and an adapter whose own weights or
+  rows held a NaN/inf gets NaN results (its rows' outputs, or its gradients; `_Stacked._bad_adapters`):
+  one adapter's NaN/inf never reaches another's rows or gradients, as on the per-run path (where the
+  bad adapter's own results are non-finite entry by entry, not all NaN). The price: the
   six low-rank GEMMs are R wide instead of r_a (n times their FLOPs for n equal adapters).
   Why DENSE_MAX_RANK = 64 (2048 x 1024 x 1024, r = 16 per adapter, 16 runs of 128 rows;
   benchmarks/RESULTS.md, "several adapters: the dense path"): on one thread the run-by-run path is
@@ -175,6 +179,12 @@ def _device_table(values: list, dtype: torch.dtype, device: torch.device) -> Ten
     return table.pin_memory().to(device, non_blocking=True)
 
 
+def _scale_dtype(x: Tensor) -> torch.dtype:
+    """The dense path's scalings (s_a, 1 / (1 - p_a)) in float32, in float64 for float64 inputs (a float32
+    s_a would round float64 results at ~1e-8)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class _Stacked:
     """One call's adapters stacked (A_cat R x K, B_cat N x R, R the sum of ranks) and the tables that
     place the columns: adapter a owns columns starts[a]:starts[a] + r_a."""
@@ -194,15 +204,51 @@ class _Stacked:
                               [j for r in ranks for j in range(r)]], torch.int64, device)
         per_row = _device_table([[0] + self.starts[:-1], [0] + ranks], torch.int64, device)
         self.col_scale = _device_table([float(a[2]) for a, r in zip(adapters, ranks) for _ in range(r)],
-                                       torch.float32, device)
-        self.col_pos = cols[1]
+                                       _scale_dtype(x), device)
+        self.col_pos, self.col_adapter, self.n = cols[1], cols[0], len(adapters)
+        # The columns of an adapter with a NaN/inf weight scaled by NaN (`_bad_adapters`): its rows' results NaN.
+        weight_bad = ~(torch.isfinite(self.a_cat).all(1) & torch.isfinite(self.b_cat).all(0))
+        self.col_scale = torch.where(self._bad_columns(self._bad_adapters(self.col_adapter, weight_bad)),
+                                     float("nan"), self.col_scale)
         row = segs.row_adapter + 1
         self.row_start, self.row_rank = per_row[0].index_select(0, row), per_row[1].index_select(0, row)
         self.match = segs.row_adapter.unsqueeze(1) == cols[0].unsqueeze(0)  # M x R: column c is row m's
 
+    # A GEMM over all stacked columns (or all rows) multiplies another adapter's NaN/inf by S's zeros: NaN.
+    # So the operands that GEMMs share across adapters are made finite first (weights element by element,
+    # activations row by row) and an adapter whose own weights or rows held a NaN/inf gets NaN results
+    # (its columns' scale NaN, its gradients NaN). Adapter-level and on the device: no sync, and without
+    # M x N masks (one reduction and one select per activation, in backward only).
+    def _bad_adapters(self, index: Tensor, flags: Tensor) -> Tensor:
+        """(n + 1,) bool: entry a + 1 whether some item i with index[i] == a has flags[i] (0/1 counts in
+        float32: exact, so deterministic)."""
+        table = torch.zeros(self.n + 1, dtype=torch.float32, device=flags.device)
+        return table.index_add_(0, index + 1, flags.to(torch.float32)) > 0
+
+    def _bad_columns(self, bad: Tensor) -> Tensor:
+        """(R,) bool: the columns of the adapters `bad` ((n + 1,) from `_bad_adapters`) marks."""
+        return bad.index_select(0, self.col_adapter + 1)
+
+    @staticmethod
+    def finite(t: Tensor) -> Tensor:
+        """t with every NaN/inf replaced by 0 (nan_to_num: one fast pass)."""
+        return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def finite_rows(self, t: Tensor, segs: Segments) -> tuple[Tensor, Optional[Tensor]]:
+        """(`finite`(t), (R, 1) bool: the columns of the adapters owning a row of t with a NaN/inf), or (t, None)
+        when every row is finite. A row counts as non-finite when its sum is (in float32, float64 for float64:
+        a NaN or inf anywhere in it, or finite values beyond float32's range, where the gradient GEMMs would
+        overflow anyway). On the CPU the all-finite case (the usual one) is read on the host and skips the
+        copy (no sync there); on an accelerator that read would be a sync, so the copy is always made."""
+        row_bad = ~torch.isfinite(t.sum(1, dtype=_scale_dtype(t)))
+        if t.device.type == "cpu" and not bool(row_bad.any()):
+            return t, None
+        return self.finite(t), self._bad_columns(self._bad_adapters(segs.row_adapter, row_bad)).unsqueeze(1)
+
     def masked(self, t: Tensor) -> Tensor:
         """t * S (M x R): row m's own adapter's columns scaled by its s_a, every other column 0 (a select,
-        so nothing of another adapter's columns leaks, not even a NaN). Scaled in float32, rounded once."""
+        so nothing of another adapter's columns leaks, not even a NaN). Scaled in float32 (float64 for float64),
+        rounded once."""
         return torch.where(self.match, t * self.col_scale, 0.0).to(t.dtype)
 
     def pack(self, h: Tensor, segs: Segments) -> Tensor:
@@ -220,14 +266,14 @@ class _Stacked:
 
 
 def _dense_dropout(x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed: int):
-    """(keep (M x K bool), scale (M x 1 float32)) of the whole batch: row m of D x is x[m] * scale[m] *
+    """(keep (M x K bool), scale (M x 1, `_scale_dtype`)) of the whole batch: row m of D x is x[m] * scale[m] *
     keep[m], its adapter's mask and 1 / (1 - p_a) (all kept, scale 1, for base rows and adapters without
     dropout); None when no adapter has dropout. Each adapter's own mask, drawn as the per-run path draws it."""
     if all(a[3] == 0.0 for a in adapters):
         return None
     M, K = x.shape
     keep = torch.ones((M, K), dtype=torch.bool, device=x.device)
-    scale = torch.ones((M, 1), dtype=torch.float32, device=x.device)
+    scale = torch.ones((M, 1), dtype=_scale_dtype(x), device=x.device)
     for a, (_, _, _, p) in enumerate(adapters):
         m = segs.count(a)
         if p > 0.0 and m:
@@ -246,10 +292,19 @@ def _apply_dropout(t: Tensor, drop) -> Tensor:
 
 
 def _dense_lora(x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed: int):
-    """(stacked adapters, H * S (M x R), packed H): the forward's low-rank inputs."""
+    """(stacked adapters, H * S (M x R), packed H): the forward's low-rank inputs. H's other columns are
+    dropped by a select (`masked`, `pack`), so A_cat may hold another adapter's NaN here; B_cat may not
+    (the caller multiplies by `_Stacked.finite(b_cat)`)."""
     st = _Stacked(x, adapters, segs)
     h = torch.mm(_apply_dropout(x, _dense_dropout(x, adapters, segs, seed)), st.a_cat.t())
     return st, st.masked(h), st.pack(h, segs)
+
+
+
+
+def _poisoned(grad: Tensor, bad: Optional[Tensor]) -> Tensor:
+    """A stacked gradient (R x D) NaN in the columns (rows here) `bad` marks (`_Stacked.finite_rows`)."""
+    return grad if bad is None else grad.masked_fill_(bad, float("nan"))
 
 
 def _dense_lora_backward(dx: Optional[Tensor], need_dx: bool, dy: Tensor, x: Tensor, adapters: Sequence[Adapter],
@@ -260,15 +315,18 @@ def _dense_lora_backward(dx: Optional[Tensor], need_dx: bool, dy: Tensor, x: Ten
     g = st.masked(torch.mm(dy, st.b_cat))  # G = (dY B_cat) * S, M x R
     drop = _dense_dropout(x, adapters, segs, seed)
     if need_dx:
+        a_cat = st.finite(st.a_cat)  # another adapter's NaN/inf kept out (`_Stacked`); a bad adapter's G is NaN
         if drop is None and dx is not None:
-            dx.addmm_(g, st.a_cat)
+            dx.addmm_(g, a_cat)
         else:
-            lora_dx = _apply_dropout(torch.mm(g, st.a_cat), drop)
+            lora_dx = _apply_dropout(torch.mm(g, a_cat), drop)
             dx = lora_dx if dx is None else dx.add_(lora_dx)
     pairs = [None] * len(adapters)
-    if any(need_lora):
-        dB_t = torch.mm(st.unpack(h_packed, segs).t(), dy)  # R x N: the faster orientation
-        dA = torch.mm(g.t(), _apply_dropout(x, drop))  # R x K
+    if any(need_lora):  # sums over all rows: other adapters' non-finite rows of dY and D x kept out
+        dy_f, dy_bad = st.finite_rows(dy, segs)
+        x_f, x_bad = st.finite_rows(_apply_dropout(x, drop), segs)
+        dB_t = _poisoned(torch.mm(st.unpack(h_packed, segs).t(), dy_f), dy_bad)  # R x N: the faster orientation
+        dA = _poisoned(torch.mm(g.t(), x_f), x_bad)  # R x K
         for a, want in enumerate(need_lora):
             lo, hi = st.starts[a], st.starts[a + 1]
             if want:  # own tensors (not views of one): the custom op's outputs may not alias each other
@@ -293,7 +351,8 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequenc
     (`h_of`), the only activation kept for backward besides x (one static shape: custom ops need it)."""
     if dense(adapters):  # the low-rank term first, the base GEMM accumulates onto it (beta = 1): one pass over y
         st, hs, h_packed = _dense_lora(x, adapters, segs, seed)
-        y = torch.mm(hs, st.b_cat.t()) if bias is None else torch.addmm(bias, hs, st.b_cat.t())
+        b_t = st.finite(st.b_cat).t()  # another adapter's NaN/inf kept out of each row (`_Stacked`)
+        y = torch.mm(hs, b_t) if bias is None else torch.addmm(bias, hs, b_t)
         return y.addmm_(x, weight.t()), h_packed
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     return y, add_lora(y, x, adapters, segs, seed)
@@ -304,7 +363,7 @@ def add_lora(y: Tensor, x: Tensor, adapters: Sequence[Adapter], segs: Segments, 
     The low-rank half of `forward`, on its own for a base computed elsewhere (a quantized base)."""
     if dense(adapters):
         st, hs, h_packed = _dense_lora(x, adapters, segs, seed)
-        y.addmm_(hs, st.b_cat.t())
+        y.addmm_(hs, st.finite(st.b_cat).t())  # another adapter's NaN/inf kept out of each row (`_Stacked`)
         return h_packed
     h_packed = x.new_zeros(packed_h_shape(x.shape[0], adapters))
     for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
