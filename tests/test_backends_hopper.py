@@ -188,17 +188,11 @@ def test_auto_checks_the_real_hopper_rows_before_timing(tmp_path, monkeypatch, b
     import importlib
 
     from fused_lora.ops import lora_linear_fwd
-    from utils import auto_on_cpu, make_problem
+    from utils import auto_on_cpu, make_problem, with_a_wrong_element
     if broken:
         module = importlib.import_module({"triton-tma": "fused_lora.kernels.tma",
                                           "triton-onepass": "fused_lora.kernels.one_pass"}[broken])
-        real = module.forward
-
-        def wrong_forward(*args):
-            y, h = real(*args)
-            y[0, 0] += 10.0
-            return y, h
-        monkeypatch.setattr(module, "forward", wrong_forward)
+        monkeypatch.setattr(module, "forward", with_a_wrong_element(module.forward, at=(0, 0), by=10.0))
     reg = auto_on_cpu(tmp_path, monkeypatch)
     x, w, b, a, bb = make_problem(37, 40, 72, 4, torch.float16, "cpu", seed=1, requires_grad=False)
     lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, torch.tensor(3, dtype=torch.int64), "auto")

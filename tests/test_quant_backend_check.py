@@ -6,7 +6,7 @@ import torch
 from fused_lora import backends
 from fused_lora.backends import Problem
 from test_quant_kernels import pytestmark  # noqa: F401  (Triton must be able to run here)
-from utils import auto_on_cpu
+from utils import auto_on_cpu, with_a_wrong_element
 
 CUDA = torch.device("cuda")
 
@@ -36,14 +36,7 @@ def test_a_wrong_quant_kernel_is_not_chosen_by_auto(tmp_path, monkeypatch):
     from fused_lora.kernels import quant as kq
     from fused_lora.quant_ops import lora_linear_quant
     reg = auto_on_cpu(tmp_path, monkeypatch)
-    right = kq.forward_quant
-
-    def wrong(*args):
-        y, h = right(*args)
-        y[3, 5] += 1.0  # one wrong element: a miscompiled tile edge, say
-        return y, h
-
-    monkeypatch.setattr(kq, "forward_quant", wrong)
+    monkeypatch.setattr(kq, "forward_quant", with_a_wrong_element(kq.forward_quant))
     x, qw, a, b = _layer_inputs()
     want = lora_linear_quant(x, qw, None, a, b, 0.5, backend="torch")
     got = lora_linear_quant(x, qw, None, a, b, 0.5, backend="auto")
@@ -116,14 +109,7 @@ def test_a_wrong_kernel_is_caught_with_dropout_too(tmp_path, monkeypatch):
     from fused_lora.kernels import quant as kq
     from fused_lora.quant_ops import lora_linear_quant
     reg = auto_on_cpu(tmp_path, monkeypatch)
-    right = kq.forward_quant
-
-    def wrong(*args):
-        y, h = right(*args)
-        y[3, 5] += 1.0
-        return y, h
-
-    monkeypatch.setattr(kq, "forward_quant", wrong)
+    monkeypatch.setattr(kq, "forward_quant", with_a_wrong_element(kq.forward_quant))
     x, qw, a, b = _layer_inputs()
     lora_linear_quant(x, qw, None, a, b, 0.5, dropout_p=0.1, seed=3, backend="auto")
     choice = reg.known(Problem("quant_fwd", x.device, x.dtype, x.shape[0], 24, 128, 4, True, base="nf4-nested",

@@ -180,3 +180,12 @@ def two_random_adapters(g: torch.Generator, K: int, N: int) -> list:
     def rnd(*shape):
         return torch.randn(*shape, generator=g).requires_grad_()
     return [(rnd(4, K), rnd(N, 4), 0.5, 0.3), (rnd(2, K), rnd(N, 2), 2.0, 0.6)]
+
+
+def with_a_wrong_element(forward, at=(3, 5), by=1.0):
+    """`forward` (returning (Y, H)) with one element of Y off by `by`: a miscompiled tile edge, say."""
+    def wrong(*args):
+        y, h = forward(*args)
+        y[at] += by
+        return y, h
+    return wrong
