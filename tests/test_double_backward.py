@@ -10,12 +10,11 @@ import torch
 from fused_lora import FusedLoRALinear, backends
 from fused_lora.ops import lora_linear
 from fused_lora.reference import lora_linear_ref
-from utils import backend_module, float64_op_case, make_problem, to64
+from utils import backend_module, float64_op_case, make_problem, needs_triton, to64
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-TRITON_REASONS = backends.triton_not_supported_reasons(torch.device(DEVICE), torch.float32, 16)
-needs_triton = pytest.mark.skipif(TRITON_REASONS != [], reason="Triton cannot run here: " + "; ".join(TRITON_REASONS))
+TRITON_CAN_RUN = needs_triton(DEVICE)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -34,7 +33,7 @@ def gradient_penalty_grads(fn, x, a, bb, dy):
     return torch.autograd.grad(loss, (x, a, bb))
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=TRITON_CAN_RUN)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_gradient_penalty_matches_reference(backend, p):
     dtype = torch.float64 if backend == "torch" else torch.float32

@@ -8,17 +8,14 @@ import math
 import pytest
 import torch
 
-from fused_lora import FusedLoRALinear, backends
+from fused_lora import FusedLoRALinear
 from fused_lora.ops import lora_linear_bwd, lora_linear_fwd
 from fused_lora.reference import lora_linear_ref
-from utils import backend_module, check_op_against_reference, make_problem
+from utils import backend_module, check_op_against_reference, make_problem, needs_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(
-    backends.triton_not_supported_reasons(torch.device(DEVICE), torch.float32, 16) != [],
-    reason="Triton cannot run here: " + "; ".join(backends.triton_not_supported_reasons(torch.device(DEVICE), torch.float32, 16)),
-)
+pytestmark = needs_triton(DEVICE)
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 SHAPES = [(1, 1, 1, 1), (7, 13, 5, 3), (33, 65, 17, 4), (40, 48, 70, 16)]

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from fused_lora import FusedLoRALinear, backends
+from fused_lora import FusedLoRALinear
 from fused_lora.reference import lora_linear_ref
+from utils import TRITON_DEVICE, needs_triton
 
 
 def make_layer(K=12, N=10, r=4, **kw):
@@ -310,10 +311,7 @@ def test_meta_layer_to_empty_then_loaded_matches():
     torch.testing.assert_close(layer(x), source(x))
 
 
-_TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through TRITON_INTERPRET=1
-_TRITON_REASONS = backends.triton_not_supported_reasons(torch.device(_TRITON_DEVICE), torch.float32, 2)
-BACKEND_DEVICES = [("torch", "cpu"), pytest.param("triton", _TRITON_DEVICE, marks=pytest.mark.skipif(
-    _TRITON_REASONS != [], reason="Triton cannot run here: " + "; ".join(_TRITON_REASONS)))]
+BACKEND_DEVICES = [("torch", "cpu"), pytest.param("triton", TRITON_DEVICE, marks=needs_triton(TRITON_DEVICE, rank=2))]
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -12,12 +12,11 @@ from fused_lora import BackendUnavailable, backends, multi_impl
 from fused_lora.ops import lora_linear, lora_linear_multi
 from fused_lora.reference import lora_linear_multi_ref
 from test_multi_adapter import make_multi
-from utils import assert_close_rule, mixed_batch_keeps
+from utils import assert_close_rule, mixed_batch_keeps, needs_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-_REASONS = backends.triton_not_supported_reasons(torch.device(DEVICE), torch.float16, 16)
-pytestmark = pytest.mark.skipif(_REASONS != [], reason="Triton cannot run here: " + "; ".join(_REASONS))
+pytestmark = needs_triton(DEVICE, torch.float16)
 
 DTYPES = [torch.float16] + ([torch.bfloat16] if CUDA else [torch.float32])
 

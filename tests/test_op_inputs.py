@@ -9,13 +9,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fused_lora import backends
 from fused_lora.ops import lora_linear, lora_linear_fwd
-from utils import assert_close_rule, backend_module, make_problem, ref_forward_backward, to64
+from utils import assert_close_rule, backend_module, make_problem, needs_triton, ref_forward_backward, to64
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-TRITON_REASONS = backends.triton_not_supported_reasons(torch.device(DEVICE), torch.float32, 16)
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    TRITON_REASONS != [], reason="Triton cannot run here: " + "; ".join(TRITON_REASONS)))]
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton(DEVICE))]
 NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "dy")
 
 

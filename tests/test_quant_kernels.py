@@ -10,16 +10,12 @@ atol, tests/utils.py). On CPU the kernels run through TRITON_INTERPRET=1 (fp32 a
 import pytest
 import torch
 
-from fused_lora import backends
 from fused_lora.quant_format import NF4_LEVELS, Int8Data, NF4Data
-from utils import assert_close_rule, ref_forward_backward, to64
+from utils import assert_close_rule, needs_triton, ref_forward_backward, to64
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(
-    backends.triton_not_supported_reasons(torch.device(DEVICE), torch.float32, 16) != [],
-    reason="Triton cannot run here: " + "; ".join(backends.triton_not_supported_reasons(torch.device(DEVICE), torch.float32, 16)),
-)
+pytestmark = needs_triton(DEVICE)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 SCALING = 0.5
 

@@ -11,12 +11,9 @@ from torch import nn
 from fused_lora import FusedLoRALinear, QuantizedLinear, backends
 from fused_lora.quant import quantize_int8, quantize_nf4
 from fused_lora.quant_ops import lora_linear_quant_multi
-from utils import assert_close_rule, auto_on_cpu, mixed_batch_keeps
+from utils import assert_close_rule, auto_on_cpu, mixed_batch_keeps, needs_triton
 
-pytestmark = pytest.mark.skipif(
-    backends.triton_not_supported_reasons(torch.device("cpu"), torch.float32, 16) != [],
-    reason="Triton cannot run here: "
-           + "; ".join(backends.triton_not_supported_reasons(torch.device("cpu"), torch.float32, 16)))
+pytestmark = needs_triton("cpu")
 
 K, N, SEED = 128, 48, 1234
 

@@ -1,6 +1,7 @@
 """Shared test helpers: random LoRA problems and the tolerance rule."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fused_lora.reference import lora_linear_ref
@@ -189,3 +190,14 @@ def with_a_wrong_element(forward, at=(3, 5), by=1.0):
         y[at] += by
         return y, h
     return wrong
+
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through TRITON_INTERPRET=1
+
+
+def needs_triton(device=TRITON_DEVICE, dtype=torch.float32, rank: int = 16):
+    """A skipif mark for tests of the Triton kernels: skipped, naming why, where Triton cannot run them
+    (CI sets FUSED_LORA_NO_SKIPS=1, so there a skip fails the run)."""
+    from fused_lora import backends
+    reasons = backends.triton_not_supported_reasons(torch.device(device), dtype, rank)
+    return pytest.mark.skipif(reasons != [], reason="Triton cannot run here: " + "; ".join(reasons))
