@@ -57,6 +57,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .interpreter import interpreting  # noqa: F401  (also part of this module's API)
+from .quant_format import KERNEL_MIN_BLOCKSIZE
 
 ENV_VAR = "FUSED_LORA_BACKEND"
 CACHE_ENV_VAR = "FUSED_LORA_CACHE_DIR"
@@ -216,7 +217,6 @@ def _segment_kernels_checked_against(p: Problem) -> Optional[str]:
 
 def triton_base_reasons(p: Problem) -> list[str]:
     """Why the triton row cannot run over this quantized base's layout (empty when it can)."""
-    from .quant_format import KERNEL_MIN_BLOCKSIZE
     if p.base.startswith("nf4") and p.blocksize < KERNEL_MIN_BLOCKSIZE:
         return [f"NF4 blocksize {p.blocksize}: the Triton kernels take blocks of {KERNEL_MIN_BLOCKSIZE} elements "
                 "or more; the torch backend runs it"]

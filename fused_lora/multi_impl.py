@@ -300,8 +300,6 @@ def _dense_lora(x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed: in
     return st, st.masked(h), st.pack(h, segs)
 
 
-
-
 def _poisoned(grad: Tensor, bad: Optional[Tensor]) -> Tensor:
     """A stacked gradient (R x D) NaN in the columns (rows here) `bad` marks (`_Stacked.finite_rows`)."""
     return grad if bad is None else grad.masked_fill_(bad, float("nan"))
