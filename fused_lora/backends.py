@@ -45,10 +45,12 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import re
 import tempfile
 import threading
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -56,6 +58,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .files import read_regular_file
 from .interpreter import interpreting  # noqa: F401  (also part of this module's API)
 from .quant_format import KERNEL_MIN_BLOCKSIZE
 
@@ -64,6 +67,7 @@ CACHE_ENV_VAR = "FUSED_LORA_CACHE_DIR"
 MAX_TRITON_RANK = 256
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CACHE_FORMAT = 1
+MAX_CACHE_BYTES = 16 << 20  # a real cache holds kilobytes; this bounds what a hostile file costs
 
 BACKWARD_OPS = {"bwd": "fwd", "multi_bwd": "multi_fwd", "quant_bwd": "quant_fwd"}  # a backward op -> the forward whose mask it must reuse
 calls: Counter = Counter()  # (op name, backend) -> number of calls
@@ -389,22 +393,61 @@ def _cache_file(directory: str, device: str, vers: dict) -> str:
     return os.path.join(directory, f"backends-{slug}-{digest}.json")
 
 
-def _valid_choices(data, names: Sequence[str]) -> dict:
-    """The well-formed entries of a cache file's data (malformed entries are dropped); ValueError when
-    the data is not a backend cache at all."""
-    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("choices"), dict):
-        raise ValueError("not a fused_lora backend cache (format %r)" % (data.get("format") if isinstance(data, dict) else None))
-    out = {}
+def _is_ms(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _schema_error(data) -> Optional[str]:
+    """What makes a cache file's parsed data not a backend cache (a wrong type anywhere), or None.
+
+    A file of the current format is what `Registry._store` writes: {"format": 1, "device": str,
+    "versions": {str: str, number or null}, "choices": {key: {"winner": str, "ms": {str: finite ms >= 0},
+    "errors": {str: str}}}}."""
+    if not isinstance(data, dict):
+        return f"not a fused_lora backend cache (a JSON {type(data).__name__}, not an object)"
+    if data.get("format") != CACHE_FORMAT or isinstance(data.get("format"), bool):
+        return f"not a fused_lora backend cache (format {data.get('format')!r}, expected {CACHE_FORMAT})"
+    if not isinstance(data.get("device"), str):
+        return f"its device is {type(data.get('device')).__name__}, not a string"
+    vers = data.get("versions")
+    if not isinstance(vers, dict) or not all(v is None or (isinstance(v, (str, int, float)) and not isinstance(v, bool))
+                                             for v in vers.values()):
+        return "its versions are not an object of strings"
+    if not isinstance(data.get("choices"), dict):
+        return f"its choices are {type(data.get('choices')).__name__}, not an object"
     for key, entry in data["choices"].items():
-        if (isinstance(entry, dict) and entry.get("winner") in names and isinstance(entry.get("ms"), dict)
-                and all(isinstance(v, (int, float)) for v in entry["ms"].values())):
-            out[key] = Choice(entry["winner"], dict(entry["ms"]), dict(entry.get("errors") or {}), "disk")
-    return out
+        if not isinstance(entry, dict):
+            return f"choice {key!r} is {type(entry).__name__}, not an object"
+        if not isinstance(entry.get("winner"), str):
+            return f"choice {key!r}: its winner is {type(entry.get('winner')).__name__}, not a row's name"
+        ms, errors = entry.get("ms"), entry.get("errors", {})
+        if not isinstance(ms, dict) or not all(_is_ms(v) for v in ms.values()):
+            return f"choice {key!r}: its ms are not an object of finite milliseconds"
+        if not isinstance(errors, dict) or not all(isinstance(v, str) for v in errors.values()):
+            return f"choice {key!r}: its errors are not an object of strings"
+    return None
+
+
+def _valid_choices(data, names: Sequence[str]) -> dict:
+    """The choices of a cache file's data whose winner is a row of this table (others, from a table with
+    other rows, are dropped); ValueError naming the problem when the data is not a well-formed backend
+    cache (`_schema_error`): such a file is ignored as a whole, never half trusted."""
+    problem = _schema_error(data)
+    if problem:
+        raise ValueError(problem)
+    return {key: Choice(entry["winner"], dict(entry["ms"]), dict(entry.get("errors", {})), "disk")
+            for key, entry in data["choices"].items() if entry["winner"] in names}
 
 
 def _read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A cache file's parsed JSON, read as `files.read_regular_file` reads (a regular file of at most
+    MAX_CACHE_BYTES: a FIFO or a link to /dev/zero at the path neither blocks nor reads without end);
+    ValueError (or OSError) for a file that is not that, is not JSON, or is nested beyond the parser."""
+    text = read_regular_file(path, MAX_CACHE_BYTES, "a backend cache")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply for a backend cache") from None
 
 
 def _write_atomic(path: str, data: dict) -> None:
@@ -596,20 +639,25 @@ class Registry:
         if not os.path.exists(path):
             return
         try:
-            for key, choice in _valid_choices(_read_json(path), self.names).items():
-                self.choices.setdefault((name, key), choice)
-        except (OSError, ValueError) as err:  # a corrupt or unreadable cache: choose afresh
-            self.notes.append(f"ignored the cache file {path}: {err}")
+            loaded = _valid_choices(_read_json(path), self.names)
+        except (OSError, ValueError) as err:  # not a readable cache: choose afresh, and say so once
+            note = f"ignored the cache file {path}: {err}"
+            self.notes.append(note)
+            # Once per file and process (`_loaded`), not per call; the next choice stored replaces the file.
+            warnings.warn(f"fused_lora.backends: {note} (auto times afresh and replaces it)", stacklevel=4)
+            return
+        for key, choice in loaded.items():
+            self.choices.setdefault((name, key), choice)
 
     def _store(self, name: str, key: str, choice: Choice) -> None:
         path = self._file(name)
         try:
-            try:
-                entries = _read_json(path)["choices"] if os.path.exists(path) else {}
-                entries = entries if isinstance(entries, dict) else {}
-            except (OSError, ValueError, KeyError, TypeError):
-                entries = {}  # replaced by a good file below
-            entries[key] = {"winner": choice.winner, "ms": choice.ms, "errors": choice.errors}
+            try:  # the file's other well-formed choices (another process may have added some) are kept
+                kept = _valid_choices(_read_json(path), self.names) if os.path.lexists(path) else {}
+            except (OSError, ValueError):
+                kept = {}  # not a cache (warned about when first read): replaced by a good file below
+            kept[key] = choice
+            entries = {k: {"winner": c.winner, "ms": c.ms, "errors": c.errors} for k, c in kept.items()}
             _write_atomic(path, {"format": CACHE_FORMAT, "device": name, "versions": self._versions_of(),
                                  "choices": entries})
         except OSError as err:  # read-only or full disk: the choice still holds for this process
