@@ -386,15 +386,22 @@ def test_a_cache_of_wrong_types_is_ignored_with_one_warning(tmp_path, content):
     assert data["format"] == 1 and data["choices"][fwd(M=64).key()]["winner"] == "torch"
 
 
-@pytest.mark.parametrize("what", ["versions is a list", "device is a list", "errors is a number"])
-def test_info_reports_a_cache_of_wrong_types(tmp_path, monkeypatch, what):
-    """The report `python -m fused_lora info` prints, on the real table with the default cache directory:
-    a cache file of wrong types (named after any device and versions) is listed as ignored, not a
-    crash. Issue 18 item 8."""
+@pytest.mark.parametrize("what", ["versions is a list", "device is a list", "errors is a number", "fifo"])
+def test_info_reports_a_bad_cache_file(tmp_path, monkeypatch, capsys, what):
+    """`python -m fused_lora info` with the default cache directory holding a bad cache file (named after
+    any device and versions): wrong types, or a FIFO, are listed as ignored, neither a crash nor a hang.
+    Issue 18 items 8 and 9."""
+    from fused_lora.__main__ import main
     monkeypatch.setenv(backends.CACHE_ENV_VAR, str(tmp_path))
-    (tmp_path / "backends-Other_GPU-0123456789ab.json").write_text(json.dumps(WRONG_TYPES[what]))
-    text = Registry().report()
-    assert "backends-Other_GPU-0123456789ab.json: unreadable, ignored" in text
+    path = tmp_path / "backends-Other_GPU-0123456789ab.json"
+    if what == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("needs os.mkfifo (POSIX)")
+        os.mkfifo(path)
+    else:
+        path.write_text(json.dumps(WRONG_TYPES[what]))
+    assert _in_a_thread(lambda: main(["info"])) == 0
+    assert f"{path.name}: unreadable, ignored" in capsys.readouterr().out
 
 
 def _in_a_thread(fn, seconds=20.0):
