@@ -24,7 +24,10 @@ Rules, in order:
    quantized-base kernels without dropout, whose kernels no GPU has run yet) is timed only after its output matched that row's
    (torch; with dropout the triton row, whose mask it shares) on the key's inputs with random LoRA
    weights (the ops' `probe`: a fresh adapter's B = 0 would hide every low-rank term); a row that
-   does not match is recorded as failed and never chosen. A backward
+   does not match is recorded as failed and never chosen. Such a row read from the cache as a key's
+   winner is checked the same way on the key's first call in each process before it runs (one probe);
+   if it does not match, it is recorded as failed and the key is timed afresh without it; where no
+   check can run (no inputs to probe, a CUDA graph being captured) the default runs. A backward
    with dropout that follows such a row (rule 4) is checked the same way on its first call per key
    and process; if it does not match, the reference row (same mask) runs it instead.
 
@@ -32,7 +35,10 @@ Triton runs on CPU tensors only under TRITON_INTERPRET=1 (its interpreter), and 
 for by name: that is how CI tests the real kernels without a GPU. The interpreter computes
 bfloat16 matrix products wrongly, so bfloat16 is refused under it.
 
-A cache file that cannot be read, parsed or written is ignored (noted in `report()`), never fatal.
+A cache file that cannot be read, parsed or written is ignored (noted in `report()`, and a warning
+once per file and process), never fatal: it is read only as a regular file of at most
+MAX_CACHE_BYTES (a FIFO or a device at its path is refused without blocking: `files.read_regular_file`)
+and only when every field has its type (`_schema_error`); the next choice stored replaces it.
 `calls` counts which implementation ran each op, so tests (and users) can see it; `report()` says
 what was chosen for which keys and the timings behind it.
 """
@@ -544,17 +550,54 @@ class Registry:
             return default
         by_name = {impl.name: impl for impl in candidates}
         with self._lock:
+            can_run_now = bench is not None and min(problem.M, problem.N, problem.K) > 0 and timing_allowed()
             if problem.op in BACKWARD_OPS and problem.dropout:
-                known = self.known(problem.forward_twin())
-                follows = by_name.get(known.winner, default) if known else default
+                twin = problem.forward_twin()
+                known = self.known(twin)
+                # A cached forward row not yet checked did not run the forward (the default did): follow that.
+                trusted = known is not None and known.winner in by_name and not self._unchecked(twin, known)
+                follows = by_name[known.winner] if trusted else default
                 return self._checked_follower(problem, follows, by_name, bench, probe)
             known = self.known(problem)
+            if known is not None and known.winner in by_name and self._unchecked(problem, known):
+                if not can_run_now:
+                    return default  # cannot check it here: the deterministic default, as for an unknown key
+                known = self._check_cached(problem, known, candidates, bench, probe)
             if known is not None:
                 return by_name.get(known.winner, default)
-            if bench is None or min(problem.M, problem.N, problem.K) == 0 or not timing_allowed():
+            if not can_run_now:
                 return default  # nothing to time (or no timing allowed here): the deterministic default
             chosen = self._time(problem, candidates, bench, probe)
             return by_name[chosen.winner]
+
+    def _unchecked(self, problem: Problem, choice: Choice) -> bool:
+        """Whether `choice` was read from the cache and names a row that needs the check rule for this
+        problem (rule 5) and has not yet passed it in this process. The cache holds a name, not the
+        evidence: the file may be edited, or the kernels may compile otherwise here (another driver)."""
+        impl = self._by_name.get(choice.winner)
+        if choice.source != "disk" or impl is None or impl.check_against is None or impl.check_against(problem) is None:
+            return False
+        return self.checked.get((self._name_of(problem.device), problem.key(), impl.name), "unchecked") is not None
+
+    def _check_cached(self, problem: Problem, choice: Choice, candidates: list[Implementation], bench,
+                      probe=None) -> Choice:
+        """Rule 5 for a choice read from the cache (`_unchecked`): the row's output on this key's probe
+        must match its reference row's before it runs, once per key and process (the outcome is kept in
+        `checked`). A row that does not match is recorded as failed, as when timing, and the key is timed
+        afresh among the other rows (the new choice replaces the cached one, on disk too)."""
+        impl = self._by_name[choice.winner]
+        slot = (self._name_of(problem.device), problem.key(), impl.name)
+        references: dict = {}
+        try:
+            self._check(problem, impl, probe or bench, references)
+        except Exception as err:
+            self.checked[slot] = f"{type(err).__name__}: {err}"[:500]
+            self.notes.append(f"{impl.name}, the cached choice for {problem.key()}, failed its check (timed afresh "
+                              f"without it): {self.checked[slot]}")
+            return self._time(problem, candidates, bench, probe, failed={impl.name: self.checked[slot]},
+                              references=references)
+        self.checked[slot] = None
+        return choice
 
     def _checked_follower(self, problem: Problem, impl: Implementation, by_name: dict, bench,
                           probe=None) -> Implementation:
@@ -587,10 +630,16 @@ class Registry:
         self._load(name)
         return self.choices.get((name, problem.key()))
 
-    def _time(self, problem: Problem, candidates: list[Implementation], bench, probe=None) -> Choice:
-        ms, errors = {}, {}
-        references: dict = {}  # row name -> its output on these inputs (for rows with check_against)
+    def _time(self, problem: Problem, candidates: list[Implementation], bench, probe=None,
+              failed: Optional[dict] = None, references: Optional[dict] = None) -> Choice:
+        """Times the candidates (rows with check_against once their check passed) and keeps the fastest.
+        `failed`: rows already known to fail on this key (name -> why), recorded as such, not run again;
+        `references`: the reference rows' outputs on the probe, where a check already computed them."""
+        ms, errors = {}, dict(failed or {})
+        references = {} if references is None else references  # row name -> its output on the probe
         for impl in candidates:
+            if impl.name in errors:
+                continue
             try:
                 fn = bench(impl.load())
                 if impl.check_against is not None and impl.check_against(problem) is not None:
@@ -612,9 +661,9 @@ class Registry:
         """The rule for rows with `check_against`: no such row wins a key before its output on that
         key's actual inputs has matched its reference row's (a kernel never run on this device, a
         miscompile or a wrong launch shows here, not in a training run). Checked each time a key is
-        timed (once per key and device: later calls and processes reuse the choice, which was
-        checked when it was made). A mismatch, or a reference that cannot run, raises: `_time`
-        records it as the row's error and the row is not chosen. `bench` here is the caller's probe
+        timed, and once per key and process where the choice comes from the cache (`_check_cached`:
+        a file records a name, not the check). A mismatch, or a reference that cannot run, raises:
+        the caller records it as the row's error and the row is not chosen. `bench` here is the caller's probe
         where it gave one: the op on inputs whose LoRA weights are random, since on a fresh adapter's
         (B = 0) every low-rank term is zero and a kernel that loses one would pass."""
         ref_name = impl.check_against(problem)
