@@ -645,7 +645,10 @@ class Registry:
                 if impl.check_against is not None and impl.check_against(problem) is not None:
                     self._check(problem, impl, probe or bench, references)
                 with torch.no_grad():
-                    ms[impl.name] = float(self._timer(fn))
+                    took = float(self._timer(fn))
+                if not _is_ms(took):  # a broken clock: not a duration to compare, nor one the cache may hold
+                    raise RuntimeError(f"its timing gave {took} ms")
+                ms[impl.name] = took
             except Exception as err:  # a row that fails on this GPU (e.g. out of shared memory) is not chosen
                 errors[impl.name] = f"{type(err).__name__}: {err}"[:500]
         # The fastest; ties and total failure go to the earlier row (the failure then shows when it runs).

@@ -470,3 +470,19 @@ def test_an_oversized_cache_file_is_ignored(tmp_path, monkeypatch):
     path.write_text(json.dumps(_good_file()) + " " * 2000)
     again, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
     assert again.select(fwd(), bench=bench).name == "triton" and timer.timed == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_a_timing_that_is_not_a_duration_is_a_failure_not_a_choice(tmp_path, bad):
+    """A timer answering NaN, inf or a negative time (a broken clock) makes that row fail on the key, as an
+    exception would: it cannot win (NaN compares false both ways), and the file written holds only
+    finite timings, so the next process reads it instead of ignoring it as malformed. Issue 18 item 8
+    (a sibling: the writer keeps to the schema the reader checks)."""
+    reg, _ = make_registry(tmp_path, {"torch": 2.0, "triton": bad})
+    assert reg.select(fwd(), bench=bench).name == "torch"
+    assert "triton" in reg.known(fwd()).errors and "triton" not in reg.known(fwd()).ms
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file is well formed: no "ignored the cache file" warning
+        again, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 1.0})
+        assert again.select(fwd(), bench=bench).name == "torch" and timer.timed == []
