@@ -68,7 +68,8 @@ def _multi_fwd(monkeypatch):
         x, w, b, [(A, _zero(B), s, p) for A, B, s, p in adapters], *rest))
     g = torch.Generator().manual_seed(4)
     x, w, b = torch.randn(6, 40, generator=g), torch.randn(24, 40, generator=g) * 0.2, torch.randn(24, generator=g)
-    adapters = [(torch.randn(r, 40, generator=g) * 0.2, torch.randn(24, r, generator=g) * 0.5, 0.5, 0.0) for r in (4, 2)]
+    adapters = [(torch.randn(r, 40, generator=g) * 0.2, torch.randn(24, r, generator=g) * 0.5, 0.5, 0.0)
+                for r in (4, 2)]
     rows = torch.tensor([0, 1, -1, 0, 1, 1])
     return (Problem("multi_fwd", CPU, torch.float32, 6, 24, 40, 4), "triton",
             lambda backend: lora_linear_multi(x, w, b, adapters, rows, backend=backend))
@@ -121,7 +122,8 @@ def _quant_multi_fwd(monkeypatch):
     g = torch.Generator().manual_seed(5)
     qw = quant.quantize_int8(torch.randn(48, 128, generator=g) * 128 ** -0.5)
     x = torch.randn(6, 128, generator=g)
-    adapters = [(torch.randn(r, 128, generator=g) * 0.1, torch.randn(48, r, generator=g) * 0.5, 0.5, 0.0) for r in (4, 2)]
+    adapters = [(torch.randn(r, 128, generator=g) * 0.1, torch.randn(48, r, generator=g) * 0.5, 0.5, 0.0)
+                for r in (4, 2)]
     rows = torch.tensor([0, 1, -1, 0, 1, 1])
     return (Problem("quant_multi_fwd", CPU, torch.float32, 6, 48, 128, 4, base="int8"), "triton",
             lambda backend: lora_linear_quant_multi(x, qw, None, adapters, rows, backend=backend))
