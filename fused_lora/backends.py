@@ -418,7 +418,7 @@ def _schema_error(data) -> Optional[str]:
     vers = data.get("versions")
     if not isinstance(vers, dict) or not all(v is None or (isinstance(v, (str, int, float)) and not isinstance(v, bool))
                                              for v in vers.values()):
-        return "its versions are not an object of strings"
+        return "its versions are not an object of strings, numbers or nulls"
     if not isinstance(data.get("choices"), dict):
         return f"its choices are {type(data.get('choices')).__name__}, not an object"
     for key, entry in data["choices"].items():
@@ -666,9 +666,9 @@ class Registry:
         miscompile or a wrong launch shows here, not in a training run). Checked each time a key is
         timed, and once per key and process where the choice comes from the cache (`_check_cached`:
         a file records a name, not the check). A mismatch, or a reference that cannot run, raises:
-        the caller records it as the row's error and the row is not chosen. `bench` here is the caller's probe
-        where it gave one: the op on inputs whose LoRA weights are random, since on a fresh adapter's
-        (B = 0) every low-rank term is zero and a kernel that loses one would pass."""
+        the caller records it as the row's error and the row is not chosen. `bench` here is the
+        caller's probe where it gave one: the op on inputs whose LoRA weights are random, since on a
+        fresh adapter's (B = 0) every low-rank term is zero and a kernel that loses one would pass."""
         ref_name = impl.check_against(problem)
         with torch.no_grad():
             if ref_name not in references:
