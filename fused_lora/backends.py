@@ -24,7 +24,10 @@ Rules, in order:
    quantized-base kernels without dropout, whose kernels no GPU has run yet) is timed only after its output matched that row's
    (torch; with dropout the triton row, whose mask it shares) on the key's inputs with random LoRA
    weights (the ops' `probe`: a fresh adapter's B = 0 would hide every low-rank term); a row that
-   does not match is recorded as failed and never chosen. A backward
+   does not match is recorded as failed and never chosen. Such a row read from the cache as a key's
+   winner is checked the same way on the key's first call in each process before it runs (one probe);
+   if it does not match, it is recorded as failed and the key is timed afresh without it; where no
+   check can run (no inputs to probe, a CUDA graph being captured) the default runs. A backward
    with dropout that follows such a row (rule 4) is checked the same way on its first call per key
    and process; if it does not match, the reference row (same mask) runs it instead.
 
@@ -32,7 +35,10 @@ Triton runs on CPU tensors only under TRITON_INTERPRET=1 (its interpreter), and 
 for by name: that is how CI tests the real kernels without a GPU. The interpreter computes
 bfloat16 matrix products wrongly, so bfloat16 is refused under it.
 
-A cache file that cannot be read, parsed or written is ignored (noted in `report()`), never fatal.
+A cache file that cannot be read, parsed or written is ignored (noted in `report()`, and a warning
+once per file and process), never fatal: it is read only as a regular file of at most
+MAX_CACHE_BYTES (a FIFO or a device at its path is refused without blocking: `files.read_regular_file`)
+and only when every field has its type (`_schema_error`); the next choice stored replaces it.
 `calls` counts which implementation ran each op, so tests (and users) can see it; `report()` says
 what was chosen for which keys and the timings behind it.
 """
@@ -45,10 +51,12 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import re
 import tempfile
 import threading
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -56,6 +64,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .files import read_regular_file
 from .interpreter import interpreting  # noqa: F401  (also part of this module's API)
 from .quant_format import KERNEL_MIN_BLOCKSIZE
 
@@ -64,6 +73,7 @@ CACHE_ENV_VAR = "FUSED_LORA_CACHE_DIR"
 MAX_TRITON_RANK = 256
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CACHE_FORMAT = 1
+MAX_CACHE_BYTES = 16 << 20  # a real cache holds kilobytes; this bounds what a hostile file costs
 
 BACKWARD_OPS = {"bwd": "fwd", "multi_bwd": "multi_fwd", "quant_bwd": "quant_fwd"}  # a backward op -> the forward whose mask it must reuse
 calls: Counter = Counter()  # (op name, backend) -> number of calls
@@ -389,22 +399,61 @@ def _cache_file(directory: str, device: str, vers: dict) -> str:
     return os.path.join(directory, f"backends-{slug}-{digest}.json")
 
 
-def _valid_choices(data, names: Sequence[str]) -> dict:
-    """The well-formed entries of a cache file's data (malformed entries are dropped); ValueError when
-    the data is not a backend cache at all."""
-    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("choices"), dict):
-        raise ValueError("not a fused_lora backend cache (format %r)" % (data.get("format") if isinstance(data, dict) else None))
-    out = {}
+def _is_ms(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _schema_error(data) -> Optional[str]:
+    """What makes a cache file's parsed data not a backend cache (a wrong type anywhere), or None.
+
+    A file of the current format is what `Registry._store` writes: {"format": 1, "device": str,
+    "versions": {str: str, number or null}, "choices": {key: {"winner": str, "ms": {str: finite ms >= 0},
+    "errors": {str: str}}}}."""
+    if not isinstance(data, dict):
+        return f"not a fused_lora backend cache (a JSON {type(data).__name__}, not an object)"
+    if data.get("format") != CACHE_FORMAT or isinstance(data.get("format"), bool):
+        return f"not a fused_lora backend cache (format {data.get('format')!r}, expected {CACHE_FORMAT})"
+    if not isinstance(data.get("device"), str):
+        return f"its device is {type(data.get('device')).__name__}, not a string"
+    vers = data.get("versions")
+    if not isinstance(vers, dict) or not all(v is None or (isinstance(v, (str, int, float)) and not isinstance(v, bool))
+                                             for v in vers.values()):
+        return "its versions are not an object of strings, numbers or nulls"
+    if not isinstance(data.get("choices"), dict):
+        return f"its choices are {type(data.get('choices')).__name__}, not an object"
     for key, entry in data["choices"].items():
-        if (isinstance(entry, dict) and entry.get("winner") in names and isinstance(entry.get("ms"), dict)
-                and all(isinstance(v, (int, float)) for v in entry["ms"].values())):
-            out[key] = Choice(entry["winner"], dict(entry["ms"]), dict(entry.get("errors") or {}), "disk")
-    return out
+        if not isinstance(entry, dict):
+            return f"choice {key!r} is {type(entry).__name__}, not an object"
+        if not isinstance(entry.get("winner"), str):
+            return f"choice {key!r}: its winner is {type(entry.get('winner')).__name__}, not a row's name"
+        ms, errors = entry.get("ms"), entry.get("errors", {})
+        if not isinstance(ms, dict) or not all(_is_ms(v) for v in ms.values()):
+            return f"choice {key!r}: its ms are not an object of finite milliseconds"
+        if not isinstance(errors, dict) or not all(isinstance(v, str) for v in errors.values()):
+            return f"choice {key!r}: its errors are not an object of strings"
+    return None
+
+
+def _valid_choices(data, names: Sequence[str]) -> dict:
+    """The choices of a cache file's data whose winner is a row of this table (others, from a table with
+    other rows, are dropped); ValueError naming the problem when the data is not a well-formed backend
+    cache (`_schema_error`): such a file is ignored as a whole, never half trusted."""
+    problem = _schema_error(data)
+    if problem:
+        raise ValueError(problem)
+    return {key: Choice(entry["winner"], dict(entry["ms"]), dict(entry.get("errors", {})), "disk")
+            for key, entry in data["choices"].items() if entry["winner"] in names}
 
 
 def _read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A cache file's parsed JSON, read as `files.read_regular_file` reads (a regular file of at most
+    MAX_CACHE_BYTES: a FIFO or a link to /dev/zero at the path neither blocks nor reads without end);
+    ValueError (or OSError) for a file that is not that, is not JSON, or is nested beyond the parser."""
+    text = read_regular_file(path, MAX_CACHE_BYTES, "a backend cache")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply for a backend cache") from None
 
 
 def _write_atomic(path: str, data: dict) -> None:
@@ -501,17 +550,54 @@ class Registry:
             return default
         by_name = {impl.name: impl for impl in candidates}
         with self._lock:
+            can_run_now = bench is not None and min(problem.M, problem.N, problem.K) > 0 and timing_allowed()
             if problem.op in BACKWARD_OPS and problem.dropout:
-                known = self.known(problem.forward_twin())
-                follows = by_name.get(known.winner, default) if known else default
+                twin = problem.forward_twin()
+                known = self.known(twin)
+                # A cached forward row not yet checked did not run the forward (the default did): follow that.
+                trusted = known is not None and known.winner in by_name and not self._unchecked(twin, known)
+                follows = by_name[known.winner] if trusted else default
                 return self._checked_follower(problem, follows, by_name, bench, probe)
             known = self.known(problem)
+            if known is not None and known.winner in by_name and self._unchecked(problem, known):
+                if not can_run_now:
+                    return default  # cannot check it here: the deterministic default, as for an unknown key
+                known = self._check_cached(problem, known, candidates, bench, probe)
             if known is not None:
                 return by_name.get(known.winner, default)
-            if bench is None or min(problem.M, problem.N, problem.K) == 0 or not timing_allowed():
+            if not can_run_now:
                 return default  # nothing to time (or no timing allowed here): the deterministic default
             chosen = self._time(problem, candidates, bench, probe)
             return by_name[chosen.winner]
+
+    def _unchecked(self, problem: Problem, choice: Choice) -> bool:
+        """Whether `choice` was read from the cache and names a row that needs the check rule for this
+        problem (rule 5) and has not yet passed it in this process. The cache holds a name, not the
+        evidence: the file may be edited, or the kernels may compile otherwise here (another driver)."""
+        impl = self._by_name.get(choice.winner)
+        if choice.source != "disk" or impl is None or impl.check_against is None or impl.check_against(problem) is None:
+            return False
+        return self.checked.get((self._name_of(problem.device), problem.key(), impl.name), "unchecked") is not None
+
+    def _check_cached(self, problem: Problem, choice: Choice, candidates: list[Implementation], bench,
+                      probe=None) -> Choice:
+        """Rule 5 for a choice read from the cache (`_unchecked`): the row's output on this key's probe
+        must match its reference row's before it runs, once per key and process (the outcome is kept in
+        `checked`). A row that does not match is recorded as failed, as when timing, and the key is timed
+        afresh among the other rows (the new choice replaces the cached one, on disk too)."""
+        impl = self._by_name[choice.winner]
+        slot = (self._name_of(problem.device), problem.key(), impl.name)
+        references: dict = {}
+        try:
+            self._check(problem, impl, probe or bench, references)
+        except Exception as err:
+            self.checked[slot] = f"{type(err).__name__}: {err}"[:500]
+            self.notes.append(f"{impl.name}, the cached choice for {problem.key()}, failed its check (timed afresh "
+                              f"without it): {self.checked[slot]}")
+            return self._time(problem, candidates, bench, probe, failed={impl.name: self.checked[slot]},
+                              references=references)
+        self.checked[slot] = None
+        return choice
 
     def _checked_follower(self, problem: Problem, impl: Implementation, by_name: dict, bench,
                           probe=None) -> Implementation:
@@ -544,16 +630,25 @@ class Registry:
         self._load(name)
         return self.choices.get((name, problem.key()))
 
-    def _time(self, problem: Problem, candidates: list[Implementation], bench, probe=None) -> Choice:
-        ms, errors = {}, {}
-        references: dict = {}  # row name -> its output on these inputs (for rows with check_against)
+    def _time(self, problem: Problem, candidates: list[Implementation], bench, probe=None,
+              failed: Optional[dict] = None, references: Optional[dict] = None) -> Choice:
+        """Times the candidates (rows with check_against once their check passed) and keeps the fastest.
+        `failed`: rows already known to fail on this key (name -> why), recorded as such, not run again;
+        `references`: the reference rows' outputs on the probe, where a check already computed them."""
+        ms, errors = {}, dict(failed or {})
+        references = {} if references is None else references  # row name -> its output on the probe
         for impl in candidates:
+            if impl.name in errors:
+                continue
             try:
                 fn = bench(impl.load())
                 if impl.check_against is not None and impl.check_against(problem) is not None:
                     self._check(problem, impl, probe or bench, references)
                 with torch.no_grad():
-                    ms[impl.name] = float(self._timer(fn))
+                    took = float(self._timer(fn))
+                if not _is_ms(took):  # a broken clock: not a duration to compare, nor one the cache may hold
+                    raise RuntimeError(f"its timing gave {took} ms")
+                ms[impl.name] = took
             except Exception as err:  # a row that fails on this GPU (e.g. out of shared memory) is not chosen
                 errors[impl.name] = f"{type(err).__name__}: {err}"[:500]
         # The fastest; ties and total failure go to the earlier row (the failure then shows when it runs).
@@ -569,11 +664,11 @@ class Registry:
         """The rule for rows with `check_against`: no such row wins a key before its output on that
         key's actual inputs has matched its reference row's (a kernel never run on this device, a
         miscompile or a wrong launch shows here, not in a training run). Checked each time a key is
-        timed (once per key and device: later calls and processes reuse the choice, which was
-        checked when it was made). A mismatch, or a reference that cannot run, raises: `_time`
-        records it as the row's error and the row is not chosen. `bench` here is the caller's probe
-        where it gave one: the op on inputs whose LoRA weights are random, since on a fresh adapter's
-        (B = 0) every low-rank term is zero and a kernel that loses one would pass."""
+        timed, and once per key and process where the choice comes from the cache (`_check_cached`:
+        a file records a name, not the check). A mismatch, or a reference that cannot run, raises:
+        the caller records it as the row's error and the row is not chosen. `bench` here is the
+        caller's probe where it gave one: the op on inputs whose LoRA weights are random, since on a
+        fresh adapter's (B = 0) every low-rank term is zero and a kernel that loses one would pass."""
         ref_name = impl.check_against(problem)
         with torch.no_grad():
             if ref_name not in references:
@@ -596,20 +691,25 @@ class Registry:
         if not os.path.exists(path):
             return
         try:
-            for key, choice in _valid_choices(_read_json(path), self.names).items():
-                self.choices.setdefault((name, key), choice)
-        except (OSError, ValueError) as err:  # a corrupt or unreadable cache: choose afresh
-            self.notes.append(f"ignored the cache file {path}: {err}")
+            loaded = _valid_choices(_read_json(path), self.names)
+        except (OSError, ValueError) as err:  # not a readable cache: choose afresh, and say so once
+            note = f"ignored the cache file {path}: {err}"
+            self.notes.append(note)
+            # Once per file and process (`_loaded`), not per call; the next choice stored replaces the file.
+            warnings.warn(f"fused_lora.backends: {note} (auto times afresh and replaces it)", stacklevel=4)
+            return
+        for key, choice in loaded.items():
+            self.choices.setdefault((name, key), choice)
 
     def _store(self, name: str, key: str, choice: Choice) -> None:
         path = self._file(name)
         try:
-            try:
-                entries = _read_json(path)["choices"] if os.path.exists(path) else {}
-                entries = entries if isinstance(entries, dict) else {}
-            except (OSError, ValueError, KeyError, TypeError):
-                entries = {}  # replaced by a good file below
-            entries[key] = {"winner": choice.winner, "ms": choice.ms, "errors": choice.errors}
+            try:  # the file's other well-formed choices (another process may have added some) are kept
+                kept = _valid_choices(_read_json(path), self.names) if os.path.lexists(path) else {}
+            except (OSError, ValueError):
+                kept = {}  # not a cache (warned about when first read): replaced by a good file below
+            kept[key] = choice
+            entries = {k: {"winner": c.winner, "ms": c.ms, "errors": c.errors} for k, c in kept.items()}
             _write_atomic(path, {"format": CACHE_FORMAT, "device": name, "versions": self._versions_of(),
                                  "choices": entries})
         except OSError as err:  # read-only or full disk: the choice still holds for this process

@@ -111,7 +111,8 @@ def test_corrupt_cache_is_ignored_and_replaced(tmp_path, content):
     path = next(tmp_path.glob("backends-*.json"))
     path.write_text(content)
     fresh, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
-    assert fresh.select(fwd(), bench=bench).name == "torch"  # timed afresh, no crash
+    with pytest.warns(UserWarning, match="ignored the cache file"):
+        assert fresh.select(fwd(), bench=bench).name == "torch"  # timed afresh, no crash
     assert len(timer.timed) == 2
     assert json.loads(path.read_text())["choices"][fwd().key()]["winner"] == "torch"
     assert "Fake GPU" in fresh.report()
@@ -320,3 +321,168 @@ def test_tuned_choices_are_keyed_by_every_implementation_and_the_rules():
     assert {"torch_impl.py", "multi_impl.py", "quant_impl.py", "backends.py", "kernels/forward.py",
             "kernels/multi.py", "kernels/quant.py", "kernels/tma.py"} <= names
     assert all(os.path.isfile(p) for p in backends.digested_sources())
+
+
+# ---- issue 18 items 8 and 9: a cache file that parses but is not a cache, or is not a regular file
+
+def _cache_path(tmp_path):
+    """The cache file's path for make_registry's device and versions (learned by tuning one key)."""
+    reg, _ = make_registry(tmp_path, {"torch": 2.0, "triton": 1.0})
+    reg.select(fwd(N=1024), bench=bench)
+    return next(tmp_path.glob("backends-*.json"))
+
+
+def _good_file(key_winner="triton"):
+    return {"format": 1, "device": "Fake GPU (cuda)", "versions": VERSIONS,
+            "choices": {fwd().key(): {"winner": key_winner, "ms": {"torch": 2.0, "triton": 1.0}, "errors": {}}}}
+
+
+def _with_entry(**fields):
+    data = _good_file()
+    data["choices"][fwd().key()].update(fields)
+    return data
+
+
+WRONG_TYPES = {
+    "errors is a number": _with_entry(errors=5),
+    "errors holds a number": _with_entry(errors={"torch": 5}),
+    "ms is a list": _with_entry(ms=[1.0]),
+    "ms holds a string": _with_entry(ms={"triton": "fast"}),
+    "ms holds a bool": _with_entry(ms={"triton": True}),
+    "winner is a list": _with_entry(winner=["triton"]),
+    "versions is a list": {**_good_file(), "versions": [1]},
+    "versions holds a dict": {**_good_file(), "versions": {"torch": {"x": 1}}},
+    "device is a list": {**_good_file(), "device": ["Fake GPU (cuda)"]},
+    "choices is a list": {**_good_file(), "choices": [1]},
+    "format is a string": {**_good_file(), "format": "1"},
+}
+
+
+@pytest.mark.parametrize("content", [json.dumps(v) for v in WRONG_TYPES.values()] + ["[" * 100_000 + "]" * 100_000,
+                                     json.dumps({"a": "b" * 10}) + " " * 100],
+                         ids=list(WRONG_TYPES) + ["nested 100000 deep", "not a cache"])
+def test_a_cache_of_wrong_types_is_ignored_with_one_warning(tmp_path, content):
+    """A cache file that parses as JSON but is not a backend cache (wrong types, nesting deeper than the
+    parser's recursion) is ignored with one warning naming the file, however many calls follow: auto
+    times afresh (no TypeError/RecursionError), the report (what `python -m fused_lora info` prints)
+    says it was ignored, and the next store replaces it with a good file. Issue 18 item 8."""
+    path = _cache_path(tmp_path)
+    path.write_text(content)
+    fresh, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
+    with pytest.warns(UserWarning, match="ignored the cache file") as caught:
+        assert fresh.select(fwd(), bench=bench).name == "torch"  # timed afresh
+    assert len([w for w in caught if "cache file" in str(w.message)]) == 1
+    assert str(path) in str(caught[0].message)
+    assert len(timer.timed) == 2
+    path.write_text(content)  # bad again: later calls of this process neither crash nor warn again
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fresh.select(fwd(M=64), bench=bench).name == "torch"
+        assert fresh.select(fwd(), bench=bench).name == "torch"
+        text = fresh.report()
+    assert "ignored" in text and path.name in text
+    data = json.loads(path.read_text())  # replaced by a good file holding this process's choice
+    assert data["format"] == 1 and data["choices"][fwd(M=64).key()]["winner"] == "torch"
+
+
+@pytest.mark.parametrize("what", ["versions is a list", "device is a list", "errors is a number", "fifo"])
+def test_info_reports_a_bad_cache_file(tmp_path, monkeypatch, capsys, what):
+    """`python -m fused_lora info` with the default cache directory holding a bad cache file (named after
+    any device and versions): wrong types, or a FIFO, are listed as ignored, neither a crash nor a hang.
+    Issue 18 items 8 and 9."""
+    from fused_lora.__main__ import main
+    monkeypatch.setenv(backends.CACHE_ENV_VAR, str(tmp_path))
+    path = tmp_path / "backends-Other_GPU-0123456789ab.json"
+    if what == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("needs os.mkfifo (POSIX)")
+        os.mkfifo(path)
+    else:
+        path.write_text(json.dumps(WRONG_TYPES[what]))
+    assert _in_a_thread(lambda: main(["info"])) == 0
+    assert f"{path.name}: unreadable, ignored" in capsys.readouterr().out
+
+
+def _in_a_thread(fn, seconds=20.0):
+    """fn() run in a daemon thread: its result, or a failure naming the hang if it has not returned in time
+    (a blocked open or an endless read would otherwise hang the test run)."""
+    import threading
+    out = {}
+
+    def run():
+        try:
+            out["result"] = fn()
+        except BaseException as err:  # handed to the test
+            out["error"] = err
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        pytest.fail(f"still running after {seconds} s: hangs")
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo (POSIX)")
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/urandom", "directory"])
+def test_a_cache_path_that_is_not_a_regular_file_is_ignored(tmp_path, kind):
+    """A FIFO, a link to an endless device or a directory at the cache file's path: the first call neither
+    hangs nor reads without end; the file is ignored with one warning (auto times afresh), the report
+    (`python -m fused_lora info`) lists it as ignored without blocking, and a FIFO or link is replaced by a
+    good file (the device itself untouched). Issue 18 item 9."""
+    path = _cache_path(tmp_path)
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        if not os.path.exists(kind):
+            pytest.skip(f"{kind} not on this system")
+        path.symlink_to(kind)
+    fresh, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
+    text = _in_a_thread(fresh.report)
+    assert f"{path.name}: unreadable, ignored" in text and "not a regular file" in text
+    with pytest.warns(UserWarning, match="not a regular file") as caught:
+        assert _in_a_thread(lambda: fresh.select(fwd(), bench=bench)).name == "torch"
+    assert len([w for w in caught if "cache file" in str(w.message)]) == 1
+    assert len(timer.timed) == 2
+    if kind != "directory":  # a directory is not replaced by a file: the choice holds in memory
+        assert path.is_file() and not path.is_symlink()
+        assert json.loads(path.read_text())["choices"][fwd().key()]["winner"] == "torch"
+    else:
+        assert "could not write" in fresh.report()
+
+
+def test_an_oversized_cache_file_is_ignored(tmp_path, monkeypatch):
+    """A cache file over the size bound is not read (a hostile file costs at most the bound): ignored with
+    one warning, timed afresh. Issue 18 item 9."""
+    path = _cache_path(tmp_path)
+    path.write_text(json.dumps(_good_file()) + " " * 2000)
+    monkeypatch.setattr(backends, "MAX_CACHE_BYTES", 1000)
+    fresh, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
+    with pytest.warns(UserWarning, match="too large"):
+        assert fresh.select(fwd(), bench=bench).name == "torch"
+    assert len(timer.timed) == 2
+    monkeypatch.setattr(backends, "MAX_CACHE_BYTES", 1 << 20)  # within the bound, the same file is read
+    path.write_text(json.dumps(_good_file()) + " " * 2000)
+    again, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
+    assert again.select(fwd(), bench=bench).name == "triton" and timer.timed == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_a_timing_that_is_not_a_duration_is_a_failure_not_a_choice(tmp_path, bad):
+    """A timer answering NaN, inf or a negative time (a broken clock) makes that row fail on the key, as an
+    exception would: it cannot win (NaN compares false both ways), and the file written holds only
+    finite timings, so the next process reads it instead of ignoring it as malformed. Issue 18 item 8
+    (a sibling: the writer keeps to the schema the reader checks)."""
+    reg, _ = make_registry(tmp_path, {"torch": 2.0, "triton": bad})
+    assert reg.select(fwd(), bench=bench).name == "torch"
+    assert "triton" in reg.known(fwd()).errors and "triton" not in reg.known(fwd()).ms
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file is well formed: no "ignored the cache file" warning
+        again, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 1.0})
+        assert again.select(fwd(), bench=bench).name == "torch" and timer.timed == []

@@ -1,6 +1,8 @@
 """The Hopper-path rows of the backends table ("triton-tma", "triton-onepass"): their reasons, explicit
 requests by name, and auto's rule that a row with `check_against` is checked against its reference
 row's output before it may be timed (so a kernel no GPU has run cannot win silently)."""
+import json
+
 import pytest
 import torch
 
@@ -204,3 +206,135 @@ def test_auto_checks_the_real_hopper_rows_before_timing(tmp_path, monkeypatch, b
     else:
         assert choice.errors == {}
     assert choice.winner == ("triton-onepass" if broken != "triton-onepass" else "triton-tma")
+
+
+# ---- issue 18 item 10: a choice read from the cache is checked once per process before it runs
+
+class CountingBench(Bench):
+    """Bench counting each computation of a row's output (a probe, a timing) on the row."""
+    def __call__(self):
+        self.module.runs += 1
+        return super().__call__()
+
+
+def counting_registry(tmp_path, outputs, ms, checked=("new",)):
+    rows = {name: Row(name, out) for name, out in outputs.items()}
+    for row in rows.values():
+        row.runs = 0
+    impls = [Implementation(name, name, (lambda row=row: row),
+                            check_against=backends._checked_against if name in checked else None)
+             for name, row in rows.items()]
+    timed = []
+
+    def timer(fn):
+        timed.append(fn.module.name)
+        fn()
+        return ms[fn.module.name]
+
+    reg = Registry(impls, timer=timer, cache_directory=str(tmp_path), name_of=lambda d: "Fake GPU",
+                   versions_of=lambda: {"v": 1})
+    return reg, rows, timed
+
+
+def _wrong(ref=REF):
+    out = ref.clone()
+    out[4, 7] += 1.0  # one wrong element
+    return out
+
+
+def _cache_entry(tmp_path, problem):
+    (path,) = tmp_path.glob("backends-*.json")
+    return json.loads(path.read_text())["choices"][problem.key()]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_a_cached_row_that_fails_its_check_is_not_run(tmp_path, dropout):
+    """A cached winner that needs the check rule (a row with check_against) is checked on this process's
+    first call for its key before it runs; one that does not match is recorded as failed, as when timing,
+    and the key is timed afresh among the other rows (the file then names the new winner). Issue 18
+    item 10."""
+    ms = {"torch": 3.0, "triton": 2.0, "new": 1.0}
+    ref = {"torch": REF + 5 if dropout else REF, "triton": REF}  # with dropout torch draws another mask
+    first, _, _ = counting_registry(tmp_path, {**ref, "new": REF}, ms)
+    assert first.select(_fwd(dropout), bench=CountingBench).name == "new"  # checked and timed: it wins, on disk
+    assert _cache_entry(tmp_path, _fwd(dropout))["winner"] == "new"
+
+    # A new process, whose "new" kernel is now wrong (a miscompile, another driver, an edited cache).
+    reg, rows, timed = counting_registry(tmp_path, {**ref, "new": _wrong()}, ms)
+    assert reg.select(_fwd(dropout), bench=CountingBench).name == "triton"
+    choice = reg.known(_fwd(dropout))
+    expected_ref = "triton" if dropout else "torch"
+    assert choice.winner == "triton" and f"differs from the {expected_ref} row" in choice.errors["new"]
+    assert "new" not in timed and sorted(timed) == ["torch", "triton"]  # timed afresh, the failed row not
+    assert rows["new"].runs == 1  # one probe
+    assert _cache_entry(tmp_path, _fwd(dropout))["winner"] == "triton" and "new" in _cache_entry(
+        tmp_path, _fwd(dropout))["errors"]
+    assert reg.select(_fwd(dropout), bench=CountingBench).name == "triton" and rows["new"].runs == 1
+    if dropout:  # the backward follows the forward's row (its mask): the new winner, not the failed row
+        bwd = Problem("bwd", CUDA, torch.bfloat16, 64, 8, 8, 4, True, ("dx", "lora"))
+        assert reg.select(bwd, bench=CountingBench).name == "triton"
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_a_cached_row_that_passes_its_check_is_probed_once_per_key(tmp_path, dropout):
+    """A cached winner that matches its reference runs; it is probed once per key and process (the row
+    and its reference once each), never timed, and later calls trust it. Issue 18 item 10."""
+    ms = {"torch": 3.0, "triton": 2.0, "new": 1.0}
+    ref = {"torch": REF + 5 if dropout else REF, "triton": REF}
+    first, _, _ = counting_registry(tmp_path, {**ref, "new": REF}, ms)
+    first.select(_fwd(dropout), bench=CountingBench)
+    reg, rows, timed = counting_registry(tmp_path, {**ref, "new": REF * (1 + 1e-3)}, ms)
+    for _ in range(3):
+        assert reg.select(_fwd(dropout), bench=CountingBench).name == "new"
+    assert timed == [] and rows["new"].runs == 1
+    assert rows["triton" if dropout else "torch"].runs == 1
+    assert reg.known(_fwd(dropout)).source == "disk"
+
+
+def test_a_cached_trusted_row_is_not_probed(tmp_path):
+    """Rows without a check rule (torch; the triton row's single-adapter 16-bit kernels) are trusted from
+    the cache as before: no probe, no timing."""
+    ms = {"torch": 3.0, "triton": 1.0}
+    first, _, _ = counting_registry(tmp_path, {"torch": REF, "triton": REF}, ms, checked=())
+    assert first.select(_fwd(), bench=CountingBench).name == "triton"
+    reg, rows, timed = counting_registry(tmp_path, {"torch": REF, "triton": _wrong()}, ms, checked=())
+    assert reg.select(_fwd(), bench=CountingBench).name == "triton"
+    assert timed == [] and rows["triton"].runs == 0 and rows["torch"].runs == 0
+
+
+def test_an_edited_cache_entry_naming_a_checked_row_is_checked(tmp_path):
+    """The attack of issue 18 item 10: a cache entry edited to name a row that was never timed for the key
+    (here one that loses the low-rank term: its output is the base alone) is checked before it runs."""
+    base = REF - 1.0
+    first, _, _ = counting_registry(tmp_path, {"torch": REF, "triton": REF, "new": base},
+                                    {"torch": 1.0, "triton": 2.0, "new": 3.0})
+    assert first.select(_fwd(), bench=CountingBench).name == "torch"
+    (path,) = tmp_path.glob("backends-*.json")
+    data = json.loads(path.read_text())
+    data["choices"][_fwd().key()] = {"winner": "new", "ms": {"new": 0.001}, "errors": {}}
+    path.write_text(json.dumps(data))
+    reg, rows, _ = counting_registry(tmp_path, {"torch": REF, "triton": REF, "new": base},
+                                     {"torch": 1.0, "triton": 2.0, "new": 3.0})
+    assert reg.select(_fwd(), bench=CountingBench).name == "torch"
+    assert "differs from the torch row" in reg.known(_fwd()).errors["new"]
+
+
+def test_a_cached_row_is_not_run_unchecked_where_no_check_can_run(tmp_path, monkeypatch):
+    """While a CUDA graph is captured (or without a bench to probe with) nothing can be checked: the
+    default row runs (as for an unknown key), and the backward with dropout follows it (same mask); the
+    first call that can check does so. Issue 18 item 10."""
+    ms = {"torch": 3.0, "triton": 2.0, "new": 1.0}
+    outs = {"torch": REF, "triton": REF, "new": REF}
+    first, _, _ = counting_registry(tmp_path, outs, ms)
+    assert first.select(_fwd(True), bench=CountingBench).name == "new"
+    reg, rows, timed = counting_registry(tmp_path, outs, ms)
+    bwd = Problem("bwd", CUDA, torch.bfloat16, 64, 8, 8, 4, True, ("dx", "lora"))
+    monkeypatch.setattr(backends, "timing_allowed", lambda: False)
+    assert reg.select(_fwd(True), bench=CountingBench).name == "torch"
+    assert reg.select(bwd, bench=CountingBench).name == "torch"
+    assert reg.select(_fwd(True)).name == "torch"  # no bench: nothing to probe with
+    assert rows["new"].runs == 0
+    monkeypatch.setattr(backends, "timing_allowed", lambda: True)
+    assert reg.select(_fwd(True), bench=CountingBench).name == "new"
+    assert reg.select(bwd, bench=CountingBench).name == "new"
+    assert timed == []
