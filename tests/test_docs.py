@@ -276,3 +276,39 @@ def test_shell_checks_refuse_what_does_not_run(line, monkeypatch):
     with pytest.raises((AssertionError, SystemExit)):
         with contextlib.redirect_stderr(io.StringIO()):
             check_shell_line(line, monkeypatch)
+
+
+# ---- files the docs and the code cite -----------------------------------------------------------
+
+def tracked_text_files() -> list[Path]:
+    import subprocess
+    names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return [ROOT / n for n in names if n.endswith((".py", ".sh", ".md", ".toml")) or n in ("Makefile", ".ci/run")]
+
+
+def test_every_cited_markdown_file_exists():
+    """A markdown file named in any source, script or page exists: a path relative to the repository
+    root or to the citing file, a bare name somewhere in the repository (issue 18 item 21:
+    benchmarks/roofline.py, tests/test_roofline.py and benchmarks/gpu_check.sh cited a DESIGN.md
+    the repository did not have)."""
+    files = tracked_text_files()
+    names = {p.name for p in files if p.suffix == ".md"}
+    missing = []
+    for path in files:
+        text = re.sub(r"\w+://\S+", "", path.read_text(errors="replace"))  # a URL's pages are not ours
+        for cited in re.findall(r"(?<![\w/.-])((?:\.{1,2}/|[\w-]+/)*[\w-]+\.md)\b", text):
+            if not ((ROOT / cited).is_file() or (path.parent / cited).is_file() or cited in names):
+                missing.append(f"{path.relative_to(ROOT)}: {cited}")
+    assert not missing, "cited but not in the repository:\n" + "\n".join(missing)
+
+
+def test_every_repository_path_the_docs_name_exists():
+    """A path into the repository written in README.md or docs/*.md (`fused_lora/...`, `benchmarks/...`,
+    `tests/...`, `docs/...`, `csrc/...`, `.ci/...`; a glob matches something) exists (issue 18 item 18)."""
+    missing = []
+    for path in DOC_FILES:
+        for cited in re.findall(r"(?<![\w/.-])((?:fused_lora|benchmarks|tests|docs|csrc|\.ci)/[\w./*-]*[\w*/])",
+                                path.read_text()):
+            if not any(ROOT.glob(cited.rstrip("/"))):
+                missing.append(f"{path.relative_to(ROOT)}: {cited}")
+    assert not missing, "named but not in the repository:\n" + "\n".join(missing)
