@@ -100,7 +100,7 @@ STAND_INS = {
 # snippet -> the snippet above it that it continues
 CONTINUES = {"README.md: Replace an nn.Linear #2": "README.md: Replace an nn.Linear"}
 SCALED_DOWN = {
-    "README.md: Training with transformers' Trainer": {"max_steps=1000": "max_steps=4", "save_steps=200": "save_steps=2"},
+    "README.md: Training with transformers' Trainer": {"max_steps=1000": "max_steps=2", "save_steps=200": "save_steps=2"},
 }
 
 PYTHON_SNIPPETS = fenced("python")
