@@ -7,8 +7,9 @@ torch.manual_seed(0). The convention for what a snippet may take for granted:
   transformers itself, so a reader can copy any one block.
 - What a snippet names as the reader's own (their `model`, a `fresh_base_model` to load into,
   their `train_dataset`, their `peft_model`) is supplied by a stand-in, declared below in
-  STAND_INS under the snippet's first line: a tiny Llama built from a config with random weights
-  (no download), a few examples of token ids, a peft model over the tiny Llama.
+  STAND_INS under the snippet's name (its file and the heading it sits under, "#2" for a second
+  block there): a tiny Llama built from a config with random weights (no download), a few
+  examples of token ids, a peft model over the tiny Llama.
 - A snippet that continues the one before it in the text (the README says so: "Several adapters
   on one layer" goes on with `layer` and `x`) is run after that one, in its namespace: CONTINUES.
 - Sizes a user would run but a test need not (1000 training steps) are scaled down by declared
@@ -23,6 +24,9 @@ fused_lora ...` line's flags are parsed by the command line's own parser (and to
 torchrun's), a script or test file it names must exist, a `make` target and variable must be the
 Makefile's, a `pip install -e ".[x]"` extra must be pyproject.toml's. A line of any other command
 fails until a check for it is added here.
+
+Also: every markdown file cited anywhere and every repository path the docs name exist (item 21),
+and the README's opening quotes only recorded measurements (item 30).
 """
 from __future__ import annotations
 
