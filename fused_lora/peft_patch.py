@@ -299,8 +299,9 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
     with peft's `lora_magnitude_vector` and peft's dropout formula) on peft's own parameters,
     scaling and dropout probability. Every call first checks peft's state (active adapters,
     merged, disabled, variants, `adapter_names` and other extra arguments, hooks, input dtype and
-    device) and hands the call to peft's forward whenever fused_lora would not compute exactly
-    peft's function. Saving, loading, merging, `set_adapter`, `disable_adapter` and trainers are
+    device) and hands the call to peft's forward whenever fused_lora would not compute peft's
+    function (to rounding; with plain LoRA's dropout in training, in distribution: its own masks,
+    see the module doc). Saving, loading, merging, `set_adapter`, `disable_adapter` and trainers are
     left entirely to peft.
 
     Layers it cannot take keep peft's forward and are listed with the reason in the returned
