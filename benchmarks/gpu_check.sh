@@ -31,7 +31,7 @@ py="${PYTHON:-python3}"
 # GPU_CHECK_SKIP="info tests hopper layer" measures the rest (multi, finetune, quant, ...).
 budget="${GPU_CHECK_BUDGET_S:-560}"
 skip=" ${GPU_CHECK_SKIP:-} "
-# "M K N [ranks...]; ...": the anchors' shapes; r=64 where a target or DESIGN.md's roofline names it.
+# "M K N [ranks...]; ...": the anchors' shapes; r=64 where a target or docs/DESIGN.md's roofline names it.
 shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14336 16; 8192 14336 4096 16}"
 read -r -a layer_args <<< "${LAYER_ARGS:-}"
 read -r -a finetune_args <<< "${FINETUNE_ARGS:-}"

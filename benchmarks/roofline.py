@@ -3,8 +3,9 @@
     python benchmarks/roofline.py                       # the GPU suite's shapes, r 16 and 64, bf16
     python benchmarks/roofline.py --shape 2048 1024 1024 --ranks 16 --dtype float32
 
-Machine (DESIGN.md, H100 SXM; used for the H200 too): 800 TFLOP/s bf16/fp16 dense as measured, 3.0
-TB/s as a copy measures. float32 matmuls run as TF32 on tensor cores: half the bf16 rate.
+Machine (docs/DESIGN.md, "The roofline"; H100 SXM, used for the H200 too): 800 TFLOP/s bf16/fp16
+dense and 3.0 TB/s, as the project measured a matmul and a copy on an H100. float32 matmuls run as
+TF32 on tensor cores: half the bf16 rate.
 
 Accounting. The layer is x (M x K) -> Y (M x N) with W (N x K) frozen, LoRA rank r, b bytes per
 element. Each kernel takes max(FLOPs / peak, bytes / bandwidth) (compute and memory overlap within
@@ -23,7 +24,7 @@ inputs and writes its outputs once (perfect tiling); dropout is free (masks draw
 and the shrink and dy passes bandwidth-bound, so the ideal ratio is about
     forward   1 + r/K + (peak b / bandwidth) / (2N)
     fwd+bwd   1 + r/(2K) + r/N + (peak b / bandwidth) (1/N + 1/K) / 4
-i.e. the avoidable part is the extra pass over x (forward) and over dY (backward); DESIGN.md's
+i.e. the avoidable part is the extra pass over x (forward) and over dY (backward); docs/DESIGN.md's
 figures (8192x4096x4096 r=16: 1.07 / 1.07; 8192x4096x14336: 1.02 / 1.05; 8192x14336x4096:
 1.07 / 1.05; 2048x4096x4096 r=64: 1.08 / 1.09) follow, and tests/test_roofline.py checks them.
 """
@@ -46,7 +47,7 @@ class Machine:
         return self.flops_16bit if elt_bytes <= 2 else self.flops_16bit / 2
 
 
-H100 = Machine("H100 SXM (800 TFLOP/s bf16 dense, 3.0 TB/s; DESIGN.md)", 800e12, 3.0e12)
+H100 = Machine("H100 SXM (800 TFLOP/s bf16 dense, 3.0 TB/s; docs/DESIGN.md)", 800e12, 3.0e12)
 
 
 @dataclass(frozen=True)

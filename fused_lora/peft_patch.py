@@ -16,8 +16,23 @@ A DoRA adapter runs `fused_lora.dora.dora_forward` on peft's `lora_magnitude_vec
 peft's state can change after patching (another adapter activated, a LoRA variant added, a
 merge, `disable_adapter()`, `adapter_names=` passed, a hook registered on the base layer). The
 patched forward checks that state on every call (a few attribute and dict look-ups) and, unless
-the call is one fused_lora computes exactly as peft would, hands it to peft's own forward. So a
-patched layer computes peft's function or defers to peft; it never computes something else.
+the call is one fused_lora computes as peft would, hands it to peft's own forward. So a patched
+layer computes peft's function or defers to peft; it never computes something else. Against
+unpatched peft under the same seed, "peft's function" means:
+
+- eval mode, and training without dropout (p = 0, or the dropout module in eval): peft's outputs
+  and gradients, to rounding;
+- DoRA with dropout in training: also to rounding, masks included: the dropped input comes from
+  torch's dropout, drawn from the random stream, and in the order, that peft's `nn.Dropout` uses;
+- plain LoRA with dropout in training: equal in distribution, not in value. fused_lora's op draws
+  its own masks (regenerated in backward, never stored; `fused_lora.dropout`): each element of the
+  LoRA branch's input is kept independently with probability 1 - p (to within 2^-17 on the
+  PyTorch path, which rounds p to a multiple of 2^-16, and 2^-25 in the Triton kernels) and scaled
+  by exactly peft's 1 / (1 - p), as peft's `nn.Dropout` does, but the masks are not the ones peft
+  draws under the same `torch.manual_seed`, so losses and gradients differ from an unpatched run as
+  another seed would make them differ. The masks' seeds come from torch's CPU generator, so a
+  patched run is reproducible from `torch.manual_seed`. tests/test_patch_peft_dropout.py checks
+  the distribution over many draws against peft's.
 
 Arithmetic differences from peft: the same math in another order (fp32 results agree to
 rounding). Adapter weights whose dtype differs from the input (peft keeps fp32 adapters on a
@@ -284,8 +299,9 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
     with peft's `lora_magnitude_vector` and peft's dropout formula) on peft's own parameters,
     scaling and dropout probability. Every call first checks peft's state (active adapters,
     merged, disabled, variants, `adapter_names` and other extra arguments, hooks, input dtype and
-    device) and hands the call to peft's forward whenever fused_lora would not compute exactly
-    peft's function. Saving, loading, merging, `set_adapter`, `disable_adapter` and trainers are
+    device) and hands the call to peft's forward whenever fused_lora would not compute peft's
+    function (to rounding; with plain LoRA's dropout in training, in distribution: its own masks,
+    see the module doc). Saving, loading, merging, `set_adapter`, `disable_adapter` and trainers are
     left entirely to peft.
 
     Layers it cannot take keep peft's forward and are listed with the reason in the returned

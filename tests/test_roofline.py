@@ -1,6 +1,7 @@
-"""benchmarks/roofline.py reproduces DESIGN.md's ideal ratios, and benchmarks/summarize.py builds summary.json."""
+"""benchmarks/roofline.py reproduces docs/DESIGN.md's ideal ratios, and benchmarks/summarize.py builds summary.json."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -10,13 +11,28 @@ sys.path.insert(0, BENCH)
 import roofline  # noqa: E402
 import summarize  # noqa: E402
 
-# DESIGN.md's figures (H100: 800 TFLOP/s bf16, 3.0 TB/s), two decimals: (M, K, N, r) -> (fwd, fwd+bwd)
-DESIGN = {(8192, 4096, 4096, 16): (1.07, 1.07), (8192, 4096, 14336, 16): (1.02, 1.05),
-          (8192, 14336, 4096, 16): (1.07, 1.05), (2048, 4096, 4096, 64): (1.08, 1.09)}
+
+def design_table() -> dict:
+    """docs/DESIGN.md's roofline table (H100: 800 TFLOP/s bf16, 3.0 TB/s), two decimals, read from the
+    page itself so that the page and the script cannot drift apart: (M, K, N, r) -> (fwd, fwd+bwd)."""
+    with open(os.path.join(os.path.dirname(BENCH), "docs", "DESIGN.md")) as f:
+        rows = re.findall(r"^\| (\d+) x (\d+) x (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", f.read(), re.M)
+    return {tuple(map(int, row[:4])): tuple(map(float, row[4:])) for row in rows}
+
+
+DESIGN = design_table()
+
+
+def test_design_page_holds_the_roofline_table():
+    """The four shapes docs/DESIGN.md shows are read from it: a page that lost its table would
+    otherwise leave the test below checking nothing (issue 18 item 21)."""
+    assert set(DESIGN) == {(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (8192, 14336, 4096, 16),
+                           (2048, 4096, 4096, 64)}
 
 
 @pytest.mark.parametrize("case", sorted(DESIGN), ids=lambda c: "x".join(map(str, c)))
 def test_roofline_reproduces_design_figures(case):
+    """roofline.ideal gives docs/DESIGN.md's ideal ratios to their two decimals."""
     got = roofline.ideal(*case, elt=2)
     fwd, fwdbwd = DESIGN[case]
     assert abs(got.fwd - fwd) <= 0.01 and abs(got.fwdbwd - fwdbwd) <= 0.01, (got.fwd, got.fwdbwd)
