@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
+from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear, call_value, call_values
 from .quant_convert import base_compute_dtype, is_quantized_base
 from . import quant_layer
 from .targets import find_modules_to_save, find_targets, is_adaptable, named_targets
@@ -41,7 +41,12 @@ class ModulesToSave(nn.Module):
         self.trainable.requires_grad_(True)
         self.use_original = False  # disable_adapter(): the base model's module
         self.owner_active = True  # False while an adapter other than the copy's owner (the first) is active
-        self.sample_uses_trainable: Optional[list[bool]] = None  # per sample, during adapter_names calls
+
+    @property
+    def sample_uses_trainable(self) -> Optional[list[bool]]:
+        """Per sample, whether it runs the trainable copy, during an adapter_names call of the LoraModel
+        in this thread (each thread's call has its own); None outside one."""
+        return call_value(self)
 
     def forward(self, *args, **kwargs):
         mask = self.sample_uses_trainable
@@ -533,8 +538,9 @@ class LoraModel(nn.Module):
 
     @contextlib.contextmanager
     def _adapter_names_call(self, adapter_names, args, kwargs):
-        """Within the block every LoRA layer receives `adapter_names` (mapped to its slots) as its
-        `_call_adapter_names`. Names and length are checked here, before anything runs."""
+        """Within the block, in this thread, every LoRA layer receives `adapter_names` (mapped to its slots)
+        and every modules_to_save copy its per-sample mask. Names and length are checked here, before
+        anything runs."""
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
                 or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("adapter_names must be a list of adapter names (str), one per sample")
@@ -556,21 +562,14 @@ class LoraModel(nn.Module):
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
         slots = [n if n == BASE_ADAPTER else self._slot(n) for n in adapter_names]
 
-        # An attribute of each layer for the call, not forward pre-hooks (peft's way): dynamo cannot trace
-        # registering hooks, so torch.compile(fullgraph=True) of the model could not take adapter_names.
-        layers = [layer for _, layer in self.lora_layers()]
-        for layer in layers:
-            layer._call_adapter_names = slots
-        saved = [m for _, m in self.saved_modules()]
-        for m in saved:  # modules_to_save belong to the first adapter
-            m.sample_uses_trainable = [n == self._first_adapter for n in adapter_names]
-        try:
+        # The names reach the layers through a per-thread record for the call (fused_lora.layer.call_values),
+        # not forward pre-hooks (peft's way: dynamo cannot trace registering hooks, so torch.compile(fullgraph=
+        # True) could not take adapter_names) nor attributes of the layers (shared by every thread).
+        values = {layer: slots for _, layer in self.lora_layers()}
+        mask = [n == self._first_adapter for n in adapter_names]  # modules_to_save belong to the first adapter
+        values.update((m, mask) for _, m in self.saved_modules())
+        with call_values(values):
             yield
-        finally:
-            for layer in layers:
-                layer._call_adapter_names = None
-            for m in saved:
-                m.sample_uses_trainable = None
 
     # ---------------------------------------------------------------- inspection
 
