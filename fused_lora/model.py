@@ -22,7 +22,7 @@ from .config import LoraConfig
 from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear, call_value, call_values
 from .quant_convert import base_compute_dtype, is_quantized_base
 from . import quant_layer
-from .targets import find_modules_to_save, find_targets, is_adaptable, named_targets
+from .targets import find_modules_to_save, find_targets, is_adaptable, named_targets, target_spec
 from .validation import check_adapter_args, check_adapter_name
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -145,22 +145,23 @@ class LoraModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True,
                  targets: Optional[list[str]] = None, adapter_name: str = "default"):
-        """`targets`: the module names to adapt when already known (loading takes them from the
-        weights file); by default `config.target_modules` is matched against the model.
+        """`config`: a fused_lora or peft LoraConfig (as get_lora_model). `targets`: the module names to
+        adapt when already known (loading takes them from the weights file); by default
+        `config.target_modules` (or peft's default for the model type) is matched against the model.
         `adapter_name`: the key of `peft_config` (peft's "default")."""
         super().__init__()
         check_adapter_name(adapter_name, "LoraModel")
         # Every check that can fail runs before the model is touched: nothing is half-applied.
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"expected a fused_lora.LoraConfig, got {type(config).__module__}.{type(config).__name__}"
-                            " (same field names as peft's: fused_lora.LoraConfig(r=..., target_modules=...);"
-                            " a peft model itself is run through the fused op by fused_lora.patch_peft(model))")
+        if not isinstance(config, LoraConfig):  # peft's LoraConfig, read as its adapter_config.json would be
+            config = _as_lora_config(config, "LoraModel")
         _refuse_adapted(model)
         config.validate()
         check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
                            config.lora_alpha, config.use_rslora)
+        target_modules = config.target_modules
         if targets is None:
             targets = find_targets(model, config)
+            target_modules = target_spec(model, config)  # peft's default for the model type when None
         to_save = find_modules_to_save(model, config)
         clash = [n for n in targets if any(n == s or n.startswith(s + ".") for s in to_save)]
         if clash:
@@ -182,6 +183,7 @@ class LoraModel(nn.Module):
         except BaseException:
             self._undo.restore()
             raise
+        config.target_modules = target_modules  # as peft records the default it took
         self._expose_forward_signature()
 
     def _inject(self, targets: list[str], to_save: list[str], autocast_adapter_dtype: bool) -> None:
@@ -358,6 +360,8 @@ class LoraModel(nn.Module):
                     layer.delete_adapter(adapter_name)
             raise
         config.fan_in_fan_out = self.active_peft_config.fan_in_fan_out  # the layers' kinds decide
+        if targets is None:  # as peft records the default it took when there was no target_modules
+            config.target_modules = target_spec(self.model, config)
         self.peft_config[adapter_name] = config
 
     @torch.no_grad()
@@ -751,6 +755,10 @@ class LoraModel(nn.Module):
 
 def get_lora_model(model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True) -> LoraModel:
     """Adapt `model` in place as `config` says and wrap it in a LoraModel.
+
+    `config`: a fused_lora LoraConfig, or peft's (read by the rules its adapter_config.json would be
+    read by: a field fused_lora does not implement is refused when set, naming it), as `add_adapter`
+    takes either. Without target_modules, peft's default for the model type is adapted and recorded.
 
     Targeted nn.Linear layers become FusedLoRALinear sharing their weights (no copy); everything
     else is frozen. With autocast_adapter_dtype (peft's default), adapters of float16/bfloat16
