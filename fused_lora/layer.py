@@ -24,6 +24,8 @@ from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_adapter_nam
 InitSpec = Union[bool, str]
 DEFAULT_ADAPTER = "default"  # the adapter a layer is built with; its weights are the top-level lora_A, lora_B
 BASE_ADAPTER = BASE_ADAPTER_NAME  # in forward's adapter_names: no adapter for that sample (peft's name)
+QDORA_REFUSAL = ("DoRA over a quantized base (QDoRA) is not implemented (DoRA's weight norm needs the dequantized "
+                 "rows): use LoRA over the quantized base, or DoRA over a 16-bit one")
 
 # What a LoraModel call hands to its modules (each layer's adapter_names, each modules_to_save copy's
 # per-sample mask), per thread: {module: value} for the calls running in this thread. Not an attribute of
@@ -219,14 +221,13 @@ class FusedLoRALinear(nn.Module):
             raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         refusal = base_refusal(linear)
         if refusal:
-            raise ValueError(f"from_linear: cannot adapt this {type(linear).__name__}: {refusal}")
+            raise ValueError(f"FusedLoRALinear.from_linear: cannot adapt this {type(linear).__name__}: {refusal}")
         # before the linear is frozen
         check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha, use_rslora)
         check_flag("use_dora", use_dora)
         if use_dora and is_quantized_base(linear):
-            raise ValueError(f"from_linear: use_dora=True over a quantized base ({type(linear).__name__}) is not "
-                             "supported (DoRA's weight norm needs the dequantized rows; QDoRA is not implemented): "
-                             "use LoRA over the quantized base, or DoRA over a 16-bit one")
+            raise ValueError(f"FusedLoRALinear.from_linear: use_dora=True over a quantized base "
+                             f"({type(linear).__name__}) is not supported: {QDORA_REFUSAL}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._attach_base(linear)
@@ -463,8 +464,10 @@ class FusedLoRALinear(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"FusedLoRALinear expects a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"FusedLoRALinear: input's last dimension is {tuple(x.shape)[-1:] or '()'} "
+        if x.dim() == 0:
+            raise ValueError(f"FusedLoRALinear: input is a 0-dim tensor but in_features is {self.in_features}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FusedLoRALinear: input's last dimension is {x.shape[-1]} "
                              f"but in_features is {self.in_features} (input shape {tuple(x.shape)})")
         if not x.is_floating_point():
             raise TypeError(f"FusedLoRALinear: input dtype {x.dtype} is not a floating-point type")

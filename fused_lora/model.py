@@ -22,7 +22,7 @@ from .config import LoraConfig
 from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear, call_value, call_values
 from .quant_convert import base_compute_dtype, is_quantized_base
 from . import quant_layer
-from .targets import find_modules_to_save, find_targets, is_adaptable, named_targets, target_spec
+from .targets import check_dora_targets, find_modules_to_save, find_targets, is_adaptable, named_targets, target_spec
 from .validation import check_adapter_args, check_adapter_name
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -162,6 +162,8 @@ class LoraModel(nn.Module):
         if targets is None:
             targets = find_targets(model, config)
             target_modules = target_spec(model, config)  # peft's default for the model type when None
+        if config.use_dora:
+            check_dora_targets(model, targets)
         to_save = find_modules_to_save(model, config)
         clash = [n for n in targets if any(n == s or n.startswith(s + ".") for s in to_save)]
         if clash:

@@ -7,7 +7,8 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import TASK_HEADS, LoraConfig
-from .layer import _is_conv1d, base_refusal
+from .layer import QDORA_REFUSAL, _is_conv1d, base_refusal
+from .quant_convert import is_quantized_base
 from .quant import QuantizedLinear
 from .validation import short_repr
 
@@ -152,9 +153,23 @@ def _without_task_heads(names: list[str], config: LoraConfig) -> list[str]:
 def _check_bases(names: list[str], modules: dict) -> None:
     """Targets whose function the adapted layer would not reproduce (a subclass's own forward, hooks,
     a quantized weight) are an error naming them, never silently adapted into something else."""
-    refused = [f"{n} ({reason})" for n in names if (reason := base_refusal(modules[n]))]
-    if refused:
-        raise ValueError(f"cannot adapt {_few(refused)}")
+    by_reason: dict[str, list[str]] = {}  # each reason said once (a quantized model's can be long)
+    for n in names:
+        reason = base_refusal(modules[n])
+        if reason:
+            by_reason.setdefault(reason, []).append(n)
+    if by_reason:
+        raise ValueError("cannot adapt " + "; ".join(f"{_few(refused)} ({reason})"
+                                                     for reason, refused in by_reason.items()))
+
+
+def check_dora_targets(model: nn.Module, names: list[str]) -> None:
+    """use_dora=True: ValueError naming the targets whose base is quantized (QDoRA is not implemented)."""
+    modules = dict(model.named_modules())
+    quantized = [n for n in names if is_quantized_base(modules[n])]
+    if quantized:
+        kinds = ", ".join(sorted({type(modules[n]).__name__ for n in quantized}))
+        raise ValueError(f"use_dora=True: cannot adapt {_few(quantized)} ({kinds}): {QDORA_REFUSAL}")
 
 
 def named_targets(model: nn.Module, config: LoraConfig, adaptable=is_adaptable) -> list[str]:
