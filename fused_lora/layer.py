@@ -182,6 +182,13 @@ class FusedLoRALinear(nn.Module):
     `.lora_B`. Keys depend on the names only, never on which adapter is active, so a state_dict saved
     with one active adapter loads correctly with another.
 
+    Attributes and parameter names therefore differ once another adapter is active: after
+    `set_adapter("task_b")`, `layer.lora_A` (the attribute: the active adapter's view) is task_b's,
+    the parameter named `lora_A` (storage) is still "default"'s, and task_b's is named
+    `lora_adapters.task_b.lora_A`. Only the active adapter is trainable, so an optimizer over the
+    parameters with `requires_grad` trains what the attributes show; `adapter_weights(name)` gives any
+    adapter's tensors by its name (peft's `lora_A[name]`); a name filter on "lora_A" finds every adapter's.
+
     DoRA (`use_dora=True`, the "default" adapter only): merge / unmerge / to_linear follow peft's DoRA
     (W <- (m / n)(W + s B A)); the DoRA adapter cannot be merged together with others, nor used in an
     `adapter_names` mixed batch (ValueError); `use_dora` says whether the active adapter is DoRA.
