@@ -73,7 +73,8 @@ def default_target_modules(model: nn.Module) -> Union[list[str], str]:
                          "'all-linear')")
     if model_type not in DEFAULT_TARGET_MODULES:
         raise ValueError(f"target_modules is required: peft has no default target modules for model type "
-                         f"{model_type!r} (give a list of module names, a regex, or 'all-linear'; {_linear_listing(model)})")
+                         f"{model_type!r} (give a list of module names, a regex, or 'all-linear'; "
+                         f"{_linear_listing(model)})")
     default = DEFAULT_TARGET_MODULES[model_type]
     return default if isinstance(default, str) else sorted(set(default))
 
