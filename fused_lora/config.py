@@ -3,7 +3,8 @@ every field of peft's LoraConfig (honoured, refused when set, or ignored), which
 mirrors and adapter loading follows."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Optional, Union
 
 from . import validation as v
@@ -23,7 +24,8 @@ PEFT_FIELD_RULES: dict[str, FieldRule] = {
     "lora_dropout": FieldRule(HONOURED, "dropout on the LoRA branch's input, in [0, 1)"),
     "use_rslora": FieldRule(HONOURED, "scaling alpha / sqrt(r)"),
     "target_modules": FieldRule(HONOURED, "on load the weights file's keys name the adapted modules; a list "
-                                          "of names is checked against them, a regex is not run"),
+                                          "of names is checked against them, a regex is not run; none means "
+                                          "peft's default for the model type, as in peft"),
     "exclude_modules": FieldRule(HONOURED, "as target_modules"),
     "modules_to_save": FieldRule(HONOURED, "full trainable copies, buffers included"),
     "bias": FieldRule(HONOURED, "'none', 'all' or 'lora_only'"),
@@ -88,6 +90,22 @@ def is_off(value) -> bool:
     return value is None or value is False or (isinstance(value, (dict, list)) and len(value) == 0)
 
 
+def check_peft_fields(values: dict) -> None:
+    """peft's fields that LoraConfig does not carry, by PEFT_FIELD_RULES (the loader's rule and the
+    constructor's): ValueError naming a refused field that is set, an unknown field that is set, or a
+    peft_type other than LORA; ignored fields and off values pass."""
+    peft_type = values.get("peft_type")
+    if peft_type is not None and peft_type != "LORA":
+        raise ValueError(f"peft_type {peft_type!r} is not LORA")
+    for key, value in values.items():
+        rule = PEFT_FIELD_RULES.get(key)
+        if rule is None and not is_off(value):
+            raise ValueError(f"{key}: unknown field (set to {v.short_repr(value)}); fused_lora does not know "
+                             "what it does, so it refuses rather than ignore it")
+        if rule is not None and rule.status == REFUSED and not is_off(value):
+            raise ValueError(f"{key}={v.short_repr(value)} is not supported by fused_lora: {rule.reason}")
+
+
 @dataclass
 class LoraConfig:
     """LoRA settings with peft's names and defaults, checked on construction (fused_lora.validation).
@@ -109,6 +127,15 @@ class LoraConfig:
     use_dora: DoRA (peft's meaning: a trained magnitude per output feature, `lora_magnitude_vector`,
         times the direction W + s B A normalised per row); the first adapter of a model only.
     backend: which implementation runs the adapted layers ("auto", "torch", "triton"); not saved.
+
+    target_modules None (peft's default) means the model type's default target modules, peft's table
+    (fused_lora.targets.DEFAULT_TARGET_MODULES, by `model.config.model_type`), taken when a model is
+    adapted and then recorded here, as peft records them; a model type outside the table is an error.
+
+    peft's other fields are taken too, by the rule adapter loading follows (PEFT_FIELD_RULES,
+    docs/ADAPTERS.md): a field fused_lora does not implement is refused with a ValueError naming it
+    when set (e.g. `layers_to_transform=[0]`) and accepted at its off value (None, False, {}, []);
+    provenance fields (`revision`, `peft_version`, ...) are ignored.
     """
 
     r: int = 8
@@ -145,8 +172,6 @@ class LoraConfig:
 
     def validate(self) -> None:
         """Check every field (again: the dataclass is mutable); TypeError/ValueError naming the field."""
-        if self.target_modules is None:
-            raise ValueError("target_modules is required (a list of names, a regex, or 'all-linear')")
         v.check_module_spec("target_modules", self.target_modules)
         v.check_module_spec("exclude_modules", self.exclude_modules)
         v.check_modules_to_save(self.modules_to_save)
@@ -178,13 +203,28 @@ class LoraConfig:
         a refused field that is set, or an unknown field that is set, raises naming the field."""
         if not isinstance(d, dict):
             raise TypeError(f"must hold a JSON object, got {type(d).__name__}")
-        if d.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"peft_type {d.get('peft_type')!r} is not LORA")
-        for key, value in d.items():
-            rule = PEFT_FIELD_RULES.get(key)
-            if rule is None and not is_off(value):
-                raise ValueError(f"{key}: unknown field (set to {v.short_repr(value)}); fused_lora does not know "
-                                 "what it does, so it refuses rather than ignore it")
-            if rule is not None and rule.status == REFUSED and not is_off(value):
-                raise ValueError(f"{key}={v.short_repr(value)} is not supported by fused_lora: {rule.reason}")
+        if "peft_type" in d and d["peft_type"] is None:
+            raise ValueError("peft_type None is not LORA")
+        check_peft_fields({k: value for k, value in d.items() if k not in PEFT_FIELDS})
         return cls(**{k: d[k] for k in PEFT_FIELDS if k in d})
+
+
+def _taking_peft_fields(init):
+    """LoraConfig's constructor also takes peft's fields it does not carry, by check_peft_fields (a
+    refused one set: ValueError naming it, in the loader's words); a name that is no field of peft's
+    either stays Python's TypeError."""
+    own = {f.name for f in fields(LoraConfig)}
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        theirs = {k: kwargs.pop(k) for k in list(kwargs) if k not in own and k in PEFT_FIELD_RULES}
+        try:
+            check_peft_fields(theirs)
+        except ValueError as err:
+            raise ValueError(f"LoraConfig: {err}") from None
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+LoraConfig.__init__ = _taking_peft_fields(LoraConfig.__init__)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -23,6 +24,34 @@ from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_adapter_nam
 InitSpec = Union[bool, str]
 DEFAULT_ADAPTER = "default"  # the adapter a layer is built with; its weights are the top-level lora_A, lora_B
 BASE_ADAPTER = BASE_ADAPTER_NAME  # in forward's adapter_names: no adapter for that sample (peft's name)
+QDORA_REFUSAL = ("DoRA over a quantized base (QDoRA) is not implemented (DoRA's weight norm needs the dequantized "
+                 "rows): use LoRA over the quantized base, or DoRA over a 16-bit one")
+
+# What a LoraModel call hands to its modules (each layer's adapter_names, each modules_to_save copy's
+# per-sample mask), per thread: {module: value} for the calls running in this thread. Not an attribute of
+# the modules, which every thread would share (concurrent calls of one model read each other's names);
+# dynamo traces a threading.local (guarding on what it holds), so torch.compile(fullgraph=True) keeps
+# taking adapter_names.
+_CALL = threading.local()
+
+
+@contextlib.contextmanager
+def call_values(values: dict):
+    """Within the block, in this thread only, `call_value(module)` is `values[module]` for each module
+    in `values` (a LoraModel call's adapter_names for its layers); an enclosing block's values stay
+    visible for other modules, and come back afterwards."""
+    previous = getattr(_CALL, "values", None)
+    _CALL.values = values if previous is None else {**previous, **values}
+    try:
+        yield
+    finally:
+        _CALL.values = previous
+
+
+def call_value(module: nn.Module):
+    """What the LoraModel call running in this thread gave `module` (`call_values`), or None."""
+    values = getattr(_CALL, "values", None)
+    return None if values is None else values.get(module)
 
 
 def _conv1d_class():
@@ -153,6 +182,13 @@ class FusedLoRALinear(nn.Module):
     `.lora_B`. Keys depend on the names only, never on which adapter is active, so a state_dict saved
     with one active adapter loads correctly with another.
 
+    Attributes and parameter names therefore differ once another adapter is active: after
+    `set_adapter("task_b")`, `layer.lora_A` (the attribute: the active adapter's view) is task_b's,
+    the parameter named `lora_A` (storage) is still "default"'s, and task_b's is named
+    `lora_adapters.task_b.lora_A`. Only the active adapter is trainable, so an optimizer over the
+    parameters with `requires_grad` trains what the attributes show; `adapter_weights(name)` gives any
+    adapter's tensors by its name (peft's `lora_A[name]`); a name filter on "lora_A" finds every adapter's.
+
     DoRA (`use_dora=True`, the "default" adapter only): merge / unmerge / to_linear follow peft's DoRA
     (W <- (m / n)(W + s B A)); the DoRA adapter cannot be merged together with others, nor used in an
     `adapter_names` mixed batch (ValueError); `use_dora` says whether the active adapter is DoRA.
@@ -192,14 +228,13 @@ class FusedLoRALinear(nn.Module):
             raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         refusal = base_refusal(linear)
         if refusal:
-            raise ValueError(f"from_linear: cannot adapt this {type(linear).__name__}: {refusal}")
+            raise ValueError(f"FusedLoRALinear.from_linear: cannot adapt this {type(linear).__name__}: {refusal}")
         # before the linear is frozen
         check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha, use_rslora)
         check_flag("use_dora", use_dora)
         if use_dora and is_quantized_base(linear):
-            raise ValueError(f"from_linear: use_dora=True over a quantized base ({type(linear).__name__}) is not "
-                             "supported (DoRA's weight norm needs the dequantized rows; QDoRA is not implemented): "
-                             "use LoRA over the quantized base, or DoRA over a 16-bit one")
+            raise ValueError(f"FusedLoRALinear.from_linear: use_dora=True over a quantized base "
+                             f"({type(linear).__name__}) is not supported: {QDORA_REFUSAL}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._attach_base(linear)
@@ -436,8 +471,10 @@ class FusedLoRALinear(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"FusedLoRALinear expects a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"FusedLoRALinear: input's last dimension is {tuple(x.shape)[-1:] or '()'} "
+        if x.dim() == 0:
+            raise ValueError(f"FusedLoRALinear: input is a 0-dim tensor but in_features is {self.in_features}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FusedLoRALinear: input's last dimension is {x.shape[-1]} "
                              f"but in_features is {self.in_features} (input shape {tuple(x.shape)})")
         if not x.is_floating_point():
             raise TypeError(f"FusedLoRALinear: input dtype {x.dtype} is not a floating-point type")
@@ -473,7 +510,8 @@ class FusedLoRALinear(nn.Module):
         """y = x W^T + b + s B A dropout(x) with the active adapter; with `adapter_names` (one name per
         sample, i.e. per index of x's first dimension; "__base__" for none) each sample uses its own
         adapter, in eval and training mode (each adapter's gradients from its own samples only).
-        Within a LoraModel call with adapter_names, the model's names (`_call_adapter_names`) apply."""
+        Within a LoraModel call with adapter_names, the model's names apply (`call_value`; a call of the
+        same model from another thread has its own)."""
         if adapter_names is None:
             adapter_names = self._model_call_names()
         if self.quantized:
@@ -499,19 +537,31 @@ class FusedLoRALinear(nn.Module):
                             self.lora_dropout if self.training else 0.0, backend=self.backend)
 
     def _model_call_names(self) -> Optional[list[str]]:
-        """The adapter_names of the LoraModel call running (None outside one). A training call with names
-        leaves a mark: recomputing this layer in backward (activation checkpointing) runs after that call,
-        without its names, and would silently give other adapters' gradients: it raises instead."""
-        names = getattr(self, "_call_adapter_names", None)
+        """The adapter_names of the LoraModel call running in this thread (None outside one). A training
+        call with names leaves a mark (per thread: another thread's call does not clear it): recomputing
+        this layer in backward (activation checkpointing) runs after that call, without its names, and
+        would silently give other adapters' gradients: it raises instead."""
+        names = call_value(self)
         if torch.compiler.is_compiling():  # a compiled graph holds the names it was traced with
             return names
+        marks = self.__dict__.get("_names_in_training")  # idents of threads
+        if not isinstance(marks, set):
+            marks = self.__dict__["_names_in_training"] = set()
         if torch._C._current_graph_task_id() == -1:  # a forward, not a recomputation inside backward
-            self._names_in_training = names is not None and self.training
-        elif names is None and getattr(self, "_names_in_training", False):
-            raise RuntimeError("FusedLoRALinear: activation (gradient) checkpointing recomputes this layer in "
-                               "backward without the adapter_names of the LoraModel call, so its gradients would "
-                               "be another adapter's: train mixed batches without gradient checkpointing, or "
-                               "pass adapter_names to the layers themselves inside the checkpointed function")
+            if names is not None and self.training:
+                marks.add(threading.get_ident())
+            else:
+                marks.discard(threading.get_ident())
+        elif names is None and marks:
+            # backward may run on another thread than the forward (autograd's device threads): any live
+            # thread whose last forward of this layer was a mixed training call counts
+            if marks & {t.ident for t in threading.enumerate()}:
+                raise RuntimeError("FusedLoRALinear: activation (gradient) checkpointing recomputes this layer in "
+                                   "backward without the adapter_names of the LoraModel call, so its gradients "
+                                   "would be another adapter's: train mixed batches without gradient "
+                                   "checkpointing, or pass adapter_names to the layers themselves inside the "
+                                   "checkpointed function")
+            marks.clear()  # marks of threads that have ended
         return names
 
     def _mixed_adapters(self, used: list[str], dtype: torch.dtype) -> tuple[list, object]:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
+from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear, call_value, call_values
 from .quant_convert import base_compute_dtype, is_quantized_base
 from . import quant_layer
-from .targets import find_modules_to_save, find_targets, is_adaptable, named_targets
+from .targets import check_dora_targets, find_modules_to_save, find_targets, is_adaptable, named_targets, target_spec
 from .validation import check_adapter_args, check_adapter_name
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -41,7 +41,12 @@ class ModulesToSave(nn.Module):
         self.trainable.requires_grad_(True)
         self.use_original = False  # disable_adapter(): the base model's module
         self.owner_active = True  # False while an adapter other than the copy's owner (the first) is active
-        self.sample_uses_trainable: Optional[list[bool]] = None  # per sample, during adapter_names calls
+
+    @property
+    def sample_uses_trainable(self) -> Optional[list[bool]]:
+        """Per sample, whether it runs the trainable copy, during an adapter_names call of the LoraModel
+        in this thread (each thread's call has its own); None outside one."""
+        return call_value(self)
 
     def forward(self, *args, **kwargs):
         mask = self.sample_uses_trainable
@@ -140,22 +145,25 @@ class LoraModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True,
                  targets: Optional[list[str]] = None, adapter_name: str = "default"):
-        """`targets`: the module names to adapt when already known (loading takes them from the
-        weights file); by default `config.target_modules` is matched against the model.
+        """`config`: a fused_lora or peft LoraConfig (as get_lora_model). `targets`: the module names to
+        adapt when already known (loading takes them from the weights file); by default
+        `config.target_modules` (or peft's default for the model type) is matched against the model.
         `adapter_name`: the key of `peft_config` (peft's "default")."""
         super().__init__()
         check_adapter_name(adapter_name, "LoraModel")
         # Every check that can fail runs before the model is touched: nothing is half-applied.
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"expected a fused_lora.LoraConfig, got {type(config).__module__}.{type(config).__name__}"
-                            " (same field names as peft's: fused_lora.LoraConfig(r=..., target_modules=...);"
-                            " a peft model itself is run through the fused op by fused_lora.patch_peft(model))")
+        if not isinstance(config, LoraConfig):  # peft's LoraConfig, read as its adapter_config.json would be
+            config = _as_lora_config(config, "LoraModel")
         _refuse_adapted(model)
         config.validate()
         check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
                            config.lora_alpha, config.use_rslora)
+        target_modules = config.target_modules
         if targets is None:
             targets = find_targets(model, config)
+            target_modules = target_spec(model, config)  # peft's default for the model type when None
+        if config.use_dora:
+            check_dora_targets(model, targets)
         to_save = find_modules_to_save(model, config)
         clash = [n for n in targets if any(n == s or n.startswith(s + ".") for s in to_save)]
         if clash:
@@ -177,6 +185,7 @@ class LoraModel(nn.Module):
         except BaseException:
             self._undo.restore()
             raise
+        config.target_modules = target_modules  # as peft records the default it took
         self._expose_forward_signature()
 
     def _inject(self, targets: list[str], to_save: list[str], autocast_adapter_dtype: bool) -> None:
@@ -353,6 +362,8 @@ class LoraModel(nn.Module):
                     layer.delete_adapter(adapter_name)
             raise
         config.fan_in_fan_out = self.active_peft_config.fan_in_fan_out  # the layers' kinds decide
+        if targets is None:  # as peft records the default it took when there was no target_modules
+            config.target_modules = target_spec(self.model, config)
         self.peft_config[adapter_name] = config
 
     @torch.no_grad()
@@ -533,8 +544,9 @@ class LoraModel(nn.Module):
 
     @contextlib.contextmanager
     def _adapter_names_call(self, adapter_names, args, kwargs):
-        """Within the block every LoRA layer receives `adapter_names` (mapped to its slots) as its
-        `_call_adapter_names`. Names and length are checked here, before anything runs."""
+        """Within the block, in this thread, every LoRA layer receives `adapter_names` (mapped to its slots)
+        and every modules_to_save copy its per-sample mask. Names and length are checked here, before
+        anything runs."""
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)) \
                 or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("adapter_names must be a list of adapter names (str), one per sample")
@@ -556,21 +568,14 @@ class LoraModel(nn.Module):
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
         slots = [n if n == BASE_ADAPTER else self._slot(n) for n in adapter_names]
 
-        # An attribute of each layer for the call, not forward pre-hooks (peft's way): dynamo cannot trace
-        # registering hooks, so torch.compile(fullgraph=True) of the model could not take adapter_names.
-        layers = [layer for _, layer in self.lora_layers()]
-        for layer in layers:
-            layer._call_adapter_names = slots
-        saved = [m for _, m in self.saved_modules()]
-        for m in saved:  # modules_to_save belong to the first adapter
-            m.sample_uses_trainable = [n == self._first_adapter for n in adapter_names]
-        try:
+        # The names reach the layers through a per-thread record for the call (fused_lora.layer.call_values),
+        # not forward pre-hooks (peft's way: dynamo cannot trace registering hooks, so torch.compile(fullgraph=
+        # True) could not take adapter_names) nor attributes of the layers (shared by every thread).
+        values = {layer: slots for _, layer in self.lora_layers()}
+        mask = [n == self._first_adapter for n in adapter_names]  # modules_to_save belong to the first adapter
+        values.update((m, mask) for _, m in self.saved_modules())
+        with call_values(values):
             yield
-        finally:
-            for layer in layers:
-                layer._call_adapter_names = None
-            for m in saved:
-                m.sample_uses_trainable = None
 
     # ---------------------------------------------------------------- inspection
 
@@ -752,6 +757,10 @@ class LoraModel(nn.Module):
 
 def get_lora_model(model: nn.Module, config: LoraConfig, autocast_adapter_dtype: bool = True) -> LoraModel:
     """Adapt `model` in place as `config` says and wrap it in a LoraModel.
+
+    `config`: a fused_lora LoraConfig, or peft's (read by the rules its adapter_config.json would be
+    read by: a field fused_lora does not implement is refused when set, naming it), as `add_adapter`
+    takes either. Without target_modules, peft's default for the model type is adapted and recorded.
 
     Targeted nn.Linear layers become FusedLoRALinear sharing their weights (no copy); everything
     else is frozen. With autocast_adapter_dtype (peft's default), adapters of float16/bfloat16

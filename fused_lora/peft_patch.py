@@ -42,6 +42,7 @@ their own dtype.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -50,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from . import backends, dora
-from .layer import _conv1d_class, autocast_inputs, lora_forward
+from .layer import FusedLoRALinear, _conv1d_class, autocast_inputs, lora_forward
 
 REPORT_ATTR = "fused_lora_report"
 # Keyword arguments peft's forward pops before calling the base layer; given as None they mean nothing.
@@ -67,6 +68,8 @@ class PatchReport:
 
     def __str__(self) -> str:
         total = len(self.patched) + len(self.kept)
+        if total == 0:
+            return "fused_lora: 0 LoRA layers: nothing to patch"
         line = f"fused_lora: {len(self.patched)} of {total} LoRA layers patched"
         if not self.kept:
             return line
@@ -267,17 +270,19 @@ class PatchedForward:
 
 
 def _lora_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
+    """The model's peft LoRA layers (possibly none); TypeError when `model` is not a model at all."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller} expects a peft model (an nn.Module), got {type(model).__name__}")
     lora_layer = _peft_classes()["LoraLayer"]
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer)]
-    if not layers:
-        from .layer import FusedLoRALinear
-        hint = (" (it holds fused_lora's own FusedLoRALinear layers, which need no patching)"
-                if any(isinstance(m, FusedLoRALinear) for m in model.modules()) else
-                " (make one with peft.get_peft_model(model, LoraConfig(...)))")
-        raise ValueError(f"{caller}: {type(model).__name__} has no peft LoRA layers{hint}")
-    return layers
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer)]
+
+
+def _nothing_to_patch(model: nn.Module) -> str:
+    """The warning for a model without peft LoRA layers, saying what it holds instead."""
+    hint = ("it holds fused_lora's own FusedLoRALinear layers, which need no patching"
+            if any(isinstance(m, FusedLoRALinear) for m in model.modules()) else
+            "e.g. a peft model of another method (prefix tuning, IA3, VB-LoRA), which peft runs as before")
+    return f"patch_peft: {type(model).__name__} has no peft LoRA layers ({hint}); returned unchanged"
 
 
 def _is_patched(layer: nn.Module) -> bool:
@@ -314,12 +319,18 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
             overrides "auto").
         verbose: print the summary line.
 
-    Raises ValueError when the model has no peft LoRA layers, or for an unknown backend, and
+    A model without peft LoRA layers (a peft model of another method: prefix tuning, IA3, VB-LoRA;
+    or fused_lora's own LoraModel) is returned unchanged, with a warning and the report
+    `fused_lora: 0 LoRA layers: nothing to patch`.
+
+    Raises TypeError when `model` is not an nn.Module, ValueError for an unknown backend, and
     BackendUnavailable when a backend asked for by name cannot run the model's weights (their
     device and dtype), before anything is changed.
     """
     backends.requested_backend(backend)  # an unknown name fails before anything is changed
     layers = _lora_layers(model, "patch_peft")
+    if not layers:  # a script patching whatever peft model it is given must not break on other methods
+        warnings.warn(_nothing_to_patch(model), stacklevel=2)
     for name, layer in layers:  # a forced backend that cannot run here fails now, not at every forward
         if _patch_reason(layer) is None:  # every adapter the layer holds: set_adapter may choose any
             weight = layer.base_layer.weight
@@ -344,7 +355,8 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
 
 def unpatch_peft(model: nn.Module) -> nn.Module:
     """Undo `patch_peft`: every patched LoRA layer gets peft's own forward back (the instance
-    attribute is removed). A model never patched is returned unchanged. Returns the model."""
+    attribute is removed). A model never patched, or without peft LoRA layers, is returned
+    unchanged. Returns the model (TypeError when it is not an nn.Module)."""
     for _, layer in _lora_layers(model, "unpatch_peft"):
         _unpatch_layer(layer)
     model.__dict__.pop(REPORT_ATTR, None)

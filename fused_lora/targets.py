@@ -7,11 +7,81 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import TASK_HEADS, LoraConfig
-from .layer import _is_conv1d, base_refusal
+from .layer import QDORA_REFUSAL, _is_conv1d, base_refusal
+from .quant_convert import is_quantized_base
 from .quant import QuantizedLinear
 from .validation import short_repr
 
 Spec = Optional[Union[list, str]]
+
+# peft's default target modules by transformers model type (config.model_type), used when a LoraConfig
+# has no target_modules, as peft does. A copy of peft 0.21.2's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+# (peft/utils/constants.py), carried rather than imported: peft is optional (a minimal install adapts a
+# llama without it), and which modules get adapters must not change with the installed peft.
+# tests/test_peft_vocabulary.py fails when peft's table differs.
+DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+}
+
+
+def default_target_modules(model: nn.Module) -> Union[list[str], str]:
+    """peft's default target modules for `model`'s transformers model type (a sorted list, or a regex),
+    as peft takes them when a LoraConfig has none; ValueError when the model has no type in the table."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model_type, str):
+        raise ValueError(f"target_modules is required: {type(model).__name__} has no transformers config.model_type "
+                         "to take peft's default target modules from (give a list of module names, a regex, or "
+                         "'all-linear')")
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ValueError(f"target_modules is required: peft has no default target modules for model type "
+                         f"{model_type!r} (give a list of module names, a regex, or 'all-linear'; "
+                         f"{_linear_listing(model)})")
+    default = DEFAULT_TARGET_MODULES[model_type]
+    return default if isinstance(default, str) else sorted(set(default))
+
+
+def target_spec(model: nn.Module, config: LoraConfig) -> Union[list[str], str]:
+    """The config's target_modules, or peft's default for the model type when it has none."""
+    return default_target_modules(model) if config.target_modules is None else config.target_modules
 
 
 def dotted_suffixes(name: str) -> list[str]:
@@ -84,19 +154,34 @@ def _without_task_heads(names: list[str], config: LoraConfig) -> list[str]:
 def _check_bases(names: list[str], modules: dict) -> None:
     """Targets whose function the adapted layer would not reproduce (a subclass's own forward, hooks,
     a quantized weight) are an error naming them, never silently adapted into something else."""
-    refused = [f"{n} ({reason})" for n in names if (reason := base_refusal(modules[n]))]
-    if refused:
-        raise ValueError(f"cannot adapt {_few(refused)}")
+    by_reason: dict[str, list[str]] = {}  # each reason said once (a quantized model's can be long)
+    for n in names:
+        reason = base_refusal(modules[n])
+        if reason:
+            by_reason.setdefault(reason, []).append(n)
+    if by_reason:
+        raise ValueError("cannot adapt " + "; ".join(f"{_few(refused)} ({reason})"
+                                                     for reason, refused in by_reason.items()))
+
+
+def check_dora_targets(model: nn.Module, names: list[str]) -> None:
+    """use_dora=True: ValueError naming the targets whose base is quantized (QDoRA is not implemented)."""
+    modules = dict(model.named_modules())
+    quantized = [n for n in names if is_quantized_base(modules[n])]
+    if quantized:
+        kinds = ", ".join(sorted({type(modules[n]).__name__ for n in quantized}))
+        raise ValueError(f"use_dora=True: cannot adapt {_few(quantized)} ({kinds}): {QDORA_REFUSAL}")
 
 
 def named_targets(model: nn.Module, config: LoraConfig, adaptable=is_adaptable) -> list[str]:
     """The module names `config` selects (target_modules, exclude_modules, a task's head left out), unchecked:
     "all-linear" takes every module `adaptable` accepts but the output layer, as peft does."""
-    if config.target_modules == "all-linear":
+    target_modules = target_spec(model, config)
+    if target_modules == "all-linear":
         skip = _output_layer_name(model)
         names = [n for n, m in model.named_modules() if adaptable(m) and n != skip]
     else:
-        spec = _as_set(config.target_modules)
+        spec = _as_set(target_modules)
         names = [n for n, _ in model.named_modules() if n and name_matches(n, spec)]
     exclude = _as_set(config.exclude_modules)
     names = [n for n in names if not name_matches(n, exclude)]
@@ -106,15 +191,17 @@ def named_targets(model: nn.Module, config: LoraConfig, adaptable=is_adaptable) 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the nn.Linear (or Conv1D) modules to adapt. Raises ValueError when a target matches
     nothing, or matches a module that is neither, listing what the model holds. "all-linear" takes
-    every one of them but the output layer, as peft does."""
+    every one of them but the output layer, as peft does; no target_modules, peft's default for the
+    model type (whose entries need not all match, as in peft)."""
     names = named_targets(model, config)
+    target_modules = target_spec(model, config)
     modules = dict(model.named_modules())
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_adaptable(modules[n])]
     if wrong:
-        raise ValueError(f"target_modules {config.target_modules!r} matches modules that are not nn.Linear or "
+        raise ValueError(f"target_modules {target_modules!r} matches modules that are not nn.Linear or "
                          f"Conv1D: {_few(wrong)}; {_linear_listing(model)}")
     if not names:
-        raise ValueError(f"target_modules {config.target_modules!r} matches no module; {_linear_listing(model)}")
+        raise ValueError(f"target_modules {target_modules!r} matches no module; {_linear_listing(model)}")
     _check_bases(names, modules)
     if isinstance(config.target_modules, list):
         unmatched = unmatched_entries(config.target_modules, names)
@@ -136,7 +223,8 @@ def check_loaded_targets(model: nn.Module, config: LoraConfig, targets: list[str
     if wrong:
         raise ValueError(f"the weights adapt modules that are not nn.Linear or Conv1D: {_few(wrong)}")
     _check_bases(targets, modules)
-    spec, exclude = _as_set(config.target_modules), _as_set(config.exclude_modules)
+    # no target_modules: peft's default for the model type, as peft loads such a file (an unknown type: refused)
+    spec, exclude = _as_set(target_spec(model, config)), _as_set(config.exclude_modules)
     if isinstance(exclude, str):
         exclude = None  # a regex: not run; the file's keys decide
         if spec == "all-linear":

@@ -82,9 +82,14 @@ def test_adapting_an_adapted_model_is_refused(wrap):
     _unchanged(adapted, before)
 
 
-def test_a_peft_config_is_a_type_error_pointing_to_ours():
-    with pytest.raises(TypeError, match="fused_lora.LoraConfig"):
-        get_lora_model(Net(), peft.LoraConfig(r=2, target_modules=["a"]))
+def test_a_peft_config_is_taken_as_ours_and_anything_else_is_a_type_error():
+    """A peft LoraConfig is read as ours (issue 18 item 22: one rule with add_adapter, which took it while
+    get_lora_model refused it); an object that is no config at all is a TypeError naming both kinds."""
+    theirs = get_lora_model(Net(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["a"], init_lora_weights=False))
+    ours = get_lora_model(Net(), LoraConfig(r=2, lora_alpha=4, target_modules=["a"], init_lora_weights=False))
+    assert theirs.peft_config == ours.peft_config
+    with pytest.raises(TypeError, match="expected a LoraConfig \\(fused_lora's or peft's\\), got dict"):
+        get_lora_model(Net(), {"r": 2, "target_modules": ["a"]})
 
 
 def test_refused_safe_merge_and_unload_leaves_every_weight_exactly():
@@ -127,3 +132,56 @@ def test_a_refused_unmerge_during_unload_swaps_no_layer():
     with pytest.raises(ValueError):
         lm.unload()
     assert isinstance(lm.model.a, FusedLoRALinear) and isinstance(lm.model.b, FusedLoRALinear)
+
+
+# ---------------------------------------------------------------- issue 18 item 23: error messages
+
+def test_layers_refused_for_one_reason_are_named_together_with_the_reason_once():
+    """Issue 18 item 23: adapting a bitsandbytes model whose layers are refused (here: Linear4bit not yet
+    quantized) repeated the same ~270-character reason after every layer; the layers are now grouped
+    by reason, as patch_peft's report does, every reason said once."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = nn.Sequential(*[bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4")
+                            for _ in range(8)], nn.Linear(64, 8))
+    model[7] = ScaledLinear(64, 64)  # a second reason
+    with pytest.raises(ValueError) as err:
+        get_lora_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    message = str(err.value)
+    assert message.count("no quant_state") == 1 and message.count("overrides nn.Linear's forward") == 1
+    assert "cannot adapt 0, 1, 2, 3, 4 and 2 more (Linear4bit: the Params4bit has no quant_state" in message
+    assert "; 7 (ScaledLinear overrides" in message
+    assert len(message) < 700
+    assert type(model[0]).__name__ == "Linear4bit"  # nothing half-applied
+
+
+def test_qdora_refusal_names_the_layers_not_an_internal_function():
+    """Issue 18 item 23: get_lora_model(use_dora=True) over a quantized base answered "from_linear:
+    use_dora=True over a quantized base ..." (an internal function, and no layer); it now names the
+    layers, before anything is changed."""
+    from fused_lora import quantize_model
+    from fused_lora.quant import QuantizedLinear
+    model = quantize_model(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8)), "nf4",
+                           target_modules=["0", "2"])
+    with pytest.raises(ValueError) as err:
+        get_lora_model(model, LoraConfig(r=4, target_modules=["0", "2", "3"], use_dora=True))
+    message = str(err.value)
+    assert "from_linear" not in message
+    assert message.startswith("use_dora=True: cannot adapt 0, 2 (QuantizedLinear): DoRA over a quantized base "
+                              "(QDoRA) is not implemented"), message
+    assert isinstance(model[0], QuantizedLinear) and type(model[3]) is nn.Linear
+    with pytest.raises(ValueError, match=r"FusedLoRALinear.from_linear: use_dora=True over a quantized base"):
+        FusedLoRALinear.from_linear(model[0], r=4, use_dora=True)  # called directly, the method names itself
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_wrong_input_width_is_said_as_a_number(quantized):
+    """Issue 18 item 23: "input's last dimension is (15,)" printed a tuple; it is a number now, and a
+    0-dim input says so."""
+    from fused_lora import quantize_model
+    base = nn.Linear(64, 8)
+    layer = FusedLoRALinear.from_linear(quantize_model(nn.Sequential(base), "int8")[0] if quantized else base, r=2)
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(3, 15))
+    assert "input's last dimension is 15 but in_features is 64 (input shape (3, 15))" in str(err.value)
+    with pytest.raises(ValueError, match="input is a 0-dim tensor but in_features is 64"):
+        layer(torch.tensor(1.0))

@@ -348,3 +348,32 @@ def test_zero_size_batches_and_out_features(backend, device, shape):
     assert out.shape == (3, 0)
     out.sum().backward()
     assert torch.count_nonzero(x.grad) == 0
+
+
+def test_attribute_names_follow_the_active_adapter_parameter_names_never_do():
+    """Issue 18 item 24: after set_adapter("task_b"), `layer.lora_A` is task_b's tensor while the
+    parameter named "lora_A" is still the "default" adapter's. Which is which, as documented in the
+    class docstring and docs/ADAPTERS.md: attributes are the active adapter's view, names are storage
+    (a one-adapter layer keeps exactly its keys; keys never depend on the active adapter), and
+    the active adapter is what an optimizer built from the trainable parameters trains."""
+    layer = make_layer(K=6, N=5, r=2)
+    assert list(layer.state_dict()) == ["weight", "bias", "lora_A", "lora_B"]  # a one-adapter layer's keys
+    layer.add_adapter("task_b", r=3, init_lora_weights=False)  # B != 0: both of task_b's tensors get gradients
+    layer.set_adapter("task_b")
+    named = dict(layer.named_parameters())
+    assert layer.lora_A is named["lora_adapters.task_b.lora_A"] and layer.lora_B is named["lora_adapters.task_b.lora_B"]
+    assert named["lora_A"] is layer.adapter_weights("default")[0] and named["lora_A"] is not layer.lora_A
+    assert layer.lora_A.shape == (3, 6) and layer.r == 3  # every attribute is the active adapter's
+    trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
+    assert trainable == ["lora_adapters.task_b.lora_A", "lora_adapters.task_b.lora_B"]
+    assert [n for n in named if "lora_A" in n] == ["lora_A", "lora_adapters.task_b.lora_A"]  # a name filter: all
+    keys = list(layer.state_dict())
+    layer.set_adapter("default")
+    assert list(layer.state_dict()) == keys and layer.lora_A is dict(layer.named_parameters())["lora_A"]
+    layer.set_adapter("task_b")
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=1.0)
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    layer(torch.randn(4, 6)).square().sum().backward()
+    opt.step()
+    changed = sorted(n for n, p in layer.named_parameters() if not torch.equal(p, before[n]))
+    assert changed == ["lora_adapters.task_b.lora_A", "lora_adapters.task_b.lora_B"]

@@ -55,8 +55,9 @@ def test_bad_targets_are_clear_and_leave_model_alone():
     assert all(isinstance(m, (nn.Linear, nn.ReLU, nn.LogSoftmax, nn.Sequential, MLP)) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
-    with pytest.raises(ValueError, match="target_modules is required"):
-        LoraConfig()
+    with pytest.raises(ValueError, match="target_modules is required: MLP has no transformers config.model_type"):
+        get_lora_model(model, LoraConfig())  # no peft default for the model type to take
+    assert all(isinstance(m, (nn.Linear, nn.ReLU, nn.LogSoftmax, nn.Sequential, MLP)) for m in model.modules())
 
 
 def trained(lm, steps=3):

@@ -475,15 +475,10 @@ def test_patched_model_deepcopies_and_pickles():
 
 
 def test_clear_errors():
-    with pytest.raises(ValueError, match="no peft LoRA layers"):
-        patch_peft(MLP())
-    with pytest.raises(ValueError, match="no peft LoRA layers"):
-        unpatch_peft(MLP())
-    ours_own = fused_lora.get_lora_model(MLP(), fused_lora.LoraConfig(r=2, target_modules=["fc1"]))
-    with pytest.raises(ValueError, match="FusedLoRALinear"):
-        patch_peft(ours_own)
     with pytest.raises(TypeError, match="nn.Module"):
         patch_peft("model")
+    with pytest.raises(TypeError, match="nn.Module"):
+        unpatch_peft("model")
     torch.manual_seed(0)
     model = peft.get_peft_model(MLP(), peft.LoraConfig(r=2, target_modules=["fc1"]))
     with pytest.raises(ValueError, match="unknown backend"):
@@ -602,3 +597,39 @@ def test_a_forced_backend_checks_every_adapters_rank_at_patch_time():
     with pytest.raises(fused_lora.BackendUnavailable, match="rank 300"):
         patch_peft(model, backend="triton", verbose=False)
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def without_lora(kind):
+    """A peft model of another method than LoRA (no peft LoRA layer anywhere), over a tiny Llama."""
+    base = build_llama("tiny")
+    if kind == "prefix":
+        return peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    if kind == "ia3":
+        return peft.get_peft_model(base, peft.IA3Config(task_type="CAUSAL_LM"))
+    if kind == "vblora":
+        return peft.get_peft_model(base, peft.VBLoRAConfig(r=2, num_vectors=8, vector_length=16,
+                                                          target_modules=["q_proj", "v_proj"]))
+    if kind == "plain":
+        return MLP()
+    assert kind == "ours"
+    return fused_lora.get_lora_model(MLP(), fused_lora.LoraConfig(r=2, target_modules=["fc1"]))
+
+
+@pytest.mark.parametrize("kind", ["prefix", "ia3", "vblora", "plain", "ours"])
+def test_a_model_without_peft_lora_layers_is_returned_unchanged_with_a_warning(kind, capsys):
+    """Issue 18 item 29: patch_peft raised on a peft model without LoRA layers (prefix tuning, IA3,
+    VB-LoRA: nine of peft's own tests broke), so a script patching whatever peft model it is given
+    failed; it returns the model unchanged, reports `0 LoRA layers: nothing to patch` and warns
+    (naming fused_lora's own layers where those are why). unpatch_peft does nothing there either."""
+    model = without_lora(kind)
+    forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="no peft LoRA layers" + (".*FusedLoRALinear" if kind == "ours" else "")):
+        assert patch_peft(model) is model
+    assert capsys.readouterr().out == "fused_lora: 0 LoRA layers: nothing to patch\n"
+    assert str(model.fused_lora_report) == "fused_lora: 0 LoRA layers: nothing to patch"
+    assert model.fused_lora_report.patched == [] and model.fused_lora_report.kept == {}
+    assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == forwards
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert unpatch_peft(model) is model
+    assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == forwards

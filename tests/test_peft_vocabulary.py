@@ -196,3 +196,136 @@ def test_dora_config_round_trips_and_a_peft_dora_adapter_loads(tmp_path):
     assert ours.peft_config["default"].use_dora
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=TOKENS).logits, ref(input_ids=TOKENS).logits)
+
+# ---------------------------------------------------------------- issue 18 item 22: peft's words
+
+REFUSED_SETTINGS = {"layers_to_transform": [0], "rank_pattern": {"q_proj": 2}, "lora_bias": True,
+                    "use_qalora": True, "layer_replication": [[0, 1]]}
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED_SETTINGS))
+def test_constructor_names_a_refused_peft_field_as_the_loader_does(field):
+    """Issue 18 item 22: LoraConfig(layers_to_transform=[0]) gave Python's generic "unexpected keyword
+    argument"; the constructor now names the field and why, in the loader's words."""
+    value = REFUSED_SETTINGS[field]
+    with pytest.raises(ValueError) as loading:
+        LoraConfig.from_peft_dict({"target_modules": ["q_proj"], field: value})
+    with pytest.raises(ValueError, match=f"{field}=.* is not supported by fused_lora: ") as built:
+        LoraConfig(target_modules=["q_proj"], **{field: value})
+    assert str(built.value) == f"LoraConfig: {loading.value}"
+
+
+def test_constructor_takes_every_peft_field_at_peft_s_default():
+    """Issue 18 item 22: a config spelled with all of peft's LoraConfig fields (e.g. copied from peft code)
+    constructs when every field fused_lora does not implement has its off value, as the loader reads it;
+    a name that is no field of peft's either stays Python's TypeError, naming it."""
+    import dataclasses
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(peft.LoraConfig)}
+    defaults["target_modules"] = ["q_proj"]
+    config = LoraConfig(**defaults)
+    assert config == LoraConfig(target_modules=["q_proj"])
+    assert LoraConfig(target_modules=["q_proj"], revision="v2", peft_type="LORA") == config  # ignored as on load
+    with pytest.raises(ValueError, match="peft_type"):
+        LoraConfig(target_modules=["q_proj"], peft_type="IA3")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'target_module'"):
+        LoraConfig(target_module=["q_proj"])
+
+
+def adapted(peft_model) -> list[str]:
+    """The names of the modules peft adapted, as in the base model (without peft's wrapper prefix)."""
+    from peft.tuners.lora import LoraLayer
+    return [n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def test_get_lora_model_takes_peft_s_lora_config_as_add_adapter_does():
+    """Issue 18 item 22: one rule for a peft LoraConfig: get_lora_model (and LoraModel) refused it while
+    LoraModel.add_adapter accepted it; both now read it as its adapter_config.json would be read."""
+    ours = get_lora_model(build_llama("tiny"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                               init_lora_weights=False))
+    ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    assert isinstance(ours.peft_config["default"], LoraConfig) and ours.peft_config["default"].r == 4
+    assert [n for n, _ in ours.lora_layers()] == adapted(ref)
+    direct = LoraModel(build_llama("tiny"), peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    assert direct.peft_config["default"].target_modules == ["v_proj"]
+    for build in (lambda c: get_lora_model(build_llama("tiny"), c), lambda c: ours.add_adapter("x", c)):
+        with pytest.raises(ValueError, match=r"layers_to_transform=\[0\] is not supported by fused_lora"):
+            build(peft.LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[0]))
+
+
+def tiny_model(kind):
+    """A tiny transformers model of `kind` (random weights, built from a config)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  hidden_size=32, intermediate_size=64)
+    if kind == "llama":
+        return build_llama("tiny")
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=128,
+                                                                    n_positions=32))
+    if kind == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    if kind == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    if kind == "bert":
+        return transformers.BertModel(transformers.BertConfig(num_hidden_layers=1, hidden_size=32,
+                                                              num_attention_heads=4, intermediate_size=64,
+                                                              vocab_size=128))
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "mistral", "qwen2", "bert"])
+def test_without_target_modules_peft_s_default_for_the_model_type_is_adapted(kind, tmp_path):
+    """Issue 18 item 22: target_modules was required, unlike peft; without it the model type's default
+    target modules (peft's table) are adapted, exactly the modules peft adapts, and recorded in the
+    config as peft records them (so the saved adapter loads in peft)."""
+    ref = peft.get_peft_model(tiny_model(kind), peft.LoraConfig(r=2))
+    lm = get_lora_model(tiny_model(kind), LoraConfig(r=2))
+    assert [n for n, _ in lm.lora_layers()] == adapted(ref)
+    assert lm.peft_config["default"].target_modules == sorted(ref.peft_config["default"].target_modules)
+    lm.add_adapter("other", LoraConfig(r=4))  # the same rule for a further adapter
+    assert [n for n, _ in lm.lora_layers()] == adapted(ref)
+    lm.save_pretrained(tmp_path)
+    peft.PeftModel.from_pretrained(tiny_model(kind), tmp_path)
+
+
+def test_without_target_modules_an_unknown_model_type_is_a_clear_error():
+    """Issue 18 item 22: a model peft has no default for (not a transformers model, or a model type
+    outside peft's table) gets an error saying target_modules is required and why, model unchanged."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="target_modules is required.*no transformers config"):
+        get_lora_model(model, LoraConfig())
+    model.config = transformers.PretrainedConfig()
+    model.config.model_type = "my_model"
+    with pytest.raises(ValueError, match="target_modules is required: peft has no default target modules for "
+                                         "model type 'my_model'"):
+        get_lora_model(model, LoraConfig())
+    assert type(model[0]) is torch.nn.Linear
+
+
+def test_default_target_modules_are_peft_s_table():
+    """Issue 18 item 22: the table fused_lora carries (so a minimal install without peft has it, and what
+    is adapted does not change with the installed peft) is peft's own; this fails when peft changes it."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_table
+    from fused_lora.targets import DEFAULT_TARGET_MODULES
+    assert DEFAULT_TARGET_MODULES == peft_table
+
+
+def test_a_file_without_target_modules_loads_by_the_model_type_s_default_as_in_peft(tmp_path):
+    """Issue 18 item 22: an adapter_config.json whose target_modules is null means, for peft, the model
+    type's default target modules: it loads when the weights adapt exactly those, and is refused
+    (AdapterError) when they adapt others, rather than loading modules the config does not name."""
+    for targets, directory in ((["q_proj", "v_proj"], tmp_path / "default"), (["q_proj", "k_proj"], tmp_path / "qk")):
+        ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=2, target_modules=targets,
+                                                                       init_lora_weights=False))
+        ref.save_pretrained(directory)
+        config = json.loads((directory / "adapter_config.json").read_text())
+        config["target_modules"] = None
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+    lm = LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "default")
+    assert {n.rsplit(".", 1)[-1] for n, _ in lm.lora_layers()} == {"q_proj", "v_proj"}
+    ref = peft.PeftModel.from_pretrained(build_llama("tiny"), tmp_path / "default")
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=TOKENS).logits, ref(input_ids=TOKENS).logits)
+    with pytest.raises(AdapterError, match="does not agree with the weights"):
+        LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "qk")
