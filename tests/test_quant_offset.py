@@ -46,13 +46,15 @@ WRITES = {
     "fill_": lambda t: t.fill_(2.5),
     "mul_": lambda t: t.mul_(-3.0),
     "setitem": lambda t: t.__setitem__((), 0.5),
+    "data_assign": lambda t: setattr(t, "data", torch.tensor(0.25)),  # no version bump: a new data pointer
 }
 
 
 @pytest.mark.parametrize("write", list(WRITES))
 def test_inplace_write_to_offset_is_seen_by_the_next_forward(write):
-    """An in-place write to the offset buffer after a forward (which read it) is seen by the next forward; the
-    output follows the float64 reference with the new offset, not the old one."""
+    """A write to the offset buffer after a forward (which read it) is seen by the next forward: in place, or
+    through `.data =` (which keeps the version count); the output follows the float64 reference with the new
+    offset, not the old one."""
     ql = _quantized_linear()
     x = torch.randn(5, K)
     y_old = ql(x)
@@ -227,3 +229,22 @@ def test_nonfinite_offset_write_refused_at_the_next_forward(bad):
         ql(x)
     with pytest.raises(QuantizationError, match=rf"offset holds {word}\b"):
         ql.weight.dequantize()
+
+
+def test_custom_ops_take_the_offset_as_a_tensor_opcheck():
+    """The compiled form of the layout (the offset buffer as a sixth packed tensor, read when the op runs) passes
+    torch.library.opcheck for the base op and the LoRA op, and computes what the float form computes."""
+    from dataclasses import replace
+
+    from fused_lora import quant, quant_ops
+    qw = _quantized_linear().weight
+    x = torch.randn(5, K, requires_grad=True)
+    A, B = torch.randn(4, K, requires_grad=True), torch.randn(N, 4, requires_grad=True)
+    as_tensor = quant.op_args(replace(qw.data(), offset=qw.offset))
+    as_float = quant.op_args(qw.data())
+    assert len(as_tensor[0]) == 6 and as_tensor[0][5] is qw.offset and as_tensor[2] == 0.0
+    torch.library.opcheck(quant_ops.quant_linear_fwd, (x, *as_tensor, None))
+    lora = (None, A, B, 0.5, 0.0, torch.tensor(3), "torch")
+    torch.library.opcheck(quant_ops.lora_linear_quant_fwd, (x, *as_tensor, *lora))
+    torch.testing.assert_close(quant_ops.lora_linear_quant_fwd(x, *as_tensor, *lora)[0],
+                               quant_ops.lora_linear_quant_fwd(x, *as_float, *lora)[0], atol=0, rtol=0)
