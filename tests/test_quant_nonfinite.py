@@ -98,6 +98,19 @@ def test_compute_dtype_that_cannot_hold_the_weight_refused(fmt, nested, dtype, b
     assert bool(torch.isfinite(quantize(fmt, nested, w, compute_dtype=torch.float32).dequantize()).all())
 
 
+@pytest.mark.parametrize("fmt,nested", LAYOUTS, ids=LAYOUT_IDS)
+def test_float16_weight_at_float16s_largest_value_quantizes(fmt, nested):
+    """The compute-dtype check is exact, not a bound: a float16 weight holding float16's largest value (65504)
+    quantizes for float16 (int8's scale times 128, the largest code's bound, would overflow float16; the
+    codes themselves reach only 127) and dequantizes to finite float16 values."""
+    w = weight(dtype=torch.float16)
+    w[4, 9] = -65504.0
+    q = quantize(fmt, nested, w)
+    W = q.dequantize(torch.float16)
+    assert q.dtype == torch.float16 and bool(torch.isfinite(W).all())
+    torch.testing.assert_close(W[4, 9].float(), torch.tensor(-65504.0), rtol=0.02 if nested else 1e-3, atol=0)
+
+
 def test_nested_offset_of_huge_finite_blocks_is_finite():
     """Every block of a float32 weight holds values near float32's largest: the nested offset (the mean of the
     absmax) overflowed to inf in float32, and absmax - offset then made inf x 0 = NaN inside the nested
