@@ -23,11 +23,19 @@ Choices written down:
   weights and of a merged weight. Inputs of any float dtype run in their own dtype.
 - `.to(dtype)`/`.half()` change that compute dtype but never the stored tensors (casting the fp32
   absmax would change the dequantized values); `.to(device)` moves them.
+- No weight that dequantizes to NaN or inf, in float32 or in its compute dtype, is made or loaded: the
+  quantizers refuse such a weight (a float64 one beyond float32's range included), the container and the
+  bitsandbytes / torchao converters refuse such scales (`value_problem`), and load_state_dict checks a
+  checkpoint's entries, cast to float32, before copying any of them (`QuantizedWeight.load_refusal`).
+- The nested offset is a buffer and the one truth; the kernels and custom ops take it as a Python float,
+  read from the buffer once per change of it (`offset_value`), and under torch.compile the buffer itself
+  travels into the custom ops (`op_args`), so no write to it is missed and no forward syncs to read it.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Iterator, Optional, Union
 
 import torch
@@ -85,7 +93,7 @@ def _blockwise(flat: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tens
     return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
 
 
-def _check_float_weight(weight, what: str) -> None:
+def _check_float_weight(weight, what: str, compute_dtype: Optional[torch.dtype] = None) -> None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"{what}: expected a weight tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
@@ -96,8 +104,28 @@ def _check_float_weight(weight, what: str) -> None:
                         "(float32, float16, bfloat16 or float64)")
     if weight.is_meta:
         raise QuantizationError(f"{what}: the weight is on the meta device (no values to quantize)")
-    if weight.numel() and not bool(torch.isfinite(weight).all()):
-        raise QuantizationError(f"{what}: the weight holds NaN or inf")
+    if not weight.numel():
+        return
+    # one reduction without a temporary copy of the weight; NaN propagates through it
+    peak = float(torch.linalg.vector_norm(weight, float("inf")))
+    if math.isnan(peak) or math.isinf(peak):
+        raise QuantizationError(f"{what}: the weight holds {'NaN' if math.isnan(peak) else 'inf'}")
+    # The scales are float32 (a float64 weight's 1e300 made inf scales and NaN codes), and the weight is
+    # dequantized in its compute dtype: each must hold the weight's largest value (the +-1 NF4 level and the
+    # +-127 int8 code reproduce it, rounded to float32).
+    for dtype, why in ((torch.float32, "NF4 and int8 scales are float32"),
+                       (compute_dtype or weight.dtype, "the compute dtype: the weight would dequantize to inf")):
+        if dtype in FLOAT_DTYPES and not _fits(peak, dtype):
+            raise QuantizationError(f"{what}: the weight holds {peak:g}, beyond {_name(dtype)}'s range ({why})")
+
+
+def _fits(value: float, dtype: torch.dtype) -> bool:
+    """Whether `value`, rounded to float32 (as the scales are) and then to `dtype`, is finite."""
+    return bool(torch.isfinite(torch.tensor(value, dtype=torch.float64).float().to(dtype)))
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 @torch.no_grad()
@@ -110,7 +138,7 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True,
     `blocksize` (QuantizationError otherwise). Rows are quantized a chunk at a time (rows are whole
     blocks), so the temporaries stay bounded whatever the weight's size."""
     what = "quantize_nf4"
-    _check_float_weight(weight, what)
+    _check_float_weight(weight, what, compute_dtype)
     # an integer of any type (numpy's too), never a float or bool: 64.0 == 64 would pass the check below
     if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) or blocksize not in NF4_BLOCKSIZES:
         raise QuantizationError(f"{what}: blocksize {blocksize!r} is not one of {NF4_BLOCKSIZES}")
@@ -130,7 +158,9 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True,
         packed[start * K // 2: stop * K // 2] = (q[::2] << 4) | q[1::2]
     data = dict(shape=(N, K), packed=packed, code=code, blocksize=blocksize)
     if double_quant:
-        offset = absmax.mean()
+        offset = absmax.mean()  # in float32, as bitsandbytes computes it
+        if not bool(torch.isfinite(offset)):  # the float32 sum overflowed (absmax near float32's largest)
+            offset = absmax.double().mean().float()
         code2 = dynamic_code(weight.device)
         qabsmax, absmax2 = _blockwise(absmax - offset, code2, NESTED_BLOCKSIZE)
         nf4 = NF4Data(**data, qabsmax=qabsmax, code2=code2, absmax2=absmax2, blocksize2=NESTED_BLOCKSIZE,
@@ -145,7 +175,7 @@ def quantize_int8(weight: Tensor, compute_dtype: Optional[torch.dtype] = None) -
     """int8 weight-only, one scale per output row: q = round(W * 127 / absmax_row), scale = absmax_row / 127
     (bitsandbytes' int8_vectorwise_quant codes, threshold 0). A zero row gets scale 0."""
     what = "quantize_int8"
-    _check_float_weight(weight, what)
+    _check_float_weight(weight, what, compute_dtype)
     if weight.numel() == 0:
         raise QuantizationError(f"{what}: the weight is empty (shape {tuple(weight.shape)})")
     N, K = weight.shape
@@ -167,9 +197,9 @@ def quantize(weight: Tensor, quant_type: str, **kwargs) -> "QuantizedWeight":
     raise ValueError(f"unknown quant_type {quant_type!r}; expected one of {', '.join(FORMATS)}")
 
 
-def check_data(data: QuantData, what: str = "QuantizedWeight") -> None:
-    """The packed layout holds together: sizes, dtypes, one device (QuantizationError / TypeError naming
-    the field)."""
+def check_data(data: QuantData, what: str = "QuantizedWeight", same_device: bool = True) -> None:
+    """The packed layout holds together: sizes, dtypes and (`same_device`) one device (QuantizationError /
+    TypeError naming the field)."""
     if isinstance(data, Int8Data):
         N, K = data.shape
         if data.qweight.dtype != torch.int8 or tuple(data.qweight.shape) != (N, K):
@@ -208,8 +238,111 @@ def check_data(data: QuantData, what: str = "QuantizedWeight") -> None:
     else:
         raise TypeError(f"{what}: expected NF4Data or Int8Data, got {type(data).__name__}")
     devices = {t.device for t in tensors}
-    if len(devices) > 1:
+    if same_device and len(devices) > 1:
         raise QuantizationError(f"{what}: the packed tensors are on several devices: {sorted(map(str, devices))}")
+
+
+def _nonfinite(t: Tensor) -> Optional[str]:
+    """"NaN" or "inf" when `t` holds one (NaN first), else None."""
+    if not t.numel() or bool(torch.isfinite(t).all()):
+        return None
+    return "NaN" if bool(torch.isnan(t).any()) else "inf"
+
+
+def value_problem(data: QuantData, compute_dtype: torch.dtype = torch.float32) -> Optional[str]:
+    """Why `data` (a layout `check_data` accepts) would dequantize to NaN or inf, in float32 or in
+    `compute_dtype`: a scale, code table or nested offset holding NaN / inf (named), or a largest weight
+    value beyond the dtype's range. None when every value is finite. Reads the scales and tables (a few
+    floats per block or row), never the packed codes; a meta layout has no values (None)."""
+    if isinstance(data, Int8Data):
+        if data.scale.is_meta:
+            return None
+        bad = _nonfinite(data.scale)
+        if bad:
+            return f"scale holds {bad}"
+        # A row's largest value is |q| <= 128 times its scale: only rows where that bound overflows are read
+        scale = data.scale.float().abs()
+        bound = scale * 128
+        over = ~torch.isfinite(bound) | ~torch.isfinite(bound.to(compute_dtype))
+        if not bool(over.any()):
+            return None
+        rows = over.nonzero().squeeze(1)
+        q = data.qweight[rows.to(data.qweight.device)].to(scale.device)
+        row_peak = q.to(torch.int16).abs().amax(dim=1).float() * scale[rows]
+        if not bool(torch.isfinite(row_peak).all()):
+            return f"the weight dequantizes to inf in float32 (scale up to {float(scale.max()):g})"
+        peak = row_peak.max()
+    else:
+        if data.packed.is_meta:
+            return None
+        named = [("code", data.code)]
+        if data.nested:
+            offset = float(data.offset)
+            named += [("code2", data.code2), ("offset", torch.tensor(offset)), ("absmax2", data.absmax2)]
+        else:
+            named.append(("absmax", data.absmax))
+        for name, t in named:
+            bad = _nonfinite(t.float())
+            if bad:
+                return f"{name} holds {bad}"
+        absmax = data.block_absmax(0, data.qabsmax.numel() if data.nested else data.absmax.numel())
+        bad = _nonfinite(absmax)
+        if bad:
+            return f"the nested absmax (code2[qabsmax] * absmax2 + offset) holds {bad}"
+        level, scale = data.code.float().abs().max(), absmax.abs().max()
+        peak = level * scale
+        if not bool(torch.isfinite(peak)):
+            return (f"the weight dequantizes to inf in float32 (largest |code| {float(level):g} times largest "
+                    f"absmax {float(scale):g})")
+    if not bool(torch.isfinite(peak.to(compute_dtype))):
+        return (f"the weight's largest value {float(peak):g} is beyond {_name(compute_dtype)}'s range, its compute "
+                "dtype (it would dequantize to inf)")
+    return None
+
+
+def check_values(data: QuantData, compute_dtype: torch.dtype = torch.float32, what: str = "QuantizedWeight") -> None:
+    """QuantizationError naming the field when `data` would dequantize to NaN or inf (`value_problem`)."""
+    problem = value_problem(data, compute_dtype)
+    if problem:
+        raise QuantizationError(f"{what}: {problem}")
+
+
+# id(offset tensor) -> (weak reference to it, (version, data pointer) it was read at, value): kept beside the
+# tensor, not on it, so that no copy of the tensor (deepcopy, pickle) carries a stale entry along
+_OFFSETS_READ: dict = {}
+
+
+def offset_value(offset: Tensor) -> float:
+    """The nested NF4 offset (a 0-dim float32 tensor, the one truth) as the Python float the kernels and custom
+    ops take. The value is read from the device (on a GPU, a device-to-host sync) only when the tensor changed
+    since it was last read: the tensor's (version counter, data pointer) at that read is kept, so any in-place
+    write (which bumps the version), `.data =` (which moves the pointer) or another tensor in the buffer's place
+    (a device move, load_state_dict(assign=True), a copy) is read again. Writes that bypass the version counter
+    (in place through `.data` or a NumPy view, which autograd does not see either) are not noticed. An
+    inference tensor has no version counter: it is read on every call. QuantizationError if the value is NaN
+    or inf. A meta offset has no value: 0.0 (shapes only)."""
+    if offset.is_meta:
+        return 0.0
+    key = None if offset.is_inference() else (offset._version, offset.data_ptr())
+    entry = _OFFSETS_READ.get(id(offset))
+    if key is not None and entry is not None and entry[0]() is offset and entry[1] == key:
+        return entry[2]
+    value = float(offset)
+    if not math.isfinite(value):
+        raise QuantizationError(f"QuantizedWeight: the nested NF4 offset holds {'NaN' if math.isnan(value) else 'inf'}")
+    if key is not None:
+        ident = id(offset)
+        _OFFSETS_READ[ident] = (weakref.ref(offset, lambda _: _OFFSETS_READ.pop(ident, None)), key, value)
+    return value
+
+
+def _normal_tensor(t: Tensor) -> Tensor:
+    """`t`, or a copy of it that is not an inference tensor (made in torch.inference_mode, which keeps no
+    version counter: `offset_value` would read it on every call)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
 
 
 class QuantizedWeight(nn.Module):
@@ -241,6 +374,7 @@ class QuantizedWeight(nn.Module):
         check_data(data)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"QuantizedWeight: compute dtype {dtype} is not a floating-point dtype")
+        check_values(data, dtype)
         self.format = "int8" if isinstance(data, Int8Data) else "nf4"
         self._shape = tuple(int(s) for s in data.shape)
         self.compute_dtype = dtype
@@ -255,10 +389,10 @@ class QuantizedWeight(nn.Module):
                 if getattr(data, name) is not None:
                     t = getattr(data, name).contiguous().reshape(-1)
                     self.register_buffer(name, t.float() if name != "qabsmax" else t)
-            if data.nested:  # a buffer, so a state_dict carries it; read back as a float once (no sync per call)
-                self.register_buffer("offset", torch.tensor(float(data.offset), dtype=torch.float32,
-                                                            device=data.packed.device))
-            self._offset_value: Optional[float] = float(data.offset)
+            if data.nested:  # a buffer, the one truth (a state_dict carries it); read as `offset_value` reads it
+                with torch.inference_mode(False):  # a tensor with a version counter, even in inference mode
+                    self.register_buffer("offset", torch.tensor(float(data.offset), dtype=torch.float32,
+                                                                device=data.packed.device))
 
     def __getstate__(self):
         # copies (deepcopy, pickle) leave out the bitsandbytes layer the weight was read from (quant_convert):
@@ -290,45 +424,105 @@ class QuantizedWeight(nn.Module):
         return self.format == "nf4" and "qabsmax" in self._buffers
 
     def data(self) -> QuantData:
-        """The `quant_format` view of the current buffers (follows .to(device))."""
+        """The `quant_format` view of the current buffers (follows .to(device), load_state_dict and in-place
+        writes). The nested offset is the buffer's value (`offset_value`: read from the device only when the
+        buffer changed); under torch.compile it is the buffer itself, which `op_args` hands to the custom ops,
+        read when they run (a float taken while tracing would be a constant of the graph, blind to later
+        writes)."""
         if self.format == "int8":
             return Int8Data(self._shape, self.qweight, self.scale)
-        if self._offset_value is None:
-            self._read_offset()
-        return self._data_with_offset(self._offset_value)
-
-    def _data_with_offset(self, offset: float) -> NF4Data:
         get = self._buffers.get
+        offset = get("offset")
+        if offset is not None and not torch.compiler.is_compiling():
+            offset = offset_value(offset)
         return NF4Data(self._shape, self.packed, self.code, self.blocksize, absmax=get("absmax"),
                        qabsmax=get("qabsmax"), code2=get("code2"), absmax2=get("absmax2"),
-                       blocksize2=self.blocksize2, offset=offset)
+                       blocksize2=self.blocksize2, offset=0.0 if offset is None else offset)
 
-    def _read_offset(self) -> None:
-        # The offset as a Python float, read once (a tensor read per call would sync, and under
-        # torch.compile would become an unbacked float the custom op cannot take). A meta offset has no
-        # value: any float serves there (shapes only).
-        offset = self._buffers["offset"]
-        self._offset_value = 0.0 if offset.is_meta else float(offset)
+    _FLOAT_BUFFERS = ("code", "absmax", "code2", "absmax2", "scale", "offset")
 
-    _FLOAT_BUFFERS = ("code", "absmax", "code2", "absmax2", "scale")
+    def load_refusal(self, state_dict: dict, prefix: str = "", strict: bool = True,
+                     assign: bool = False) -> Optional[str]:
+        """Why load_state_dict(state_dict) would refuse this weight's entries (the keys `prefix` + buffer name),
+        or None when they load. Checked before anything is copied, so a refused load leaves the weight as it
+        was: every entry a tensor of this weight's shape, the packed layout whole (`check_data`, integer codes of
+        their exact dtype), and no value that dequantizes to NaN or inf in float32 or in the compute dtype
+        (`value_problem`), judged after the float entries are cast to float32 as loading casts them (a float64
+        1e300 is inf in the buffer). A strict load missing an entry is refused too (no half of a checkpoint
+        over the other half of this weight); a non-strict one keeps the buffer there is."""
+        merged, missing = {}, []
+        for name, current in self._buffers.items():
+            key = prefix + name
+            if key not in state_dict:
+                missing.append(key)
+                merged[name] = current
+                continue
+            value = state_dict[key]
+            if not isinstance(value, Tensor):
+                return f"{name}: expected a tensor in the checkpoint, got {type(value).__name__}"
+            if current.dim() == 0 and tuple(value.shape) == (1,):  # as nn.Module loads it (old 1-element files)
+                value = value[0]
+            if value.shape != current.shape:
+                return (f"size mismatch for {name}: shape {tuple(value.shape)} in the checkpoint, "
+                        f"{tuple(current.shape)} in this weight")
+            if name in self._FLOAT_BUFFERS and value.dtype != torch.float32:  # loading casts them to float32
+                cast = value.float()
+                if _nonfinite(cast) and not (value.is_floating_point() and _nonfinite(value)):
+                    return (f"{name} holds a value beyond float32's range (largest "
+                            f"{float(value.abs().max()):g}; inf once cast to float32, the buffers' dtype)")
+                value = cast
+            merged[name] = value
+        if strict and missing:
+            return f"missing {', '.join(missing)}"
+        try:  # with assign=True the checkpoint's tensors become the buffers: they must share one device
+            check_data(self._layout(merged), "QuantizedWeight", same_device=assign)
+        except (QuantizationError, TypeError) as err:
+            return str(err).removeprefix("QuantizedWeight: ")
+        if any(t.is_meta for t in merged.values()):
+            return None
+        # The values are read where the checkpoint's scales are (not necessarily this weight's device yet); the
+        # packed NF4 codes are never read (an empty stand-in), int8 codes only in rows a scale could overflow.
+        codes = "qweight" if self.format == "int8" else "packed"
+        small = [n for n in merged if n != codes]
+        device = next((state_dict[prefix + n].device for n in small if prefix + n in state_dict),
+                      merged[small[0]].device)
+        moved = {n: t.to(device) for n, t in merged.items() if n != codes}
+        moved[codes] = merged[codes] if codes == "qweight" else torch.empty(0, dtype=torch.uint8, device=device)
+        return value_problem(self._layout(moved), self.compute_dtype)
+
+    def _layout(self, tensors: dict) -> QuantData:
+        """The layout of buffers given by name (the nested offset as its value)."""
+        if self.format == "int8":
+            return Int8Data(self._shape, tensors["qweight"], tensors["scale"])
+        offset = tensors.get("offset")
+        return NF4Data(self._shape, tensors["packed"], tensors["code"], self.blocksize, absmax=tensors.get("absmax"),
+                       qabsmax=tensors.get("qabsmax"), code2=tensors.get("code2"), absmax2=tensors.get("absmax2"),
+                       blocksize2=self.blocksize2,
+                       offset=0.0 if offset is None or offset.is_meta else float(offset))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # Everything is checked before anything is copied (load_refusal): a refused load leaves every buffer
+        # as it was. A strict load missing entries reports them as nn.Module does, loading none of the others.
+        missing = [prefix + n for n in self._buffers if prefix + n not in state_dict]
+        if strict and missing:
+            missing_keys.extend(missing)
+            return
+        refusal = self.load_refusal(state_dict, prefix, strict,
+                                    bool(local_metadata.get("assign_to_params_buffers", False)))
+        if refusal is not None:
+            error_msgs.append(f"{prefix.rstrip('.') or '(root)'}: {refusal}")
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        # assign=True takes the checkpoint's tensors as they are: keep the layout contract (fp32 tables,
-        # uint8 / int8 codes), refusing by name what cannot be read.
+        # assign=True takes the checkpoint's tensors as they are: keep the layout contract (fp32 tables, a
+        # tensor with a version counter for the offset)
         for name in self._FLOAT_BUFFERS:
             t = self._buffers.get(name)
-            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+            if t is not None and t.dtype != torch.float32:
                 self._buffers[name] = t.float()
-        try:
-            check_data(self.data() if not self.nested else self._data_with_offset(0.0), "QuantizedWeight")
-        except (QuantizationError, TypeError) as err:
-            error_msgs.append(f"{prefix.rstrip('.') or '(root)'}: {err}")
-            return
-        if self.nested:
-            self._read_offset()  # now, in eager mode: not later inside a compiled forward
+        if "offset" in self._buffers:
+            self._buffers["offset"] = _normal_tensor(self._buffers["offset"])
 
     def nbytes(self) -> int:
         """Bytes held by every tensor of this weight (packed data, scales, code tables)."""
@@ -366,6 +560,8 @@ class QuantizedWeight(nn.Module):
             if t is not None:
                 new = fn(t)
                 self._buffers[name] = new if new.dtype == t.dtype else t.to(new.device)
+        if "offset" in self._buffers:  # moved in inference mode: keep a version counter (offset_value)
+            self._buffers["offset"] = _normal_tensor(self._buffers["offset"])
         return self
 
     def extra_repr(self) -> str:
@@ -408,27 +604,34 @@ def row_chunks(N: int, K: int, max_elements: Optional[int] = None) -> Iterator[t
         yield start, min(N, start + step)
 
 
-_NF4, _NF4_NESTED, _INT8 = 0, 1, 2  # layout codes of op_args' meta
+_NF4, _NF4_NESTED, _INT8, _NF4_NESTED_OFFSET_TENSOR = 0, 1, 2, 3  # layout codes of op_args' meta
 
 
 def op_args(data: QuantData) -> tuple[list, list, float]:
-    """The layout as a custom op's arguments: (tensors, [layout code, N, K, blocksize, blocksize2], offset)."""
+    """The layout as a custom op's arguments: (tensors, [layout code, N, K, blocksize, blocksize2], offset).
+    A nested offset given as a tensor (`QuantizedWeight.data()` under torch.compile) travels as a sixth tensor,
+    read by `from_op_args` when the op runs (`offset_value`), the float argument then 0.0 and unused: the op's
+    schema keeps `offset: float`, and the compiled graph follows writes to the offset buffer."""
     N, K = data.shape
     if isinstance(data, Int8Data):
         return [data.qweight, data.scale], [_INT8, N, K, 0, 0], 0.0
     if data.nested:
-        return ([data.packed, data.code, data.qabsmax, data.code2, data.absmax2],
-                [_NF4_NESTED, N, K, data.blocksize, data.blocksize2], float(data.offset))
+        tensors = [data.packed, data.code, data.qabsmax, data.code2, data.absmax2]
+        if isinstance(data.offset, Tensor):
+            return tensors + [data.offset], [_NF4_NESTED_OFFSET_TENSOR, N, K, data.blocksize, data.blocksize2], 0.0
+        return tensors, [_NF4_NESTED, N, K, data.blocksize, data.blocksize2], float(data.offset)
     return [data.packed, data.code, data.absmax], [_NF4, N, K, data.blocksize, data.blocksize2], 0.0
 
 
 def from_op_args(tensors: list, meta: list, offset: float) -> QuantData:
-    """The inverse of `op_args`."""
+    """The inverse of `op_args` (a nested offset that travelled as a tensor read as a float: `offset_value`)."""
     kind, N, K, blocksize, blocksize2 = meta
     if kind == _INT8:
         return Int8Data((N, K), tensors[0], tensors[1])
-    if kind == _NF4_NESTED:
-        packed, code, qabsmax, code2, absmax2 = tensors
+    if kind in (_NF4_NESTED, _NF4_NESTED_OFFSET_TENSOR):
+        packed, code, qabsmax, code2, absmax2 = tensors[:5]
+        if kind == _NF4_NESTED_OFFSET_TENSOR:
+            offset = offset_value(tensors[5])
         return NF4Data((N, K), packed, code, blocksize, qabsmax=qabsmax, code2=code2, absmax2=absmax2,
                        blocksize2=blocksize2, offset=offset)
     packed, code, absmax = tensors
@@ -478,6 +681,16 @@ class QuantizedLinear(nn.Module):
         lead = x.shape[:-1]
         y = quant_linear(x.reshape(math.prod(lead), self.in_features), self.weight, bias)
         return y.reshape(*lead, self.out_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # nn.Module loads this module's bias before its weight: the weight's entries are checked first, and a
+        # bias is not loaded beside a refused weight (the weight reports why when its own turn comes)
+        if self.weight.load_refusal(state_dict, prefix + "weight.", strict,
+                                    bool(local_metadata.get("assign_to_params_buffers", False))) is not None:
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

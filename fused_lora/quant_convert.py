@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .quant import QuantizationError, QuantizedLinear, QuantizedWeight, check_data
+from .quant import QuantizationError, QuantizedLinear, QuantizedWeight, check_data, check_values
 from .quant_format import Int8Data, NF4Data
 from . import quant_torchao
 
@@ -95,20 +95,25 @@ def _int8_from_linear8bit(module, what: str) -> Int8Data:
 
 def weight_from_bnb(module: nn.Module) -> QuantizedWeight:
     """The QuantizedWeight of a bitsandbytes Linear4bit (NF4) or Linear8bitLt, sharing its packed tensors.
-    QuantizationError for what cannot be read (no quant state, FP4, a shape that is not whole blocks)."""
+    QuantizationError for what cannot be read (no quant state, FP4, a shape that is not whole blocks) or would
+    compute NaN / inf (scales holding NaN or inf: `quant.value_problem`)."""
     kind = bnb_kind(module)
     what = f"{type(module).__name__}"
     if kind == "4bit":
         data = _nf4_from_params4bit(module.weight, what)
         state = module.weight.quant_state
         dtype = getattr(module, "compute_dtype", None) or state.dtype
-        return QuantizedWeight(data, dtype)
-    if kind == "8bit":
+    elif kind == "8bit":
+        data = _int8_from_linear8bit(module, what)
         # no compute dtype is recorded: the bias's dtype (the model's), else the default dtype
         dtype = module.bias.dtype if module.bias is not None and module.bias.is_floating_point() \
             else torch.get_default_dtype()
-        return QuantizedWeight(_int8_from_linear8bit(module, what), dtype)
-    raise TypeError(f"weight_from_bnb expects a bitsandbytes Linear4bit or Linear8bitLt, got {type(module).__name__}")
+    else:
+        raise TypeError(f"weight_from_bnb expects a bitsandbytes Linear4bit or Linear8bitLt, got "
+                        f"{type(module).__name__}")
+    # bitsandbytes quantizes a weight holding NaN / inf without a word: refused here, naming the layer's class
+    check_values(data, dtype, what)
+    return QuantizedWeight(data, dtype)
 
 
 def as_quantized_linear(module: nn.Module) -> QuantizedLinear:

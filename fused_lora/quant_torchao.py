@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .quant import NF4_BLOCKSIZES, QuantizationError, QuantizedWeight, check_data
+from .quant import NF4_BLOCKSIZES, QuantizationError, QuantizedWeight, check_data, check_values
 from .quant_format import NF4Data
 
 TORCHAO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -130,7 +130,9 @@ def weight_from_torchao(module: nn.Module) -> QuantizedWeight:
     """The QuantizedWeight of an nn.Linear holding a torchao NF4Tensor (compute dtype: the tensor's dtype)."""
     what = f"{type(module).__name__} with a torchao NF4Tensor weight"
     weight = module.weight
-    return QuantizedWeight(nf4_data(weight, what), weight.dtype)
+    data = nf4_data(weight, what)
+    check_values(data, weight.dtype, what)  # to_nf4 quantizes a weight holding NaN / inf without a word
+    return QuantizedWeight(data, weight.dtype)
 
 
 def refusal(module: nn.Module) -> Optional[str]:

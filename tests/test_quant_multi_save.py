@@ -103,8 +103,8 @@ def test_whole_adapted_model_state_dict_round_trips(fmt, kwargs):
 ])
 def test_checkpoint_of_another_layout_is_refused_naming_the_tensors(src_layout, dst_layout, message):
     """A checkpoint of another format, nesting or block size (or a quantized checkpoint into a plain model)
-    raises, naming the tensors. (As for any module, torch's load_state_dict has copied the tensors that did
-    match before it raises: the model is to be rebuilt.)"""
+    raises, naming the tensors. (A refused quantized weight, and its QuantizedLinear's bias, keep what they
+    held; as for any module, torch's load_state_dict still loads the other modules before it raises.)"""
     src = quantize_model(_plain(0), src_layout[0], **src_layout[1])
     dst = _plain(1) if dst_layout is None else quantize_model(_plain(1), dst_layout[0], **dst_layout[1])
     with pytest.raises(RuntimeError, match=message):
