@@ -17,6 +17,7 @@ from . import backends, dora, quant_layer
 from .dropout import new_seed, no_seed
 from .multi_impl import adapter_seed
 from .ops import lora_linear, lora_linear_multi
+from .quant import base_load_refused
 from .quant_convert import as_quantized_linear, is_quantized_base, quantized_base_refusal
 from .reference import lora_delta_weight
 from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_flag, check_init_lora_weights, lora_scaling
@@ -465,6 +466,14 @@ class FusedLoRALinear(nn.Module):
         """The base weight as out x in (a transposed view of a Conv1D's in x out weight: the op takes strides)."""
         weight = self.weight if weight is None else weight
         return weight.t() if self.fan_in_fan_out else weight
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # over a quantized base: no bias or adapter loaded beside a weight that refuses its entries
+        if self.quantized and base_load_refused(self, state_dict, prefix, local_metadata, strict):
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ---------------------------------------------------------------- forward
 

@@ -684,16 +684,22 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # nn.Module loads this module's bias before its weight: the weight's entries are checked first, and a
-        # bias is not loaded beside a refused weight (the weight reports why when its own turn comes)
-        if self.weight.load_refusal(state_dict, prefix + "weight.", strict,
-                                    bool(local_metadata.get("assign_to_params_buffers", False))) is not None:
+        if base_load_refused(self, state_dict, prefix, local_metadata, strict):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def base_load_refused(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool) -> bool:
+    """Whether `module`'s quantized `weight` will refuse its entries of this load (for a module's
+    `_load_from_state_dict`). nn.Module loads a module's own parameters (a bias, LoRA weights) before its
+    submodules: the weight's entries are checked first, so that nothing is loaded beside a refused weight
+    (the weight reports why when its own turn comes)."""
+    return module.weight.load_refusal(state_dict, prefix + "weight.", strict,
+                                      bool(local_metadata.get("assign_to_params_buffers", False))) is not None
 
 
 def _holds_quantized(module: nn.Module) -> bool:

@@ -284,3 +284,19 @@ def test_load_state_dict_of_finite_values_still_loads(fmt, nested):
     assert all(t.dtype != torch.float64 for t in dst.weight.buffers())
     assert torch.equal(dst(x), src(x))
 
+
+
+@pytest.mark.parametrize("fmt,nested", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_adapted_layer_refused_load_leaves_adapter_and_bias_as_they_were(fmt, nested, bad):
+    """A FusedLoRALinear over a quantized base loading a checkpoint whose base scales hold NaN, or inf: the
+    weight refuses it, and the layer's own bias, lora_A and lora_B are not loaded beside the refused weight
+    (they were: nn.Module loads a module's parameters before its submodules; issue 18 item 5, nothing
+    half-loaded)."""
+    src, dst, x = _pair(fmt, nested)
+    src_layer = FusedLoRALinear.from_linear(src, r=4, init_lora_weights=False)
+    dst_layer = FusedLoRALinear.from_linear(dst, r=4, init_lora_weights=False)
+    sd = {k: v.clone() for k, v in src_layer.state_dict().items()}
+    field = "scale" if fmt == "int8" else ("absmax2" if nested else "absmax")
+    sd[f"weight.{field}"].view(-1)[-1] = BAD[bad]
+    _refused_unchanged(dst_layer, sd, x, rf"weight: .*{field} holds {WORD[bad]}\b")
