@@ -6,8 +6,10 @@ Keys carry peft's prefix and names, so peft loads our adapters and we load peft'
     base_model.model.<module>.<tensor>                          a modules_to_save copy (buffers too)
     base_model.model.<layer>.base_layer.bias, <module>.bias      biases, when config.bias is not "none"
 Only safetensors are read (never pickle). Loading validates every key, shape and dtype against the
-model before changing anything; the adapted modules are the ones the weights file names (the
-config's regex, if any, is never run on module names).
+model before changing anything, and every value again once cast to the dtype the model holds it in
+(NaN, inf, and finite values the cast makes inf are refused; float8 is cast like any float, packed
+float4 refused); the adapted modules are the ones the weights file names (the config's regex, if
+any, is never run on module names).
 
 Saving replaces the pair as a whole. Both files are written and synced in a staging directory
 beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where that name is too long or the parent is
@@ -57,6 +59,57 @@ MAX_CONFIG_BYTES = 16 << 20  # real configs are kilobytes; this bounds what a ho
 
 class AdapterError(ValueError):
     """An adapter directory that cannot be loaded onto this model; the model is left unchanged."""
+
+
+# Floating-point dtypes an adapter file may hold; each is cast on load to the dtype the model holds the
+# tensor in, as peft's load_state_dict casts (float8 included: every float8 value has an exact float32,
+# bfloat16 and, but for float8_e8m0fnu's extremes, float16 form). Other floating types (packed float4)
+# have no cast and are refused by name.
+_LOADABLE_FLOATS = frozenset(d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    *(getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+                                        "float8_e8m0fnu"))) if d is not None)
+
+
+def _non_finite(t: torch.Tensor) -> tuple[int, int]:
+    """(how many NaN, how many +-inf) a floating-point tensor holds. 8-bit floats go through float32
+    (exact; isnan/isinf have no kernel for most of them)."""
+    if t.dtype.itemsize == 1:
+        t = t.to(torch.float32)
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
+def _check_file_tensor(where: str, key: str, t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> None:
+    """A tensor read from an adapter file (`key`: its key in the file) against the model's: `dtype`
+    None means any floating type fused_lora loads (cast on load), otherwise exactly `dtype` (an int64
+    buffer stays int64). A floating tensor holding NaN or inf is refused."""
+    if dtype is not None:
+        if t.dtype != dtype:
+            raise AdapterError(f"{where}: key {key!r} has dtype {t.dtype}, the model's tensor is {dtype}")
+    elif not t.is_floating_point():
+        raise AdapterError(f"{where}: key {key!r} has dtype {t.dtype}, not floating point")
+    elif t.dtype not in _LOADABLE_FLOATS:
+        raise AdapterError(f"{where}: key {key!r} has dtype {t.dtype}, which fused_lora does not load (torch has no "
+                           "cast from it to the model's dtype); save the adapter in float32, float16 or bfloat16")
+    if t.is_floating_point():
+        nan, inf = _non_finite(t)
+        if nan or inf:
+            raise AdapterError(f"{where}: key {key!r} holds NaN or inf ({nan} NaN, {inf} inf of {t.numel()} values): "
+                               "a broken adapter (every output it touches would be NaN or inf)")
+
+
+def _cast_file_tensor(where: str, key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` (checked by _check_file_tensor) in `dtype`, the dtype the model holds it in. The check is made
+    on the cast values: a value finite in the file but beyond `dtype`'s range (float64 1e300 into
+    float32, float32 1e6 into float16) would load as inf, and is refused naming the key and dtype."""
+    out = t.to(dtype)
+    if out.is_floating_point() and any(_non_finite(out)):
+        wide = t.to(torch.float64)
+        worst = wide[~torch.isfinite(out)].abs().max().item()
+        raise AdapterError(f"{where}: key {key!r} holds {worst:g}, beyond the range of {dtype} (largest finite "
+                           f"{torch.finfo(dtype).max:g}), the dtype this model holds it in: it would load as inf. "
+                           f"Save the adapter within {dtype}'s range, or load it into a model of a wider dtype")
+    return out
 
 
 # ---------------------------------------------------------------- what an adapter holds
@@ -245,10 +298,12 @@ def plan_save(lora_model, directory, adapter_name: Optional[str] = None) -> Save
     tensors = adapter_state(lora_model, adapter_name)
     if not any(k.endswith(".lora_A.weight") for k in tensors):
         raise RuntimeError("save_pretrained: the model holds no LoRA layers; nothing to save")
-    broken = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
-    if broken is not None:  # loading refuses such a file: never write one
-        raise ValueError(f"save_pretrained: adapter {adapter_name!r}: {broken!r} holds NaN or inf (a diverged or broken "
-                         "adapter, which loading refuses); nothing was written")
+    for key, t in tensors.items():  # loading refuses such a file: never write one
+        nan, inf = _non_finite(t) if t.is_floating_point() else (0, 0)
+        if nan or inf:
+            raise ValueError(f"save_pretrained: adapter {adapter_name!r}: {key!r} holds NaN or inf ({nan} NaN, {inf} "
+                             f"inf of {t.numel()} values; a diverged or broken adapter, which loading refuses); "
+                             "nothing was written")
     peft_config = lora_model.peft_config[adapter_name]
     peft_config.validate()  # a mutable dataclass: never write a config that would not load
     _check_config_matches_layers(lora_model, adapter_name)
@@ -460,14 +515,18 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str]
     return want, to_save
 
 
-def _refuse_non_finite(where: str, key: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise AdapterError(f"{where}: key {PREFIX + key!r} holds NaN or inf: a broken adapter (every output "
-                           "it touches would be NaN or inf)")
+def _peft_redundant(key: str, to_save) -> bool:
+    """Whether `key` is one of peft's duplicates of a modules_to_save module's tensors (bias="all" writes
+    `<module>.original_module.*` and `<module>.modules_to_save.*`): accepted, not loaded. Only under a
+    real modules_to_save module (`to_save`): a module that is merely named `original_module` loads."""
+    return any(key.startswith(s + r) for s in to_save for r in _PEFT_REDUNDANT)
 
 
-def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str) -> list[str]:
-    """Check the tensors against the model; returns the modules to adapt (named by the file)."""
+def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str
+             ) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Check the tensors against the model; returns the modules to adapt (named by the file) and the
+    tensors to load, by key (peft's redundant copies left out). Values are checked again after the
+    cast to the model's dtypes (_cast_file_tensor), once the layers that hold them exist."""
     targets = targets_in(tensors)
     embedding = [k for k in tensors if ".lora_embedding_" in k or k.endswith(".base_layer.weight")]
     if embedding:
@@ -480,7 +539,7 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
         want, to_save = expected_tensors(model, config, targets)
     except ValueError as err:
         raise AdapterError(f"{where}: the adapter does not fit this model: {err}") from err
-    redundant = {k for k in tensors if any(k.startswith(s + r) for s in to_save for r in _PEFT_REDUNDANT)}
+    redundant = {k for k in tensors if _peft_redundant(k, to_save)}
     unexpected = sorted(set(tensors) - set(want) - redundant)
     if unexpected:
         raise AdapterError(f"{where}: key {PREFIX + unexpected[0]!r} names no tensor of this model's adapter "
@@ -493,12 +552,8 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
         if t.shape != shape:
             raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(t.shape)}, "
                                f"the model needs {tuple(shape)}")
-        if dtype is None and not t.is_floating_point():
-            raise AdapterError(f"{where}: key {PREFIX + key!r} has dtype {t.dtype}, not floating point")
-        if dtype is not None and t.dtype != dtype:
-            raise AdapterError(f"{where}: key {PREFIX + key!r} has dtype {t.dtype}, the model's tensor is {dtype}")
-        _refuse_non_finite(where, key, t)
-    return targets
+        _check_file_tensor(where, PREFIX + key, t, dtype)
+    return targets, {key: tensors[key] for key in want}
 
 
 @torch.no_grad()
@@ -513,7 +568,8 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
         config.validate()
     except (TypeError, ValueError) as err:
         raise AdapterError(f"{directory}: {err}") from err
-    targets = validate(model, config, tensors, str(directory))
+    where = str(directory)
+    targets, to_load = validate(model, config, tensors, where)
     # The file's weights replace the initial ones: build with the layer's default init and keep the
     # file's value (e.g. "eva", "orthogonal") in the config.
     try:
@@ -525,11 +581,13 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
         config.fan_in_fan_out = lora_model.active_peft_config.fan_in_fan_out  # what the layers' kinds decided
         config.inference_mode = not is_trainable  # as peft: is_trainable decides
         lora_model.peft_config[adapter_name] = config
-        for key, t in tensors.items():
-            if any(r in key for r in _PEFT_REDUNDANT):
-                continue
+        # Every value is cast and checked before any is copied.
+        staged = []
+        for key, t in to_load.items():
             dest = _destination(lora_model, key)
-            dest.copy_(t.to(dest.dtype))
+            staged.append((dest, _cast_file_tensor(where, PREFIX + key, t, dest.dtype)))
+        for dest, value in staged:
+            dest.copy_(value)
         if not is_trainable:
             lora_model.requires_grad_(False)
             lora_model.eval()
@@ -561,10 +619,9 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
         t = tensors.get(key)
         if t is None:
             raise AdapterError(f"{where}: key {PREFIX + key!r} is missing")
-        if tuple(t.shape) != shape or not t.is_floating_point():
-            raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(t.shape)} and dtype {t.dtype}, "
-                               f"the model needs {shape}, floating point")
-        _refuse_non_finite(where, key, t)
+        if tuple(t.shape) != shape:
+            raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(t.shape)}, the model needs {shape}")
+        _check_file_tensor(where, PREFIX + key, t)
     config.backend = lora_model.active_peft_config.backend
     config.inference_mode = not is_trainable  # as peft: is_trainable decides
     try:
@@ -576,10 +633,16 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
     lora_model.peft_config[adapter_name] = dataclasses.replace(
         config, fan_in_fan_out=lora_model.peft_config[adapter_name].fan_in_fan_out)
     slot = lora_model._slot(adapter_name)
-    for name, layer in lora_model.lora_layers():
-        lora_A, lora_B = layer.adapter_weights(slot)
-        lora_A.copy_(tensors[f"{name}.lora_A.weight"].to(lora_A.dtype))
-        lora_B.copy_(tensors[f"{name}.lora_B.weight"].to(lora_B.dtype))
+    try:  # every value cast and checked (in the dtype the new adapter has) before any is copied
+        staged = []
+        for name, layer in lora_model.lora_layers():
+            for key, dest in zip((f"{name}.lora_A.weight", f"{name}.lora_B.weight"), layer.adapter_weights(slot)):
+                staged.append((dest, _cast_file_tensor(where, PREFIX + key, tensors[key], dest.dtype)))
+    except BaseException:
+        lora_model.delete_adapter(adapter_name)
+        raise
+    for dest, value in staged:
+        dest.copy_(value)
     if is_trainable:
         lora_model.set_requires_grad(adapter_name)
 
@@ -597,12 +660,13 @@ def load_weights_into(lora_model, directory) -> None:
     checked = [(name, _checked_checkpoint(lora_model, where, name)) for name, where in plan]
     for name, tensors in checked:
         for key, t in tensors.items():
-            dest = _destination(lora_model, key[len(PREFIX):], lora_model._slot(name))
-            dest.copy_(t.to(dest.dtype))
+            _destination(lora_model, key[len(PREFIX):], lora_model._slot(name)).copy_(t)
 
 
 def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The tensors saved in `directory` for adapter `adapter_name`, by peft key, checked against it."""
+    """The tensors saved in `directory` for adapter `adapter_name`, by peft key, checked against it as
+    from_pretrained checks a file (keys, shapes, dtypes, NaN / inf before and after the cast) and cast
+    to the dtypes of the model's tensors."""
     config, tensors = read_adapter(directory)
     ours = lora_model.peft_config[adapter_name]
     differ = [k for k in _SCALING if getattr(config, k) != getattr(ours, k)]
@@ -611,7 +675,8 @@ def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, t
         raise AdapterError(f"{directory}: saved with {k}={getattr(config, k)!r}, this model's adapter "
                            f"{adapter_name!r} has {k}={getattr(ours, k)!r}")
     want = adapter_state(lora_model, adapter_name)
-    tensors = {PREFIX + k: t for k, t in tensors.items() if not any(r in k for r in _PEFT_REDUNDANT)}
+    to_save = [name for name, _ in lora_model.saved_modules()]
+    tensors = {PREFIX + k: t for k, t in tensors.items() if not _peft_redundant(k, to_save)}
     if set(tensors) != set(want):
         extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
         raise AdapterError(f"{directory}: the saved adapter does not match this model's: "
@@ -621,7 +686,9 @@ def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, t
     if bad:
         raise AdapterError(f"{directory}: key {bad[0]!r} has shape {tuple(tensors[bad[0]].shape)}, this model's "
                            f"is {tuple(want[bad[0]].shape)}")
-    return tensors
+    for key, t in tensors.items():
+        _check_file_tensor(str(directory), key, t, None if want[key].is_floating_point() else want[key].dtype)
+    return {key: _cast_file_tensor(str(directory), key, t, want[key].dtype) for key, t in tensors.items()}
 
 
 def _destination(lora_model, key: str, slot: str = "default") -> torch.Tensor:
