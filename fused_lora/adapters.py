@@ -17,16 +17,19 @@ another filesystem or read-only), then renamed in: weights
 first, config second. The weights' header records the config they were saved with
 (FUSED_CONFIG_KEY), so a crash between the two renames is recognised: the loader then reads the
 new config from the staging directory (which the next save moves into place before removing stale
-staging directories), and a config from another save is refused. Adapters peft wrote carry no
-record and load as they are.
+staging directories), and a config from another save is refused. Concurrent saves into one
+directory (threads or processes) stage apart and take turns to rename (_exclusive), so pairs never
+mix. Adapters peft wrote carry no record and load as they are.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
+import threading
 from typing import Optional
 
 import torch
@@ -38,6 +41,11 @@ from . import dora
 from .config import LoraConfig
 from .targets import base_features, check_loaded_targets, find_modules_to_save
 from .validation import check_backend
+
+try:
+    import fcntl
+except ImportError:  # Windows: saves are serialised within a process only
+    fcntl = None
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -55,6 +63,14 @@ _UNRECORDED = ("base_model_name_or_path", "revision", "task_type", "inference_mo
 # the rest): a config that differs in one of them is from another save, and is refused.
 _SCALING = ("r", "lora_alpha", "use_rslora", "lora_dropout")
 MAX_CONFIG_BYTES = 16 << 20  # real configs are kilobytes; this bounds what a hostile one costs
+# Staging directories of the saves running in this process. Their names hold this process's pid, which
+# cannot tell a save still running in another thread from one that failed here: each save's directory
+# (its own token, the random part of its name) is listed while it runs, and only unlisted ones are stale.
+_LIVE_STAGING: set[str] = set()
+# Held (with a flock on the adapter directory, across processes) while a save judges and completes
+# others' leftovers, creates its staging directory, or renames its pair into place; also guards _LIVE_STAGING.
+_SAVE_LOCK = threading.Lock()
+_HELD_FDS: list[int] = []  # descriptors of the directories flock'ed now (by this process's saves)
 
 
 class AdapterError(ValueError):
@@ -188,8 +204,6 @@ def _staging_dirs(directory: str) -> list[tuple[str, str]]:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # ours, from an earlier save in this process that did not finish
     if os.name == "nt":
         return True  # os.kill(pid, 0) would terminate the process there: keep the directory
     try:
@@ -216,23 +230,81 @@ def _fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
+def _is_stale(path: str, pid: str) -> bool:
+    """Whether the staging directory `path` (named with `pid`) belongs to a save no longer running:
+    killed, or failed in a process still alive. Call with _SAVE_LOCK held."""
+    if not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return path not in _LIVE_STAGING  # a save of another thread still running, or one that failed here
+    return not _pid_alive(int(pid))
+
+
 def _finish_interrupted_save(directory: str) -> None:
-    """If a save died between its two renames, move its config into place (its weights already are)."""
+    """If a save died between its two renames, move its config into place (its weights already are).
+    A save still running (another thread's, another process's) moves its own config."""
     weights = os.path.join(directory, WEIGHTS_NAME)
     record = _weights_record(weights)
     if record is None or _config_record(os.path.join(directory, CONFIG_NAME)) == record:
         return
-    staged = _staged_config(directory, record)
+    stale = [path for path, pid in _staging_dirs(directory) if _is_stale(path, pid)]
+    staged = _staged_config(stale, record)
     if staged is not None:
-        os.replace(staged, os.path.join(directory, CONFIG_NAME))
+        try:
+            os.replace(staged, os.path.join(directory, CONFIG_NAME))
+        except FileNotFoundError:  # a concurrent save finished it first
+            return
         _fsync_dir(directory)
 
 
 def _remove_stale_staging(directory: str) -> None:
-    """Remove staging directories of saves that are no longer running (killed, or failed here)."""
+    """Remove staging directories of saves that are no longer running (killed, or failed)."""
     for path, pid in _staging_dirs(directory):
-        if not pid.isdigit() or not _pid_alive(int(pid)):
+        if _is_stale(path, pid):
             shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: str):
+    """One save at a time moves files into `directory` or judges others' leftovers there, so the two
+    renames of concurrent saves never interleave (weights of one save, config of another). Threads of
+    this process: _SAVE_LOCK; other processes: flock on the directory, released by the kernel if the
+    holder dies. Where flock is missing (Windows) or refused (some network filesystems), saves from
+    several processes into one directory are not serialised."""
+    with _SAVE_LOCK:
+        fd = None
+        if fcntl is not None:
+            try:
+                fd = os.open(directory, os.O_RDONLY)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                _HELD_FDS.append(fd)
+            except OSError:
+                if fd is not None:
+                    os.close(fd)
+                fd = None
+        try:
+            yield
+        finally:
+            if fd is not None:
+                _HELD_FDS.remove(fd)
+                os.close(fd)  # releases the flock
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while a thread of its parent was saving: a fresh lock (the inherited one may be
+    held by a thread the child does not have), no live saves of its own, and the inherited flock
+    descriptors closed (open, they would hold the parent's lock for as long as the child lives)."""
+    global _SAVE_LOCK
+    _SAVE_LOCK = threading.Lock()
+    _LIVE_STAGING.clear()
+    for fd in _HELD_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _name_or_path(model: nn.Module) -> Optional[str]:
@@ -321,10 +393,13 @@ def write_adapter(plan: SavePlan) -> None:
     text = json.dumps(config, indent=2, sort_keys=True)
     directory = os.path.realpath(plan.directory)  # stage beside the real directory, not a link
     os.makedirs(directory, exist_ok=True)
-    _finish_interrupted_save(directory)
-    _remove_stale_staging(directory)
-    folder, prefix = _staging_places(directory)[0 if _stage_beside(directory) else 1]
-    staging = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
+    with _exclusive(directory):
+        _finish_interrupted_save(directory)
+        _remove_stale_staging(directory)
+        folder, prefix = _staging_places(directory)[0 if _stage_beside(directory) else 1]
+        # listed as it is created: no other thread's cleanup can judge it stale
+        staging = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
+        _LIVE_STAGING.add(staging)
     weights_in = False
     try:
         staged_config, staged_weights = os.path.join(staging, CONFIG_NAME), os.path.join(staging, WEIGHTS_NAME)
@@ -338,14 +413,18 @@ def write_adapter(plan: SavePlan) -> None:
         _fsync_file(staged_weights)
         _fsync_dir(staging)  # the staged config must survive a power cut too: it may complete the pair
         _fsync_dir(folder)
-        os.replace(staged_weights, os.path.join(directory, WEIGHTS_NAME))
-        weights_in = True
-        os.replace(staged_config, os.path.join(directory, CONFIG_NAME))
-        _fsync_dir(directory)
+        with _exclusive(directory):  # the staged files were written in parallel; the pair goes in whole
+            os.replace(staged_weights, os.path.join(directory, WEIGHTS_NAME))
+            weights_in = True
+            os.replace(staged_config, os.path.join(directory, CONFIG_NAME))
+            _fsync_dir(directory)
     except BaseException:
         if not weights_in:  # the directory still holds the old pair: the staged files are useless
             shutil.rmtree(staging, ignore_errors=True)
         raise  # otherwise the staged config completes the pair (see _finish_interrupted_save)
+    finally:
+        with _SAVE_LOCK:
+            _LIVE_STAGING.discard(staging)  # done or failed: the next save may clean it
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -395,9 +474,9 @@ def _config_record(path: str) -> Optional[str]:
     return _record(d) if isinstance(d, dict) else None
 
 
-def _staged_config(directory: str, record: str) -> Optional[str]:
-    """A staged config (of an interrupted or running save) matching the weights' record."""
-    for staging, _ in _staging_dirs(directory):
+def _staged_config(stagings: list[str], record: str) -> Optional[str]:
+    """A staged config in one of the staging directories `stagings` matching the weights' record."""
+    for staging in stagings:
         path = os.path.join(staging, CONFIG_NAME)
         if os.path.isfile(path) and _config_record(path) == record:
             return path
@@ -418,7 +497,7 @@ def _bound_config(directory: str, record: str) -> LoraConfig:
     text = _read_config_text(cfg_path) if os.path.isfile(cfg_path) else None
     if text is not None and _config_record(cfg_path) == record:
         return _load_config(text, cfg_path)
-    staged = _staged_config(directory, record)
+    staged = _staged_config([path for path, _ in _staging_dirs(directory)], record)
     if staged is not None:  # a save died (or is running) between its two renames: the new pair
         return _load_config(_read_config_text(staged), staged)
     if text is None:
