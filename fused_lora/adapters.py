@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -87,11 +88,14 @@ _LOADABLE_FLOATS = frozenset(d for d in (
                                         "float8_e8m0fnu"))) if d is not None)
 
 
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """8-bit floats as float32 (exact), since isnan/isinf/isfinite have no kernel for most of them."""
+    return t.to(torch.float32) if t.dtype.itemsize == 1 else t
+
+
 def _non_finite(t: torch.Tensor) -> tuple[int, int]:
-    """(how many NaN, how many +-inf) a floating-point tensor holds. 8-bit floats go through float32
-    (exact; isnan/isinf have no kernel for most of them)."""
-    if t.dtype.itemsize == 1:
-        t = t.to(torch.float32)
+    """(how many NaN, how many +-inf) a floating-point tensor holds."""
+    t = _widened(t)
     return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
 
 
@@ -114,17 +118,31 @@ def _check_file_tensor(where: str, key: str, t: torch.Tensor, dtype: Optional[to
                                "a broken adapter (every output it touches would be NaN or inf)")
 
 
+def _rounding_bound(dtype: torch.dtype) -> float:
+    """The magnitude from which round-to-nearest leaves `dtype`'s finite range: its largest value plus
+    half a unit in its last place (65520 for float16)."""
+    info = torch.finfo(dtype)
+    try:
+        return info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
+    except OverflowError:  # float64: nothing overflows it
+        return math.inf
+
+
 def _cast_file_tensor(where: str, key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`t` (checked by _check_file_tensor) in `dtype`, the dtype the model holds it in. The check is made
-    on the cast values: a value finite in the file but beyond `dtype`'s range (float64 1e300 into
-    float32, float32 1e6 into float16) would load as inf, and is refused naming the key and dtype."""
+    """`t` (checked by _check_file_tensor) in `dtype`, the dtype the model holds it in. A value finite in
+    the file but beyond `dtype`'s range (float64 1e300 into float32, float32 1e6 into float16) would
+    load as inf, or, for float8 types whose casts saturate, as their largest value: refused naming the
+    key and the dtype. The cast values are checked as well."""
     out = t.to(dtype)
-    if out.is_floating_point() and any(_non_finite(out)):
-        wide = t.to(torch.float64)
-        worst = wide[~torch.isfinite(out)].abs().max().item()
+    if not out.is_floating_point():
+        return out
+    beyond = t.to(torch.float64).abs() >= _rounding_bound(dtype)
+    if bool(beyond.any()) or any(_non_finite(out)):
+        worst = t.to(torch.float64)[beyond | ~torch.isfinite(_widened(out))].abs().max().item()
         raise AdapterError(f"{where}: key {key!r} holds {worst:g}, beyond the range of {dtype} (largest finite "
-                           f"{torch.finfo(dtype).max:g}), the dtype this model holds it in: it would load as inf. "
-                           f"Save the adapter within {dtype}'s range, or load it into a model of a wider dtype")
+                           f"{torch.finfo(dtype).max:g}), the dtype this model holds it in: it would load as inf "
+                           f"(or, where the cast saturates, as the largest value). Save the adapter within {dtype}'s range, or load it into a model of a wider "
+                           "dtype")
     return out
 
 

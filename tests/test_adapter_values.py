@@ -290,3 +290,27 @@ def test_a_peft_written_file_gets_the_same_cast_check(tmp_path):
     with pytest.raises(AdapterError, match=rf"key '{key}' holds 1e\+06, beyond the range of torch.float16"):
         load("from_pretrained", tmp_path, "head", torch.float16)
     assert load("from_pretrained", tmp_path, "head").model.head.trainable.weight[0, 0].item() == 1e6
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_weights_into"])
+def test_a_cast_that_saturates_is_refused_too(tmp_path, loader):
+    """A model tensor in float8_e4m3fn (here a modules_to_save head): torch's cast saturates there
+    instead of giving inf, so 1000 would load as 448 without any inf to see. Refused as beyond the
+    range; 460 (within half a unit of 448) rounds to 448 and loads (issue 18 items 1 and 13)."""
+    def net():
+        model = Net()
+        model.head.to(torch.float8_e4m3fn)
+        return model
+    lm = get_lora_model(net(), config("head"))
+    lm.save_pretrained(tmp_path)
+
+    def loaded():
+        if loader == "from_pretrained":
+            return LoraModel.from_pretrained(net(), tmp_path).model.head.trainable.weight
+        load_weights_into(lm, tmp_path)
+        return lm.model.head.trainable.weight
+    key = plant(tmp_path, "head", 460.0, torch.float32)
+    assert loaded().view(-1)[0].float().item() == 448.0
+    plant(tmp_path, "head", 1000.0, torch.float32)
+    with pytest.raises(AdapterError, match=rf"key '{key}' holds 1000, beyond the range of torch.float8_e4m3fn"):
+        loaded()
