@@ -314,3 +314,20 @@ def test_a_cast_that_saturates_is_refused_too(tmp_path, loader):
     plant(tmp_path, "head", 1000.0, torch.float32)
     with pytest.raises(AdapterError, match=rf"key '{key}' holds 1000, beyond the range of torch.float8_e4m3fn"):
         loaded()
+
+
+def test_resume_checks_every_adapter_before_copying_any(tmp_path):
+    """A checkpoint of two adapters whose second holds NaN: load_weights_into refuses it and leaves
+    the first adapter as it was too (nothing half-applied; issue 18 item 3)."""
+    lm = adapted("lora_B")
+    lm.add_adapter("other", LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False))
+    lm.save_pretrained(tmp_path)
+    key = plant(tmp_path / "other", "lora_B", float("nan"))
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_" in name:
+                p.add_(1.0)  # differs from the checkpoint: a copy of the first adapter would show
+    snap = snapshot(lm)
+    with pytest.raises(AdapterError, match=rf"other: key '{key}' holds NaN or inf \(1 NaN, 0 inf "):
+        load_weights_into(lm, tmp_path)
+    assert_same(lm, snap)
