@@ -269,7 +269,7 @@ def _finish_interrupted_save(directory: str) -> None:
     staged = _staged_config(stale, record)
     if staged is not None:
         try:
-            os.replace(staged, os.path.join(directory, CONFIG_NAME))
+            os.replace(staged[0], os.path.join(directory, CONFIG_NAME))
         except FileNotFoundError:  # a concurrent save finished it first
             return
         _fsync_dir(directory)
@@ -484,20 +484,36 @@ def _parse_config(text: str, path: str):
         raise AdapterError(f"{path} is not valid JSON: {err}") from None
 
 
-def _config_record(path: str) -> Optional[str]:
+def _text_record(text: str, path: str) -> Optional[str]:
+    """The record of a config's text; None where it is not a JSON object."""
     try:
-        d = _parse_config(_read_config_text(path), path)
-    except (OSError, AdapterError):
+        d = _parse_config(text, path)
+    except AdapterError:
         return None
     return _record(d) if isinstance(d, dict) else None
 
 
-def _staged_config(stagings: list[str], record: str) -> Optional[str]:
-    """A staged config in one of the staging directories `stagings` matching the weights' record."""
+def _config_record(path: str) -> Optional[str]:
+    try:
+        return _text_record(_read_config_text(path), path)
+    except (OSError, AdapterError):
+        return None
+
+
+def _staged_config(stagings: list[str], record: str) -> Optional[tuple[str, str]]:
+    """(path, text) of a staged config in one of the staging directories `stagings` matching the
+    weights' record. Read once: a save may move or replace the file meanwhile, so the text compared
+    is the text returned."""
     for staging in stagings:
         path = os.path.join(staging, CONFIG_NAME)
-        if os.path.isfile(path) and _config_record(path) == record:
-            return path
+        if not os.path.isfile(path):
+            continue
+        try:
+            text = _read_config_text(path)
+        except (OSError, AdapterError):  # moved into place by its save meanwhile, or damaged
+            continue
+        if _text_record(text, path) == record:
+            return path, text
     return None
 
 
@@ -513,11 +529,12 @@ def _bound_config(directory: str, record: str) -> LoraConfig:
     """The config the weights were saved with: the directory's, or an interrupted save's staged one."""
     cfg_path = os.path.join(directory, CONFIG_NAME)
     text = _read_config_text(cfg_path) if os.path.isfile(cfg_path) else None
-    if text is not None and _config_record(cfg_path) == record:
+    # The text read is the text compared: a save may replace the file between two reads of it.
+    if text is not None and _text_record(text, cfg_path) == record:
         return _load_config(text, cfg_path)
     staged = _staged_config([path for path, _ in _staging_dirs(directory)], record)
     if staged is not None:  # a save died (or is running) between its two renames: the new pair
-        return _load_config(_read_config_text(staged), staged)
+        return _load_config(staged[1], staged[0])
     if text is None:
         raise _not_found(cfg_path)
     config = _load_config(text, cfg_path)  # a bad field is reported as such
@@ -537,6 +554,21 @@ def _bound_config(directory: str, record: str) -> LoraConfig:
                            "are bound to the weights they were trained with; restore the file's value, or "
                            "train an adapter with the settings you want)")
     return config  # edited by hand in fields that the keys and shapes check below
+
+
+_READ_ATTEMPTS = 10  # reads of a pair that concurrent saves keep replacing, before its refusal stands
+
+
+def _identities(*paths: str) -> tuple:
+    """Which files the paths name now (a rename puts another file there); None for a missing one."""
+    found = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            found.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            found.append(None)
+    return tuple(found)
 
 
 def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -561,19 +593,29 @@ def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
             raise AdapterError(f"{directory} holds {pickled[0]} (a pickle): only {WEIGHTS_NAME} is read, since "
                                "unpickling can run arbitrary code; convert it with safetensors first")
         raise _not_found(weights_path)
-    try:
-        with safe_open(weights_path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise AdapterError(f"{weights_path} is not a readable safetensors file: {err}") from err
-    record = metadata.get(FUSED_CONFIG_KEY)
-    if record is not None:
-        config = _bound_config(directory, record)
-    elif os.path.isfile(cfg_path):
-        config = _load_config(_read_config_text(cfg_path), cfg_path)
-    else:
-        raise _not_found(cfg_path)
+    for attempt in range(_READ_ATTEMPTS):
+        before = _identities(weights_path, cfg_path)
+        try:
+            with safe_open(weights_path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                raw = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise AdapterError(f"{weights_path} is not a readable safetensors file: {err}") from err
+        record = metadata.get(FUSED_CONFIG_KEY)
+        try:
+            if record is not None:
+                config = _bound_config(directory, record)
+            elif os.path.isfile(cfg_path):
+                config = _load_config(_read_config_text(cfg_path), cfg_path)
+            else:
+                raise _not_found(cfg_path)
+        except AdapterError:
+            # A save replaced the pair while it was read (weights of one save, config of the next): read
+            # the pair again rather than call a whole pair one from different saves.
+            if attempt + 1 < _READ_ATTEMPTS and _identities(weights_path, cfg_path) != before:
+                continue
+            raise
+        break
     bad = [k for k in raw if not k.startswith(PREFIX)]
     if bad:
         raise AdapterError(f"{weights_path}: key {bad[0]!r} lacks the {PREFIX!r} prefix of peft adapters")

@@ -221,3 +221,47 @@ def test_a_process_forked_during_a_save_neither_hangs_nor_blocks_later_saves(tmp
             os.waitpid(pid, 0)
     monkeypatch.setattr(os, "replace", real_replace)
     assert which(directory) == 3 and which(tmp_path / "child") == 2
+
+
+@pytest.mark.parametrize("how", ["threads", "processes"])
+def test_loads_during_saves_see_whole_adapters(tmp_path, how):
+    """from_pretrained while other threads or processes keep saving: every load is one whole adapter,
+    never refused. Before, a load that read one save's weights and the next save's config refused the
+    pair as "from different saves"."""
+    if how == "processes" and not hasattr(os, "fork"):
+        pytest.skip("forks the savers")
+    directory = str(tmp_path / "adapter")
+    ADAPTERS[0].save_pretrained(directory)
+    seen, errors, stop = [], [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                seen.append(which(directory))
+            except Exception as err:
+                errors.append(f"load: {type(err).__name__}: {err}")
+    r = threading.Thread(target=reader)
+    r.start()
+    try:
+        if how == "threads":
+            savers = [threading.Thread(target=saves, args=(directory, i, errors)) for i in range(3)]
+            for t in savers:
+                t.start()
+            for t in savers:
+                t.join()
+        else:
+            pids = []
+            for i in range(3):
+                pid = os.fork()
+                if not pid:
+                    mine = []
+                    try:
+                        saves(directory, i, mine)
+                    finally:
+                        os._exit(1 if mine else 0)
+                pids.append(pid)
+            assert [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids] == [0, 0, 0]
+    finally:
+        stop.set()
+        r.join()
+    assert errors == [] and seen
