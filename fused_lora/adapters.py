@@ -12,9 +12,9 @@ float4 refused); the adapted modules are the ones the weights file names (the co
 any, is never run on module names).
 
 Saving replaces the pair as a whole. Both files are written and synced in a staging directory
-beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where that name is too long or the parent is
-another filesystem or read-only), then renamed in: weights
-first, config second. The weights' header records the config they were saved with
+beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where that name is too
+long or the parent is another filesystem or read-only), then renamed in: weights first, config
+second. The weights' header records the config they were saved with
 (FUSED_CONFIG_KEY), so a crash between the two renames is recognised: the loader then reads the
 new config from the staging directory (which the next save moves into place before removing stale
 staging directories), and a config from another save is refused. Concurrent saves into one
@@ -141,8 +141,8 @@ def _cast_file_tensor(where: str, key: str, t: torch.Tensor, dtype: torch.dtype)
         worst = t.to(torch.float64)[beyond | ~torch.isfinite(_widened(out))].abs().max().item()
         raise AdapterError(f"{where}: key {key!r} holds {worst:g}, beyond the range of {dtype} (largest finite "
                            f"{torch.finfo(dtype).max:g}), the dtype this model holds it in: it would load as inf "
-                           f"(or, where the cast saturates, as the largest value). Save the adapter within {dtype}'s range, or load it into a model of a wider "
-                           "dtype")
+                           f"(or, where the cast saturates, as the largest value). Save the adapter within "
+                           f"{dtype}'s range, or load it into a model of a wider dtype")
     return out
 
 
