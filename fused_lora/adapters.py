@@ -739,7 +739,9 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
 @torch.no_grad()
 def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: bool = False) -> None:
     """Load the adapter in `directory` into `lora_model` as a further adapter `adapter_name` (peft's
-    PeftModel.load_adapter). Config and every key and shape are checked before anything changes."""
+    PeftModel.load_adapter). Config and every key, shape and dtype are checked before anything changes;
+    the values, cast to the new adapter's dtype, before any is copied (a refusal removes the adapter
+    again: the model is left as it was)."""
     config, tensors = read_adapter(directory)
     where = str(directory)
     theirs = targets_in(tensors)
