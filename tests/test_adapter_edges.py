@@ -154,7 +154,8 @@ def test_a_layer_named_like_peft_s_redundant_keys_is_loaded(tmp_path, loader):
 def test_peft_s_redundant_modules_to_save_keys_are_accepted_and_unused(tmp_path):
     """peft's bias="all" file holds head.original_module.bias and head.modules_to_save.bias beside
     head.bias: accepted (they sit under a real modules_to_save module) and not loaded; the model
-    computes what peft's does, through from_pretrained and load_weights_into."""
+    computes what peft's does, through from_pretrained and load_weights_into (issue 18 item 2: the
+    other half of the one rule)."""
     from fused_lora.adapters import load_weights_into
     x = torch.rand(3, 6, generator=torch.Generator().manual_seed(2))
     config = dict(r=2, target_modules=PEFT_WORDS, modules_to_save=["head"], bias="all", init_lora_weights=False)
