@@ -6,25 +6,31 @@ Keys carry peft's prefix and names, so peft loads our adapters and we load peft'
     base_model.model.<module>.<tensor>                          a modules_to_save copy (buffers too)
     base_model.model.<layer>.base_layer.bias, <module>.bias      biases, when config.bias is not "none"
 Only safetensors are read (never pickle). Loading validates every key, shape and dtype against the
-model before changing anything; the adapted modules are the ones the weights file names (the
-config's regex, if any, is never run on module names).
+model before changing anything, and every value again once cast to the dtype the model holds it in
+(NaN, inf, and finite values the cast makes inf are refused; float8 is cast like any float, packed
+float4 refused); the adapted modules are the ones the weights file names (the config's regex, if
+any, is never run on module names).
 
 Saving replaces the pair as a whole. Both files are written and synced in a staging directory
-beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where that name is too long or the parent is
-another filesystem or read-only), then renamed in: weights
-first, config second. The weights' header records the config they were saved with
+beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where that name is too
+long or the parent is another filesystem or read-only), then renamed in: weights first, config
+second. The weights' header records the config they were saved with
 (FUSED_CONFIG_KEY), so a crash between the two renames is recognised: the loader then reads the
 new config from the staging directory (which the next save moves into place before removing stale
-staging directories), and a config from another save is refused. Adapters peft wrote carry no
-record and load as they are.
+staging directories), and a config from another save is refused. Concurrent saves into one
+directory (threads or processes) stage apart and take turns to rename (_exclusive), so pairs never
+mix. Adapters peft wrote carry no record and load as they are.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
+import threading
 from typing import Optional
 
 import torch
@@ -36,6 +42,11 @@ from . import dora
 from .config import LoraConfig
 from .targets import base_features, check_loaded_targets, find_modules_to_save
 from .validation import check_backend
+
+try:
+    import fcntl
+except ImportError:  # Windows: saves are serialised within a process only
+    fcntl = None
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -53,10 +64,86 @@ _UNRECORDED = ("base_model_name_or_path", "revision", "task_type", "inference_mo
 # the rest): a config that differs in one of them is from another save, and is refused.
 _SCALING = ("r", "lora_alpha", "use_rslora", "lora_dropout")
 MAX_CONFIG_BYTES = 16 << 20  # real configs are kilobytes; this bounds what a hostile one costs
+# Staging directories of the saves running in this process. Their names hold this process's pid, which
+# cannot tell a save still running in another thread from one that failed here: each save's directory
+# (its own token, the random part of its name) is listed while it runs, and only unlisted ones are stale.
+_LIVE_STAGING: set[str] = set()
+# Held (with a flock on the adapter directory, across processes) while a save judges and completes
+# others' leftovers, creates its staging directory, or renames its pair into place; also guards _LIVE_STAGING.
+_SAVE_LOCK = threading.Lock()
+_HELD_FDS: list[int] = []  # descriptors of the directories flock'ed now (by this process's saves)
 
 
 class AdapterError(ValueError):
     """An adapter directory that cannot be loaded onto this model; the model is left unchanged."""
+
+
+# Floating-point dtypes an adapter file may hold; each is cast on load to the dtype the model holds the
+# tensor in, as peft's load_state_dict casts (float8 included: every float8 value has an exact float32,
+# bfloat16 and, but for float8_e8m0fnu's extremes, float16 form). Other floating types (packed float4)
+# have no cast and are refused by name.
+_LOADABLE_FLOATS = frozenset(d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    *(getattr(torch, n, None) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+                                        "float8_e8m0fnu"))) if d is not None)
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """8-bit floats as float32 (exact), since isnan/isinf/isfinite have no kernel for most of them."""
+    return t.to(torch.float32) if t.dtype.itemsize == 1 else t
+
+
+def _non_finite(t: torch.Tensor) -> tuple[int, int]:
+    """(how many NaN, how many +-inf) a floating-point tensor holds."""
+    t = _widened(t)
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
+def _check_file_tensor(where: str, key: str, t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> None:
+    """A tensor read from an adapter file (`key`: its key in the file) against the model's: `dtype`
+    None means any floating type fused_lora loads (cast on load), otherwise exactly `dtype` (an int64
+    buffer stays int64). A floating tensor holding NaN or inf is refused."""
+    if dtype is not None:
+        if t.dtype != dtype:
+            raise AdapterError(f"{where}: key {key!r} has dtype {t.dtype}, the model's tensor is {dtype}")
+    elif not t.is_floating_point():
+        raise AdapterError(f"{where}: key {key!r} has dtype {t.dtype}, not floating point")
+    elif t.dtype not in _LOADABLE_FLOATS:
+        raise AdapterError(f"{where}: key {key!r} has dtype {t.dtype}, which fused_lora does not load (torch has no "
+                           "cast from it to the model's dtype); save the adapter in float32, float16 or bfloat16")
+    if t.is_floating_point():
+        nan, inf = _non_finite(t)
+        if nan or inf:
+            raise AdapterError(f"{where}: key {key!r} holds NaN or inf ({nan} NaN, {inf} inf of {t.numel()} values): "
+                               "a broken adapter (every output it touches would be NaN or inf)")
+
+
+def _rounding_bound(dtype: torch.dtype) -> float:
+    """The magnitude from which round-to-nearest leaves `dtype`'s finite range: its largest value plus
+    half a unit in its last place (65520 for float16)."""
+    info = torch.finfo(dtype)
+    try:
+        return info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
+    except OverflowError:  # float64: nothing overflows it
+        return math.inf
+
+
+def _cast_file_tensor(where: str, key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` (checked by _check_file_tensor) in `dtype`, the dtype the model holds it in. A value finite in
+    the file but beyond `dtype`'s range (float64 1e300 into float32, float32 1e6 into float16) would
+    load as inf, or, for float8 types whose casts saturate, as their largest value: refused naming the
+    key and the dtype. The cast values are checked as well."""
+    out = t.to(dtype)
+    if not out.is_floating_point():
+        return out
+    beyond = t.to(torch.float64).abs() >= _rounding_bound(dtype)
+    if bool(beyond.any()) or any(_non_finite(out)):
+        worst = t.to(torch.float64)[beyond | ~torch.isfinite(_widened(out))].abs().max().item()
+        raise AdapterError(f"{where}: key {key!r} holds {worst:g}, beyond the range of {dtype} (largest finite "
+                           f"{torch.finfo(dtype).max:g}), the dtype this model holds it in: it would load as inf "
+                           f"(or, where the cast saturates, as the largest value). Save the adapter within "
+                           f"{dtype}'s range, or load it into a model of a wider dtype")
+    return out
 
 
 # ---------------------------------------------------------------- what an adapter holds
@@ -135,8 +222,6 @@ def _staging_dirs(directory: str) -> list[tuple[str, str]]:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # ours, from an earlier save in this process that did not finish
     if os.name == "nt":
         return True  # os.kill(pid, 0) would terminate the process there: keep the directory
     try:
@@ -163,23 +248,81 @@ def _fsync_file(path: str) -> None:
         os.fsync(f.fileno())
 
 
+def _is_stale(path: str, pid: str) -> bool:
+    """Whether the staging directory `path` (named with `pid`) belongs to a save no longer running:
+    killed, or failed in a process still alive. Call with _SAVE_LOCK held."""
+    if not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return path not in _LIVE_STAGING  # a save of another thread still running, or one that failed here
+    return not _pid_alive(int(pid))
+
+
 def _finish_interrupted_save(directory: str) -> None:
-    """If a save died between its two renames, move its config into place (its weights already are)."""
+    """If a save died between its two renames, move its config into place (its weights already are).
+    A save still running (another thread's, another process's) moves its own config."""
     weights = os.path.join(directory, WEIGHTS_NAME)
     record = _weights_record(weights)
     if record is None or _config_record(os.path.join(directory, CONFIG_NAME)) == record:
         return
-    staged = _staged_config(directory, record)
+    stale = [path for path, pid in _staging_dirs(directory) if _is_stale(path, pid)]
+    staged = _staged_config(stale, record)
     if staged is not None:
-        os.replace(staged, os.path.join(directory, CONFIG_NAME))
+        try:
+            os.replace(staged[0], os.path.join(directory, CONFIG_NAME))
+        except FileNotFoundError:  # a concurrent save finished it first
+            return
         _fsync_dir(directory)
 
 
 def _remove_stale_staging(directory: str) -> None:
-    """Remove staging directories of saves that are no longer running (killed, or failed here)."""
+    """Remove staging directories of saves that are no longer running (killed, or failed)."""
     for path, pid in _staging_dirs(directory):
-        if not pid.isdigit() or not _pid_alive(int(pid)):
+        if _is_stale(path, pid):
             shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: str):
+    """One save at a time moves files into `directory` or judges others' leftovers there, so the two
+    renames of concurrent saves never interleave (weights of one save, config of another). Threads of
+    this process: _SAVE_LOCK; other processes: flock on the directory, released by the kernel if the
+    holder dies. Where flock is missing (Windows) or refused (some network filesystems), saves from
+    several processes into one directory are not serialised."""
+    with _SAVE_LOCK:
+        fd = None
+        if fcntl is not None:
+            try:
+                fd = os.open(directory, os.O_RDONLY)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                _HELD_FDS.append(fd)
+            except OSError:
+                if fd is not None:
+                    os.close(fd)
+                fd = None
+        try:
+            yield
+        finally:
+            if fd is not None:
+                _HELD_FDS.remove(fd)
+                os.close(fd)  # releases the flock
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while a thread of its parent was saving: a fresh lock (the inherited one may be
+    held by a thread the child does not have), no live saves of its own, and the inherited flock
+    descriptors closed (open, they would hold the parent's lock for as long as the child lives)."""
+    global _SAVE_LOCK
+    _SAVE_LOCK = threading.Lock()
+    _LIVE_STAGING.clear()
+    for fd in _HELD_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _name_or_path(model: nn.Module) -> Optional[str]:
@@ -245,10 +388,12 @@ def plan_save(lora_model, directory, adapter_name: Optional[str] = None) -> Save
     tensors = adapter_state(lora_model, adapter_name)
     if not any(k.endswith(".lora_A.weight") for k in tensors):
         raise RuntimeError("save_pretrained: the model holds no LoRA layers; nothing to save")
-    broken = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
-    if broken is not None:  # loading refuses such a file: never write one
-        raise ValueError(f"save_pretrained: adapter {adapter_name!r}: {broken!r} holds NaN or inf (a diverged or broken "
-                         "adapter, which loading refuses); nothing was written")
+    for key, t in tensors.items():  # loading refuses such a file: never write one
+        nan, inf = _non_finite(t) if t.is_floating_point() else (0, 0)
+        if nan or inf:
+            raise ValueError(f"save_pretrained: adapter {adapter_name!r}: {key!r} holds NaN or inf ({nan} NaN, {inf} "
+                             f"inf of {t.numel()} values; a diverged or broken adapter, which loading refuses); "
+                             "nothing was written")
     peft_config = lora_model.peft_config[adapter_name]
     peft_config.validate()  # a mutable dataclass: never write a config that would not load
     _check_config_matches_layers(lora_model, adapter_name)
@@ -266,10 +411,13 @@ def write_adapter(plan: SavePlan) -> None:
     text = json.dumps(config, indent=2, sort_keys=True)
     directory = os.path.realpath(plan.directory)  # stage beside the real directory, not a link
     os.makedirs(directory, exist_ok=True)
-    _finish_interrupted_save(directory)
-    _remove_stale_staging(directory)
-    folder, prefix = _staging_places(directory)[0 if _stage_beside(directory) else 1]
-    staging = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
+    with _exclusive(directory):
+        _finish_interrupted_save(directory)
+        _remove_stale_staging(directory)
+        folder, prefix = _staging_places(directory)[0 if _stage_beside(directory) else 1]
+        # listed as it is created: no other thread's cleanup can judge it stale
+        staging = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
+        _LIVE_STAGING.add(staging)
     weights_in = False
     try:
         staged_config, staged_weights = os.path.join(staging, CONFIG_NAME), os.path.join(staging, WEIGHTS_NAME)
@@ -283,14 +431,18 @@ def write_adapter(plan: SavePlan) -> None:
         _fsync_file(staged_weights)
         _fsync_dir(staging)  # the staged config must survive a power cut too: it may complete the pair
         _fsync_dir(folder)
-        os.replace(staged_weights, os.path.join(directory, WEIGHTS_NAME))
-        weights_in = True
-        os.replace(staged_config, os.path.join(directory, CONFIG_NAME))
-        _fsync_dir(directory)
+        with _exclusive(directory):  # the staged files were written in parallel; the pair goes in whole
+            os.replace(staged_weights, os.path.join(directory, WEIGHTS_NAME))
+            weights_in = True
+            os.replace(staged_config, os.path.join(directory, CONFIG_NAME))
+            _fsync_dir(directory)
     except BaseException:
         if not weights_in:  # the directory still holds the old pair: the staged files are useless
             shutil.rmtree(staging, ignore_errors=True)
         raise  # otherwise the staged config completes the pair (see _finish_interrupted_save)
+    finally:
+        with _SAVE_LOCK:
+            _LIVE_STAGING.discard(staging)  # done or failed: the next save may clean it
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -332,20 +484,36 @@ def _parse_config(text: str, path: str):
         raise AdapterError(f"{path} is not valid JSON: {err}") from None
 
 
-def _config_record(path: str) -> Optional[str]:
+def _text_record(text: str, path: str) -> Optional[str]:
+    """The record of a config's text; None where it is not a JSON object."""
     try:
-        d = _parse_config(_read_config_text(path), path)
-    except (OSError, AdapterError):
+        d = _parse_config(text, path)
+    except AdapterError:
         return None
     return _record(d) if isinstance(d, dict) else None
 
 
-def _staged_config(directory: str, record: str) -> Optional[str]:
-    """A staged config (of an interrupted or running save) matching the weights' record."""
-    for staging, _ in _staging_dirs(directory):
+def _config_record(path: str) -> Optional[str]:
+    try:
+        return _text_record(_read_config_text(path), path)
+    except (OSError, AdapterError):
+        return None
+
+
+def _staged_config(stagings: list[str], record: str) -> Optional[tuple[str, str]]:
+    """(path, text) of a staged config in one of the staging directories `stagings` matching the
+    weights' record. Read once: a save may move or replace the file meanwhile, so the text compared
+    is the text returned."""
+    for staging in stagings:
         path = os.path.join(staging, CONFIG_NAME)
-        if os.path.isfile(path) and _config_record(path) == record:
-            return path
+        if not os.path.isfile(path):
+            continue
+        try:
+            text = _read_config_text(path)
+        except (OSError, AdapterError):  # moved into place by its save meanwhile, or damaged
+            continue
+        if _text_record(text, path) == record:
+            return path, text
     return None
 
 
@@ -361,11 +529,12 @@ def _bound_config(directory: str, record: str) -> LoraConfig:
     """The config the weights were saved with: the directory's, or an interrupted save's staged one."""
     cfg_path = os.path.join(directory, CONFIG_NAME)
     text = _read_config_text(cfg_path) if os.path.isfile(cfg_path) else None
-    if text is not None and _config_record(cfg_path) == record:
+    # The text read is the text compared: a save may replace the file between two reads of it.
+    if text is not None and _text_record(text, cfg_path) == record:
         return _load_config(text, cfg_path)
-    staged = _staged_config(directory, record)
+    staged = _staged_config([path for path, _ in _staging_dirs(directory)], record)
     if staged is not None:  # a save died (or is running) between its two renames: the new pair
-        return _load_config(_read_config_text(staged), staged)
+        return _load_config(staged[1], staged[0])
     if text is None:
         raise _not_found(cfg_path)
     config = _load_config(text, cfg_path)  # a bad field is reported as such
@@ -385,6 +554,21 @@ def _bound_config(directory: str, record: str) -> LoraConfig:
                            "are bound to the weights they were trained with; restore the file's value, or "
                            "train an adapter with the settings you want)")
     return config  # edited by hand in fields that the keys and shapes check below
+
+
+_READ_ATTEMPTS = 10  # reads of a pair that concurrent saves keep replacing, before its refusal stands
+
+
+def _identities(*paths: str) -> tuple:
+    """Which files the paths name now (a rename puts another file there); None for a missing one."""
+    found = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            found.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            found.append(None)
+    return tuple(found)
 
 
 def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -409,19 +593,29 @@ def read_adapter(directory) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
             raise AdapterError(f"{directory} holds {pickled[0]} (a pickle): only {WEIGHTS_NAME} is read, since "
                                "unpickling can run arbitrary code; convert it with safetensors first")
         raise _not_found(weights_path)
-    try:
-        with safe_open(weights_path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise AdapterError(f"{weights_path} is not a readable safetensors file: {err}") from err
-    record = metadata.get(FUSED_CONFIG_KEY)
-    if record is not None:
-        config = _bound_config(directory, record)
-    elif os.path.isfile(cfg_path):
-        config = _load_config(_read_config_text(cfg_path), cfg_path)
-    else:
-        raise _not_found(cfg_path)
+    for attempt in range(_READ_ATTEMPTS):
+        before = _identities(weights_path, cfg_path)
+        try:
+            with safe_open(weights_path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                raw = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise AdapterError(f"{weights_path} is not a readable safetensors file: {err}") from err
+        record = metadata.get(FUSED_CONFIG_KEY)
+        try:
+            if record is not None:
+                config = _bound_config(directory, record)
+            elif os.path.isfile(cfg_path):
+                config = _load_config(_read_config_text(cfg_path), cfg_path)
+            else:
+                raise _not_found(cfg_path)
+        except AdapterError:
+            # A save replaced the pair while it was read (weights of one save, config of the next): read
+            # the pair again rather than call a whole pair one from different saves.
+            if attempt + 1 < _READ_ATTEMPTS and _identities(weights_path, cfg_path) != before:
+                continue
+            raise
+        break
     bad = [k for k in raw if not k.startswith(PREFIX)]
     if bad:
         raise AdapterError(f"{weights_path}: key {bad[0]!r} lacks the {PREFIX!r} prefix of peft adapters")
@@ -460,14 +654,18 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str]
     return want, to_save
 
 
-def _refuse_non_finite(where: str, key: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise AdapterError(f"{where}: key {PREFIX + key!r} holds NaN or inf: a broken adapter (every output "
-                           "it touches would be NaN or inf)")
+def _peft_redundant(key: str, to_save) -> bool:
+    """Whether `key` is one of peft's duplicates of a modules_to_save module's tensors (bias="all" writes
+    `<module>.original_module.*` and `<module>.modules_to_save.*`): accepted, not loaded. Only under a
+    real modules_to_save module (`to_save`): a module that is merely named `original_module` loads."""
+    return any(key.startswith(s + r) for s in to_save for r in _PEFT_REDUNDANT)
 
 
-def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str) -> list[str]:
-    """Check the tensors against the model; returns the modules to adapt (named by the file)."""
+def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str
+             ) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Check the tensors against the model; returns the modules to adapt (named by the file) and the
+    tensors to load, by key (peft's redundant copies left out). Values are checked again after the
+    cast to the model's dtypes (_cast_file_tensor), once the layers that hold them exist."""
     targets = targets_in(tensors)
     embedding = [k for k in tensors if ".lora_embedding_" in k or k.endswith(".base_layer.weight")]
     if embedding:
@@ -480,7 +678,7 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
         want, to_save = expected_tensors(model, config, targets)
     except ValueError as err:
         raise AdapterError(f"{where}: the adapter does not fit this model: {err}") from err
-    redundant = {k for k in tensors if any(k.startswith(s + r) for s in to_save for r in _PEFT_REDUNDANT)}
+    redundant = {k for k in tensors if _peft_redundant(k, to_save)}
     unexpected = sorted(set(tensors) - set(want) - redundant)
     if unexpected:
         raise AdapterError(f"{where}: key {PREFIX + unexpected[0]!r} names no tensor of this model's adapter "
@@ -493,12 +691,8 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
         if t.shape != shape:
             raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(t.shape)}, "
                                f"the model needs {tuple(shape)}")
-        if dtype is None and not t.is_floating_point():
-            raise AdapterError(f"{where}: key {PREFIX + key!r} has dtype {t.dtype}, not floating point")
-        if dtype is not None and t.dtype != dtype:
-            raise AdapterError(f"{where}: key {PREFIX + key!r} has dtype {t.dtype}, the model's tensor is {dtype}")
-        _refuse_non_finite(where, key, t)
-    return targets
+        _check_file_tensor(where, PREFIX + key, t, dtype)
+    return targets, {key: tensors[key] for key in want}
 
 
 @torch.no_grad()
@@ -513,7 +707,8 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
         config.validate()
     except (TypeError, ValueError) as err:
         raise AdapterError(f"{directory}: {err}") from err
-    targets = validate(model, config, tensors, str(directory))
+    where = str(directory)
+    targets, to_load = validate(model, config, tensors, where)
     # The file's weights replace the initial ones: build with the layer's default init and keep the
     # file's value (e.g. "eva", "orthogonal") in the config.
     try:
@@ -525,11 +720,13 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
         config.fan_in_fan_out = lora_model.active_peft_config.fan_in_fan_out  # what the layers' kinds decided
         config.inference_mode = not is_trainable  # as peft: is_trainable decides
         lora_model.peft_config[adapter_name] = config
-        for key, t in tensors.items():
-            if any(r in key for r in _PEFT_REDUNDANT):
-                continue
+        # Every value is cast and checked before any is copied.
+        staged = []
+        for key, t in to_load.items():
             dest = _destination(lora_model, key)
-            dest.copy_(t.to(dest.dtype))
+            staged.append((dest, _cast_file_tensor(where, PREFIX + key, t, dest.dtype)))
+        for dest, value in staged:
+            dest.copy_(value)
         if not is_trainable:
             lora_model.requires_grad_(False)
             lora_model.eval()
@@ -542,7 +739,9 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
 @torch.no_grad()
 def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: bool = False) -> None:
     """Load the adapter in `directory` into `lora_model` as a further adapter `adapter_name` (peft's
-    PeftModel.load_adapter). Config and every key and shape are checked before anything changes."""
+    PeftModel.load_adapter). Config and every key, shape and dtype are checked before anything changes;
+    the values, cast to the new adapter's dtype, before any is copied (a refusal removes the adapter
+    again: the model is left as it was)."""
     config, tensors = read_adapter(directory)
     where = str(directory)
     theirs = targets_in(tensors)
@@ -561,10 +760,9 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
         t = tensors.get(key)
         if t is None:
             raise AdapterError(f"{where}: key {PREFIX + key!r} is missing")
-        if tuple(t.shape) != shape or not t.is_floating_point():
-            raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(t.shape)} and dtype {t.dtype}, "
-                               f"the model needs {shape}, floating point")
-        _refuse_non_finite(where, key, t)
+        if tuple(t.shape) != shape:
+            raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(t.shape)}, the model needs {shape}")
+        _check_file_tensor(where, PREFIX + key, t)
     config.backend = lora_model.active_peft_config.backend
     config.inference_mode = not is_trainable  # as peft: is_trainable decides
     try:
@@ -576,10 +774,16 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
     lora_model.peft_config[adapter_name] = dataclasses.replace(
         config, fan_in_fan_out=lora_model.peft_config[adapter_name].fan_in_fan_out)
     slot = lora_model._slot(adapter_name)
-    for name, layer in lora_model.lora_layers():
-        lora_A, lora_B = layer.adapter_weights(slot)
-        lora_A.copy_(tensors[f"{name}.lora_A.weight"].to(lora_A.dtype))
-        lora_B.copy_(tensors[f"{name}.lora_B.weight"].to(lora_B.dtype))
+    try:  # every value cast and checked (in the dtype the new adapter has) before any is copied
+        staged = []
+        for name, layer in lora_model.lora_layers():
+            for key, dest in zip((f"{name}.lora_A.weight", f"{name}.lora_B.weight"), layer.adapter_weights(slot)):
+                staged.append((dest, _cast_file_tensor(where, PREFIX + key, tensors[key], dest.dtype)))
+    except BaseException:
+        lora_model.delete_adapter(adapter_name)
+        raise
+    for dest, value in staged:
+        dest.copy_(value)
     if is_trainable:
         lora_model.set_requires_grad(adapter_name)
 
@@ -597,12 +801,13 @@ def load_weights_into(lora_model, directory) -> None:
     checked = [(name, _checked_checkpoint(lora_model, where, name)) for name, where in plan]
     for name, tensors in checked:
         for key, t in tensors.items():
-            dest = _destination(lora_model, key[len(PREFIX):], lora_model._slot(name))
-            dest.copy_(t.to(dest.dtype))
+            _destination(lora_model, key[len(PREFIX):], lora_model._slot(name)).copy_(t)
 
 
 def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The tensors saved in `directory` for adapter `adapter_name`, by peft key, checked against it."""
+    """The tensors saved in `directory` for adapter `adapter_name`, by peft key, checked against it as
+    from_pretrained checks a file (keys, shapes, dtypes, NaN / inf before and after the cast) and cast
+    to the dtypes of the model's tensors."""
     config, tensors = read_adapter(directory)
     ours = lora_model.peft_config[adapter_name]
     differ = [k for k in _SCALING if getattr(config, k) != getattr(ours, k)]
@@ -611,7 +816,8 @@ def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, t
         raise AdapterError(f"{directory}: saved with {k}={getattr(config, k)!r}, this model's adapter "
                            f"{adapter_name!r} has {k}={getattr(ours, k)!r}")
     want = adapter_state(lora_model, adapter_name)
-    tensors = {PREFIX + k: t for k, t in tensors.items() if not any(r in k for r in _PEFT_REDUNDANT)}
+    to_save = [name for name, _ in lora_model.saved_modules()]
+    tensors = {PREFIX + k: t for k, t in tensors.items() if not _peft_redundant(k, to_save)}
     if set(tensors) != set(want):
         extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
         raise AdapterError(f"{directory}: the saved adapter does not match this model's: "
@@ -621,7 +827,9 @@ def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, t
     if bad:
         raise AdapterError(f"{directory}: key {bad[0]!r} has shape {tuple(tensors[bad[0]].shape)}, this model's "
                            f"is {tuple(want[bad[0]].shape)}")
-    return tensors
+    for key, t in tensors.items():
+        _check_file_tensor(str(directory), key, t, None if want[key].is_floating_point() else want[key].dtype)
+    return {key: _cast_file_tensor(str(directory), key, t, want[key].dtype) for key, t in tensors.items()}
 
 
 def _destination(lora_model, key: str, slot: str = "default") -> torch.Tensor:

@@ -20,8 +20,9 @@ overriding exactly those three methods (plus the label names Trainer reads from 
   (adapter_model.safetensors + adapter_config.json, no model.safetensors), which
   `LoraModel.from_pretrained` and `peft.PeftModel.from_pretrained` load;
 - `resume_from_checkpoint` and `load_best_model_at_end` load the checkpoint's adapter weights into
-  the model in place (checked against it first); the optimizer, scheduler and RNG states are
-  Trainer's own;
+  the model in place, checked first as `from_pretrained` checks a file (keys, shapes, dtypes, NaN
+  and inf, values beyond the model's dtype: AdapterError, the model unchanged); the optimizer,
+  scheduler and RNG states are Trainer's own;
 - `label_names` and `can_return_loss` come from the wrapped model's class, as for a peft model, so
   evaluation reports its loss;
 - TRL's trainers patch the model they get with a fused LM head (`trl.trainer.utils.add_fused_lm_head`)

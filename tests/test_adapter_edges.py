@@ -108,3 +108,67 @@ def test_from_pretrained_on_an_adapted_model_says_so(tmp_path):
     lm = saved(tmp_path)
     with pytest.raises(ValueError, match="already holds LoRA adapters"):
         LoraModel.from_pretrained(lm.model, tmp_path)
+
+
+class PeftWords(nn.Module):
+    """Layers whose names hold the words peft uses for its redundant modules_to_save keys."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.ModuleDict({"original_module": nn.Linear(6, 6), "modules_to_save": nn.Linear(6, 6)})
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.enc["modules_to_save"](self.enc["original_module"](x)))
+
+
+PEFT_WORDS = ["enc.original_module", "enc.modules_to_save"]
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_adapter", "load_weights_into"])
+def test_a_layer_named_like_peft_s_redundant_keys_is_loaded(tmp_path, loader):
+    """A target whose path holds `.original_module.` or `.modules_to_save.` is loaded like any other:
+    only keys under a real modules_to_save module are peft's redundant copies (issue 18 item 2: the
+    copy loop skipped every such key, leaving B = 0 after every check passed)."""
+    from fused_lora.adapters import load_weights_into
+    x = torch.rand(3, 6, generator=torch.Generator().manual_seed(2))
+    lm = get_lora_model(PeftWords(), LoraConfig(r=2, target_modules=PEFT_WORDS, init_lora_weights=False))
+    with torch.no_grad():
+        want = lm(x)
+    lm.save_pretrained(tmp_path)
+    if loader == "from_pretrained":
+        back = LoraModel.from_pretrained(PeftWords(), tmp_path)
+    else:
+        back = get_lora_model(PeftWords(), LoraConfig(r=2, target_modules=PEFT_WORDS))  # B = 0
+        if loader == "load_adapter":
+            back.load_adapter(tmp_path, "x")
+            back.set_adapter("x")
+        else:
+            load_weights_into(back, tmp_path)
+    with torch.no_grad():
+        assert not torch.allclose(PeftWords()(x), want)  # the adapter changes the output: the test can fail
+        torch.testing.assert_close(back(x), want, rtol=0, atol=0)
+
+
+def test_peft_s_redundant_modules_to_save_keys_are_accepted_and_unused(tmp_path):
+    """peft's bias="all" file holds head.original_module.bias and head.modules_to_save.bias beside
+    head.bias: accepted (they sit under a real modules_to_save module) and not loaded; the model
+    computes what peft's does, through from_pretrained and load_weights_into (issue 18 item 2: the
+    other half of the one rule)."""
+    from fused_lora.adapters import load_weights_into
+    x = torch.rand(3, 6, generator=torch.Generator().manual_seed(2))
+    config = dict(r=2, target_modules=PEFT_WORDS, modules_to_save=["head"], bias="all", init_lora_weights=False)
+    pm = peft.get_peft_model(PeftWords(), peft.LoraConfig(**config))
+    with torch.no_grad():
+        pm.base_model.model.head.modules_to_save["default"].bias.add_(1.0)
+        pm.base_model.model.head.original_module.bias.sub_(5.0)  # a redundant key that must not be loaded
+        want = pm(x)
+    pm.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    assert "base_model.model.head.original_module.bias" in load_file(tmp_path / "adapter_model.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(LoraModel.from_pretrained(PeftWords(), tmp_path)(x), want)
+        ours = get_lora_model(PeftWords(), LoraConfig(**config))
+        load_weights_into(ours, tmp_path)
+        torch.testing.assert_close(ours(x), want)

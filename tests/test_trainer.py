@@ -209,3 +209,41 @@ def test_resume_of_an_adapter_not_named_default(tmp_path):
     want, got = adapter(full), adapter(resumed)
     for k in want:
         torch.testing.assert_close(got[k], want[k], msg=k)
+
+
+def with_first(t, value):
+    out = t.clone()
+    out.view(-1)[0] = value
+    return out
+
+
+SPOILS = [(lambda t: with_first(t, float("nan")), r"holds NaN or inf \(1 NaN, 0 inf "),
+          (lambda t: with_first(t, float("inf")), r"holds NaN or inf \(0 NaN, 1 inf "),
+          (lambda t: t.to(torch.int32), "has dtype torch.int32, not floating point"),
+          (lambda t: with_first(t.double(), 1e300), r"holds 1e\+300, beyond the range of torch.float32")]
+
+
+def test_resume_and_best_model_check_the_checkpoint_as_from_pretrained_does(tmp_path):
+    """resume_from_checkpoint and load_best_model_at_end load a checkpoint's adapter with every check of
+    from_pretrained: NaN, inf, a non-float lora_B, a value beyond the model's dtype are each refused,
+    the model unchanged (issue 18 item 3: they loaded, the int32 one cast silently)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    LoraTrainer(model=lora_llama(), args=args(tmp_path / "a", max_steps=1, save_strategy="steps", save_steps=1),
+                train_dataset=tokens_dataset()).train()
+    ckpt = tmp_path / "a" / "checkpoint-1"
+    path = ckpt / "adapter_model.safetensors"
+    with safe_open(path, framework="pt") as f:
+        metadata, sound = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in sound if k.endswith("v_proj.lora_B.weight"))
+    lm = lora_llama()
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    trainer = LoraTrainer(model=lm, args=args(tmp_path / "b"), train_dataset=tokens_dataset())
+    for spoil, match in SPOILS:
+        save_file({**sound, key: spoil(sound[key])}, path, metadata=metadata)
+        with pytest.raises(AdapterError, match=rf"'{key}' {match}"):
+            trainer.train(resume_from_checkpoint=str(ckpt))
+        trainer.state.best_model_checkpoint = str(ckpt)  # the path load_best_model_at_end takes
+        with pytest.raises(AdapterError, match=rf"'{key}' {match}"):
+            trainer._load_best_model()
+        assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
