@@ -40,6 +40,7 @@ from torch import nn
 
 from . import dora
 from .config import LoraConfig
+from .files import read_regular_file
 from .targets import base_features, check_loaded_targets, find_modules_to_save
 from .validation import check_backend
 
@@ -465,10 +466,8 @@ def _not_found(path: str) -> AdapterError:
 
 
 def _read_config_text(path: str) -> str:
-    with open(path, "rb") as f:
-        data = f.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{path} is too large (over {MAX_CONFIG_BYTES >> 20} MiB) for an adapter config")
+    # as every file anyone may have put in place: a regular file (checked on the opened descriptor), bounded
+    data = read_regular_file(path, MAX_CONFIG_BYTES, "an adapter config", AdapterError)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
