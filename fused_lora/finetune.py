@@ -57,7 +57,7 @@ from .model import get_lora_model
 
 __all__ = ["finetune", "check_settings", "train", "Plan", "TrainingRun", "SettingError", "TrainingDiverged",
            "TrainingInterrupted", "ModelLoadError", "SaveError", "MissingDependency", "read_data", "Data",
-           "build_llama", "counting_batches", "train_step", "LLAMA_SIZES", "LLAMA_TARGETS"]
+           "build_llama", "counting_batches", "train_step", "loss_and_grads", "LLAMA_SIZES", "LLAMA_TARGETS"]
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA_SIZES = {
@@ -527,7 +527,7 @@ def check_settings(size: Optional[str] = None, steps: int = 40, batch: int = 8, 
         if size not in LLAMA_SIZES:
             raise SettingError("size", f"unknown size {size!r}; one of {', '.join(LLAMA_SIZES)}")
     elif size is not None:
-        raise SettingError("size", "not with model: the model directory's config gives the shape")
+        raise SettingError("size", "not with a model directory: its config gives the shape")
     _check_int("steps", steps, 1)
     _check_int("batch", batch, 1)
     if batch % world:
@@ -604,15 +604,21 @@ def check_settings(size: Optional[str] = None, steps: int = 40, batch: int = 8, 
 
 # ---------------------------------------------------------------- training
 
+def loss_and_grads(model, batch: dict) -> torch.Tensor:
+    """Forward with next-token loss and backward; returns the (detached) loss."""
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach()
+
+
 def train_step(model, optimizer, batch: dict) -> torch.Tensor:
     """Forward with next-token loss, backward, optimizer step; returns the (detached) loss. A Ctrl-C
     during the optimizer's step waits for its end: the parameters are never left half-updated."""
-    loss = model(**batch).loss
-    loss.backward()
+    loss = loss_and_grads(model, batch)
     with interrupts_deferred():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss
 
 
 @contextlib.contextmanager
@@ -943,14 +949,21 @@ def train(plan: Plan, log: Callable[[str], None] = print, stream=sys.stdout) -> 
         for step in range(start + 1, plan.steps + 1):
             global_batch = next(batches)
             part = {k: distributed.shard(v).to(device) for k, v in global_batch.items()}
-            loss = distributed.mean_over_processes(train_step(trained, opt, part)).item()
+            local = loss_and_grads(trained, part)  # a Ctrl-C here: the step is not taken
+            # The update and its record are one: a Ctrl-C during either takes effect after both, so an
+            # interrupt saves the parameters of exactly the steps it counts.
+            with interrupts_deferred():
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss = distributed.mean_over_processes(local).item()
+                if math.isfinite(loss):
+                    losses.append(loss)
+                    done, rng = step, _rng_state(device)
             if not math.isfinite(loss):  # the same value on every process: all stop together
                 if tty:
                     stream.write("\n")
                 raise TrainingDiverged(f"the loss became {loss} at step {step}: training stopped, no adapter saved "
                                        f"(lower lr={plan.lr} or lora_alpha={c.lora_alpha})")
-            losses.append(loss)
-            done, rng = step, _rng_state(device)
             mask = global_batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else global_batch["input_ids"].numel()
             if stream is not None and (tty or step % every == 0 or step == plan.steps):

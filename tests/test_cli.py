@@ -52,6 +52,16 @@ def _refused(capsys, argv) -> str:
     (["--device", "tpu"], "--device"),
     (["--device", "cuda:99"], "--device"),
     (["--fsdp"], "--fsdp"),  # FSDP needs several processes
+    (["--eval-split", "1"], "--eval-split"),
+    (["--eval-split", "-0.1"], "--eval-split"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**31)], "--seed"),
+    (["--save-every", "-1"], "--save-every"),
+    (["--target-modules", ""], "--target-modules"),
+    (["--size", "tiny", "--model", "."], "--size"),  # the model directory's config gives the shape
+    (["--model", "/nonexistent/model"], "--model"),
+    (["--data", "/nonexistent/data.jsonl"], "--data"),
+    (["--resume", "--overwrite"], "--overwrite"),
 ])
 def test_finetune_refuses_bad_settings(capsys, tmp_path, args, names):
     """Every bad flag is answered as argparse answers its own: "error: argument --x: ..." (issue 18
@@ -114,14 +124,16 @@ def test_help_explains_every_flag_with_its_default(capsys, command):
         main([command, "--help"])
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    parser_flags = {"finetune": ["--size", "--steps", "--batch", "--seq", "--r", "--lora-alpha", "--lora-dropout",
-                                 "--lr", "--out", "--device", "--fsdp", "--log-every"],
+    parser_flags = {"finetune": ["--model", "--size", "--data", "--eval-split", "--steps", "--batch", "--seq", "--r",
+                                 "--lora-alpha", "--lora-dropout", "--target-modules", "--lr", "--seed", "--out",
+                                 "--resume", "--overwrite", "--save-every", "--device", "--fsdp", "--log-every"],
                     "demo": ["--device"], "info": []}[command]
     for flag in parser_flags:
         assert flag in text
     if command == "finetune":
         assert "optimizer steps (default: 100)" in text and "(default: fused_lora_adapter)" in text
         assert "LoRA rank (default: 16)" in text and "torchrun" in text
+        assert "(default: 0.1)" in text and "nothing is downloaded" in text
     if command == "demo":
         assert "(default: auto)" in text
 
@@ -142,7 +154,7 @@ def test_default_output_directory_is_ignored_by_git():
 def test_nan_loss_stops_training_and_saves_nothing(tmp_path, capsys):
     # alpha = 1e30: once B has moved from zero, the LoRA term overflows.
     with pytest.raises(TrainingDiverged, match="the loss became nan at step [0-9]+: training stopped, no adapter saved"):
-        finetune(steps=5, batch=2, seq=8, lora_alpha=1e30, out=str(tmp_path / "a"), device="cpu",
+        finetune(steps=5, batch=2, seq=8, lora_alpha=1e30, out=str(tmp_path / "a"), device="cpu", eval_split=0,
                  log=lambda s: None, stream=io.StringIO())
     assert not (tmp_path / "a").exists()
     argv = ["finetune", "--steps", "5", "--batch", "2", "--seq", "8", "--lora-alpha", "1e30", "--device", "cpu",
@@ -160,15 +172,15 @@ class _Terminal(io.StringIO):
 
 def test_progress_is_redrawn_on_a_terminal_and_one_line_per_report_elsewhere():
     log_file = io.StringIO()
-    finetune(steps=20, batch=2, seq=8, device="cpu", log=lambda s: None, stream=log_file)
+    finetune(steps=20, batch=2, seq=8, device="cpu", eval_split=0, log=lambda s: None, stream=log_file)
     lines = log_file.getvalue().splitlines()
     assert "\r" not in log_file.getvalue()
     assert [line.split("/")[0].split()[-1] for line in lines] == [str(s) for s in range(2, 21, 2)]
     log_file = io.StringIO()
-    finetune(steps=5, batch=2, seq=8, device="cpu", log_every=2, log=lambda s: None, stream=log_file)
+    finetune(steps=5, batch=2, seq=8, device="cpu", eval_split=0, log_every=2, log=lambda s: None, stream=log_file)
     assert [line.split("/")[0].split()[-1] for line in log_file.getvalue().splitlines()] == ["2", "4", "5"]
     terminal = _Terminal()
-    finetune(steps=3, batch=2, seq=8, device="cpu", log=lambda s: None, stream=terminal)
+    finetune(steps=3, batch=2, seq=8, device="cpu", eval_split=0, log=lambda s: None, stream=terminal)
     assert terminal.getvalue().count("\r") == 3 and terminal.getvalue().endswith("\n")
 
 

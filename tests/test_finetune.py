@@ -212,7 +212,7 @@ def test_model_must_be_a_local_transformers_directory(tmp_path, monkeypatch, bar
     (tmp_path / "config_only" / "config.json").write_text((bare_model_dir / "config.json").read_text())
     with pytest.raises(SettingError, match="model: .* holds no weights"):
         finetune(model=str(tmp_path / "config_only"), **QUIET, **FAST)
-    with pytest.raises(SettingError, match="size: .*not with model"):
+    with pytest.raises(SettingError, match="size: not with a model directory"):
         finetune(model=str(bare_model_dir), size="small", **QUIET, **FAST)
 
 
@@ -249,17 +249,17 @@ def test_interrupt_saves_what_was_trained_and_resume_continues_exactly(tmp_path,
     three = finetune(steps=3, out=str(tmp_path / "three"), **settings)
     assert list(three) == list(straight)[:3]
 
-    real_step, calls = ft.train_step, []
+    real_step, calls = ft.loss_and_grads, []
 
-    def interrupted_in_step_4(*args, **kwargs):
+    def interrupted_in_step_4(*args, **kwargs):  # a Ctrl-C in the 4th step's forward
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
-    monkeypatch.setattr(ft, "train_step", interrupted_in_step_4)
+    monkeypatch.setattr(ft, "loss_and_grads", interrupted_in_step_4)
     with pytest.raises(TrainingInterrupted) as stop:
         finetune(steps=6, out=str(tmp_path / "stopped"), **settings)
-    monkeypatch.setattr(ft, "train_step", real_step)
+    monkeypatch.setattr(ft, "loss_and_grads", real_step)
     assert stop.value.step == 3 and stop.value.saved
     assert isinstance(stop.value, KeyboardInterrupt)  # a library caller still sees a Ctrl-C
     _assert_same_adapter(tmp_path / "stopped", tmp_path / "three")
@@ -272,6 +272,25 @@ def test_interrupt_saves_what_was_trained_and_resume_continues_exactly(tmp_path,
         assert list(resumed) == list(straight)  # steps 1-3 from the checkpoint, 4-6 trained now
         assert resumed.eval_loss == straight.eval_loss and resumed.eval_loss_start == straight.eval_loss_start
         _assert_same_adapter(tmp_path / name, tmp_path / "straight")
+
+
+def test_a_ctrl_c_during_the_optimizer_step_waits_for_its_end(tmp_path, monkeypatch):
+    """A SIGINT that arrives while AdamW updates the parameters takes effect once the step is done: the
+    adapter saved at the interrupt is exactly the adapter of that many steps, never half a step."""
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def signalled_in_step_3(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at the next bytecode, if let
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", signalled_in_step_3)
+    with pytest.raises(TrainingInterrupted) as stop:
+        finetune(steps=6, out=str(tmp_path / "stopped"), **QUIET, **FAST)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert stop.value.step == 3
+    finetune(steps=3, out=str(tmp_path / "three"), **QUIET, **FAST)
+    _assert_same_adapter(tmp_path / "stopped", tmp_path / "three")
 
 
 def test_resume_refuses_other_settings_and_a_finished_run(tmp_path):
