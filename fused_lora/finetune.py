@@ -500,6 +500,11 @@ def _check_out(out: str, steps: int, resume: bool, overwrite: bool) -> Optional[
 
 
 def _read_state(checkpoint: str) -> dict:
+    """A checkpoint's trainer_state.json, its other files present; SettingError("resume", ...) otherwise."""
+    missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME, OPTIMIZER_NAME, STATE_NAME)
+               if not os.path.isfile(os.path.join(checkpoint, n))]
+    if missing:
+        raise SettingError("resume", f"{checkpoint} lacks {', '.join(missing)}: not a checkpoint this command wrote")
     path = os.path.join(checkpoint, STATE_NAME)
     try:
         with open(path) as f:
@@ -871,9 +876,10 @@ def _describe_data(plan: Plan, eval_count: int) -> str:
     if d is None:
         held = f"; eval: {eval_count} held-out sequences" if eval_count else "; no eval (eval_split 0)"
         return f"data: synthetic counting sequences of {plan.seq} tokens{held}"
-    notes = [f"{d.split} longer than {plan.seq} tokens split"] if d.split else []
-    notes += [f"{d.dropped} pieces of 1 token left out"] if d.dropped else []
-    return (f"data: {d.path}: {d.examples:,} examples ({d.kind}): {d.train_examples:,} train, {d.eval_examples:,} eval; "
+    notes = [f"{d.split:,} examples longer than {plan.seq} tokens split into pieces"] if d.split else []
+    notes += [f"{d.dropped:,} pieces of 1 token left out (no next-token loss)"] if d.dropped else []
+    return (f"data: {d.path}: {d.examples:,} examples ({d.kind}): {d.train_examples:,} train, "
+            f"{d.eval_examples:,} eval; "
             f"{len(d.train):,} training sequences of up to {plan.seq} tokens" + "".join(f"; {n}" for n in notes))
 
 
@@ -901,10 +907,13 @@ def train(plan: Plan, log: Callable[[str], None] = print, stream=sys.stdout) -> 
         raise SettingError("target_modules", str(err)) from None
     start, losses, eval_start, resumed = 0, [], None, {}
     if plan.resume_from is not None:
-        load_weights_into(lora, plan.resume_from)
+        try:  # the adapter checked as any adapter is (keys, shapes, dtypes, finite values) before it is copied
+            load_weights_into(lora, plan.resume_from)
+            resumed = load_file(os.path.join(plan.resume_from, OPTIMIZER_NAME))
+        except Exception as err:  # AdapterError, a missing or unreadable optimizer.safetensors (SafetensorError)
+            raise SettingError("resume", f"cannot resume from {plan.resume_from}: {err}") from None
         start, losses = plan.resume_state["step"], list(plan.resume_state["losses"])
         eval_start = plan.resume_state.get("eval_loss_start")
-        resumed = load_file(os.path.join(plan.resume_from, OPTIMIZER_NAME))
     trainable, total = lora.get_nb_trainable_parameters()
     c = plan.config
     log(f"{what} on {device} ({str(dtype).replace('torch.', '')}): {total:,} parameters, {trainable:,} trainable "
@@ -941,6 +950,7 @@ def train(plan: Plan, log: Callable[[str], None] = print, stream=sys.stdout) -> 
         eval_start = evaluate(trained, eval_set, plan.batch, device, pad_id)
     every = plan.log_every or max(1, plan.steps // 10)
     began, tokens, done, rng = time.perf_counter(), 0, start, _rng_state(device)
+    drawn = 0  # the longest progress line drawn on the terminal: a shorter one is padded over it
 
     def state_at(step):
         return {"format": CHECKPOINT_FORMAT, "step": step, "steps": plan.steps, "losses": losses[:step],
@@ -970,8 +980,9 @@ def train(plan: Plan, log: Callable[[str], None] = print, stream=sys.stdout) -> 
                 elapsed = time.perf_counter() - began
                 line = _progress(step, plan.steps, loss, tokens / elapsed,
                                  elapsed / (step - start) * (plan.steps - step))
-                stream.write(f"\r{line}" if tty else f"{line}\n")
+                stream.write(f"\r{line.ljust(drawn)}" if tty else f"{line}\n")
                 stream.flush()
+                drawn = max(drawn, len(line))
             if plan.out and plan.save_every and step % plan.save_every == 0 and step < plan.steps:
                 _save(lora, opt, plan, step, state_at(step), rng, adapter=False, log=log)
         if tty:

@@ -163,7 +163,8 @@ def test_text_without_a_tokenizer_is_refused(bare_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("content, problem", [
-    ('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2, 300]}\n', "line 2: token id 300 is outside the model's vocabulary"),
+    ('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2, 300]}\n',
+     "line 2: token id 300 is outside the model's vocabulary"),
     ('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, -1, 3]}\n', "line 2: token id -1 is outside"),
     ('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2.5]}\n', "line 2: input_ids must be a list of integers"),
     ('{"input_ids": [1, 2, 3]}\n{"input_ids": [true, 2]}\n', "line 2: input_ids must be a list of integers"),
@@ -307,6 +308,14 @@ def test_resume_refuses_other_settings_and_a_finished_run(tmp_path):
         finetune(steps=2, out=str(tmp_path / "new"), resume=True, **QUIET, **FAST)
     with pytest.raises(SettingError, match="overwrite: not with resume"):
         finetune(steps=4, out=out, resume=True, overwrite=True, **QUIET, **FAST)
+    # A checkpoint missing a file, or with one that does not read, is refused by name.
+    os.rename(os.path.join(out, "checkpoint-2", "optimizer.safetensors"), tmp_path / "optimizer.safetensors")
+    with pytest.raises(SettingError, match="resume: .*checkpoint-2 lacks optimizer.safetensors"):
+        finetune(steps=4, out=out, resume=True, **QUIET, **FAST)
+    (tmp_path / "a" / "checkpoint-2" / "optimizer.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}")
+    with pytest.raises(SettingError, match="resume: cannot resume from .*checkpoint-2"):
+        finetune(steps=4, out=out, resume=True, **QUIET, **FAST)
+    os.replace(tmp_path / "optimizer.safetensors", os.path.join(out, "checkpoint-2", "optimizer.safetensors"))
     # lr may change on resume (e.g. lower after a divergence): said in the log.
     lines = []
     finetune(steps=3, out=out, resume=True, lr=1e-3, log=lines.append, stream=None,
