@@ -38,6 +38,12 @@ __all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_multi", "dora_linear",
 
 def __getattr__(name):
     if name in ("LoraTrainer", "lora_trainer_class"):  # transformers is imported only when asked for
-        from . import trainer
+        try:
+            from . import trainer
+        except ModuleNotFoundError as err:
+            if (err.name or "").split(".")[0] != "transformers":
+                raise
+            raise ImportError(f"fused_lora.{name} needs transformers, which is not installed: "
+                              "pip install 'fused_lora[hf]'") from None
         return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

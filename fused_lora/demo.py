@@ -19,9 +19,12 @@ from torch import nn
 
 from .analysis import amplification_factor, low_rank_approx
 from .config import LoraConfig
-from .distributed import resolve_device
+from .distributed import check_device
 from .model import LoraModel, get_lora_model
 
+# The demo's LoRA rank and dtype: what the backend FUSED_LORA_BACKEND forces is checked against, up front.
+RANK = 3
+DTYPE = torch.float32
 
 # Within this many points of always answering the majority class, an accuracy is chance level
 # (200 eval rows: one standard deviation of a coin's accuracy is 3.5 points).
@@ -122,8 +125,11 @@ def _counts(model) -> tuple[int, int]:
 
 
 def run(device: str | None = None, log=print) -> dict:
-    """The whole walk-through; returns the figures it printed (for tests)."""
-    device = str(resolve_device(device))  # ValueError naming the problem, e.g. cuda without CUDA
+    """The whole walk-through; returns the figures it printed (for tests).
+
+    Before anything runs, the device and the backend FUSED_LORA_BACKEND forces are checked as
+    `finetune` checks them: SettingError (a ValueError) naming the problem, e.g. cuda without CUDA."""
+    device = str(check_device(device, DTYPE, RANK))
     start = time.perf_counter()
     figures = {}
 
@@ -144,8 +150,8 @@ def run(device: str | None = None, log=print) -> dict:
     figures["pretrain"] = train(model, loaders, 20, device=device, log=log)
     pretrained = copy.deepcopy(model)
 
-    log("4. LoRA: r=3 on seq.0 and seq.2")
-    config = LoraConfig(r=3, target_modules=["seq.0", "seq.2"])
+    log(f"4. LoRA: r={RANK} on seq.0 and seq.2")
+    config = LoraConfig(r=RANK, target_modules=["seq.0", "seq.2"])
     lora = get_lora_model(copy.deepcopy(pretrained), config)
     lora.print_trainable_parameters()
     figures["lora_counts"] = lora.get_nb_trainable_parameters()
@@ -177,7 +183,7 @@ def run(device: str | None = None, log=print) -> dict:
 
     log("8. modules_to_save=['seq.4']: a full trainable copy of the last layer")
     with_head = get_lora_model(copy.deepcopy(pretrained),
-                               LoraConfig(r=3, target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"]))
+                               LoraConfig(r=RANK, target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"]))
     with_head.print_trainable_parameters()
     figures["with_head_counts"] = with_head.get_nb_trainable_parameters()
 

@@ -19,8 +19,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import backends
+
 ENGINES = ("ddp", "fsdp")
 ENGINE_NAMES = {"ddp": "DDP", "fsdp": "FSDP2"}
+
+
+class SettingError(ValueError):
+    """A setting of `finetune` or `demo` that cannot work, found before anything is built.
+
+    `setting` names the argument (None when the message names what is wrong itself, e.g. the
+    FUSED_LORA_BACKEND variable); the command line reports it as its flag (lora_dropout -> --lora-dropout).
+    """
+
+    def __init__(self, setting: Optional[str], problem: str):
+        super().__init__(f"{setting}: {problem}" if setting else problem)
+        self.setting, self.problem = setting, problem
 
 
 def launched_world_size() -> int:
@@ -69,6 +83,21 @@ def resolve_device(requested: Optional[str]) -> torch.device:
     return device
 
 
+def check_device(requested: Optional[str], dtype: torch.dtype, rank: int) -> torch.device:
+    """The device to run on (`resolve_device`), with the backend FUSED_LORA_BACKEND forces checked to
+    run there for `dtype` and LoRA rank `rank`: the checks `finetune` and `demo` both make before
+    building anything. SettingError("device", ...) or SettingError(None, "FUSED_LORA_BACKEND: ...")."""
+    try:
+        device = resolve_device(requested)
+    except ValueError as err:
+        raise SettingError("device", str(err)) from None
+    try:
+        backends.choose_backend(device, dtype, rank)
+    except (backends.BackendUnavailable, ValueError) as err:
+        raise SettingError(None, f"{backends.ENV_VAR}: {err}") from None
+    return device
+
+
 def backend_for(device: torch.device) -> str:
     """NCCL for CUDA tensors, gloo for CPU tensors."""
     return "nccl" if device.type == "cuda" else "gloo"
@@ -107,6 +136,31 @@ def mean_over_processes(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().clone()
     dist.all_reduce(t)
     return t / world_size()
+
+
+def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over all processes (`t` itself in a single process)."""
+    if not active():
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """`t` whole: an FSDP2 shard (a DTensor) gathered from every process (a collective), anything else as is."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def placed_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor shaped like `param`, placed as `param` is: sharded like an FSDP2 parameter (a
+    collective: every process calls it, with the same tensor), else on its device."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return t.to(param.device)
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(t.to(param.device), mesh, param.placements)
 
 
 def wrap(model: nn.Module, engine: str, device: torch.device) -> nn.Module:
