@@ -11,6 +11,12 @@ s H (c B)^T costs N x r, and x (c W)^T costs one N x K pass, used when N x K < M
 than input features: the usual training shape); otherwise the output is scaled in place. The
 backward likewise scales W (N x K) or dY (M x N), whichever is smaller. Either temporary is freed
 before the op returns; nothing M x N or N x K is kept.
+
+Roundings in float16: s multiplies B and H before their products with dY (`torch_impl`'s order: the
+unscaled dY B or H^T dY can overflow where the scaled product does not), and c multiplies W and B
+(W folded) or dY (otherwise) before the products, so G and dx are finite wherever the reference's are.
+With W folded, dB's rows get c after the product (in fp32, one rounding): for a column with c_j < 1
+that leaves 1/c_j less headroom below the dtype's largest value than the reference's dY' = dY * c.
 """
 from __future__ import annotations
 
