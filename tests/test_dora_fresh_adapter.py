@@ -94,7 +94,7 @@ def test_op_triton_row_at_zero_B_is_its_base(dtype, bias):
 def test_fresh_dora_layer_is_its_base_layer(dtype, kind, M):
     """issue 18 item 28: FusedLoRALinear.from_linear(use_dora=True) (B = 0) returns its base layer's output bit
     for bit, in eval and in training without dropout, for an nn.Linear or a transformers Conv1D base of any
-    dtype."""
+    dtype; merging it leaves the base weight as it was."""
     from transformers.pytorch_utils import Conv1D
     x, w, b, _, _ = _inputs(M, 64, 40, dtype)
     base = nn.Linear(64, 40) if kind == "linear" else Conv1D(40, 64)
@@ -106,6 +106,9 @@ def test_fresh_dora_layer_is_its_base_layer(dtype, kind, M):
     for mode in ("eval", "train"):
         getattr(layer, mode)()
         assert torch.equal(layer(x), base(x)), mode
+    weight = layer.weight.detach().clone()
+    layer.merge()  # peft's DoRA merge, c (W + s B A): W itself at c = 1
+    assert torch.equal(layer.weight, weight)
 
 
 class _TwoLayers(nn.Module):
