@@ -18,7 +18,6 @@ from torch import nn
 
 from fused_lora import FusedLoRALinear, dora, patch_peft
 from fused_lora.dora import dora_linear, weight_norm
-from fused_lora.ops import lora_linear
 from utils import TRITON_DEVICE, needs_triton
 
 CUDA = torch.cuda.is_available()
@@ -78,12 +77,14 @@ def test_op_torch_row_at_zero_B_is_the_base(dtype, M, bias, magnitude_dtype):
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_op_triton_row_at_zero_B_is_its_base(dtype, bias):
-    """issue 18 item 28: the Triton DoRA kernels at B = 0 with peft's initial magnitude compute bit for bit
-    what the row's LoRA kernels compute at B = 0 (the base product as that row computes it: the column scale
-    is exactly 1), and that is the base layer to the row's rounding."""
+    """issue 18 item 28: on the Triton row, dora_linear at B = 0 with peft's initial magnitude computes bit for
+    bit what the row's DoRA kernels compute with a column scale of exactly 1 (the base product as that row
+    computes it, unscaled), and that is the base layer to the row's rounding."""
+    from fused_lora import kernels
     x, w, b, a, bb = _inputs(40, 64, 48, dtype, bias, device=TRITON_DEVICE)
     y = dora_linear(x, w, b, a, bb, torch.linalg.norm(w, dim=1), S, backend="triton")
-    assert torch.equal(y, lora_linear(x, w, b, a, bb, S, backend="triton"))
+    ones = torch.ones(48, dtype=torch.float32, device=TRITON_DEVICE)
+    assert torch.equal(y, kernels.dora_forward(x, w, b, a, bb, S, ones)[0])
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 and not CUDA else None  # TF32 on a GPU
     torch.testing.assert_close(y, F.linear(x, w, b), **(tol or {}))
 
