@@ -17,7 +17,7 @@ in the same dtype (which scales dY first, as peft does).
 import pytest
 import torch
 
-from fused_lora import multi_impl
+from fused_lora import backends, multi_impl
 from fused_lora.dora import dora_linear, weight_norm
 from fused_lora.ops import lora_linear, lora_linear_multi
 from fused_lora.quant import quantize_nf4
@@ -63,11 +63,11 @@ def _problem(ranks, row_adapter=None, m=M, seed=0):
     return x, w, b, loras, dy
 
 
-def _grads(fn, tensors, dy):
+def _grads(fn, tensors, dy, create_graph=False):
     """(y, the gradients of `tensors` for the output gradient dy)."""
     tensors = [t.detach().clone().requires_grad_(True) for t in tensors]
     y = fn(*tensors)
-    return [y.detach()] + list(torch.autograd.grad(y, tensors, dy))
+    return [y.detach()] + [g.detach() for g in torch.autograd.grad(y, tensors, dy, create_graph=create_graph)]
 
 
 def _check(names, got, eager, ref64, dtype):
@@ -79,10 +79,11 @@ def _check(names, got, eager, ref64, dtype):
         assert_close_rule(g, e, r, dtype, name)
 
 
-def _compare(op, ref, tensors, dy, dtype, device, names):
-    """op and the reference formula in `dtype` against the reference in float64, on the same inputs."""
+def _compare(op, ref, tensors, dy, dtype, device, names, create_graph=False):
+    """op and the reference formula in `dtype` against the reference in float64, on the same inputs (the op's
+    gradients with their own graph when `create_graph`: the double-backward path)."""
     low = [t.to(dtype).to(device) for t in tensors]
-    got = _grads(op, low, dy.to(dtype).to(device))
+    got = _grads(op, low, dy.to(dtype).to(device), create_graph)
     eager = _grads(ref, low, dy.to(dtype).to(device))
     ref64 = _grads(ref, [t.to(device) for t in tensors], dy.to(device))
     _check(names, got, eager, ref64, dtype)
@@ -104,13 +105,29 @@ def test_lora_linear_double_backward_path():
     """issue 18 item 4: the differentiable backward (create_graph=True, double backward) gives the same
     finite gradients."""
     x, w, b, ((A, B),), dy = _problem([8])
-    dtype = torch.float16
-    x16, A16, B16 = [t.half().requires_grad_() for t in (x, A, B)]
-    y = lora_linear(x16, w.half(), b.half(), A16, B16, S, backend="torch")
-    got = torch.autograd.grad(y, (x16, A16, B16), dy.half(), create_graph=True)
-    eager = _grads(lambda x, A, B: lora_linear_ref(x, w.half(), b.half(), A, B, S), [x16, A16, B16], dy.half())[1:]
-    ref64 = _grads(lambda x, A, B: lora_linear_ref(x, w, b, A, B, S), [x, A, B], dy)[1:]
-    _check(["dx", "dA", "dB"], [g.detach() for g in got], eager, ref64, dtype)
+    wd, bd = w.half(), b.half()
+    before = backends.calls[("bwd_differentiable", "torch")]
+    _compare(lambda x, A, B: lora_linear(x, wd, bd, A, B, S, backend="torch"),
+             lambda x, A, B: lora_linear_ref(x, wd.to(x.dtype), bd.to(x.dtype), A, B, S),
+             [x, A, B], dy, torch.float16, "cpu", ["y", "dx", "dA", "dB"], create_graph=True)
+    assert backends.calls[("bwd_differentiable", "torch")] == before + 1
+
+
+def test_several_adapters_double_backward_path():
+    """issue 18 item 4: lora_linear_multi's differentiable backward (create_graph=True) likewise."""
+    row_adapter = _row_adapter("runs")
+    x, w, b, loras, dy = _problem([8, 8], row_adapter)
+    wd, bd = w.half(), b.half()
+
+    def adapters(flat):
+        return [(flat[0], flat[1], S, 0.0), (flat[2], flat[3], 2 * S, 0.0)]
+
+    before = backends.calls[("multi_bwd_differentiable", "torch")]
+    _compare(lambda x, *flat: lora_linear_multi(x, wd, bd, adapters(flat), row_adapter, backend="torch"),
+             lambda x, *flat: lora_linear_multi_ref(x, wd.to(x.dtype), bd.to(x.dtype), adapters(flat), row_adapter),
+             [x] + [t for pair in loras for t in pair], dy, torch.float16, "cpu",
+             ["y", "dx", "dA0", "dB0", "dA1", "dB1"], create_graph=True)
+    assert backends.calls[("multi_bwd_differentiable", "torch")] == before + 1
 
 
 @pytest.mark.parametrize("backend,dtype", ROWS)
