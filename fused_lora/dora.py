@@ -6,11 +6,14 @@ peft's DoRA layer computes, with the norm detached (the paper's section 4.3),
 
 and this module computes the same without the out x in matrix W + s B A:
 
-    n_j^2 = ||W_j||^2 + 2 s B_j . (A W_j^T) + s^2 B_j (A A^T) B_j^T
+    n_j^2 = ||W_j||^2 + 2 s B_j . (A W_j^T) + s^2 B_j (A A^T) B_j^T,   n_j = ||W_j|| sqrt(1 + t_j)
 
-in float32 (float64 for float64 inputs). ||W_j||^2 is recomputed per forward, in the same read of W
-as A W^T (one more pass over W in fp32, none extra for a low-precision W, whose fp32 row chunks serve
-both): a cache keyed on the weight's version missed writes through `.data` and, under autocast,
+in float32 (float64 for float64 inputs), t_j the low-rank terms over ||W_j||^2. Where they are exactly
+zero (B_j = 0: a fresh adapter) n_j is peft's own ||W_j|| (torch.linalg.norm over W's rows in W's dtype,
+as peft reduces W + s B A), so peft's initial magnitude gives c = m / n = 1 exactly and the layer is
+its base bit for bit. ||W_j|| is recomputed per forward (one more pass over W in fp32; for a
+low-precision W one fp32 pass over row chunks serving A W^T too, and peft's norm in W's dtype): a cache
+keyed on the weight's version missed writes through `.data` and, under autocast,
 keyed a per-call cast copy whose address the allocator reuses. A W^T is an r x out product (2 r in
 out FLOPs: r/M of the forward GEMM) and A A^T is r x r. The identity cancels when W_j + s B_j A is small against W_j
 (||W_j||^2 + s^2 ||B_j A||^2 over n_j^2 large); such rows (n_j^2 < 2^-6 of that sum, so the
@@ -102,31 +105,45 @@ def weight_sq_norms(weight: Tensor, acc: Optional[torch.dtype] = None) -> Tensor
 def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                 weight_sq: Optional[Tensor] = None) -> Tensor:
     """n_j = ||W_j + s B_j A|| for W (N x K), A (r x K), B (N x r), without forming W + s B A;
-    fp32 (fp64 if any input is fp64). `weight_sq`: ||W_j||^2 if already known (`weight_sq_norms`);
-    otherwise computed here, from the same reads of W as the cross term (W is read as it is now: a
-    cache would miss writes through `.data`, which bump no version counter)."""
+    fp32 (fp64 if any input is fp64), as ||W_j|| sqrt(1 + t_j) with t_j = (2 s B_j . (A W_j^T) +
+    s^2 ||B_j A||^2) / ||W_j||^2. Where the low-rank terms of row j are exactly zero (B_j = 0: a fresh
+    adapter) n_j is peft's ||W_j|| bit for bit: torch.linalg.norm over W's rows in W's dtype and layout, as
+    peft reduces W + s B A, so peft's initial magnitude gives a column scale of exactly 1 and the layer is its
+    base. Elsewhere ||W_j|| is reduced in fp32 (for a 16-bit W, peft's norm rounded to W's dtype would cost
+    the identity its accuracy; the two differ by that rounding). `weight_sq`: ||W_j||^2 if already known
+    (`weight_sq_norms`; its square root then stands for ||W_j||, at zero low-rank terms too); otherwise
+    computed here, from the same reads of W as the cross term (W is read as it is now: a cache would miss
+    writes through `.data`, which bump no version counter)."""
     acc = _acc_dtype(weight, lora_A, lora_B)
     A, B = lora_A.detach().to(acc), lora_B.detach().to(acc)
     weight = weight.detach()
-    if weight.dtype == acc:  # B_j . (A W_j^T), W read in place
+    # peft's ||W_j||: the same reduction peft runs (in W's dtype, over W's own layout), one pass over W
+    peft_norm = torch.linalg.norm(weight, dim=1).to(acc) if weight_sq is None else None
+    if weight.dtype == acc:  # B_j . (A W_j^T), W read in place; peft's reduction is the fp32 one
         cross = torch.mm(weight, A.t()).mul_(B).sum(1)
-        if weight_sq is None:  # one reduction over W, no N x K temporary
-            weight_sq = torch.linalg.vector_norm(weight, dim=1).square_()
+        w_norm = peft_norm
     else:  # a low-precision W: fp32 copies of row chunks only, each read for both terms
         cross = torch.empty(weight.shape[0], dtype=acc, device=weight.device)
-        sq = torch.empty_like(cross) if weight_sq is None else None
+        w_norm = torch.empty_like(cross) if weight_sq is None else None
         for i, rows in _row_chunks(weight, acc):
             cross[i:i + rows.shape[0]] = (torch.mm(rows, A.t()) * B[i:i + rows.shape[0]]).sum(1)
-            if sq is not None:
-                sq[i:i + rows.shape[0]] = torch.linalg.vector_norm(rows, dim=1).square_()
-        weight_sq = sq if weight_sq is None else weight_sq
-    weight_sq = weight_sq.to(acc)
+            if w_norm is not None:
+                w_norm[i:i + rows.shape[0]] = torch.linalg.vector_norm(rows, dim=1)
+    if weight_sq is not None:
+        w_norm = weight_sq.to(acc).sqrt()
+        peft_norm = w_norm
+    weight_sq = w_norm.square()
     lora_sq = torch.mm(B, torch.mm(A, A.t())).mul_(B).sum(1)  # ||B_j A||^2
     s = float(scaling)
     lora_sq.mul_(s * s)
-    n2 = torch.add(weight_sq, cross, alpha=2.0 * s).add_(lora_sq)
-    if n2.is_meta:  # a model built on the meta device (weights come later): shapes only, no values to guard
-        return n2.sqrt_()
+    low = torch.add(lora_sq, cross, alpha=2.0 * s)  # n_j^2 - ||W_j||^2
+    n2 = weight_sq + low
+    # ||W_j|| sqrt(1 + t_j); a zero row of W: sqrt(n_j^2) (= s ||B_j A||)
+    n = torch.where(weight_sq > 0, w_norm * (low / weight_sq).add_(1.0).clamp_min_(0.0).sqrt_(),
+                    n2.clamp_min(0.0).sqrt())
+    zero = (lora_sq == 0) & (cross == 0)  # row j's low-rank term is zero (B_j = 0: a fresh adapter)
+    if n.is_meta:  # a model built on the meta device (weights come later): shapes only, no values to guard
+        return n
     ratio = n2 / (weight_sq + lora_sq)  # 1 without cancellation, 0 where W_j + s B_j A vanishes
     if _sync_free(n2):
         k = min(n2.shape[0], DIRECT_ROWS)
@@ -138,8 +155,8 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
         bad = (ratio <= CANCELLATION).nonzero().flatten() if bool((ratio <= CANCELLATION).any()) else None
     if bad is not None:
         rows = weight.detach()[bad].to(acc) + s * torch.mm(B[bad], A)
-        n2[bad] = (rows * rows).sum(1)
-    return n2.clamp_min_(0.0).sqrt_()
+        n[bad] = torch.linalg.vector_norm(rows, dim=1)
+    return torch.where(zero, peft_norm, n)  # after the direct rows: the sync-free path recomputes any k rows
 
 
 # ------------------------------------------------------------------ the op

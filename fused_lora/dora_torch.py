@@ -8,9 +8,17 @@
 
 The column scale is folded into the small operands where that is cheaper than an M x N pass:
 s H (c B)^T costs N x r, and x (c W)^T costs one N x K pass, used when N x K < M x N (more tokens
-than input features: the usual training shape); otherwise the output is scaled in place. The
+than input features: the usual training shape); otherwise the output is scaled in place, as
+Y = c (x W^T + b) + s H (c B)^T + (1 - c) b, the first term the base layer's own addmm. Either way a
+column scale of exactly 1 (a fresh adapter: B = 0, m = n) gives the base layer's F.linear bit for bit. The
 backward likewise scales W (N x K) or dY (M x N), whichever is smaller. Either temporary is freed
 before the op returns; nothing M x N or N x K is kept.
+
+Roundings in float16: s multiplies B and H before their products with dY (`torch_impl`'s order: the
+unscaled dY B or H^T dY can overflow where the scaled product does not), and c multiplies W and B
+(W folded) or dY (otherwise) before the products, so G and dx are finite wherever the reference's are.
+With W folded, dB's rows get c after the product (in fp32, one rounding): for a column with c_j < 1
+that leaves 1/c_j less headroom below the dtype's largest value than the reference's dY' = dY * c.
 """
 from __future__ import annotations
 
@@ -41,12 +49,12 @@ def dora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
         bc = _scaled_rows(lora_B, colscale * scaling)
         y = torch.addmm(bias, h, bc.t()) if bias is not None else torch.mm(h, bc.t())
         y.addmm_(x, (weight * colscale.to(weight.dtype)[:, None]).t())
-    else:
-        y = torch.mm(h, lora_B.t()).mul_(scaling)
-        y.addmm_(x, weight.t())
+    else:  # c (x W^T + b) + c s H B^T + (1 - c) b: the base layer's own product first, so c = 1 gives it exactly
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
         y.mul_(colscale.to(y.dtype))
+        y.addmm_(h, _scaled_rows(lora_B, colscale * scaling).t())
         if bias is not None:
-            y.add_(bias)
+            y.add_(_scaled_rows(bias[:, None], 1.0 - colscale)[:, 0])
     return y, h
 
 

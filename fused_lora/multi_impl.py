@@ -251,6 +251,16 @@ class _Stacked:
         rounded once."""
         return torch.where(self.match, t * self.col_scale, 0.0).to(t.dtype)
 
+    def scaled_b(self) -> Tensor:
+        """B_cat with each column scaled by its s_a (NaN for an adapter marked bad), rounded once to B's dtype:
+        G = (dY B_cat) * S is formed as dY (B_cat diag(s)) with the scalings applied before the product, since in
+        float16 the unscaled dY B_cat can overflow where s_a dY B_a does not (the reference scales dY first)."""
+        return (self.b_cat * self.col_scale).to(self.b_cat.dtype)
+
+    def own(self, t: Tensor) -> Tensor:
+        """t (M x R) with every column but row m's own adapter's set to 0 (a select: no NaN leaks)."""
+        return torch.where(self.match, t, 0.0)
+
     def pack(self, h: Tensor, segs: Segments) -> Tensor:
         """The packed H (packed_h_shape, rows in the sorted order) of H = (D x) A_cat^T (M x R): row m's
         own adapter's columns, zero beyond its rank (and for a base row)."""
@@ -310,7 +320,7 @@ def _dense_lora_backward(dx: Optional[Tensor], need_dx: bool, dy: Tensor, x: Ten
     """(dx, [(dA_a, dB_a) or None]) on the dense path: D (G A_cat) added to dx in place when dx is given,
     else returned as a new tensor when need_dx (None otherwise)."""
     st = _Stacked(x, adapters, segs)
-    g = st.masked(torch.mm(dy, st.b_cat))  # G = (dY B_cat) * S, M x R
+    g = st.own(torch.mm(dy, st.scaled_b()))  # G = (dY B_cat) * S, M x R, scaled before the product
     drop = _dense_dropout(x, adapters, segs, seed)
     if need_dx:
         a_cat = st.finite(st.a_cat)  # another adapter's NaN/inf kept out (`_Stacked`); a bad adapter's G is NaN
@@ -414,11 +424,11 @@ def lora_backward(dx: Optional[Tensor], dy: Tensor, x: Tensor, adapters: Sequenc
         for piece in pieces:
             rows, lo, hi = piece.rows, piece.lo, piece.hi
             dya = _take(dy, rows)
-            g = torch.mm(dya, lora_B).mul_(scaling)  # m x r
+            g = torch.mm(dya, lora_B * scaling)  # m x r; s before the products with dY (torch_impl's order)
             keep_p = None if keep is None else keep[lo:hi]
             if want:
                 h = h_of(h_packed, segs, a, lora_A.shape[0])
-                dB_t.add_(torch.mm(h[lo:hi].t(), dya), alpha=scaling)  # r x N: the faster orientation
+                dB_t.add_(torch.mm((h[lo:hi] * scaling).t(), dya))  # r x N: the faster orientation
                 dA.add_(torch.mm(g.t(), _dropped(_take(x, rows), keep_p, p)))
             if need_dx:
                 if keep_p is None:

@@ -79,7 +79,7 @@ def backward_quant(
                                           dropout_p, keep, False, need_lora, False, need_db)
     dx = None
     if need_dx:
-        dx = torch.mm(torch.mm(dy, lora_B).mul_(scaling), lora_A)  # G A
+        dx = torch.mm(torch.mm(dy, lora_B * scaling), lora_A)  # G A, s before the product (torch_impl's order)
         if keep is not None:
             dx = dropped(dx, keep, dropout_p)
         accumulate_grad_input(dx, dy, data)

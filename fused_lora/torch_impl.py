@@ -84,16 +84,19 @@ def backward_with_mask(
     scaling: float, dropout_p: float, keep: Optional[Tensor],
     need_dx: bool, need_lora: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Optional[Tensor], ...]:
-    """`backward` with the keep mask given (None: no dropout).
+    """`backward` with the keep mask given (None: no dropout). G = dY (s B) and dB = dY^T (s H): the
+    scaling is applied before the products (see the comment below).
 
     Every step is an autograd-differentiable op (the in-place ones act on fresh results that no
     gradient formula needs), so with H computed under autograd this also gives the graph of the
     gradients that double backward needs, for either backend's mask.
     """
-    g = torch.mm(dy, lora_B).mul_(scaling)  # M x r
+    # s is applied to the small operand before each product with dY (the reference scales dY itself):
+    # in float16 the unscaled dY B or H^T dY can overflow where the scaled product does not.
+    g = torch.mm(dy, lora_B * scaling)  # M x r
     dx = dA = dB = dW = db = None
     if need_lora:
-        dB = torch.mm(h.t(), dy).mul_(scaling).t().contiguous()  # r x N product: the faster orientation
+        dB = torch.mm((h * scaling).t(), dy).t().contiguous()  # r x N product: the faster orientation
     scale = 1.0 / (1.0 - dropout_p)
     if need_dx:  # the low-rank term first, then the GEMM accumulates onto it (beta = 1 or D's scale)
         dx = torch.mm(g, lora_A)

@@ -318,7 +318,7 @@ def test_get_lora_model_initialises_the_magnitude_as_peft(tmp_path):
     assert m.requires_grad and m.shape == (40,)
     torch.testing.assert_close(m, ref.base_model.model.fc1.lora_magnitude_vector["default"].weight)
     x = torch.randn(2, 24)
-    torch.testing.assert_close(ours(x), base(x))  # B = 0: the layer starts as its base
+    assert torch.equal(ours(x), base(x))  # B = 0: the layer starts as its base, bit for bit (issue 18 item 28)
     assert ours.get_nb_trainable_parameters()[0] == ref.get_nb_trainable_parameters()[0]
 
 
@@ -472,13 +472,17 @@ def test_gpt2_conv1d_outputs_gradients_and_merge_equal_peft(tmp_path):
 
 
 def test_deleting_the_dora_adapter_removes_its_magnitude():
-    layer = FusedLoRALinear(8, 6, r=2, use_dora=True)
-    layer.add_adapter("plain", r=2)
+    layer = FusedLoRALinear(8, 6, r=2, use_dora=True, init_lora_weights=False)
+    with torch.no_grad():  # off its init: DoRA's output is not the LoRA's (with B = 0 both were the base)
+        layer.lora_magnitude_vector.mul_(1.5)
+    layer.add_adapter("plain", r=2, init_lora_weights=False)
     layer.set_adapter("plain")
     layer.delete_adapter("default")
     assert "lora_magnitude_vector" not in layer.state_dict() and not layer.use_dora
     x = torch.randn(3, 8)
-    torch.testing.assert_close(layer(x), x @ layer.weight.t() + layer.bias)  # the LoRA "plain" (B = 0)
+    A, B = layer.adapter_weights("plain")
+    assert B.abs().min() > 0
+    torch.testing.assert_close(layer(x), x @ layer.weight.t() + layer.bias + layer.scaling * (x @ A.t()) @ B.t())
 
 
 def test_the_sync_free_path_used_on_cuda_handles_cancellation_and_zero_magnitudes(monkeypatch):

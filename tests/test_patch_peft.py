@@ -366,6 +366,8 @@ def test_dora_added_later_is_fused_and_a_dora_it_cannot_run_is_kept(capsys):
         torch.manual_seed(6)
         m.add_adapter("dora", peft.LoraConfig(r=2, target_modules=["fc1"], use_dora=True, init_lora_weights=False))
         m.set_adapter("dora")
+        with torch.no_grad():  # the magnitude off its init (m / n = 1 there: DoRA computes LoRA's output)
+            m.base_model.model.fc1.lora_magnitude_vector["dora"].weight.mul_(1.5)
     x = torch.randn(3, 24)
     before = fused_calls("dora_fwd")
     torch.testing.assert_close(ours(x), ref(x))

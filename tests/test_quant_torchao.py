@@ -170,15 +170,16 @@ class FrozenNF4Linear(nn.Linear):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torchtune_frozen_nf4_linear_computes_as_torchao(dtype):
-    """Accepted (its forward is nn.Linear's function); adapted with lora_B = 0 (peft's init), the layer computes
-    what torchao's own forward does."""
+    """Accepted (its forward is nn.Linear's function); adapted (B nonzero), the layer computes torchao's own
+    forward plus the low-rank term."""
     torch.manual_seed(0)
     base = FrozenNF4Linear(256, 64, bias=True, dtype=dtype)
-    layer = FusedLoRALinear.from_linear(base, r=4)
+    layer = FusedLoRALinear.from_linear(base, r=4, init_lora_weights=False)
     x = torch.randn(3, 256, dtype=dtype)
     with torch.no_grad():
-        want = base(x)
-        ref = _formula(x, base.weight.get_original_weight(), base.bias, layer.lora_A, layer.lora_B, 1.0,
+        A, B = layer.lora_A.to(dtype), layer.lora_B.to(dtype)
+        want = base(x) + layer.scaling * (x @ A.t()) @ B.t()  # the eager same-dtype error scale
+        ref = _formula(x, base.weight.get_original_weight(), base.bias, layer.lora_A, layer.lora_B, layer.scaling,
                        torch.float64)[0]
         assert_close_rule(layer(x), want, ref, dtype, "y")  # within twice torchao's own error
 

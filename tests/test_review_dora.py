@@ -18,8 +18,12 @@ def _truth(layer, x):
 
 
 def _layer(seed=0):
+    """A DoRA layer with B nonzero and its magnitude off its init (there m / n = 1: DoRA's column scale unseen)."""
     torch.manual_seed(seed)
-    return FusedLoRALinear(64, 32, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False, backend="torch")
+    layer = FusedLoRALinear(64, 32, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False, backend="torch")
+    with torch.no_grad():
+        layer.lora_magnitude_vector.mul_(torch.rand(32) + 0.5)
+    return layer
 
 
 def test_base_weight_written_through_data_after_a_forward_is_seen():
@@ -93,6 +97,11 @@ def test_trained_bias_with_dora_equals_peft(bias, tmp_path):
     ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
     torch.manual_seed(1)
     ours = get_lora_model(copy.deepcopy(base), LoraConfig(**cfg))
+    with torch.no_grad():  # B nonzero and A, B the same in both: at B = 0 the outputs are the base's, dA is 0
+        for i in ("0", "2"):
+            layer, layer_ref = ours.base_model.model.get_submodule(i), ref.base_model.model.get_submodule(i)
+            layer.lora_A.copy_(layer_ref.lora_A["default"].weight)
+            layer.lora_B.copy_(torch.nn.init.normal_(layer_ref.lora_B["default"].weight))
     x = torch.randn(16, 24)
     y, y_ref = ours(x), ref(x)
     torch.testing.assert_close(y, y_ref)
@@ -105,6 +114,7 @@ def test_trained_bias_with_dora_equals_peft(bias, tmp_path):
         torch.testing.assert_close(layer.lora_magnitude_vector.grad,
                                    layer_ref.lora_magnitude_vector["default"].weight.grad)
         torch.testing.assert_close(layer.lora_A.grad, layer_ref.lora_A["default"].weight.grad)
+        torch.testing.assert_close(layer.lora_B.grad, layer_ref.lora_B["default"].weight.grad)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -134,6 +144,10 @@ def test_patch_peft_fuses_dora_with_a_trained_bias():
     base = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8))
     ref = peft.get_peft_model(base, peft.LoraConfig(r=4, init_lora_weights=False, use_dora=True, bias="all",
                                                     target_modules=["0", "2"], lora_dropout=0.2))
+    with torch.no_grad():  # off their init (m / n = 1 there: DoRA's column scale unseen)
+        for name, p in ref.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.rand_like(p) + 0.5)
     ours = copy.deepcopy(ref)
     patch_peft(ours, verbose=False)
     x = torch.randn(5, 24)
