@@ -296,10 +296,11 @@ def test_mixed_batch_over_quantized_base_with_dropout_is_each_adapter_alone():
         A2, B2 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
         ya = lora_linear_quant(xa, qw, layer.bias, A2, B2, s, p, adapter_seed(99, a), backend="torch")
         ya.backward(dy[rows])
-        torch.testing.assert_close(y[rows], ya, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(x.grad[rows], xa.grad, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(A.grad, A2.grad, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(B.grad, B2.grad, atol=1e-5, rtol=1e-5)
+        # The two paths sum in different orders in fp32: an element that cancels (dB's sums of ~20-sized terms
+        # to ~0.01) carries the rounding of its terms, so each tensor is compared in max norm against its
+        # largest entry (1e-5 of it: far below what a lost or misplaced term gives).
+        for got, want in ((y[rows], ya), (x.grad[rows], xa.grad), (A.grad, A2.grad), (B.grad, B2.grad)):
+            torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
 
 
 def test_mixed_batch_over_quantized_base_bad_input_and_backends():
