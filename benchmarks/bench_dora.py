@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Holder, environment, memory_mib, time_variants, write_csv  # noqa: E402
 
 from fused_lora import FusedLoRALinear, LoraConfig, get_lora_model, patch_peft  # noqa: E402
-from fused_lora.finetune import build_llama, counting_batches  # noqa: E402
+from fused_lora.cli.finetune import build_llama, counting_batches  # noqa: E402
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment, write_csv  # noqa: E402
 
 from fused_lora import LoraConfig, get_lora_model, patch_peft  # noqa: E402
-from fused_lora.finetune import LLAMA_TARGETS, build_llama, counting_batches  # noqa: E402
+from fused_lora.cli.finetune import LLAMA_TARGETS, build_llama, counting_batches  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "finetune.csv")
 

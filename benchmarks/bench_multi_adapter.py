@@ -38,7 +38,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment, time_variants, write_csv  # noqa: E402
 
-from fused_lora import FusedLoRALinear, multi_impl  # noqa: E402
+from fused_lora import FusedLoRALinear
+from fused_lora.torch_row import multi as multi_impl  # noqa: E402
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 

@@ -33,8 +33,8 @@ from harness import environment, memory_mib, time_variants, write_csv  # noqa: E
 
 import fused_lora  # noqa: E402
 from fused_lora import FusedLoRALinear, LoraConfig, QuantizedLinear, get_lora_model, quantize_model  # noqa: E402
-from fused_lora.finetune import LLAMA_TARGETS, build_llama, counting_batches  # noqa: E402
-from fused_lora.quant import quantize_int8, quantize_nf4  # noqa: E402
+from fused_lora.cli.finetune import LLAMA_TARGETS, build_llama, counting_batches  # noqa: E402
+from fused_lora.modules.quantized import quantize_int8, quantize_nf4  # noqa: E402
 
 
 def bnb_linear4bit(linear: nn.Linear, device: str, dtype: torch.dtype):

@@ -220,13 +220,13 @@ def _read_text(path: str):
 
 def auto_choices(cases: list[dict], choices: dict, dtype: str) -> None:
     """Add to each case and dropout what auto ran (forward, backward) per the backend cache, keyed as
-    fused_lora.backends keys it (bench_layer: frozen base, gradients for x and the adapter)."""
+    fused_lora.dispatch.registry keys it (bench_layer: frozen base, gradients for x and the adapter)."""
     if not cases:
         return
     try:
         import torch
 
-        from fused_lora.backends import Problem
+        from fused_lora.dispatch.registry import Problem
     except ImportError:
         return
     for case in cases:

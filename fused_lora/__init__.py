@@ -17,16 +17,16 @@ Public API:
     AdapterError                    an adapter directory that cannot be loaded
     BackendUnavailable              a requested backend cannot run
 """
-from .adapters import AdapterError
-from .backends import BackendUnavailable
-from .config import LoraConfig
-from .dora import dora_linear
-from .layer import FusedLoRALinear
-from .model import LoraModel, get_lora_model
-from .ops import lora_linear, lora_linear_multi
-from .peft_patch import patch_peft, unpatch_peft
-from .quant import QuantizedLinear, QuantizedWeight, quantize_int8, quantize_model, quantize_nf4
-from .quant_ops import lora_linear_quant
+from .peft_compat.adapters import AdapterError
+from .dispatch.registry import BackendUnavailable
+from .peft_compat.config import LoraConfig
+from .ops.dora import dora_linear
+from .modules.layer import FusedLoRALinear
+from .peft_compat.model import LoraModel, get_lora_model
+from .ops.lora import lora_linear, lora_linear_multi
+from .peft_compat.patch import patch_peft, unpatch_peft
+from .modules.quantized import QuantizedLinear, QuantizedWeight, quantize_int8, quantize_model, quantize_nf4
+from .ops.quant import lora_linear_quant
 
 __version__ = "0.1.0"
 
@@ -39,7 +39,7 @@ __all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_multi", "dora_linear",
 def __getattr__(name):
     if name in ("LoraTrainer", "lora_trainer_class"):  # transformers is imported only when asked for
         try:
-            from . import trainer
+            from .peft_compat import trainer
         except ModuleNotFoundError as err:
             if (err.name or "").split(".")[0] != "transformers":
                 raise

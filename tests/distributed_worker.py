@@ -11,8 +11,8 @@ import sys
 
 import torch.distributed as dist
 
-from fused_lora import distributed
-from fused_lora.finetune import counting_batches, finetune
+from fused_lora.cli import distributed
+from fused_lora.cli.finetune import counting_batches, finetune
 
 SETTINGS = dict(size="tiny", steps=4, batch=4, seq=16, lr=5e-3, device="cpu")
 

@@ -11,7 +11,7 @@ import sys
 
 import torch.distributed as dist
 
-from fused_lora.finetune import finetune
+from fused_lora.cli.finetune import finetune
 
 SETTINGS = dict(size="tiny", batch=4, seq=16, lr=5e-3, device="cpu", eval_split=0, engine="fsdp",
                 log=lambda s: None, stream=None)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fused_lora import LoraConfig, LoraModel, get_lora_model
-from fused_lora.adapters import adapter_state
-from fused_lora.demo import MLP
+from fused_lora.peft_compat.adapters import adapter_state
+from fused_lora.cli.demo import MLP
 
 SAVES = 6  # per saver
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from fused_lora import AdapterError, LoraConfig, LoraModel, get_lora_model
-from fused_lora.adapters import adapter_state
-from fused_lora.demo import MLP
+from fused_lora.peft_compat.adapters import adapter_state
+from fused_lora.cli.demo import MLP
 
 X = torch.rand(4, 20, generator=torch.Generator().manual_seed(5))
 
@@ -103,7 +103,7 @@ def test_stop_after_each_step_of_a_save(tmp_path, monkeypatch, step, beside):
     """The child saves B over A and dies just before its `step`-th rename. Whatever the step, the
     directory is A or B. Staging goes beside the directory, or inside it where the parent is
     another filesystem or read-only (forced here)."""
-    import fused_lora.adapters as adapters
+    import fused_lora.peft_compat.adapters as adapters
     monkeypatch.setattr(adapters, "_stage_beside", lambda d: beside)
     directory = str(tmp_path / "adapter")
     A.save_pretrained(directory)

@@ -131,7 +131,7 @@ def test_a_layer_named_like_peft_s_redundant_keys_is_loaded(tmp_path, loader):
     """A target whose path holds `.original_module.` or `.modules_to_save.` is loaded like any other:
     only keys under a real modules_to_save module are peft's redundant copies (issue 18 item 2: the
     copy loop skipped every such key, leaving B = 0 after every check passed)."""
-    from fused_lora.adapters import load_weights_into
+    from fused_lora.peft_compat.adapters import load_weights_into
     x = torch.rand(3, 6, generator=torch.Generator().manual_seed(2))
     lm = get_lora_model(PeftWords(), LoraConfig(r=2, target_modules=PEFT_WORDS, init_lora_weights=False))
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_peft_s_redundant_modules_to_save_keys_are_accepted_and_unused(tmp_path)
     head.bias: accepted (they sit under a real modules_to_save module) and not loaded; the model
     computes what peft's does, through from_pretrained and load_weights_into (issue 18 item 2: the
     other half of the one rule)."""
-    from fused_lora.adapters import load_weights_into
+    from fused_lora.peft_compat.adapters import load_weights_into
     x = torch.rand(3, 6, generator=torch.Generator().manual_seed(2))
     config = dict(r=2, target_modules=PEFT_WORDS, modules_to_save=["head"], bias="all", init_lora_weights=False)
     pm = peft.get_peft_model(PeftWords(), peft.LoraConfig(**config))

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fused_lora import AdapterError, LoraConfig, LoraModel, get_lora_model
-from fused_lora.adapters import load_weights_into
+from fused_lora.peft_compat.adapters import load_weights_into
 
 PREFIX = "base_model.model."
 # One key per kind of tensor an adapter file holds.

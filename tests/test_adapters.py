@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fused_lora import AdapterError, LoraConfig, LoraModel, get_lora_model
-from fused_lora.demo import MLP
+from fused_lora.cli.demo import MLP
 
 peft = pytest.importorskip("peft")
 
@@ -161,7 +161,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     lm = trained_lora()
     lm.save_pretrained(tmp_path)
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
-    import fused_lora.adapters as adapters
+    import fused_lora.peft_compat.adapters as adapters
 
     def exploding_save(tensors, path, metadata=None):
         with open(path, "wb") as f:
@@ -250,7 +250,7 @@ def test_every_peft_lora_field_has_a_rule_and_the_doc_mirrors_it():
     import dataclasses
     from pathlib import Path
 
-    from fused_lora.config import PEFT_FIELD_RULES
+    from fused_lora.peft_compat.config import PEFT_FIELD_RULES
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
     assert fields - set(PEFT_FIELD_RULES) == set(), "peft LoraConfig fields with no rule in config.py"
     doc = (Path(__file__).parent.parent / "docs" / "ADAPTERS.md").read_text()
@@ -263,14 +263,14 @@ def test_every_peft_lora_field_has_a_rule_and_the_doc_mirrors_it():
 
 
 def test_honoured_fields_are_the_ones_read():
-    from fused_lora.config import HONOURED, PEFT_FIELD_RULES, PEFT_FIELDS
+    from fused_lora.peft_compat.config import HONOURED, PEFT_FIELD_RULES, PEFT_FIELDS
     honoured = {name for name, rule in PEFT_FIELD_RULES.items() if rule.status == HONOURED}
     assert honoured - {"peft_type"} <= set(PEFT_FIELDS)  # peft_type is checked, not kept
     assert set(PEFT_FIELDS) <= set(PEFT_FIELD_RULES)
 
 
 def test_refused_fields_are_refused_when_set(tmp_path):
-    from fused_lora.config import PEFT_FIELD_RULES, REFUSED
+    from fused_lora.peft_compat.config import PEFT_FIELD_RULES, REFUSED
     trained_lora().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     for name, rule in PEFT_FIELD_RULES.items():

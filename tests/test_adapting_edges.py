@@ -159,7 +159,7 @@ def test_qdora_refusal_names_the_layers_not_an_internal_function():
     use_dora=True over a quantized base ..." (an internal function, and no layer); it now names the
     layers, before anything is changed."""
     from fused_lora import quantize_model
-    from fused_lora.quant import QuantizedLinear
+    from fused_lora.modules.quantized import QuantizedLinear
     model = quantize_model(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8)), "nf4",
                            target_modules=["0", "2"])
     with pytest.raises(ValueError) as err:

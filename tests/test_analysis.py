@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fused_lora.analysis import amplification_factor, low_rank_approx
+from fused_lora.core.analysis import amplification_factor, low_rank_approx
 
 
 def test_low_rank_approx_is_optimal_and_exact_at_full_rank():

@@ -6,9 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fused_lora import backends, ops, torch_impl
-from fused_lora.backends import BackendUnavailable, Implementation, Problem, Registry
-from fused_lora.ops import lora_linear
+from fused_lora.dispatch import registry as backends
+from fused_lora.ops import lora as ops
+from fused_lora.torch_row import dense as torch_impl
+from fused_lora.dispatch.registry import BackendUnavailable, Implementation, Problem, Registry
+from fused_lora.ops.lora import lora_linear
 from utils import make_problem
 
 CUDA = torch.device("cuda")  # only a label here: nothing touches a GPU
@@ -313,14 +315,34 @@ def test_auto_on_the_real_rows(tmp_path, monkeypatch, p):
         assert_close_rule(g, ge, g6, torch.float32, name, tf32)
 
 
-def test_tuned_choices_are_keyed_by_every_implementation_and_the_rules():
-    """An edited PyTorch path (single, mixed-batch, quantized) or selection rule must invalidate
-    cached choices, as an edited kernel does: each file exists and is hashed."""
+def test_tuned_choices_are_keyed_by_every_implementation_and_the_rules(tmp_path):
+    """The tuned-choice cache's digest covers every implementation file by folder (the kernels, the PyTorch
+    row, the core math and formats they read, the selection rules), not a list kept by hand: editing any
+    one of those files, or adding one, changes the digest (a hand-kept list missed the DoRA PyTorch path and
+    the quantized torch code, so editing them reused stale choices; issue 19 item 3)."""
     import os
-    names = {os.path.relpath(p, os.path.dirname(backends.__file__)) for p in backends.digested_sources()}
-    assert {"torch_impl.py", "multi_impl.py", "quant_impl.py", "backends.py", "kernels/forward.py",
-            "kernels/multi.py", "kernels/quant.py", "kernels/tma.py"} <= names
-    assert all(os.path.isfile(p) for p in backends.digested_sources())
+    import shutil
+    root = os.path.dirname(os.path.dirname(backends.__file__))
+    copy = tmp_path / "pkg"
+    for folder in backends.DIGESTED_FOLDERS:
+        shutil.copytree(os.path.join(root, folder), copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    files = backends.digested_sources(str(copy))
+    rel = {os.path.relpath(p, copy) for p in files}
+    assert {"torch_row/dense.py", "torch_row/dora.py", "torch_row/quant.py", "dispatch/registry.py",
+            "core/dropout.py", "kernels/forward.py"} <= rel
+    assert len(files) == len(rel) > 30
+    before = backends.sources_digest(str(copy))
+    assert backends.sources_digest(str(copy)) == before  # a pure function of the files
+    for path in files:
+        original = open(path, "rb").read()
+        with open(path, "ab") as f:
+            f.write(b"\n# edited\n")
+        assert backends.sources_digest(str(copy)) != before, os.path.relpath(path, copy)
+        with open(path, "wb") as f:
+            f.write(original)
+    assert backends.sources_digest(str(copy)) == before
+    (copy / "torch_row" / "new_path.py").write_text("# a new implementation file\n")
+    assert backends.sources_digest(str(copy)) != before
 
 
 # ---- issue 18 items 8 and 9: a cache file that parses but is not a cache, or is not a regular file
@@ -391,7 +413,7 @@ def test_info_reports_a_bad_cache_file(tmp_path, monkeypatch, capsys, what):
     """`python -m fused_lora info` with the default cache directory holding a bad cache file (named after
     any device and versions): wrong types, or a FIFO, are listed as ignored, neither a crash nor a hang.
     Issue 18 items 8 and 9."""
-    from fused_lora.__main__ import main
+    from fused_lora.cli.main import main
     monkeypatch.setenv(backends.CACHE_ENV_VAR, str(tmp_path))
     path = tmp_path / "backends-Other_GPU-0123456789ab.json"
     if what == "fifo":

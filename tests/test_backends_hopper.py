@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from fused_lora import backends
-from fused_lora.backends import BackendUnavailable, Implementation, Problem, Registry, outputs_mismatch
+from fused_lora.dispatch import registry as backends
+from fused_lora.dispatch.registry import BackendUnavailable, Implementation, Problem, Registry, outputs_mismatch
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # a label for fake-GPU problems; nothing touches a GPU
@@ -189,7 +189,7 @@ def test_auto_checks_the_real_hopper_rows_before_timing(tmp_path, monkeypatch, b
     the check against torch; a row made to return a wrong Y is never timed nor chosen."""
     import importlib
 
-    from fused_lora.ops import lora_linear_fwd
+    from fused_lora.ops.lora import lora_linear_fwd
     from utils import auto_on_cpu, make_problem, with_a_wrong_element
     if broken:
         module = importlib.import_module({"triton-tma": "fused_lora.kernels.tma",

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from fused_lora import backends
-from fused_lora.backends import Problem
+from fused_lora.dispatch import registry as backends
+from fused_lora.dispatch.registry import Problem
 from utils import auto_on_cpu, make_problem, needs_triton
 
 pytestmark = needs_triton("cpu", torch.float16)
@@ -40,7 +40,7 @@ def _zero(t):
 
 def _hopper_fwd(monkeypatch):
     from fused_lora.kernels import one_pass
-    from fused_lora.ops import lora_linear_fwd
+    from fused_lora.ops.lora import lora_linear_fwd
     right = one_pass.forward
     monkeypatch.setattr(one_pass, "forward", lambda x, w, b, A, B, *rest: right(x, w, b, A, _zero(B), *rest))
     x, w, b, a, bb = make_problem(37, 40, 72, 4, torch.float16, "cpu", seed=1, requires_grad=False)
@@ -50,7 +50,7 @@ def _hopper_fwd(monkeypatch):
 
 def _hopper_bwd(monkeypatch):
     from fused_lora.kernels import tma
-    from fused_lora.ops import lora_linear_bwd
+    from fused_lora.ops.lora import lora_linear_bwd
     right = tma.backward
     monkeypatch.setattr(tma, "backward", lambda dy, x, w, A, B, *rest: right(dy, x, w, A, _zero(B), *rest))
     x, w, _, a, bb = make_problem(37, 40, 72, 4, torch.float16, "cpu", seed=1, requires_grad=False)
@@ -62,7 +62,7 @@ def _hopper_bwd(monkeypatch):
 
 def _multi_fwd(monkeypatch):
     kernels = importlib.import_module("fused_lora.kernels")
-    from fused_lora.ops import lora_linear_multi
+    from fused_lora.ops.lora import lora_linear_multi
     right = kernels.multi_forward
     monkeypatch.setattr(kernels, "multi_forward", lambda x, w, b, adapters, *rest: right(
         x, w, b, [(A, _zero(B), s, p) for A, B, s, p in adapters], *rest))
@@ -76,7 +76,7 @@ def _multi_fwd(monkeypatch):
 
 
 def _quant_inputs():
-    from fused_lora import quant
+    from fused_lora.modules import quantized as quant
     g = torch.Generator().manual_seed(0)
     qw = quant.quantize_nf4(torch.randn(24, 128, generator=g) * 128 ** -0.5, blocksize=64, double_quant=True)
     x = torch.randn(20, 128, generator=g)
@@ -86,7 +86,7 @@ def _quant_inputs():
 
 def _quant_fwd(monkeypatch):
     from fused_lora.kernels import quant as kq
-    from fused_lora.quant_ops import lora_linear_quant
+    from fused_lora.ops.quant import lora_linear_quant
     right = kq.forward_quant
     monkeypatch.setattr(kq, "forward_quant", lambda x, wq, bias, A, B, *rest: right(x, wq, bias, A, _zero(B), *rest))
     x, qw, a, b = _quant_inputs()
@@ -96,7 +96,7 @@ def _quant_fwd(monkeypatch):
 
 def _quant_bwd(monkeypatch):
     from fused_lora.kernels import quant as kq
-    from fused_lora.quant_ops import lora_linear_quant
+    from fused_lora.ops.quant import lora_linear_quant
     right = kq.backward_quant
     monkeypatch.setattr(kq, "backward_quant", lambda dy, x, wq, A, B, *rest: right(dy, x, wq, A, _zero(B), *rest))
     x, qw, a, b = _quant_inputs()
@@ -113,9 +113,9 @@ def _quant_bwd(monkeypatch):
 
 
 def _quant_multi_fwd(monkeypatch):
-    from fused_lora import quant
+    from fused_lora.modules import quantized as quant
     from fused_lora.kernels import quant_multi
-    from fused_lora.quant_ops import lora_linear_quant_multi
+    from fused_lora.ops.quant import lora_linear_quant_multi
     right = quant_multi.quant_multi_forward
     monkeypatch.setattr(quant_multi, "quant_multi_forward", lambda x, wq, b, adapters, *rest: right(
         x, wq, b, [(A, _zero(B), s, p) for A, B, s, p in adapters], *rest))

@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from fused_lora.__main__ import DEFAULT_OUT, main  # noqa: E402
-from fused_lora.finetune import TrainingDiverged, finetune  # noqa: E402
+from fused_lora.cli.main import DEFAULT_OUT, main  # noqa: E402
+from fused_lora.cli.finetune import TrainingDiverged, finetune  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,8 +80,8 @@ def test_cuda_requested_without_cuda(capsys, monkeypatch, tmp_path):
 
 
 def test_library_functions_refuse_bad_settings_before_building_anything(monkeypatch, tmp_path):
-    import fused_lora.finetune as ft
-    from fused_lora.demo import run
+    import fused_lora.cli.finetune as ft
+    from fused_lora.cli.demo import run
     monkeypatch.setattr(ft, "build_llama", lambda *a, **k: pytest.fail("built a model"))
     with pytest.raises(ft.SettingError, match="steps: must be an integer >= 1, got 0"):
         finetune(steps=0, out=str(tmp_path / "a"))
@@ -95,7 +95,7 @@ def test_library_functions_refuse_bad_settings_before_building_anything(monkeypa
 
 
 def test_out_of_memory_is_one_error_line(monkeypatch, capsys, tmp_path):
-    import fused_lora.finetune as ft
+    import fused_lora.cli.finetune as ft
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
@@ -187,7 +187,7 @@ def test_progress_is_redrawn_on_a_terminal_and_one_line_per_report_elsewhere():
 def test_an_unwritable_output_and_an_impossible_backend_are_refused_before_training(capsys, monkeypatch, tmp_path):
     """Permission bits do not tell whether the adapter can be written (/proc as root, read-only
     mounts), and a forced backend that cannot run here would fail only after building the model."""
-    import fused_lora.finetune as ft
+    import fused_lora.cli.finetune as ft
     monkeypatch.setattr(ft, "build_llama", lambda *a, **k: pytest.fail("built a model"))
     line = _refused(capsys, ["finetune", "--steps", "1", "--out", "/proc/fused_lora_adapter"])
     assert "--out" in line and "cannot write the adapter" in line
@@ -205,7 +205,7 @@ def test_an_output_name_too_long_is_refused_before_training(capsys, monkeypatch,
     """issue 18 item 12: `--out <a 300-byte name>` trained to the end, then died in save_pretrained.
     Every name the run will write (the directory, its parents still to be made, the checkpoints inside)
     is checked first: one error line, nothing built."""
-    import fused_lora.finetune as ft
+    import fused_lora.cli.finetune as ft
     monkeypatch.setattr(ft, "build_llama", lambda *a, **k: pytest.fail("built a model"))
     for out in (tmp_path / ("a" * 300), tmp_path / ("b" * 300) / "adapter"):
         line = _refused(capsys, ["finetune", "--steps", "1", "--out", str(out)])
@@ -222,7 +222,7 @@ def test_an_output_name_too_long_is_refused_before_training(capsys, monkeypatch,
 
 def test_an_empty_out_is_refused(capsys, monkeypatch):
     """issue 18 item 16: `--out ''` trained and silently saved nothing."""
-    import fused_lora.finetune as ft
+    import fused_lora.cli.finetune as ft
     monkeypatch.setattr(ft, "build_llama", lambda *a, **k: pytest.fail("built a model"))
     line = _refused(capsys, ["finetune", "--steps", "1", "--out", ""])
     assert line == "python -m fused_lora finetune: error: argument --out: must not be empty"
@@ -243,8 +243,8 @@ def test_help_says_what_an_interrupt_does(capsys):
 def test_demo_checks_the_forced_backend_first_as_finetune_does(capsys, monkeypatch, tmp_path, value, problem):
     """issue 18 item 15: FUSED_LORA_BACKEND that cannot run here gave `demo` 10 s of pre-training and a
     90-line traceback; now demo and finetune refuse it up front with the same line."""
-    import fused_lora.demo as demo
-    import fused_lora.finetune as ft
+    import fused_lora.cli.demo as demo
+    import fused_lora.cli.finetune as ft
     monkeypatch.setattr(demo, "MLP", lambda *a, **k: pytest.fail("started the demo"))
     monkeypatch.setattr(ft, "build_llama", lambda *a, **k: pytest.fail("built a model"))
     monkeypatch.setenv("FUSED_LORA_BACKEND", value)
@@ -295,7 +295,7 @@ def test_the_extras_the_messages_name_exist():
     assert {"bitsandbytes>=0.45", "torchao>=0.9"} <= set(extras["quant"])
     assert not any(dep.split("[")[0].split(">")[0].split("=")[0] in ("transformers", "peft")
                    for dep in project["dependencies"])
-    assert project["scripts"]["fused-lora"] == "fused_lora.__main__:main"
+    assert project["scripts"]["fused-lora"] == "fused_lora.cli.main:main"
 
 
 def test_info_says_what_is_measured_and_what_is_the_target(capsys):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fused_lora.demo import CHANCE_MARGIN, run
+from fused_lora.cli.demo import CHANCE_MARGIN, run
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_demo_command_prints_peft_lines():
     code = ("import sys\n"
             f"for name in {EXTRAS!r}:\n"
             "    sys.modules[name] = None  # `import name` now fails as if it were not installed\n"
-            "from fused_lora.__main__ import main\n"
+            "from fused_lora.cli.main import main\n"
             "sys.exit(main(['demo', '--device', 'cpu']))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -12,8 +12,8 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from fused_lora import distributed  # noqa: E402
-from fused_lora.finetune import SettingError, check_settings, counting_batches, finetune  # noqa: E402
+from fused_lora.cli import distributed  # noqa: E402
+from fused_lora.cli.finetune import SettingError, check_settings, counting_batches, finetune  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))

@@ -165,7 +165,7 @@ class Parsed(Exception):
 
 def parse_cli(argv: list[str], monkeypatch) -> None:
     """argv through fused_lora's command line (`main(argv)`), stopping right after argparse accepted it."""
-    from fused_lora import __main__ as cli
+    from fused_lora.cli import main as cli
     original = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):

@@ -8,12 +8,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fused_lora import FusedLoRALinear, LoraConfig, LoraModel, backends, get_lora_model  # noqa: E402
-from fused_lora import dora  # noqa: E402
-from fused_lora.adapters import AdapterError  # noqa: E402
-from fused_lora.dora import dora_linear, weight_norm  # noqa: E402
-from fused_lora.finetune import build_llama, counting_batches  # noqa: E402
-from fused_lora.reference import dora_linear_ref  # noqa: E402
+from fused_lora import FusedLoRALinear, LoraConfig, LoraModel, get_lora_model
+from fused_lora.dispatch import registry as backends  # noqa: E402
+from fused_lora.ops import dora  # noqa: E402
+from fused_lora.peft_compat.adapters import AdapterError  # noqa: E402
+from fused_lora.ops.dora import dora_linear, weight_norm  # noqa: E402
+from fused_lora.cli.finetune import build_llama, counting_batches  # noqa: E402
+from fused_lora.core.reference import dora_linear_ref  # noqa: E402
 
 from utils import ATOL, make_problem, to64  # noqa: E402
 
@@ -170,7 +171,7 @@ def test_op_saves_no_more_than_lora_plus_one_row():
     # Memory held for backward: LoRA's (x, H, W, A, B, seed) plus the op's output Y itself (the caller's
     # tensor, not a copy), the magnitude parameter itself, and one fp32 vector of N (the norm).
     x, w, b, a, bb, m, _ = _op_case(64, 48, 40, 4, torch.float32, True)
-    from fused_lora.ops import lora_linear
+    from fused_lora.ops.lora import lora_linear
 
     def held(fn):
         seen = {}
@@ -535,7 +536,7 @@ def test_dora_over_a_quantized_base_is_refused_and_leaves_the_base_untouched():
     """QDoRA is not implemented: from_linear and get_lora_model say so instead of running LoRA's
     quantized path without the magnitude (a silent wrong answer)."""
     from fused_lora import LoraConfig, get_lora_model, quantize_model
-    from fused_lora.quant import QuantizedLinear
+    from fused_lora.modules.quantized import QuantizedLinear
     model = quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(64, 8)), "nf4")
     with pytest.raises(ValueError, match="DoRA.*quantized"):
         FusedLoRALinear.from_linear(model[0], r=4, use_dora=True)

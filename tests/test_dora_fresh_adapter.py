@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_lora import FusedLoRALinear, dora, patch_peft
-from fused_lora.dora import dora_linear, weight_norm
+from fused_lora import FusedLoRALinear, patch_peft
+from fused_lora.ops import dora
+from fused_lora.ops.dora import dora_linear, weight_norm
 from utils import TRITON_DEVICE, needs_triton
 
 CUDA = torch.cuda.is_available()

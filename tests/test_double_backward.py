@@ -7,9 +7,10 @@ dropout mask as the forward.
 import pytest
 import torch
 
-from fused_lora import FusedLoRALinear, backends
-from fused_lora.ops import lora_linear
-from fused_lora.reference import lora_linear_ref
+from fused_lora import FusedLoRALinear
+from fused_lora.dispatch import registry as backends
+from fused_lora.ops.lora import lora_linear
+from fused_lora.core.reference import lora_linear_ref
 from utils import backend_module, float64_op_case, make_problem, needs_triton, to64
 
 CUDA = torch.cuda.is_available()
@@ -99,7 +100,7 @@ def test_custom_op_path_double_backward():
     for g, ref in zip(got, want):
         torch.testing.assert_close(g, ref)
     # the op itself, called directly (what the compiled graph calls)
-    from fused_lora.ops import lora_linear_fwd
+    from fused_lora.ops.lora import lora_linear_fwd
     got = gradient_penalty_grads(lambda x, a, bb: lora_linear_fwd(x, w, b, a, bb, 0.5, 0.2, seed, "torch")[0],
                                  x, a, bb, dy)
     for g, ref in zip(got, want):

@@ -1,11 +1,11 @@
-"""fused_lora.files.read_regular_file: the bounded, non-blocking read of a file that anyone may have put
+"""fused_lora.core.files.read_regular_file: the bounded, non-blocking read of a file that anyone may have put
 in place (the backend cache reads through it; issue 18 item 9)."""
 import os
 import threading
 
 import pytest
 
-from fused_lora.files import read_regular_file
+from fused_lora.core.files import read_regular_file
 
 
 class Refused(ValueError):

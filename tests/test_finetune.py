@@ -20,8 +20,7 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from fused_lora import LoraModel  # noqa: E402
-from fused_lora.finetune import (SettingError, TrainingInterrupted, build_llama,  # noqa: E402
-                                 finetune)
+from fused_lora.cli.finetune import SettingError, TrainingInterrupted, build_llama, finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(log=lambda s: None, stream=None)
@@ -201,7 +200,7 @@ def test_data_that_is_not_a_regular_file_is_refused_without_reading(tmp_path):
 def test_model_must_be_a_local_transformers_directory(tmp_path, monkeypatch, bare_model_dir):
     """Nothing is downloaded: a hub name is refused as a missing directory; so is a directory without
     config.json or without weights. All before anything is built."""
-    import fused_lora.finetune as ft
+    import fused_lora.cli.finetune as ft
     monkeypatch.setattr(ft, "build_llama", lambda *a, **k: pytest.fail("built a model"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SettingError, match="model: 'gpt2' is not a directory .*nothing is downloaded"):
@@ -242,7 +241,7 @@ def test_interrupt_saves_what_was_trained_and_resume_continues_exactly(tmp_path,
     a data file (the order follows the seed and the step): 6 steps straight; 3 steps; 6 steps interrupted
     in the 4th; each resumed to 6 steps. The interrupted run saved the adapter of step 3, and every
     resumed run ends bit for bit where the straight run ends, with the same losses."""
-    import fused_lora.finetune as ft
+    import fused_lora.cli.finetune as ft
     data = _write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": _ids_of(s)} for s in _sentences(30)])
     settings = dict(model=str(model_dir), data=str(data), lora_dropout=0.1, seq=16, batch=2, device="cpu",
                     save_every=2, **QUIET)
@@ -351,7 +350,7 @@ def test_a_checkpoint_half_written_is_never_resumed_from(tmp_path, monkeypatch):
     """Checkpoints are written in a staging directory and renamed in whole: a failure (or a crash)
     while writing step 4's leaves step 2's as the last, which --resume uses; the leftover staging
     directory is ignored and removed by the next checkpoint."""
-    import fused_lora.finetune as ft
+    import fused_lora.cli.finetune as ft
     out = tmp_path / "a"
     real = ft.save_file
     calls = []

@@ -9,7 +9,7 @@ import transformers
 from transformers.pytorch_utils import Conv1D
 
 from fused_lora import FusedLoRALinear, LoraConfig, LoraModel, get_lora_model
-from fused_lora.demo import MLP
+from fused_lora.cli.demo import MLP
 
 PROJECTIONS = {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
                                                                      "mlp.c_proj")}

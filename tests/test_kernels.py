@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fused_lora import FusedLoRALinear
-from fused_lora.ops import lora_linear_bwd, lora_linear_fwd
-from fused_lora.reference import lora_linear_ref
+from fused_lora.ops.lora import lora_linear_bwd, lora_linear_fwd
+from fused_lora.core.reference import lora_linear_ref
 from utils import backend_module, check_op_against_reference, make_problem, needs_triton
 
 CUDA = torch.cuda.is_available()

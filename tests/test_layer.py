@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fused_lora import FusedLoRALinear
-from fused_lora.reference import lora_linear_ref
+from fused_lora.core.reference import lora_linear_ref
 from utils import TRITON_DEVICE, needs_triton
 
 
@@ -80,7 +80,7 @@ def test_eval_and_zero_dropout_are_exact():
 
 def test_dropout_same_mask_forward_and_backward():
     """dA = G^T (D x) and H = (D x) A^T must use one mask: check grads against the reference with it."""
-    from fused_lora import torch_impl
+    from fused_lora.torch_row import dense as torch_impl
     layer = make_layer(lora_dropout=0.4)
     x = torch.randn(9, 12, requires_grad=True)
     torch.manual_seed(123)
@@ -98,7 +98,7 @@ def test_dropout_same_mask_forward_and_backward():
 
 
 def test_dropout_keep_rate_within_bounds():
-    from fused_lora import torch_impl
+    from fused_lora.torch_row import dense as torch_impl
     n, p = 200_000, 0.1
     keep = torch_impl.keep_mask(42, (n,), p, "cpu")
     rate = keep.float().mean().item()

@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from fused_lora import LoraConfig, LoraModel, get_lora_model  # noqa: E402
-from fused_lora.finetune import LLAMA_TARGETS, build_llama, counting_batches  # noqa: E402
+from fused_lora.cli.finetune import LLAMA_TARGETS, build_llama, counting_batches  # noqa: E402
 
 # fp32 on CPU; fused_lora and peft order the same sums differently (addmm_ into Y vs a separate
 # add), so values agree to rounding, which AdamW's normalisation can amplify for tiny gradients.

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fused_lora import FusedLoRALinear, LoraConfig, get_lora_model
-from fused_lora.demo import MLP
+from fused_lora.cli.demo import MLP
 
 
 def fresh_mlp():

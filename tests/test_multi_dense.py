@@ -4,9 +4,9 @@ between them (the adapters' total rank against DENSE_MAX_RANK)."""
 import pytest
 import torch
 
-from fused_lora import multi_impl
-from fused_lora.ops import lora_linear_multi
-from fused_lora.reference import lora_linear_multi_ref
+from fused_lora.torch_row import multi as multi_impl
+from fused_lora.ops.lora import lora_linear_multi
+from fused_lora.core.reference import lora_linear_multi_ref
 
 from test_multi_adapter import ASSIGNMENTS, full_keeps, make_multi
 from utils import assert_close_rule

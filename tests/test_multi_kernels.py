@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fused_lora import BackendUnavailable, backends, multi_impl
-from fused_lora.ops import lora_linear, lora_linear_multi
-from fused_lora.reference import lora_linear_multi_ref
+from fused_lora import BackendUnavailable
+from fused_lora.dispatch import registry as backends
+from fused_lora.torch_row import multi as multi_impl
+from fused_lora.ops.lora import lora_linear, lora_linear_multi
+from fused_lora.core.reference import lora_linear_multi_ref
 from test_multi_adapter import make_multi
 from utils import assert_close_rule, mixed_batch_keeps, needs_triton
 
@@ -308,7 +310,8 @@ def test_custom_ops_opcheck_on_the_triton_backend():
 def test_packed_h_is_shared_by_both_backends():
     """Without dropout auto may time forward and backward apart, so a backward may receive the other
     backend's packed H: the layouts agree (H itself, and each backward on the other's H)."""
-    from fused_lora import kernels, torch_impl
+    from fused_lora import kernels
+    from fused_lora.torch_row import dense as torch_impl
     M, K, N = 53, 18, 14
     ranks, specs = [4, 1, 6], [0.5, 2.0, -1.0]
     row_adapter = layout("scattered", M, 4, seed=5).to(DEVICE)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fused_lora import AdapterError, LoraConfig, LoraModel, get_lora_model
-from fused_lora.finetune import build_llama
+from fused_lora.cli.finetune import build_llama
 from utils import peft_llama_with_head
 
 TOKENS = torch.arange(30).reshape(3, 10) * 7 % 128
@@ -404,7 +404,7 @@ def test_mixed_batch_with_modules_to_save_equals_peft(tmp_path):
 def test_checkpoint_resume_restores_every_adapter_whichever_is_active(tmp_path):
     # LoraTrainer resumes with load_weights_into; before: the top-level (first) adapter's weights went
     # into the *active* adapter's tensors, and other adapters were not restored.
-    from fused_lora.adapters import load_weights_into
+    from fused_lora.peft_compat.adapters import load_weights_into
     lm = get_lora_model(build_llama("tiny"), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
     lm.add_adapter("other", LoraConfig(r=6, target_modules=TARGETS, init_lora_weights=False))
     lm.set_adapter("other")
@@ -475,7 +475,7 @@ def test_load_adapter_refuses_non_finite_tensors_as_from_pretrained_does(tmp_pat
 
 def test_add_weighted_adapter_of_a_classification_adapter(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
-    from fused_lora.finetune import LLAMA_SIZES
+    from fused_lora.cli.finetune import LLAMA_SIZES
 
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(LlamaConfig(**LLAMA_SIZES["tiny"], num_labels=3, pad_token_id=0))

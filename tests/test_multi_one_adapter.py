@@ -4,10 +4,11 @@ in a mixed batch is the single-adapter op's with the seed multi_impl.adapter_see
 import pytest
 import torch
 
-from fused_lora import FusedLoRALinear, backends
-from fused_lora import dropout as dropout_mod
-from fused_lora import layer as layer_mod
-from fused_lora.ops import lora_linear_multi
+from fused_lora import FusedLoRALinear
+from fused_lora.dispatch import registry as backends
+from fused_lora.core import dropout as dropout_mod
+from fused_lora.modules import layer as layer_mod
+from fused_lora.ops.lora import lora_linear_multi
 
 
 def _layer(p):
@@ -56,7 +57,7 @@ def test_base_rows_or_two_adapters_stay_mixed():
 
 
 def test_adapter_seed_of_a_tensor_seed_equals_the_int_one():
-    from fused_lora.multi_impl import adapter_seed
+    from fused_lora.torch_row.multi import adapter_seed
     for seed in (0, 1, 2**62 - 1, 987654321987654321):
         for a in (0, 1, 7):
             assert int(adapter_seed(torch.tensor(seed), a)) == adapter_seed(seed, a)
@@ -65,8 +66,8 @@ def test_adapter_seed_of_a_tensor_seed_equals_the_int_one():
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_one_named_adapter_over_a_quantized_base(monkeypatch, p):
-    from fused_lora import quant
-    from fused_lora.quant_ops import lora_linear_quant_multi
+    from fused_lora.modules import quantized as quant
+    from fused_lora.ops.quant import lora_linear_quant_multi
     seed = torch.tensor(42, dtype=torch.int64)
     monkeypatch.setattr(layer_mod, "new_seed", lambda: seed.clone())
     torch.manual_seed(0)

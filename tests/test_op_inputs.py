@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fused_lora import backends
-from fused_lora.ops import lora_linear, lora_linear_fwd
+from fused_lora.dispatch import registry as backends
+from fused_lora.ops.lora import lora_linear, lora_linear_fwd
 from utils import assert_close_rule, backend_module, make_problem, needs_triton, ref_forward_backward, to64
 
 CUDA = torch.cuda.is_available()
@@ -192,7 +192,7 @@ def test_bfloat16_refused_under_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("bad", ["dy_rows", "dy_cols", "h_rank", "h_dtype"])
 def test_backward_op_checks_dy_and_h(bad, fake):
     """The backward op, called directly (as opcheck and compiled graphs do), checks dY and H too."""
-    from fused_lora.ops import lora_linear_bwd
+    from fused_lora.ops.lora import lora_linear_bwd
     x, w, b, a, bb = make_problem(5, 8, 6, 2, torch.float32, requires_grad=False)
     dy, h = torch.randn(5, 6), torch.randn(5, 2)
     dy, h, exc, pattern = {

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from fused_lora import backends
-from fused_lora.ops import lora_linear, lora_linear_bwd, lora_linear_fwd
+from fused_lora.dispatch import registry as backends
+from fused_lora.ops.lora import lora_linear, lora_linear_bwd, lora_linear_fwd
 from utils import check_op_against_reference, float64_op_case, make_problem
 
 SHAPES = [  # (M, K, N, r): unit, odd, round, wide rank, empty batch

@@ -23,11 +23,12 @@ from peft.tuners import lora as peft_lora  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import fused_lora  # noqa: E402
-from fused_lora import backends, patch_peft, unpatch_peft  # noqa: E402
-from fused_lora.dropout import keep_mask, new_seed  # noqa: E402
-from fused_lora.finetune import build_llama, counting_batches  # noqa: E402
-from fused_lora.peft_patch import PatchedForward, PatchReport  # noqa: E402
-from fused_lora.reference import lora_linear_ref  # noqa: E402
+from fused_lora.dispatch import registry as backends
+from fused_lora import patch_peft, unpatch_peft  # noqa: E402
+from fused_lora.core.dropout import keep_mask, new_seed  # noqa: E402
+from fused_lora.cli.finetune import build_llama, counting_batches  # noqa: E402
+from fused_lora.peft_compat.patch import PatchedForward, PatchReport  # noqa: E402
+from fused_lora.core.reference import lora_linear_ref  # noqa: E402
 
 PEFT_LINEAR_FORWARD = peft_lora.Linear.forward  # never modified: patching is per instance
 

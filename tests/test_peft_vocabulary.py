@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from fused_lora import AdapterError, LoraConfig, LoraModel, get_lora_model
-from fused_lora.finetune import build_llama
+from fused_lora.cli.finetune import build_llama
 
 TOKENS = torch.arange(20).reshape(2, 10) * 7 % 128
 
@@ -312,7 +312,7 @@ def test_default_target_modules_are_peft_s_table():
     """Issue 18 item 22: the table fused_lora carries (so a minimal install without peft has it, and what
     is adapted does not change with the installed peft) is peft's own; this fails when peft changes it."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_table
-    from fused_lora.targets import DEFAULT_TARGET_MODULES
+    from fused_lora.peft_compat.targets import DEFAULT_TARGET_MODULES
     assert DEFAULT_TARGET_MODULES == peft_table
 
 

@@ -11,10 +11,13 @@ import torch
 from torch import nn
 
 import fused_lora
-from fused_lora import FusedLoRALinear, backends, lora_linear, lora_linear_quant, quant, quant_impl
-from fused_lora.dropout import keep_mask
-from fused_lora.quant import QuantizationError, QuantizedLinear, quantize_int8, quantize_model, quantize_nf4
-from fused_lora.quant_format import NF4Data
+from fused_lora import FusedLoRALinear, lora_linear, lora_linear_quant
+from fused_lora.dispatch import registry as backends
+from fused_lora.modules import quantized as quant
+from fused_lora.torch_row import quant as quant_impl
+from fused_lora.core.dropout import keep_mask
+from fused_lora.modules.quantized import QuantizationError, QuantizedLinear, quantize_int8, quantize_model, quantize_nf4
+from fused_lora.core.formats.layouts import NF4Data
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as BF  # noqa: E402
@@ -79,7 +82,7 @@ def test_nf4_double_quant_matches_bitsandbytes(shape):
 @pytest.mark.parametrize("shape", SHAPES[:2] + [(128, 256)])
 def test_dequantization_bit_exact_on_bitsandbytes_packed_data(nested, shape):
     """Rows read from bitsandbytes' own packed data (through the converter) equal dequantize_4bit's."""
-    from fused_lora.quant_convert import weight_from_bnb
+    from fused_lora.modules.convert_bnb import weight_from_bnb
     w = weight(*shape, seed=3)
     layer = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compute_dtype=torch.float32, quant_type="nf4",
                               compress_statistics=nested)
@@ -383,7 +386,7 @@ def test_torch_compile_fullgraph_matches_eager(fmt):
 
 
 def test_custom_op_opcheck():
-    from fused_lora import quant_ops
+    from fused_lora.ops import quant as quant_ops
     qw = quantize_nf4(weight(64, 128))
     x = torch.randn(5, 128, requires_grad=True)
     A, B = torch.randn(4, 128, requires_grad=True), torch.randn(64, 4, requires_grad=True)

@@ -1,10 +1,10 @@
 """Auto never picks the triton row for a quantized base (ops quant_fwd / quant_bwd) before its kernels'
-output on the key's inputs matched the torch row's: they have run on no GPU yet (fused_lora.backends,
+output on the key's inputs matched the torch row's: they have run on no GPU yet (fused_lora.dispatch.registry,
 rule 5). On CPU, auto's timing is enabled under the interpreter (utils.auto_on_cpu)."""
 import torch
 
-from fused_lora import backends
-from fused_lora.backends import Problem
+from fused_lora.dispatch import registry as backends
+from fused_lora.dispatch.registry import Problem
 from test_quant_kernels import pytestmark  # noqa: F401  (Triton must be able to run here)
 from utils import auto_on_cpu, with_a_wrong_element
 
@@ -22,7 +22,7 @@ def test_quant_ops_are_checked_against_torch():
 
 
 def _layer_inputs():
-    from fused_lora import quant
+    from fused_lora.modules import quantized as quant
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 128, generator=g) * 128 ** -0.5
     qw = quant.quantize_nf4(w, blocksize=64, double_quant=True)
@@ -34,7 +34,7 @@ def _layer_inputs():
 
 def test_a_wrong_quant_kernel_is_not_chosen_by_auto(tmp_path, monkeypatch):
     from fused_lora.kernels import quant as kq
-    from fused_lora.quant_ops import lora_linear_quant
+    from fused_lora.ops.quant import lora_linear_quant
     reg = auto_on_cpu(tmp_path, monkeypatch)
     monkeypatch.setattr(kq, "forward_quant", with_a_wrong_element(kq.forward_quant))
     x, qw, a, b = _layer_inputs()
@@ -48,7 +48,7 @@ def test_a_wrong_quant_kernel_is_not_chosen_by_auto(tmp_path, monkeypatch):
 
 
 def test_a_right_quant_kernel_can_win(tmp_path, monkeypatch):
-    from fused_lora.quant_ops import lora_linear_quant
+    from fused_lora.ops.quant import lora_linear_quant
     reg = auto_on_cpu(tmp_path, monkeypatch)
     x, qw, a, b = _layer_inputs()
     lora_linear_quant(x, qw, None, a, b, 0.5, backend="auto")
@@ -58,7 +58,7 @@ def test_a_right_quant_kernel_can_win(tmp_path, monkeypatch):
 
 
 def _weights_of_one_shape():
-    from fused_lora import quant
+    from fused_lora.modules import quantized as quant
     g = torch.Generator().manual_seed(1)
     w = torch.randn(24, 128, generator=g) * 128 ** -0.5
     return {"nf4": quant.quantize_nf4(w, blocksize=64, double_quant=True),
@@ -69,7 +69,7 @@ def _weights_of_one_shape():
 def test_formats_of_one_shape_are_tuned_apart(tmp_path, monkeypatch):
     # A choice made for an int8 base must not be reused for an NF4 base of the same shape (other kernels),
     # nor one made for 64-element NF4 blocks for 32-element ones (which the triton row cannot run).
-    from fused_lora.quant_ops import lora_linear_quant
+    from fused_lora.ops.quant import lora_linear_quant
     reg = auto_on_cpu(tmp_path, monkeypatch)
     x, _, a, b = _layer_inputs()
     for name, qw in _weights_of_one_shape().items():
@@ -82,7 +82,7 @@ def test_formats_of_one_shape_are_tuned_apart(tmp_path, monkeypatch):
 
 
 def test_the_triton_row_refuses_nf4_blocks_under_64_by_name():
-    from fused_lora.quant_ops import lora_linear_quant
+    from fused_lora.ops.quant import lora_linear_quant
     import pytest
     x, _, a, b = _layer_inputs()
     with pytest.raises(backends.BackendUnavailable, match="NF4 blocksize 32"):
@@ -93,7 +93,7 @@ def test_a_kernel_losing_the_low_rank_term_is_caught_on_a_fresh_adapter(tmp_path
     # At the first step B = 0: on the real inputs every low-rank term is zero, so the check must run on
     # random adapter weights (the probe), or a kernel dropping s H B^T would be chosen for good.
     from fused_lora.kernels import quant as kq
-    from fused_lora.quant_ops import lora_linear_quant
+    from fused_lora.ops.quant import lora_linear_quant
     reg = auto_on_cpu(tmp_path, monkeypatch)
     right = kq.forward_quant
     monkeypatch.setattr(kq, "forward_quant", lambda x, data, bias, A, B, *rest: right(x, data, bias, A, B * 0, *rest))
@@ -107,7 +107,7 @@ def test_a_kernel_losing_the_low_rank_term_is_caught_on_a_fresh_adapter(tmp_path
 def test_a_wrong_kernel_is_caught_with_dropout_too(tmp_path, monkeypatch):
     # Training keys have dropout on: the check compares the rows with the dropout off (their masks differ).
     from fused_lora.kernels import quant as kq
-    from fused_lora.quant_ops import lora_linear_quant
+    from fused_lora.ops.quant import lora_linear_quant
     reg = auto_on_cpu(tmp_path, monkeypatch)
     monkeypatch.setattr(kq, "forward_quant", with_a_wrong_element(kq.forward_quant))
     x, qw, a, b = _layer_inputs()
@@ -119,7 +119,7 @@ def test_a_wrong_kernel_is_caught_with_dropout_too(tmp_path, monkeypatch):
 
 def test_a_wrong_backward_kernel_is_not_run(tmp_path, monkeypatch):
     from fused_lora.kernels import quant as kq
-    from fused_lora.quant_ops import lora_linear_quant
+    from fused_lora.ops.quant import lora_linear_quant
     auto_on_cpu(tmp_path, monkeypatch)
     right = kq.backward_quant
 

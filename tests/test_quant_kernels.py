@@ -1,6 +1,6 @@
 """The Triton kernels over a quantized frozen base (fused_lora.kernels.quant) against the reference on
-the dequantized weight: W = wq.dequantize_rows(0, N) (fused_lora.quant_format, the layouts' one
-definition), cast to the compute dtype, then the float64 reference of fused_lora.reference.
+the dequantized weight: W = wq.dequantize_rows(0, N) (fused_lora.core.formats.layouts, the layouts' one
+definition), cast to the compute dtype, then the float64 reference of fused_lora.core.reference.
 
 The kernels dequantize exactly what dequantize_rows does (fp32 level x fp32 absmax, rounded once to
 the compute dtype), so the only differences are the accumulation order and the compute dtype's
@@ -10,7 +10,7 @@ atol, tests/utils.py). On CPU the kernels run through TRITON_INTERPRET=1 (fp32 a
 import pytest
 import torch
 
-from fused_lora.quant_format import NF4_LEVELS, Int8Data, NF4Data
+from fused_lora.core.formats.layouts import NF4_LEVELS, Int8Data, NF4Data
 from utils import assert_close_rule, needs_triton, ref_forward_backward, to64
 
 CUDA = torch.cuda.is_available()
@@ -90,7 +90,7 @@ def check_against_reference(wq, M, r, dtype, p=0.0, bias=True, seed=1):
     """Y, H and dX, dA, dB of the quantized kernels against the reference on the dequantized weight."""
     from fused_lora.kernels import keep_mask
     from fused_lora.kernels.quant import backward_quant, forward_quant
-    from fused_lora.reference import lora_linear_ref_h
+    from fused_lora.core.reference import lora_linear_ref_h
 
     N, K = wq.shape
     x, b, a, bb, dy = lora_inputs(M, K, N, r, dtype, bias, seed)

@@ -1,4 +1,4 @@
-"""The NF4 kernels' fast path (ALIGNED: rows of whole absmax blocks, the layout every fused_lora.quant
+"""The NF4 kernels' fast path (ALIGNED: rows of whole absmax blocks, the layout every fused_lora.modules.quantized
 and bitsandbytes weight has) and the general path's fixed flag set, against the reference on the
 dequantized weight (test_quant_kernels' rule: W = wq.dequantize_rows cast to the compute dtype, then
 the float64 reference; on CPU through TRITON_INTERPRET=1)."""

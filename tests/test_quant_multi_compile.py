@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from fused_lora import FusedLoRALinear, QuantizedLinear, quant
-from fused_lora.quant_ops import lora_linear_quant_multi
+from fused_lora import FusedLoRALinear, QuantizedLinear
+from fused_lora.modules import quantized as quant
+from fused_lora.ops.quant import lora_linear_quant_multi
 from utils import compiled_and_eager_mixed, two_random_adapters
 
 FORMATS = [("nf4", True), ("nf4", False), ("int8", None)]
@@ -102,7 +103,7 @@ def test_compiled_op_with_dropout_matches_eager(fmt, nested):
 
 
 def test_custom_ops_opcheck():
-    from fused_lora import quant_ops
+    from fused_lora.ops import quant as quant_ops
     layer = _layer("nf4", True)
     M, K = 9, 128
     x = torch.randn(M, K, requires_grad=True)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from fused_lora import FusedLoRALinear, QuantizedLinear, backends
-from fused_lora.quant import quantize_int8, quantize_nf4
-from fused_lora.quant_ops import lora_linear_quant_multi
+from fused_lora import FusedLoRALinear, QuantizedLinear
+from fused_lora.dispatch import registry as backends
+from fused_lora.modules.quantized import quantize_int8, quantize_nf4
+from fused_lora.ops.quant import lora_linear_quant_multi
 from utils import assert_close_rule, auto_on_cpu, mixed_batch_keeps, needs_triton
 
 pytestmark = needs_triton("cpu")

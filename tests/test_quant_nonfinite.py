@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from fused_lora import FusedLoRALinear
-from fused_lora.quant import (QuantizationError, QuantizedLinear, quantize_int8, quantize_model,
-                              quantize_nf4)
+from fused_lora.modules.quantized import QuantizationError, QuantizedLinear, quantize_int8, quantize_model, quantize_nf4
 
 BAD = {"nan": float("nan"), "inf": float("inf")}
 WORD = {"nan": "NaN", "inf": "inf"}
@@ -133,7 +132,7 @@ def test_bnb_layer_holding_nonfinite_refused(kind, nested, bad):
     converting its layer, or adapting it, is refused naming the field instead of computing NaN."""
     pytest.importorskip("bitsandbytes")
     from test_quant_peft import bnb_linear
-    from fused_lora.quant_convert import weight_from_bnb
+    from fused_lora.modules.convert_bnb import weight_from_bnb
     lin = nn.Linear(128, 8)
     with torch.no_grad():
         lin.weight[0, 0] = BAD[bad]
@@ -149,7 +148,7 @@ def test_bnb_layer_beyond_its_compute_dtype_refused():
     finite float32, but the weight dequantizes to inf in float16 (bitsandbytes computes inf itself). Refused
     naming the dtype."""
     bnb = pytest.importorskip("bitsandbytes")
-    from fused_lora.quant_convert import weight_from_bnb
+    from fused_lora.modules.convert_bnb import weight_from_bnb
     lin = nn.Linear(128, 8)
     with torch.no_grad():
         lin.weight[0, 0] = 1e6
@@ -166,7 +165,7 @@ def test_torchao_nf4_tensor_holding_nonfinite_refused(bad):
     naming the field instead of computing NaN."""
     pytest.importorskip("torchao")
     from torchao.quantization import to_nf4
-    from fused_lora.quant_torchao import weight_from_torchao
+    from fused_lora.modules.convert_torchao import weight_from_torchao
     w = weight(dtype=torch.bfloat16)
     w[0, 0] = BAD[bad]
     lin = nn.Linear(128, 8, bias=False)

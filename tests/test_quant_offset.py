@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from fused_lora import FusedLoRALinear
-from fused_lora.quant import QuantizationError, QuantizedLinear, quantize_nf4
-from fused_lora.quant_format import NF4Data
+from fused_lora.modules.quantized import QuantizationError, QuantizedLinear, quantize_nf4
+from fused_lora.core.formats.layouts import NF4Data
 
 N, K = 64, 128
 
@@ -236,7 +236,8 @@ def test_custom_ops_take_the_offset_as_a_tensor_opcheck():
     torch.library.opcheck for the base op and the LoRA op, and computes what the float form computes."""
     from dataclasses import replace
 
-    from fused_lora import quant, quant_ops
+    from fused_lora.modules import quantized as quant
+    from fused_lora.ops import quant as quant_ops
     qw = _quantized_linear().weight
     x = torch.randn(5, K, requires_grad=True)
     A, B = torch.randn(4, K, requires_grad=True), torch.randn(N, 4, requires_grad=True)

@@ -13,7 +13,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import fused_lora  # noqa: E402
 from fused_lora import FusedLoRALinear, LoraConfig, LoraModel, QuantizedLinear, get_lora_model, quantize_model  # noqa: E402
-from fused_lora.finetune import LLAMA_TARGETS, counting_batches  # noqa: E402
+from fused_lora.cli.finetune import LLAMA_TARGETS, counting_batches  # noqa: E402
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit  # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=2e-5)

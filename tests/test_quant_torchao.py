@@ -18,10 +18,10 @@ from torchao.quantization import to_nf4  # noqa: E402
 
 import fused_lora  # noqa: E402
 from fused_lora import FusedLoRALinear, LoraConfig, LoraModel, get_lora_model  # noqa: E402
-from fused_lora.finetune import LLAMA_TARGETS, counting_batches  # noqa: E402
-from fused_lora.quant import dequantize_rows  # noqa: E402
-from fused_lora.quant_convert import as_quantized_linear, is_quantized_base  # noqa: E402
-from fused_lora.quant_ops import lora_linear_quant  # noqa: E402
+from fused_lora.cli.finetune import LLAMA_TARGETS, counting_batches  # noqa: E402
+from fused_lora.modules.quantized import dequantize_rows  # noqa: E402
+from fused_lora.modules.convert_bnb import as_quantized_linear, is_quantized_base  # noqa: E402
+from fused_lora.ops.quant import lora_linear_quant  # noqa: E402
 from test_quant_peft import bnb_quantize, lora_grads, tiny_llama  # noqa: E402
 from utils import assert_close_rule  # noqa: E402
 

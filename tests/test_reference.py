@@ -1,7 +1,7 @@
 """The reference itself: checked against independent formulations of the same math."""
 import torch
 
-from fused_lora.reference import dropout_scale, lora_delta_weight, lora_linear_ref, lora_linear_ref_h
+from fused_lora.core.reference import dropout_scale, lora_delta_weight, lora_linear_ref, lora_linear_ref_h
 from utils import make_problem
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fused_lora import FusedLoRALinear, patch_peft
-from fused_lora.reference import dora_linear_ref
+from fused_lora.core.reference import dora_linear_ref
 
 
 def _truth(layer, x):
@@ -123,7 +123,7 @@ def test_op_bias_gradient_and_gradcheck(backend):
     x, w, b, a, bb = make_problem(7, 12, 9, 3, dtype=torch.float64)
     w.requires_grad_(False)
     m = (torch.rand(9, dtype=torch.float64) + 0.5).requires_grad_()
-    from fused_lora.dora import dora_linear
+    from fused_lora.ops.dora import dora_linear
     if backend == "torch":
         # x, b and m only: the norm (a function of A and B) is detached, which gradcheck's numerics do not know
         assert torch.autograd.gradcheck(lambda x, b, m: dora_linear(x, w, b, a.detach(), bb.detach(), m, 1.3,
@@ -139,7 +139,7 @@ def test_op_bias_gradient_and_gradcheck(backend):
 
 
 def test_patch_peft_fuses_dora_with_a_trained_bias():
-    from fused_lora import backends
+    from fused_lora.dispatch import registry as backends
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8))
     ref = peft.get_peft_model(base, peft.LoraConfig(r=4, init_lora_weights=False, use_dora=True, bias="all",

@@ -3,8 +3,8 @@ on the code before its fix."""
 import pytest
 import torch
 
-from fused_lora import backends
-from fused_lora.backends import Problem
+from fused_lora.dispatch import registry as backends
+from fused_lora.dispatch.registry import Problem
 from test_backends_hopper import REF, Bench, fake_registry
 from utils import auto_on_cpu
 
@@ -71,7 +71,7 @@ def test_forward_check_sees_the_low_rank_term_of_a_fresh_adapter(tmp_path, monke
     # At a fine-tune's first step B = 0: a row that drops s H B^T gives the right Y on those inputs.
     # It must still fail the check (and its choice, kept on disk, must not be made on it).
     from fused_lora.kernels import one_pass
-    from fused_lora.ops import lora_linear_fwd
+    from fused_lora.ops.lora import lora_linear_fwd
     from utils import make_problem
     reg = auto_on_cpu(tmp_path, monkeypatch)
     monkeypatch.setattr(one_pass, "forward", _without_lora_b(one_pass.forward, 4))
@@ -86,7 +86,7 @@ def test_backward_check_sees_the_low_rank_terms_of_a_fresh_adapter(tmp_path, mon
     # With B = 0, G = s dY B is zero, so dA and the low-rank part of dX are zero whatever a kernel
     # does with them: a dX/dA kernel that loses them passes a check on those inputs.
     from fused_lora.kernels import tma
-    from fused_lora.ops import lora_linear_bwd
+    from fused_lora.ops.lora import lora_linear_bwd
     from utils import make_problem
     reg = auto_on_cpu(tmp_path, monkeypatch)
     monkeypatch.setattr(tma, "backward", _without_lora_b(tma.backward, 4))
@@ -147,7 +147,7 @@ def _without_b(fn, position):
 @pytest.mark.parametrize("broken", [False, True])
 def test_auto_checks_the_segment_kernels_before_timing(tmp_path, monkeypatch, broken):
     from fused_lora import kernels
-    from fused_lora.ops import lora_linear_multi
+    from fused_lora.ops.lora import lora_linear_multi
     reg = auto_on_cpu(tmp_path, monkeypatch)
     if broken:
         monkeypatch.setattr(kernels, "multi_forward", _without_b(kernels.multi_forward, 3))
@@ -165,7 +165,7 @@ def test_auto_checks_the_segment_kernels_before_timing(tmp_path, monkeypatch, br
 @pytest.mark.parametrize("broken", [False, True])
 def test_auto_checks_the_segment_backward_before_timing(tmp_path, monkeypatch, broken):
     from fused_lora import kernels
-    from fused_lora.ops import lora_linear_multi_bwd
+    from fused_lora.ops.lora import lora_linear_multi_bwd
     reg = auto_on_cpu(tmp_path, monkeypatch)
     if broken:
         monkeypatch.setattr(kernels, "multi_backward", _without_b(kernels.multi_backward, 3))

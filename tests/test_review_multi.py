@@ -3,7 +3,7 @@ adapter's own rows), on both of multi_impl's paths (dense and per run)."""
 import pytest
 import torch
 
-from fused_lora import multi_impl
+from fused_lora.torch_row import multi as multi_impl
 
 from test_multi_dense import PATHS
 
@@ -72,8 +72,8 @@ def test_non_finite_in_one_adapter_stays_in_its_rows(monkeypatch, path, poison):
 def test_float64_is_float64_exact(monkeypatch, path, dropout):
     """float64 inputs are computed in float64 on both paths (scalings and 1 / (1 - p) not rounded to
     float32): against the float64 reference to ~1e-12, with scalings float32 cannot hold."""
-    from fused_lora.dropout import keep_mask
-    from fused_lora.reference import lora_linear_multi_ref
+    from fused_lora.core.dropout import keep_mask
+    from fused_lora.core.reference import lora_linear_multi_ref
     monkeypatch.setattr(multi_impl, "DENSE_MAX_RANK", PATHS[path])
     x, w, b, adapters, dy = _problem(1)
     adapters = [(A, B, s, dropout) for (A, B, _, _), s in zip(adapters, (0.1, 1 / 3))]
@@ -136,8 +136,8 @@ def test_non_finite_adapter_stays_in_its_rows_over_a_quantized_base(monkeypatch,
     """The quantized base's torch row composes multi_impl's low-rank halves (add_lora / lora_backward):
     adapter 1's NaN B reaches neither adapter 0's rows nor its gradients there either."""
     from torch import nn
-    from fused_lora.quant import QuantizedLinear
-    from fused_lora.quant_ops import lora_linear_quant_multi
+    from fused_lora.modules.quantized import QuantizedLinear
+    from fused_lora.ops.quant import lora_linear_quant_multi
     monkeypatch.setattr(multi_impl, "DENSE_MAX_RANK", PATHS[path])
     torch.manual_seed(0)
     qweight = QuantizedLinear.from_linear(nn.Linear(64, 32), "int8").weight

@@ -77,7 +77,7 @@ def test_summary_from_csvs_logs_and_statuses(tmp_path):
     (tmp_path / "ft.log").write_text("step 3\n")
     cache = tmp_path / "backend_cache"
     cache.mkdir()
-    fwd_key = "fwd bfloat16 M8192 N4096 K4096 r16 dropout=off"  # as fused_lora.backends.Problem.key writes it
+    fwd_key = "fwd bfloat16 M8192 N4096 K4096 r16 dropout=off"  # as fused_lora.dispatch.registry.Problem.key writes it
     (cache / "backends-H100-abc.json").write_text(json.dumps(
         {"format": 1, "device": "H100", "versions": {}, "choices": {
             fwd_key: {"winner": "triton", "ms": {"torch": 1, "triton": 0.9}},

@@ -8,7 +8,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from fused_lora import AdapterError, LoraConfig, LoraModel, LoraTrainer, get_lora_model, lora_trainer_class
-from fused_lora.finetune import build_llama, counting_batches
+from fused_lora.cli.finetune import build_llama, counting_batches
 
 VOCAB = 256  # LLAMA_SIZES["tiny"]
 

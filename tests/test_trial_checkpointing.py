@@ -8,7 +8,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fused_lora import FusedLoRALinear, LoraConfig, get_lora_model
-from fused_lora.finetune import build_llama
+from fused_lora.cli.finetune import build_llama
 
 TOKENS = torch.arange(30).reshape(3, 10) * 7 % 128
 TARGETS = ["q_proj", "v_proj"]

@@ -57,7 +57,8 @@ def test_compiled_model_with_adapter_names_matches_eager(training):
 def test_compiled_quantized_model_with_adapter_names_matches_eager(fmt):
     # A whole LoraModel over a quantized base (quantize_model), several adapters, a mixed batch in training:
     # fullgraph traces it (the layer's mixed batch is a custom op; the model passes names by attribute).
-    from fused_lora import quant, quantize_model
+    from fused_lora.modules import quantized as quant
+    from fused_lora import quantize_model
 
     torch.manual_seed(0)
     model = Small()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fused_lora import LoraConfig, LoraModel, get_lora_model
-from fused_lora.finetune import build_llama
+from fused_lora.cli.finetune import build_llama
 from utils import peft_llama_with_head
 
 TOKENS = torch.arange(30).reshape(3, 10) * 7 % 128

@@ -77,7 +77,7 @@ def test_quantized_linear_backward_keeps_no_dequantized_weight(fmt, monkeypatch)
     LoRA targets only some) still passes gradients to its input. Its forward must not leave the
     dequantized weight (all chunks together: a full 16-bit copy) saved for backward; dx and db equal
     float64 over the dequantized weight."""
-    from fused_lora import quant
+    from fused_lora.modules import quantized as quant
     monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 64 * 64)  # several chunks
     torch.manual_seed(0)
     ql = QuantizedLinear.from_linear(nn.Linear(128, 256), fmt)
@@ -120,7 +120,8 @@ def test_quantized_linear_under_torch_compile(fmt):
 
 
 def test_quant_linear_custom_op_opcheck():
-    from fused_lora import quant, quant_ops
+    from fused_lora.modules import quantized as quant
+    from fused_lora.ops import quant as quant_ops
     torch.manual_seed(0)
     qw = QuantizedLinear.from_linear(nn.Linear(128, 64), "nf4").weight
     x = torch.randn(5, 128, requires_grad=True)
@@ -275,8 +276,8 @@ def test_mixed_batch_over_quantized_base_with_dropout_is_each_adapter_alone():
     """With dropout, adapter a's rows get exactly what the single-adapter op over the quantized base computes
     on those rows alone with the seed adapter_seed(seed, a) (values and gradients)."""
     from fused_lora import lora_linear_quant
-    from fused_lora.multi_impl import adapter_seed
-    from fused_lora.quant_ops import lora_linear_quant_multi
+    from fused_lora.torch_row.multi import adapter_seed
+    from fused_lora.ops.quant import lora_linear_quant_multi
     layer = _multi_quant_layer("nf4")
     qw = layer.weight
     g = torch.Generator().manual_seed(1)
@@ -304,7 +305,7 @@ def test_mixed_batch_over_quantized_base_with_dropout_is_each_adapter_alone():
 
 
 def test_mixed_batch_over_quantized_base_bad_input_and_backends():
-    from fused_lora.backends import BackendUnavailable
+    from fused_lora.dispatch.registry import BackendUnavailable
     layer = _multi_quant_layer("int8")
     x = torch.randn(2, 3, 128)
     with pytest.raises(ValueError, match="unknown adapter"):
@@ -393,7 +394,7 @@ def test_modules_to_save_over_a_quantized_module_is_refused():
     """A quantized layer's weight cannot be trained: a trainable copy of it would silently train
     nothing, so get_lora_model says so and leaves the model as it was."""
     from fused_lora import LoraConfig, get_lora_model, quantize_model
-    from fused_lora.quant import QuantizedLinear
+    from fused_lora.modules.quantized import QuantizedLinear
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
     quantize_model(model, "nf4", target_modules=["0", "2"])
     with pytest.raises(ValueError, match="modules_to_save.*quantized"):

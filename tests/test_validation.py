@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fused_lora import AdapterError, FusedLoRALinear, LoraConfig, LoraModel, get_lora_model
-from fused_lora.demo import MLP
+from fused_lora.cli.demo import MLP
 
 # (field, bad value): each must be refused everywhere the field is taken.
 LAYER_BAD = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fused_lora.reference import lora_linear_ref
+from fused_lora.core.reference import lora_linear_ref
 
 # atol added to the "2x eager error" rule (below), per dtype. fp32 needs only rounding slack;
 # fp16/bf16 slack covers outputs where eager happens to round exactly.
@@ -54,15 +54,15 @@ def ref_forward_backward(x, w, b, a, bb, scaling, dy, keep=None, p=0.0):
 
 
 def backend_module(name):
-    from fused_lora import ops
+    from fused_lora.ops import lora as ops
     return ops._impl(name)
 
 
 def check_op_against_reference(backend, M, K, N, r, dtype, p=0.0, device="cpu", bias=True,
                                trainable_base=False, seed=7, scaling=0.5, noncontiguous=False):
     """Forward and every gradient of the op on `backend` against the float64 reference."""
-    from fused_lora import backends
-    from fused_lora.ops import lora_linear
+    from fused_lora.dispatch import registry as backends
+    from fused_lora.ops.lora import lora_linear
 
     x, w, b, a, bb = make_problem(M, K, N, r, dtype, device, bias, seed=seed)
     if noncontiguous:  # same values, column-major storage
@@ -97,7 +97,7 @@ def check_op_against_reference(backend, M, K, N, r, dtype, p=0.0, device="cpu", 
 def float64_op_case(p, bias, backend="torch"):
     """(f, inputs) for gradcheck/gradgradcheck: the op on a small float64 problem, every input
     differentiable, a fixed seed (so every evaluation draws the same dropout mask)."""
-    from fused_lora.ops import lora_linear
+    from fused_lora.ops.lora import lora_linear
 
     x, w, b, a, bb = make_problem(5, 7, 6, 3, torch.float64, bias=bias, seed=3)
     seed = torch.tensor(99, dtype=torch.int64)
@@ -112,7 +112,7 @@ def mixed_batch_keeps(row_adapter, K, specs, seed, keep_mask):
     """The M x K keep masks of a mixed batch by the ops' documented rule, for a backend's `keep_mask`:
     adapter a's own rows, in increasing order, drawn by keep_mask(adapter_seed(seed, a), (m_a, K),
     p_a); None for an adapter without dropout. `specs`: (rank, p) per adapter."""
-    from fused_lora.multi_impl import adapter_seed
+    from fused_lora.torch_row.multi import adapter_seed
     keeps = []
     for a, (_, p) in enumerate(specs):
         if p == 0.0:
@@ -129,8 +129,8 @@ def auto_on_cpu(tmp_path, monkeypatch):
     """The real table under the interpreter with auto timing on the CPU and a timer that finds each
     row faster than the one before, so the last row timed (triton-onepass) wins unless refused; the
     registry is installed as backends.REGISTRY (undone by monkeypatch) and returned."""
-    from fused_lora import backends
-    from fused_lora.backends import Registry
+    from fused_lora.dispatch import registry as backends
+    from fused_lora.dispatch.registry import Registry
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
 
@@ -149,7 +149,7 @@ def peft_llama_with_head(r_other: int, targets=("q_proj", "v_proj")):
     """peft over the tiny Llama: a first adapter training a copy of lm_head (modules_to_save, its weight
     scaled so it differs from the original), and a second adapter "other" of rank r_other without one."""
     import peft
-    from fused_lora.finetune import build_llama
+    from fused_lora.cli.finetune import build_llama
     ref = peft.get_peft_model(build_llama("tiny"), peft.LoraConfig(r=4, target_modules=list(targets),
                                                                    init_lora_weights=False, modules_to_save=["lm_head"]))
     with torch.no_grad():
@@ -198,6 +198,6 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through T
 def needs_triton(device=TRITON_DEVICE, dtype=torch.float32, rank: int = 16):
     """A skipif mark for tests of the Triton kernels: skipped, naming why, where Triton cannot run them
     (CI sets FUSED_LORA_NO_SKIPS=1, so there a skip fails the run)."""
-    from fused_lora import backends
+    from fused_lora.dispatch import registry as backends
     reasons = backends.triton_not_supported_reasons(torch.device(device), dtype, rank)
     return pytest.mark.skipif(reasons != [], reason="Triton cannot run here: " + "; ".join(reasons))

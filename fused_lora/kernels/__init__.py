@@ -1,4 +1,4 @@
-"""The Triton backend: launchers with the same interface as `fused_lora.torch_impl`.
+"""The Triton backend: launchers with the same interface as `fused_lora.torch_row.dense`.
 
     forward(x, W, b, A, B, s, p, seed) -> (Y, H)
     backward(dY, x, W, A, B, H, s, p, seed, need_dx, need_lora, need_dw, need_db) -> (dx, dA, dB, dW, db)
@@ -6,9 +6,9 @@
     dora_forward(x, W, b, A, B, s, c) -> (Y, H)          DoRA: Y = c * (x W^T + s H B^T) + b
     dora_backward(dY, x, W, A, B, H, s, c, Y, b, need_dx, need_lora, need_dm) -> (dx, dA, dB, dm_num)
 
-Importing this module imports triton; `fused_lora.ops` imports it only when the Triton backend
-is chosen. Inputs reach these launchers checked and non-empty (`fused_lora.ops` computes empty sizes
-itself), so nothing here imports the rest of the package but `fused_lora.interpreter`.
+Importing this module imports triton; `fused_lora.ops.lora` imports it only when the Triton backend
+is chosen. Inputs reach these launchers checked and non-empty (`fused_lora.ops.lora` computes empty sizes
+itself), so nothing here imports the rest of the package but `fused_lora.core.interpreter`.
 """
 from __future__ import annotations
 
@@ -264,7 +264,7 @@ def dora_backward(dy, x, weight, lora_A, lora_B, h, scaling, colscale, y, bias, 
     return dx, dA, dB, dm_num if need_dm else None
 
 
-# Several adapters in one batch (segment kernels; the interface of fused_lora.multi_impl). Imported
+# Several adapters in one batch (segment kernels; the interface of fused_lora.torch_row.multi). Imported
 # last: its launchers use dy_chunk and arch_of above.
 from .multi import multi_backward, multi_forward  # noqa: E402
 

@@ -92,7 +92,7 @@ _FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr", "co
 
 # The GEMMs over a quantized base (kernels/quant*.py): no rank variants (their low-rank term loops
 # over rank chunks); QUANT x NESTED change the code, and the packed weight's pointer types.
-# NF4 runs ALIGNED (rows of whole blocks: every weight fused_lora.quant and bitsandbytes make) with
+# NF4 runs ALIGNED (rows of whole blocks: every weight fused_lora.modules.quantized and bitsandbytes make) with
 # each flag, and its general path with one flag set only (kernels.quant passes a bias and the
 # low-rank term of dX through memory there).
 _QUANT_FORMATS = [dict(QUANT="nf4", NESTED=False), dict(QUANT="nf4", NESTED=True), dict(QUANT="int8", NESTED=False)]
@@ -250,7 +250,7 @@ def _source(v: Variant):
 
 # ---- The Hopper path's kernels (configs.HOPPER_KERNELS): compiled for sm_90 only, in bf16 and fp16,
 # at padded ranks <= configs.HOPPER_MAX_BLOCK_R, one config per variant (the rows that run them,
-# "triton-tma" and "triton-onepass" in fused_lora.backends, refuse everything else).
+# "triton-tma" and "triton-onepass" in fused_lora.dispatch.registry, refuse everything else).
 _UNIT_STRIDES.update({
     "forward_tma": {"stride_hr", "stride_br"},
     "dx_tma": {"stride_gr", "stride_ak", "stride_xk"},

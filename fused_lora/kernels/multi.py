@@ -1,4 +1,4 @@
-"""Launchers for several adapters in one batch, with the interface of `fused_lora.multi_impl`:
+"""Launchers for several adapters in one batch, with the interface of `fused_lora.torch_row.multi`:
 
     multi_forward(x, W, b, adapters, segs, seed) -> (Y, packed H)
     multi_backward(dY, x, W, adapters, H, segs, seed, need_dx, need_lora, need_dw, need_db)
@@ -49,7 +49,7 @@ __all__ = ["multi_forward", "multi_backward", "tile_table", "adapter_seed"]
 KERNELS = {"multi_shrink": multi_shrink_kernel, "multi_forward": multi_forward_kernel,
            "multi_dy": multi_dy_kernel, "multi_dx_da": multi_dx_da_kernel, "multi_sum": multi_sum_kernel}
 
-# fused_lora.multi_impl.adapter_seed, restated here because the kernels import nothing of the package
+# fused_lora.torch_row.multi.adapter_seed, restated here because the kernels import nothing of the package
 # (tests/test_multi_kernels.py holds the two equal).
 _SEED_MIX = 0x9E3779B97F4A7C15
 _SEED_HIGH = 2**62

@@ -7,7 +7,7 @@
     keep_mask the same mask as the pointer kernels
 
 One config per variant (configs.tma_candidates), launched directly: whether the single pass beats
-shrink + GEMM at a shape is decided by timing whole rows (`fused_lora.backends`).
+shrink + GEMM at a shape is decided by timing whole rows (`fused_lora.dispatch.registry`).
 """
 from __future__ import annotations
 

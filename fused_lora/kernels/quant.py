@@ -9,7 +9,7 @@ never made in memory: the forward GEMM and the dX GEMM dequantize their W tiles 
 Arguments as `fused_lora.kernels.forward` / `backward` take them (x: M x K, 2-D, non-empty, on the
 GPU or under TRITON_INTERPRET=1 on the CPU; x, lora_A, lora_B, bias, dy, h in the compute dtype
 fp16/bf16/fp32; scaling, dropout_p floats; seed an int), but the frozen weight is `wq`, a
-`fused_lora.quant_format.NF4Data` or `Int8Data` of shape (N, K) on x's device:
+`fused_lora.core.formats.layouts.NF4Data` or `Int8Data` of shape (N, K) on x's device:
 
 - NF4Data: packed uint8 contiguous with N * K / 2 elements (N * K even), code fp32[16], blocksize
   a power of two >= 64 (MIN_BLOCKSIZE; bitsandbytes' default is 64), blocksize2 a power of two, and
@@ -19,7 +19,7 @@ fp16/bf16/fp32; scaling, dropout_p floats; seed an int), but the frozen weight i
 - Int8Data: qweight int8 N x K contiguous, scale fp32[N].
 Any M, N, K (K odd too: NF4 rows then start inside a byte). Each NF4 call builds a 2 KB table of
 level pairs (`quant_tiles.pair_table`, one small torch op). NF4 weights whose rows are whole
-blocks (K % blocksize == 0: every weight fused_lora.quant or bitsandbytes makes) run the kernels'
+blocks (K % blocksize == 0: every weight fused_lora.modules.quantized or bitsandbytes makes) run the kernels'
 ALIGNED path (`aligned_nf4`: one byte load per two elements, one absmax per row and 64 columns,
 no per-element block compares); the others run the general path, compiled with one flag set only
 (a zero bias when there is none; the low-rank term of dX through dX's memory, as with dropout).
@@ -43,7 +43,7 @@ from functools import lru_cache
 import torch
 import triton
 
-from ..quant_format import Int8Data, NF4Data
+from ..core.formats.layouts import Int8Data, NF4Data
 from . import _launcher, _row_blocks, _row_blocks_used, _tiles_grid, arch_of, block_r, dy_pass, m_bucket, shrink, sum_lora_grads
 from . import configs
 from .dropout import keep_threshold
@@ -115,7 +115,7 @@ def check_quant_weight(wq, x: torch.Tensor) -> None:
 
 
 def aligned_nf4(wq) -> bool:
-    """Whether wq is NF4 with rows of whole blocks (K % blocksize == 0, as fused_lora.quant and
+    """Whether wq is NF4 with rows of whole blocks (K % blocksize == 0, as fused_lora.modules.quantized and
     bitsandbytes' Linear4bit layers always are): the kernels' fast path (ALIGNED: no odd-row bytes,
     one absmax per row and 64-column run). Other NF4 weights take the general path, compiled in one
     flag set only (a bias and the low-rank term of dX passed through memory) to keep the variants few."""
@@ -160,7 +160,7 @@ def forward_quant(x, wq, bias, lora_A, lora_B, scaling, dropout_p, seed):
 
 
 def backward_quant(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_db=False):
-    """(dx, dA, dB, db), each None when not asked for (the contract of fused_lora.quant_ops; db is
+    """(dx, dA, dB, db), each None when not asked for (the contract of fused_lora.ops.quant; db is
     dY's column sum, as the 16-bit launcher computes it)."""
     dx, dA, dB = _lora_grads(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora)
     return dx, dA, dB, (dy.sum(0) if need_db else None)

@@ -1,5 +1,5 @@
 """Launchers for several adapters in one batch over a quantized frozen base, with the interface of the
-table's ops "quant_multi_fwd" / "quant_multi_bwd" (see fused_lora.quant_ops):
+table's ops "quant_multi_fwd" / "quant_multi_bwd" (see fused_lora.ops.quant):
 
     quant_multi_forward(x, wq, b, adapters, segs, seed) -> (Y, packed H)
     quant_multi_backward(dY, x, wq, adapters, H, segs, seed, need_dx, need_lora, need_db)

@@ -8,7 +8,7 @@
     keep_mask the same mask as the pointer kernels (`dropout.keep_tile`)
 
 One config per variant (configs.tma_candidates), launched directly: the choice between this path
-and the pointer kernels is made by timing whole rows (`fused_lora.backends`), not by autotuning
+and the pointer kernels is made by timing whole rows (`fused_lora.dispatch.registry`), not by autotuning
 here. TMA descriptors need a unit last stride, 16-byte aligned row strides and base addresses:
 a call whose tensors do not meet that (a transposed or offset view; the row's reasons already
 refuse sizes that cannot) runs the pointer kernels for that GEMM instead, with the same results.

@@ -4,13 +4,13 @@
     fused_lora.unpatch_peft(model)                # peft's forward again
 
 patch_peft gives each peft `lora.Linear` it can run an instance attribute `forward` (a
-`PatchedForward`) that computes base + LoRA with `fused_lora.ops.lora_linear` from peft's own
+`PatchedForward`) that computes base + LoRA with `fused_lora.ops.lora.lora_linear` from peft's own
 tensors: the base layer's weight and bias, `lora_A[name].weight`, `lora_B[name].weight`,
 `scaling[name]` and the probability of `lora_dropout[name]`. Nothing else of peft changes: no
 class is modified, no parameter or buffer is added or replaced, so saving, loading, merging,
 adapter switching and trainers see the peft model they know.
 
-A DoRA adapter runs `fused_lora.dora.dora_forward` on peft's `lora_magnitude_vector[name].weight`
+A DoRA adapter runs `fused_lora.ops.dora.dora_forward` on peft's `lora_magnitude_vector[name].weight`
 (the norm by the low-rank identity, never W + s B A; the base weight must be frozen, as in training).
 
 peft's state can change after patching (another adapter activated, a LoRA variant added, a
@@ -25,7 +25,7 @@ unpatched peft under the same seed, "peft's function" means:
 - DoRA with dropout in training: also to rounding, masks included: the dropped input comes from
   torch's dropout, drawn from the random stream, and in the order, that peft's `nn.Dropout` uses;
 - plain LoRA with dropout in training: equal in distribution, not in value. fused_lora's op draws
-  its own masks (regenerated in backward, never stored; `fused_lora.dropout`): each element of the
+  its own masks (regenerated in backward, never stored; `fused_lora.core.dropout`): each element of the
   LoRA branch's input is kept independently with probability 1 - p (to within 2^-17 on the
   PyTorch path, which rounds p to a multiple of 2^-16, and 2^-25 in the Triton kernels) and scaled
   by exactly peft's 1 / (1 - p), as peft's `nn.Dropout` does, but the masks are not the ones peft
@@ -50,8 +50,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
-from . import backends, dora
-from .layer import FusedLoRALinear, _conv1d_class, autocast_inputs, lora_forward
+from ..dispatch import registry as backends
+from ..ops import dora
+from ..modules.layer import FusedLoRALinear, _conv1d_class, autocast_inputs, lora_forward
 
 REPORT_ATTR = "fused_lora_report"
 # Keyword arguments peft's forward pops before calling the base layer; given as None they mean nothing.
@@ -300,7 +301,7 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
     Takes a peft `PeftModel` (or any model peft has injected LoRA layers into). Each peft
     `lora.Linear` over an `nn.Linear` or transformers' `Conv1D`, with one active adapter that is
     vanilla LoRA or DoRA (no other peft LoRA variant, no `lora_bias`; dropout an `nn.Dropout` or
-    none), gets a forward that runs `fused_lora.ops.lora_linear` (DoRA: `fused_lora.dora.dora_forward`,
+    none), gets a forward that runs `fused_lora.ops.lora.lora_linear` (DoRA: `fused_lora.ops.dora.dora_forward`,
     with peft's `lora_magnitude_vector` and peft's dropout formula) on peft's own parameters,
     scaling and dropout probability. Every call first checks peft's state (active adapters,
     merged, disabled, variants, `adapter_names` and other extra arguments, hooks, input dtype and

@@ -17,10 +17,10 @@ import time
 import torch
 from torch import nn
 
-from .analysis import amplification_factor, low_rank_approx
-from .config import LoraConfig
+from ..core.analysis import amplification_factor, low_rank_approx
+from ..peft_compat.config import LoraConfig
 from .distributed import check_device
-from .model import LoraModel, get_lora_model
+from ..peft_compat.model import LoraModel, get_lora_model
 
 # The demo's LoRA rank and dtype: what the backend FUSED_LORA_BACKEND forces is checked against, up front.
 RANK = 3

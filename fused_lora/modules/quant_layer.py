@@ -20,9 +20,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .dropout import new_seed, no_seed
-from .quant import QuantizedLinear, QuantizedWeight
-from .quant_ops import lora_linear_quant, lora_linear_quant_multi, quant_linear
+from ..core.dropout import new_seed, no_seed
+from .quantized import QuantizedLinear, QuantizedWeight
+from ..ops.quant import lora_linear_quant, lora_linear_quant_multi, quant_linear
 
 
 def is_quantized(layer) -> bool:
@@ -95,7 +95,7 @@ def to_linear(layer, safe_merge: bool = False, adapter_names: Optional[Sequence[
 def unloaded(layer) -> nn.Module:
     """The quantized base alone again: the bitsandbytes layer it was read from when it still holds the same
     packed tensors (peft's unload gives back its base layer), else a QuantizedLinear over them."""
-    from .quant_convert import bnb_source
+    from .convert_bnb import bnb_source
     return bnb_source(layer.weight, layer.bias) or QuantizedLinear(layer.weight, layer.bias)
 
 

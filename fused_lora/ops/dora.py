@@ -45,7 +45,7 @@ rounded intermediates; float32 matches peft to rounding.
 
 Under torch.compile `dora_linear` calls the custom ops fused_lora::dora_linear_fwd / _bwd (same code,
 autograd registered on them); in eager mode an autograd.Function that
-skips the custom-op dispatch, as `fused_lora.ops` does for LoRA.
+skips the custom-op dispatch, as `fused_lora.ops.lora` does for LoRA.
 
 Dropout (p > 0, training): matched to peft, whose DoRA computes the base term on the dropped input:
 y = x W^T + b + (c - 1) (D x) W^T + c s (D x) A^T B^T (not the paper's c (x W^T + s B A D x) + b).
@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .op_inputs import as_scaling, check_op_inputs
+from ..core.op_inputs import as_scaling, check_op_inputs
 
 MAGNITUDE = "lora_magnitude_vector"  # peft's parameter name (and its adapter file key)
 CANCELLATION = 2.0 ** -6  # n^2 below this fraction of ||W_j||^2 + s^2 ||B_j A||^2: computed directly
@@ -150,7 +150,7 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
         bad = torch.topk(ratio, k, largest=False).indices  # the rows nearest to cancelling, recomputed
         torch._assert_async(ratio.kthvalue(k).values > CANCELLATION if k < n2.shape[0] else torch.tensor(True),
                             f"DoRA weight norm: more than {k} rows of one layer cancel (||W_j + s B_j A|| tiny "
-                            "beside ||W_j||); raise fused_lora.dora.DIRECT_ROWS")
+                            "beside ||W_j||); raise fused_lora.ops.dora.DIRECT_ROWS")
     else:
         bad = (ratio <= CANCELLATION).nonzero().flatten() if bool((ratio <= CANCELLATION).any()) else None
     if bad is not None:
@@ -162,7 +162,7 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
 # ------------------------------------------------------------------ the op
 
 def _impl(op: str, x: Tensor, rank: int, weight: Tensor, backend: str, bench=None):
-    from .ops import _chosen  # the one place that chooses (and counts) an implementation
+    from .lora import _chosen  # the one place that chooses (and counts) an implementation
     return _chosen(op, x, rank, backend, weight, 0.0, bench=bench)
 
 
@@ -175,7 +175,7 @@ def _dm(dm_num: Tensor, colscale: Tensor, norm: Tensor, dy: Tensor, x: Tensor, w
         k = min(denom.shape[0], ZERO_COLUMNS)
         zero = torch.topk(denom.abs(), k, largest=False).indices  # recomputed whether zero or not
         torch._assert_async(zeros.sum() <= k, f"DoRA: more than {k} magnitudes of one layer are exactly 0; "
-                                              "raise fused_lora.dora.ZERO_COLUMNS")
+                                              "raise fused_lora.ops.dora.ZERO_COLUMNS")
     elif bool(zeros.any()):
         zero = zeros.nonzero().flatten()
     else:

@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends, dora, quant_layer
-from .dropout import new_seed, no_seed
-from .multi_impl import adapter_seed
-from .ops import lora_linear, lora_linear_multi
-from .quant import base_load_refused
-from .quant_convert import as_quantized_linear, is_quantized_base, quantized_base_refusal
-from .reference import lora_delta_weight
+from ..dispatch import registry as backends
+from ..ops import dora
+from . import quant_layer
+from ..core.dropout import new_seed, no_seed
+from ..torch_row.multi import adapter_seed
+from ..ops.lora import lora_linear, lora_linear_multi
+from .quantized import base_load_refused
+from .convert_bnb import as_quantized_linear, is_quantized_base, quantized_base_refusal
+from ..core.reference import lora_delta_weight
 from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_flag, check_init_lora_weights, lora_scaling
 
 InitSpec = Union[bool, str]
@@ -164,7 +166,7 @@ class FusedLoRALinear(nn.Module):
         device, dtype: of the base weight; the adapter weights use `adapter_dtype` (default: dtype).
         use_dora: DoRA (peft's use_dora) for the "default" adapter: a trained magnitude
             `lora_magnitude_vector` (out_features, initialised to ||W + s B A|| per row, as peft) and
-            y = (m / ||W + s B A||) (x W^T + s B A x) + b, the norm detached (fused_lora.dora).
+            y = (m / ||W + s B A||) (x W^T + s B A x) + b, the norm detached (fused_lora.ops.dora).
 
     Attributes: `weight`, `bias` (frozen base), `lora_A` (r x in), `lora_B` (out x r), `scaling`,
     `r`, `lora_alpha`, `lora_dropout`, `merged`, `fan_in_fan_out` (True when the base is a
@@ -224,7 +226,7 @@ class FusedLoRALinear(nn.Module):
         read through a transposed view, `fan_in_fan_out`): weight and bias are shared (same storage)
         and frozen. A quantized base (bitsandbytes' Linear4bit NF4 / Linear8bitLt, or fused_lora's
         QuantizedLinear) is held as a frozen `QuantizedWeight` sharing its packed tensors (see
-        `fused_lora.quant_layer` for what changes: merge refused, to_linear 16-bit)."""
+        `fused_lora.modules.quant_layer` for what changes: merge refused, to_linear 16-bit)."""
         if not isinstance(linear, nn.Linear) and not _is_conv1d(linear) and not is_quantized_base(linear):
             raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         refusal = base_refusal(linear)
@@ -459,7 +461,7 @@ class FusedLoRALinear(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        """Whether the frozen base weight is quantized (a `fused_lora.quant.QuantizedWeight`)."""
+        """Whether the frozen base weight is quantized (a `fused_lora.modules.quantized.QuantizedWeight`)."""
         return quant_layer.is_quantized(self)
 
     def _base_weight(self, weight: Optional[Tensor] = None) -> Tensor:

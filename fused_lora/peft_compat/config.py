@@ -7,7 +7,7 @@ import functools
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Optional, Union
 
-from . import validation as v
+from ..modules import validation as v
 
 HONOURED, REFUSED, IGNORED = "honoured", "refused when set", "ignored"
 
@@ -108,7 +108,7 @@ def check_peft_fields(values: dict) -> None:
 
 @dataclass
 class LoraConfig:
-    """LoRA settings with peft's names and defaults, checked on construction (fused_lora.validation).
+    """LoRA settings with peft's names and defaults, checked on construction (fused_lora.modules.validation).
 
     target_modules: a list of exact module names or dotted suffixes ("q_proj" matches
         "model.layers.0.self_attn.q_proj"); a string is a regular expression matched against
@@ -129,7 +129,7 @@ class LoraConfig:
     backend: which implementation runs the adapted layers ("auto", "torch", "triton"); not saved.
 
     target_modules None (peft's default) means the model type's default target modules, peft's table
-    (fused_lora.targets.DEFAULT_TARGET_MODULES, by `model.config.model_type`), taken when a model is
+    (fused_lora.peft_compat.targets.DEFAULT_TARGET_MODULES, by `model.config.model_type`), taken when a model is
     adapted and then recorded here, as peft records them; a model type outside the table is an error.
 
     peft's other fields are taken too, by the rule adapter loading follows (PEFT_FIELD_RULES,
@@ -151,7 +151,7 @@ class LoraConfig:
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     inference_mode: bool = False
-    use_dora: bool = False  # peft's name: DoRA (weight-decomposed LoRA), see fused_lora.dora
+    use_dora: bool = False  # peft's name: DoRA (weight-decomposed LoRA), see fused_lora.ops.dora
     backend: str = field(default="auto", compare=False)
 
     def __post_init__(self):

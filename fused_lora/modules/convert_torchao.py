@@ -39,8 +39,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .quant import NF4_BLOCKSIZES, QuantizationError, QuantizedWeight, check_data, check_values
-from .quant_format import NF4Data
+from .quantized import NF4_BLOCKSIZES, QuantizationError, QuantizedWeight, check_data, check_values
+from ..core.formats.layouts import NF4Data
 
 TORCHAO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # torchtune's frozen NF4 Linear: an nn.Linear subclass whose forward is linear_nf4(x, weight) + bias,

@@ -60,7 +60,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .dropout import SEED_HIGH, keep_mask
+from ..core.dropout import SEED_HIGH, keep_mask
 
 CHUNK_ROWS = 512  # scattered rows are handled this many at a time: temporaries of CHUNK_ROWS x N at most
 MIN_RUN_ROWS = 32  # runs of consecutive rows at least this long (on average) are used through views

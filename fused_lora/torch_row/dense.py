@@ -13,23 +13,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .dropout import keep_mask
-from .multi_impl import backward as multi_backward  # noqa: F401  (several adapters per batch: the torch row's ops)
-from .multi_impl import forward as multi_forward  # noqa: F401
+from ..core.dropout import keep_mask
+from .multi import backward as multi_backward  # noqa: F401  (several adapters per batch: the torch row's ops)
+from .multi import forward as multi_forward  # noqa: F401
 
 
 def _dora():
-    from . import dora_torch  # noqa: F401  (imports backward_with_mask from here)
+    from . import dora as dora_torch  # noqa: F401  (imports backward_with_mask from here)
     return dora_torch
 
 
 def dora_forward(*args):
-    """DoRA's forward (`fused_lora.dora_torch.dora_forward`)."""
+    """DoRA's forward (`fused_lora.torch_row.dora.dora_forward`)."""
     return _dora().dora_forward(*args)
 
 
 def dora_backward(*args):
-    """DoRA's backward (`fused_lora.dora_torch.dora_backward`)."""
+    """DoRA's backward (`fused_lora.torch_row.dora.dora_backward`)."""
     return _dora().dora_backward(*args)
 
 
@@ -114,4 +114,4 @@ def backward_with_mask(
 
 
 # A quantized base: the torch row's ops (imported last: quant_impl reuses the functions above).
-from .quant_impl import backward_quant, forward_quant  # noqa: F401  (a quantized base: the torch row's ops)
+from .quant import backward_quant, forward_quant  # noqa: F401  (a quantized base: the torch row's ops)

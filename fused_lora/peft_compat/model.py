@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear, call_value, call_values
-from .quant_convert import base_compute_dtype, is_quantized_base
-from . import quant_layer
+from ..modules.layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear, call_value, call_values
+from ..modules.convert_bnb import base_compute_dtype, is_quantized_base
+from ..modules import quant_layer
 from .targets import check_dora_targets, find_modules_to_save, find_targets, is_adaptable, named_targets, target_spec
-from .validation import check_adapter_args, check_adapter_name
+from ..modules.validation import check_adapter_args, check_adapter_name
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # transformers' names of a model's main input, whose first dimension is the batch
@@ -568,7 +568,7 @@ class LoraModel(nn.Module):
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
         slots = [n if n == BASE_ADAPTER else self._slot(n) for n in adapter_names]
 
-        # The names reach the layers through a per-thread record for the call (fused_lora.layer.call_values),
+        # The names reach the layers through a per-thread record for the call (fused_lora.modules.layer.call_values),
         # not forward pre-hooks (peft's way: dynamo cannot trace registering hooks, so torch.compile(fullgraph=
         # True) could not take adapter_names) nor attributes of the layers (shared by every thread).
         values = {layer: slots for _, layer in self.lora_layers()}

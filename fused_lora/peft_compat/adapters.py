@@ -38,11 +38,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import dora
+from ..ops import dora
 from .config import LoraConfig
-from .files import read_regular_file
+from ..core.files import read_regular_file
 from .targets import base_features, check_loaded_targets, find_modules_to_save
-from .validation import check_backend
+from ..modules.validation import check_backend
 
 try:
     import fcntl

@@ -41,7 +41,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .quant_format import NF4_LEVELS, Int8Data, NF4Data
+from ..core.formats.layouts import NF4_LEVELS, Int8Data, NF4Data
 
 FORMATS = ("nf4", "int8")
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit accepts these
@@ -673,7 +673,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         from .quant_layer import autocast_inputs
-        from .quant_ops import quant_linear
+        from ..ops.quant import quant_linear
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantizedLinear: input's last dimension is {x.shape[-1]} but in_features is "
                              f"{self.in_features}")
@@ -705,7 +705,7 @@ def base_load_refused(module: nn.Module, state_dict: dict, prefix: str, local_me
 def _holds_quantized(module: nn.Module) -> bool:
     """A module whose frozen weight is quantized: QuantizedLinear, a layer adapted over one,
     bitsandbytes' Linear4bit / Linear8bitLt, or an nn.Linear holding torchao's NF4Tensor."""
-    from .quant_convert import is_quantized_base
+    from .convert_bnb import is_quantized_base
     return isinstance(module._modules.get("weight"), QuantizedWeight) or is_quantized_base(module)
 
 
@@ -713,7 +713,7 @@ def _default_skip(model: nn.Module) -> set:
     """What default targets leave unquantized, as transformers' bitsandbytes loading does
     (get_keys_to_not_convert): the output layer and, in a transformers model (one with
     get_output_embeddings), the module holding its last parameter (a classification head: `score`)."""
-    from .targets import _output_layer_name
+    from ..peft_compat.targets import _output_layer_name
     skip = {_output_layer_name(model)}
     if callable(getattr(model, "get_output_embeddings", None)):
         last = next(reversed(list(model.named_parameters())), None)
@@ -733,7 +733,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", target_modules=Non
     head), which transformers' bitsandbytes loading keeps unquantized too.
     Every layer is quantized before any is replaced: an error leaves the model as it was. Returns the model.
     """
-    from .targets import name_matches
+    from ..peft_compat.targets import name_matches
     if quant_type not in FORMATS:
         raise ValueError(f"quantize_model: unknown quant_type {quant_type!r}; expected one of {', '.join(FORMATS)}")
     skip = _default_skip(model) if target_modules is None else set()

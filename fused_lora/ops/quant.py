@@ -2,15 +2,15 @@
 
     Y = x W^T + b + s ((D x) A^T) B^T,   W = dequantize(packed)  (never materialised whole)
 
-Backends: the table of `fused_lora.backends` with ops "quant_fwd" / "quant_bwd"; the chosen row's
+Backends: the table of `fused_lora.dispatch.registry` with ops "quant_fwd" / "quant_bwd"; the chosen row's
 module (`Implementation.load()`) provides
     forward_quant(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed: int) -> (Y, H)
     backward_quant(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed: int,
                    need_dx: bool, need_lora: bool, need_db: bool) -> (dx, dA, dB, db)   (None where not asked)
-where `data` is the `fused_lora.quant_format` layout (NF4Data / Int8Data, on x's device), x is M x K,
+where `data` is the `fused_lora.core.formats.layouts` layout (NF4Data / Int8Data, on x's device), x is M x K,
 contiguous or not, dy contiguous, H = (D x) A^T (M x r) as the same row's forward returned it, and the
 dropout mask D is the row's own (`keep_mask`), drawn from `seed`. The torch row is
-`fused_lora.quant_impl` (re-exported by `torch_impl`). The triton row is
+`fused_lora.torch_row.quant` (re-exported by `torch_impl`). The triton row is
 `fused_lora.kernels.quant` with exactly these two signatures (its forward GEMM and dX GEMM dequantize
 inside the K loop; dA, dB, db may reuse the existing dY kernel); `fused_lora.kernels` should re-export
 them (if it does not, they are looked up in `fused_lora.kernels.quant`), and until that module exists
@@ -42,11 +42,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
-from . import quant
-from .op_inputs import as_scaling, as_seed_tensor, check_op_inputs, check_seed_tensor, seed_value
-from .quant import QuantizedWeight
-from .quant_format import layout_name
+from ..dispatch import registry as backends
+from ..modules import quantized as quant
+from ..core.op_inputs import as_scaling, as_seed_tensor, check_op_inputs, check_seed_tensor, seed_value
+from ..modules.quantized import QuantizedWeight
+from ..core.formats.layouts import layout_name
 
 
 def _functions_of_module(module):
@@ -73,7 +73,7 @@ def _probe(args: tuple, p_at: int, which: int):
     """The check rule's inputs (`ops._probe`): A and B random (a fresh adapter's B = 0 would hide a kernel
     losing a low-rank term) and the dropout off (rows draw different masks: only dropout-free outputs
     compare), so keys with dropout are checked too."""
-    from .ops import _probe as random_lora_probe
+    from .lora import _probe as random_lora_probe
     return random_lora_probe(args[:p_at] + (0.0,) + args[p_at + 1:], 3, lambda m: _functions_of_module(m)[which])
 
 
@@ -204,7 +204,7 @@ def lora_linear_quant(
     weight must be on that device too). Bad inputs raise ValueError / TypeError before anything runs.
     """
     if not isinstance(qweight, QuantizedWeight):
-        raise TypeError(f"lora_linear_quant: qweight must be a fused_lora.quant.QuantizedWeight, got "
+        raise TypeError(f"lora_linear_quant: qweight must be a fused_lora.modules.quantized.QuantizedWeight, got "
                         f"{type(qweight).__name__}")
     seed = as_seed_tensor(seed, dropout_p)
     scaling = as_scaling(scaling)
@@ -228,7 +228,7 @@ def lora_linear_quant(
 # of W); this op saves only the packed tensors and dequantizes again in backward (dx = dY W, chunked).
 
 def _base_backward(dy: Tensor, data, need_dx: bool, need_db: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    from .quant_impl import accumulate_grad_input
+    from ..torch_row.quant import accumulate_grad_input
     dx = accumulate_grad_input(dy.new_zeros(dy.shape[0], data.shape[1]), dy, data) if need_dx else None
     return dx, (dy.sum(0) if need_db else None)
 
@@ -236,7 +236,7 @@ def _base_backward(dy: Tensor, data, need_dx: bool, need_db: bool) -> tuple[Opti
 @torch.library.custom_op("fused_lora::quant_linear_fwd", mutates_args=())
 def quant_linear_fwd(x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float,
                      bias: Optional[Tensor]) -> Tensor:
-    from .quant_impl import base_linear
+    from ..torch_row.quant import base_linear
     return base_linear(x, quant.from_op_args(qtensors, meta, offset), bias)
 
 
@@ -275,7 +275,7 @@ quant_linear_fwd.register_autograd(_base_op_backward, setup_context=_base_setup_
 class _QuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, data):
-        from .quant_impl import base_linear
+        from ..torch_row.quant import base_linear
         ctx.data, ctx.has_bias = data, bias is not None
         return base_linear(x, data, bias)
 
@@ -294,7 +294,7 @@ def quant_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor]) ->
         return quant_linear_fwd(x, *quant.op_args(data), bias)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _QuantLinear.apply(x, bias, data)
-    from .quant_impl import base_linear
+    from ..torch_row.quant import base_linear
     return base_linear(x, data, bias)
 
 
@@ -311,16 +311,16 @@ def quant_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor]) ->
 
 def quant_multi_forward_torch(x, data, bias, adapters, segs, seed: int):
     """The torch row's forward: the base once for the whole batch, then each adapter's term on its rows."""
-    from .multi_impl import add_lora
-    from .quant_impl import base_linear
+    from ..torch_row.multi import add_lora
+    from ..torch_row.quant import base_linear
     y = base_linear(x, data, bias)
     return y, add_lora(y, x, adapters, segs, seed)
 
 
 def quant_multi_backward_torch(dy, x, data, adapters, h, segs, seed: int, need_dx, need_lora, need_db):
     """The torch row's backward: dx = dY W (chunk by chunk) plus each adapter's D_a (G_a A_a) on its rows."""
-    from .multi_impl import lora_backward
-    from .quant_impl import accumulate_grad_input
+    from ..torch_row.multi import lora_backward
+    from ..torch_row.quant import accumulate_grad_input
     dx = accumulate_grad_input(dy.new_zeros(x.shape), dy, data) if need_dx else None
     pairs = lora_backward(dx, dy, x, adapters, h, segs, seed, need_lora)
     return dx, pairs, (dy.sum(0) if need_db else None)
@@ -328,7 +328,7 @@ def quant_multi_backward_torch(dy, x, data, adapters, h, segs, seed: int, need_d
 
 def _multi_functions_of_module(module):
     """(quant_multi_forward, quant_multi_backward) of a row's module (see above)."""
-    from . import torch_impl
+    from ..torch_row import dense as torch_impl
     if module is torch_impl:
         return quant_multi_forward_torch, quant_multi_backward_torch
     if not hasattr(module, "quant_multi_forward"):
@@ -346,7 +346,7 @@ def _multi_probe(args: tuple, method):
     """The check rule's inputs (`ops._probe`): every adapter's A and B random and its dropout off. Rows draw
     different masks from one seed, so only dropout-free outputs can be compared; the kernels a mask adds
     are the single-adapter ones."""
-    from .ops import _probe, _random_lora
+    from .lora import _probe, _random_lora
 
     def random_without_dropout(adapters):
         return tuple((*_random_lora(A, B, a), s, 0.0) for a, (A, B, s, _) in enumerate(adapters))
@@ -386,7 +386,7 @@ def _stand_in(x, N: int, K: int):
 
 
 def _checked_adapters(x, N, K, bias, lora_A, lora_B, scaling, dropout_p):
-    from .ops import _multi_adapters
+    from .lora import _multi_adapters
     return _multi_adapters(x, _stand_in(x, N, K), bias, tuple(zip(lora_A, lora_B, scaling, dropout_p)))
 
 
@@ -399,8 +399,8 @@ def lora_linear_quant_multi_fwd(
     lora_A: list[Tensor], lora_B: list[Tensor], scaling: list[float], dropout_p: list[float],
     row_adapter: Tensor, seed: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    from .multi_impl import segments
-    from .ops import _check_row_adapter
+    from ..torch_row.multi import segments
+    from .lora import _check_row_adapter
     adapters = _checked_adapters(x, meta[1], meta[2], bias, lora_A, lora_B, scaling, dropout_p)
     _check_row_adapter(row_adapter, x, len(adapters))
     check_seed_tensor(seed)
@@ -411,8 +411,8 @@ def lora_linear_quant_multi_fwd(
 
 @lora_linear_quant_multi_fwd.register_fake
 def _(x, qtensors, meta, offset, bias, lora_A, lora_B, scaling, dropout_p, row_adapter, seed, backend):
-    from .multi_impl import packed_h_shape
-    from .ops import _check_row_adapter_shape
+    from ..torch_row.multi import packed_h_shape
+    from .lora import _check_row_adapter_shape
     adapters = _checked_adapters(x, meta[1], meta[2], bias, lora_A, lora_B, scaling, dropout_p)
     _check_row_adapter_shape(row_adapter, x)
     check_seed_tensor(seed)
@@ -425,7 +425,7 @@ def lora_linear_quant_multi_bwd(
     lora_B: list[Tensor], h: Tensor, scaling: list[float], dropout_p: list[float], row_adapter: Tensor,
     seed: Tensor, backend: str, need_dx: bool, need_lora: list[bool], need_db: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
-    from .multi_impl import segments
+    from ..torch_row.multi import segments
     adapters = _checked_adapters(x, meta[1], meta[2], None, lora_A, lora_B, scaling, dropout_p)
     data = quant.from_op_args(qtensors, meta, offset)
     dx, pairs, db = _run_multi_backward(dy, x, data, adapters, h, segments(row_adapter, len(adapters)),
@@ -517,9 +517,9 @@ def lora_linear_quant_multi(
     seed). Differentiable in x, bias and every A_a, B_a, never in W (double backward is refused). Backends:
     the table's ops "quant_multi_fwd" / "quant_multi_bwd" ("torch", "triton" where it can run, "auto").
     Under torch.compile the custom op fused_lora::lora_linear_quant_multi_fwd is traced (fullgraph works)."""
-    from .ops import _check_row_adapter, _multi_adapters
+    from .lora import _check_row_adapter, _multi_adapters
     if not isinstance(qweight, QuantizedWeight):
-        raise TypeError(f"lora_linear_quant_multi: qweight must be a fused_lora.quant.QuantizedWeight, got "
+        raise TypeError(f"lora_linear_quant_multi: qweight must be a fused_lora.modules.quantized.QuantizedWeight, got "
                         f"{type(qweight).__name__}")
     N, K = qweight.shape
     adapters = _multi_adapters(x, _stand_in(x, N, K), bias, adapters)
@@ -538,7 +538,7 @@ def lora_linear_quant_multi(
         return x.new_empty(x.shape[0], N)
     data = qweight.data()
     backends.select(_multi_problem("quant_multi_fwd", x, data, adapters), backend)  # a backend that cannot run: now
-    from .multi_impl import segments
+    from ..torch_row.multi import segments
     segs, seed_int = segments(row_adapter, len(adapters)), seed_value(seed)
     lora = [t for a in adapters for t in a[:2]]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora))):

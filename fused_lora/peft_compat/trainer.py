@@ -131,9 +131,9 @@ def lora_trainer_class(trainer_class: type) -> type:
         return LoraTrainer
     return type(f"Lora{trainer_class.__name__}", (LoraTrainerMixin, trainer_class),
                 {"__module__": __name__, "__doc__": f"{trainer_class.__name__} checkpointing a LoraModel as a "
-                                                    "peft adapter (fused_lora.trainer.LoraTrainerMixin)."})
+                                                    "peft adapter (fused_lora.peft_compat.trainer.LoraTrainerMixin)."})
 
 
 class LoraTrainer(LoraTrainerMixin, Trainer):
     """transformers.Trainer whose checkpoints, save_model() and resume handle a LoraModel as a peft
-    adapter (see fused_lora.trainer)."""
+    adapter (see fused_lora.peft_compat.trainer)."""

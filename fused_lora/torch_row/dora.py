@@ -1,4 +1,4 @@
-"""The PyTorch path of the DoRA op (no dropout: the layer handles DoRA's dropout, see `fused_lora.dora`).
+"""The PyTorch path of the DoRA op (no dropout: the layer handles DoRA's dropout, see `fused_lora.ops.dora`).
 
     dora_forward(x, W, b, A, B, s, c) -> (Y, H)
         H = x A^T,  Y = c * (x W^T + s H B^T) + b          (c: fp32 column scale m / n, one per output)
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .torch_impl import backward_with_mask
+from .dense import backward_with_mask
 
 
 def _scaled_rows(t: Tensor, c: Tensor) -> Tensor:

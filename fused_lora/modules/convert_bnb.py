@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .quant import QuantizationError, QuantizedLinear, QuantizedWeight, check_data, check_values
-from .quant_format import Int8Data, NF4Data
-from . import quant_torchao
+from .quantized import QuantizationError, QuantizedLinear, QuantizedWeight, check_data, check_values
+from ..core.formats.layouts import Int8Data, NF4Data
+from . import convert_torchao as quant_torchao
 
 BNB_KINDS = ("Linear4bit", "LinearNF4", "Linear8bitLt")
 

@@ -7,10 +7,10 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import TASK_HEADS, LoraConfig
-from .layer import QDORA_REFUSAL, _is_conv1d, base_refusal
-from .quant_convert import is_quantized_base
-from .quant import QuantizedLinear
-from .validation import short_repr
+from ..modules.layer import QDORA_REFUSAL, _is_conv1d, base_refusal
+from ..modules.convert_bnb import is_quantized_base
+from ..modules.quantized import QuantizedLinear
+from ..modules.validation import short_repr
 
 Spec = Optional[Union[list, str]]
 

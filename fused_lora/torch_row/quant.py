@@ -21,9 +21,9 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from . import quant
-from .dropout import keep_mask
-from .torch_impl import backward_with_mask, dropped, low_rank_start
+from ..modules import quantized as quant
+from ..core.dropout import keep_mask
+from .dense import backward_with_mask, dropped, low_rank_start
 
 chunk_hook: Optional[Callable[[int, int, Tensor], None]] = None
 

@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from . import backends
+from ..dispatch import registry as backends
 
 # init_lora_weights values FusedLoRALinear can initialise with.
 LAYER_INITS = (True, False, "gaussian")

@@ -49,11 +49,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from . import backends, distributed
-from .adapters import CONFIG_NAME, WEIGHTS_NAME, load_weights_into
-from .config import LoraConfig
+from ..dispatch import registry as backends
+from . import distributed
+from ..peft_compat.adapters import CONFIG_NAME, WEIGHTS_NAME, load_weights_into
+from ..peft_compat.config import LoraConfig
 from .distributed import SettingError
-from .model import get_lora_model
+from ..peft_compat.model import get_lora_model
 
 __all__ = ["finetune", "check_settings", "train", "Plan", "TrainingRun", "SettingError", "TrainingDiverged",
            "TrainingInterrupted", "ModelLoadError", "SaveError", "MissingDependency", "read_data", "Data",

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import backends
+from ..dispatch import registry as backends
 
 ENGINES = ("ddp", "fsdp")
 ENGINE_NAMES = {"ddp": "DDP", "fsdp": "FSDP2"}

@@ -1,6 +1,6 @@
 """The packed layouts of a quantized frozen base weight, and their reference dequantization.
 
-Plain data, no dependency: the container the layer holds (`fused_lora.quant`), the PyTorch path
+Plain data, no dependency: the container the layer holds (`fused_lora.modules.quantized`), the PyTorch path
 and the Triton kernels all read these fields, so the layout is written down once, here.
 
 NF4 (bitsandbytes' layout, read as bitsandbytes writes it): the N x K weight, flattened row-major,

@@ -42,9 +42,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends, multi_impl, torch_impl
-from .op_inputs import (_require, as_scaling, as_seed_tensor, check_backward_inputs, check_op_inputs,
-                        check_seed_tensor, seed_value)
+from ..dispatch import registry as backends
+from ..torch_row import multi as multi_impl, dense as torch_impl
+from ..core.op_inputs import _require, as_scaling, as_seed_tensor, check_backward_inputs, check_op_inputs, check_seed_tensor, seed_value
 
 _EMPTY_SHAPE = (0,)
 
