@@ -39,7 +39,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def random_weights(N, K, device, seed=0):
     """(NF4Data, NF4Data nested, Int8Data) of an N x K weight with random contents."""
-    from fused_lora.core.formats.layouts import NF4_LEVELS, Int8Data, NF4Data
+    from fused_lora.core.formats import Int8Data, NF4Data
+    from fused_lora.core.formats.nf4 import NF4_LEVELS
     g = torch.Generator(device=device).manual_seed(seed)
     n_blocks = -(-(N * K) // 64)
     packed = torch.randint(0, 256, (N * K // 2,), generator=g, dtype=torch.uint8, device=device)

@@ -25,7 +25,8 @@ from .modules.layer import FusedLoRALinear
 from .peft_compat.model import LoraModel, get_lora_model
 from .ops.lora import lora_linear, lora_linear_multi
 from .peft_compat.patch import patch_peft, unpatch_peft
-from .modules.quantized import QuantizedLinear, QuantizedWeight, quantize_int8, quantize_model, quantize_nf4
+from .modules.quantized import QuantizedLinear, QuantizedWeight, quantize_int8, quantize_nf4
+from .peft_compat.quantize import quantize_model
 from .ops.quant import lora_linear_quant
 
 __version__ = "0.1.0"

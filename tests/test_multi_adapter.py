@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from fused_lora.core import dropout as core_dropout
+from fused_lora.core import segments as core_segments
 from fused_lora import BackendUnavailable, FusedLoRALinear
 from fused_lora.dispatch import registry as backends
 from fused_lora.torch_row import multi as multi_impl
@@ -156,7 +158,7 @@ def test_dropout_masks_match_single_adapter_op_on_own_rows(path):
     for a, (A, B, s, p) in enumerate(adapters):
         rows = (row_adapter == a).nonzero().squeeze(1)
         xa = x.detach()[rows].requires_grad_(True)
-        ya = lora_linear(xa, w, b, A, B, s, p, multi_impl.adapter_seed(seed, a), backend="torch")
+        ya = lora_linear(xa, w, b, A, B, s, p, core_dropout.adapter_seed(seed, a), backend="torch")
         torch.testing.assert_close(y[rows], ya)
         dxa, dA, dB = torch.autograd.grad(ya, [xa, A, B], dy[rows])
         torch.testing.assert_close(grads[1 + 2 * a], dA)
@@ -410,7 +412,7 @@ def test_mixed_training_with_dropout_uses_per_adapter_masks():
         s = layer.adapter_settings(name)
         A2, B2 = A.detach().clone().requires_grad_(True), B.detach().clone().requires_grad_(True)
         ya = lora_linear(x[idx].reshape(-1, 12), layer.weight, layer.bias, A2, B2, s.scaling, s.lora_dropout,
-                         multi_impl.adapter_seed(seed, a))
+                         core_dropout.adapter_seed(seed, a))
         torch.testing.assert_close(y[idx].reshape(-1, 10), ya)
         ya.backward(dy[idx].reshape(-1, 10))
         torch.testing.assert_close(A.grad, A2.grad)
@@ -474,14 +476,14 @@ def test_layout_groups_rows_by_adapter(monkeypatch):
     """vLLM-style layout: stable sort + offsets; long runs of rows as slices, scattered ones in chunks."""
     monkeypatch.setattr(multi_impl, "MIN_RUN_ROWS", 2)
     row_adapter = torch.tensor([1, 1, -1, 0, 1, 0, 0, 2, 2, -1])
-    segs = multi_impl.segments(row_adapter, 4)
+    segs = core_segments.segments(row_adapter, 4)
     assert segs.offsets == (0, 2, 5, 8, 10, 10)
     assert segs.rows(-1).tolist() == [2, 9] and segs.rows(0).tolist() == [3, 5, 6] and segs.rows(3).numel() == 0
-    assert [p.rows for p in segs.pieces(2)] == [slice(7, 9)]
-    assert segs.pieces(3) == []
-    (piece,) = segs.pieces(1)
+    assert [p.rows for p in multi_impl.pieces(segs, 2)] == [slice(7, 9)]
+    assert multi_impl.pieces(segs, 3) == []
+    (piece,) = multi_impl.pieces(segs, 1)
     assert piece.rows.tolist() == [0, 1, 4] and (piece.lo, piece.hi) == (0, 3)
-    runs = multi_impl.segments(torch.tensor([0, 0, 0, 1, 1, 0, 0, -1, 0, 0]), 2).pieces(0)
+    runs = multi_impl.pieces(core_segments.segments(torch.tensor([0, 0, 0, 1, 1, 0, 0, -1, 0, 0]), 2), 0)
     assert [(p.rows, p.lo, p.hi) for p in runs] == [(slice(0, 3), 0, 3), (slice(5, 7), 3, 5), (slice(8, 10), 5, 7)]
 
 

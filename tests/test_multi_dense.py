@@ -4,6 +4,7 @@ between them (the adapters' total rank against DENSE_MAX_RANK)."""
 import pytest
 import torch
 
+from fused_lora.core import segments as core_segments
 from fused_lora.torch_row import multi as multi_impl
 from fused_lora.ops.lora import lora_linear_multi
 from fused_lora.core.reference import lora_linear_multi_ref
@@ -22,7 +23,7 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3,
 def run_path(monkeypatch, path, x, w, b, adapters, row_adapter, seed, dy, need_lora=None):
     """multi_impl's forward then backward on one path: (y, packed H, dx, [(dA, dB)], dW, db)."""
     monkeypatch.setattr(multi_impl, "DENSE_MAX_RANK", PATHS[path])
-    segs = multi_impl.segments(row_adapter, len(adapters))
+    segs = core_segments.segments(row_adapter, len(adapters))
     y, h = multi_impl.forward(x, w, b, adapters, segs, seed)
     need_lora = [True] * len(adapters) if need_lora is None else need_lora
     dx, pairs, dW, db = multi_impl.backward(dy, x, w, adapters, h, segs, seed, True, need_lora, True, True)
@@ -47,7 +48,7 @@ def test_dense_and_per_run_paths_agree(monkeypatch, dtype, assign, drop):
     x, w, b, adapters, dy = problem(M, K, N, dtype, SPECS[drop])
     dense = run_path(monkeypatch, "dense", x, w, b, adapters, row_adapter, 7, dy)
     per_run = run_path(monkeypatch, "per_run", x, w, b, adapters, row_adapter, 7, dy)
-    assert dense[1].shape == per_run[1].shape == multi_impl.packed_h_shape(M, adapters)
+    assert dense[1].shape == per_run[1].shape == core_segments.packed_h_shape(M, adapters)
     assert torch.equal(dense[1] == 0, per_run[1] == 0)  # the same zero padding (base rows, columns past r_a)
     tol = TOL[dtype]
     for name, got, want in zip(["y", "h", "dx"], dense[:3], per_run[:3]):
@@ -100,7 +101,7 @@ def test_backward_on_the_other_paths_packed_h(monkeypatch, forward_path, backwar
     x, w, b, adapters, dy = problem(M, K, N, torch.float32, SPECS["dropout"], seed=3)
     want = run_path(monkeypatch, backward_path, x, w, b, adapters, row_adapter, 5, dy)
     monkeypatch.setattr(multi_impl, "DENSE_MAX_RANK", PATHS[forward_path])
-    segs = multi_impl.segments(row_adapter, len(adapters))
+    segs = core_segments.segments(row_adapter, len(adapters))
     y = torch.addmm(b, x, w.t())
     h = multi_impl.add_lora(y, x, adapters, segs, 5)  # the low-rank half alone (the quantized base's entry)
     torch.testing.assert_close(y, want[0])
@@ -137,7 +138,7 @@ def test_dense_path_is_deterministic_and_reads_no_host_offsets_without_dropout(m
     monkeypatch.setattr(multi_impl, "DENSE_MAX_RANK", PATHS["dense"])
     runs = []
     for _ in range(2):
-        segs = multi_impl.segments(row_adapter, len(adapters))
+        segs = core_segments.segments(row_adapter, len(adapters))
         y, h = multi_impl.forward(x, w, b, adapters, segs, 0)
         out = multi_impl.backward(dy, x, w, adapters, h, segs, 0, True, [True] * 4, False, False)
         assert "offsets" not in vars(segs)  # never computed (a cached property)
@@ -166,5 +167,5 @@ def test_the_path_follows_the_total_rank(monkeypatch):
     row_adapter = torch.tensor([0, 1, -1, 1, 0, 0])
     for ranks, want in [((2, 3), 1), ((limit, 1), 0)]:
         stacked.clear()
-        multi_impl.forward(x, w, None, adapters(*ranks), multi_impl.segments(row_adapter, 2), 0)
+        multi_impl.forward(x, w, None, adapters(*ranks), core_segments.segments(row_adapter, 2), 0)
         assert len(stacked) == want

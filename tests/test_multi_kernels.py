@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from fused_lora.core import dropout as core_dropout
+from fused_lora.core import segments as core_segments
 from fused_lora import BackendUnavailable
 from fused_lora.dispatch import registry as backends
 from fused_lora.torch_row import multi as multi_impl
@@ -122,7 +124,7 @@ def test_each_adapter_equals_training_it_alone_with_the_triton_backend():
         rows = (row_adapter == a).nonzero().squeeze(1)
         assert rows.numel() > 0
         xa = x.detach()[rows].requires_grad_(True)
-        ya = lora_linear(xa, w, b, A, B, s, p, multi_impl.adapter_seed(seed, a), backend="triton")
+        ya = lora_linear(xa, w, b, A, B, s, p, core_dropout.adapter_seed(seed, a), backend="triton")
         dxa, dA, dB = torch.autograd.grad(ya, [xa, A, B], dy[rows])
         torch.testing.assert_close(y[rows], ya.detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grads[1 + 2 * a], dA, atol=1e-5, rtol=1e-5)
@@ -186,7 +188,7 @@ def test_adapter_seed_and_rank_limit_agree_with_the_package():
     assert backends.MAX_TRITON_MULTI_RANK == configs.MAX_MULTI_RANK
     for seed in (0, 1, 2**62 - 1, 123456789012345):
         for a in range(20):
-            assert multi.adapter_seed(seed, a) == multi_impl.adapter_seed(seed, a)
+            assert multi.adapter_seed(seed, a) == core_dropout.adapter_seed(seed, a)
 
 
 @pytest.mark.parametrize("block_m", [1, 4, 32])
@@ -196,7 +198,7 @@ def test_tile_table_covers_each_adapter_without_crossing(block_m):
     the base tiles, then empty tiles up to the table's size; bounds give each adapter's tiles."""
     from fused_lora.kernels.multi import tile_count_bounds, tile_table
     row_adapter = torch.tensor([2, -1, 0, 0, 2, 2, 2, 0, -1, 2, 0, 2, 2, 2, 2, 2, 2])
-    segs = multi_impl.segments(row_adapter, 4)  # adapters 1 and 3 have no rows
+    segs = core_segments.segments(row_adapter, 4)  # adapters 1 and 3 have no rows
     tiles, bounds = tile_table(row_adapter, 4, block_m)
     n_all, n_lora = tile_count_bounds(row_adapter.numel(), 4, block_m)
     assert tiles.dtype == bounds.dtype == torch.int32 and tiles.shape == (n_all, 4) and bounds.shape == (5,)
@@ -295,7 +297,7 @@ def test_custom_ops_opcheck_on_the_triton_backend():
             row_adapter, torch.tensor(5), "triton")
     torch.library.opcheck(torch.ops.fused_lora.lora_linear_multi_fwd.default, args)
     _, h = torch.ops.fused_lora.lora_linear_multi_fwd(*args)
-    assert h.shape == multi_impl.packed_h_shape(M, [(A, B, 0.0, 0.0) for A, B in loras])
+    assert h.shape == core_segments.packed_h_shape(M, [(A, B, 0.0, 0.0) for A, B in loras])
     dy = torch.randn(M, N).half().to(DEVICE)
     for needs in [(True, [True, True], False, False), (False, [False, True], True, True)]:
         lists = [[t.detach() for t in ts] for ts in args[3:5]]
@@ -318,12 +320,12 @@ def test_packed_h_is_shared_by_both_backends():
     x, w, b, loras = to_device(*make_multi(M, K, N, ranks, torch.float32, seed=2))
     x, w, b = x.detach(), w.detach(), b.detach()
     adapters = [(A.detach(), B.detach(), s, 0.0) for (A, B), s in zip(loras, specs)]
-    segs = multi_impl.segments(row_adapter, len(adapters))
+    segs = core_segments.segments(row_adapter, len(adapters))
     dy = torch.randn(M, N).to(DEVICE)
     tol = dict(atol=2e-5, rtol=1e-5) if not CUDA else dict(atol=2e-2, rtol=1e-2)
     h = {name: impl.multi_forward(x, w, b, adapters, segs, 0)[1] for name, impl in
          (("torch", torch_impl), ("triton", kernels))}
-    assert h["triton"].shape == multi_impl.packed_h_shape(M, adapters)
+    assert h["triton"].shape == core_segments.packed_h_shape(M, adapters)
     torch.testing.assert_close(h["triton"], h["torch"], **tol)
     want = torch_impl.multi_backward(dy, x, w, adapters, h["torch"], segs, 0, True, [True] * 3, False, False)
     got = kernels.multi_backward(dy, x, w, adapters, h["torch"], segs, 0, True, [True] * 3, False, False)

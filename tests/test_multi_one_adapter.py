@@ -1,9 +1,10 @@
 """A mixed batch whose samples all name one adapter runs the single-adapter op (no per-row machinery):
 the same outputs, gradients and dropout masks as the mixed-batch op would give, since adapter a's mask
-in a mixed batch is the single-adapter op's with the seed multi_impl.adapter_seed(seed, a)."""
+in a mixed batch is the single-adapter op's with the seed core_dropout.adapter_seed(seed, a)."""
 import pytest
 import torch
 
+from fused_lora.core import dropout as core_dropout
 from fused_lora import FusedLoRALinear
 from fused_lora.dispatch import registry as backends
 from fused_lora.core import dropout as dropout_mod
@@ -57,7 +58,7 @@ def test_base_rows_or_two_adapters_stay_mixed():
 
 
 def test_adapter_seed_of_a_tensor_seed_equals_the_int_one():
-    from fused_lora.torch_row.multi import adapter_seed
+    from fused_lora.core.dropout import adapter_seed
     for seed in (0, 1, 2**62 - 1, 987654321987654321):
         for a in (0, 1, 7):
             assert int(adapter_seed(torch.tensor(seed), a)) == adapter_seed(seed, a)

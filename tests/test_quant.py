@@ -16,8 +16,11 @@ from fused_lora.dispatch import registry as backends
 from fused_lora.modules import quantized as quant
 from fused_lora.torch_row import quant as quant_impl
 from fused_lora.core.dropout import keep_mask
-from fused_lora.modules.quantized import QuantizationError, QuantizedLinear, quantize_int8, quantize_model, quantize_nf4
-from fused_lora.core.formats.layouts import NF4Data
+from fused_lora.core import formats
+from fused_lora.core.formats import common as formats_common
+from fused_lora.core.formats import NF4Data, QuantizationError
+from fused_lora.modules.quantized import QuantizedLinear, quantize_int8, quantize_nf4
+from fused_lora.peft_compat.quantize import quantize_model
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as BF  # noqa: E402
@@ -35,7 +38,7 @@ def weight(N, K, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("shape,blocksize", [(s, 64) for s in SHAPES] + [((64, 128), 128), ((5, 256), 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nf4_codes_equal_bitsandbytes(shape, blocksize, dtype, monkeypatch):
-    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 2 * shape[1])  # quantized two rows at a time
+    monkeypatch.setattr(formats_common, "CHUNK_ELEMENTS", 2 * shape[1])  # quantized two rows at a time
     w = weight(*shape, dtype=dtype)
     ours = quantize_nf4(w, blocksize=blocksize, double_quant=False)
     packed, state = BF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
@@ -103,11 +106,11 @@ def test_fast_dequantization_equals_the_reference_bit_for_bit(nested, fmt):
     w = weight(300, 256, seed=7)
     data = (quantize_nf4(w, double_quant=nested) if fmt == "nf4" else quantize_int8(w)).data()
     for start, stop in ((0, 300), (0, 1), (17, 130), (299, 300)):
-        assert torch.equal(quant.dequantize_rows(data, start, stop), data.dequantize_rows(start, stop))
+        assert torch.equal(formats.dequantize_rows(data, start, stop), data.dequantize_rows(start, stop))
 
 
 def test_int8_codes_equal_bitsandbytes(monkeypatch):
-    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 5 * 96)  # five rows at a time, the last chunk short
+    monkeypatch.setattr(formats_common, "CHUNK_ELEMENTS", 5 * 96)  # five rows at a time, the last chunk short
     w = weight(64, 96)
     ours = quantize_int8(w)
     cb, scb, _ = BF.int8_vectorwise_quant(w.clone())
@@ -148,7 +151,7 @@ def _ref(x, W, b, A, B, s, p, seed):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
 def test_op_matches_float64_reference(fmt, p, bias, monkeypatch):
-    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 40 * 128)  # several chunks, the last one short
+    monkeypatch.setattr(formats_common, "CHUNK_ELEMENTS", 40 * 128)  # several chunks, the last one short
     N, K, M, r = 96, 128, 7, 4
     w = weight(N, K)
     qw = quantize_int8(w) if fmt == "int8" else quantize_nf4(w, double_quant=fmt == "nf4")
@@ -182,7 +185,7 @@ def test_same_mask_and_values_as_lora_linear_on_the_dequantized_weight():
 
 
 def test_chunks_never_hold_the_whole_weight(monkeypatch):
-    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 32 * 256)
+    monkeypatch.setattr(formats_common, "CHUNK_ELEMENTS", 32 * 256)
     seen = []
     monkeypatch.setattr(quant_impl, "chunk_hook", lambda start, stop, w: seen.append((start, stop, w.numel())))
     N, K = 200, 256
@@ -193,7 +196,7 @@ def test_chunks_never_hold_the_whole_weight(monkeypatch):
     assert seen and max(n for _, _, n in seen) <= 32 * 256 < N * K
     fwd_rows = sorted((s, e) for s, e, _ in seen[: len(seen) // 2])
     assert fwd_rows[0][0] == 0 and fwd_rows[-1][1] == N  # forward and backward each cover every row once
-    assert len(seen) == 2 * len(list(quant.row_chunks(N, K)))
+    assert len(seen) == 2 * len(list(formats.row_chunks(N, K)))
 
 
 def test_no_gradient_reaches_the_quantized_weight():
@@ -390,7 +393,7 @@ def test_custom_op_opcheck():
     qw = quantize_nf4(weight(64, 128))
     x = torch.randn(5, 128, requires_grad=True)
     A, B = torch.randn(4, 128, requires_grad=True), torch.randn(64, 4, requires_grad=True)
-    args = (x, *quant.op_args(qw.data()), None, A, B, 0.5, 0.0, torch.tensor(3), "torch")
+    args = (x, *formats.op_args(qw.data()), None, A, B, 0.5, 0.0, torch.tensor(3), "torch")
     torch.library.opcheck(quant_ops.lora_linear_quant_fwd, args)
 
 

@@ -10,7 +10,8 @@ atol, tests/utils.py). On CPU the kernels run through TRITON_INTERPRET=1 (fp32 a
 import pytest
 import torch
 
-from fused_lora.core.formats.layouts import NF4_LEVELS, Int8Data, NF4Data
+from fused_lora.core.formats import Int8Data, NF4Data
+from fused_lora.core.formats.nf4 import NF4_LEVELS
 from utils import assert_close_rule, needs_triton, ref_forward_backward, to64
 
 CUDA = torch.cuda.is_available()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fused_lora import FusedLoRALinear, QuantizedLinear
-from fused_lora.modules import quantized as quant
+from fused_lora.core import formats as quant
 from fused_lora.ops.quant import lora_linear_quant_multi
 from utils import compiled_and_eager_mixed, two_random_adapters
 

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from fused_lora import FusedLoRALinear
-from fused_lora.modules.quantized import QuantizationError, QuantizedLinear, quantize_int8, quantize_model, quantize_nf4
+from fused_lora.core.formats import QuantizationError
+from fused_lora.modules.quantized import QuantizedLinear, quantize_int8, quantize_nf4
+from fused_lora.peft_compat.quantize import quantize_model
 
 BAD = {"nan": float("nan"), "inf": float("inf")}
 WORD = {"nan": "NaN", "inf": "inf"}

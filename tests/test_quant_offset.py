@@ -17,7 +17,7 @@ from torch import nn
 
 from fused_lora import FusedLoRALinear
 from fused_lora.modules.quantized import QuantizationError, QuantizedLinear, quantize_nf4
-from fused_lora.core.formats.layouts import NF4Data
+from fused_lora.core.formats import NF4Data
 
 N, K = 64, 128
 
@@ -236,7 +236,7 @@ def test_custom_ops_take_the_offset_as_a_tensor_opcheck():
     torch.library.opcheck for the base op and the LoRA op, and computes what the float form computes."""
     from dataclasses import replace
 
-    from fused_lora.modules import quantized as quant
+    from fused_lora.core import formats as quant
     from fused_lora.ops import quant as quant_ops
     qw = _quantized_linear().weight
     x = torch.randn(5, K, requires_grad=True)

@@ -19,7 +19,7 @@ from torchao.quantization import to_nf4  # noqa: E402
 import fused_lora  # noqa: E402
 from fused_lora import FusedLoRALinear, LoraConfig, LoraModel, get_lora_model  # noqa: E402
 from fused_lora.cli.finetune import LLAMA_TARGETS, counting_batches  # noqa: E402
-from fused_lora.modules.quantized import dequantize_rows  # noqa: E402
+from fused_lora.core.formats import dequantize_rows  # noqa: E402
 from fused_lora.modules.convert_bnb import as_quantized_linear, is_quantized_base  # noqa: E402
 from fused_lora.ops.quant import lora_linear_quant  # noqa: E402
 from test_quant_peft import bnb_quantize, lora_grads, tiny_llama  # noqa: E402

@@ -3,6 +3,8 @@ adapter's own rows), on both of multi_impl's paths (dense and per run)."""
 import pytest
 import torch
 
+from fused_lora.core import dropout as core_dropout
+from fused_lora.core import segments as core_segments
 from fused_lora.torch_row import multi as multi_impl
 
 from test_multi_dense import PATHS
@@ -47,7 +49,7 @@ def test_non_finite_in_one_adapter_stays_in_its_rows(monkeypatch, path, poison):
         x[bad_row, 0] = float("nan")
     else:
         dy[bad_row, 0] = float("inf")
-    segs = multi_impl.segments(ROW_ADAPTER, 2)
+    segs = core_segments.segments(ROW_ADAPTER, 2)
     y, h = multi_impl.forward(x, w, b, adapters, segs, 0)
     dx, pairs, _, _ = multi_impl.backward(dy, x, w, adapters, h, segs, 0, True, [True, True], False, False)
     own = ROW_ADAPTER == 0
@@ -77,13 +79,13 @@ def test_float64_is_float64_exact(monkeypatch, path, dropout):
     monkeypatch.setattr(multi_impl, "DENSE_MAX_RANK", PATHS[path])
     x, w, b, adapters, dy = _problem(1)
     adapters = [(A, B, s, dropout) for (A, B, _, _), s in zip(adapters, (0.1, 1 / 3))]
-    segs = multi_impl.segments(ROW_ADAPTER, 2)
+    segs = core_segments.segments(ROW_ADAPTER, 2)
     y, h = multi_impl.forward(x, w, b, adapters, segs, 7)
     keeps = []
     for a in range(2):  # adapter a's mask over its own rows, in increasing row order (multi_impl's doc)
         keep = torch.ones(M, K, dtype=torch.bool)
         if dropout:
-            keep[ROW_ADAPTER == a] = keep_mask(multi_impl.adapter_seed(7, a), (int((ROW_ADAPTER == a).sum()), K),
+            keep[ROW_ADAPTER == a] = keep_mask(core_dropout.adapter_seed(7, a), (int((ROW_ADAPTER == a).sum()), K),
                                                dropout, "cpu")
         keeps.append(keep if dropout else None)
     torch.testing.assert_close(y, lora_linear_multi_ref(x, w, b, adapters, ROW_ADAPTER, keeps), atol=1e-12, rtol=1e-12)
@@ -127,8 +129,8 @@ def test_adapter_seed_of_a_tensor_equals_the_int_one(seed):
     accepted seed (ints up to 2^63 - 1): seed + step may wrap around in int64, which must not change it
     modulo 2^62."""
     for a in range(4):
-        got = multi_impl.adapter_seed(torch.tensor(seed, dtype=torch.int64), a)
-        assert int(got) == multi_impl.adapter_seed(seed, a) == (seed + (a + 1) * multi_impl._SEED_MIX) % 2**62
+        got = core_dropout.adapter_seed(torch.tensor(seed, dtype=torch.int64), a)
+        assert int(got) == core_dropout.adapter_seed(seed, a) == (seed + (a + 1) * core_dropout._SEED_MIX) % 2**62
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import fused_lora
-from fused_lora.modules.quantized import QuantizationError, quantize_nf4
+from fused_lora.core.formats import QuantizationError
+from fused_lora.modules.quantized import quantize_nf4
 from test_static_loop import _static_loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -77,8 +77,9 @@ def test_quantized_linear_backward_keeps_no_dequantized_weight(fmt, monkeypatch)
     LoRA targets only some) still passes gradients to its input. Its forward must not leave the
     dequantized weight (all chunks together: a full 16-bit copy) saved for backward; dx and db equal
     float64 over the dequantized weight."""
-    from fused_lora.modules import quantized as quant
-    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 64 * 64)  # several chunks
+    from fused_lora.core import formats as quant
+    from fused_lora.core.formats import common as formats_common
+    monkeypatch.setattr(formats_common, "CHUNK_ELEMENTS", 64 * 64)  # several chunks
     torch.manual_seed(0)
     ql = QuantizedLinear.from_linear(nn.Linear(128, 256), fmt)
     ql.bias.requires_grad_(True)
@@ -120,7 +121,7 @@ def test_quantized_linear_under_torch_compile(fmt):
 
 
 def test_quant_linear_custom_op_opcheck():
-    from fused_lora.modules import quantized as quant
+    from fused_lora.core import formats as quant
     from fused_lora.ops import quant as quant_ops
     torch.manual_seed(0)
     qw = QuantizedLinear.from_linear(nn.Linear(128, 64), "nf4").weight

@@ -1,4 +1,4 @@
-"""Dropout masks for the PyTorch path, regenerated from a seed instead of stored.
+"""Dropout seeds, and the PyTorch path's masks, regenerated from a seed instead of stored.
 
 The Triton kernels draw their masks in-kernel with Philox (`kernels/dropout.py`); the PyTorch
 path draws them here. The two backends therefore give different (but each reproducible) masks for
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 SEED_HIGH = 2**62  # seeds are drawn in [0, SEED_HIGH): fits int64 and Philox's 64-bit key
+_SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio (odd): spreads (seed, adapter) over the seed range
 
 
 def new_seed() -> Tensor:
@@ -31,6 +32,14 @@ def new_seed() -> Tensor:
 def no_seed() -> Tensor:
     """The seed passed when there is no dropout (never read)."""
     return torch.zeros((), dtype=torch.int64)
+
+
+def adapter_seed(seed, adapter: int):
+    """The dropout seed of adapter `adapter` (index in a mixed batch's adapter list) for the call seed `seed`:
+    an int, or for a 0-dim int64 tensor a tensor (no host read; seed + step < 2^63, no overflow). Every
+    implementation of a mixed batch draws adapter a's mask from it, as the single-adapter op would."""
+    step = (adapter + 1) * _SEED_MIX % SEED_HIGH
+    return (seed + step) % SEED_HIGH if isinstance(seed, Tensor) else (int(seed) + step) % SEED_HIGH
 
 
 def keep_mask(seed: int, shape, p: float, device) -> Tensor:

@@ -66,7 +66,7 @@ import torch
 
 from ..core.files import read_regular_file
 from ..core.interpreter import interpreting  # noqa: F401  (also part of this module's API)
-from ..core.formats.layouts import KERNEL_MIN_BLOCKSIZE
+from ..core.limits import KERNEL_MIN_BLOCKSIZE
 
 ENV_VAR = "FUSED_LORA_BACKEND"
 CACHE_ENV_VAR = "FUSED_LORA_CACHE_DIR"

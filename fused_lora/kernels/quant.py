@@ -9,7 +9,7 @@ never made in memory: the forward GEMM and the dX GEMM dequantize their W tiles 
 Arguments as `fused_lora.kernels.forward` / `backward` take them (x: M x K, 2-D, non-empty, on the
 GPU or under TRITON_INTERPRET=1 on the CPU; x, lora_A, lora_B, bias, dy, h in the compute dtype
 fp16/bf16/fp32; scaling, dropout_p floats; seed an int), but the frozen weight is `wq`, a
-`fused_lora.core.formats.layouts.NF4Data` or `Int8Data` of shape (N, K) on x's device:
+`fused_lora.core.formats.NF4Data` or `Int8Data` of shape (N, K) on x's device:
 
 - NF4Data: packed uint8 contiguous with N * K / 2 elements (N * K even), code fp32[16], blocksize
   a power of two >= 64 (MIN_BLOCKSIZE; bitsandbytes' default is 64), blocksize2 a power of two, and
@@ -43,7 +43,7 @@ from functools import lru_cache
 import torch
 import triton
 
-from ..core.formats.layouts import Int8Data, NF4Data
+from ..core.formats import Int8Data, NF4Data
 from . import _launcher, _row_blocks, _row_blocks_used, _tiles_grid, arch_of, block_r, dy_pass, m_bucket, shrink, sum_lora_grads
 from . import configs
 from .dropout import keep_threshold

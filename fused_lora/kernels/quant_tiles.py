@@ -1,7 +1,7 @@
 """Dequantization of one tile of a quantized frozen weight, in registers, inside a GEMM's loop.
 
 `dequant_tile` returns W[rows, col0 : col0 + COLS] in fp32 for W an N x K weight stored as
-(fused_lora.core.formats.layouts):
+(fused_lora.core.formats):
 
 - NF4, bitsandbytes' layout: the weight flattened row-major (element (n, k) is number f = n K + k),
   byte f // 2 holding element f in its high nibble when f is even, in its low nibble when f is
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.formats.layouts import KERNEL_MIN_BLOCKSIZE
+from ..core.limits import KERNEL_MIN_BLOCKSIZE
 
 MIN_BLOCKSIZE = KERNEL_MIN_BLOCKSIZE  # the smallest NF4 blocksize the kernels take (the backends table refuses less)
 

@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .quantized import QuantizationError, QuantizedLinear, QuantizedWeight, check_data, check_values
-from ..core.formats.layouts import Int8Data, NF4Data
+from ..core.formats import Int8Data, NF4Data, QuantizationError, check_data, check_values
+from .quantized import QuantizedLinear, QuantizedWeight
 from . import convert_torchao as quant_torchao
 
 BNB_KINDS = ("Linear4bit", "LinearNF4", "Linear8bitLt")

@@ -39,8 +39,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .quantized import NF4_BLOCKSIZES, QuantizationError, QuantizedWeight, check_data, check_values
-from ..core.formats.layouts import NF4Data
+from ..core.formats import NF4Data, QuantizationError, check_data, check_values
+from ..core.formats.nf4 import BLOCKSIZES as NF4_BLOCKSIZES
+from .quantized import QuantizedWeight
 
 TORCHAO_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # torchtune's frozen NF4 Linear: an nn.Linear subclass whose forward is linear_nf4(x, weight) + bias,

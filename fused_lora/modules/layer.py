@@ -17,7 +17,7 @@ from ..dispatch import registry as backends
 from ..ops import dora
 from . import quant_layer
 from ..core.dropout import new_seed, no_seed
-from ..torch_row.multi import adapter_seed
+from ..core.dropout import adapter_seed
 from ..ops.lora import lora_linear, lora_linear_multi
 from .quantized import base_load_refused
 from .convert_bnb import as_quantized_linear, is_quantized_base, quantized_base_refusal

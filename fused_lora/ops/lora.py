@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ..dispatch import registry as backends
 from ..torch_row import multi as multi_impl, dense as torch_impl
+from ..core.segments import packed_h_shape, segments
 from ..core.op_inputs import _require, as_scaling, as_seed_tensor, check_backward_inputs, check_op_inputs, check_seed_tensor, seed_value
 
 _EMPTY_SHAPE = (0,)
@@ -331,7 +332,7 @@ def lora_linear_multi_fwd(
     adapters = _multi_adapters(x, weight, bias, _as_adapters(lora_A, lora_B, scaling, dropout_p))
     _check_row_adapter(row_adapter, x, len(adapters))
     check_seed_tensor(seed)
-    segs = multi_impl.segments(row_adapter, len(adapters))
+    segs = segments(row_adapter, len(adapters))
     return _multi_forward(x, weight, bias, adapters, segs, seed_value(seed), backend)
 
 
@@ -340,7 +341,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, row_adapter, seed, ba
     adapters = _multi_adapters(x, weight, bias, _as_adapters(lora_A, lora_B, scaling, dropout_p))
     _check_row_adapter_shape(row_adapter, x)
     check_seed_tensor(seed)
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(multi_impl.packed_h_shape(x.shape[0], adapters))
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(packed_h_shape(x.shape[0], adapters))
 
 
 @torch.library.custom_op("fused_lora::lora_linear_multi_bwd", mutates_args=())
@@ -350,7 +351,7 @@ def lora_linear_multi_bwd(
     need_dx: bool, need_lora: list[bool], need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
     adapters = _multi_adapters(x, weight, None, _as_adapters(lora_A, lora_B, scaling, dropout_p))
-    segs = multi_impl.segments(row_adapter, len(adapters))
+    segs = segments(row_adapter, len(adapters))
     dx, pairs, dW, db = _multi_backward(dy, x, weight, adapters, h, segs, seed_value(seed), backend,
                                         need_dx, need_lora, need_dw, need_db)
     def given(t):  # custom ops cannot return None, nor one tensor twice: a fresh empty tensor each
@@ -491,7 +492,7 @@ def lora_linear_multi(
     seed_int = seed_value(seed)
     backends.select(backends.Problem("multi_fwd", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1],
                                      max([0] + [a[0].shape[0] for a in adapters])), backend)  # fails early
-    segs = multi_impl.segments(row_adapter, len(adapters))
+    segs = segments(row_adapter, len(adapters))
     lora = [t for a in adapters for t in a[:2]]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *lora))):
         return _multi_forward(x, weight, bias, adapters, segs, seed_int, backend)[0]  # inference: no autograd

@@ -7,7 +7,7 @@ module (`Implementation.load()`) provides
     forward_quant(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed: int) -> (Y, H)
     backward_quant(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed: int,
                    need_dx: bool, need_lora: bool, need_db: bool) -> (dx, dA, dB, db)   (None where not asked)
-where `data` is the `fused_lora.core.formats.layouts` layout (NF4Data / Int8Data, on x's device), x is M x K,
+where `data` is the `fused_lora.core.formats` layout (NF4Data / Int8Data, on x's device), x is M x K,
 contiguous or not, dy contiguous, H = (D x) A^T (M x r) as the same row's forward returned it, and the
 dropout mask D is the row's own (`keep_mask`), drawn from `seed`. The torch row is
 `fused_lora.torch_row.quant` (re-exported by `torch_impl`). The triton row is
@@ -43,10 +43,19 @@ import torch
 from torch import Tensor
 
 from ..dispatch import registry as backends
-from ..modules import quantized as quant
+from ..core import formats as quant
 from ..core.op_inputs import as_scaling, as_seed_tensor, check_op_inputs, check_seed_tensor, seed_value
-from ..modules.quantized import QuantizedWeight
-from ..core.formats.layouts import layout_name
+from ..core.formats import layout_name
+
+
+def layout_of(qweight, what: str):
+    """The format layout (`core.formats`) a quantized weight holds: a fused_lora.QuantizedWeight (its
+    `data()`), which this layer takes without importing the module that defines it (modules sit above ops).
+    TypeError naming `what` for anything else."""
+    data = qweight.data() if callable(getattr(qweight, "data", None)) and not isinstance(qweight, Tensor) else None
+    if not quant.is_layout(data):
+        raise TypeError(f"{what}: qweight must be a fused_lora.QuantizedWeight, got {type(qweight).__name__}")
+    return data
 
 
 def _functions_of_module(module):
@@ -195,7 +204,7 @@ def _check(x, N, K, bias, lora_A, lora_B, dropout_p) -> None:
 
 
 def lora_linear_quant(
-    x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+    x: Tensor, qweight, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
     scaling: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None, backend: str = "auto",
 ) -> Tensor:
     """`lora_linear` with a frozen quantized base: Y = x W^T + b + s ((D x) A^T) B^T for a 2-D x (M x K),
@@ -203,9 +212,7 @@ def lora_linear_quant(
     lora_A and lora_B; never in W. x, bias, lora_A and lora_B share x's dtype and device (the quantized
     weight must be on that device too). Bad inputs raise ValueError / TypeError before anything runs.
     """
-    if not isinstance(qweight, QuantizedWeight):
-        raise TypeError(f"lora_linear_quant: qweight must be a fused_lora.modules.quantized.QuantizedWeight, got "
-                        f"{type(qweight).__name__}")
+    layout_of(qweight, "lora_linear_quant")
     seed = as_seed_tensor(seed, dropout_p)
     scaling = as_scaling(scaling)
     N, K = qweight.shape
@@ -286,7 +293,7 @@ class _QuantLinear(torch.autograd.Function):
         return dx, db, None
 
 
-def quant_linear(x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor]) -> Tensor:
+def quant_linear(x: Tensor, qweight, bias: Optional[Tensor]) -> Tensor:
     """x W^T + b for a 2-D x (M x K) and a frozen quantized W, in x's dtype (bias already in it): the
     dequantized weight is never kept for backward (dx = dY W is dequantized again, chunk by chunk)."""
     data = qweight.data()
@@ -399,7 +406,7 @@ def lora_linear_quant_multi_fwd(
     lora_A: list[Tensor], lora_B: list[Tensor], scaling: list[float], dropout_p: list[float],
     row_adapter: Tensor, seed: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    from ..torch_row.multi import segments
+    from ..core.segments import segments
     from .lora import _check_row_adapter
     adapters = _checked_adapters(x, meta[1], meta[2], bias, lora_A, lora_B, scaling, dropout_p)
     _check_row_adapter(row_adapter, x, len(adapters))
@@ -411,7 +418,7 @@ def lora_linear_quant_multi_fwd(
 
 @lora_linear_quant_multi_fwd.register_fake
 def _(x, qtensors, meta, offset, bias, lora_A, lora_B, scaling, dropout_p, row_adapter, seed, backend):
-    from ..torch_row.multi import packed_h_shape
+    from ..core.segments import packed_h_shape
     from .lora import _check_row_adapter_shape
     adapters = _checked_adapters(x, meta[1], meta[2], bias, lora_A, lora_B, scaling, dropout_p)
     _check_row_adapter_shape(row_adapter, x)
@@ -425,7 +432,7 @@ def lora_linear_quant_multi_bwd(
     lora_B: list[Tensor], h: Tensor, scaling: list[float], dropout_p: list[float], row_adapter: Tensor,
     seed: Tensor, backend: str, need_dx: bool, need_lora: list[bool], need_db: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
-    from ..torch_row.multi import segments
+    from ..core.segments import segments
     adapters = _checked_adapters(x, meta[1], meta[2], None, lora_A, lora_B, scaling, dropout_p)
     data = quant.from_op_args(qtensors, meta, offset)
     dx, pairs, db = _run_multi_backward(dy, x, data, adapters, h, segments(row_adapter, len(adapters)),
@@ -507,7 +514,7 @@ class _QuantLoRALinearMulti(torch.autograd.Function):
 
 
 def lora_linear_quant_multi(
-    x: Tensor, qweight: QuantizedWeight, bias: Optional[Tensor], adapters, row_adapter: Tensor,
+    x: Tensor, qweight, bias: Optional[Tensor], adapters, row_adapter: Tensor,
     seed: Optional[Tensor] = None, backend: str = "auto",
 ) -> Tensor:
     """`ops.lora_linear_multi` over a frozen quantized base: y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m]),
@@ -518,9 +525,7 @@ def lora_linear_quant_multi(
     the table's ops "quant_multi_fwd" / "quant_multi_bwd" ("torch", "triton" where it can run, "auto").
     Under torch.compile the custom op fused_lora::lora_linear_quant_multi_fwd is traced (fullgraph works)."""
     from .lora import _check_row_adapter, _multi_adapters
-    if not isinstance(qweight, QuantizedWeight):
-        raise TypeError(f"lora_linear_quant_multi: qweight must be a fused_lora.modules.quantized.QuantizedWeight, got "
-                        f"{type(qweight).__name__}")
+    layout_of(qweight, "lora_linear_quant_multi")
     N, K = qweight.shape
     adapters = _multi_adapters(x, _stand_in(x, N, K), bias, adapters)
     seed = as_seed_tensor(seed, max([0.0] + [a[3] for a in adapters]))
@@ -538,7 +543,7 @@ def lora_linear_quant_multi(
         return x.new_empty(x.shape[0], N)
     data = qweight.data()
     backends.select(_multi_problem("quant_multi_fwd", x, data, adapters), backend)  # a backend that cannot run: now
-    from ..torch_row.multi import segments
+    from ..core.segments import segments
     segs, seed_int = segments(row_adapter, len(adapters)), seed_value(seed)
     lora = [t for a in adapters for t in a[:2]]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora))):

@@ -111,7 +111,7 @@ def _as_set(spec: Spec) -> Spec:
     return spec if spec is None or isinstance(spec, str) else set(spec)
 
 
-def _output_layer_name(model: nn.Module) -> Optional[str]:
+def output_layer_name(model: nn.Module) -> Optional[str]:
     get = getattr(model, "get_output_embeddings", None)
     out = get() if callable(get) else None
     if out is None:
@@ -178,7 +178,7 @@ def named_targets(model: nn.Module, config: LoraConfig, adaptable=is_adaptable) 
     "all-linear" takes every module `adaptable` accepts but the output layer, as peft does."""
     target_modules = target_spec(model, config)
     if target_modules == "all-linear":
-        skip = _output_layer_name(model)
+        skip = output_layer_name(model)
         names = [n for n, m in model.named_modules() if adaptable(m) and n != skip]
     else:
         spec = _as_set(target_modules)
@@ -230,7 +230,7 @@ def check_loaded_targets(model: nn.Module, config: LoraConfig, targets: list[str
         if spec == "all-linear":
             return
     if spec == "all-linear":
-        skip = _output_layer_name(model)
+        skip = output_layer_name(model)
         named = [n for n in _linear_names(model) if n != skip]
     elif isinstance(spec, set):
         named = [n for n, m in modules.items() if n and is_adaptable(m) and name_matches(n, spec)]

@@ -2,10 +2,8 @@
 
     y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m])      a = row_adapter[m]; a = -1: no adapter
 
-Layout (vLLM's token-to-adapter mapping, as segment kernels want it): `segments` sorts the rows by
-adapter once (a stable sort, so each adapter's rows stay in increasing order) and counts them; the
-rows of adapter a are `order[offsets[a + 1]:offsets[a + 2]]` (the base rows, index -1, come first).
-Forward and backward share that layout.
+Layout: `fused_lora.core.segments` (the rows sorted by adapter, shared by every implementation); here
+each adapter's rows are further cut into `pieces` (runs of consecutive rows, or chunks of scattered ones).
 
 Two ways to compute the low-rank terms, chosen per call by the adapters' total rank (`dense`):
 
@@ -54,28 +52,18 @@ the single-adapter op computes on that adapter's rows with the seed `adapter_see
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from ..core.dropout import SEED_HIGH, keep_mask
+from ..core.dropout import adapter_seed, keep_mask
+from ..core.segments import Adapter, Segments, h_of, packed_h_shape
 
 CHUNK_ROWS = 512  # scattered rows are handled this many at a time: temporaries of CHUNK_ROWS x N at most
 MIN_RUN_ROWS = 32  # runs of consecutive rows at least this long (on average) are used through views
 DENSE_MAX_RANK = 64  # the dense path runs while the adapters' ranks sum to at most this (module doc)
-_SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio (odd): spreads (seed, adapter) over the seed range
-
-Adapter = tuple  # (lora_A (r x K), lora_B (N x r), scaling, dropout_p)
 Rows = Union[slice, Tensor]
-
-
-def adapter_seed(seed, adapter: int):
-    """The dropout seed of adapter `adapter` (index in the op's adapter list) for the call seed `seed`: an
-    int, or for a 0-dim int64 tensor a tensor (no host read; seed + step < 2^63, no overflow)."""
-    step = (adapter + 1) * _SEED_MIX % SEED_HIGH
-    return (seed + step) % SEED_HIGH if isinstance(seed, Tensor) else (int(seed) + step) % SEED_HIGH
 
 
 @dataclass(frozen=True)
@@ -87,50 +75,20 @@ class Piece:
     hi: int
 
 
-class Segments:
-    """Rows grouped by adapter, from `row_adapter` (M,) and the number of adapters n: `order` (M,) the
-    rows sorted by adapter (stable), `offsets` (n + 2 ints): adapter a (-1 = base) holds
-    `order[offsets[a + 1]:offsets[a + 2]]`. Both are computed when first read, `offsets` on the host
-    (a device-to-host sync): the dense path without dropout and the Triton launchers read only `order`
-    (a sort on the device)."""
-
-    def __init__(self, row_adapter: Tensor, n_adapters: int):
-        self.row_adapter, self.n_adapters = row_adapter, n_adapters
-
-    @cached_property
-    def order(self) -> Tensor:
-        return torch.argsort(self.row_adapter, stable=True)
-
-    @cached_property
-    def offsets(self) -> tuple:
-        counts = torch.bincount(self.row_adapter + 1, minlength=self.n_adapters + 1)
-        return tuple([0] + torch.cumsum(counts, 0).tolist())
-
-    def count(self, adapter: int) -> int:
-        return self.offsets[adapter + 2] - self.offsets[adapter + 1]
-
-    def rows(self, adapter: int) -> Tensor:
-        return self.order[self.offsets[adapter + 1]:self.offsets[adapter + 2]]
-
-    def pieces(self, adapter: int) -> list[Piece]:
-        """The adapter's rows as slices, one per run of consecutive rows, when its runs are long (at least
-        MIN_RUN_ROWS rows on average: e.g. one adapter per sample of a sequence), else as chunks of at most
-        CHUNK_ROWS indices."""
-        m = self.count(adapter)
-        if m == 0:
-            return []
-        rows = self.rows(adapter)
-        starts = torch.nonzero(rows[1:] - rows[:-1] != 1).squeeze(1)  # increasing rows: a run ends where +1 fails
-        if m >= MIN_RUN_ROWS * (starts.numel() + 1):
-            lo = [0] + (starts + 1).tolist()
-            hi = lo[1:] + [m]
-            return [Piece(slice(first, first + e - s), s, e) for first, s, e in zip(rows[lo].tolist(), lo, hi)]
-        return [Piece(rows[lo:lo + CHUNK_ROWS], lo, min(m, lo + CHUNK_ROWS)) for lo in range(0, m, CHUNK_ROWS)]
-
-
-def segments(row_adapter: Tensor, n_adapters: int) -> Segments:
-    """The grouped layout of `row_adapter` (values in [-1, n_adapters), checked by the caller)."""
-    return Segments(row_adapter, n_adapters)
+def pieces(segs: Segments, adapter: int) -> list[Piece]:
+    """The adapter's rows as slices, one per run of consecutive rows, when its runs are long (at least
+    MIN_RUN_ROWS rows on average: e.g. one adapter per sample of a sequence), else as chunks of at most
+    CHUNK_ROWS indices."""
+    m = segs.count(adapter)
+    if m == 0:
+        return []
+    rows = segs.rows(adapter)
+    starts = torch.nonzero(rows[1:] - rows[:-1] != 1).squeeze(1)  # increasing rows: a run ends where +1 fails
+    if m >= MIN_RUN_ROWS * (starts.numel() + 1):
+        lo = [0] + (starts + 1).tolist()
+        hi = lo[1:] + [m]
+        return [Piece(slice(first, first + e - s), s, e) for first, s, e in zip(rows[lo].tolist(), lo, hi)]
+    return [Piece(rows[lo:lo + CHUNK_ROWS], lo, min(m, lo + CHUNK_ROWS)) for lo in range(0, m, CHUNK_ROWS)]
 
 
 def _take(t: Tensor, rows: Rows) -> Tensor:
@@ -342,17 +300,6 @@ def _dense_lora_backward(dx: Optional[Tensor], need_dx: bool, dy: Tensor, x: Ten
     return dx, pairs
 
 
-def packed_h_shape(M: int, adapters: Sequence[Adapter]) -> tuple[int, int]:
-    """The packed H: M x (largest rank), rows in the sorted order (see `h_of`)."""
-    return M, max([0] + [a[0].shape[0] for a in adapters])
-
-
-def h_of(h_packed: Tensor, segs: Segments, adapter: int, rank: int) -> Tensor:
-    """H_a = (D_a x[rows_a]) A_a^T (m_a x r_a), a view into the packed H: its rows at the adapter's
-    place in the sorted order, its first r_a columns (the rest is zero, never read)."""
-    return h_packed[segs.offsets[adapter + 1]:segs.offsets[adapter + 2], :rank]
-
-
 def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequence[Adapter], segs: Segments,
             seed: int) -> tuple[Tensor, Tensor]:
     """(Y, H): Y (M x N) as in the module doc; H every adapter's H_a packed into one M x max(r_a) tensor
@@ -378,7 +325,7 @@ def add_lora(y: Tensor, x: Tensor, adapters: Sequence[Adapter], segs: Segments, 
         m = segs.count(a)
         h = h_of(h_packed, segs, a, lora_A.shape[0])
         keep = _mask(seed, a, m, x.shape[1], p, x.device)
-        for piece in segs.pieces(a):
+        for piece in pieces(segs, a):
             lo, hi = piece.lo, piece.hi
             h[lo:hi] = torch.mm(_dropped(_take(x, piece.rows), None if keep is None else keep[lo:hi], p), lora_A.t())
             _add_product(y, piece.rows, h[lo:hi], lora_B.t(), scaling)
@@ -416,12 +363,12 @@ def lora_backward(dx: Optional[Tensor], dy: Tensor, x: Tensor, adapters: Sequenc
         if not (want or need_dx):
             lora_grads.append(None)
             continue
-        pieces = segs.pieces(a)
-        acc = torch.float32 if len(pieces) > 1 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        parts = pieces(segs, a)
+        acc = torch.float32 if len(parts) > 1 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         dA = torch.zeros(lora_A.shape, dtype=acc, device=x.device) if want else None
         dB_t = torch.zeros(lora_B.shape[::-1], dtype=acc, device=x.device) if want else None  # r x N
         keep = _mask(seed, a, segs.count(a), x.shape[1], p, x.device)
-        for piece in pieces:
+        for piece in parts:
             rows, lo, hi = piece.rows, piece.lo, piece.hi
             dya = _take(dy, rows)
             g = torch.mm(dya, lora_B * scaling)  # m x r; s before the products with dY (torch_impl's order)

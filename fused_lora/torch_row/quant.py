@@ -7,7 +7,7 @@
 math is `torch_impl`'s with W replaced by its dequantization; the rank-r parts are `torch_impl`'s own
 code, only the products with W are here:
     Y[:, n0:n1] += x W[n0:n1]^T            dx += dY[:, n0:n1] W[n0:n1]
-one chunk of at most `quant.CHUNK_ELEMENTS` weight elements at a time (dequantized in fp32 as
+one chunk of at most `core.formats.common.CHUNK_ELEMENTS` weight elements at a time (dequantized in fp32 as
 bitsandbytes does, then cast to x's dtype), so no full 16-bit copy of W ever exists. The dropout mask is
 the torch row's (`dropout.keep_mask`), as for an unquantized base. W is frozen: there is no dW.
 
@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from ..modules import quantized as quant
+from ..core import formats
 from ..core.dropout import keep_mask
 from .dense import backward_with_mask, dropped, low_rank_start
 
@@ -30,8 +30,8 @@ chunk_hook: Optional[Callable[[int, int, Tensor], None]] = None
 
 def weight_chunks(data, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
     """(start, stop, W[start:stop] in `dtype`) over the rows of the quantized weight."""
-    for start, stop in quant.row_chunks(*data.shape):
-        w = quant.dequantize_rows(data, start, stop).to(dtype)
+    for start, stop in formats.row_chunks(*data.shape):
+        w = formats.dequantize_rows(data, start, stop).to(dtype)
         if chunk_hook is not None:
             chunk_hook(start, stop, w)
         yield start, stop, w

@@ -1,0 +1,69 @@
+"""Which op an implementation is asked to run, as data: the library's axes (base, adapters, variant) and
+the direction. The dispatch table, the implementation rows' declared ops and the tuning keys all use it;
+`name` is the op's short name (the key's first word, the ops' `calls` counter, the messages).
+
+    base       "dense" (a 16-bit weight) | "quant" (a quantized base, `core.formats`)
+    adapters   "one" | "several" (a mixed batch: a per-row adapter index, `core.segments`)
+    variant    "lora" | "dora"
+    direction  "fwd" | "bwd"
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+BASES = ("dense", "quant")
+ADAPTERS = ("one", "several")
+VARIANTS = ("lora", "dora")
+DIRECTIONS = ("fwd", "bwd")
+
+
+@dataclass(frozen=True)
+class Op:
+    base: str = "dense"
+    adapters: str = "one"
+    variant: str = "lora"
+    direction: str = "fwd"
+
+    def __post_init__(self):
+        for field, value, allowed in (("base", self.base, BASES), ("adapters", self.adapters, ADAPTERS),
+                                      ("variant", self.variant, VARIANTS), ("direction", self.direction, DIRECTIONS)):
+            if value not in allowed:
+                raise ValueError(f"Op: {field} {value!r} is not one of {', '.join(allowed)}")
+
+    @property
+    def name(self) -> str:
+        """The short name: fwd, bwd, multi_fwd, quant_bwd, quant_multi_fwd, dora_fwd, ..."""
+        parts = ["quant"] if self.base == "quant" else []
+        parts += ["multi"] if self.adapters == "several" else []
+        parts += ["dora"] if self.variant == "dora" else []
+        return "_".join(parts + [self.direction])
+
+    @property
+    def backward(self) -> bool:
+        return self.direction == "bwd"
+
+    def forward_twin(self) -> "Op":
+        """The forward op whose backward this is (itself for a forward)."""
+        return replace(self, direction="fwd")
+
+    @staticmethod
+    def named(name: str) -> "Op":
+        """The op with this short name (ValueError for another name)."""
+        try:
+            return _BY_NAME[name]
+        except KeyError:
+            raise ValueError(f"unknown op {name!r}; the ops are {', '.join(_BY_NAME)}") from None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+FWD, BWD = Op(), Op(direction="bwd")
+MULTI_FWD, MULTI_BWD = Op(adapters="several"), Op(adapters="several", direction="bwd")
+QUANT_FWD, QUANT_BWD = Op(base="quant"), Op(base="quant", direction="bwd")
+QUANT_MULTI_FWD = Op(base="quant", adapters="several")
+QUANT_MULTI_BWD = Op(base="quant", adapters="several", direction="bwd")
+DORA_FWD, DORA_BWD = Op(variant="dora"), Op(variant="dora", direction="bwd")
+# The ops the library runs (DoRA over one dense adapter only: QDoRA and DoRA in a mixed batch are refused).
+ALL_OPS = (FWD, BWD, MULTI_FWD, MULTI_BWD, QUANT_FWD, QUANT_BWD, QUANT_MULTI_FWD, QUANT_MULTI_BWD, DORA_FWD, DORA_BWD)
+_BY_NAME = {op.name: op for op in ALL_OPS}
