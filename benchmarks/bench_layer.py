@@ -64,7 +64,7 @@ def build_variants(M, K, N, r, p, dtype, device, with_peft=True, with_compile=Fa
 
 def backend_rows(M, K, N, r, p, dtype, device):
     """(name, reasons it cannot run this layer's forward) for each row of the backends table."""
-    from fused_lora.dispatch import registry as backends
+    from fused_lora import dispatch as backends
     problem = backends.Problem("fwd", torch.device(device), dtype, M, N, K, r, p > 0)
     return [(impl.name, impl.not_supported_reasons(problem)) for impl in backends.IMPLEMENTATIONS]
 

@@ -226,7 +226,7 @@ def auto_choices(cases: list[dict], choices: dict, dtype: str) -> None:
     try:
         import torch
 
-        from fused_lora.dispatch.registry import Problem
+        from fused_lora.dispatch import Problem
     except ImportError:
         return
     for case in cases:

@@ -17,19 +17,17 @@ Public API:
     AdapterError                    an adapter directory that cannot be loaded
     BackendUnavailable              a requested backend cannot run
 """
+from .core.version import __version__
 from .peft_compat.adapters import AdapterError
-from .dispatch.registry import BackendUnavailable
+from .dispatch import BackendUnavailable
 from .peft_compat.config import LoraConfig
-from .ops.dora import dora_linear
 from .modules.layer import FusedLoRALinear
 from .peft_compat.model import LoraModel, get_lora_model
-from .ops.lora import lora_linear, lora_linear_multi
+from .ops import dora_linear, lora_linear, lora_linear_multi, lora_linear_quant
 from .peft_compat.patch import patch_peft, unpatch_peft
 from .modules.quantized import QuantizedLinear, QuantizedWeight, quantize_int8, quantize_nf4
 from .peft_compat.quantize import quantize_model
-from .ops.quant import lora_linear_quant
 
-__version__ = "0.1.0"
 
 __all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_multi", "dora_linear", "LoraConfig", "get_lora_model", "LoraModel", "AdapterError",
            "BackendUnavailable", "patch_peft", "unpatch_peft",

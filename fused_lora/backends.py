@@ -1,5 +1,5 @@
-"""`fused_lora.backends`: the name scripts and users know for the dispatch layer's public face
-(fused_lora.dispatch): the implementation table, `select`, `report`, `calls`, `BackendUnavailable`."""
-from .dispatch.registry import *  # noqa: F401,F403
-from .dispatch.registry import (BackendUnavailable, Problem, REGISTRY, calls, choose_backend, describe, get,  # noqa: F401
-                                report, requested_backend, select)
+"""`fused_lora.backends`: the name scripts and users know for `fused_lora.dispatch`, the layer that chooses
+which implementation runs each op (its table, `select`, `report()`, `calls`, `BackendUnavailable`)."""
+from .dispatch import *  # noqa: F401,F403
+from .dispatch import (BACKENDS, ENV_VAR, IMPLEMENTATIONS, REGISTRY, BackendUnavailable, Problem,  # noqa: F401
+                       calls, choose_backend, describe, get, report, requested_backend, select)

@@ -6,10 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
+from fused_lora.dispatch import registry as dispatch_registry
+from fused_lora.dispatch import cache as dispatch_cache
 from fused_lora.ops import lora as ops
+from fused_lora import torch_row
 from fused_lora.torch_row import dense as torch_impl
-from fused_lora.dispatch.registry import BackendUnavailable, Implementation, Problem, Registry
+from fused_lora.dispatch import BackendUnavailable, Implementation, Problem, Registry
 from fused_lora.ops.lora import lora_linear
 from utils import make_problem
 
@@ -168,7 +171,7 @@ def test_real_table_reasons(monkeypatch):
         with pytest.raises(BackendUnavailable, match="bfloat16 is not supported by Triton's interpreter"):
             backends.select(Problem("fwd", cpu, torch.bfloat16, 4, 4, 4, 2), "triton")
         assert backends.select(Problem("fwd", cpu, torch.float16, 4, 4, 4, 2), "triton").name == "triton"
-    assert backends.get("torch").load() is torch_impl
+    assert backends.get("torch").load() is torch_row
     with pytest.raises(ValueError, match="unknown backend"):
         backends.get("cuda")
 
@@ -181,7 +184,7 @@ def test_no_timing_while_compiling_or_capturing(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     assert reg.select(fwd(), bench=bench).name == "triton"  # timed once allowed
-    monkeypatch.setattr(backends, "timing_allowed", lambda: False)
+    monkeypatch.setattr(dispatch_registry, "timing_allowed", lambda: False)
     assert reg.select(fwd(), bench=bench).name == "triton"  # known winner, still no timing
     assert reg.select(fwd(N=1024), bench=bench).name == "torch"
     assert len(timer.timed) == 2
@@ -256,7 +259,7 @@ def test_ops_dispatch_times_real_implementations_through_the_registry(tmp_path, 
 
     reg = Registry([counting("slow"), counting("fast")], timer=timer, cache_directory=str(tmp_path),
                    name_of=lambda d: "cpu-test", tuned_devices=("cpu",), versions_of=lambda: VERSIONS)
-    monkeypatch.setattr(backends, "REGISTRY", reg)
+    monkeypatch.setattr(dispatch_registry, "REGISTRY", reg)
     x, w, b, a, bb = make_problem(6, 10, 8, 3)
     w.requires_grad_(False)
     b.requires_grad_(False)
@@ -268,7 +271,7 @@ def test_ops_dispatch_times_real_implementations_through_the_registry(tmp_path, 
     assert backends.calls[("fwd", "fast")] >= 1 and backends.calls[("bwd", "fast")] >= 1
     ref = torch_impl.forward(x.detach(), w, b, a.detach(), bb.detach(), 0.5, 0.0, 0)[0]
     torch.testing.assert_close(y.detach(), ref)
-    assert ops._impl("fast").forward is not None
+    assert backends.get("fast").load().forward is not None
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -289,7 +292,7 @@ def test_auto_on_the_real_rows(tmp_path, monkeypatch, p):
 
     reg = Registry(timer=torch_first_is_faster, cache_directory=str(tmp_path), tuned_devices=(device,),
                    name_of=lambda d: "test-device")
-    monkeypatch.setattr(backends, "REGISTRY", reg)
+    monkeypatch.setattr(dispatch_registry, "REGISTRY", reg)
     M, K, N, r = 12, 20, 16, 4
     x, w, b, a, bb = make_problem(M, K, N, r, torch.float32, device, seed=3)
     w.requires_grad_(False)
@@ -306,7 +309,7 @@ def test_auto_on_the_real_rows(tmp_path, monkeypatch, p):
     want = "triton" if p > 0 else "torch"
     assert ran == {"fwd": [want], "bwd": [want]}
     assert len(order) == (0 if p > 0 else 4)  # with dropout: nothing timed (forward known, backward follows)
-    keep = ops._impl(want).keep_mask(321, (M, K), p, device) if p > 0 else None
+    keep = backends.get(want).load().keep_mask(321, (M, K), p, device) if p > 0 else None
     y_e, g_e = ref_forward_backward(x, w, b, a, bb, 0.5, dy, keep, p)
     y64, g64 = ref_forward_backward(*to64(x, w, b, a, bb), 0.5, dy.double(), keep, p)
     tf32 = "tf32" if device == "cuda" else None
@@ -483,12 +486,12 @@ def test_an_oversized_cache_file_is_ignored(tmp_path, monkeypatch):
     one warning, timed afresh. Issue 18 item 9."""
     path = _cache_path(tmp_path)
     path.write_text(json.dumps(_good_file()) + " " * 2000)
-    monkeypatch.setattr(backends, "MAX_CACHE_BYTES", 1000)
+    monkeypatch.setattr(dispatch_cache, "MAX_CACHE_BYTES", 1000)
     fresh, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
     with pytest.warns(UserWarning, match="too large"):
         assert fresh.select(fwd(), bench=bench).name == "torch"
     assert len(timer.timed) == 2
-    monkeypatch.setattr(backends, "MAX_CACHE_BYTES", 1 << 20)  # within the bound, the same file is read
+    monkeypatch.setattr(dispatch_cache, "MAX_CACHE_BYTES", 1 << 20)  # within the bound, the same file is read
     path.write_text(json.dumps(_good_file()) + " " * 2000)
     again, timer = make_registry(tmp_path, {"torch": 1.0, "triton": 2.0})
     assert again.select(fwd(), bench=bench).name == "triton" and timer.timed == []

@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 
-from fused_lora.dispatch import registry as backends
-from fused_lora.dispatch.registry import BackendUnavailable, Implementation, Problem, Registry, outputs_mismatch
+from fused_lora import dispatch as backends
+from fused_lora.dispatch import table as dispatch_table
+from fused_lora.dispatch import registry as dispatch_registry
+from fused_lora.dispatch import BackendUnavailable, Implementation, Problem, Registry, outputs_mismatch
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # a label for fake-GPU problems; nothing touches a GPU
@@ -63,7 +65,7 @@ def test_hopper_rows_run_on_sm90_only(monkeypatch, capability, allowed):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(backends, "triton_installed", lambda: True)
+    monkeypatch.setattr(dispatch_table, "triton_installed", lambda: True)
     problem = Problem("fwd", CUDA, torch.bfloat16, 8192, 4096, 4096, 16)
     for name in ("triton-tma", "triton-onepass"):
         reasons = backends.get(name).not_supported_reasons(problem)
@@ -107,7 +109,7 @@ class Row:
 
 def fake_registry(tmp_path, outputs, ms, checked=("new",)):
     rows = [Implementation(name, name, (lambda row=Row(name, out): row),
-                           check_against=backends._checked_against if name in checked else None)
+                           check_against=dispatch_table.hopper_checked_against if name in checked else None)
             for name, out in outputs.items()]
     timed = []
 
@@ -143,8 +145,8 @@ def test_a_right_row_is_timed_and_can_win(tmp_path):
     close = REF * (1 + 1e-3)  # a different summation order
     reg, timed = fake_registry(tmp_path, {"torch": REF, "triton": REF, "new": (close, None)},
                                {"torch": 3.0, "triton": 2.0, "new": 1.0})
-    reg.implementations[0].loader().out = (REF, None)
-    reg.implementations[1].loader().out = (REF, None)
+    reg.implementations[0].load().out = (REF, None)
+    reg.implementations[1].load().out = (REF, None)
     assert reg.select(_fwd(), bench=Bench).name == "new"
     assert timed == ["torch", "triton", "new"] and reg.known(_fwd()).errors == {}
 
@@ -222,7 +224,7 @@ def counting_registry(tmp_path, outputs, ms, checked=("new",)):
     for row in rows.values():
         row.runs = 0
     impls = [Implementation(name, name, (lambda row=row: row),
-                            check_against=backends._checked_against if name in checked else None)
+                            check_against=dispatch_table.hopper_checked_against if name in checked else None)
              for name, row in rows.items()]
     timed = []
 
@@ -329,12 +331,12 @@ def test_a_cached_row_is_not_run_unchecked_where_no_check_can_run(tmp_path, monk
     assert first.select(_fwd(True), bench=CountingBench).name == "new"
     reg, rows, timed = counting_registry(tmp_path, outs, ms)
     bwd = Problem("bwd", CUDA, torch.bfloat16, 64, 8, 8, 4, True, ("dx", "lora"))
-    monkeypatch.setattr(backends, "timing_allowed", lambda: False)
+    monkeypatch.setattr(dispatch_registry, "timing_allowed", lambda: False)
     assert reg.select(_fwd(True), bench=CountingBench).name == "torch"
     assert reg.select(bwd, bench=CountingBench).name == "torch"
     assert reg.select(_fwd(True)).name == "torch"  # no bench: nothing to probe with
     assert rows["new"].runs == 0
-    monkeypatch.setattr(backends, "timing_allowed", lambda: True)
+    monkeypatch.setattr(dispatch_registry, "timing_allowed", lambda: True)
     assert reg.select(_fwd(True), bench=CountingBench).name == "new"
     assert reg.select(bwd, bench=CountingBench).name == "new"
     assert timed == []

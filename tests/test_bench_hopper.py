@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_layer  # noqa: E402
 import summarize  # noqa: E402
 
-from fused_lora.dispatch import registry as backends  # noqa: E402
+from fused_lora import dispatch as backends  # noqa: E402
 
 
 def test_backend_rows_are_the_whole_table_with_reasons():

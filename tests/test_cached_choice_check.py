@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from fused_lora.dispatch import registry as backends
-from fused_lora.dispatch.registry import Problem
+from fused_lora import dispatch as backends
+from fused_lora.dispatch import Problem
 from utils import auto_on_cpu, make_problem, needs_triton
 
 pytestmark = needs_triton("cpu", torch.float16)
@@ -62,7 +62,7 @@ def _hopper_bwd(monkeypatch):
 
 def _multi_fwd(monkeypatch):
     kernels = importlib.import_module("fused_lora.kernels")
-    from fused_lora.ops.lora import lora_linear_multi
+    from fused_lora.ops.multi import lora_linear_multi
     right = kernels.multi_forward
     monkeypatch.setattr(kernels, "multi_forward", lambda x, w, b, adapters, *rest: right(
         x, w, b, [(A, _zero(B), s, p) for A, B, s, p in adapters], *rest))
@@ -140,7 +140,7 @@ def test_a_cached_row_losing_the_low_rank_term_is_not_run(tmp_path, monkeypatch,
     reg, path = _registry_reading(tmp_path, monkeypatch, problem, row)
     op = problem.op
     before = backends.calls[(op, row)]
-    with torch.no_grad() if not op.endswith("bwd") else torch.enable_grad():
+    with torch.no_grad() if not op.backward else torch.enable_grad():
         got = run("auto")
     assert backends.calls[(op, row)] == before, f"{row} ran the {op} op"
     choice = reg.known(problem)

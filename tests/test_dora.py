@@ -9,10 +9,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fused_lora import FusedLoRALinear, LoraConfig, LoraModel, get_lora_model
-from fused_lora.dispatch import registry as backends  # noqa: E402
+from fused_lora import dispatch as backends  # noqa: E402
+from fused_lora.core import dora_norm
 from fused_lora.ops import dora  # noqa: E402
 from fused_lora.peft_compat.adapters import AdapterError  # noqa: E402
-from fused_lora.ops.dora import dora_linear, weight_norm  # noqa: E402
+from fused_lora.core.dora_norm import weight_norm
+from fused_lora.ops.dora import dora_linear  # noqa: E402
 from fused_lora.cli.finetune import build_llama, counting_batches  # noqa: E402
 from fused_lora.core.reference import dora_linear_ref  # noqa: E402
 
@@ -54,7 +56,7 @@ def test_weight_norm_survives_cancellation_that_breaks_the_plain_identity(monkey
     peft_err = ((torch.linalg.norm(w + s * (b @ a), dim=1).double() - truth).abs() / truth)
     err = (weight_norm(w, a, b, s).double() - truth).abs() / truth
     assert (err <= 2 * peft_err + 1e-6).all(), (err.max(), peft_err.max())
-    monkeypatch.setattr(dora, "CANCELLATION", 0.0)  # the identity alone: far off on the bad rows
+    monkeypatch.setattr(dora_norm, "CANCELLATION", 0.0)  # the identity alone: far off on the bad rows
     err = ((weight_norm(w, a, b, s).double() - truth).abs() / truth).max()
     assert err > 1e-2
 
@@ -489,8 +491,8 @@ def test_deleting_the_dora_adapter_removes_its_magnitude():
 def test_the_sync_free_path_used_on_cuda_handles_cancellation_and_zero_magnitudes(monkeypatch):
     # On CUDA the norm and dm never wait for the GPU: a fixed number of rows / columns is always
     # recomputed. Run that path here, on the cases it exists for, against the same truths.
-    monkeypatch.setattr(dora, "SYNC_FREE", True)
-    monkeypatch.setattr(dora, "DIRECT_ROWS", 16)  # fewer than the 40 rows: the choice of rows matters
+    monkeypatch.setattr(dora_norm, "SYNC_FREE", True)
+    monkeypatch.setattr(dora_norm, "DIRECT_ROWS", 16)  # fewer than the 40 rows: the choice of rows matters
     _, w, _, a, b = make_problem(1, 64, 40, 4, requires_grad=False)
     w = w.clone()
     w[::3] = -2.0 * (b[::3] @ a) + 1e-4 * torch.randn(14, 64)  # 14 cancelling rows
@@ -499,7 +501,7 @@ def test_the_sync_free_path_used_on_cuda_handles_cancellation_and_zero_magnitude
     err = (weight_norm(w, a, b, 2.0).double() - truth).abs() / truth
     assert (err <= 2 * peft_err + 1e-6).all(), (err.max(), peft_err.max())
     _check_op("torch", 19, 24, 28, 3, torch.float32, True, zero_m=True)
-    monkeypatch.setattr(dora, "DIRECT_ROWS", 4)  # 14 cancelling rows, 4 recomputed: refused, not wrong
+    monkeypatch.setattr(dora_norm, "DIRECT_ROWS", 4)  # 14 cancelling rows, 4 recomputed: refused, not wrong
     with pytest.raises(RuntimeError, match="rows of one layer cancel"):
         weight_norm(w, a, b, 2.0)
     monkeypatch.setattr(dora, "ZERO_COLUMNS", 2)

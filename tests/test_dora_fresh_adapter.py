@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_lora import FusedLoRALinear, patch_peft
+from fused_lora.core import dora_norm
 from fused_lora.ops import dora
-from fused_lora.ops.dora import dora_linear, weight_norm
+from fused_lora.core.dora_norm import weight_norm
+from fused_lora.ops.dora import dora_linear
 from utils import TRITON_DEVICE, needs_triton
 
 CUDA = torch.cuda.is_available()
@@ -45,7 +47,7 @@ def test_weight_norm_of_a_zero_low_rank_term_is_peft_norm(dtype, sync_free, monk
     """issue 18 item 28: n_j = torch.linalg.norm(W_j) in W's dtype and layout, bit for bit, for every row whose
     B_j is zero, also on the sync-free path used on CUDA (which recomputes DIRECT_ROWS rows directly whatever
     they hold); the other rows keep the identity's accuracy (the float64 norm to a few float32 ulps)."""
-    monkeypatch.setattr(dora, "SYNC_FREE", sync_free)
+    monkeypatch.setattr(dora_norm, "SYNC_FREE", sync_free)
     _, w, _, a, bb = _inputs(3, 96, 40, dtype)
     acc = torch.float32
     for weight in (w, w.t().contiguous().t()):  # a Conv1D's layout: peft reduces the strided rows

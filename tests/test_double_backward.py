@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fused_lora import FusedLoRALinear
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
 from fused_lora.ops.lora import lora_linear
 from fused_lora.core.reference import lora_linear_ref
 from utils import backend_module, float64_op_case, make_problem, needs_triton, to64

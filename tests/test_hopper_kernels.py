@@ -10,7 +10,7 @@ K and N 16-byte multiples, which descriptors need (the row refuses the others).
 import pytest
 import torch
 
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
 from fused_lora.kernels import one_pass, tma
 from utils import assert_close_rule, check_op_against_reference, make_problem, ref_forward_backward, to64
 

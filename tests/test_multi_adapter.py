@@ -10,10 +10,11 @@ from torch import nn
 from fused_lora.core import dropout as core_dropout
 from fused_lora.core import segments as core_segments
 from fused_lora import BackendUnavailable, FusedLoRALinear
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
 from fused_lora.torch_row import multi as multi_impl
 from fused_lora.core.dropout import keep_mask, new_seed
-from fused_lora.ops.lora import lora_linear, lora_linear_multi
+from fused_lora.ops.lora import lora_linear
+from fused_lora.ops.multi import lora_linear_multi
 from fused_lora.core.reference import lora_linear_multi_ref
 
 from utils import assert_close_rule, compiled_and_eager_mixed, mixed_batch_keeps

@@ -6,7 +6,7 @@ import torch
 
 from fused_lora.core import segments as core_segments
 from fused_lora.torch_row import multi as multi_impl
-from fused_lora.ops.lora import lora_linear_multi
+from fused_lora.ops.multi import lora_linear_multi
 from fused_lora.core.reference import lora_linear_multi_ref
 
 from test_multi_adapter import ASSIGNMENTS, full_keeps, make_multi

@@ -11,9 +11,11 @@ import torch
 from fused_lora.core import dropout as core_dropout
 from fused_lora.core import segments as core_segments
 from fused_lora import BackendUnavailable
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
+from fused_lora.core import limits
 from fused_lora.torch_row import multi as multi_impl
-from fused_lora.ops.lora import lora_linear, lora_linear_multi
+from fused_lora.ops.lora import lora_linear
+from fused_lora.ops.multi import lora_linear_multi
 from fused_lora.core.reference import lora_linear_multi_ref
 from test_multi_adapter import make_multi
 from utils import assert_close_rule, mixed_batch_keeps, needs_triton
@@ -185,7 +187,7 @@ def test_double_backward_uses_the_triton_masks():
 def test_adapter_seed_and_rank_limit_agree_with_the_package():
     """Restated constants (the kernels import nothing of the package; backends imports no Triton)."""
     from fused_lora.kernels import configs, multi
-    assert backends.MAX_TRITON_MULTI_RANK == configs.MAX_MULTI_RANK
+    assert limits.MAX_TRITON_MULTI_RANK == configs.MAX_MULTI_RANK
     for seed in (0, 1, 2**62 - 1, 123456789012345):
         for a in range(20):
             assert multi.adapter_seed(seed, a) == core_dropout.adapter_seed(seed, a)
@@ -313,7 +315,7 @@ def test_packed_h_is_shared_by_both_backends():
     """Without dropout auto may time forward and backward apart, so a backward may receive the other
     backend's packed H: the layouts agree (H itself, and each backward on the other's H)."""
     from fused_lora import kernels
-    from fused_lora.torch_row import dense as torch_impl
+    from fused_lora import torch_row as torch_impl
     M, K, N = 53, 18, 14
     ranks, specs = [4, 1, 6], [0.5, 2.0, -1.0]
     row_adapter = layout("scattered", M, 4, seed=5).to(DEVICE)

@@ -6,10 +6,10 @@ import torch
 
 from fused_lora.core import dropout as core_dropout
 from fused_lora import FusedLoRALinear
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
 from fused_lora.core import dropout as dropout_mod
 from fused_lora.modules import layer as layer_mod
-from fused_lora.ops.lora import lora_linear_multi
+from fused_lora.ops.multi import lora_linear_multi
 
 
 def _layer(p):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
 from fused_lora.ops.lora import lora_linear, lora_linear_fwd
 from utils import assert_close_rule, backend_module, make_problem, needs_triton, ref_forward_backward, to64
 

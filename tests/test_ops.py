@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
 from fused_lora.ops.lora import lora_linear, lora_linear_bwd, lora_linear_fwd
 from utils import check_op_against_reference, float64_op_case, make_problem
 

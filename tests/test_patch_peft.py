@@ -23,7 +23,7 @@ from peft.tuners import lora as peft_lora  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import fused_lora  # noqa: E402
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
 from fused_lora import patch_peft, unpatch_peft  # noqa: E402
 from fused_lora.core.dropout import keep_mask, new_seed  # noqa: E402
 from fused_lora.cli.finetune import build_llama, counting_batches  # noqa: E402

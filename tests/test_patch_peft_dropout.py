@@ -24,7 +24,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 import fused_lora  # noqa: E402
-from fused_lora.dispatch import registry as backends  # noqa: E402
+from fused_lora import dispatch as backends  # noqa: E402
 
 from utils import assert_close_rule, needs_triton  # noqa: E402
 

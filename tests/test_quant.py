@@ -12,7 +12,7 @@ from torch import nn
 
 import fused_lora
 from fused_lora import FusedLoRALinear, lora_linear, lora_linear_quant
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
 from fused_lora.modules import quantized as quant
 from fused_lora.torch_row import quant as quant_impl
 from fused_lora.core.dropout import keep_mask

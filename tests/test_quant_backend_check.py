@@ -3,8 +3,8 @@ output on the key's inputs matched the torch row's: they have run on no GPU yet 
 rule 5). On CPU, auto's timing is enabled under the interpreter (utils.auto_on_cpu)."""
 import torch
 
-from fused_lora.dispatch import registry as backends
-from fused_lora.dispatch.registry import Problem
+from fused_lora import dispatch as backends
+from fused_lora.dispatch import Problem
 from test_quant_kernels import pytestmark  # noqa: F401  (Triton must be able to run here)
 from utils import auto_on_cpu, with_a_wrong_element
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fused_lora import FusedLoRALinear, QuantizedLinear
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
 from fused_lora.modules.quantized import quantize_int8, quantize_nf4
 from fused_lora.ops.quant import lora_linear_quant_multi
 from utils import assert_close_rule, auto_on_cpu, mixed_batch_keeps, needs_triton

@@ -139,7 +139,7 @@ def test_op_bias_gradient_and_gradcheck(backend):
 
 
 def test_patch_peft_fuses_dora_with_a_trained_bias():
-    from fused_lora.dispatch import registry as backends
+    from fused_lora import dispatch as backends
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 8))
     ref = peft.get_peft_model(base, peft.LoraConfig(r=4, init_lora_weights=False, use_dora=True, bias="all",

@@ -3,8 +3,8 @@ on the code before its fix."""
 import pytest
 import torch
 
-from fused_lora.dispatch import registry as backends
-from fused_lora.dispatch.registry import Problem
+from fused_lora import dispatch as backends
+from fused_lora.dispatch import Problem
 from test_backends_hopper import REF, Bench, fake_registry
 from utils import auto_on_cpu
 
@@ -32,7 +32,7 @@ def test_backward_with_dropout_does_not_run_an_unchecked_row(tmp_path):
                            {"torch": 3.0, "triton": 2.0, "new": 1.0})
     fwd, bwd = _problems()
     assert reg.select(fwd, bench=Bench).name == "new"  # its forward matched the triton row's
-    new = reg.get("new").loader()
+    new = reg.get("new").load()
     wrong = REF.clone()
     wrong[0, 0] += 1.0
     new.out = wrong  # the row's backward output: one wrong element
@@ -147,7 +147,7 @@ def _without_b(fn, position):
 @pytest.mark.parametrize("broken", [False, True])
 def test_auto_checks_the_segment_kernels_before_timing(tmp_path, monkeypatch, broken):
     from fused_lora import kernels
-    from fused_lora.ops.lora import lora_linear_multi
+    from fused_lora.ops.multi import lora_linear_multi
     reg = auto_on_cpu(tmp_path, monkeypatch)
     if broken:
         monkeypatch.setattr(kernels, "multi_forward", _without_b(kernels.multi_forward, 3))
@@ -165,7 +165,7 @@ def test_auto_checks_the_segment_kernels_before_timing(tmp_path, monkeypatch, br
 @pytest.mark.parametrize("broken", [False, True])
 def test_auto_checks_the_segment_backward_before_timing(tmp_path, monkeypatch, broken):
     from fused_lora import kernels
-    from fused_lora.ops.lora import lora_linear_multi_bwd
+    from fused_lora.ops.multi import lora_linear_multi_bwd
     reg = auto_on_cpu(tmp_path, monkeypatch)
     if broken:
         monkeypatch.setattr(kernels, "multi_backward", _without_b(kernels.multi_backward, 3))

@@ -17,10 +17,12 @@ in the same dtype (which scales dY first, as peft does).
 import pytest
 import torch
 
-from fused_lora.dispatch import registry as backends
+from fused_lora import dispatch as backends
 from fused_lora.torch_row import multi as multi_impl
-from fused_lora.ops.dora import dora_linear, weight_norm
-from fused_lora.ops.lora import lora_linear, lora_linear_multi
+from fused_lora.core.dora_norm import weight_norm
+from fused_lora.ops.dora import dora_linear
+from fused_lora.ops.lora import lora_linear
+from fused_lora.ops.multi import lora_linear_multi
 from fused_lora.modules.quantized import quantize_nf4
 from fused_lora.ops.quant import lora_linear_quant, lora_linear_quant_multi
 from fused_lora.core.reference import dora_linear_ref, lora_linear_multi_ref, lora_linear_ref

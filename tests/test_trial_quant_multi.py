@@ -306,7 +306,7 @@ def test_mixed_batch_over_quantized_base_with_dropout_is_each_adapter_alone():
 
 
 def test_mixed_batch_over_quantized_base_bad_input_and_backends():
-    from fused_lora.dispatch.registry import BackendUnavailable
+    from fused_lora.dispatch import BackendUnavailable
     layer = _multi_quant_layer("int8")
     x = torch.randn(2, 3, 128)
     with pytest.raises(ValueError, match="unknown adapter"):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fused_lora.core.reference import lora_linear_ref
+from fused_lora.dispatch import registry as dispatch_registry
 
 # atol added to the "2x eager error" rule (below), per dtype. fp32 needs only rounding slack;
 # fp16/bf16 slack covers outputs where eager happens to round exactly.
@@ -54,14 +55,15 @@ def ref_forward_backward(x, w, b, a, bb, scaling, dy, keep=None, p=0.0):
 
 
 def backend_module(name):
-    from fused_lora.ops import lora as ops
-    return ops._impl(name)
+    """The module of implementation row `name` (its op functions and keep_mask)."""
+    from fused_lora import dispatch
+    return dispatch.get(name).load()
 
 
 def check_op_against_reference(backend, M, K, N, r, dtype, p=0.0, device="cpu", bias=True,
                                trainable_base=False, seed=7, scaling=0.5, noncontiguous=False):
     """Forward and every gradient of the op on `backend` against the float64 reference."""
-    from fused_lora.dispatch import registry as backends
+    from fused_lora import dispatch as backends
     from fused_lora.ops.lora import lora_linear
 
     x, w, b, a, bb = make_problem(M, K, N, r, dtype, device, bias, seed=seed)
@@ -129,8 +131,8 @@ def auto_on_cpu(tmp_path, monkeypatch):
     """The real table under the interpreter with auto timing on the CPU and a timer that finds each
     row faster than the one before, so the last row timed (triton-onepass) wins unless refused; the
     registry is installed as backends.REGISTRY (undone by monkeypatch) and returned."""
-    from fused_lora.dispatch import registry as backends
-    from fused_lora.dispatch.registry import Registry
+    from fused_lora import dispatch as backends
+    from fused_lora.dispatch import Registry
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = []
 
@@ -141,7 +143,7 @@ def auto_on_cpu(tmp_path, monkeypatch):
 
     reg = Registry(timer=each_faster, cache_directory=str(tmp_path), tuned_devices=("cpu",),
                    name_of=lambda d: "test-device")
-    monkeypatch.setattr(backends, "REGISTRY", reg)
+    monkeypatch.setattr(dispatch_registry, "REGISTRY", reg)
     return reg
 
 
@@ -198,6 +200,6 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through T
 def needs_triton(device=TRITON_DEVICE, dtype=torch.float32, rank: int = 16):
     """A skipif mark for tests of the Triton kernels: skipped, naming why, where Triton cannot run them
     (CI sets FUSED_LORA_NO_SKIPS=1, so there a skip fails the run)."""
-    from fused_lora.dispatch import registry as backends
+    from fused_lora import dispatch as backends
     reasons = backends.triton_not_supported_reasons(torch.device(device), dtype, rank)
     return pytest.mark.skipif(reasons != [], reason="Triton cannot run here: " + "; ".join(reasons))

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..dispatch import registry as backends
+from .. import dispatch
 
 ENGINES = ("ddp", "fsdp")
 ENGINE_NAMES = {"ddp": "DDP", "fsdp": "FSDP2"}
@@ -92,9 +92,9 @@ def check_device(requested: Optional[str], dtype: torch.dtype, rank: int) -> tor
     except ValueError as err:
         raise SettingError("device", str(err)) from None
     try:
-        backends.choose_backend(device, dtype, rank)
-    except (backends.BackendUnavailable, ValueError) as err:
-        raise SettingError(None, f"{backends.ENV_VAR}: {err}") from None
+        dispatch.choose_backend(device, dtype, rank)
+    except (dispatch.BackendUnavailable, ValueError) as err:
+        raise SettingError(None, f"{dispatch.ENV_VAR}: {err}") from None
     return device
 
 

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..dispatch import registry as backends
+from .. import dispatch
 from . import distributed
 from ..peft_compat.adapters import CONFIG_NAME, WEIGHTS_NAME, load_weights_into
 from ..peft_compat.config import LoraConfig
@@ -919,8 +919,8 @@ def train(plan: Plan, log: Callable[[str], None] = print, stream=sys.stdout) -> 
     c = plan.config
     log(f"{what} on {device} ({str(dtype).replace('torch.', '')}): {total:,} parameters, {trainable:,} trainable "
         f"(r={c.r}, alpha={c.lora_alpha}, dropout={c.lora_dropout})")
-    forced = f" (forced by {backends.ENV_VAR})" if os.environ.get(backends.ENV_VAR) else ""
-    log(f"backend: {backends.describe(device, dtype, c.r)}{forced}")
+    forced = f" (forced by {dispatch.ENV_VAR})" if os.environ.get(dispatch.ENV_VAR) else ""
+    log(f"backend: {dispatch.describe(device, dtype, c.r)}{forced}")
     eval_set = _eval_sequences(plan)
     log(_describe_data(plan, len(eval_set)))
     if plan.resume_from is not None:

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .. import __version__
-from ..dispatch import registry as backends
+from .. import dispatch
 from . import distributed
 from . import demo as demo_module
 from . import finetune as ft
@@ -184,10 +184,10 @@ def _finetune(parser: argparse.ArgumentParser, args, device) -> int:
 
 
 def _info() -> None:
-    print(f"fused_lora {__version__}, torch {torch.__version__}, triton installed: {backends.triton_installed()}")
+    print(f"fused_lora {__version__}, torch {torch.__version__}, triton installed: {dispatch.triton_installed()}")
     # What is measured, and what is only the goal (the README's opening says the same).
     print("speed, measured: on a CPU, the adapted layer's and a fine-tuning step's time as ratios to the base "
           "layer and peft (benchmarks/RESULTS.md)")
     print("speed on a GPU: the target, not yet measured: an adapted layer costing what the frozen base layer costs")
-    print(backends.report())  # the implementations, what runs where and why, auto's choices and timings
+    print(dispatch.report())  # the implementations, what runs where and why, auto's choices and timings
 

@@ -18,7 +18,7 @@ SEED_LIMIT = 2**63  # seeds are int64 tensors: [0, 2^63)
 OP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _require(error: type, cond, message) -> None:
+def require(error: type, cond, message) -> None:
     """Raise error(message()) unless cond; a symbolic cond (fake tensors, dynamic shapes) goes to
     torch._check_with, which records it as a guard. Plain bools take the fast path: these checks
     run on every eager call."""
@@ -84,15 +84,15 @@ def check_op_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
     # Sizes may be symbolic under torch.compile: _require. (Each .shape builds a torch.Size: once each.)
     xs, ws, As, Bs = x.shape, weight.shape, lora_A.shape, lora_B.shape
     K, N, r = xs[1], ws[0], As[0]
-    _require(ValueError, ws[1] == K, lambda: f"lora_linear: weight has shape {tuple(ws)} but x has {tuple(xs)}: "
+    require(ValueError, ws[1] == K, lambda: f"lora_linear: weight has shape {tuple(ws)} but x has {tuple(xs)}: "
                                             f"expected (N, {K})")
-    _require(ValueError, As[1] == K, lambda: f"lora_linear: lora_A has shape {tuple(As)} but x has {tuple(xs)}: "
+    require(ValueError, As[1] == K, lambda: f"lora_linear: lora_A has shape {tuple(As)} but x has {tuple(xs)}: "
                                             f"expected (r, {K})")
     for size, want in ((Bs[0], N), (Bs[1], r)):
-        _require(ValueError, size == want, lambda: f"lora_linear: lora_B has shape {tuple(Bs)}, expected (N, r) = "
+        require(ValueError, size == want, lambda: f"lora_linear: lora_B has shape {tuple(Bs)}, expected (N, r) = "
                                                   f"({N}, {r}) from weight {tuple(ws)} and lora_A {tuple(As)}")
     if bias is not None:
-        _require(ValueError, bias.shape[0] == N, lambda: f"lora_linear: bias has shape {_shape(bias)}, expected "
+        require(ValueError, bias.shape[0] == N, lambda: f"lora_linear: bias has shape {_shape(bias)}, expected "
                                                         f"({N},) from weight {tuple(ws)}")
     check_dropout_p(dropout_p)
 
@@ -103,17 +103,17 @@ def check_backward_inputs(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
     check_op_inputs(x, weight, None, lora_A, lora_B, dropout_p)
     M, N, r = x.shape[0], weight.shape[0], lora_A.shape[0]
     for name, t, want in (("dy", dy, (M, N)), ("h", h, (M, r))):
-        _require(ValueError, t.dim() == 2 and t.shape[0] == want[0] and t.shape[1] == want[1],
+        require(ValueError, t.dim() == 2 and t.shape[0] == want[0] and t.shape[1] == want[1],
                            lambda: f"lora_linear backward: {name} has shape {_shape(t)}, expected {want}")
-        _require(TypeError, t.dtype == x.dtype, lambda: f"lora_linear backward: {name} has dtype {t.dtype} but x has "
+        require(TypeError, t.dtype == x.dtype, lambda: f"lora_linear backward: {name} has dtype {t.dtype} but x has "
                                                       f"{x.dtype}")
-        _require(ValueError, t.device == x.device, lambda: f"lora_linear backward: {name} is on {t.device} but x is "
+        require(ValueError, t.device == x.device, lambda: f"lora_linear backward: {name} is on {t.device} but x is "
                                                          f"on {x.device}")
 
 
 def check_seed_tensor(seed: Tensor) -> None:
     """A seed tensor is a 0-dim int64 tensor (its value is checked where it is read)."""
-    _require(TypeError, seed.dtype == torch.int64 and seed.dim() == 0,
+    require(TypeError, seed.dtype == torch.int64 and seed.dim() == 0,
                       lambda: f"lora_linear: seed must be a 0-dim int64 tensor or an int, got a {seed.dtype} "
                               f"tensor of shape {_shape(seed)}")
 
@@ -144,5 +144,58 @@ def as_seed_tensor(seed, dropout_p: float) -> Tensor:
     return torch.tensor(int(seed), dtype=torch.int64)
 
 
-__all__ = ["as_scaling", "as_seed_tensor", "check_backward_inputs", "check_dropout_p", "check_op_inputs",
-           "check_seed_tensor", "seed_value"]
+__all__ = ["as_scaling", "as_seed_tensor", "check_adapters", "check_backward_inputs", "check_dropout_p",
+           "check_op_inputs", "check_row_adapter", "check_row_adapter_shape", "check_seed_tensor", "require",
+           "seed_value"]
+
+
+# ------------------------------------------------------------------ several adapters in one batch
+
+def check_adapters(x, weight, bias, adapters) -> tuple:
+    """The adapters as ((A, B, float scaling, float p), ...), each checked as the single-adapter op checks
+    its inputs (errors name the adapter's index)."""
+    if isinstance(adapters, (str, bytes, Tensor)) or not isinstance(adapters, (list, tuple)):
+        raise TypeError("lora_linear_multi: adapters must be a list of (lora_A, lora_B, scaling, dropout_p), "
+                        f"got {type(adapters).__name__}")
+    if not adapters:  # still check x, weight, bias: against an empty adapter
+        shaped = isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 2 and weight.dim() == 2
+        empty_A = x.new_empty(0, x.shape[1]) if shaped else x
+        empty_B = x.new_empty(weight.shape[0], 0) if shaped else x
+        check_op_inputs(x, weight, bias, empty_A, empty_B, 0.0)
+    out = []
+    for i, adapter in enumerate(adapters):
+        try:
+            if not isinstance(adapter, (list, tuple)) or len(adapter) != 4:
+                raise TypeError(f"must be a (lora_A, lora_B, scaling, dropout_p) tuple, got {type(adapter).__name__}"
+                                + (f" of length {len(adapter)}" if isinstance(adapter, (list, tuple)) else ""))
+            lora_A, lora_B, scaling, dropout_p = adapter
+            check_op_inputs(x, weight, bias, lora_A, lora_B, dropout_p)
+            out.append((lora_A, lora_B, as_scaling(scaling), float(dropout_p)))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"lora_linear_multi: adapter {i}: {str(err).replace('lora_linear: ', '')}") from None
+    return tuple(out)
+
+
+def check_row_adapter(row_adapter, x: Tensor, n_adapters: int) -> None:
+    """row_adapter: an int64 tensor of length M on x's device, values in [-1, n_adapters)."""
+    if not isinstance(row_adapter, Tensor):
+        raise TypeError(f"lora_linear_multi: row_adapter must be an int64 tensor, got {type(row_adapter).__name__}")
+    if row_adapter.dtype != torch.int64:
+        raise TypeError(f"lora_linear_multi: row_adapter has dtype {row_adapter.dtype}, expected torch.int64")
+    if row_adapter.dim() != 1 or row_adapter.shape[0] != x.shape[0]:
+        raise ValueError(f"lora_linear_multi: row_adapter has shape {tuple(row_adapter.shape)} but x has "
+                         f"{x.shape[0]} rows: expected ({x.shape[0]},), one adapter index per row")
+    if row_adapter.device != x.device:
+        raise ValueError(f"lora_linear_multi: row_adapter is on {row_adapter.device} but x is on {x.device}")
+    if row_adapter.numel() and not row_adapter.is_meta:
+        low, high = (int(v) for v in torch.aminmax(row_adapter))
+        if low < -1 or high >= n_adapters:
+            bad = low if low < -1 else high
+            raise ValueError(f"lora_linear_multi: row_adapter holds {bad}, outside [-1, {n_adapters}) "
+                             f"(-1 = no adapter; {n_adapters} adapter(s) given)")
+
+
+def check_row_adapter_shape(row_adapter: Tensor, x: Tensor) -> None:
+    require(ValueError, row_adapter.dim() == 1 and row_adapter.shape[0] == x.shape[0],
+             lambda: f"lora_linear_multi: row_adapter has shape {tuple(row_adapter.shape)} but x has {x.shape[0]} "
+                     f"rows: expected ({x.shape[0]},), one adapter index per row")

@@ -1,6 +1,8 @@
 """Which op an implementation is asked to run, as data: the library's axes (base, adapters, variant) and
 the direction. The dispatch table, the implementation rows' declared ops and the tuning keys all use it;
-`name` is the op's short name (the key's first word, the ops' `calls` counter, the messages).
+`name` is the op's short name (the key's first word, the ops' `calls` counter, the messages); `function`
+the name of the function an implementation row's module defines for the op (one naming rule for every row:
+`dispatch.table`).
 
     base       "dense" (a 16-bit weight) | "quant" (a quantized base, `core.formats`)
     adapters   "one" | "several" (a mixed batch: a per-row adapter index, `core.segments`)
@@ -39,6 +41,11 @@ class Op:
         return "_".join(parts + [self.direction])
 
     @property
+    def function(self) -> str:
+        """The name of the function an implementation row's module defines for this op."""
+        return _FUNCTIONS[self.name]
+
+    @property
     def backward(self) -> bool:
         return self.direction == "bwd"
 
@@ -67,3 +74,6 @@ DORA_FWD, DORA_BWD = Op(variant="dora"), Op(variant="dora", direction="bwd")
 # The ops the library runs (DoRA over one dense adapter only: QDoRA and DoRA in a mixed batch are refused).
 ALL_OPS = (FWD, BWD, MULTI_FWD, MULTI_BWD, QUANT_FWD, QUANT_BWD, QUANT_MULTI_FWD, QUANT_MULTI_BWD, DORA_FWD, DORA_BWD)
 _BY_NAME = {op.name: op for op in ALL_OPS}
+_FUNCTIONS = {"fwd": "forward", "bwd": "backward", "multi_fwd": "multi_forward", "multi_bwd": "multi_backward",
+              "quant_fwd": "forward_quant", "quant_bwd": "backward_quant", "quant_multi_fwd": "quant_multi_forward",
+              "quant_multi_bwd": "quant_multi_backward", "dora_fwd": "dora_forward", "dora_bwd": "dora_backward"}

@@ -1,131 +1,34 @@
-"""FusedLoRALinear: a drop-in `nn.Linear` with a LoRA adapter whose forward and backward are fused."""
+"""FusedLoRALinear: a drop-in `nn.Linear` with a LoRA adapter whose forward and backward are fused.
+
+The layer is the meeting point of the axes: its base (`modules.bases`: dense or quantized, chosen once when
+it is built), its adapters (one, or several in a mixed batch), and each adapter's variant
+(`modules.variants`: LoRA or DoRA). It has one forward; what differs per base or variant lives there.
+"""
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import threading
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dispatch import registry as backends
-from ..ops import dora
-from . import quant_layer
-from ..core.dropout import new_seed, no_seed
-from ..core.dropout import adapter_seed
-from ..ops.lora import lora_linear, lora_linear_multi
-from .quantized import base_load_refused
-from .convert_bnb import as_quantized_linear, is_quantized_base, quantized_base_refusal
+from .. import dispatch
+from ..core.dropout import adapter_seed, new_seed, no_seed
 from ..core.reference import lora_delta_weight
-from .validation import BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_flag, check_init_lora_weights, lora_scaling
+from .bases import QDORA_REFUSAL, base_kind, base_refusal, conv1d_class, is_conv1d
+from .call_context import call_value
+from .quantized import base_load_refused
+from .validation import (BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_flag,
+                         check_init_lora_weights, lora_scaling)
+from .variants import LORA, MAGNITUDE, enable_dora, is_dora, refuse_in_mixed_batch, variant_of
 
 InitSpec = Union[bool, str]
 DEFAULT_ADAPTER = "default"  # the adapter a layer is built with; its weights are the top-level lora_A, lora_B
 BASE_ADAPTER = BASE_ADAPTER_NAME  # in forward's adapter_names: no adapter for that sample (peft's name)
-QDORA_REFUSAL = ("DoRA over a quantized base (QDoRA) is not implemented (DoRA's weight norm needs the dequantized "
-                 "rows): use LoRA over the quantized base, or DoRA over a 16-bit one")
-
-# What a LoraModel call hands to its modules (each layer's adapter_names, each modules_to_save copy's
-# per-sample mask), per thread: {module: value} for the calls running in this thread. Not an attribute of
-# the modules, which every thread would share (concurrent calls of one model read each other's names);
-# dynamo traces a threading.local (guarding on what it holds), so torch.compile(fullgraph=True) keeps
-# taking adapter_names.
-_CALL = threading.local()
-
-
-@contextlib.contextmanager
-def call_values(values: dict):
-    """Within the block, in this thread only, `call_value(module)` is `values[module]` for each module
-    in `values` (a LoraModel call's adapter_names for its layers); an enclosing block's values stay
-    visible for other modules, and come back afterwards."""
-    previous = getattr(_CALL, "values", None)
-    _CALL.values = values if previous is None else {**previous, **values}
-    try:
-        yield
-    finally:
-        _CALL.values = previous
-
-
-def call_value(module: nn.Module):
-    """What the LoraModel call running in this thread gave `module` (`call_values`), or None."""
-    values = getattr(_CALL, "values", None)
-    return None if values is None else values.get(module)
-
-
-def _conv1d_class():
-    """transformers' Conv1D (GPT-2's projections: weight stored in x out), or None without transformers."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-def _is_conv1d(module) -> bool:
-    if isinstance(module, nn.Linear) or "transformers" not in sys.modules:
-        return False  # no Conv1D can exist before transformers is imported: do not import it here
-    conv1d = _conv1d_class()
-    return conv1d is not None and isinstance(module, conv1d)
-
-
-def base_refusal(module: nn.Module) -> Optional[str]:
-    """Why `module` cannot be the base of a FusedLoRALinear (None when it can). The layer computes
-    nn.Linear's function itself (Conv1D's, transposed), so a subclass with a forward of its own, a
-    non-float (quantized) weight, or hooks that change what the module computes would silently be
-    dropped: such modules are refused rather than adapted into something else."""
-    if is_quantized_base(module):  # bitsandbytes Linear4bit / Linear8bitLt, QuantizedLinear
-        return quantized_base_refusal(module)
-    if not isinstance(module, nn.Linear) and not _is_conv1d(module):
-        return f"{type(module).__name__} is not an nn.Linear or a transformers Conv1D"
-    kind = type(module)
-    if type(module).__module__.startswith("bitsandbytes"):
-        return f"{kind.__name__} is a quantized (bitsandbytes) layer fused_lora cannot read (Linear4bit NF4 and " \
-               f"Linear8bitLt are supported)"
-    if kind is not nn.Linear and kind.forward is not nn.Linear.forward and not _is_conv1d(module):
-        return f"{kind.__name__} overrides nn.Linear's forward, which the adapted layer would not run"
-    if not module.weight.is_floating_point():
-        return (f"its weight has dtype {module.weight.dtype}: a quantized base must be a bitsandbytes Linear4bit (NF4) / "
-                "Linear8bitLt or a fused_lora QuantizedLinear (fused_lora.quantize_model)")
-    hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-             if getattr(module, h, None)]
-    if hooks:
-        return f"it has {', '.join(h.strip('_') for h in hooks)}, which the adapted layer would not run"
-    return None
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype in force for this device type, or None (also for types without autocast, e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """(x, W, b) in the autocast dtype when autocast is on for x's device (as nn.Linear computes
-    under autocast), else as given."""
-    dtype = _autocast_dtype(x.device.type)
-    if dtype is None:
-        return x, weight, bias
-    return x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
-
-
-def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                 scaling: float, dropout_p: float, seed: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
-    """The LoRA layer on x of any leading shape: A and B cast to x's dtype (their gradients come back
-    in their own), the op on x seen as 2-D, with `seed` or a fresh one when there is dropout. Shared by
-    FusedLoRALinear and patched peft layers, so both compute the same way."""
-    lead = x.shape[:-1]
-    if seed is None:
-        seed = new_seed() if dropout_p > 0.0 else no_seed()
-    # math.prod, not -1: with in_features == 0 (or an empty batch) -1 is ambiguous
-    y = lora_linear(x.reshape(math.prod(lead), x.shape[-1]), weight, bias, lora_A.to(x.dtype),
-                    lora_B.to(x.dtype), scaling, dropout_p, seed, backend)
-    return y.reshape(*lead, weight.shape[0])
 
 
 @dataclass
@@ -214,7 +117,7 @@ class FusedLoRALinear(nn.Module):
         self._attach_base(base)
         self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype)
         if use_dora:
-            dora.enable(self)
+            enable_dora(self)
 
     @classmethod
     def from_linear(
@@ -226,8 +129,8 @@ class FusedLoRALinear(nn.Module):
         read through a transposed view, `fan_in_fan_out`): weight and bias are shared (same storage)
         and frozen. A quantized base (bitsandbytes' Linear4bit NF4 / Linear8bitLt, or fused_lora's
         QuantizedLinear) is held as a frozen `QuantizedWeight` sharing its packed tensors (see
-        `fused_lora.modules.quant_layer` for what changes: merge refused, to_linear 16-bit)."""
-        if not isinstance(linear, nn.Linear) and not _is_conv1d(linear) and not is_quantized_base(linear):
+        `fused_lora.modules.bases` for what changes: merge refused, to_linear 16-bit)."""
+        if not isinstance(linear, nn.Linear) and not is_conv1d(linear) and not base_kind(linear).quantized:
             raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         refusal = base_refusal(linear)
         if refusal:
@@ -235,7 +138,7 @@ class FusedLoRALinear(nn.Module):
         # before the linear is frozen
         check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha, use_rslora)
         check_flag("use_dora", use_dora)
-        if use_dora and is_quantized_base(linear):
+        if use_dora and base_kind(linear).quantized:
             raise ValueError(f"FusedLoRALinear.from_linear: use_dora=True over a quantized base "
                              f"({type(linear).__name__}) is not supported: {QDORA_REFUSAL}")
         self = cls.__new__(cls)
@@ -243,14 +146,14 @@ class FusedLoRALinear(nn.Module):
         self._attach_base(linear)
         self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, adapter_dtype)
         if use_dora:
-            dora.enable(self)
+            enable_dora(self)
         return self
 
     def _attach_base(self, linear: nn.Module) -> None:
-        if is_quantized_base(linear):
-            linear = as_quantized_linear(linear)  # weight: a frozen QuantizedWeight module
-        self.fan_in_fan_out = _is_conv1d(linear)
-        self.out_features, self.in_features = self._base_weight(linear.weight).shape
+        self.base_kind = base_kind(linear)  # the base axis, chosen once (modules.bases)
+        linear = self.base_kind.attach(linear)
+        self.fan_in_fan_out = is_conv1d(linear)
+        self.out_features, self.in_features = self.base_weight(linear.weight).shape
         self.weight = linear.weight
         self.bias = linear.bias
         self.weight.requires_grad_(False)
@@ -281,7 +184,7 @@ class FusedLoRALinear(nn.Module):
 
     def adapter_weights(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
         """(lora_A, lora_B) of the adapter called `adapter_name` (ValueError if there is none)."""
-        self._require_adapter(adapter_name)
+        self.require_adapter(adapter_name)
         if adapter_name == DEFAULT_ADAPTER:
             return self._parameters["lora_A"], self._parameters["lora_B"]
         held = self._modules["lora_adapters"][adapter_name]
@@ -289,17 +192,17 @@ class FusedLoRALinear(nn.Module):
 
     def adapter_parameters(self, adapter_name: str) -> tuple[nn.Parameter, ...]:
         """Every trainable tensor of `adapter_name`: (lora_A, lora_B), and DoRA's lora_magnitude_vector."""
-        extra = (self._parameters[dora.MAGNITUDE],) if dora.is_dora(self, adapter_name) else ()
+        extra = (self._parameters[MAGNITUDE],) if is_dora(self, adapter_name) else ()
         return self.adapter_weights(adapter_name) + extra
 
     @property
     def use_dora(self) -> bool:
         """Whether the active adapter is a DoRA adapter (peft's use_dora; only "default" can be)."""
-        return dora.is_dora(self, self._active_adapter)
+        return is_dora(self, self._active_adapter)
 
     def adapter_settings(self, adapter_name: str) -> AdapterSettings:
         """The settings (r, lora_alpha, lora_dropout, use_rslora, scaling) of `adapter_name`."""
-        self._require_adapter(adapter_name)
+        self.require_adapter(adapter_name)
         return self._adapter_settings[adapter_name]
 
     @staticmethod
@@ -385,7 +288,8 @@ class FusedLoRALinear(nn.Module):
 
     # ---------------------------------------------------------------- several adapters
 
-    def _require_adapter(self, adapter_name) -> None:
+    def require_adapter(self, adapter_name) -> None:
+        """ValueError naming this layer's adapters unless it holds one called `adapter_name`."""
         if not isinstance(adapter_name, str) or adapter_name not in self._adapter_settings:
             raise ValueError(f"FusedLoRALinear: no adapter named {adapter_name!r}; "
                              f"this layer has {', '.join(map(repr, self._adapter_settings)) or 'none'}")
@@ -417,7 +321,7 @@ class FusedLoRALinear(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter. The active adapter and merged adapters cannot be deleted (ValueError):
         `set_adapter` another / `unmerge` first."""
-        self._require_adapter(adapter_name)
+        self.require_adapter(adapter_name)
         if adapter_name == self._active_adapter:
             raise ValueError(f"FusedLoRALinear.delete_adapter: {adapter_name!r} is the active adapter; "
                              f"set_adapter(...) another one first")
@@ -427,7 +331,7 @@ class FusedLoRALinear(nn.Module):
         del self._adapter_settings[adapter_name]
         if adapter_name == DEFAULT_ADAPTER:
             del self._parameters["lora_A"], self._parameters["lora_B"]
-            self._parameters.pop(dora.MAGNITUDE, None)  # DoRA's magnitude belongs to "default"
+            self._parameters.pop(MAGNITUDE, None)  # DoRA's magnitude belongs to "default"
         else:
             del self.lora_adapters[adapter_name]
             if not len(self.lora_adapters):
@@ -441,7 +345,7 @@ class FusedLoRALinear(nn.Module):
             if len(adapter_name) != 1:
                 raise ValueError(f"FusedLoRALinear.set_adapter: one active adapter per layer, got {adapter_name!r}")
             adapter_name = adapter_name[0]
-        self._require_adapter(adapter_name)
+        self.require_adapter(adapter_name)
         if self.merged:
             warnings.warn("FusedLoRALinear.set_adapter: adapters are merged; unmerging them first", stacklevel=2)
             self.unmerge()
@@ -454,7 +358,7 @@ class FusedLoRALinear(nn.Module):
         """Enable (or disable) gradients of the named adapters' weights (peft's layer method)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
-            self._require_adapter(name)
+            self.require_adapter(name)
         for name in names:
             for t in self.adapter_parameters(name):
                 t.requires_grad_(requires_grad)
@@ -462,9 +366,9 @@ class FusedLoRALinear(nn.Module):
     @property
     def quantized(self) -> bool:
         """Whether the frozen base weight is quantized (a `fused_lora.modules.quantized.QuantizedWeight`)."""
-        return quant_layer.is_quantized(self)
+        return self.base_kind.quantized
 
-    def _base_weight(self, weight: Optional[Tensor] = None) -> Tensor:
+    def base_weight(self, weight: Optional[Tensor] = None) -> Tensor:
         """The base weight as out x in (a transposed view of a Conv1D's in x out weight: the op takes strides)."""
         weight = self.weight if weight is None else weight
         return weight.t() if self.fan_in_fan_out else weight
@@ -525,27 +429,20 @@ class FusedLoRALinear(nn.Module):
         same model from another thread has its own)."""
         if adapter_names is None:
             adapter_names = self._model_call_names()
-        if self.quantized:
-            return quant_layer.forward(self, x, adapter_names)
         self._check_input(x)
         if adapter_names is not None:
             used, row_adapter = self._row_adapters(x, adapter_names)
-        x, weight, bias = autocast_inputs(x, self._base_weight(), self.bias)
-        if x.dtype != weight.dtype:
-            raise TypeError(f"FusedLoRALinear: input dtype {x.dtype} does not match the base weight's "
-                            f"{weight.dtype} (cast the input, or run under torch.autocast)")
+        x, weight, bias = self.base_kind.inputs(self, x)
         if self.merged or self._disabled:
-            return F.linear(x, weight, bias)
+            return self.base_kind.plain(x, weight, bias)
         if adapter_names is not None:
-            dora.refuse_in_mixed_batch(self, used)
+            refuse_in_mixed_batch(self, used)
             one = self._one_adapter_of(used, adapter_names, x.dtype)
-            if one is not None:
-                return lora_forward(x, weight, bias, *one, backend=self.backend)
-            return self._mixed_forward(x, weight, bias, used, row_adapter)
-        if dora.is_dora(self, self._active_adapter):
-            return dora.forward(self, x, weight, bias)
-        return lora_forward(x, weight, bias, self.lora_A, self.lora_B, self.scaling,
-                            self.lora_dropout if self.training else 0.0, backend=self.backend)
+            if one is not None:  # every sample names one adapter: the single-adapter op, same result
+                return self.base_kind.lora(x, weight, bias, *one, self.backend)
+            adapters, seed = self._mixed_adapters(used, x.dtype)
+            return self.base_kind.mixed(x, weight, bias, adapters, row_adapter, seed, self.backend)
+        return variant_of(self, self._active_adapter).forward(self, x, weight, bias)
 
     def _model_call_names(self) -> Optional[list[str]]:
         """The adapter_names of the LoraModel call running in this thread (None outside one). A training
@@ -595,14 +492,6 @@ class FusedLoRALinear(nn.Module):
         (adapter,), seed = self._mixed_adapters(used, dtype)
         return (*adapter, adapter_seed(seed, 0))
 
-    def _mixed_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], used: list[str],
-                       row_adapter: Tensor) -> Tensor:
-        adapters, seed = self._mixed_adapters(used, x.dtype)
-        lead = x.shape[:-1]
-        y = lora_linear_multi(x.reshape(math.prod(lead), self.in_features), weight, bias, adapters, row_adapter,
-                              seed, self.backend)
-        return y.reshape(*lead, self.out_features)
-
     # ---------------------------------------------------------------- merging
 
     def delta_weight(self, adapter_name: Optional[str] = None) -> Tensor:
@@ -617,31 +506,31 @@ class FusedLoRALinear(nn.Module):
         return lora_delta_weight(lora_A.detach().to(acc), lora_B.detach().to(acc),
                                  self._adapter_settings[name].scaling)
 
-    def _weight_with_delta(self, sign: int, adapter_names: Optional[Sequence[str]] = None) -> Tensor:
+    def weight_with_delta(self, sign: int, adapter_names: Optional[Sequence[str]] = None) -> Tensor:
         """W + sign * sum of s B @ A over the adapters (default: the active one), computed in
         delta_weight's precision, rounded once to W's dtype."""
         names = [self._active_adapter] if adapter_names is None else adapter_names
         delta = self.delta_weight(names[0])
         for name in names[1:]:
             delta = delta + self.delta_weight(name)
-        delta = self._base_weight(delta)  # in the weight's own layout
+        delta = self.base_weight(delta)  # in the weight's own layout
         return torch.add(self.weight.detach().to(delta.dtype), delta, alpha=sign).to(self.weight.dtype)
 
-    def _dora_merge_names(self, names: Sequence[str], what: str) -> bool:
-        """Whether merging `names` (on top of what is merged) merges the DoRA adapter; a DoRA adapter is
-        merged alone (ValueError otherwise: W is rescaled, so deltas no longer add)."""
+    def _merge_variant(self, names: Sequence[str], what: str):
+        """The variant that merges `names` (on top of what is merged): plain LoRA sums the deltas; a variant
+        that merges alone (DoRA: W is rescaled, so deltas no longer add) takes no other adapter with it
+        (ValueError)."""
         merging = list(names) + [n for n in self.merged_adapters if n not in names]
-        if not any(dora.is_dora(self, n) for n in merging):
-            return False
+        alone = [n for n in merging if variant_of(self, n).merges_alone]
+        if not alone:
+            return LORA
         if len(merging) > 1:
             raise ValueError(f"{what}: the DoRA adapter is merged alone; merging it with other adapters "
                              f"({', '.join(merging)}) is not supported")
-        return True
+        return variant_of(self, alone[0])
 
     def _merged_weight(self, names: Sequence[str], what: str) -> Tensor:
-        if self._dora_merge_names(names, what):
-            return dora.merged_weight(self)[0]
-        return self._weight_with_delta(+1, names)
+        return self._merge_variant(names, what).merged_weight(self, names)[0]
 
     @staticmethod
     def _refuse_non_finite(w: Tensor, message: str) -> None:
@@ -655,7 +544,7 @@ class FusedLoRALinear(nn.Module):
         """Raise ValueError (naming `what`) if merging would write NaN or inf into the weight, in its own
         dtype; changes nothing either way (what safe_merge checks, for callers that check many layers first)."""
         if self.quantized:
-            quant_layer.refuse_merge(what)
+            self.base_kind.refuse_merge(what)
         names = [self._active_adapter] if adapter_names is None else list(adapter_names)
         self._refuse_non_finite(self._merged_weight(names, what),
                                 f"{what}: the merged weight has NaN or inf in {self.weight.dtype}; nothing was merged")
@@ -672,10 +561,10 @@ class FusedLoRALinear(nn.Module):
         Over a quantized base: ValueError (see `to_linear`), nothing changed.
         """
         if self.quantized:
-            quant_layer.refuse_merge("FusedLoRALinear.merge")
+            self.base_kind.refuse_merge("FusedLoRALinear.merge")
         names = [self._active_adapter] if adapter_names is None else list(adapter_names)
         for name in names:
-            self._require_adapter(name)
+            self.require_adapter(name)
         todo = [n for i, n in enumerate(names) if n not in self.merged_adapters and n not in names[:i]]
         for name in dict.fromkeys(n for i, n in enumerate(names) if n in names[:i]):
             warnings.warn(f"FusedLoRALinear.merge: {name!r} is listed twice; merged once", stacklevel=2)
@@ -685,16 +574,13 @@ class FusedLoRALinear(nn.Module):
                           f"FusedLoRALinear.merge: {', '.join(map(repr, done))} already merged", stacklevel=2)
         if not todo:
             return
-        unmerge_state = None
-        if self._dora_merge_names(todo, "FusedLoRALinear.merge"):  # peft's: c (W + s B A), n kept to unmerge
-            merged, unmerge_state = dora.merged_weight(self)
-        else:
-            merged = self._weight_with_delta(+1, todo)
+        variant = self._merge_variant(todo, "FusedLoRALinear.merge")
+        merged, kept = variant.merged_weight(self, todo)  # DoRA: c (W + s B A), and what unmerge needs (peft's)
         if safe_merge:
             self._refuse_non_finite(merged, f"FusedLoRALinear.merge: the merged weight has NaN or inf in "
                                             f"{self.weight.dtype}; weight left unchanged")
         self.weight.copy_(merged)
-        self._dora_unmerge_state = unmerge_state
+        self._unmerge_with = (variant, kept)
         self.merged_adapters.extend(todo)
 
     @torch.no_grad()
@@ -710,16 +596,14 @@ class FusedLoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("FusedLoRALinear.unmerge: not merged; nothing done", stacklevel=2)
             return
-        if getattr(self, "_dora_unmerge_state", None) is not None:
-            unmerged = dora.unmerged_weight(self, self._dora_unmerge_state)
-        else:
-            unmerged = self._weight_with_delta(-1, self.merged_adapters)
+        variant, kept = getattr(self, "_unmerge_with", (LORA, None))
+        unmerged = variant.unmerged_weight(self, kept)
         self._refuse_non_finite(unmerged, f"FusedLoRALinear.unmerge: the unmerged weight would have NaN or inf "
                                           f"(the merge overflowed {self.weight.dtype}?); the base weight cannot be "
                                           f"restored, layer left merged")
         self.weight.copy_(unmerged)
         self.merged_adapters = []
-        self._dora_unmerge_state = None
+        self._unmerge_with = (LORA, None)
 
     @torch.no_grad()
     def to_linear(self, safe_merge: bool = False) -> nn.Module:
@@ -730,7 +614,7 @@ class FusedLoRALinear(nn.Module):
         Over a quantized base: an nn.Linear in the compute dtype holding dequantize(W) + s * B @ A.
         """
         if self.quantized:
-            return quant_layer.to_linear(self, safe_merge)
+            return self.base_kind.to_linear(self, safe_merge)
         w = self.weight.detach() if self.merged else self._merged_weight([self._active_adapter],
                                                                          "FusedLoRALinear.to_linear")
         if safe_merge:
@@ -748,7 +632,7 @@ class FusedLoRALinear(nn.Module):
         """A new module of the base's kind and shape (nn.Linear, or Conv1D when fan_in_fan_out)."""
         if self.fan_in_fan_out:
             with torch.device(device or "meta"):  # Conv1D takes no device/dtype arguments
-                out = _conv1d_class()(self.out_features, self.in_features)
+                out = conv1d_class()(self.out_features, self.in_features)
             return out.to(dtype) if dtype is not None else out
         return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=device or "meta",
                          dtype=dtype)
@@ -766,7 +650,7 @@ class FusedLoRALinear(nn.Module):
             self._disabled = previous
 
     def extra_repr(self) -> str:
-        runs = backends.describe(self.weight.device, self.weight.dtype, self.r, self.backend)
+        runs = dispatch.describe(self.weight.device, self.weight.dtype, self.r, self.backend)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {'fan_in_fan_out=True, ' if self.fan_in_fan_out else ''}"
                 f"r={self.r}, lora_alpha={self.lora_alpha}, "

@@ -333,3 +333,9 @@ def base_load_refused(module: nn.Module, state_dict: dict, prefix: str, local_me
     (the weight reports why when its own turn comes)."""
     return module.weight.load_refusal(state_dict, prefix + "weight.", strict,
                                       bool(local_metadata.get("assign_to_params_buffers", False))) is not None
+
+
+def quantized_parameter_count(model: nn.Module) -> int:
+    """The weights held quantized in `model` (buffers, not parameters), counted as peft counts a 4-bit
+    weight: its N x K elements."""
+    return sum(math.prod(m.shape) for m in model.modules() if isinstance(m, QuantizedWeight))

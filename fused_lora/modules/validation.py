@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from ..dispatch import registry as backends
+from .. import dispatch
 
 # init_lora_weights values FusedLoRALinear can initialise with.
 LAYER_INITS = (True, False, "gaussian")
@@ -155,7 +155,7 @@ def check_task_type(task_type, allowed) -> None:
 def check_backend(backend) -> None:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    backends.requested_backend(backend)  # validates the name now rather than at the first forward
+    dispatch.requested_backend(backend)  # validates the name now rather than at the first forward
 
 
 def check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha=8, use_rslora=False) -> None:

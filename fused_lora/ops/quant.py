@@ -1,25 +1,19 @@
-"""The LoRA op over a frozen quantized base: `lora_linear_quant`, chosen through the one backend table.
+"""The LoRA op over a frozen quantized base: `lora_linear_quant` (and `lora_linear_quant_multi`, several
+adapters in one batch), chosen through the one implementation table (`ops.kit`).
 
     Y = x W^T + b + s ((D x) A^T) B^T,   W = dequantize(packed)  (never materialised whole)
 
-Backends: the table of `fused_lora.dispatch.registry` with ops "quant_fwd" / "quant_bwd"; the chosen row's
-module (`Implementation.load()`) provides
+The rows implement ops quant_fwd / quant_bwd as
     forward_quant(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed: int) -> (Y, H)
     backward_quant(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed: int,
                    need_dx: bool, need_lora: bool, need_db: bool) -> (dx, dA, dB, db)   (None where not asked)
 where `data` is the `fused_lora.core.formats` layout (NF4Data / Int8Data, on x's device), x is M x K,
 contiguous or not, dy contiguous, H = (D x) A^T (M x r) as the same row's forward returned it, and the
-dropout mask D is the row's own (`keep_mask`), drawn from `seed`. The torch row is
-`fused_lora.torch_row.quant` (re-exported by `torch_impl`). The triton row is
-`fused_lora.kernels.quant` with exactly these two signatures (its forward GEMM and dX GEMM dequantize
-inside the K loop; dA, dB, db may reuse the existing dY kernel); `fused_lora.kernels` should re-export
-them (if it does not, they are looked up in `fused_lora.kernels.quant`), and until that module exists
-the triton row states why it cannot run "quant_" ops. What the launchers may rely on (checked by
-`quant.check_data` when the container is built): NF4 `packed` is a flat contiguous uint8 tensor of
-N*K/2 bytes (high nibble first), every row is a whole number of blocks (K % blocksize == 0, blocksize in
-32..4096), `code` fp32[16], and either `absmax` fp32[N*K/blocksize] or the nested triple (`qabsmax`
-uint8, `code2` fp32[256], `absmax2` fp32, `blocksize2`, `offset` a Python float); int8 `qweight` is
-N x K int8 (row-major), `scale` fp32[N]. All on x's device; x's dtype is the compute dtype.
+dropout mask D is the row's own (`keep_mask`), drawn from `seed`: the torch row in `torch_row.quant` (W
+dequantized in row chunks), the triton row in the kernels' quantized family (dequantized inside the
+GEMMs' K loop). What the launchers may rely on (checked by `core.formats.check_data` when the container
+is built): the format's layout whole (see `core.formats.nf4` / `.int8`), every NF4 row a whole number of
+blocks, all on x's device; x's dtype is the compute dtype.
 
 `quant_linear(x, qweight, bias)` is the base alone (a QuantizedLinear that is not adapted, or a disabled
 adapter): custom ops fused_lora::quant_linear_fwd / _bwd (torch row), so backward dequantizes W again
@@ -30,22 +24,26 @@ autograd sees). The bias's gradient is computed when the bias requires grad (pef
 Double backward (create_graph=True through this op) is refused with a clear error.
 
 As `ops.lora_linear`: under torch.compile the custom ops fused_lora::lora_linear_quant_fwd / _bwd (the
-packed tensors as a list, their layout as integers: `quant.op_args`) with fake implementations and
+packed tensors as a list, their layout as integers: `core.formats.op_args`) with fake implementations and
 registered autograd, traced without graph breaks; in eager mode an autograd.Function calling the same
 backend code without the custom-op dispatch cost.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..dispatch import registry as backends
+from .. import dispatch, torch_row
 from ..core import formats as quant
-from ..core.op_inputs import as_scaling, as_seed_tensor, check_op_inputs, check_seed_tensor, seed_value
 from ..core.formats import layout_name
+from ..core.op_inputs import (as_scaling, as_seed_tensor, check_adapters, check_op_inputs, check_row_adapter,
+                              check_row_adapter_shape, check_seed_tensor, seed_value)
+from ..core.op_kinds import QUANT_BWD, QUANT_FWD, QUANT_MULTI_BWD, QUANT_MULTI_FWD
+from ..core.segments import packed_h_shape, segments
+from ..torch_row import quant as torch_quant
+from .kit import given, max_dropout, max_rank, probe, run_op
 
 
 def layout_of(qweight, what: str):
@@ -58,52 +56,20 @@ def layout_of(qweight, what: str):
     return data
 
 
-def _functions_of_module(module):
-    """(forward_quant, backward_quant) of a row's module: its own, else its `quant` sub-module's."""
-    if not hasattr(module, "forward_quant"):
-        module = importlib.import_module(module.__name__ + ".quant")
-    return module.forward_quant, module.backward_quant
-
-
-def _functions(impl):
-    return _functions_of_module(impl.load())
-
-
-def _chosen(op: str, x: Tensor, data, rank: int, backend: str, dropout_p: float, grads: tuple = (), bench=None,
-            probe=None):
-    problem = backends.Problem(op, x.device, x.dtype, x.shape[0], data.shape[0], x.shape[1], rank,
-                               dropout_p > 0.0, grads, *layout_name(data))
-    impl = backends.select(problem, backend, bench, probe=probe)
-    backends.calls[(op, impl.name)] += 1
-    return _functions(impl)
-
-
-def _probe(args: tuple, p_at: int, which: int):
-    """The check rule's inputs (`ops._probe`): A and B random (a fresh adapter's B = 0 would hide a kernel
-    losing a low-rank term) and the dropout off (rows draw different masks: only dropout-free outputs
-    compare), so keys with dropout are checked too."""
-    from .lora import _probe as random_lora_probe
-    return random_lora_probe(args[:p_at] + (0.0,) + args[p_at + 1:], 3, lambda m: _functions_of_module(m)[which])
-
-
 def _run_forward(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed: int, backend):
     args = (x, data, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    fwd, _ = _chosen("quant_fwd", x, data, lora_A.shape[0], backend, dropout_p,
-                     bench=lambda m: lambda: _functions_of_module(m)[0](*args), probe=_probe(args, 6, 0))
-    if x.shape[0] == 0:
-        fwd = _functions(backends.get("torch"))[0]
-    return fwd(*args)
+    return run_op(QUANT_FWD, x, data.shape[0], lora_A.shape[0], backend, args, dropout_p, layout=layout_name(data),
+                  probe=probe(QUANT_FWD, args, lora_at=3, dropout_at=6),
+                  fallback=torch_row.forward_quant if x.shape[0] == 0 else None)
 
 
 def _run_backward(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed: int, backend, need_dx, need_lora,
                   need_db):
     grads = tuple(n for n, f in zip(("dx", "lora", "db"), (need_dx, need_lora, need_db)) if f)
     args = (dy.contiguous(), x, data, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_db)
-    _, bwd = _chosen("quant_bwd", x, data, lora_A.shape[0], backend, dropout_p, grads,
-                     bench=lambda m: lambda: _functions_of_module(m)[1](*args), probe=_probe(args, 7, 1))
-    if x.shape[0] == 0:
-        bwd = _functions(backends.get("torch"))[1]
-    return bwd(*args)
+    return run_op(QUANT_BWD, x, data.shape[0], lora_A.shape[0], backend, args, dropout_p, grads, layout_name(data),
+                  probe=probe(QUANT_BWD, args, lora_at=3, dropout_at=7),
+                  fallback=torch_row.backward_quant if x.shape[0] == 0 else None)
 
 
 def _refuse_double_backward(dy, x, lora_A, lora_B) -> None:
@@ -140,7 +106,7 @@ def lora_linear_quant_bwd(
     data = quant.from_op_args(qtensors, meta, offset)
     grads = _run_backward(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed_value(seed), backend,
                           need_dx, need_lora, need_db)
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+    return tuple(given(x, g) for g in grads)
 
 
 @lora_linear_quant_bwd.register_fake
@@ -235,16 +201,14 @@ def lora_linear_quant(
 # of W); this op saves only the packed tensors and dequantizes again in backward (dx = dY W, chunked).
 
 def _base_backward(dy: Tensor, data, need_dx: bool, need_db: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    from ..torch_row.quant import accumulate_grad_input
-    dx = accumulate_grad_input(dy.new_zeros(dy.shape[0], data.shape[1]), dy, data) if need_dx else None
+    dx = torch_quant.accumulate_grad_input(dy.new_zeros(dy.shape[0], data.shape[1]), dy, data) if need_dx else None
     return dx, (dy.sum(0) if need_db else None)
 
 
 @torch.library.custom_op("fused_lora::quant_linear_fwd", mutates_args=())
 def quant_linear_fwd(x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float,
                      bias: Optional[Tensor]) -> Tensor:
-    from ..torch_row.quant import base_linear
-    return base_linear(x, quant.from_op_args(qtensors, meta, offset), bias)
+    return torch_quant.base_linear(x, quant.from_op_args(qtensors, meta, offset), bias)
 
 
 @quant_linear_fwd.register_fake
@@ -282,9 +246,8 @@ quant_linear_fwd.register_autograd(_base_op_backward, setup_context=_base_setup_
 class _QuantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, data):
-        from ..torch_row.quant import base_linear
         ctx.data, ctx.has_bias = data, bias is not None
-        return base_linear(x, data, bias)
+        return torch_quant.base_linear(x, data, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -301,84 +264,28 @@ def quant_linear(x: Tensor, qweight, bias: Optional[Tensor]) -> Tensor:
         return quant_linear_fwd(x, *quant.op_args(data), bias)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _QuantLinear.apply(x, bias, data)
-    from ..torch_row.quant import base_linear
-    return base_linear(x, data, bias)
+    return torch_quant.base_linear(x, data, bias)
 
 
 # ------------------------------------------------------------------ several adapters in one batch
-# Rows of the backend table (ops "quant_multi_fwd" / "quant_multi_bwd") provide
-#     quant_multi_forward(x, data, bias, adapters, segs, seed) -> (Y, packed H)
-#     quant_multi_backward(dy, x, data, adapters, h, segs, seed, need_dx, need_lora, need_db)
-#         -> (dx, [(dA_a, dB_a) or None per adapter], db)
-# with `adapters` ((A_a, B_a, s_a, p_a), ...), `segs` the grouped layout (`multi_impl.segments`), H packed as
-# `multi_impl.packed_h_shape` (sorted rows, the largest rank wide) and adapter a's dropout mask the row's
-# own keep_mask of `multi_impl.adapter_seed(seed, a)` over its rows in increasing order. The torch row is
-# below (the base dequantized chunk by chunk, the low-rank terms `multi_impl.add_lora` / `lora_backward`);
-# the triton row's module provides them itself or in its `quant_multi` sub-module.
-
-def quant_multi_forward_torch(x, data, bias, adapters, segs, seed: int):
-    """The torch row's forward: the base once for the whole batch, then each adapter's term on its rows."""
-    from ..torch_row.multi import add_lora
-    from ..torch_row.quant import base_linear
-    y = base_linear(x, data, bias)
-    return y, add_lora(y, x, adapters, segs, seed)
-
-
-def quant_multi_backward_torch(dy, x, data, adapters, h, segs, seed: int, need_dx, need_lora, need_db):
-    """The torch row's backward: dx = dY W (chunk by chunk) plus each adapter's D_a (G_a A_a) on its rows."""
-    from ..torch_row.multi import lora_backward
-    from ..torch_row.quant import accumulate_grad_input
-    dx = accumulate_grad_input(dy.new_zeros(x.shape), dy, data) if need_dx else None
-    pairs = lora_backward(dx, dy, x, adapters, h, segs, seed, need_lora)
-    return dx, pairs, (dy.sum(0) if need_db else None)
-
-
-def _multi_functions_of_module(module):
-    """(quant_multi_forward, quant_multi_backward) of a row's module (see above)."""
-    from ..torch_row import dense as torch_impl
-    if module is torch_impl:
-        return quant_multi_forward_torch, quant_multi_backward_torch
-    if not hasattr(module, "quant_multi_forward"):
-        module = importlib.import_module(module.__name__ + ".quant_multi")
-    return module.quant_multi_forward, module.quant_multi_backward
-
-
-def _multi_problem(op: str, x: Tensor, data, adapters, grads: tuple = ()) -> backends.Problem:
-    rank = max([0] + [a[0].shape[0] for a in adapters])
-    return backends.Problem(op, x.device, x.dtype, x.shape[0], data.shape[0], x.shape[1], rank,
-                            any(a[3] > 0.0 for a in adapters), grads, *layout_name(data))
-
-
-def _multi_probe(args: tuple, method):
-    """The check rule's inputs (`ops._probe`): every adapter's A and B random and its dropout off. Rows draw
-    different masks from one seed, so only dropout-free outputs can be compared; the kernels a mask adds
-    are the single-adapter ones."""
-    from .lora import _probe, _random_lora
-
-    def random_without_dropout(adapters):
-        return tuple((*_random_lora(A, B, a), s, 0.0) for a, (A, B, s, _) in enumerate(adapters))
-    return _probe(args, 3, method, random_without_dropout)
-
-
-def _chosen_multi(op, x, data, adapters, backend, grads=(), args=(), which=0):
-    problem = _multi_problem(op, x, data, adapters, grads)
-    method = lambda m: _multi_functions_of_module(m)[which]  # noqa: E731
-    impl = backends.select(problem, backend, bench=lambda m: lambda: method(m)(*args),
-                           probe=_multi_probe(args, method))
-    backends.calls[(op, impl.name)] += 1
-    return _multi_functions_of_module(impl.load())[which] if x.shape[0] else (
-        quant_multi_forward_torch, quant_multi_backward_torch)[which]  # nothing to launch for no rows
-
+# Each row provides quant_multi_forward(x, data, bias, adapters, segs, seed) -> (Y, packed H) and
+# quant_multi_backward(dy, x, data, adapters, h, segs, seed, need_dx, need_lora, need_db) -> (dx, [(dA_a, dB_a)
+# or None per adapter], db), with `segs` the row layout (`core.segments`) and adapter a's dropout mask the row's
+# own keep_mask of `core.dropout.adapter_seed(seed, a)` over its rows in increasing order.
 
 def _run_multi_forward(x, data, bias, adapters, segs, seed: int, backend):
     args = (x, data, None if bias is None else bias.contiguous(), adapters, segs, seed)
-    return _chosen_multi("quant_multi_fwd", x, data, adapters, backend, args=args)(*args)
+    return run_op(QUANT_MULTI_FWD, x, data.shape[0], max_rank(adapters), backend, args, max_dropout(adapters),
+                  layout=layout_name(data), probe=probe(QUANT_MULTI_FWD, args, adapters_at=3, adapters_dropout=False),
+                  fallback=torch_row.quant_multi_forward if x.shape[0] == 0 else None)  # nothing to launch
 
 
 def _run_multi_backward(dy, x, data, adapters, h, segs, seed: int, backend, need_dx, need_lora, need_db):
     grads = tuple(n for n, f in zip(("dx", "lora", "db"), (need_dx, any(need_lora), need_db)) if f)
     args = (dy.contiguous(), x, data, adapters, h, segs, seed, need_dx, list(need_lora), need_db)
-    return _chosen_multi("quant_multi_bwd", x, data, adapters, backend, grads, args, which=1)(*args)
+    return run_op(QUANT_MULTI_BWD, x, data.shape[0], max_rank(adapters), backend, args, max_dropout(adapters),
+                  grads, layout_name(data), probe=probe(QUANT_MULTI_BWD, args, adapters_at=3, adapters_dropout=False),
+                  fallback=torch_row.quant_multi_backward if x.shape[0] == 0 else None)
 
 
 def _refuse_multi_double_backward(*tensors) -> None:
@@ -393,8 +300,7 @@ def _stand_in(x, N: int, K: int):
 
 
 def _checked_adapters(x, N, K, bias, lora_A, lora_B, scaling, dropout_p):
-    from .lora import _multi_adapters
-    return _multi_adapters(x, _stand_in(x, N, K), bias, tuple(zip(lora_A, lora_B, scaling, dropout_p)))
+    return check_adapters(x, _stand_in(x, N, K), bias, tuple(zip(lora_A, lora_B, scaling, dropout_p)))
 
 
 # The custom ops (what torch.compile traces): the packed weight as `quant.op_args`, the adapters as lists,
@@ -406,10 +312,8 @@ def lora_linear_quant_multi_fwd(
     lora_A: list[Tensor], lora_B: list[Tensor], scaling: list[float], dropout_p: list[float],
     row_adapter: Tensor, seed: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    from ..core.segments import segments
-    from .lora import _check_row_adapter
     adapters = _checked_adapters(x, meta[1], meta[2], bias, lora_A, lora_B, scaling, dropout_p)
-    _check_row_adapter(row_adapter, x, len(adapters))
+    check_row_adapter(row_adapter, x, len(adapters))
     check_seed_tensor(seed)
     data = quant.from_op_args(qtensors, meta, offset)
     return _run_multi_forward(x, data, bias, adapters, segments(row_adapter, len(adapters)), seed_value(seed),
@@ -418,10 +322,8 @@ def lora_linear_quant_multi_fwd(
 
 @lora_linear_quant_multi_fwd.register_fake
 def _(x, qtensors, meta, offset, bias, lora_A, lora_B, scaling, dropout_p, row_adapter, seed, backend):
-    from ..core.segments import packed_h_shape
-    from .lora import _check_row_adapter_shape
     adapters = _checked_adapters(x, meta[1], meta[2], bias, lora_A, lora_B, scaling, dropout_p)
-    _check_row_adapter_shape(row_adapter, x)
+    check_row_adapter_shape(row_adapter, x)
     check_seed_tensor(seed)
     return x.new_empty(x.shape[0], meta[1]), x.new_empty(packed_h_shape(x.shape[0], adapters))
 
@@ -432,15 +334,11 @@ def lora_linear_quant_multi_bwd(
     lora_B: list[Tensor], h: Tensor, scaling: list[float], dropout_p: list[float], row_adapter: Tensor,
     seed: Tensor, backend: str, need_dx: bool, need_lora: list[bool], need_db: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
-    from ..core.segments import segments
     adapters = _checked_adapters(x, meta[1], meta[2], None, lora_A, lora_B, scaling, dropout_p)
     data = quant.from_op_args(qtensors, meta, offset)
     dx, pairs, db = _run_multi_backward(dy, x, data, adapters, h, segments(row_adapter, len(adapters)),
                                         seed_value(seed), backend, need_dx, need_lora, need_db)
-
-    def given(t):  # custom ops cannot return None, nor one tensor twice: a fresh empty tensor each
-        return x.new_empty(0) if t is None else t
-    return given(dx), [given(p and p[0]) for p in pairs], [given(p and p[1]) for p in pairs], given(db)
+    return given(x, dx), [given(x, p and p[0]) for p in pairs], [given(x, p and p[1]) for p in pairs], given(x, db)
 
 
 @lora_linear_quant_multi_bwd.register_fake
@@ -520,30 +418,30 @@ def lora_linear_quant_multi(
     """`ops.lora_linear_multi` over a frozen quantized base: y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m]),
     a = row_adapter[m] (-1: no adapter), W = dequantize(qweight), never materialised whole. Same arguments,
     checks and dropout rule as lora_linear_multi: adapter a's mask is the running backend's keep_mask of
-    `multi_impl.adapter_seed(seed, a)` over its rows (the torch and Triton rows draw different masks from one
+    `core.dropout.adapter_seed(seed, a)` over its rows (the torch and Triton rows draw different masks from one
     seed). Differentiable in x, bias and every A_a, B_a, never in W (double backward is refused). Backends:
     the table's ops "quant_multi_fwd" / "quant_multi_bwd" ("torch", "triton" where it can run, "auto").
     Under torch.compile the custom op fused_lora::lora_linear_quant_multi_fwd is traced (fullgraph works)."""
-    from .lora import _check_row_adapter, _multi_adapters
     layout_of(qweight, "lora_linear_quant_multi")
     N, K = qweight.shape
-    adapters = _multi_adapters(x, _stand_in(x, N, K), bias, adapters)
+    adapters = check_adapters(x, _stand_in(x, N, K), bias, adapters)
     seed = as_seed_tensor(seed, max([0.0] + [a[3] for a in adapters]))
     if qweight.device != x.device:
         raise ValueError(f"lora_linear_quant_multi: the quantized weight is on {qweight.device} but x is on "
                          f"{x.device}")
     if torch.compiler.is_compiling():  # the op's fake checks shapes; its body checks values
         if not isinstance(row_adapter, Tensor) or row_adapter.dtype != torch.int64:
-            _check_row_adapter(row_adapter, x, len(adapters))  # the type errors
+            check_row_adapter(row_adapter, x, len(adapters))  # the type errors
         lists = [list(t) for t in zip(*adapters)] if adapters else [[], [], [], []]
         return lora_linear_quant_multi_fwd(x, *quant.op_args(qweight.data()), bias, *lists, row_adapter, seed,
                                            backend)[0]
-    _check_row_adapter(row_adapter, x, len(adapters))
+    check_row_adapter(row_adapter, x, len(adapters))
     if x.is_meta:
         return x.new_empty(x.shape[0], N)
     data = qweight.data()
-    backends.select(_multi_problem("quant_multi_fwd", x, data, adapters), backend)  # a backend that cannot run: now
-    from ..core.segments import segments
+    dispatch.select(dispatch.Problem(QUANT_MULTI_FWD, x.device, x.dtype, x.shape[0], N, K, max_rank(adapters),
+                                     max_dropout(adapters) > 0.0, (), *layout_name(data)),
+                    backend)  # a backend that cannot run: now
     segs, seed_int = segments(row_adapter, len(adapters)), seed_value(seed)
     lora = [t for a in adapters for t in a[:2]]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora))):

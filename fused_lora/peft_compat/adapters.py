@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..ops import dora
+from ..modules.variants import MAGNITUDE, is_dora
 from .config import LoraConfig
 from ..core.files import read_regular_file
 from .targets import base_features, check_loaded_targets, find_modules_to_save
@@ -166,8 +166,8 @@ def adapter_state(lora_model, adapter_name: Optional[str] = None) -> dict[str, t
         owners.append(name)
         # The adapter the config describes, whichever a layer has active.
         out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = layer.adapter_weights(slot)
-        if dora.is_dora(layer, slot):
-            out[f"{PREFIX}{name}.{dora.MAGNITUDE}"] = layer.adapter_parameters(slot)[2]
+        if is_dora(layer, slot):
+            out[f"{PREFIX}{name}.{MAGNITUDE}"] = layer.adapter_parameters(slot)[2]
         if cfg.bias != "none" and layer.bias is not None:
             out[f"{PREFIX}{name}.base_layer.bias"] = layer.bias
     if slot != "default":  # modules_to_save and biases belong to the first adapter
@@ -642,7 +642,7 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str]
         want[f"{name}.lora_A.weight"] = (torch.Size((config.r, in_features)), None)
         want[f"{name}.lora_B.weight"] = (torch.Size((out_features, config.r)), None)
         if config.use_dora:
-            want[f"{name}.{dora.MAGNITUDE}"] = (torch.Size((out_features,)), None)
+            want[f"{name}.{MAGNITUDE}"] = (torch.Size((out_features,)), None)
         if config.bias != "none" and lin.bias is not None:
             want[f"{name}.base_layer.bias"] = (lin.bias.shape, None)
     for name in to_save:
@@ -698,8 +698,7 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
 def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, backend: str = "auto",
                  adapter_name: str = "default", autocast_adapter_dtype: bool = True):
     check_backend(backend)  # the caller's argument: a plain ValueError, before the files are read
-    from .model import _refuse_adapted
-    _refuse_adapted(model)  # as get_lora_model: an adapted model takes more adapters with load_adapter
+    cls.refuse_adapted(model)  # as get_lora_model: an adapted model takes more adapters with load_adapter
     config, tensors = read_adapter(directory)
     config.backend = backend
     try:
@@ -836,8 +835,8 @@ def _destination(lora_model, key: str, slot: str = "default") -> torch.Tensor:
     the layers' adapter `slot` (never merely the active one)."""
     model = lora_model.model
     owner = key.rpartition(".")[0]
-    if key.endswith("." + dora.MAGNITUDE):
-        return model.get_submodule(key[: -len(dora.MAGNITUDE) - 1]).adapter_parameters(slot)[2]
+    if key.endswith("." + MAGNITUDE):
+        return model.get_submodule(key[: -len(MAGNITUDE) - 1]).adapter_parameters(slot)[2]
     if owner.endswith(".lora_A") or owner.endswith(".lora_B"):
         layer, _, attr = owner.rpartition(".")
         return model.get_submodule(layer).adapter_weights(slot)[0 if attr == "lora_A" else 1]

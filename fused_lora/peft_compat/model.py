@@ -18,12 +18,15 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from ..modules.layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear, call_value, call_values
+from ..modules.call_context import call_value, call_values
 from ..modules.convert_bnb import base_compute_dtype, is_quantized_base
-from ..modules import quant_layer
-from .targets import check_dora_targets, find_modules_to_save, find_targets, is_adaptable, named_targets, target_spec
+from ..modules.layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
+from ..modules.quantized import quantized_parameter_count
 from ..modules.validation import check_adapter_args, check_adapter_name
+from . import weighted
+from .adapters import load_adapter, load_extra_adapter, plan_save, write_adapter
+from .config import LoraConfig
+from .targets import check_dora_targets, find_modules_to_save, find_targets, is_adaptable, named_targets, target_spec
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # transformers' names of a model's main input, whose first dimension is the batch
@@ -92,7 +95,7 @@ class _Undo:
             m.training = training
 
 
-def _refuse_adapted(model: nn.Module) -> None:
+def refuse_adapted(model: nn.Module) -> None:
     """A model that already holds LoRA layers (ours or peft's) is not adapted again: nesting a second
     adapter would save files that load as neither."""
     for name, m in model.named_modules():
@@ -154,7 +157,7 @@ class LoraModel(nn.Module):
         # Every check that can fail runs before the model is touched: nothing is half-applied.
         if not isinstance(config, LoraConfig):  # peft's LoraConfig, read as its adapter_config.json would be
             config = _as_lora_config(config, "LoraModel")
-        _refuse_adapted(model)
+        refuse_adapted(model)
         config.validate()
         check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
                            config.lora_alpha, config.use_rslora)
@@ -243,6 +246,9 @@ class LoraModel(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._expose_forward_signature()
+
+    # A model that already holds LoRA layers is not adapted again (used by the adapter loader too)
+    refuse_adapted = staticmethod(refuse_adapted)
 
     @property
     def active_peft_config(self) -> LoraConfig:
@@ -382,7 +388,6 @@ class LoraModel(nn.Module):
         Differences from peft: an existing `adapter_name` raises ValueError (peft returns silently);
         the TIES / DARE / magnitude-prune types raise NotImplementedError; modules_to_save are not
         copied to the new adapter. Errors leave the model unchanged."""
-        from . import weighted
         what = f"add_weighted_adapter({adapter_name!r})"
         self._require_layers(what)
         if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
@@ -450,7 +455,6 @@ class LoraModel(nn.Module):
         target this model's adapted modules; every key and shape is checked first (AdapterError) and
         on any error the model is unchanged. Without `is_trainable` the model is put in eval mode, as
         peft's load_adapter does (its dropout off)."""
-        from .adapters import load_extra_adapter
         if kwargs:
             raise TypeError(f"load_adapter: unsupported arguments {sorted(kwargs)}")
         what = f"load_adapter({str(model_id)!r}, {adapter_name!r})"
@@ -591,7 +595,7 @@ class LoraModel(nn.Module):
         for p in self.model.parameters():
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
-        total += quant_layer.quantized_parameter_count(self.model)  # frozen weights held as packed buffers
+        total += quantized_parameter_count(self.model)  # frozen weights held as packed buffers
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -620,8 +624,8 @@ class LoraModel(nn.Module):
         layers = list(self.lora_layers())
         # Quantized bases: their 16-bit merged layers (merge) or QuantizedLinear (unload) are built before
         # anything changes; the other layers merge in place as before.
-        quantized = {name: (quant_layer.to_linear(layer, safe_merge, adapter_names) if merge
-                            else quant_layer.unloaded(layer)) for name, layer in layers if layer.quantized}
+        quantized = {name: (layer.base_kind.to_linear(layer, safe_merge, adapter_names) if merge
+                            else layer.base_kind.unloaded(layer)) for name, layer in layers if layer.quantized}
         layers = [(name, layer) for name, layer in layers if not layer.quantized]
         if merge:
             self._merge_all(layers, safe_merge, adapter_names)
@@ -705,7 +709,6 @@ class LoraModel(nn.Module):
         path_initial_model_for_weight_conversion (PiSSA/OLoRA conversion), a state_dict. After
         merge_and_unload() or unload() there is no adapter to save: RuntimeError.
         """
-        from .adapters import plan_save, write_adapter
         if safe_serialization is not True:
             raise ValueError("save_pretrained(safe_serialization=False): fused_lora writes safetensors only "
                              "(a pickled adapter_model.bin is not written, nor read)")
@@ -747,7 +750,6 @@ class LoraModel(nn.Module):
         inference_mode says which). `config` (a config other than the file's) is not supported;
         `low_cpu_mem_usage` is accepted and changes nothing (the adapter is small).
         """
-        from .adapters import load_adapter
         if config is not None:
             raise NotImplementedError("from_pretrained(config=...): fused_lora loads the adapter with the "
                                       "adapter_config.json saved beside it; pass config=None")

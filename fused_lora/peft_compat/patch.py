@@ -10,7 +10,7 @@ tensors: the base layer's weight and bias, `lora_A[name].weight`, `lora_B[name].
 class is modified, no parameter or buffer is added or replaced, so saving, loading, merging,
 adapter switching and trainers see the peft model they know.
 
-A DoRA adapter runs `fused_lora.ops.dora.dora_forward` on peft's `lora_magnitude_vector[name].weight`
+A DoRA adapter runs `fused_lora.modules.variants.dora_forward` on peft's `lora_magnitude_vector[name].weight`
 (the norm by the low-rank identity, never W + s B A; the base weight must be frozen, as in training).
 
 peft's state can change after patching (another adapter activated, a LoRA variant added, a
@@ -50,9 +50,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
-from ..dispatch import registry as backends
-from ..ops import dora
-from ..modules.layer import FusedLoRALinear, _conv1d_class, autocast_inputs, lora_forward
+from .. import dispatch
+from ..modules.autocast import autocast_inputs
+from ..modules.bases import conv1d_class
+from ..modules.layer import FusedLoRALinear
+from ..modules.variants import dora_forward, lora_forward
 
 REPORT_ATTR = "fused_lora_report"
 # Keyword arguments peft's forward pops before calling the base layer; given as None they mean nothing.
@@ -94,7 +96,7 @@ def _peft_classes() -> dict:
             from peft.tuners import lora
         except ImportError as e:  # pragma: no cover - peft is installed wherever a peft model exists
             raise ImportError("fused_lora.patch_peft needs peft (pip install peft)") from e
-        _classes.update(LoraLayer=lora.LoraLayer, Linear=lora.Linear, Conv1D=_conv1d_class())
+        _classes.update(LoraLayer=lora.LoraLayer, Linear=lora.Linear, Conv1D=conv1d_class())
     return _classes
 
 
@@ -245,7 +247,7 @@ def _fused_forward(layer: nn.Module, x: Tensor, backend: str) -> Tensor:
     p = float(dropout.p) if type(dropout) is nn.Dropout and dropout.training else 0.0
     if layer.use_dora.get(name, False):
         # peft's DoRA: its dropout formula applies whenever the dropout module is an active nn.Dropout
-        return dora.dora_forward(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+        return dora_forward(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
                                  layer.lora_magnitude_vector[name].weight, float(layer.scaling[name]),
                                  p if layer.training else 0.0, backend)
     return lora_forward(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
@@ -301,7 +303,7 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
     Takes a peft `PeftModel` (or any model peft has injected LoRA layers into). Each peft
     `lora.Linear` over an `nn.Linear` or transformers' `Conv1D`, with one active adapter that is
     vanilla LoRA or DoRA (no other peft LoRA variant, no `lora_bias`; dropout an `nn.Dropout` or
-    none), gets a forward that runs `fused_lora.ops.lora.lora_linear` (DoRA: `fused_lora.ops.dora.dora_forward`,
+    none), gets a forward that runs `fused_lora.ops.lora.lora_linear` (DoRA: `fused_lora.modules.variants.dora_forward`,
     with peft's `lora_magnitude_vector` and peft's dropout formula) on peft's own parameters,
     scaling and dropout probability. Every call first checks peft's state (active adapters,
     merged, disabled, variants, `adapter_names` and other extra arguments, hooks, input dtype and
@@ -328,7 +330,7 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
     BackendUnavailable when a backend asked for by name cannot run the model's weights (their
     device and dtype), before anything is changed.
     """
-    backends.requested_backend(backend)  # an unknown name fails before anything is changed
+    dispatch.requested_backend(backend)  # an unknown name fails before anything is changed
     layers = _lora_layers(model, "patch_peft")
     if not layers:  # a script patching whatever peft model it is given must not break on other methods
         warnings.warn(_nothing_to_patch(model), stacklevel=2)
@@ -336,7 +338,7 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
         if _patch_reason(layer) is None:  # every adapter the layer holds: set_adapter may choose any
             weight = layer.base_layer.weight
             for lora_A in layer.lora_A.values():
-                backends.choose_backend(weight.device, weight.dtype, lora_A.weight.shape[0], backend)
+                dispatch.choose_backend(weight.device, weight.dtype, lora_A.weight.shape[0], backend)
     report = PatchReport(backend=backend)
     for name, layer in layers:
         reason = _patch_reason(layer)

@@ -7,7 +7,7 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import TASK_HEADS, LoraConfig
-from ..modules.layer import QDORA_REFUSAL, _is_conv1d, base_refusal
+from ..modules.bases import QDORA_REFUSAL, base_refusal, is_conv1d
 from ..modules.convert_bnb import is_quantized_base
 from ..modules.quantized import QuantizedLinear
 from ..modules.validation import short_repr
@@ -122,12 +122,12 @@ def output_layer_name(model: nn.Module) -> Optional[str]:
 def is_adaptable(module: nn.Module) -> bool:
     """What gets a LoRA adapter: an nn.Linear, or transformers' Conv1D (GPT-2; peft adapts it too), or a
     quantized Linear (bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear; fused_lora's QuantizedLinear)."""
-    return isinstance(module, (nn.Linear, QuantizedLinear)) or _is_conv1d(module)
+    return isinstance(module, (nn.Linear, QuantizedLinear)) or is_conv1d(module)
 
 
 def base_features(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an adaptable module (a Conv1D stores its weight in x out)."""
-    return tuple(module.weight.shape) if _is_conv1d(module) else (module.in_features, module.out_features)
+    return tuple(module.weight.shape) if is_conv1d(module) else (module.in_features, module.out_features)
 
 
 def _linear_names(model: nn.Module) -> list[str]:

@@ -1,4 +1,4 @@
-"""The PyTorch path: forward and backward of the LoRA layer with plain torch ops.
+"""The PyTorch row's LoRA op over a 16-bit base: forward and backward with plain torch ops.
 
 Used on CPU, as the fallback where Triton cannot run, and as a second implementation of the
 same math as the kernels. Written for speed on CPU: besides the output, no M x N temporary (the
@@ -14,23 +14,6 @@ import torch
 from torch import Tensor
 
 from ..core.dropout import keep_mask
-from .multi import backward as multi_backward  # noqa: F401  (several adapters per batch: the torch row's ops)
-from .multi import forward as multi_forward  # noqa: F401
-
-
-def _dora():
-    from . import dora as dora_torch  # noqa: F401  (imports backward_with_mask from here)
-    return dora_torch
-
-
-def dora_forward(*args):
-    """DoRA's forward (`fused_lora.torch_row.dora.dora_forward`)."""
-    return _dora().dora_forward(*args)
-
-
-def dora_backward(*args):
-    """DoRA's backward (`fused_lora.torch_row.dora.dora_backward`)."""
-    return _dora().dora_backward(*args)
 
 
 def forward(
@@ -111,7 +94,3 @@ def backward_with_mask(
     if need_db:
         db = dy.sum(0)
     return dx, dA, dB, dW, db
-
-
-# A quantized base: the torch row's ops (imported last: quant_impl reuses the functions above).
-from .quant import backward_quant, forward_quant  # noqa: F401  (a quantized base: the torch row's ops)

@@ -2,8 +2,10 @@
 
     forward_quant(x, data, b, A, B, s, p, seed) -> (Y, H)
     backward_quant(dY, x, data, A, B, H, s, p, seed, need_dx, need_lora, need_db) -> (dx, dA, dB, db)
+    quant_multi_forward / quant_multi_backward: several adapters in one batch (the base once, then each
+    adapter's low-rank term on its rows: `torch_row.multi`'s add_lora / lora_backward)
 
-`data` is the `quant_format` layout (NF4Data or Int8Data), as the Triton launchers take it. The
+`data` is the `core.formats` layout (NF4Data or Int8Data), as the Triton launchers take it. The
 math is `torch_impl`'s with W replaced by its dequantization; the rank-r parts are `torch_impl`'s own
 code, only the products with W are here:
     Y[:, n0:n1] += x W[n0:n1]^T            dx += dY[:, n0:n1] W[n0:n1]
@@ -24,6 +26,7 @@ from torch import Tensor
 from ..core import formats
 from ..core.dropout import keep_mask
 from .dense import backward_with_mask, dropped, low_rank_start
+from .multi import add_lora, lora_backward
 
 chunk_hook: Optional[Callable[[int, int, Tensor], None]] = None
 
@@ -84,3 +87,18 @@ def backward_quant(
             dx = dropped(dx, keep, dropout_p)
         accumulate_grad_input(dx, dy, data)
     return dx, dA, dB, db
+
+
+# ------------------------------------------------------------------ several adapters in one batch
+
+def quant_multi_forward(x, data, bias, adapters, segs, seed: int):
+    """The torch row's forward: the base once for the whole batch, then each adapter's term on its rows."""
+    y = base_linear(x, data, bias)
+    return y, add_lora(y, x, adapters, segs, seed)
+
+
+def quant_multi_backward(dy, x, data, adapters, h, segs, seed: int, need_dx, need_lora, need_db):
+    """The torch row's backward: dx = dY W (chunk by chunk) plus each adapter's D_a (G_a A_a) on its rows."""
+    dx = accumulate_grad_input(dy.new_zeros(x.shape), dy, data) if need_dx else None
+    pairs = lora_backward(dx, dy, x, adapters, h, segs, seed, need_lora)
+    return dx, pairs, (dy.sum(0) if need_db else None)

@@ -1,0 +1,181 @@
+"""The base axis of the adapted layer: what its frozen weight is, chosen once when the layer is built.
+
+    DENSE      a 16-bit nn.Linear (or transformers' Conv1D, weight stored in x out: `fan_in_fan_out`)
+    QUANTIZED  a frozen QuantizedWeight (fused_lora's NF4 / int8, or read from bitsandbytes / torchao):
+               computed in the input's dtype as bitsandbytes casts to its compute dtype; merge() refused
+               (folding the delta into 4-bit or 8-bit codes would re-quantize and lose most of the adapter:
+               peft re-quantizes, we do not); to_linear() / merge_and_unload() give 16-bit layers holding
+               dequantize(W) + s B A; unload() gives back the layer it was read from
+
+Each base gives the layer its inputs (autocast), the base output alone, and the ops for one adapter and for
+a mixed batch; the layer has one forward (`modules.layer`). Adding a base is a class here and its ops.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.dropout import new_seed, no_seed
+from ..ops.multi import lora_linear_multi
+from ..ops.quant import lora_linear_quant, lora_linear_quant_multi, quant_linear
+from .autocast import autocast_input_and_bias, autocast_inputs
+from .convert_bnb import as_quantized_linear, bnb_source, is_quantized_base, quantized_base_refusal
+from .quantized import QuantizedLinear
+from .variants import lora_forward
+
+QDORA_REFUSAL = ("DoRA over a quantized base (QDoRA) is not implemented (DoRA's weight norm needs the dequantized "
+                 "rows): use LoRA over the quantized base, or DoRA over a 16-bit one")
+
+
+def conv1d_class():
+    """transformers' Conv1D (GPT-2's projections: weight stored in x out), or None without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def is_conv1d(module) -> bool:
+    if isinstance(module, nn.Linear) or "transformers" not in sys.modules:
+        return False  # no Conv1D can exist before transformers is imported: do not import it here
+    conv1d = conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def base_refusal(module: nn.Module) -> Optional[str]:
+    """Why `module` cannot be the base of a FusedLoRALinear (None when it can). The layer computes
+    nn.Linear's function itself (Conv1D's, transposed), so a subclass with a forward of its own, a
+    non-float (quantized) weight, or hooks that change what the module computes would silently be
+    dropped: such modules are refused rather than adapted into something else."""
+    if is_quantized_base(module):  # bitsandbytes Linear4bit / Linear8bitLt, QuantizedLinear
+        return quantized_base_refusal(module)
+    if not isinstance(module, nn.Linear) and not is_conv1d(module):
+        return f"{type(module).__name__} is not an nn.Linear or a transformers Conv1D"
+    kind = type(module)
+    if type(module).__module__.startswith("bitsandbytes"):
+        return f"{kind.__name__} is a quantized (bitsandbytes) layer fused_lora cannot read (Linear4bit NF4 and " \
+               f"Linear8bitLt are supported)"
+    if kind is not nn.Linear and kind.forward is not nn.Linear.forward and not is_conv1d(module):
+        return f"{kind.__name__} overrides nn.Linear's forward, which the adapted layer would not run"
+    if not module.weight.is_floating_point():
+        return (f"its weight has dtype {module.weight.dtype}: a quantized base must be a bitsandbytes Linear4bit (NF4) / "
+                "Linear8bitLt or a fused_lora QuantizedLinear (fused_lora.quantize_model)")
+    hooks = [h for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+             if getattr(module, h, None)]
+    if hooks:
+        return f"it has {', '.join(h.strip('_') for h in hooks)}, which the adapted layer would not run"
+    return None
+
+
+def _on_rows(x: Tensor, out_features: int, fn) -> Tensor:
+    """fn on x seen as 2-D (M x in), its output back in x's leading shape. math.prod, not -1: with
+    in_features == 0 (or an empty batch) -1 is ambiguous."""
+    lead = x.shape[:-1]
+    return fn(x.reshape(math.prod(lead), x.shape[-1])).reshape(*lead, out_features)
+
+
+class DenseBase:
+    """A 16-bit base weight (nn.Linear, or a Conv1D read through a transposed view)."""
+    quantized = False
+
+    def attach(self, linear: nn.Module) -> nn.Module:
+        return linear
+
+    def inputs(self, layer, x: Tensor) -> tuple:
+        """(x, W as out x in, b) in the autocast dtype when autocast is on (as nn.Linear computes)."""
+        x, weight, bias = autocast_inputs(x, layer.base_weight(), layer.bias)
+        if x.dtype != weight.dtype:
+            raise TypeError(f"FusedLoRALinear: input dtype {x.dtype} does not match the base weight's "
+                            f"{weight.dtype} (cast the input, or run under torch.autocast)")
+        return x, weight, bias
+
+    def plain(self, x: Tensor, weight, bias: Optional[Tensor]) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def lora(self, x: Tensor, weight, bias, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
+             seed: Optional[Tensor], backend: str) -> Tensor:
+        return lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+
+    def mixed(self, x: Tensor, weight, bias, adapters, row_adapter: Tensor, seed, backend: str) -> Tensor:
+        return _on_rows(x, weight.shape[0],
+                        lambda x2: lora_linear_multi(x2, weight, bias, adapters, row_adapter, seed, backend))
+
+    def refuse_merge(self, what: str) -> None:
+        """Merging into a 16-bit weight is allowed."""
+
+
+class QuantizedBase:
+    """A frozen QuantizedWeight (the layer's `weight` is that module; `bias` its bias)."""
+    quantized = True
+
+    def attach(self, linear: nn.Module) -> nn.Module:
+        return as_quantized_linear(linear)  # weight: a frozen QuantizedWeight module
+
+    def inputs(self, layer, x: Tensor) -> tuple:
+        """(x, the QuantizedWeight, b): x and b in the autocast dtype when autocast is on, else in x's dtype
+        (the quantized codes have no dtype to mismatch)."""
+        x, bias = autocast_input_and_bias(x, layer.bias)
+        return x, layer.weight, bias
+
+    def plain(self, x: Tensor, weight, bias: Optional[Tensor]) -> Tensor:
+        return _on_rows(x, weight.shape[0], lambda x2: quant_linear(x2, weight, bias))
+
+    def lora(self, x: Tensor, weight, bias, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
+             seed: Optional[Tensor], backend: str) -> Tensor:
+        if seed is None:
+            seed = new_seed() if dropout_p > 0.0 else no_seed()
+        return _on_rows(x, weight.shape[0], lambda x2: lora_linear_quant(
+            x2, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, dropout_p, seed, backend))
+
+    def mixed(self, x: Tensor, weight, bias, adapters, row_adapter: Tensor, seed, backend: str) -> Tensor:
+        return _on_rows(x, weight.shape[0],
+                        lambda x2: lora_linear_quant_multi(x2, weight, bias, adapters, row_adapter, seed, backend))
+
+    def refuse_merge(self, what: str) -> None:
+        raise ValueError(f"{what}: the base weight is quantized; merging into it would re-quantize the weight and "
+                         "lose most of the adapter (safe_merge cannot help). Use LoraModel.merge_and_unload() or "
+                         "FusedLoRALinear.to_linear(), which return 16-bit layers holding dequantize(W) + s B A")
+
+    @torch.no_grad()
+    def merged_weight(self, layer, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False,
+                      what: str = "FusedLoRALinear.to_linear") -> Tensor:
+        """dequantize(W) + sum of s B A over the adapters (default: the active one), in fp32, rounded once to
+        the compute dtype. ValueError with safe_merge if the result has NaN or inf."""
+        names = [layer.active_adapter] if adapter_names is None else list(adapter_names)
+        for name in names:
+            layer.require_adapter(name)
+        delta = layer.delta_weight(names[0])
+        for name in names[1:]:
+            delta = delta + layer.delta_weight(name)
+        w = layer.weight.dequantize(delta.dtype).add_(delta).to(layer.weight.dtype)
+        if safe_merge and not bool(torch.isfinite(w).all()):
+            raise ValueError(f"{what}: the merged weight has NaN or inf in {layer.weight.dtype}")
+        return w
+
+    def to_linear(self, layer, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> nn.Linear:
+        """A new 16-bit (compute dtype) nn.Linear holding dequantize(W) + s B A; the layer is not changed."""
+        w = self.merged_weight(layer, adapter_names, safe_merge)
+        out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        out.weight = nn.Parameter(w, requires_grad=False)
+        if layer.bias is not None:
+            out.bias = nn.Parameter(layer.bias.detach().to(w.dtype), requires_grad=layer.bias.requires_grad)
+        return out
+
+    def unloaded(self, layer) -> nn.Module:
+        """The quantized base alone again: the bitsandbytes layer it was read from when it still holds the same
+        packed tensors (peft's unload gives back its base layer), else a QuantizedLinear over them."""
+        return bnb_source(layer.weight, layer.bias) or QuantizedLinear(layer.weight, layer.bias)
+
+
+DENSE, QUANTIZED = DenseBase(), QuantizedBase()
+
+
+def base_kind(module: nn.Module):
+    """The base a FusedLoRALinear over `module` has: QUANTIZED for a quantized layer, else DENSE."""
+    return QUANTIZED if is_quantized_base(module) else DENSE
