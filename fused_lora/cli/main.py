@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from .. import __version__
+from ..core.version import __version__
 from .. import dispatch
 from . import distributed
 from . import demo as demo_module
