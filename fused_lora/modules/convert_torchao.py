@@ -2,7 +2,7 @@
 
 A torchtune / torchao model holds a frozen base as an nn.Linear whose `weight` is an NF4Tensor
 parameter (torchao.quantization.NF4Tensor; older torchao: torchao.dtypes.nf4tensor.NF4Tensor), made
-by `to_nf4(w, block_size, scaler_block_size)`. Its fields, and how they map onto `quant_format.NF4Data`:
+by `to_nf4(w, block_size, scaler_block_size)`. Its fields, and how they map onto `core.formats.NF4Data`:
 
     quantized_data      uint8[N*K/2], the flattened row-major weight two codes a byte, element 2i in
                         the high nibble: bitsandbytes' order. Shared as `packed`, as it is (no copy).

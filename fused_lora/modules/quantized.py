@@ -76,7 +76,7 @@ class QuantizedWeight(nn.Module):
     layer: `shape`, `dtype` (the compute dtype), `device`, `requires_grad` (False).
 
     Build it with `quantize_nf4` / `quantize_int8`, or from bitsandbytes' packed tensors
-    (`quant_convert`). The tensors are buffers (state_dict keys `packed`, `code`, `absmax` or
+    (`convert_bnb`). The tensors are buffers (state_dict keys `packed`, `code`, `absmax` or
     `qabsmax`/`code2`/`absmax2` for NF4; `qweight`, `scale` for int8)."""
 
     @property
@@ -115,7 +115,7 @@ class QuantizedWeight(nn.Module):
         return formats.FORMATS[self.format]
 
     def __getstate__(self):
-        # copies (deepcopy, pickle) leave out the bitsandbytes layer the weight was read from (quant_convert):
+        # copies (deepcopy, pickle) leave out the bitsandbytes layer the weight was read from (convert_bnb):
         # a reference for unload(), whose copy would store the packed data twice
         state = self.__dict__.copy()
         state.pop("_bnb_source", None)

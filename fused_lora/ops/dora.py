@@ -8,7 +8,7 @@ and this op computes the same without the out x in matrix W + s B A: n from the 
 (`core.dora_norm.weight_norm`).
 
 The op (`dora_linear`): the column scale c = m / n multiplies the fused GEMM's output (in the
-Triton kernel's epilogue; on the PyTorch path folded into W or B, see `dora_torch`). Backward:
+Triton kernel's epilogue; on the PyTorch path folded into W or B, see `torch_row.dora`). Backward:
 
     dY' = dY * c (columnwise), then LoRA's backward on dY' (dx, dA, dB; n is detached)
     dm_j = sum_i dY_ij Y0_ij / n_j,   Y0 = x W^T + s H B^T = (Y - b) / c

@@ -33,7 +33,7 @@ def forward(
 def low_rank_start(x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
                    dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
     """(Y started as b + s H B^T, H = (D * x) A^T): what every PyTorch path writes before adding the
-    base product onto Y (`forward` here, `quant_impl.forward_quant` chunk by chunk)."""
+    base product onto Y (`forward` here, `torch_row.quant.forward_quant` chunk by chunk)."""
     keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     h = torch.mm(dropped(x, keep, dropout_p), lora_A.t())
     if bias is not None:

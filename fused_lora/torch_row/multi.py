@@ -371,7 +371,7 @@ def lora_backward(dx: Optional[Tensor], dy: Tensor, x: Tensor, adapters: Sequenc
         for piece in parts:
             rows, lo, hi = piece.rows, piece.lo, piece.hi
             dya = _take(dy, rows)
-            g = torch.mm(dya, lora_B * scaling)  # m x r; s before the products with dY (torch_impl's order)
+            g = torch.mm(dya, lora_B * scaling)  # m x r; s before the products with dY (torch_row.dense's order)
             keep_p = None if keep is None else keep[lo:hi]
             if want:
                 h = h_of(h_packed, segs, a, lora_A.shape[0])

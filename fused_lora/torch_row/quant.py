@@ -6,7 +6,7 @@
     adapter's low-rank term on its rows: `torch_row.multi`'s add_lora / lora_backward)
 
 `data` is the `core.formats` layout (NF4Data or Int8Data), as the Triton launchers take it. The
-math is `torch_impl`'s with W replaced by its dequantization; the rank-r parts are `torch_impl`'s own
+math is `torch_row.dense`'s with W replaced by its dequantization; the rank-r parts are its own
 code, only the products with W are here:
     Y[:, n0:n1] += x W[n0:n1]^T            dx += dY[:, n0:n1] W[n0:n1]
 one chunk of at most `core.formats.common.CHUNK_ELEMENTS` weight elements at a time (dequantized in fp32 as
@@ -75,14 +75,14 @@ def backward_quant(
     dy: Tensor, x: Tensor, data, lora_A: Tensor, lora_B: Tensor, h: Tensor,
     scaling: float, dropout_p: float, seed: int, need_dx: bool, need_lora: bool, need_db: bool,
 ) -> tuple[Optional[Tensor], ...]:
-    """(dx, dA, dB, db), None where not asked for. dA, dB, db are torch_impl's; dx = D (G A) + dY W with
+    """(dx, dA, dB, db), None where not asked for. dA, dB, db are torch_row.dense's; dx = D (G A) + dY W with
     dY W accumulated chunk by chunk."""
     keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     _, dA, dB, _, db = backward_with_mask(dy, x, dy.new_empty(0, x.shape[1]), lora_A, lora_B, h, scaling,
                                           dropout_p, keep, False, need_lora, False, need_db)
     dx = None
     if need_dx:
-        dx = torch.mm(torch.mm(dy, lora_B * scaling), lora_A)  # G A, s before the product (torch_impl's order)
+        dx = torch.mm(torch.mm(dy, lora_B * scaling), lora_A)  # G A, s before the product (torch_row.dense's order)
         if keep is not None:
             dx = dropped(dx, keep, dropout_p)
         accumulate_grad_input(dx, dy, data)
