@@ -136,7 +136,7 @@ def bnb_source(weight: QuantizedWeight, bias) -> Optional[nn.Module]:
     module = weight.__dict__.get("_bnb_source")
     if module is None or module.bias is not bias:
         return None
-    ours = weight.qweight if weight.format == "int8" else weight.packed
+    ours = weight.packed_codes()
     if quant_torchao.is_nf4_linear(module):
         theirs = quant_torchao.source_packed(module)
     elif bnb_kind(module) is not None:

@@ -192,13 +192,15 @@ class QuantizedWeight(nn.Module):
         if any(t.is_meta for t in merged.values()):
             return None
         # The values are read where the checkpoint's scales are (not necessarily this weight's device yet); the
-        # packed NF4 codes are never read (an empty stand-in), int8 codes only in rows a scale could overflow.
-        codes = "qweight" if self.format == "int8" else "packed"
+        # packed codes only where the format's value check reads them (int8: rows a scale could overflow; NF4:
+        # never, an empty stand-in).
+        codes = self._format.CODES
         small = [n for n in merged if n != codes]
         device = next((state_dict[prefix + n].device for n in small if prefix + n in state_dict),
                       merged[small[0]].device)
         moved = {n: t.to(device) for n, t in merged.items() if n != codes}
-        moved[codes] = merged[codes] if codes == "qweight" else torch.empty(0, dtype=torch.uint8, device=device)
+        moved[codes] = (merged[codes] if self._format.CODES_READ_BY_VALUE_CHECK
+                        else torch.empty(0, dtype=merged[codes].dtype, device=device))
         return formats.value_problem(self._layout(moved), self.compute_dtype)
 
     def _layout(self, tensors: dict) -> QuantData:
@@ -227,6 +229,10 @@ class QuantizedWeight(nn.Module):
             if t is not None and t.dtype != torch.float32:
                 self._buffers[name] = t.float()
         self._format.settle(self._buffers)
+
+    def packed_codes(self) -> Tensor:
+        """The buffer of packed codes (the format's CODES: NF4's `packed`, int8's `qweight`)."""
+        return self._buffers[self._format.CODES]
 
     def nbytes(self) -> int:
         """Bytes held by every tensor of this weight (packed data, scales, code tables)."""

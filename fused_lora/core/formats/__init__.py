@@ -3,6 +3,7 @@
 A format module (nf4.py, int8.py) is plain torch, and offers:
     NAME, LAYOUT_CODES, FLOAT_BUFFERS      its name, its codes in op_args' meta, the float buffers it keeps
     OPTIONS                               quantize()'s options beside the weight (quantize_model passes these)
+    CODES, CODES_READ_BY_VALUE_CHECK      the buffer of packed codes, and whether value_problem reads it
     DATA, a frozen dataclass (NF4Data, Int8Data): the layout the PyTorch path and the kernels read, with
                                           `format` (= NAME), `shape` and the reference `dequantize_rows`
     quantize(weight, ..., compute_dtype=None, what=...) -> layout

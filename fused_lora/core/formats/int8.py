@@ -15,6 +15,8 @@ from .common import QuantizationError, check_float_weight, dtype_name, nonfinite
 
 NAME = "int8"
 FLOAT_BUFFERS = ("scale",)
+CODES = "qweight"  # the buffer of codes (the rest are scales)
+CODES_READ_BY_VALUE_CHECK = True  # value_problem reads the rows whose scale could overflow
 OPTIONS = ()  # quantize() takes the weight and compute dtype only
 LAYOUT_CODES = (2,)  # op_args' layout code (the custom ops' `meta[0]`)
 

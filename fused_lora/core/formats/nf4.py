@@ -34,6 +34,8 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit accepts these
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the nested (double) quantization of the absmax
 FLOAT_BUFFERS = ("code", "absmax", "code2", "absmax2", "offset")
+CODES = "packed"  # the buffer of packed codes (the rest are scales and tables)
+CODES_READ_BY_VALUE_CHECK = False  # value_problem reads the scales and tables only
 OPTIONS = ("blocksize", "double_quant")  # quantize()'s options beside the weight and compute dtype
 # op_args' layout codes (the custom ops' `meta[0]`): plain, nested, and nested with the offset as a tensor
 PLAIN, NESTED, NESTED_OFFSET_TENSOR = 0, 1, 3
