@@ -172,7 +172,7 @@ def triton_multi_reasons(problem: "Problem") -> list[str]:
 
 def triton_op_reasons(op: str) -> list[str]:
     """Ops the Triton kernels do not implement yet (empty when they do)."""
-    if op.startswith("quant_") and importlib.util.find_spec("fused_lora.kernels.quant") is None:
+    if op.startswith("quant_") and importlib.util.find_spec("fused_lora.kernels.quantized.launchers") is None:
         return ["the Triton kernels for a quantized base (fused_lora.kernels.quant: forward_quant, "
                 "backward_quant) are not there yet; the torch backend runs it"]
     return quant_multi_reasons(op)
@@ -240,7 +240,7 @@ BACKWARD_OPS["quant_multi_bwd"] = "quant_multi_fwd"
 
 def quant_multi_reasons(op: str) -> list[str]:
     """Why the triton row cannot run a "quant_multi_" op (beyond its other reasons): its launchers missing."""
-    if op.startswith("quant_multi_") and importlib.util.find_spec("fused_lora.kernels.quant_multi") is None:
+    if op.startswith("quant_multi_") and importlib.util.find_spec("fused_lora.kernels.quantized.multi") is None:
         return ["the Triton launchers for several adapters over a quantized base (fused_lora.kernels.quant_multi) "
                 "are not there; the torch backend runs it"]
     return []
@@ -290,11 +290,11 @@ def _checked_against(p: Problem) -> str:
 IMPLEMENTATIONS += (
     Implementation("triton-tma", "Hopper path: TMA descriptors + persistent grid for the forward and dX GEMMs "
                    "(fused_lora.kernels.tma; sm_90)",
-                   lambda: importlib.import_module("fused_lora.kernels.tma"),
+                   lambda: importlib.import_module("fused_lora.kernels.hopper.tma"),
                    lambda p: _hopper_reasons(p, tma=True), check_against=_checked_against),
     Implementation("triton-onepass", "single-pass forward: H accumulated in the GEMM's K loop, no shrink pass "
                    "(fused_lora.kernels.one_pass; sm_90)",
-                   lambda: importlib.import_module("fused_lora.kernels.one_pass"),
+                   lambda: importlib.import_module("fused_lora.kernels.hopper.one_pass"),
                    lambda p: _hopper_reasons(p, tma=False), check_against=_checked_against),
 )
 BACKENDS = tuple(impl.name for impl in IMPLEMENTATIONS)

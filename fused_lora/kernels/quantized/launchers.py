@@ -43,10 +43,11 @@ from functools import lru_cache
 import torch
 import triton
 
-from ..core.formats import Int8Data, NF4Data
-from . import _launcher, _row_blocks, _row_blocks_used, _tiles_grid, arch_of, block_r, dy_pass, m_bucket, shrink, sum_lora_grads
-from . import configs
-from .dropout import keep_threshold
+from ...core.formats import Int8Data, NF4Data
+from .. import configs
+from ..dropout import keep_threshold
+from ..launch import arch_of, block_r, m_bucket, row_blocks, row_blocks_used, tiles_grid
+from ..lora.launchers import dy_pass, launcher, shrink, sum_lora_grads
 from .quant_backward import quant_dx_kernel
 from .quant_forward import quant_forward_kernel
 from .quant_tiles import MIN_BLOCKSIZE, pair_table
@@ -151,7 +152,7 @@ def forward_quant(x, wq, bias, lora_A, lora_B, scaling, dropout_p, seed):
     ptrs, sizes, flags = _weight_args(wq)
     if bias is None and isinstance(wq, NF4Data) and not flags["ALIGNED"]:
         bias = torch.zeros(N, dtype=x.dtype, device=x.device)  # the general NF4 path runs with a bias only
-    _quant_launcher("quant_forward", x)[_tiles_grid(M, N)](
+    _quant_launcher("quant_forward", x)[tiles_grid(M, N)](
         x, *ptrs, bias if bias is not None else y, h, lora_B, y,
         *x.stride(), *h.stride(), *lora_B.stride(), *y.stride(),
         M, N, K, r, *sizes, float(scaling), m_bucket(M),
@@ -185,19 +186,19 @@ def _lora_grads(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx,
     # The general NF4 path (not aligned_nf4) is compiled with LOW_RANK_IN_DX only: G A comes through dX.
     low_rank_in_dx = need_dx and (p > 0.0 or (isinstance(wq, NF4Data) and not aligned_nf4(wq)))
     if need_lora or low_rank_in_dx:
-        dx_da = _launcher("dx_da", x, r, p > 0.0)
-        da_ws = torch.empty((_row_blocks(dx_da, M), r, K), **f32) if need_lora else g
-        dx_da[_tiles_grid(M, K)](
+        dx_da = launcher("dx_da", x, r, p > 0.0)
+        da_ws = torch.empty((row_blocks(dx_da, M), r, K), **f32) if need_lora else g
+        dx_da[tiles_grid(M, K)](
             dy, g, g, lora_A, x, dx if low_rank_in_dx else g, da_ws,
             *dy.stride(), *g.stride(), *g.stride(), *lora_A.stride(), *x.stride(),
             *(dx.stride() if low_rank_in_dx else (0, 0)),
             M, 0, K, r, seed, keep_threshold(p), 1.0 / (1.0 - p), m_bucket(M),
             HAS_DX=low_rank_in_dx, HAS_DA=need_lora, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
-        da_slots = _row_blocks_used(dx_da, M)
+        da_slots = row_blocks_used(dx_da, M)
     # 3. dX over the quantized weight, onto the low-rank term.
     if need_dx:
         ptrs, sizes, flags = _weight_args(wq)
-        _quant_launcher("quant_dx", x)[_tiles_grid(M, K)](
+        _quant_launcher("quant_dx", x)[tiles_grid(M, K)](
             dy, *ptrs, g, lora_A, dx,
             *dy.stride(), *g.stride(), *lora_A.stride(), *dx.stride(),
             M, N, K, r, *sizes, m_bucket(M),
