@@ -14,6 +14,7 @@ from __future__ import annotations
 import triton
 
 from ..core.interpreter import interpreting
+from ..core.limits import MAX_TRITON_MULTI_RANK
 
 SMEM_LIMIT = {90: 232_448, 80: 166_912}  # bytes per block (opt-in maximum)
 
@@ -136,7 +137,7 @@ def candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout: boo
 # first (largest) fitting one. Two padded ranks only (ranks up to 32 pad to 32, up to 128 to 128)
 # and 16-bit dtypes on a GPU, to keep the compile gate's added variants near 64.
 MULTI_KERNELS = ("multi_shrink", "multi_forward", "multi_dy", "multi_dx_da")
-MULTI_BLOCK_RS = (32, 128)
+MULTI_BLOCK_RS = (32, MAX_TRITON_MULTI_RANK)  # the largest is core.limits' (a power of two): the rank the table refuses past
 MAX_MULTI_RANK = MULTI_BLOCK_RS[-1]
 _MULTI_BASE = {"multi_shrink": "shrink", "multi_forward": "forward", "multi_dy": "dy", "multi_dx_da": "dx_da"}
 
