@@ -1,4 +1,4 @@
-"""Timing of the quantized-base kernels (fused_lora.kernels.quant) against the 16-bit base, one run.
+"""Timing of the quantized-base kernels (fused_lora.kernels.quantized) against the 16-bit base, one run.
 
 Per shape (M K N) and rank, median milliseconds of forward + backward (dX, dA, dB; the base frozen):
 
@@ -59,7 +59,7 @@ def random_weights(N, K, device, seed=0):
 
 def variants(M, K, N, r, dtype, device):
     from fused_lora import kernels
-    from fused_lora.kernels.quant import backward_quant, forward_quant
+    from fused_lora.kernels.quantized.launchers import backward_quant, forward_quant
     g = torch.Generator(device=device).manual_seed(1)
 
     def rnd(*shape, scale=1.0):
@@ -103,7 +103,7 @@ def check_outputs(M, K, N, r, dtype, device) -> list:
     format. On a GPU this is the first run of these kernels at the real tile configs (the tests
     run them at small shapes). The bound: a few units of the compute dtype's rounding, far below
     what a lost tile, a wrong absmax or a swapped nibble gives (O(1))."""
-    from fused_lora.kernels.quant import backward_quant, forward_quant
+    from fused_lora.kernels.quantized.launchers import backward_quant, forward_quant
     g = torch.Generator(device=device).manual_seed(2)
 
     def rnd(*shape, scale=1.0):

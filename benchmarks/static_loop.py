@@ -58,8 +58,7 @@ import triton.language as tl  # noqa: E402
 
 from fused_lora.kernels import compile_check as cc  # noqa: E402
 from fused_lora.kernels import configs  # noqa: E402
-from fused_lora.kernels.forward import grouped_tile  # noqa: E402
-from fused_lora.kernels.tiles import load_tile, store_tile  # noqa: E402
+from fused_lora.kernels.tiles import grouped_tile, load_tile, store_tile  # noqa: E402
 
 ARCH = 90
 SUBPARTITIONS = 4

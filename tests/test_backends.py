@@ -332,7 +332,7 @@ def test_tuned_choices_are_keyed_by_every_implementation_and_the_rules(tmp_path)
     files = backends.digested_sources(str(copy))
     rel = {os.path.relpath(p, copy) for p in files}
     assert {"torch_row/dense.py", "torch_row/dora.py", "torch_row/quant.py", "dispatch/registry.py",
-            "core/dropout.py", "kernels/forward.py"} <= rel
+            "core/dropout.py", "kernels/lora/forward.py"} <= rel
     assert len(files) == len(rel) > 30
     before = backends.sources_digest(str(copy))
     assert backends.sources_digest(str(copy)) == before  # a pure function of the files

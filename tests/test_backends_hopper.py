@@ -194,8 +194,8 @@ def test_auto_checks_the_real_hopper_rows_before_timing(tmp_path, monkeypatch, b
     from fused_lora.ops.lora import lora_linear_fwd
     from utils import auto_on_cpu, make_problem, with_a_wrong_element
     if broken:
-        module = importlib.import_module({"triton-tma": "fused_lora.kernels.tma",
-                                          "triton-onepass": "fused_lora.kernels.one_pass"}[broken])
+        module = importlib.import_module({"triton-tma": "fused_lora.kernels.hopper.tma",
+                                          "triton-onepass": "fused_lora.kernels.hopper.one_pass"}[broken])
         monkeypatch.setattr(module, "forward", with_a_wrong_element(module.forward, at=(0, 0), by=10.0))
     reg = auto_on_cpu(tmp_path, monkeypatch)
     x, w, b, a, bb = make_problem(37, 40, 72, 4, torch.float16, "cpu", seed=1, requires_grad=False)

@@ -39,7 +39,7 @@ def _zero(t):
 
 
 def _hopper_fwd(monkeypatch):
-    from fused_lora.kernels import one_pass
+    from fused_lora.kernels.hopper import one_pass
     from fused_lora.ops.lora import lora_linear_fwd
     right = one_pass.forward
     monkeypatch.setattr(one_pass, "forward", lambda x, w, b, A, B, *rest: right(x, w, b, A, _zero(B), *rest))
@@ -49,7 +49,7 @@ def _hopper_fwd(monkeypatch):
 
 
 def _hopper_bwd(monkeypatch):
-    from fused_lora.kernels import tma
+    from fused_lora.kernels.hopper import tma
     from fused_lora.ops.lora import lora_linear_bwd
     right = tma.backward
     monkeypatch.setattr(tma, "backward", lambda dy, x, w, A, B, *rest: right(dy, x, w, A, _zero(B), *rest))
@@ -85,7 +85,7 @@ def _quant_inputs():
 
 
 def _quant_fwd(monkeypatch):
-    from fused_lora.kernels import quant as kq
+    from fused_lora import kernels as kq
     from fused_lora.ops.quant import lora_linear_quant
     right = kq.forward_quant
     monkeypatch.setattr(kq, "forward_quant", lambda x, wq, bias, A, B, *rest: right(x, wq, bias, A, _zero(B), *rest))
@@ -95,7 +95,7 @@ def _quant_fwd(monkeypatch):
 
 
 def _quant_bwd(monkeypatch):
-    from fused_lora.kernels import quant as kq
+    from fused_lora import kernels as kq
     from fused_lora.ops.quant import lora_linear_quant
     right = kq.backward_quant
     monkeypatch.setattr(kq, "backward_quant", lambda dy, x, wq, A, B, *rest: right(dy, x, wq, A, _zero(B), *rest))
@@ -114,7 +114,7 @@ def _quant_bwd(monkeypatch):
 
 def _quant_multi_fwd(monkeypatch):
     from fused_lora.modules import quantized as quant
-    from fused_lora.kernels import quant_multi
+    from fused_lora import kernels as quant_multi
     from fused_lora.ops.quant import lora_linear_quant_multi
     right = quant_multi.quant_multi_forward
     monkeypatch.setattr(quant_multi, "quant_multi_forward", lambda x, wq, b, adapters, *rest: right(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fused_lora import dispatch as backends
-from fused_lora.kernels import one_pass, tma
+from fused_lora.kernels.hopper import one_pass, tma
 from utils import assert_close_rule, check_op_against_reference, make_problem, ref_forward_backward, to64
 
 CUDA = torch.cuda.is_available()
@@ -115,7 +115,8 @@ def test_tma_256_wide_tiles_store_in_two_halves(dtype, p, monkeypatch):
     # 256-wide output tiles leave through two TMA stores of 128 columns (forward_tma.epilogue_parts);
     # the interpreter's own config is 32 wide, so force a 256-wide one. K and N of 264: the second
     # column tile is mostly outside the matrix (its right half entirely), which the stores clip.
-    from fused_lora.kernels import configs, forward_tma
+    from fused_lora.kernels import configs
+    from fused_lora.kernels.hopper import forward_tma
     wide = configs._cfg(16, 256, 32, 4, 1, group=2)
     assert forward_tma.epilogue_parts(wide) == 2
     monkeypatch.setattr(configs, "tma_candidates", lambda *args, **kwargs: [wide])

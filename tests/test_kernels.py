@@ -147,7 +147,7 @@ def test_reduction_pass_sums_partials_in_order(out_dtypes):
 
 def test_autotune_keys_hold_every_flag():
     # A config tuned for one variant (say without dropout) must not be reused for another.
-    from fused_lora.kernels import _KERNELS
+    from fused_lora.kernels.lora.launchers import KERNELS as _KERNELS
     for name, (fn, key) in _KERNELS.items():
         flags = {a for a in fn.arg_names if a.startswith("HAS_")}
         assert flags and flags <= set(key), f"{name}: autotuning key {key} misses {flags - set(key)}"

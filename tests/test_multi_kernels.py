@@ -1,4 +1,4 @@
-"""The segment kernels (several adapters in one batch, fused_lora/kernels/multi*.py) through the op
+"""The segment kernels (several adapters in one batch, fused_lora/kernels/segments/) through the op
 with backend="triton": against the float64 multi-adapter reference, against the torch backend,
 against the Triton single-adapter op on each adapter's rows alone, and run to run.
 
@@ -12,7 +12,6 @@ from fused_lora.core import dropout as core_dropout
 from fused_lora.core import segments as core_segments
 from fused_lora import BackendUnavailable
 from fused_lora import dispatch as backends
-from fused_lora.core import limits
 from fused_lora.torch_row import multi as multi_impl
 from fused_lora.ops.lora import lora_linear
 from fused_lora.ops.multi import lora_linear_multi
@@ -184,21 +183,12 @@ def test_double_backward_uses_the_triton_masks():
     assert backends.calls[("multi_bwd_differentiable", "triton")] >= 1
 
 
-def test_adapter_seed_and_rank_limit_agree_with_the_package():
-    """Restated constants (the kernels import nothing of the package; backends imports no Triton)."""
-    from fused_lora.kernels import configs, multi
-    assert limits.MAX_TRITON_MULTI_RANK == configs.MAX_MULTI_RANK
-    for seed in (0, 1, 2**62 - 1, 123456789012345):
-        for a in range(20):
-            assert multi.adapter_seed(seed, a) == core_dropout.adapter_seed(seed, a)
-
-
 @pytest.mark.parametrize("block_m", [1, 4, 32])
 def test_tile_table_covers_each_adapter_without_crossing(block_m):
     """The device-built tile table against the host layout (multi_impl.segments): every sorted position
     in exactly one tile of its own adapter, the LoRA tiles first and within the LoRA grid bound, then
     the base tiles, then empty tiles up to the table's size; bounds give each adapter's tiles."""
-    from fused_lora.kernels.multi import tile_count_bounds, tile_table
+    from fused_lora.kernels.segments.launchers import tile_count_bounds, tile_table
     row_adapter = torch.tensor([2, -1, 0, 0, 2, 2, 2, 0, -1, 2, 0, 2, 2, 2, 2, 2, 2])
     segs = core_segments.segments(row_adapter, 4)  # adapters 1 and 3 have no rows
     tiles, bounds = tile_table(row_adapter, 4, block_m)
@@ -227,7 +217,7 @@ def test_tile_table_covers_each_adapter_without_crossing(block_m):
 def test_tile_table_reads_no_row_count_on_the_host():
     """Built from row_adapter by device ops alone: on the meta device (no values at all) it still gives
     the table's shapes, so nothing waits for the device's counts (no sync on a GPU)."""
-    from fused_lora.kernels.multi import tile_count_bounds, tile_table
+    from fused_lora.kernels.segments.launchers import tile_count_bounds, tile_table
     tiles, bounds = tile_table(torch.empty(300, dtype=torch.int64, device="meta"), 5, 64)
     assert tiles.is_meta and tiles.shape == (tile_count_bounds(300, 5, 64)[0], 4) and bounds.shape == (6,)
 

@@ -207,10 +207,10 @@ def test_no_gradient_reaches_the_quantized_weight():
 
 
 def test_triton_row_for_quantized_ops():
-    """Until fused_lora.kernels.quant exists, asking for triton says why; once it does, it must agree with torch."""
+    """Until fused_lora.kernels.quantized.launchers exists, asking for triton says why; once it does, it must agree with torch."""
     qw = quantize_nf4(weight(64, 128))
     x, A, B = torch.randn(16, 128), torch.randn(16, 128) * 0.1, torch.randn(64, 16) * 0.1
-    if importlib.util.find_spec("fused_lora.kernels.quant") is None:
+    if importlib.util.find_spec("fused_lora.kernels.quantized.launchers") is None:
         with pytest.raises(backends.BackendUnavailable, match="quantized base"):
             lora_linear_quant(x, qw, None, A, B, 1.0, backend="triton")
         assert backends.select(backends.Problem("quant_fwd", x.device, x.dtype, 16, 64, 128, 16), "auto").name == "torch"

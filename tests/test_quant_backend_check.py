@@ -33,7 +33,7 @@ def _layer_inputs():
 
 
 def test_a_wrong_quant_kernel_is_not_chosen_by_auto(tmp_path, monkeypatch):
-    from fused_lora.kernels import quant as kq
+    from fused_lora import kernels as kq
     from fused_lora.ops.quant import lora_linear_quant
     reg = auto_on_cpu(tmp_path, monkeypatch)
     monkeypatch.setattr(kq, "forward_quant", with_a_wrong_element(kq.forward_quant))
@@ -92,7 +92,7 @@ def test_the_triton_row_refuses_nf4_blocks_under_64_by_name():
 def test_a_kernel_losing_the_low_rank_term_is_caught_on_a_fresh_adapter(tmp_path, monkeypatch):
     # At the first step B = 0: on the real inputs every low-rank term is zero, so the check must run on
     # random adapter weights (the probe), or a kernel dropping s H B^T would be chosen for good.
-    from fused_lora.kernels import quant as kq
+    from fused_lora import kernels as kq
     from fused_lora.ops.quant import lora_linear_quant
     reg = auto_on_cpu(tmp_path, monkeypatch)
     right = kq.forward_quant
@@ -106,7 +106,7 @@ def test_a_kernel_losing_the_low_rank_term_is_caught_on_a_fresh_adapter(tmp_path
 
 def test_a_wrong_kernel_is_caught_with_dropout_too(tmp_path, monkeypatch):
     # Training keys have dropout on: the check compares the rows with the dropout off (their masks differ).
-    from fused_lora.kernels import quant as kq
+    from fused_lora import kernels as kq
     from fused_lora.ops.quant import lora_linear_quant
     reg = auto_on_cpu(tmp_path, monkeypatch)
     monkeypatch.setattr(kq, "forward_quant", with_a_wrong_element(kq.forward_quant))
@@ -118,7 +118,7 @@ def test_a_wrong_kernel_is_caught_with_dropout_too(tmp_path, monkeypatch):
 
 
 def test_a_wrong_backward_kernel_is_not_run(tmp_path, monkeypatch):
-    from fused_lora.kernels import quant as kq
+    from fused_lora import kernels as kq
     from fused_lora.ops.quant import lora_linear_quant
     auto_on_cpu(tmp_path, monkeypatch)
     right = kq.backward_quant

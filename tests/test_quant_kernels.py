@@ -1,4 +1,4 @@
-"""The Triton kernels over a quantized frozen base (fused_lora.kernels.quant) against the reference on
+"""The Triton kernels over a quantized frozen base (fused_lora.kernels.quantized) against the reference on
 the dequantized weight: W = wq.dequantize_rows(0, N) (fused_lora.core.formats.layouts, the layouts' one
 definition), cast to the compute dtype, then the float64 reference of fused_lora.core.reference.
 
@@ -90,7 +90,7 @@ def lora_inputs(M, K, N, r, dtype, bias=True, seed=1):
 def check_against_reference(wq, M, r, dtype, p=0.0, bias=True, seed=1):
     """Y, H and dX, dA, dB of the quantized kernels against the reference on the dequantized weight."""
     from fused_lora.kernels import keep_mask
-    from fused_lora.kernels.quant import backward_quant, forward_quant
+    from fused_lora.kernels.quantized.launchers import backward_quant, forward_quant
     from fused_lora.core.reference import lora_linear_ref_h
 
     N, K = wq.shape
@@ -162,7 +162,8 @@ def test_gpu_tile_sizes(fmt, monkeypatch):
     # The GPU configs dequantize runs of 64 (forward) and 128 (dX) columns: a run of 128 crosses
     # three 64-element absmax blocks when K is not a multiple of 64. The interpreter's own config
     # has runs of 32, so run the kernels here with the GPU's run lengths.
-    from fused_lora.kernels import configs, quant
+    from fused_lora.kernels import configs
+    from fused_lora.kernels.quantized import launchers as quant
     tiles = {"quant_forward": configs._cfg(32, 32, 64, 4, 1, group=2), "quant_dx": configs._cfg(32, 128, 32, 4, 1, group=2)}
     monkeypatch.setattr(configs, "quant_candidates", lambda name, *args: [tiles[name]])
     quant._tuned.cache_clear()
@@ -175,7 +176,7 @@ def test_gpu_tile_sizes(fmt, monkeypatch):
 
 @pytest.mark.parametrize("need_dx,need_lora", [(True, False), (False, True), (False, False)])
 def test_backward_flags(need_dx, need_lora):
-    from fused_lora.kernels.quant import backward_quant, forward_quant
+    from fused_lora.kernels.quantized.launchers import backward_quant, forward_quant
     wq = random_nf4(30, 66, 64, True, seed=10)
     x, b, a, bb, dy = lora_inputs(25, 66, 30, 3, torch.float16)
     y, h = forward_quant(x, wq, b, a, bb, SCALING, 0.3, 5)
@@ -192,7 +193,7 @@ def test_same_result_as_the_16bit_kernels_on_the_dequantized_weight():
     # Same dropout mask, same H, G, dA, dB passes: against fused_lora.kernels on W in fp32, the
     # outputs agree to accumulation order (H and dB bit for bit: they never read W).
     from fused_lora import kernels
-    from fused_lora.kernels.quant import backward_quant, forward_quant
+    from fused_lora.kernels.quantized.launchers import backward_quant, forward_quant
     wq = random_nf4(34, 70, 64, False, seed=11)
     x, b, a, bb, dy = lora_inputs(29, 70, 34, 4, torch.float32)
     w = wq.dequantize_rows(0, 34)
@@ -207,7 +208,7 @@ def test_same_result_as_the_16bit_kernels_on_the_dequantized_weight():
 
 
 def test_bad_weights_are_refused_with_a_clear_message():
-    from fused_lora.kernels.quant import forward_quant
+    from fused_lora.kernels.quantized.launchers import forward_quant
     x, b, a, bb, _ = lora_inputs(4, 64, 8, 2, torch.float32)
     good = random_nf4(8, 64, 64, seed=12)
     cases = {

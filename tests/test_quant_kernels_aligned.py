@@ -5,14 +5,15 @@ the float64 reference; on CPU through TRITON_INTERPRET=1)."""
 import pytest
 import torch
 
-from fused_lora.kernels.quant import aligned_nf4
+from fused_lora.kernels.quantized.launchers import aligned_nf4
 from test_quant_kernels import DTYPES, bnb_nf4, check_against_reference, random_nf4, _gen, pytestmark  # noqa: F401
 
 
 def _gpu_tiles(monkeypatch, forward=(32, 32, 64), dx=(32, 128, 32)):
     """Run the kernels with the GPU configs' W runs: 64 columns per forward step, 128 per dX tile
     (two 64-column runs, each its own absmax), where the interpreter's own config has 32."""
-    from fused_lora.kernels import configs, quant
+    from fused_lora.kernels import configs
+    from fused_lora.kernels.quantized import launchers as quant
     tiles = {"quant_forward": configs._cfg(*forward, 4, 1, group=2), "quant_dx": configs._cfg(*dx, 4, 1, group=2)}
     monkeypatch.setattr(configs, "quant_candidates", lambda name, *args: [tiles[name]])
     quant._tuned.cache_clear()
@@ -20,7 +21,7 @@ def _gpu_tiles(monkeypatch, forward=(32, 32, 64), dx=(32, 128, 32)):
 
 @pytest.fixture
 def gpu_tiles(monkeypatch):
-    from fused_lora.kernels import quant
+    from fused_lora.kernels.quantized import launchers as quant
     _gpu_tiles(monkeypatch)
     yield
     monkeypatch.undo()
@@ -70,7 +71,7 @@ def test_general_path_without_bias_or_dropout(nested, gpu_tiles):
 
 
 def test_aligned_flag_is_what_the_launcher_passes():
-    from fused_lora.kernels.quant import _weight_args
+    from fused_lora.kernels.quantized.launchers import _weight_args
     from test_quant_kernels import random_int8
     assert _weight_args(random_nf4(8, 128, 64))[2]["ALIGNED"] is True
     assert _weight_args(random_nf4(8, 128, 128, nested=True))[2]["ALIGNED"] is True
@@ -82,7 +83,8 @@ def test_every_flag_set_the_launchers_pass_is_compiled_by_the_gate(monkeypatch):
     # The general NF4 path is compiled with one flag set only (HAS_BIAS, LOW_RANK_IN_DX): the
     # launchers must never pass another, for any format, bias or dropout.
     import itertools
-    from fused_lora.kernels import compile_check, quant
+    from fused_lora.kernels import compile_check
+    from fused_lora.kernels.quantized import launchers as quant
     from test_quant_kernels import lora_inputs, make_weight
     seen = []
 

@@ -1,4 +1,4 @@
-"""The triton row of several adapters in one batch over a quantized base (fused_lora.kernels.quant_multi,
+"""The triton row of several adapters in one batch over a quantized base (fused_lora.kernels.quantized.multi,
 under TRITON_INTERPRET=1 on CPU) against the float64 reference of the mixed-batch formula over the
 dequantized weight (W rounded to the compute dtype, as the kernels round it), with the dropout masks the
 triton multi path documents (adapter a: kernels.keep_mask(adapter_seed(seed, a), (m_a, K), p_a) over its
@@ -146,14 +146,14 @@ def test_check_rule_covers_the_triton_row_for_quant_multi_ops():
     for op, dropout, want in [("quant_multi_fwd", False, "torch"), ("quant_multi_fwd", True, "torch"),
                               ("quant_multi_bwd", False, "torch"), ("quant_multi_bwd", True, None)]:
         assert triton_row.check_against(backends.Problem(op, cuda, torch.float16, 64, N, K, 8, dropout)) == want
-    assert backends.BACKWARD_OPS["quant_multi_bwd"] == "quant_multi_fwd"
+    assert backends.Problem("quant_multi_bwd", cuda, torch.float16, 64, N, K, 8).forward_twin().op.name == "quant_multi_fwd"
 
 
 @pytest.mark.parametrize("broken", [False, True])
 def test_auto_checks_the_triton_row_before_choosing_it(tmp_path, monkeypatch, broken):
     """Auto with timing (on the CPU under the interpreter, every later row timed faster): the triton row wins
     when its output matches the torch row's, and is recorded as failed (torch runs) when it does not."""
-    from fused_lora.kernels import quant_multi
+    from fused_lora import kernels as quant_multi
     reg = auto_on_cpu(tmp_path, monkeypatch)
     if broken:
         real = quant_multi.quant_multi_forward

@@ -70,7 +70,7 @@ def _without_lora_b(fn, position):
 def test_forward_check_sees_the_low_rank_term_of_a_fresh_adapter(tmp_path, monkeypatch):
     # At a fine-tune's first step B = 0: a row that drops s H B^T gives the right Y on those inputs.
     # It must still fail the check (and its choice, kept on disk, must not be made on it).
-    from fused_lora.kernels import one_pass
+    from fused_lora.kernels.hopper import one_pass
     from fused_lora.ops.lora import lora_linear_fwd
     from utils import make_problem
     reg = auto_on_cpu(tmp_path, monkeypatch)
@@ -85,7 +85,7 @@ def test_forward_check_sees_the_low_rank_term_of_a_fresh_adapter(tmp_path, monke
 def test_backward_check_sees_the_low_rank_terms_of_a_fresh_adapter(tmp_path, monkeypatch):
     # With B = 0, G = s dY B is zero, so dA and the low-rank part of dX are zero whatever a kernel
     # does with them: a dX/dA kernel that loses them passes a check on those inputs.
-    from fused_lora.kernels import tma
+    from fused_lora.kernels.hopper import tma
     from fused_lora.ops.lora import lora_linear_bwd
     from utils import make_problem
     reg = auto_on_cpu(tmp_path, monkeypatch)
@@ -108,7 +108,8 @@ def test_tma_dx_launcher_asks_for_the_dropout_variants_config(monkeypatch, p):
     # compile_check compiles lora_dx_tma_kernel with HAS_DROPOUT=True under
     # configs.tma_candidates("dx_tma", ..., dropout=True) (a smaller tile: the large one spills);
     # the launcher must launch that variant with that config, not the dropout-free one.
-    from fused_lora.kernels import configs, tma
+    from fused_lora.kernels import configs
+    from fused_lora.kernels.hopper import tma
     from utils import make_problem
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     asked = []

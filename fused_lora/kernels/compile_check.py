@@ -4,8 +4,8 @@ sm_80 without a GPU, and read by ptxas.
 A variant is one kernel x architecture x dtype (bf16, fp16, fp32: fp32 dots run as TF32) x padded
 rank (BLOCK_R) x flag combination that changes the code (HAS_DROPOUT, HAS_BIAS, HAS_DB,
 HAS_DX/HAS_DA) x autotuning config the launchers may pick. The segment kernels of mixed batches
-(kernels/multi*.py) add their own: bf16/fp16 x the two multi ranks x flags, one config each; the
-quantized-base GEMMs (kernels/quant*.py) have no rank variants but QUANT/NESTED (nf4, nested nf4,
+(kernels/segments/) add their own: bf16/fp16 x the two multi ranks x flags, one config each; the
+quantized-base GEMMs (kernels/quantized/) have no rank variants but QUANT/NESTED (nf4, nested nf4,
 int8) x HAS_BIAS or LOW_RANK_IN_DX; the Hopper path (TMA, single pass) sm_90 16-bit only.
 Each is compiled the way the JIT specializes it for contiguous inputs with sizes divisible by 16 (unit strides constant, the rest
 16-divisible: the case that pipelines fully and uses the most shared memory), then Triton's own
@@ -38,6 +38,21 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
+import triton
+from triton.compiler import ASTSource
+
+from . import configs
+from .hopper.dx_tma import descriptor_blocks as dx_tma_blocks
+from .hopper.dx_tma import lora_dx_tma_kernel
+from .hopper.forward_one_pass import lora_forward_one_pass_kernel
+from .hopper.forward_tma import descriptor_blocks as forward_tma_blocks
+from .hopper.forward_tma import lora_forward_tma_kernel
+from .lora.launchers import KERNELS as POINTER_KERNELS
+from .quantized.quant_backward import quant_dx_kernel
+from .quantized.quant_forward import quant_forward_kernel
+from .reduce import BLOCK, sum_partials_kernel
+from .segments.launchers import KERNELS as MULTI
+
 RANKS = (16, 32, 64, 128, 256)  # every padded rank (BLOCK_R) the launchers use
 ARCHS = (90, 80)
 DTYPES = ("bf16", "fp16", "fp32")
@@ -67,7 +82,7 @@ FLAGS = {
     "dora_forward": [dict(HAS_BIAS=True, HAS_COLSCALE=True)],
     "dora_dy": [dict(HAS_DB=True, HAS_COLSCALE=True)],
 }
-# Several adapters in one batch (kernels/multi*.py): one config per variant, the multi ranks
+# Several adapters in one batch (kernels/segments/): one config per variant, the multi ranks
 # (configs.MULTI_BLOCK_RS) and the 16-bit dtypes only (float32 multi batches are refused on a GPU).
 MULTI_DTYPES = ("bf16", "fp16")
 _UNIT_STRIDES.update({
@@ -90,10 +105,10 @@ _PLAIN_INTS = {"tile0", "lora_tile0", "pos0", "n_tiles"}  # tile and position co
 _FLOAT_ARGS = {"scaling", "scale"}
 _FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr", "colscale_ptr", "dm_ws_ptr"}
 
-# The GEMMs over a quantized base (kernels/quant*.py): no rank variants (their low-rank term loops
+# The GEMMs over a quantized base (kernels/quantized/): no rank variants (their low-rank term loops
 # over rank chunks); QUANT x NESTED change the code, and the packed weight's pointer types.
 # NF4 runs ALIGNED (rows of whole blocks: every weight fused_lora.modules.quantized and bitsandbytes make) with
-# each flag, and its general path with one flag set only (kernels.quant passes a bias and the
+# each flag, and its general path with one flag set only (kernels.quantized passes a bias and the
 # low-rank term of dX through memory there).
 _QUANT_FORMATS = [dict(QUANT="nf4", NESTED=False), dict(QUANT="nf4", NESTED=True), dict(QUANT="int8", NESTED=False)]
 
@@ -116,8 +131,6 @@ _QUANT_POINTERS = {"code_ptr": "*fp32", "absmax_ptr": "*fp32", "qabsmax_ptr": "*
 
 
 def _quant_kernel(name: str):
-    from .quant_backward import quant_dx_kernel
-    from .quant_forward import quant_forward_kernel
     return {"quant_forward": quant_forward_kernel, "quant_dx": quant_dx_kernel}[name]
 
 
@@ -148,7 +161,6 @@ class Result:
 
     def failures(self) -> list:
         """Why this variant fails the gate (empty if it passes)."""
-        from . import configs
         out = [self.error] if self.error else []
         limit = configs.SMEM_LIMIT[self.variant.arch]
         if self.shared is not None and self.shared > limit:
@@ -162,7 +174,6 @@ class Result:
 
 def variants(archs=ARCHS, dtypes=DTYPES) -> list:
     """Every variant any launch may compile (under the real, non-interpreter config lists)."""
-    from . import configs
     out = []
     for arch, dtype in itertools.product(archs, dtypes):
         for kernel in configs.KERNELS:
@@ -184,12 +195,6 @@ def variants(archs=ARCHS, dtypes=DTYPES) -> list:
 
 def _source(v: Variant):
     """The kernel, its compile-time constants and signature for one variant, and its config."""
-    import triton
-    from triton.compiler import ASTSource
-
-    from . import _KERNELS, configs
-    from .reduce import BLOCK, sum_partials_kernel
-    from .multi import KERNELS as MULTI
     descriptors = {}
     if v.kernel in HOPPER_FLAGS:
         fn, blocks = _hopper_kernel(v.kernel)
@@ -209,7 +214,7 @@ def _source(v: Variant):
         cfg = configs.quant_candidates(v.kernel, v.arch, _ELT[v.dtype])[v.config]
         constexprs = dict(cfg.kwargs, RANK_STEP=configs.QUANT_RANK_STEP, **dict(v.flags))
     else:
-        fn = _KERNELS[v.kernel][0]
+        fn = POINTER_KERNELS[v.kernel][0]
         cfg = configs.candidates(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))[v.config]
         constexprs = dict(cfg.kwargs, BLOCK_R=v.block_r, **dict(v.flags))
     signature, attrs = {}, {}
@@ -268,17 +273,13 @@ FLAGS.update(HOPPER_FLAGS)
 def _hopper_kernel(name: str):
     """(jit function, descriptor block shapes of a config or None) of a Hopper-path kernel."""
     if name == "forward_tma":
-        from .forward_tma import descriptor_blocks, lora_forward_tma_kernel
-        return lora_forward_tma_kernel, descriptor_blocks
+        return lora_forward_tma_kernel, forward_tma_blocks
     if name == "dx_tma":
-        from .dx_tma import descriptor_blocks, lora_dx_tma_kernel
-        return lora_dx_tma_kernel, descriptor_blocks
-    from .forward_one_pass import lora_forward_one_pass_kernel
+        return lora_dx_tma_kernel, dx_tma_blocks
     return lora_forward_one_pass_kernel, lambda cfg: {}
 
 
 def hopper_variants(archs=ARCHS, dtypes=DTYPES) -> list:
-    from . import configs
     out = []
     if configs.HOPPER_ARCH not in archs:
         return out
@@ -354,7 +355,6 @@ def ptxas_report(arch: int, ptx: str, fp_fusion: bool = True) -> dict:
 
 def compile_variant(v: Variant) -> Result:
     """Compile one variant for its architecture and read ptxas' report of it."""
-    import triton
     from triton.backends.compiler import GPUTarget
     src, cfg = _source(v)
     result = Result(v, config=_config_name(cfg))
@@ -413,7 +413,6 @@ def _describe(r: Result) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    import triton
     start = time.time()
     results = run_all()
     elapsed = time.time() - start

@@ -14,6 +14,7 @@ from __future__ import annotations
 import triton
 
 from ..core.interpreter import interpreting
+from ..core.limits import MAX_TRITON_MULTI_RANK
 
 SMEM_LIMIT = {90: 232_448, 80: 166_912}  # bytes per block (opt-in maximum)
 
@@ -130,13 +131,13 @@ def candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout: boo
     raise KeyError(kernel_name)
 
 
-# ---- several adapters in one batch (kernels/multi*.py)
+# ---- several adapters in one batch (kernels/segments/)
 # One config per variant, no autotuning: the tile table (row tiles that never cross an adapter's
 # rows) is built for the kernel's BLOCK_M before launch. The config is the single-adapter kernel's
 # first (largest) fitting one. Two padded ranks only (ranks up to 32 pad to 32, up to 128 to 128)
 # and 16-bit dtypes on a GPU, to keep the compile gate's added variants near 64.
 MULTI_KERNELS = ("multi_shrink", "multi_forward", "multi_dy", "multi_dx_da")
-MULTI_BLOCK_RS = (32, 128)
+MULTI_BLOCK_RS = (32, MAX_TRITON_MULTI_RANK)  # the largest is core.limits' (a power of two): the rank the table refuses past
 MAX_MULTI_RANK = MULTI_BLOCK_RS[-1]
 _MULTI_BASE = {"multi_shrink": "shrink", "multi_forward": "forward", "multi_dy": "dy", "multi_dx_da": "dx_da"}
 
@@ -156,7 +157,7 @@ def multi_config(kernel_name: str, arch: int, block_r: int, elt: int, dropout: b
     if kernel_name == "multi_dx_da" and dropout and block_r == 32:
         return kept[min(1, len(kept) - 1)]
     return kept[0]
-# ---- The Hopper path (kernels/tma.py: forward_tma, dx_tma; kernels/one_pass.py: forward_one_pass).
+# ---- The Hopper path (kernels/hopper/tma.py: forward_tma, dx_tma; kernels/hopper/one_pass.py: forward_one_pass).
 # 128x256 tiles (8 warps, 3 stages; the TMA kernels store them in two halves) fit at BLOCK_R = 16;
 # larger ranks get 128x128 (4 stages).
 # Rows of their own in fused_lora.dispatch.registry, timed against the pointer kernels; sm_90 only, bf16 and
@@ -207,7 +208,7 @@ def tma_candidates(kernel_name: str, arch: int, block_r: int, elt: int, dropout:
     regs = lambda c: hopper_regs_estimate(c, block_r, elt, kernel_name, dropout)  # noqa: E731
     configs = _HOPPER_DROPOUT.get(kernel_name, _HOPPER[kernel_name]) if dropout else _HOPPER[kernel_name]
     return keep_fitting(configs, smem, block_r, elt, arch, regs)[:1]
-# The GEMMs over a quantized frozen base (kernels/quant_forward.py, quant_backward.py): the W tile
+# The GEMMs over a quantized frozen base (kernels/quantized/quant_forward.py, quant_backward.py): the W tile
 # of each step is dequantized in registers by every thread, so its cost per FLOP falls with the
 # rows sharing it: 256 rows (on sm_90, NF4 aligned to its blocks, about 210 non-MMA instructions
 # per warp per 32-deep step, which 2 warps per sub-partition issue in less than the step's 512

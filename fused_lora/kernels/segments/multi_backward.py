@@ -18,10 +18,9 @@ loads are masked), so the stacked sums are fully written.
 import triton
 import triton.language as tl
 
-from .dropout import keep_tile
-from .forward import grouped_tile
+from ..dropout import keep_tile
+from ..tiles import grouped_tile, load_tile, store_tile
 from .multi_forward import adapter_dropout, adapter_rank, segment_tile
-from .tiles import load_tile, store_tile
 
 
 @triton.jit

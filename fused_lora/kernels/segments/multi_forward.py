@@ -1,6 +1,6 @@
 """Forward kernels for several adapters in one batch (rows grouped by adapter, as vLLM's sgmv).
 
-The launcher (`multi.py`) sorts nothing itself: it receives the rows sorted by adapter (`order`, the
+The launcher (`segments/launchers.py`) sorts nothing itself: it receives the rows sorted by adapter (`order`, the
 stable sort of the per-row adapter index, base rows first) and cuts each adapter's run of sorted
 positions into row tiles that never cross an adapter boundary (the tile table). Every program thus
 has one adapter: one scalar rank, scaling, dropout seed and threshold, one A / B slice.
@@ -22,9 +22,8 @@ largest rank (smaller ranks zero-padded, never read: loads are masked by the ada
 import triton
 import triton.language as tl
 
-from .dropout import keep_tile
-from .forward import grouped_tile
-from .tiles import load_tile, store_tile
+from ..dropout import keep_tile
+from ..tiles import grouped_tile, load_tile, store_tile
 
 
 @triton.jit

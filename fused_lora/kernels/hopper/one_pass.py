@@ -1,7 +1,7 @@
 """The "triton-onepass" implementation: the single-pass forward, with the interface of
-`fused_lora.kernels`.
+`fused_lora.kernels` (forward, backward and `keep_mask`).
 
-    forward   `forward_one_pass.lora_forward_one_pass_kernel`: Y and H in one launch, no shrink pass
+    forward   `hopper.forward_one_pass.lora_forward_one_pass_kernel`: Y and H in one launch, no shrink pass
     backward  the pointer kernels' backward, unchanged (H and the dropout mask mean what they mean
               there, so it applies as is)
     keep_mask the same mask as the pointer kernels
@@ -14,14 +14,13 @@ from __future__ import annotations
 import torch
 import triton
 
-from .. import kernels as pointer_kernels  # this package's launchers: the pointer kernels
-from . import arch_of, block_r, configs
-from .dropout import keep_mask, keep_threshold
+from .. import configs
+from ..dropout import keep_mask, keep_threshold
+from ..launch import arch_of, block_r
+from ..lora.launchers import backward  # the pointer kernels' backward: H and the mask mean what they mean there
 from .forward_one_pass import lora_forward_one_pass_kernel
 
 __all__ = ["forward", "backward", "keep_mask"]
-
-backward = pointer_kernels.backward  # H and the mask mean what they mean there
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -40,3 +39,5 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r), **k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y, h
+
+

@@ -17,6 +17,8 @@ fp16/bf16/fp32; scaling, dropout_p floats; seed an int), but the frozen weight i
   or (nested) qabsmax uint8[same], code2 fp32[256], absmax2 fp32[ceil(len(qabsmax) / blocksize2)],
   offset. The nested absmax is un-nested inside the kernels (no fp32 absmax made per call).
 - Int8Data: qweight int8 N x K contiguous, scale fp32[N].
+What is particular to a format (its checks, its weight arguments, whether it runs the general path)
+is one entry of `FORMATS`, looked up by the layout's `format`.
 Any M, N, K (K odd too: NF4 rows then start inside a byte). Each NF4 call builds a 2 KB table of
 level pairs (`quant_tiles.pair_table`, one small torch op). NF4 weights whose rows are whole
 blocks (K % blocksize == 0: every weight fused_lora.modules.quantized or bitsandbytes makes) run the kernels'
@@ -43,15 +45,21 @@ from functools import lru_cache
 import torch
 import triton
 
-from ..core.formats import Int8Data, NF4Data
-from . import _launcher, _row_blocks, _row_blocks_used, _tiles_grid, arch_of, block_r, dy_pass, m_bucket, shrink, sum_lora_grads
-from . import configs
-from .dropout import keep_threshold
+from dataclasses import dataclass
+from typing import Callable
+
+from ...core import formats as core_formats
+from ...core.formats import int8, nf4
+from .. import configs
+from ..dropout import keep_threshold
+from ..launch import arch_of, block_r, m_bucket, row_blocks, row_blocks_used, tiles_grid
+from ..lora.launchers import dy_pass, launcher, shrink, sum_lora_grads
 from .quant_backward import quant_dx_kernel
 from .quant_forward import quant_forward_kernel
 from .quant_tiles import MIN_BLOCKSIZE, pair_table
 
-__all__ = ["forward_quant", "backward_quant", "check_quant_weight", "aligned_nf4", "MIN_BLOCKSIZE"]
+__all__ = ["forward_quant", "backward_quant", "check_quant_weight", "aligned_nf4", "MIN_BLOCKSIZE", "KernelFormat",
+           "FORMATS", "kernel_format"]
 
 _KERNELS = {  # name -> (jit function, autotuning key: every argument that changes the code or the work)
     "quant_forward": (quant_forward_kernel, ["M_BUCKET", "N", "K", "HAS_BIAS", "QUANT", "NESTED", "ALIGNED"]),
@@ -85,18 +93,7 @@ def _power_of_two(n) -> bool:
     return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
 
 
-def check_quant_weight(wq, x: torch.Tensor) -> None:
-    """The layout invariants the kernels rely on (cheap: sizes, dtypes, contiguity, devices)."""
-    if not isinstance(wq, (NF4Data, Int8Data)):
-        _fail(f"expected NF4Data or Int8Data, got {type(wq).__name__}")
-    N, K = wq.shape
-    if x.dim() != 2 or x.shape[1] != K:
-        _fail(f"x of shape {tuple(x.shape)} does not match the weight's {N} x {K}")
-    dev = x.device
-    if isinstance(wq, Int8Data):
-        _expect(wq.qweight, "qweight", torch.int8, N * K, dev)
-        _expect(wq.scale, "scale", torch.float32, N, dev)
-        return
+def _check_nf4(wq, N: int, K: int, dev) -> None:
     if (N * K) % 2:
         _fail(f"N * K = {N * K} is odd: NF4 packs two elements per byte")
     if wq.blocksize < MIN_BLOCKSIZE or not _power_of_two(wq.blocksize):
@@ -114,23 +111,26 @@ def check_quant_weight(wq, x: torch.Tensor) -> None:
         _expect(wq.absmax, "absmax", torch.float32, n_blocks, dev)
 
 
+def _check_int8(wq, N: int, K: int, dev) -> None:
+    _expect(wq.qweight, "qweight", torch.int8, N * K, dev)
+    _expect(wq.scale, "scale", torch.float32, N, dev)
+
+
+def _format_name(wq):
+    """The name of wq's format (`core.formats`) when wq is one of its layouts, else None."""
+    return type(wq).format if core_formats.is_layout(wq) else None
+
+
 def aligned_nf4(wq) -> bool:
     """Whether wq is NF4 with rows of whole blocks (K % blocksize == 0, as fused_lora.modules.quantized and
     bitsandbytes' Linear4bit layers always are): the kernels' fast path (ALIGNED: no odd-row bytes,
     one absmax per row and 64-column run). Other NF4 weights take the general path, compiled in one
     flag set only (a bias and the low-rank term of dX passed through memory) to keep the variants few."""
-    return isinstance(wq, NF4Data) and wq.shape[1] % wq.blocksize == 0
+    return _format_name(wq) == nf4.NAME and wq.shape[1] % wq.blocksize == 0
 
 
-def _weight_args(wq) -> tuple:
-    """(pointers q, code, absmax, qabsmax, code2, absmax2), (K // 2, K % 2, log2 blocksize,
-    log2 blocksize2, n_blocks, offset), constexprs. Pointers a format does not read get a stand-in
-    of the type the gate compiles with."""
+def _nf4_args(wq) -> tuple:
     N, K = wq.shape
-    if isinstance(wq, Int8Data):
-        q = wq.qweight
-        ptrs = (q, wq.scale, wq.scale, q.view(torch.uint8), wq.scale, wq.scale)
-        return ptrs, (K // 2, K % 2, 0, 0, 1, 0.0), dict(QUANT="int8", NESTED=False, ALIGNED=False)
     sizes = (K // 2, K % 2, wq.blocksize.bit_length() - 1, wq.blocksize2.bit_length() - 1,
              triton.cdiv(N * K, wq.blocksize), float(wq.offset))
     pairs = pair_table(wq.code)
@@ -141,6 +141,61 @@ def _weight_args(wq) -> tuple:
     return ptrs, sizes, dict(QUANT="nf4", NESTED=wq.nested, ALIGNED=aligned_nf4(wq))
 
 
+def _int8_args(wq) -> tuple:
+    N, K = wq.shape
+    q = wq.qweight
+    ptrs = (q, wq.scale, wq.scale, q.view(torch.uint8), wq.scale, wq.scale)
+    return ptrs, (K // 2, K % 2, 0, 0, 1, 0.0), dict(QUANT="int8", NESTED=False, ALIGNED=False)
+
+
+@dataclass(frozen=True)
+class KernelFormat:
+    """What the quantized GEMMs need of one format of `core.formats` (its tiles: `quant_tiles.dequant_tile`
+    under QUANT = the format's name):
+
+    check(wq, N, K, device)  the layout invariants the kernels rely on (ValueError naming the field)
+    weight_args(wq)          (pointers q, code, absmax, qabsmax, code2, absmax2), (K // 2, K % 2, log2
+                             blocksize, log2 blocksize2, n_blocks, offset), the constexprs (QUANT, NESTED,
+                             ALIGNED). Pointers a format does not read get a stand-in of the type the gate
+                             compiles with.
+    general(wq)              whether wq runs a path compiled with one flag set only: a bias (zeros when
+                             there is none) and the low-rank term of dX through dX's memory
+    """
+    check: Callable
+    weight_args: Callable
+    general: Callable
+
+
+# The formats the kernels take, by `core.formats` name: adding one is a tile loader and an entry here.
+FORMATS = {
+    nf4.NAME: KernelFormat(_check_nf4, _nf4_args, general=lambda wq: not aligned_nf4(wq)),
+    int8.NAME: KernelFormat(_check_int8, _int8_args, general=lambda wq: False),
+}
+
+
+def kernel_format(wq) -> KernelFormat:
+    """The entry of FORMATS for wq's format (ValueError for anything else)."""
+    fmt = FORMATS.get(_format_name(wq))
+    if fmt is None:
+        names = " or ".join(core_formats.FORMATS[name].DATA.__name__ for name in FORMATS)
+        _fail(f"expected {names}, got {type(wq).__name__}")
+    return fmt
+
+
+def check_quant_weight(wq, x: torch.Tensor) -> None:
+    """The layout invariants the kernels rely on (cheap: sizes, dtypes, contiguity, devices)."""
+    fmt = kernel_format(wq)
+    N, K = wq.shape
+    if x.dim() != 2 or x.shape[1] != K:
+        _fail(f"x of shape {tuple(x.shape)} does not match the weight's {N} x {K}")
+    fmt.check(wq, N, K, x.device)
+
+
+def _weight_args(wq) -> tuple:
+    """(pointers, sizes, constexprs) of wq for the quantized GEMMs (KernelFormat.weight_args)."""
+    return kernel_format(wq).weight_args(wq)
+
+
 def forward_quant(x, wq, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """(Y, H): Y = x W^T + b + s H B^T, H = (D x) A^T, W = wq dequantized tile by tile in the GEMM."""
     check_quant_weight(wq, x)
@@ -149,9 +204,9 @@ def forward_quant(x, wq, bias, lora_A, lora_B, scaling, dropout_p, seed):
     h = shrink(x, lora_A, dropout_p, seed)  # the 16-bit forward's shrink pass
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     ptrs, sizes, flags = _weight_args(wq)
-    if bias is None and isinstance(wq, NF4Data) and not flags["ALIGNED"]:
+    if bias is None and kernel_format(wq).general(wq):
         bias = torch.zeros(N, dtype=x.dtype, device=x.device)  # the general NF4 path runs with a bias only
-    _quant_launcher("quant_forward", x)[_tiles_grid(M, N)](
+    _quant_launcher("quant_forward", x)[tiles_grid(M, N)](
         x, *ptrs, bias if bias is not None else y, h, lora_B, y,
         *x.stride(), *h.stride(), *lora_B.stride(), *y.stride(),
         M, N, K, r, *sizes, float(scaling), m_bucket(M),
@@ -183,21 +238,21 @@ def _lora_grads(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx,
     #    with N = 0 (no dY W; it reads no weight, g stands in for it).
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
     # The general NF4 path (not aligned_nf4) is compiled with LOW_RANK_IN_DX only: G A comes through dX.
-    low_rank_in_dx = need_dx and (p > 0.0 or (isinstance(wq, NF4Data) and not aligned_nf4(wq)))
+    low_rank_in_dx = need_dx and (p > 0.0 or kernel_format(wq).general(wq))
     if need_lora or low_rank_in_dx:
-        dx_da = _launcher("dx_da", x, r, p > 0.0)
-        da_ws = torch.empty((_row_blocks(dx_da, M), r, K), **f32) if need_lora else g
-        dx_da[_tiles_grid(M, K)](
+        dx_da = launcher("dx_da", x, r, p > 0.0)
+        da_ws = torch.empty((row_blocks(dx_da, M), r, K), **f32) if need_lora else g
+        dx_da[tiles_grid(M, K)](
             dy, g, g, lora_A, x, dx if low_rank_in_dx else g, da_ws,
             *dy.stride(), *g.stride(), *g.stride(), *lora_A.stride(), *x.stride(),
             *(dx.stride() if low_rank_in_dx else (0, 0)),
             M, 0, K, r, seed, keep_threshold(p), 1.0 / (1.0 - p), m_bucket(M),
             HAS_DX=low_rank_in_dx, HAS_DA=need_lora, HAS_DROPOUT=p > 0.0, BLOCK_R=block_r(r))
-        da_slots = _row_blocks_used(dx_da, M)
+        da_slots = row_blocks_used(dx_da, M)
     # 3. dX over the quantized weight, onto the low-rank term.
     if need_dx:
         ptrs, sizes, flags = _weight_args(wq)
-        _quant_launcher("quant_dx", x)[_tiles_grid(M, K)](
+        _quant_launcher("quant_dx", x)[tiles_grid(M, K)](
             dy, *ptrs, g, lora_A, dx,
             *dy.stride(), *g.stride(), *lora_A.stride(), *dx.stride(),
             M, N, K, r, *sizes, m_bucket(M),

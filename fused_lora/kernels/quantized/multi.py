@@ -5,12 +5,12 @@ table's ops "quant_multi_fwd" / "quant_multi_bwd" (see fused_lora.ops.quant):
     quant_multi_backward(dY, x, wq, adapters, H, segs, seed, need_dx, need_lora, need_db)
         -> (dx, [(dA_a, dB_a) or None], db)
 
-`wq` is a `quant_format` NF4Data / Int8Data, `adapters` ((A_a, B_a, s_a, p_a), ...), `segs` the grouped
-layout (`multi_impl.Segments`: `order`, the rows sorted by adapter, base rows first, and the `offsets` of
+`wq` is a `core.formats` layout (NF4Data / Int8Data), `adapters` ((A_a, B_a, s_a, p_a), ...), `segs` the grouped
+layout (`core.segments.Segments`: `order`, the rows sorted by adapter, base rows first, and the `offsets` of
 each adapter's run), H packed as the multi-adapter ops pack it (M x largest rank, row i for sorted
 position i, its first r_a columns used, the rest zero).
 
-Composed of the single-adapter quantized launchers (`quant.forward_quant` / `backward_quant`: the W
+Composed of the single-adapter quantized launchers (`quantized.launchers.forward_quant` / `backward_quant`: the W
 tiles dequantized in the GEMMs' K loops), no kernel of its own: one call per adapter present on its rows
 (a view when they are one run of consecutive rows, else gathered, and the results scattered back), and
 one for the base rows (a zero rank-1 adapter). So the base GEMM's work is done once for the batch, in
@@ -18,16 +18,16 @@ pieces; the price against segment kernels (one launch over every row) is a launc
 the gathers and scatters of scattered rows (x and Y in forward; dY, x and dX in backward) and small GEMMs
 for adapters with few rows. auto times it against the torch row per shape, and checks it first.
 
-Dropout: adapter a's mask is the single-adapter kernels' mask for the seed `multi.adapter_seed(seed, a)`
-over its rows in increasing order, which is the segment kernels' (`kernels.multi`) mask too: the triton
+Dropout: adapter a's mask is the single-adapter kernels' mask for the seed `core.dropout.adapter_seed(seed, a)`
+over its rows in increasing order, which is the segment kernels' (`kernels.segments`) mask too: the triton
 row draws one mask for a mixed batch whichever launcher runs it.
 """
 from __future__ import annotations
 
 import torch
 
-from .multi import adapter_seed
-from .quant import backward_quant, check_quant_weight, forward_quant
+from ...core.dropout import adapter_seed
+from .launchers import backward_quant, check_quant_weight, forward_quant
 
 __all__ = ["quant_multi_forward", "quant_multi_backward"]
 

@@ -1,5 +1,5 @@
 """Hopper dX GEMM: dX = D (G A) + dY W with TMA descriptors and a persistent grid, and in the same
-program the row block's partial of dA = G^T (D x), exactly as `backward.lora_dx_da_kernel` writes it.
+program the row block's partial of dA = G^T (D x), exactly as `lora.backward.lora_dx_da_kernel` writes it.
 
 Why dA stays in this kernel: its partial needs G and the x tile of the same (rows, columns) as the
 dX tile and the same dropout mask, which this program already has; a separate dA pass would read
@@ -8,17 +8,16 @@ dX's store go through TMA; G, A and x are loaded once per tile with pointer load
 small; x is read once per tile, for dA only). Everything that uses the dropout mask comes before
 the main loop, so neither the mask nor the x tile is live across it. The layer's K is this
 GEMM's output column dimension (BLOCK_N) and the layer's N its reduction (BLOCK_K), as in
-backward.py. When dX is not needed the launcher runs the pointer kernel's HAS_DX=False variant.
+lora/backward.py. When dX is not needed the launcher runs the pointer kernel's HAS_DX=False variant.
 
 Persistent grid and grouped tile order as in `forward_tma` (Triton's tutorial 09).
 """
 import triton
 import triton.language as tl
 
-from .dropout import keep_tile
-from .forward import grouped_tile
+from ..dropout import keep_tile
+from ..tiles import grouped_tile, load_tile, store_tile
 from .forward_tma import epilogue_parts
-from .tiles import load_tile, store_tile
 
 
 def descriptor_blocks(cfg) -> dict:

@@ -4,10 +4,10 @@
     multi_backward(dY, x, W, adapters, H, segs, seed, need_dx, need_lora, need_dw, need_db)
         -> (dx, [(dA_a, dB_a) or None], dW, db)
 
-`adapters` is ((A_a, B_a, s_a, p_a), ...); `segs` the grouped layout (`multi_impl.Segments`: its
+`adapters` is ((A_a, B_a, s_a, p_a), ...); `segs` the grouped layout (`fused_lora.core.segments.Segments`: its
 `row_adapter` and `order`, the rows sorted by adapter, base rows first; its host-side `offsets` are
 never read: the tile table is built on the device, so the launchers make no device-to-host sync).
-The packed H is `multi_impl.packed_h_shape`: M x R (R the largest rank), row i for sorted position
+The packed H is `core.segments.packed_h_shape`: M x R (R the largest rank), row i for sorted position
 i, its first r_a columns used (the rest zero).
 
 Scheduling (vLLM's sgmv): each adapter's run of sorted positions is cut into row tiles that never
@@ -24,6 +24,7 @@ Adapters' A and B are passed stacked and zero-padded to the largest rank, (n, R,
 torch.stack then does the same copy), with small per-adapter tables for rank, scaling, dropout.
 
 Dropout: adapter a's mask is the Triton backend's own `keep_mask(adapter_seed(seed, a), (m_a, K), p_a)`
+(`adapter_seed`: fused_lora.core.dropout's, the one every implementation uses)
 over its rows in increasing order, drawn in-kernel (Philox of (seed, row within the adapter,
 column)), regenerated in backward, never stored: exactly what this backend's single-adapter op
 draws on that adapter's rows alone with that seed. (The torch backend draws its own masks from the
@@ -37,27 +38,19 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import configs
-from .dropout import keep_threshold
+from ...core.dropout import adapter_seed
+from .. import configs
+from ..dropout import keep_threshold
+from ..launch import arch_of, dy_chunk
+from ..reduce import BLOCK as SUM_BLOCK
+from ..reduce import sum_partials
 from .multi_backward import multi_dx_da_kernel, multi_dy_kernel, multi_sum_kernel
 from .multi_forward import multi_forward_kernel, multi_shrink_kernel
-from .reduce import BLOCK as SUM_BLOCK
-from .reduce import sum_partials
 
-__all__ = ["multi_forward", "multi_backward", "tile_table", "adapter_seed"]
+__all__ = ["KERNELS", "multi_forward", "multi_backward", "tile_table", "tile_count_bounds", "adapter_seed"]
 
 KERNELS = {"multi_shrink": multi_shrink_kernel, "multi_forward": multi_forward_kernel,
            "multi_dy": multi_dy_kernel, "multi_dx_da": multi_dx_da_kernel, "multi_sum": multi_sum_kernel}
-
-# fused_lora.torch_row.multi.adapter_seed, restated here because the kernels import nothing of the package
-# (tests/test_multi_kernels.py holds the two equal).
-_SEED_MIX = 0x9E3779B97F4A7C15
-_SEED_HIGH = 2**62
-
-
-def adapter_seed(seed: int, adapter: int) -> int:
-    return (int(seed) + (adapter + 1) * _SEED_MIX) % _SEED_HIGH
-
 
 def tile_count_bounds(M: int, n_adapters: int, block_m: int) -> tuple[int, int]:
     """(all tiles, LoRA tiles): upper bounds of the tile table's sizes that need no row count: the
@@ -102,12 +95,11 @@ class _Batch:
     """What every launch of one call shares: the adapters stacked, their tables, the tile tables."""
 
     def __init__(self, x, weight, adapters, segs, seed: int):
-        from . import arch_of
         self.x, self.segs, self.device = x, segs, x.device
         self.n = len(adapters)
         self.K, self.N = x.shape[1], weight.shape[0]
         ranks = [a[0].shape[0] for a in adapters]
-        self.rw = max([0] + ranks)  # the packed width: multi_impl.packed_h_shape
+        self.rw = max([0] + ranks)  # the packed width: core.segments.packed_h_shape
         self.block_r = configs.multi_block_r(self.rw)
         self.arch = arch_of(x.device)
         self.elt = x.element_size()
@@ -218,7 +210,6 @@ def _lora_backward(dy, x, weight, adapters, h, segs, seed, need_dx):
     # base rows' part (no program writes it, none reads it) sums to zero, not to uninitialised memory.
     f32 = dict(dtype=torch.float32, device=x.device)
     # 1. The dY pass: partials of G (one per column chunk) and of dB (one per LoRA tile).
-    from . import dy_chunk
     cfg = batch.config("multi_dy")
     tiles, _, n_lora, db_bounds = batch.tiles(cfg.kwargs["BLOCK_M"])
     chunk = dy_chunk(M, N)

@@ -8,8 +8,8 @@ by c = m / n before the bias. Parameter order: pointers, strides, sizes, scalars
 import triton
 import triton.language as tl
 
-from .dropout import keep_tile
-from .tiles import load_tile, store_tile
+from ..dropout import keep_tile
+from ..tiles import grouped_tile, load_tile, store_tile
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -36,19 +36,6 @@ def lora_shrink_kernel(
         a = load_tile(a_ptr, offs_k, offs_r, stride_ak, stride_ar, k_in, r_in)  # A^T tile, BLOCK_K x BLOCK_R
         acc = tl.dot(x, a, acc)
     store_tile(h_ptr, acc, offs_m, offs_r, stride_hm, stride_hr, m_in, r_in)
-
-
-@triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (tile row, tile column), GROUP_M row tiles at a time for L2 reuse."""
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % in_group) % group_size)
-    pid_n = (pid % in_group) // group_size
-    return pid_m, pid_n
 
 
 @triton.jit

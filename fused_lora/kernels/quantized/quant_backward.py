@@ -23,9 +23,8 @@ and the reduction over the layer's N (BLOCK_K).
 import triton
 import triton.language as tl
 
-from .forward import grouped_tile
+from ..tiles import grouped_tile, load_tile, store_tile
 from .quant_tiles import dequant_tile
-from .tiles import load_tile, store_tile
 
 
 @triton.jit(do_not_specialize=["bs_shift", "bs2_shift"])  # small values: no alignment to find

@@ -16,9 +16,8 @@ reduction over the layer's N (BLOCK_K): the config names are the generic GEMM's.
 import triton
 import triton.language as tl
 
-from .dropout import keep_tile
-from .forward import grouped_tile
-from .tiles import load_tile, store_tile
+from ..dropout import keep_tile
+from ..tiles import grouped_tile, load_tile, store_tile
 
 
 @triton.jit

@@ -1,9 +1,10 @@
-"""The "triton-tma" implementation: the Hopper path, with the interface of `fused_lora.kernels`.
+"""The "triton-tma" implementation: the Hopper path, with the interface of `fused_lora.kernels`
+(forward, backward and `keep_mask`).
 
     forward   the shrink pass (pointer kernel, bandwidth-bound) then the TMA + persistent GEMM
-              (`forward_tma.lora_forward_tma_kernel`)
-    backward  the dY pass and the reductions of `fused_lora.kernels`, with the dX / dA-partials
-              step replaced by the TMA + persistent kernel (`dx_tma.lora_dx_tma_kernel`); without
+              (`hopper.forward_tma.lora_forward_tma_kernel`)
+    backward  the dY pass and the reductions of `fused_lora.kernels.lora`, with the dX / dA-partials
+              step replaced by the TMA + persistent kernel (`hopper.dx_tma.lora_dx_tma_kernel`); without
               dX (only dA, dB asked for) the pointer kernel's HAS_DX=False variant runs
     keep_mask the same mask as the pointer kernels (`dropout.keep_tile`)
 
@@ -21,9 +22,11 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import arch_of, block_r, configs, dx_da_pointer, forward_gemm, shrink
-from .. import kernels as pointer_kernels  # this package's launchers: the pointer kernels
-from .dropout import keep_mask, keep_threshold
+from .. import configs
+from ..dropout import keep_mask, keep_threshold
+from ..launch import arch_of, block_r
+from ..lora.launchers import backward as pointer_backward  # the pointer kernels' backward
+from ..lora.launchers import dx_da_pointer, forward_gemm, shrink
 from .dx_tma import descriptor_blocks as dx_blocks
 from .dx_tma import lora_dx_tma_kernel
 from .forward_tma import descriptor_blocks as forward_blocks
@@ -110,5 +113,7 @@ def dx_da_tma(dy, x, weight, g, lora_A, p, seed, need_dx, need_lora):
 
 
 def backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora, need_dw, need_db):
-    return pointer_kernels.backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora,
-                                    need_dw, need_db, dx_da_step=dx_da_tma)
+    return pointer_backward(dy, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx, need_lora,
+                            need_dw, need_db, dx_da_step=dx_da_tma)
+
+

@@ -13,14 +13,13 @@ Triton's tutorial 09 (persistent matmul, host-side `TensorDescriptor`s):
 - H and B (M x r and N x r, small, r often not 16-byte aligned) stay pointer loads, once per tile.
 
 Descriptors need 16-byte aligned row strides and a unit last stride: the launcher in
-`fused_lora.kernels.tma` checks that and otherwise runs the pointer kernel.
+`fused_lora.kernels.hopper.tma` checks that and otherwise runs the pointer kernel.
 Parameter order: descriptors and pointers, strides, sizes, scalars, constexprs.
 """
 import triton
 import triton.language as tl
 
-from .forward import grouped_tile
-from .tiles import load_tile
+from ..tiles import grouped_tile, load_tile
 
 
 def descriptor_blocks(cfg) -> dict:

@@ -13,14 +13,13 @@ column tile of each row block (pid_n == 0) only. The backward kernels then regen
 mask. The low-rank product uses s H rounded once to x's dtype (the pointer path rounds H, then
 scales in fp32: the two differ by one rounding of a value already rounded once); it goes into the
 main accumulator through tl.dot's accumulator argument, so no second BLOCK_M x BLOCK_N tile is
-live (adding a separate product would be, see forward.py).
+live (adding a separate product would be, see lora/forward.py).
 """
 import triton
 import triton.language as tl
 
-from .dropout import keep_tile
-from .forward import grouped_tile
-from .tiles import load_tile, store_tile
+from ..dropout import keep_tile
+from ..tiles import grouped_tile, load_tile, store_tile
 
 
 @triton.jit(do_not_specialize=["seed"])

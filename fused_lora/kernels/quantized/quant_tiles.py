@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.limits import KERNEL_MIN_BLOCKSIZE
+from ...core.limits import KERNEL_MIN_BLOCKSIZE
 
 MIN_BLOCKSIZE = KERNEL_MIN_BLOCKSIZE  # the smallest NF4 blocksize the kernels take (the backends table refuses less)
 
