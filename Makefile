@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (Linux, Python >= 3.10):
 #   make demo    set up .venv on first use, then run the tutorial walk-through
-#   make test    the same set-up plus the test extras, then the test suite (PYTEST_ARGS="tests/test_layer.py -x"
+#   make test    the same set-up plus the test extras, then the test suite (PYTEST_ARGS="tests/modules/test_layer.py -x"
 #                passes arguments)
 # The set-up: a virtual environment .venv in this directory; torch $(TORCH_VERSION), a CUDA build where
 # nvidia-smi lists a GPU, the CPU build elsewhere; then this package, editable, with nothing more (what the

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The static performance gate (fused_lora/kernels/compile_check.py) under triton 3.6, the GPU
 # machine's version: every kernel variant compiled for sm_90 and sm_80 without a GPU, failing on
-# any sm_90 spill or ptxas C75xx advisory. (tests/test_kernel_compile.py runs the same gate under
+# any sm_90 spill or ptxas C75xx advisory. (tests/kernels/test_compile_gate.py runs the same gate under
 # the triton the project's own venv has.)
 #
 # The venv holds torch (CPU), triton 3.6 and the package's dependencies; PYTHONPATH points at this

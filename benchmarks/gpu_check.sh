@@ -35,8 +35,8 @@ skip=" ${GPU_CHECK_SKIP:-} "
 shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14336 16; 8192 14336 4096 16}"
 read -r -a layer_args <<< "${LAYER_ARGS:-}"
 read -r -a finetune_args <<< "${FINETUNE_ARGS:-}"
-read -r -a test_files <<< "${TEST_FILES:-tests/test_kernels.py tests/test_multi_kernels.py tests/test_quant_kernels.py tests/test_quant_kernels_aligned.py tests/test_quant_backend_check.py tests/test_quant_multi_kernels.py tests/test_backends.py tests/test_ops.py tests/test_layer.py}"
-read -r -a hopper_test_files <<< "${HOPPER_TEST_FILES:-tests/test_hopper_kernels.py tests/test_backends_hopper.py}"
+read -r -a test_files <<< "${TEST_FILES:-tests/kernels/test_lora_kernels.py tests/kernels/test_segment_kernels.py tests/kernels/test_quantized_kernels.py tests/kernels/test_quantized_kernels_aligned.py tests/dispatch/test_quantized_check_rule.py tests/kernels/test_quantized_segment_kernels.py tests/dispatch/test_selection.py tests/ops/test_lora_op.py tests/modules/test_layer.py}"
+read -r -a hopper_test_files <<< "${HOPPER_TEST_FILES:-tests/kernels/test_hopper_kernels.py tests/dispatch/test_hopper_rows.py}"
 start=$SECONDS
 status=0
 : > "$out/status.tsv"
@@ -114,7 +114,7 @@ stage quant_kernels 60 80 quant_kernels.log "$py" benchmarks/bench_quant_kernels
 # DoRA: its Triton kernels against the float64 reference on the GPU (bf16 too), then beside LoRA
 # (fused_lora's and peft's): layer at 8192x4096x4096 r=16 and a 1B fine-tuning step.
 FUSED_LORA_CACHE_DIR="$out/test_backend_cache" \
-    stage dora_tests 60 10 dora_tests.log "$py" -m pytest -q -p no:cacheprovider tests/test_dora.py -k "triton or only"
+    stage dora_tests 60 10 dora_tests.log "$py" -m pytest -q -p no:cacheprovider tests/ops/test_dora.py -k "triton or only"
 stage dora 90 10 dora.log "$py" benchmarks/bench_dora.py --gpu-suite --out "$out/dora.csv"
 
 # What auto chose for each key, with the timings behind it (read from FUSED_LORA_CACHE_DIR).

@@ -26,7 +26,7 @@ and the shrink and dy passes bandwidth-bound, so the ideal ratio is about
     fwd+bwd   1 + r/(2K) + r/N + (peak b / bandwidth) (1/N + 1/K) / 4
 i.e. the avoidable part is the extra pass over x (forward) and over dY (backward); docs/DESIGN.md's
 figures (8192x4096x4096 r=16: 1.07 / 1.07; 8192x4096x14336: 1.02 / 1.05; 8192x14336x4096:
-1.07 / 1.05; 2048x4096x4096 r=64: 1.08 / 1.09) follow, and tests/test_roofline.py checks them.
+1.07 / 1.05; 2048x4096x4096 r=64: 1.08 / 1.09) follow, and tests/benchmarks/test_roofline.py checks them.
 """
 from __future__ import annotations
 

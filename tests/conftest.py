@@ -2,10 +2,20 @@
 
 Without a GPU, the Triton kernels are tested through Triton's interpreter: TRITON_INTERPRET must be
 set before triton is first imported, so it is set here, at collection time, unless the caller set it.
+
+The tests mirror the package, one folder per layer (tests/core, tests/kernels, ...), with file names unique
+across folders; tests/ and every folder are on sys.path, so `utils` and a test module's shared helpers
+(e.g. test_multi_op.make_multi) import by name from anywhere in the suite.
 """
 import os
+import sys
 
 import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _folder in sorted(os.listdir(_HERE)):
+    if os.path.isdir(os.path.join(_HERE, _folder)) and not _folder.startswith(("_", ".")):
+        sys.path.insert(1, os.path.join(_HERE, _folder))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

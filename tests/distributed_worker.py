@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun: the same fine-tuning with DDP, then FSDP2.
+"""Run by tests/cli/test_distributed.py under torchrun: the same fine-tuning with DDP, then FSDP2.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py OUT_DIR
 

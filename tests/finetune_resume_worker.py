@@ -1,4 +1,4 @@
-"""Run by tests/test_finetune.py under torchrun (2 processes, gloo): FSDP2 fine-tuning for 2 steps, then
+"""Run by tests/cli/test_finetune.py under torchrun (2 processes, gloo): FSDP2 fine-tuning for 2 steps, then
 resumed from its checkpoint to 4 steps, in the same processes.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/finetune_resume_worker.py OUT_DIR

@@ -40,8 +40,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from utils import REPO_ROOT  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(REPO_ROOT)
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 HEADING = re.compile(r"^#+ (.*)$", re.M)
@@ -293,7 +294,7 @@ def tracked_text_files() -> list[Path]:
 def test_every_cited_markdown_file_exists():
     """A markdown file named in any source, script or page exists: a path relative to the repository
     root or to the citing file, a bare name somewhere in the repository (issue 18 item 21:
-    benchmarks/roofline.py, tests/test_roofline.py and benchmarks/gpu_check.sh cited a DESIGN.md
+    benchmarks/roofline.py, tests/benchmarks/test_roofline.py and benchmarks/gpu_check.sh cited a DESIGN.md
     the repository did not have)."""
     files = tracked_text_files()
     names = {p.name for p in files if p.suffix == ".md"}

@@ -1,11 +1,15 @@
 """Shared test helpers: random LoRA problems and the tolerance rule."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from fused_lora.core.reference import lora_linear_ref
 from fused_lora.dispatch import registry as dispatch_registry
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/ sits at the root
 
 # atol added to the "2x eager error" rule (below), per dtype. fp32 needs only rounding slack;
 # fp16/bf16 slack covers outputs where eager happens to round exactly.

@@ -4,7 +4,7 @@ Lists are small on purpose (Triton tutorial 06 style): a handful of tiles known 
 (sm_90: 228 KiB of shared memory per block) and Ampere (sm_80: 163 KiB). For each kernel variant
 (padded rank, element size, dropout) the configs whose shared-memory and register estimates fit
 are kept: at most two per GEMM, one per memory-bound pass. The static gate
-(`python -m fused_lora.kernels.compile_check`, tests/test_kernel_compile.py) compiles every one
+(`python -m fused_lora.kernels.compile_check`, tests/kernels/test_compile_gate.py) compiles every one
 that survives for sm_90 and sm_80 and holds it to the real shared memory, and for sm_90 to no
 register spill and no ptxas performance advisory. Under TRITON_INTERPRET=1 a single small config
 is used (the interpreter cannot benchmark several).

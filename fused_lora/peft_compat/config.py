@@ -17,7 +17,7 @@ class FieldRule(NamedTuple):
     reason: str
 
 
-# Every field of peft 0.21's LoraConfig (tests/test_adapters.py fails when peft adds one).
+# Every field of peft 0.21's LoraConfig (tests/peft_compat/test_adapter_files.py fails when peft adds one).
 PEFT_FIELD_RULES: dict[str, FieldRule] = {
     "r": FieldRule(HONOURED, "the rank"),
     "lora_alpha": FieldRule(HONOURED, "scaling numerator; a finite real number"),

@@ -31,7 +31,7 @@ unpatched peft under the same seed, "peft's function" means:
   by exactly peft's 1 / (1 - p), as peft's `nn.Dropout` does, but the masks are not the ones peft
   draws under the same `torch.manual_seed`, so losses and gradients differ from an unpatched run as
   another seed would make them differ. The masks' seeds come from torch's CPU generator, so a
-  patched run is reproducible from `torch.manual_seed`. tests/test_patch_peft_dropout.py checks
+  patched run is reproducible from `torch.manual_seed`. tests/peft_compat/test_patch_peft_dropout.py checks
   the distribution over many draws against peft's.
 
 Arithmetic differences from peft: the same math in another order (fp32 results agree to

@@ -18,7 +18,7 @@ Spec = Optional[Union[list, str]]
 # has no target_modules, as peft does. A copy of peft 0.21.2's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 # (peft/utils/constants.py), carried rather than imported: peft is optional (a minimal install adapts a
 # llama without it), and which modules get adapters must not change with the installed peft.
-# tests/test_peft_vocabulary.py fails when peft's table differs.
+# tests/peft_compat/test_peft_vocabulary.py fails when peft's table differs.
 DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],

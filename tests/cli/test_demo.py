@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from fused_lora.cli.demo import CHANCE_MARGIN, run
+from utils import REPO_ROOT  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_demo_command_prints_peft_lines():
             "from fused_lora.cli.main import main\n"
             "sys.exit(main(['demo', '--device', 'cpu']))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=REPO_ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
     assert "trainable params: 12,660 || all params: 455,262 || trainable%: 2.7808" in out

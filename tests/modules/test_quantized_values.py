@@ -133,7 +133,7 @@ def test_bnb_layer_holding_nonfinite_refused(kind, nested, bad):
     """bitsandbytes quantizes a weight holding NaN / inf without a word (absmax, offset or SCB holds it);
     converting its layer, or adapting it, is refused naming the field instead of computing NaN."""
     pytest.importorskip("bitsandbytes")
-    from test_quant_peft import bnb_linear
+    from test_qlora_against_peft import bnb_linear
     from fused_lora.modules.convert_bnb import weight_from_bnb
     lin = nn.Linear(128, 8)
     with torch.no_grad():

@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from utils import REPO_ROOT  # noqa: E402  (tests/ is on sys.path: conftest.py)
+sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
 import bench_layer  # noqa: E402
 import summarize  # noqa: E402
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fused_lora.kernels.quantized.launchers import aligned_nf4
-from test_quant_kernels import DTYPES, bnb_nf4, check_against_reference, random_nf4, _gen, pytestmark  # noqa: F401
+from test_quantized_kernels import DTYPES, bnb_nf4, check_against_reference, random_nf4, _gen, pytestmark  # noqa: F401
 
 
 def _gpu_tiles(monkeypatch, forward=(32, 32, 64), dx=(32, 128, 32)):
@@ -72,7 +72,7 @@ def test_general_path_without_bias_or_dropout(nested, gpu_tiles):
 
 def test_aligned_flag_is_what_the_launcher_passes():
     from fused_lora.kernels.quantized.launchers import _weight_args
-    from test_quant_kernels import random_int8
+    from test_quantized_kernels import random_int8
     assert _weight_args(random_nf4(8, 128, 64))[2]["ALIGNED"] is True
     assert _weight_args(random_nf4(8, 128, 128, nested=True))[2]["ALIGNED"] is True
     assert _weight_args(random_nf4(8, 192, 128))[2]["ALIGNED"] is False  # rows end inside a block
@@ -85,7 +85,7 @@ def test_every_flag_set_the_launchers_pass_is_compiled_by_the_gate(monkeypatch):
     import itertools
     from fused_lora.kernels import compile_check
     from fused_lora.kernels.quantized import launchers as quant
-    from test_quant_kernels import lora_inputs, make_weight
+    from test_quantized_kernels import lora_inputs, make_weight
     seen = []
 
     class Recorder:

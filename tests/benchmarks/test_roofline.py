@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+from utils import REPO_ROOT  # noqa: E402  (tests/ is on sys.path: conftest.py)
+BENCH = os.path.join(REPO_ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 import roofline  # noqa: E402
 import summarize  # noqa: E402

@@ -5,8 +5,9 @@ import json
 import os
 import subprocess
 import sys
+from utils import REPO_ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;

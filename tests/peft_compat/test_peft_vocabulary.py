@@ -165,7 +165,7 @@ def test_base_model_and_get_base_model_as_in_peft():
 ])
 def test_several_adapters_api_refuses_bad_names_clearly(call, match):
     # Before: forward(adapter_names=...) silently ignored; set_adapter/add_adapter reached transformers
-    # ("The version of PEFT you are using is not compatible"). The full API: tests/test_multi_model.py.
+    # ("The version of PEFT you are using is not compatible"). The full API: tests/peft_compat/test_multi_adapter_model.py.
     lm = get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=match):
         call(lm)

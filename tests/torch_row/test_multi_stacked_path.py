@@ -9,7 +9,7 @@ from fused_lora.torch_row import multi as multi_impl
 from fused_lora.ops.multi import lora_linear_multi
 from fused_lora.core.reference import lora_linear_multi_ref
 
-from test_multi_adapter import ASSIGNMENTS, full_keeps, make_multi
+from test_multi_op import ASSIGNMENTS, full_keeps, make_multi
 from utils import assert_close_rule
 
 PATHS = {"dense": 10**9, "per_run": 0}  # DENSE_MAX_RANK forcing each path

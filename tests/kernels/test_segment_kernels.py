@@ -16,7 +16,7 @@ from fused_lora.torch_row import multi as multi_impl
 from fused_lora.ops.lora import lora_linear
 from fused_lora.ops.multi import lora_linear_multi
 from fused_lora.core.reference import lora_linear_multi_ref
-from test_multi_adapter import make_multi
+from test_multi_op import make_multi
 from utils import assert_close_rule, mixed_batch_keeps, needs_triton
 
 CUDA = torch.cuda.is_available()

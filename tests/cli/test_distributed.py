@@ -15,7 +15,8 @@ from safetensors.torch import load_file  # noqa: E402
 from fused_lora.cli import distributed  # noqa: E402
 from fused_lora.cli.finetune import SettingError, check_settings, counting_batches, finetune  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils import REPO_ROOT  # noqa: E402  (tests/ is on sys.path: conftest.py)
+ROOT = REPO_ROOT
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from distributed_worker import SETTINGS  # noqa: E402
 

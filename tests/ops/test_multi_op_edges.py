@@ -7,7 +7,7 @@ from fused_lora.core import dropout as core_dropout
 from fused_lora.core import segments as core_segments
 from fused_lora.torch_row import multi as multi_impl
 
-from test_multi_dense import PATHS
+from test_multi_stacked_path import PATHS
 
 M, K, N = 12, 16, 8
 ROW_ADAPTER = torch.tensor([0, 0, 0, 1, 1, 1, -1, -1, 0, 1, 0, 1])

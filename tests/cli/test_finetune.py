@@ -21,8 +21,9 @@ from safetensors.torch import load_file  # noqa: E402
 
 from fused_lora import LoraModel  # noqa: E402
 from fused_lora.cli.finetune import SettingError, TrainingInterrupted, build_llama, finetune
+from utils import REPO_ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 QUIET = dict(log=lambda s: None, stream=None)
 FAST = dict(batch=2, seq=8, device="cpu", eval_split=0)  # a few milliseconds a step on the tiny Llama
 WORDS = [f"w{i}" for i in range(60)]
@@ -407,7 +408,7 @@ def test_ctrl_c_in_the_command_is_one_line_and_saves(tmp_path):
 def test_resume_under_fsdp2_equals_one_process(tmp_path):
     """Resuming under FSDP2 (2 processes): the optimizer's state is gathered whole into the checkpoint and
     sharded again on loading. 2 steps, then resumed to 4, give what one process trains in 4 steps, to the
-    tolerance of tests/test_distributed.py (the processes sum in another order: 1e-4 relative in norm,
+    tolerance of tests/cli/test_distributed.py (the processes sum in another order: 1e-4 relative in norm,
     every element within one step, lr)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

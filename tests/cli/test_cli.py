@@ -13,8 +13,9 @@ pytest.importorskip("transformers")
 
 from fused_lora.cli.main import DEFAULT_OUT, main  # noqa: E402
 from fused_lora.cli.finetune import TrainingDiverged, finetune  # noqa: E402
+from utils import REPO_ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 def _refused(capsys, argv) -> str:

@@ -5,7 +5,7 @@ import torch
 
 from fused_lora import dispatch as backends
 from fused_lora.dispatch import Problem
-from test_quant_kernels import pytestmark  # noqa: F401  (Triton must be able to run here)
+from test_quantized_kernels import pytestmark  # noqa: F401  (Triton must be able to run here)
 from utils import auto_on_cpu, with_a_wrong_element
 
 CUDA = torch.device("cuda")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from fused_lora import AdapterError, LoraConfig, LoraModel, get_lora_model
 from fused_lora.cli.demo import MLP
+from utils import REPO_ROOT  # noqa: E402
 
 peft = pytest.importorskip("peft")
 
@@ -253,7 +254,7 @@ def test_every_peft_lora_field_has_a_rule_and_the_doc_mirrors_it():
     from fused_lora.peft_compat.config import PEFT_FIELD_RULES
     fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
     assert fields - set(PEFT_FIELD_RULES) == set(), "peft LoraConfig fields with no rule in config.py"
-    doc = (Path(__file__).parent.parent / "docs" / "ADAPTERS.md").read_text()
+    doc = (Path(REPO_ROOT) / "docs" / "ADAPTERS.md").read_text()
     rows = {}
     for line in doc.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -360,7 +360,7 @@ def test_unload_gives_back_the_bitsandbytes_layers(kind):
     the model computes what it computed before adaptation."""
     pytest.importorskip("bitsandbytes")
     from fused_lora import LoraConfig, get_lora_model
-    from test_quant_peft import bnb_quantize, tiny_llama
+    from test_qlora_against_peft import bnb_quantize, tiny_llama
     model = bnb_quantize(tiny_llama(), ["q_proj", "v_proj"], kind)
     before = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))}
     tokens = torch.randint(0, 256, (2, 6))
@@ -379,7 +379,7 @@ def test_copies_do_not_carry_the_bitsandbytes_layer():
     pickling do not copy it (that would store the packed data twice)."""
     pytest.importorskip("bitsandbytes")
     import io
-    from test_quant_peft import bnb_linear
+    from test_qlora_against_peft import bnb_linear
     layer = FusedLoRALinear.from_linear(bnb_linear(nn.Linear(128, 64), "nf4"), r=4, init_lora_weights=False)
     assert "_bnb_source" not in copy.deepcopy(layer).weight.__dict__
     buf = io.BytesIO()

@@ -22,7 +22,7 @@ from fused_lora.cli.finetune import LLAMA_TARGETS, counting_batches  # noqa: E40
 from fused_lora.core.formats import dequantize_rows  # noqa: E402
 from fused_lora.modules.convert_bnb import as_quantized_linear, is_quantized_base  # noqa: E402
 from fused_lora.ops.quant import lora_linear_quant  # noqa: E402
-from test_quant_peft import bnb_quantize, lora_grads, tiny_llama  # noqa: E402
+from test_qlora_against_peft import bnb_quantize, lora_grads, tiny_llama  # noqa: E402
 from utils import assert_close_rule  # noqa: E402
 
 NF4Tensor = type(to_nf4(torch.randn(64, 64), 64, 64))

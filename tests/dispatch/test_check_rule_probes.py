@@ -5,7 +5,7 @@ import torch
 
 from fused_lora import dispatch as backends
 from fused_lora.dispatch import Problem
-from test_backends_hopper import REF, Bench, fake_registry
+from test_hopper_rows import REF, Bench, fake_registry
 from utils import auto_on_cpu
 
 CUDA = torch.device("cuda")  # a label for fake-GPU problems; nothing touches a GPU
@@ -128,7 +128,7 @@ def test_tma_dx_launcher_asks_for_the_dropout_variants_config(monkeypatch, p):
 # ---- the segment kernels (triton row, ops multi_fwd / multi_bwd) have never run on a GPU either
 
 def _multi_inputs():
-    from test_multi_adapter import make_multi
+    from test_multi_op import make_multi
     x, w, b, loras = make_multi(29, 24, 40, [3, 5], torch.float16, seed=4)
     adapters = [(A.detach(), torch.zeros_like(B.detach()), 0.5, 0.0) for A, B in loras]  # fresh: B = 0
     row_adapter = torch.tensor([i % 3 - 1 for i in range(29)])

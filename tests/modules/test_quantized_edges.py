@@ -12,8 +12,9 @@ import fused_lora
 from fused_lora.core.formats import QuantizationError
 from fused_lora.modules.quantized import quantize_nf4
 from test_static_loop import _static_loop
+from utils import REPO_ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 # ------------------------------------------------------------------ a block size that is not an integer
