@@ -17,6 +17,7 @@ Public API:
     AdapterError                    an adapter directory that cannot be loaded
     BackendUnavailable              a requested backend cannot run
 """
+from .core.files import missing_extra
 from .core.version import __version__
 from .peft_compat.adapters import AdapterError
 from .dispatch import BackendUnavailable
@@ -42,7 +43,6 @@ def __getattr__(name):
         except ModuleNotFoundError as err:
             if (err.name or "").split(".")[0] != "transformers":
                 raise
-            raise ImportError(f"fused_lora.{name} needs transformers, which is not installed: "
-                              "pip install 'fused_lora[hf]'") from None
+            raise ImportError(missing_extra(f"fused_lora.{name}", "transformers", "hf")) from None
         return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

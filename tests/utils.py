@@ -207,3 +207,22 @@ def needs_triton(device=TRITON_DEVICE, dtype=torch.float32, rank: int = 16):
     from fused_lora import dispatch as backends
     reasons = backends.triton_not_supported_reasons(torch.device(device), dtype, rank)
     return pytest.mark.skipif(reasons != [], reason="Triton cannot run here: " + "; ".join(reasons))
+
+
+def mlp_adapter(alpha, seed, hidden: int = 64):
+    """A LoraModel (r=2 on seq.0 and seq.2) over the demo's MLP (torch.manual_seed(0) weights), its A and B
+    random from `seed`: adapters of one `hidden` share keys and shapes and differ in alpha and values, so a
+    pair mixing two saves would load silently and compute wrong."""
+    from fused_lora import LoraConfig, get_lora_model
+    from fused_lora.cli.demo import MLP
+    torch.manual_seed(0)
+    lm = get_lora_model(MLP(num_units_hidden=hidden), LoraConfig(r=2, lora_alpha=alpha,
+                                                                 target_modules=["seq.0", "seq.2"],
+                                                                 init_lora_weights=False))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lm.lora_layers():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+    return lm
+

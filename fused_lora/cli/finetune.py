@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .. import dispatch
+from ..core.files import missing_extra, name_max, path_max
 from . import distributed
 from ..peft_compat.adapters import CONFIG_NAME, WEIGHTS_NAME, load_weights_into
 from ..peft_compat.config import LoraConfig
@@ -124,8 +125,7 @@ def _require_transformers(feature: str = "finetune") -> None:
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] != "transformers":
             raise
-        raise MissingDependency(f"{feature} needs transformers, which is not installed: "
-                                "pip install 'fused_lora[hf]'") from None
+        raise MissingDependency(missing_extra(feature, "transformers", "hf")) from None
 
 
 def build_llama(size: str = "tiny", dtype=torch.float32, device="cpu", seed: int = 0, max_positions: int = 4096):
@@ -396,20 +396,6 @@ def _model_config(directory: str):
     return config
 
 
-def _name_max(path: str) -> int:
-    try:
-        return os.pathconf(path, "PC_NAME_MAX")
-    except (AttributeError, OSError, ValueError):
-        return 255
-
-
-def _path_max(path: str) -> int:
-    try:
-        return os.pathconf(path, "PC_PATH_MAX")
-    except (AttributeError, OSError, ValueError):
-        return 4096
-
-
 def _check_output_names(out: str, steps: int) -> None:
     """Every name the run writes fits the filesystem: each directory still to be made and the names
     written inside `out` (NAME_MAX), and the longest path (PATH_MAX). save_pretrained checks its own
@@ -423,19 +409,19 @@ def _check_output_names(out: str, steps: int) -> None:
     # staging of the adapter in it (".<name>.fused_lora-staging-<pid>-<8 characters>").
     staging = f".{CHECKPOINT_PREFIX}{steps}.tmp-12345678"
     inside = [f"{CHECKPOINT_PREFIX}{steps}", staging, f"{staging}.fused_lora-staging-{os.getpid()}-12345678"]
-    limit = _name_max(existing)
+    limit = name_max(existing)
     for name in reversed(missing):
         size = len(os.fsencode(name))
         if size > limit:
             raise SettingError("out", f"the directory name {name[:40]!r}... is too long ({size} bytes; the "
                                f"filesystem takes {limit}): choose a shorter --out")
     longest = os.path.join(path, inside[-1], WEIGHTS_NAME)
-    size, limit = len(os.fsencode(longest)), _path_max(existing)
+    size, limit = len(os.fsencode(longest)), path_max(existing)
     if size >= limit:
         raise SettingError("out", f"the path is too long: the files written inside it have paths of {size} bytes, "
                            f"the filesystem takes fewer than {limit}: choose a shorter --out")
     for name in inside:
-        if len(os.fsencode(name)) > _name_max(existing):
+        if len(os.fsencode(name)) > name_max(existing):
             raise SettingError("out", f"the file name {name!r} is too long for this filesystem")
 
 

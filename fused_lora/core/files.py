@@ -1,4 +1,5 @@
-"""Reading small files that anyone may have put in place (adapter configs, the backend cache).
+"""Reading small files that anyone may have put in place (adapter configs, the backend cache), the
+filesystem's name limits, and the message for a missing optional package.
 
 A leaf module (no import from the package), so every reader can share it without import cycles.
 """
@@ -53,3 +54,24 @@ def read_regular_file(path: str, max_bytes: int, what: str = "this file",
     if len(data) > max_bytes:
         raise error(f"{path} is too large (over {_size(max_bytes)}) for {what}")
     return data
+
+
+def name_max(path: str) -> int:
+    """The longest file name, in bytes, the filesystem holding `path` takes (255 where it cannot say)."""
+    try:
+        return os.pathconf(path, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 255
+
+
+def path_max(path: str) -> int:
+    """The longest path, in bytes, the filesystem holding `path` takes (4096 where it cannot say)."""
+    try:
+        return os.pathconf(path, "PC_PATH_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 4096
+
+
+def missing_extra(feature: str, package: str, extra: str) -> str:
+    """The one-line message for a feature whose optional package is not installed, naming the extra."""
+    return f"{feature} needs {package}, which is not installed: pip install 'fused_lora[{extra}]'"

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..modules.variants import MAGNITUDE, is_dora
 from .config import LoraConfig
-from ..core.files import read_regular_file
+from ..core.files import name_max, read_regular_file
 from .targets import base_features, check_loaded_targets, find_modules_to_save
 from ..modules.validation import check_backend
 
@@ -204,7 +204,7 @@ def _stage_beside(directory: str) -> bool:
     name = f"{_staging_places(directory)[0][1]}{os.getpid()}-12345678"
     try:
         return os.stat(parent).st_dev == os.stat(directory).st_dev and os.access(parent, os.W_OK) \
-            and len(os.fsencode(name)) <= _name_max(parent)
+            and len(os.fsencode(name)) <= name_max(parent)
     except OSError:
         return False
 
@@ -355,14 +355,6 @@ class SavePlan:
     config: dict
 
 
-def _name_max(path: str) -> int:
-    """The longest file name, in bytes, the filesystem holding `path` takes (255 where it cannot say)."""
-    try:
-        return os.pathconf(path, "PC_NAME_MAX")
-    except (AttributeError, OSError, ValueError):
-        return 255
-
-
 def _check_directory(directory: str) -> None:
     """`directory` can hold an adapter: it is not a file, and every component still to be created
     has a length the filesystem takes (an adapter's name is a sub-directory's)."""
@@ -374,7 +366,7 @@ def _check_directory(directory: str) -> None:
         if not name:
             break
         missing.append(name)
-    limit = _name_max(path)
+    limit = name_max(path)
     for name in missing:
         if len(os.fsencode(name)) > limit:
             raise ValueError(f"save_pretrained: the directory name {name[:40]!r}... is too long "

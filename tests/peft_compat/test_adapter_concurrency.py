@@ -8,9 +8,10 @@ import threading
 import pytest
 import torch
 
-from fused_lora import LoraConfig, LoraModel, get_lora_model
+from fused_lora import LoraModel
 from fused_lora.peft_compat.adapters import adapter_state
 from fused_lora.cli.demo import MLP
+from utils import mlp_adapter
 
 SAVES = 6  # per saver
 
@@ -21,15 +22,8 @@ def base():
 
 
 def adapter(alpha, seed):
-    """Same keys and shapes, different alpha and weights: a pair mixing two saves would be wrong."""
-    lm = get_lora_model(base(), LoraConfig(r=2, lora_alpha=alpha, target_modules=["seq.0", "seq.2"],
-                                           init_lora_weights=False))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lm.lora_layers():
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
-    return lm
+    """Same keys and shapes, different alpha and weights: a pair mixing two saves would load silently."""
+    return mlp_adapter(alpha, seed, hidden=16)
 
 
 ADAPTERS = [adapter(4 * (i + 1), i) for i in range(4)]

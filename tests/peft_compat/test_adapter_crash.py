@@ -13,9 +13,10 @@ import time
 import pytest
 import torch
 
-from fused_lora import AdapterError, LoraConfig, LoraModel, get_lora_model
+from fused_lora import AdapterError, LoraModel
 from fused_lora.peft_compat.adapters import adapter_state
 from fused_lora.cli.demo import MLP
+from utils import mlp_adapter
 
 X = torch.rand(4, 20, generator=torch.Generator().manual_seed(5))
 
@@ -26,15 +27,8 @@ def base():
 
 
 def adapter(alpha, seed):
-    """Same shapes for A and B, different alpha and weights: a mixed pair would load silently."""
-    lm = get_lora_model(base(), LoraConfig(r=2, lora_alpha=alpha, target_modules=["seq.0", "seq.2"],
-                                           init_lora_weights=False))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lm.lora_layers():
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
-    return lm
+    """Same keys and shapes, different alpha and weights: a pair mixing two saves would load silently."""
+    return mlp_adapter(alpha, seed, hidden=64)
 
 
 A, B = adapter(4, 1), adapter(16, 2)
