@@ -6,7 +6,7 @@ Per shape (M K N) and rank, median milliseconds of forward + backward (dX, dA, d
     lora16       fused_lora's Triton kernels on the 16-bit W
     nf4, nf4-nested, int8
                  the quantized-base kernels (W dequantized inside the GEMMs)
-    deq+cublas   NF4 (nested) dequantized to 16 bits in PyTorch (quant_format.dequantize_rows,
+    deq+cublas   NF4 (nested) dequantized to 16 bits in PyTorch (core.formats' dequantize_rows,
                  before the forward and again before the backward, as a dequantize-then-GEMM
                  QLoRA does), then the base GEMMs: what the fused kernels avoid
 
@@ -98,7 +98,7 @@ def variants(M, K, N, r, dtype, device):
 
 def check_outputs(M, K, N, r, dtype, device) -> list:
     """Before timing, the kernels' Y and dX at the benchmark shape against the same math on the
-    dequantized weight (quant_format.dequantize_rows, the layouts' one definition, rounded to the
+    dequantized weight (core.formats' dequantize_rows, the layouts' one definition, rounded to the
     compute dtype as a 16-bit copy would be) in fp32: (name, relative error of Y, of dX, ok) per
     format. On a GPU this is the first run of these kernels at the real tile configs (the tests
     run them at small shapes). The bound: a few units of the compute dtype's rounding, far below

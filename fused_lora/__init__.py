@@ -17,7 +17,8 @@ Public API:
     AdapterError                    an adapter directory that cannot be loaded
     BackendUnavailable              a requested backend cannot run
 """
-from .core.files import missing_extra
+from . import backends  # noqa: F401  (fused_lora.backends.report(), as documented)
+from .core import files as _files
 from .core.version import __version__
 from .peft_compat.adapters import AdapterError
 from .dispatch import BackendUnavailable
@@ -43,6 +44,6 @@ def __getattr__(name):
         except ModuleNotFoundError as err:
             if (err.name or "").split(".")[0] != "transformers":
                 raise
-            raise ImportError(missing_extra(f"fused_lora.{name}", "transformers", "hf")) from None
+            raise ImportError(_files.missing_extra(f"fused_lora.{name}", "transformers", "hf")) from None
         return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

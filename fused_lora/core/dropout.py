@@ -29,6 +29,11 @@ def new_seed() -> Tensor:
     return torch.randint(0, SEED_HIGH, (), dtype=torch.int64)
 
 
+def seed_for(dropout_p: float) -> Tensor:
+    """A fresh seed when there is dropout (`new_seed`), else the unused one (`no_seed`): what a call draws."""
+    return new_seed() if dropout_p > 0.0 else no_seed()
+
+
 def no_seed() -> Tensor:
     """The seed passed when there is no dropout (never read)."""
     return torch.zeros((), dtype=torch.int64)

@@ -81,7 +81,7 @@ def check_op_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
             raise TypeError(f"lora_linear: {name} has dtype {t.dtype} but x has {dtype} (cast them to one dtype)")
         if t is not None and t.device != device:
             raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {device}")
-    # Sizes may be symbolic under torch.compile: _require. (Each .shape builds a torch.Size: once each.)
+    # Sizes may be symbolic under torch.compile: require. (Each .shape builds a torch.Size: once each.)
     xs, ws, As, Bs = x.shape, weight.shape, lora_A.shape, lora_B.shape
     K, N, r = xs[1], ws[0], As[0]
     require(ValueError, ws[1] == K, lambda: f"lora_linear: weight has shape {tuple(ws)} but x has {tuple(xs)}: "

@@ -1,49 +1,69 @@
 """Which op an implementation is asked to run, as data: the library's axes (base, adapters, variant) and
-the direction. The dispatch table, the implementation rows' declared ops and the tuning keys all use it;
-`name` is the op's short name (the key's first word, the ops' `calls` counter, the messages); `function`
-the name of the function an implementation row's module defines for the op (one naming rule for every row:
-`dispatch.table`).
+the direction. The dispatch table, the implementation rows' declared ops and the tuning keys all use it.
 
     base       "dense" (a 16-bit weight) | "quant" (a quantized base, `core.formats`)
     adapters   "one" | "several" (a mixed batch: a per-row adapter index, `core.segments`)
     variant    "lora" | "dora"
     direction  "fwd" | "bwd"
+
+An `Op` is also its short name, a str (fwd, bwd, multi_fwd, quant_bwd, quant_multi_fwd, dora_fwd, ...): the
+tuning key's first word, the ops' `calls` counter, the messages, and what `Problem.op` was before it was data,
+so code comparing it with a name keeps working. The name is derived from the fields by one rule: the base
+unless dense, "multi" for several adapters, the variant unless plain LoRA, then the direction. `function` is
+the name of the function an implementation row's module defines for the op (`dispatch.table`).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, replace
 
 BASES = ("dense", "quant")
 ADAPTERS = ("one", "several")
 VARIANTS = ("lora", "dora")
 DIRECTIONS = ("fwd", "bwd")
+_DEFAULT = {"base": "dense", "adapters": "one", "variant": "lora"}  # the parts a name leaves out
+
+# The functions implementation rows define for the first ops (names older than this rule); an op added later
+# gets the rule's name: its name with the direction spelled out (e.g. a future experts_fwd: experts_forward).
+_LEGACY_FUNCTIONS = {"fwd": "forward", "bwd": "backward", "multi_fwd": "multi_forward",
+                     "multi_bwd": "multi_backward", "quant_fwd": "forward_quant", "quant_bwd": "backward_quant",
+                     "quant_multi_fwd": "quant_multi_forward", "quant_multi_bwd": "quant_multi_backward",
+                     "dora_fwd": "dora_forward", "dora_bwd": "dora_backward"}
 
 
-@dataclass(frozen=True)
-class Op:
-    base: str = "dense"
-    adapters: str = "one"
-    variant: str = "lora"
-    direction: str = "fwd"
+class Op(str):
+    """An op: its fields (base, adapters, variant, direction) and, as a str, its short name."""
+    __slots__ = ("base", "adapters", "variant", "direction")
 
-    def __post_init__(self):
-        for field, value, allowed in (("base", self.base, BASES), ("adapters", self.adapters, ADAPTERS),
-                                      ("variant", self.variant, VARIANTS), ("direction", self.direction, DIRECTIONS)):
+    def __new__(cls, base: str = "dense", adapters: str = "one", variant: str = "lora", direction: str = "fwd"):
+        for field, value, allowed in (("base", base, BASES), ("adapters", adapters, ADAPTERS),
+                                      ("variant", variant, VARIANTS), ("direction", direction, DIRECTIONS)):
             if value not in allowed:
                 raise ValueError(f"Op: {field} {value!r} is not one of {', '.join(allowed)}")
+        parts = [base if base != _DEFAULT["base"] else "", "multi" if adapters == "several" else "",
+                 variant if variant != _DEFAULT["variant"] else "", direction]
+        self = super().__new__(cls, "_".join(p for p in parts if p))
+        for field, value in (("base", base), ("adapters", adapters), ("variant", variant), ("direction", direction)):
+            object.__setattr__(self, field, value)
+        return self
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Op is immutable")
+
+    def __reduce__(self):
+        return Op, (self.base, self.adapters, self.variant, self.direction)
+
+    def __repr__(self) -> str:
+        return (f"Op(base={self.base!r}, adapters={self.adapters!r}, variant={self.variant!r}, "
+                f"direction={self.direction!r})")
 
     @property
     def name(self) -> str:
-        """The short name: fwd, bwd, multi_fwd, quant_bwd, quant_multi_fwd, dora_fwd, ..."""
-        parts = ["quant"] if self.base == "quant" else []
-        parts += ["multi"] if self.adapters == "several" else []
-        parts += ["dora"] if self.variant == "dora" else []
-        return "_".join(parts + [self.direction])
+        """The short name (the op itself as a plain str)."""
+        return str.__str__(self)
 
     @property
     def function(self) -> str:
         """The name of the function an implementation row's module defines for this op."""
-        return _FUNCTIONS[self.name]
+        return _LEGACY_FUNCTIONS.get(self.name) or self.name[:-3] + ("forward" if self.direction == "fwd"
+                                                                         else "backward")
 
     @property
     def backward(self) -> bool:
@@ -51,7 +71,7 @@ class Op:
 
     def forward_twin(self) -> "Op":
         """The forward op whose backward this is (itself for a forward)."""
-        return replace(self, direction="fwd")
+        return Op(self.base, self.adapters, self.variant, "fwd")
 
     @staticmethod
     def named(name: str) -> "Op":
@@ -60,9 +80,6 @@ class Op:
             return _BY_NAME[name]
         except KeyError:
             raise ValueError(f"unknown op {name!r}; the ops are {', '.join(_BY_NAME)}") from None
-
-    def __str__(self) -> str:
-        return self.name
 
 
 FWD, BWD = Op(), Op(direction="bwd")
@@ -74,6 +91,3 @@ DORA_FWD, DORA_BWD = Op(variant="dora"), Op(variant="dora", direction="bwd")
 # The ops the library runs (DoRA over one dense adapter only: QDoRA and DoRA in a mixed batch are refused).
 ALL_OPS = (FWD, BWD, MULTI_FWD, MULTI_BWD, QUANT_FWD, QUANT_BWD, QUANT_MULTI_FWD, QUANT_MULTI_BWD, DORA_FWD, DORA_BWD)
 _BY_NAME = {op.name: op for op in ALL_OPS}
-_FUNCTIONS = {"fwd": "forward", "bwd": "backward", "multi_fwd": "multi_forward", "multi_bwd": "multi_backward",
-              "quant_fwd": "forward_quant", "quant_bwd": "backward_quant", "quant_multi_fwd": "quant_multi_forward",
-              "quant_multi_bwd": "quant_multi_backward", "dora_fwd": "dora_forward", "dora_bwd": "dora_backward"}

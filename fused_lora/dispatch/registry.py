@@ -309,7 +309,7 @@ class Registry:
             note = f"ignored the cache file {path}: {err}"
             self.notes.append(note)
             # Once per file and process (`_loaded`), not per call; the next choice stored replaces the file.
-            warnings.warn(f"fused_lora.dispatch.registry: {note} (auto times afresh and replaces it)", stacklevel=4)
+            warnings.warn(f"fused_lora.backends: {note} (auto times afresh and replaces it)", stacklevel=4)
             return
         for key, choice in loaded.items():
             self.choices.setdefault((name, key), choice)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..core.interpreter import interpreting
-from ..core.limits import HOPPER_MAX_RANK, KERNEL_MIN_BLOCKSIZE, MAX_TRITON_MULTI_RANK, MAX_TRITON_RANK
+from ..core.limits import HOPPER_MAX_RANK, KERNEL_LAYOUTS, MAX_TRITON_MULTI_RANK, MAX_TRITON_RANK
 from ..core.op_kinds import ALL_OPS, BWD, FWD, Op
 from .problem import Problem
 
@@ -80,9 +80,15 @@ def triton_multi_reasons(problem: Problem) -> list[str]:
 
 
 def triton_base_reasons(p: Problem) -> list[str]:
-    """Why the triton row cannot run over this quantized base's layout (empty when it can)."""
-    if p.base.startswith("nf4") and p.blocksize < KERNEL_MIN_BLOCKSIZE:
-        return [f"NF4 blocksize {p.blocksize}: the Triton kernels take blocks of {KERNEL_MIN_BLOCKSIZE} elements "
+    """Why the triton row cannot run over this quantized base's layout (empty when it can): a layout its
+    kernels do not read, or blocks smaller than they take (core.limits.KERNEL_LAYOUTS)."""
+    if not p.base:
+        return []
+    if p.base not in KERNEL_LAYOUTS:
+        return [f"the Triton kernels do not read the {p.base} layout; the torch backend runs it"]
+    name, min_block = KERNEL_LAYOUTS[p.base]
+    if p.blocksize < min_block:
+        return [f"{name} blocksize {p.blocksize}: the Triton kernels take blocks of {min_block} elements "
                 "or more; the torch backend runs it"]
     return []
 

@@ -255,7 +255,7 @@ def _source(v: Variant):
 
 # ---- The Hopper path's kernels (configs.HOPPER_KERNELS): compiled for sm_90 only, in bf16 and fp16,
 # at padded ranks <= configs.HOPPER_MAX_BLOCK_R, one config per variant (the rows that run them,
-# "triton-tma" and "triton-onepass" in fused_lora.dispatch.registry, refuse everything else).
+# "triton-tma" and "triton-onepass" in fused_lora.dispatch.table, refuse everything else).
 _UNIT_STRIDES.update({
     "forward_tma": {"stride_hr", "stride_br"},
     "dx_tma": {"stride_gr", "stride_ak", "stride_xk"},

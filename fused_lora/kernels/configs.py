@@ -160,7 +160,7 @@ def multi_config(kernel_name: str, arch: int, block_r: int, elt: int, dropout: b
 # ---- The Hopper path (kernels/hopper/tma.py: forward_tma, dx_tma; kernels/hopper/one_pass.py: forward_one_pass).
 # 128x256 tiles (8 warps, 3 stages; the TMA kernels store them in two halves) fit at BLOCK_R = 16;
 # larger ranks get 128x128 (4 stages).
-# Rows of their own in fused_lora.dispatch.registry, timed against the pointer kernels; sm_90 only, bf16 and
+# Rows of their own in fused_lora.dispatch.table, timed against the pointer kernels; sm_90 only, bf16 and
 # fp16, padded rank <= 64 (the static gate compiles each (dtype, rank, flags) once: one config per
 # variant keeps these three kernels to 60 variants). fp32 and larger ranks run on the pointer rows.
 HOPPER_KERNELS = ("forward_tma", "dx_tma", "forward_one_pass")

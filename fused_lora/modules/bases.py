@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.dropout import new_seed, no_seed
+from ..core.dropout import seed_for
 from ..ops.multi import lora_linear_multi
 from ..ops.quant import lora_linear_quant, lora_linear_quant_multi, quant_linear
 from .autocast import autocast_input_and_bias, autocast_inputs
 from .convert_bnb import as_quantized_linear, bnb_source, is_quantized_base, quantized_base_refusal
-from .quantized import QuantizedLinear
+from .quantized import QuantizedLinear, base_load_refused
 from .variants import lora_forward
 
 QDORA_REFUSAL = ("DoRA over a quantized base (QDoRA) is not implemented (DoRA's weight norm needs the dequantized "
@@ -106,8 +106,36 @@ class DenseBase:
         return _on_rows(x, weight.shape[0],
                         lambda x2: lora_linear_multi(x2, weight, bias, adapters, row_adapter, seed, backend))
 
+    merges_in_place = True  # merge() writes W + s B A into the weight; merge_and_unload keeps the tensors
+
     def refuse_merge(self, what: str) -> None:
         """Merging into a 16-bit weight is allowed."""
+
+    def load_refused(self, layer, state_dict: dict, prefix: str, local_metadata: dict, strict: bool) -> bool:
+        return False
+
+    @torch.no_grad()
+    def to_linear(self, layer, safe_merge: bool = False) -> nn.Module:
+        """A new nn.Linear (a Conv1D for a Conv1D base) holding W + s B A of the active adapter (W itself when
+        merged); the layer is not changed. With safe_merge, NaN or inf in W's dtype raises ValueError."""
+        w = layer.weight.detach() if layer.merged else layer.merged_weight([layer.active_adapter],
+                                                                           "FusedLoRALinear.to_linear")
+        if safe_merge:
+            layer.refuse_non_finite(w, f"FusedLoRALinear.to_linear: the merged weight has NaN or inf in "
+                                       f"{layer.weight.dtype}")
+        out = layer.plain_base(device=layer.weight.device, dtype=layer.weight.dtype)
+        out.weight.copy_(w)
+        out.weight.requires_grad_(layer.weight.requires_grad)
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias)
+            out.bias.requires_grad_(layer.bias.requires_grad)
+        return out
+
+    def unloaded(self, layer) -> nn.Module:
+        """The base alone again, holding the very same tensors (no copy): nn.Linear or Conv1D."""
+        new = layer.plain_base()  # on meta, then the layer's own tensors
+        new.weight, new.bias = layer.weight, layer.bias
+        return new
 
 
 class QuantizedBase:
@@ -129,7 +157,7 @@ class QuantizedBase:
     def lora(self, x: Tensor, weight, bias, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
              seed: Optional[Tensor], backend: str) -> Tensor:
         if seed is None:
-            seed = new_seed() if dropout_p > 0.0 else no_seed()
+            seed = seed_for(dropout_p)
         return _on_rows(x, weight.shape[0], lambda x2: lora_linear_quant(
             x2, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, dropout_p, seed, backend))
 
@@ -137,10 +165,16 @@ class QuantizedBase:
         return _on_rows(x, weight.shape[0],
                         lambda x2: lora_linear_quant_multi(x2, weight, bias, adapters, row_adapter, seed, backend))
 
+    merges_in_place = False  # merge() refused; merge_and_unload builds a 16-bit layer (to_linear)
+
     def refuse_merge(self, what: str) -> None:
         raise ValueError(f"{what}: the base weight is quantized; merging into it would re-quantize the weight and "
                          "lose most of the adapter (safe_merge cannot help). Use LoraModel.merge_and_unload() or "
                          "FusedLoRALinear.to_linear(), which return 16-bit layers holding dequantize(W) + s B A")
+
+    def load_refused(self, layer, state_dict: dict, prefix: str, local_metadata: dict, strict: bool) -> bool:
+        """No bias or adapter loaded beside a weight that refuses its entries (`base_load_refused`)."""
+        return base_load_refused(layer, state_dict, prefix, local_metadata, strict)
 
     @torch.no_grad()
     def merged_weight(self, layer, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False,

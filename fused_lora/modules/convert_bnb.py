@@ -10,7 +10,7 @@ With threshold > 0, bitsandbytes' Linear8bitLt quantizes the activations too (LL
 outlier columns); fused_lora computes x times the dequantized int8 weight (weight-only), so its
 outputs are closer to the 16-bit layer's than bitsandbytes' own.
 
-An nn.Linear whose weight is torchao's NF4Tensor (torchtune's QLoRA base): `quant_torchao` (packed bytes
+An nn.Linear whose weight is torchao's NF4Tensor (torchtune's QLoRA base): `convert_torchao` (packed bytes
 shared, block scales repacked once to fp32).
 
 bitsandbytes and torchao are imported only when a module from them is seen (`pip install -e ".[quant]"`).
@@ -25,7 +25,7 @@ from torch import nn
 
 from ..core.formats import Int8Data, NF4Data, QuantizationError, check_data, check_values
 from .quantized import QuantizedLinear, QuantizedWeight
-from . import convert_torchao as quant_torchao
+from . import convert_torchao
 
 BNB_KINDS = ("Linear4bit", "LinearNF4", "Linear8bitLt")
 
@@ -46,7 +46,7 @@ def is_quantized_base(module) -> bool:
     """A base layer fused_lora adapts as a quantized base: a QuantizedLinear, bitsandbytes'
     Linear4bit / Linear8bitLt, or an nn.Linear whose weight is torchao's NF4Tensor."""
     return isinstance(module, QuantizedLinear) or bnb_kind(module) is not None \
-        or quant_torchao.is_nf4_linear(module)
+        or convert_torchao.is_nf4_linear(module)
 
 
 def _nf4_from_params4bit(weight, what: str) -> NF4Data:
@@ -96,7 +96,7 @@ def _int8_from_linear8bit(module, what: str) -> Int8Data:
 def weight_from_bnb(module: nn.Module) -> QuantizedWeight:
     """The QuantizedWeight of a bitsandbytes Linear4bit (NF4) or Linear8bitLt, sharing its packed tensors.
     QuantizationError for what cannot be read (no quant state, FP4, a shape that is not whole blocks) or would
-    compute NaN / inf (scales holding NaN or inf: `quant.value_problem`)."""
+    compute NaN / inf (scales holding NaN or inf: `core.formats.value_problem`)."""
     kind = bnb_kind(module)
     what = f"{type(module).__name__}"
     if kind == "4bit":
@@ -122,7 +122,7 @@ def as_quantized_linear(module: nn.Module) -> QuantizedLinear:
     `bnb_source`)."""
     if isinstance(module, QuantizedLinear):
         return module
-    weight = quant_torchao.weight_from_torchao(module) if quant_torchao.is_nf4_linear(module) \
+    weight = convert_torchao.weight_from_torchao(module) if convert_torchao.is_nf4_linear(module) \
         else weight_from_bnb(module)
     # a plain attribute (not a submodule, not in state_dict), the one QuantizedWeight's copies leave out
     object.__setattr__(weight, "_bnb_source", module)
@@ -137,8 +137,8 @@ def bnb_source(weight: QuantizedWeight, bias) -> Optional[nn.Module]:
     if module is None or module.bias is not bias:
         return None
     ours = weight.packed_codes()
-    if quant_torchao.is_nf4_linear(module):
-        theirs = quant_torchao.source_packed(module)
+    if convert_torchao.is_nf4_linear(module):
+        theirs = convert_torchao.source_packed(module)
     elif bnb_kind(module) is not None:
         theirs = module.weight.data
     else:  # the module's weight was replaced since
@@ -150,8 +150,8 @@ def bnb_source(weight: QuantizedWeight, bias) -> Optional[nn.Module]:
 def quantized_base_refusal(module: nn.Module) -> Optional[str]:
     """Why a quantized base cannot be adapted (None when it can): unreadable packed data, a forward of its
     own, or hooks the adapted layer would not run."""
-    if quant_torchao.is_nf4_linear(module):
-        reason = quant_torchao.refusal(module)
+    if convert_torchao.is_nf4_linear(module):
+        reason = convert_torchao.refusal(module)
         if reason:
             return reason
     elif bnb_kind(module) is not None:

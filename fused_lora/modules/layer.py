@@ -17,14 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import dispatch
-from ..core.dropout import adapter_seed, new_seed, no_seed
+from ..core.dropout import adapter_seed, seed_for
 from ..core.reference import lora_delta_weight
 from .bases import QDORA_REFUSAL, base_kind, base_refusal, conv1d_class, is_conv1d
 from .call_context import call_value
-from .quantized import base_load_refused
 from .validation import (BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_flag,
                          check_init_lora_weights, lora_scaling)
-from .variants import LORA, MAGNITUDE, enable_dora, is_dora, refuse_in_mixed_batch, variant_of
+from .variants import LORA, enable_dora, is_dora, refuse_in_mixed_batch, variant_of
 
 InitSpec = Union[bool, str]
 DEFAULT_ADAPTER = "default"  # the adapter a layer is built with; its weights are the top-level lora_A, lora_B
@@ -192,8 +191,7 @@ class FusedLoRALinear(nn.Module):
 
     def adapter_parameters(self, adapter_name: str) -> tuple[nn.Parameter, ...]:
         """Every trainable tensor of `adapter_name`: (lora_A, lora_B), and DoRA's lora_magnitude_vector."""
-        extra = (self._parameters[MAGNITUDE],) if is_dora(self, adapter_name) else ()
-        return self.adapter_weights(adapter_name) + extra
+        return self.adapter_weights(adapter_name) + variant_of(self, adapter_name).parameters(self, adapter_name)
 
     @property
     def use_dora(self) -> bool:
@@ -294,7 +292,7 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(f"FusedLoRALinear: no adapter named {adapter_name!r}; "
                              f"this layer has {', '.join(map(repr, self._adapter_settings)) or 'none'}")
 
-    def _check_new_adapter(self, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights) -> None:
+    def check_new_adapter(self, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights) -> None:
         """Every check of add_adapter's arguments, before anything changes (one place to point elsewhere)."""
         check_adapter_name(adapter_name, "FusedLoRALinear.add_adapter")
         if adapter_name in self._adapter_settings:
@@ -311,7 +309,7 @@ class FusedLoRALinear(nn.Module):
         False) until `set_adapter` chooses it or `set_requires_grad` unfreezes it (e.g. to train
         several adapters in one mixed batch). Bad arguments raise ValueError; nothing changes then.
         """
-        self._check_new_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self.check_new_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
         like = self.lora_A
         self._create_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                              like.dtype, like.device)
@@ -331,7 +329,7 @@ class FusedLoRALinear(nn.Module):
         del self._adapter_settings[adapter_name]
         if adapter_name == DEFAULT_ADAPTER:
             del self._parameters["lora_A"], self._parameters["lora_B"]
-            self._parameters.pop(MAGNITUDE, None)  # DoRA's magnitude belongs to "default"
+            variant_of(self, adapter_name).delete(self, adapter_name)  # e.g. DoRA's magnitude, of "default"
         else:
             del self.lora_adapters[adapter_name]
             if not len(self.lora_adapters):
@@ -375,8 +373,7 @@ class FusedLoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # over a quantized base: no bias or adapter loaded beside a weight that refuses its entries
-        if self.quantized and base_load_refused(self, state_dict, prefix, local_metadata, strict):
+        if self.base_kind.load_refused(self, state_dict, prefix, local_metadata, strict):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -481,7 +478,7 @@ class FusedLoRALinear(nn.Module):
             settings = self._adapter_settings[name]
             adapters.append((lora_A.to(dtype), lora_B.to(dtype), settings.scaling,
                              settings.lora_dropout if self.training else 0.0))
-        return adapters, (new_seed() if any(a[3] > 0.0 for a in adapters) else no_seed())
+        return adapters, seed_for(max([0.0] + [a[3] for a in adapters]))
 
     def _one_adapter_of(self, used: list[str], adapter_names: Sequence[str], dtype: torch.dtype) -> Optional[tuple]:
         """For a mixed batch whose samples all name one adapter: (A, B, scaling, dropout_p, seed) for the
@@ -529,11 +526,14 @@ class FusedLoRALinear(nn.Module):
                              f"({', '.join(merging)}) is not supported")
         return variant_of(self, alone[0])
 
-    def _merged_weight(self, names: Sequence[str], what: str) -> Tensor:
+    def merged_weight(self, names: Sequence[str], what: str) -> Tensor:
+        """The weight with the adapters `names` merged by the variant that merges them, in W's dtype and layout
+        (a new tensor; the layer is not changed)."""
         return self._merge_variant(names, what).merged_weight(self, names)[0]
 
     @staticmethod
-    def _refuse_non_finite(w: Tensor, message: str) -> None:
+    def refuse_non_finite(w: Tensor, message: str) -> None:
+        """ValueError(message) if `w` holds NaN or inf."""
         # Checked after rounding to the weight's dtype: a float32 sum can be finite and still
         # overflow float16 (max 65504) when written.
         if not w.is_meta and not bool(torch.isfinite(w).all()):
@@ -543,10 +543,9 @@ class FusedLoRALinear(nn.Module):
     def check_merge(self, what: str = "FusedLoRALinear.merge", adapter_names: Optional[Sequence[str]] = None) -> None:
         """Raise ValueError (naming `what`) if merging would write NaN or inf into the weight, in its own
         dtype; changes nothing either way (what safe_merge checks, for callers that check many layers first)."""
-        if self.quantized:
-            self.base_kind.refuse_merge(what)
+        self.base_kind.refuse_merge(what)
         names = [self._active_adapter] if adapter_names is None else list(adapter_names)
-        self._refuse_non_finite(self._merged_weight(names, what),
+        self.refuse_non_finite(self.merged_weight(names, what),
                                 f"{what}: the merged weight has NaN or inf in {self.weight.dtype}; nothing was merged")
 
     @torch.no_grad()
@@ -560,8 +559,7 @@ class FusedLoRALinear(nn.Module):
         Merging adapters already merged warns and does nothing for them.
         Over a quantized base: ValueError (see `to_linear`), nothing changed.
         """
-        if self.quantized:
-            self.base_kind.refuse_merge("FusedLoRALinear.merge")
+        self.base_kind.refuse_merge("FusedLoRALinear.merge")
         names = [self._active_adapter] if adapter_names is None else list(adapter_names)
         for name in names:
             self.require_adapter(name)
@@ -577,7 +575,7 @@ class FusedLoRALinear(nn.Module):
         variant = self._merge_variant(todo, "FusedLoRALinear.merge")
         merged, kept = variant.merged_weight(self, todo)  # DoRA: c (W + s B A), and what unmerge needs (peft's)
         if safe_merge:
-            self._refuse_non_finite(merged, f"FusedLoRALinear.merge: the merged weight has NaN or inf in "
+            self.refuse_non_finite(merged, f"FusedLoRALinear.merge: the merged weight has NaN or inf in "
                                             f"{self.weight.dtype}; weight left unchanged")
         self.weight.copy_(merged)
         self._unmerge_with = (variant, kept)
@@ -598,7 +596,7 @@ class FusedLoRALinear(nn.Module):
             return
         variant, kept = getattr(self, "_unmerge_with", (LORA, None))
         unmerged = variant.unmerged_weight(self, kept)
-        self._refuse_non_finite(unmerged, f"FusedLoRALinear.unmerge: the unmerged weight would have NaN or inf "
+        self.refuse_non_finite(unmerged, f"FusedLoRALinear.unmerge: the unmerged weight would have NaN or inf "
                                           f"(the merge overflowed {self.weight.dtype}?); the base weight cannot be "
                                           f"restored, layer left merged")
         self.weight.copy_(unmerged)
@@ -613,22 +611,9 @@ class FusedLoRALinear(nn.Module):
         With `safe_merge`, a merged weight with NaN or inf in the weight's dtype raises ValueError.
         Over a quantized base: an nn.Linear in the compute dtype holding dequantize(W) + s * B @ A.
         """
-        if self.quantized:
-            return self.base_kind.to_linear(self, safe_merge)
-        w = self.weight.detach() if self.merged else self._merged_weight([self._active_adapter],
-                                                                         "FusedLoRALinear.to_linear")
-        if safe_merge:
-            self._refuse_non_finite(w, f"FusedLoRALinear.to_linear: the merged weight has NaN or inf in "
-                                       f"{self.weight.dtype}")
-        out = self._plain_base(device=self.weight.device, dtype=self.weight.dtype)
-        out.weight.copy_(w)
-        out.weight.requires_grad_(self.weight.requires_grad)
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
-            out.bias.requires_grad_(self.bias.requires_grad)
-        return out
+        return self.base_kind.to_linear(self, safe_merge)
 
-    def _plain_base(self, device=None, dtype=None) -> nn.Module:
+    def plain_base(self, device=None, dtype=None) -> nn.Module:
         """A new module of the base's kind and shape (nn.Linear, or Conv1D when fan_in_fan_out)."""
         if self.fan_in_fan_out:
             with torch.device(device or "meta"):  # Conv1D takes no device/dtype arguments

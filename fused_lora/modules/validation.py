@@ -154,7 +154,7 @@ def check_task_type(task_type, allowed) -> None:
 
 def check_backend(backend) -> None:
     if not isinstance(backend, str):
-        raise TypeError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        raise TypeError(f"backend must be 'auto' or one of {', '.join(map(repr, dispatch.BACKENDS))}, got {backend!r}")
     dispatch.requested_backend(backend)  # validates the name now rather than at the first forward
 
 

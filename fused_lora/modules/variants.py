@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.dora_norm import weight_norm
-from ..core.dropout import new_seed, no_seed
+from ..core.dropout import seed_for
 from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
 
@@ -42,7 +42,7 @@ def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     FusedLoRALinear and patched peft layers, so both compute the same way."""
     lead = x.shape[:-1]
     if seed is None:
-        seed = new_seed() if dropout_p > 0.0 else no_seed()
+        seed = seed_for(dropout_p)
     # math.prod, not -1: with in_features == 0 (or an empty batch) -1 is ambiguous
     y = lora_linear(x.reshape(math.prod(lead), x.shape[-1]), weight, bias, lora_A.to(x.dtype),
                     lora_B.to(x.dtype), scaling, dropout_p, seed, backend)
@@ -113,17 +113,20 @@ def dora_unmerged_weight(layer: nn.Module, kept: tuple[Tensor, Tensor, Tensor]) 
     return layer.base_weight(unmerged).to(layer.weight.dtype)
 
 
-def refuse_in_mixed_batch(layer: nn.Module, used) -> None:
-    """A mixed batch (adapter_names) runs plain LoRA adapters only."""
-    if any(is_dora(layer, name) for name in used):
-        raise ValueError("FusedLoRALinear: adapter_names (several adapters in one batch) is not supported with a "
-                         "DoRA adapter (use_dora=True); run the DoRA adapter's samples separately")
-
-
 class LoRAVariant:
-    """A plain LoRA adapter (peft's default)."""
+    """A plain LoRA adapter (peft's default). A variant answers, for one adapter of a layer: its forward (as the
+    active adapter), the trainable tensors it adds beyond A and B and their removal, its merge and unmerge, and
+    whether it runs in a mixed batch (only plain LoRA does: the mixed-batch ops compute plain LoRA)."""
     name = "lora"
     merges_alone = False
+    in_mixed_batch = True
+
+    def parameters(self, layer, adapter_name: str) -> tuple:
+        """The adapter's trainable tensors beyond lora_A and lora_B."""
+        return ()
+
+    def delete(self, layer, adapter_name: str) -> None:
+        """Remove what `parameters` gives (delete_adapter)."""
 
     def forward(self, layer, x: Tensor, weight, bias: Optional[Tensor]) -> Tensor:
         """The layer's forward with its active adapter (x, weight, bias as the base gives them)."""
@@ -139,9 +142,18 @@ class LoRAVariant:
 
 
 class DoRAVariant(LoRAVariant):
-    """peft's DoRA (use_dora=True): merged alone (W is rescaled, so deltas no longer add)."""
+    """peft's DoRA (use_dora=True): a trained magnitude vector, merged alone (W is rescaled, so deltas no longer
+    add), not in mixed batches."""
     name = "dora"
     merges_alone = True
+    in_mixed_batch = False
+    label, flag = "DoRA", "use_dora=True"  # how messages name it
+
+    def parameters(self, layer, adapter_name: str) -> tuple:
+        return (layer._parameters[MAGNITUDE],)
+
+    def delete(self, layer, adapter_name: str) -> None:
+        layer._parameters.pop(MAGNITUDE, None)
 
     def forward(self, layer, x: Tensor, weight, bias: Optional[Tensor]) -> Tensor:
         lora_A, lora_B = layer.adapter_weights("default")
@@ -162,3 +174,12 @@ LORA, DORA = LoRAVariant(), DoRAVariant()
 def variant_of(layer: nn.Module, adapter_name: str):
     """The variant of `adapter_name` on this FusedLoRALinear: DORA where it holds a magnitude, else LORA."""
     return DORA if is_dora(layer, adapter_name) else LORA
+
+
+def refuse_in_mixed_batch(layer: nn.Module, used) -> None:
+    """A mixed batch (adapter_names) runs adapters whose variant takes part in one (plain LoRA)."""
+    refused = [variant_of(layer, name) for name in used if not variant_of(layer, name).in_mixed_batch]
+    if refused:
+        v = refused[0]
+        raise ValueError(f"FusedLoRALinear: adapter_names (several adapters in one batch) is not supported with a "
+                         f"{v.label} adapter ({v.flag}); run the {v.label} adapter's samples separately")

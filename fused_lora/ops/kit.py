@@ -66,15 +66,25 @@ def probe(op: Op, args: tuple, lora_at: Optional[int] = None, dropout_at: Option
     return lambda module: (lambda: getattr(module, op.function)(*inputs()))
 
 
+def problem(op: Op, x: Tensor, N: int, rank: int, dropout_p: float = 0.0, grads: tuple = (),
+            layout: tuple = ("", 0)) -> dispatch.Problem:
+    """The dispatch Problem of `op` on x (M x K) and a weight of N rows; `layout`: a quantized base's
+    (`core.formats.layout_name`)."""
+    return dispatch.Problem(op, x.device, x.dtype, x.shape[0], N, x.shape[-1], rank, dropout_p > 0.0, grads, *layout)
+
+
+def refuse_early(op: Op, x: Tensor, N: int, rank: int, backend: str, dropout_p: float = 0.0,
+                 layout: tuple = ("", 0)) -> None:
+    """BackendUnavailable now, before any work, when the backend asked for cannot run `op` on these inputs."""
+    dispatch.select(problem(op, x, N, rank, dropout_p, (), layout), backend)
+
+
 def chosen_row(op: Op, x: Tensor, N: int, rank: int, backend: str, dropout_p: float = 0.0, grads: tuple = (),
                layout: tuple = ("", 0), bench=None, probe=None, counted_as: Optional[str] = None):
     """The implementation row that runs `op` on these inputs (x is M x K, W is N x K), chosen by
     `dispatch.select` (which, in auto on CUDA, times the candidates through `bench` on a key's first call,
-    and checks rows on `probe`); counted in dispatch.calls under `counted_as` (default: the op's name).
-    `layout`: a quantized base's (`core.formats.layout_name`)."""
-    problem = dispatch.Problem(op, x.device, x.dtype, x.shape[0], N, x.shape[-1], rank, dropout_p > 0.0, grads,
-                               *layout)
-    row = dispatch.select(problem, backend, bench, probe)
+    and checks rows on `probe`); counted in dispatch.calls under `counted_as` (default: the op's name)."""
+    row = dispatch.select(problem(op, x, N, rank, dropout_p, grads, layout), backend, bench, probe)
     dispatch.calls[(counted_as or op.name, row.name)] += 1
     return row
 

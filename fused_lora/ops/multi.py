@@ -12,13 +12,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import dispatch
 from ..core.op_inputs import (as_seed_tensor, check_adapters, check_row_adapter, check_row_adapter_shape,
                               check_seed_tensor, seed_value)
 from ..core.op_kinds import MULTI_BWD, MULTI_FWD
 from ..core.segments import packed_h_shape, segments
-from ..torch_row import multi as multi_impl
-from .kit import EMPTY_SHAPE, chosen_row, given, max_dropout, max_rank, probe, run_op
+from ..torch_row import multi as torch_multi
+from .kit import EMPTY_SHAPE, chosen_row, given, max_dropout, max_rank, probe, refuse_early, run_op
 
 
 def _as_adapters(lora_A, lora_B, scaling, dropout_p) -> tuple:
@@ -153,7 +152,7 @@ def _multi_double_backward(ctx, dy, x, weight, bias, adapters, need):
     row = chosen_row(MULTI_BWD, x, weight.shape[0], max_rank(adapters), ctx.backend, max_dropout(adapters),
                      counted_as="multi_bwd_differentiable")
     with torch.enable_grad():
-        y = multi_impl.differentiable_forward(x, weight, bias, adapters, ctx.segs, ctx.seed, row.load().keep_mask)
+        y = torch_multi.differentiable_forward(x, weight, bias, adapters, ctx.segs, ctx.seed, row.load().keep_mask)
         wanted = [t for t, n in zip(inputs, needs) if n]
         grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
     out = [next(grads) if n else None for n in needs]
@@ -194,8 +193,7 @@ def lora_linear_multi(
         return lora_linear_multi_fwd(x, weight, bias, *lists, row_adapter, seed, backend)[0]
     check_row_adapter(row_adapter, x, len(adapters))
     seed_int = seed_value(seed)
-    dispatch.select(dispatch.Problem(MULTI_FWD, x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1],
-                                     max_rank(adapters)), backend)  # fails early
+    refuse_early(MULTI_FWD, x, weight.shape[0], max_rank(adapters), backend, max_dropout(adapters))
     segs = segments(row_adapter, len(adapters))
     lora = [t for a in adapters for t in a[:2]]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *lora))):

@@ -35,15 +35,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import dispatch, torch_row
-from ..core import formats as quant
+from .. import torch_row
+from ..core import formats
 from ..core.formats import layout_name
 from ..core.op_inputs import (as_scaling, as_seed_tensor, check_adapters, check_op_inputs, check_row_adapter,
                               check_row_adapter_shape, check_seed_tensor, seed_value)
 from ..core.op_kinds import QUANT_BWD, QUANT_FWD, QUANT_MULTI_BWD, QUANT_MULTI_FWD
 from ..core.segments import packed_h_shape, segments
 from ..torch_row import quant as torch_quant
-from .kit import given, max_dropout, max_rank, probe, run_op
+from .kit import given, max_dropout, max_rank, probe, refuse_early, run_op
 
 
 def layout_of(qweight, what: str):
@@ -51,7 +51,7 @@ def layout_of(qweight, what: str):
     `data()`), which this layer takes without importing the module that defines it (modules sit above ops).
     TypeError naming `what` for anything else."""
     data = qweight.data() if callable(getattr(qweight, "data", None)) and not isinstance(qweight, Tensor) else None
-    if not quant.is_layout(data):
+    if not formats.is_layout(data):
         raise TypeError(f"{what}: qweight must be a fused_lora.QuantizedWeight, got {type(qweight).__name__}")
     return data
 
@@ -79,14 +79,14 @@ def _refuse_double_backward(dy, x, lora_A, lora_B) -> None:
 
 
 # ------------------------------------------------------------------ custom ops (what torch.compile traces)
-# The packed tensors travel as a list with their layout in `meta` (quant.op_args / quant.from_op_args).
+# The packed tensors travel as a list with their layout in `meta` (formats.op_args / formats.from_op_args).
 
 @torch.library.custom_op("fused_lora::lora_linear_quant_fwd", mutates_args=())
 def lora_linear_quant_fwd(
     x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float, bias: Optional[Tensor], lora_A: Tensor,
     lora_B: Tensor, scaling: float, dropout_p: float, seed: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    data = quant.from_op_args(qtensors, meta, offset)
+    data = formats.from_op_args(qtensors, meta, offset)
     return _run_forward(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed), backend)
 
 
@@ -103,7 +103,7 @@ def lora_linear_quant_bwd(
     h: Tensor, scaling: float, dropout_p: float, seed: Tensor, backend: str, need_dx: bool, need_lora: bool,
     need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    data = quant.from_op_args(qtensors, meta, offset)
+    data = formats.from_op_args(qtensors, meta, offset)
     grads = _run_backward(dy, x, data, lora_A, lora_B, h, scaling, dropout_p, seed_value(seed), backend,
                           need_dx, need_lora, need_db)
     return tuple(given(x, g) for g in grads)
@@ -178,13 +178,12 @@ def lora_linear_quant(
     lora_A and lora_B; never in W. x, bias, lora_A and lora_B share x's dtype and device (the quantized
     weight must be on that device too). Bad inputs raise ValueError / TypeError before anything runs.
     """
-    layout_of(qweight, "lora_linear_quant")
+    data = layout_of(qweight, "lora_linear_quant")
     seed = as_seed_tensor(seed, dropout_p)
     scaling = as_scaling(scaling)
     N, K = qweight.shape
-    data = qweight.data()
     if torch.compiler.is_compiling() or (isinstance(x, Tensor) and x.is_meta):  # the fake checks the inputs
-        return lora_linear_quant_fwd(x, *quant.op_args(data), bias, lora_A, lora_B, scaling, float(dropout_p),
+        return lora_linear_quant_fwd(x, *formats.op_args(data), bias, lora_A, lora_B, scaling, float(dropout_p),
                                      seed, backend)[0]
     _check(x, N, K, bias, lora_A, lora_B, dropout_p)
     if qweight.device != x.device:
@@ -208,7 +207,7 @@ def _base_backward(dy: Tensor, data, need_dx: bool, need_db: bool) -> tuple[Opti
 @torch.library.custom_op("fused_lora::quant_linear_fwd", mutates_args=())
 def quant_linear_fwd(x: Tensor, qtensors: list[Tensor], meta: list[int], offset: float,
                      bias: Optional[Tensor]) -> Tensor:
-    return torch_quant.base_linear(x, quant.from_op_args(qtensors, meta, offset), bias)
+    return torch_quant.base_linear(x, formats.from_op_args(qtensors, meta, offset), bias)
 
 
 @quant_linear_fwd.register_fake
@@ -219,7 +218,7 @@ def _(x, qtensors, meta, offset, bias):
 @torch.library.custom_op("fused_lora::quant_linear_bwd", mutates_args=())
 def quant_linear_bwd(dy: Tensor, qtensors: list[Tensor], meta: list[int], offset: float, need_dx: bool,
                      need_db: bool) -> tuple[Tensor, Tensor]:
-    dx, db = _base_backward(dy.contiguous(), quant.from_op_args(qtensors, meta, offset), need_dx, need_db)
+    dx, db = _base_backward(dy.contiguous(), formats.from_op_args(qtensors, meta, offset), need_dx, need_db)
     return (dx if dx is not None else dy.new_empty(0)), (db if db is not None else dy.new_empty(0))
 
 
@@ -261,7 +260,7 @@ def quant_linear(x: Tensor, qweight, bias: Optional[Tensor]) -> Tensor:
     dequantized weight is never kept for backward (dx = dY W is dequantized again, chunk by chunk)."""
     data = qweight.data()
     if torch.compiler.is_compiling() or x.is_meta:
-        return quant_linear_fwd(x, *quant.op_args(data), bias)
+        return quant_linear_fwd(x, *formats.op_args(data), bias)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _QuantLinear.apply(x, bias, data)
     return torch_quant.base_linear(x, data, bias)
@@ -303,7 +302,7 @@ def _checked_adapters(x, N, K, bias, lora_A, lora_B, scaling, dropout_p):
     return check_adapters(x, _stand_in(x, N, K), bias, tuple(zip(lora_A, lora_B, scaling, dropout_p)))
 
 
-# The custom ops (what torch.compile traces): the packed weight as `quant.op_args`, the adapters as lists,
+# The custom ops (what torch.compile traces): the packed weight as `formats.op_args`, the adapters as lists,
 # the row layout recomputed from row_adapter inside each op (as ops.lora_linear_multi_fwd / _bwd).
 
 @torch.library.custom_op("fused_lora::lora_linear_quant_multi_fwd", mutates_args=())
@@ -315,7 +314,7 @@ def lora_linear_quant_multi_fwd(
     adapters = _checked_adapters(x, meta[1], meta[2], bias, lora_A, lora_B, scaling, dropout_p)
     check_row_adapter(row_adapter, x, len(adapters))
     check_seed_tensor(seed)
-    data = quant.from_op_args(qtensors, meta, offset)
+    data = formats.from_op_args(qtensors, meta, offset)
     return _run_multi_forward(x, data, bias, adapters, segments(row_adapter, len(adapters)), seed_value(seed),
                               backend)
 
@@ -335,7 +334,7 @@ def lora_linear_quant_multi_bwd(
     seed: Tensor, backend: str, need_dx: bool, need_lora: list[bool], need_db: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
     adapters = _checked_adapters(x, meta[1], meta[2], None, lora_A, lora_B, scaling, dropout_p)
-    data = quant.from_op_args(qtensors, meta, offset)
+    data = formats.from_op_args(qtensors, meta, offset)
     dx, pairs, db = _run_multi_backward(dy, x, data, adapters, h, segments(row_adapter, len(adapters)),
                                         seed_value(seed), backend, need_dx, need_lora, need_db)
     return given(x, dx), [given(x, p and p[0]) for p in pairs], [given(x, p and p[1]) for p in pairs], given(x, db)
@@ -422,7 +421,7 @@ def lora_linear_quant_multi(
     seed). Differentiable in x, bias and every A_a, B_a, never in W (double backward is refused). Backends:
     the table's ops "quant_multi_fwd" / "quant_multi_bwd" ("torch", "triton" where it can run, "auto").
     Under torch.compile the custom op fused_lora::lora_linear_quant_multi_fwd is traced (fullgraph works)."""
-    layout_of(qweight, "lora_linear_quant_multi")
+    data = layout_of(qweight, "lora_linear_quant_multi")
     N, K = qweight.shape
     adapters = check_adapters(x, _stand_in(x, N, K), bias, adapters)
     seed = as_seed_tensor(seed, max([0.0] + [a[3] for a in adapters]))
@@ -433,15 +432,11 @@ def lora_linear_quant_multi(
         if not isinstance(row_adapter, Tensor) or row_adapter.dtype != torch.int64:
             check_row_adapter(row_adapter, x, len(adapters))  # the type errors
         lists = [list(t) for t in zip(*adapters)] if adapters else [[], [], [], []]
-        return lora_linear_quant_multi_fwd(x, *quant.op_args(qweight.data()), bias, *lists, row_adapter, seed,
-                                           backend)[0]
+        return lora_linear_quant_multi_fwd(x, *formats.op_args(data), bias, *lists, row_adapter, seed, backend)[0]
     check_row_adapter(row_adapter, x, len(adapters))
     if x.is_meta:
         return x.new_empty(x.shape[0], N)
-    data = qweight.data()
-    dispatch.select(dispatch.Problem(QUANT_MULTI_FWD, x.device, x.dtype, x.shape[0], N, K, max_rank(adapters),
-                                     max_dropout(adapters) > 0.0, (), *layout_name(data)),
-                    backend)  # a backend that cannot run: now
+    refuse_early(QUANT_MULTI_FWD, x, N, max_rank(adapters), backend, max_dropout(adapters), layout_name(data))
     segs, seed_int = segments(row_adapter, len(adapters)), seed_value(seed)
     lora = [t for a in adapters for t in a[:2]]
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora))):

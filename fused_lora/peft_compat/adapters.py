@@ -157,9 +157,9 @@ def _other_biases(model: nn.Module, owners) -> list[tuple[str, torch.Tensor]]:
 
 def adapter_state(lora_model, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
     """The tensors the file of adapter `adapter_name` (default: the first) holds, by peft key."""
-    adapter_name = lora_model._first_adapter if adapter_name is None else adapter_name
+    adapter_name = lora_model.first_adapter if adapter_name is None else adapter_name
     cfg = lora_model.peft_config[adapter_name]
-    slot = lora_model._slot(adapter_name)
+    slot = lora_model.slot(adapter_name)
     out = {}
     owners = []
     for name, layer in lora_model.lora_layers():
@@ -336,7 +336,7 @@ def _check_config_matches_layers(lora_model, adapter_name: str) -> None:
     """The config written must describe what the layers compute: an edited peft_config (a mutable
     dataclass) whose r, alpha, rsLoRA or dropout no longer match the layers would save a file that
     loads as another model."""
-    config, slot = lora_model.peft_config[adapter_name], lora_model._slot(adapter_name)
+    config, slot = lora_model.peft_config[adapter_name], lora_model.slot(adapter_name)
     for name, layer in lora_model.lora_layers():
         settings = layer.adapter_settings(slot)
         for key in _SCALING:
@@ -377,7 +377,7 @@ def _check_directory(directory: str) -> None:
 def plan_save(lora_model, directory, adapter_name: Optional[str] = None) -> SavePlan:
     """Every check of saving an adapter (default: the first) to `directory`, nothing written: so a save
     of several adapters can check them all before it writes any."""
-    adapter_name = lora_model._first_adapter if adapter_name is None else adapter_name
+    adapter_name = lora_model.first_adapter if adapter_name is None else adapter_name
     tensors = adapter_state(lora_model, adapter_name)
     if not any(k.endswith(".lora_A.weight") for k in tensors):
         raise RuntimeError("save_pretrained: the model holds no LoRA layers; nothing to save")
@@ -736,7 +736,7 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
     where = str(directory)
     theirs = targets_in(tensors)
     try:  # the model's rules for a further adapter, on the modules the file's keys adapt
-        lora_model._check_new_config(config, "load_adapter", targets=theirs)
+        lora_model.check_new_config(config, "load_adapter", targets=theirs)
     except ValueError as err:
         raise AdapterError(f"{where}: {err}") from err
     want = {}
@@ -757,13 +757,13 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
     config.inference_mode = not is_trainable  # as peft: is_trainable decides
     try:
         # The targets are the file's keys: the config's target_modules is not run on names.
-        lora_model._add_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True),
+        lora_model.add_checked_adapter(adapter_name, dataclasses.replace(config, init_lora_weights=True),
                                 f"load_adapter({adapter_name!r})", targets=theirs)
     except ValueError as err:
         raise AdapterError(f"{where}: {err}") from err
     lora_model.peft_config[adapter_name] = dataclasses.replace(
         config, fan_in_fan_out=lora_model.peft_config[adapter_name].fan_in_fan_out)
-    slot = lora_model._slot(adapter_name)
+    slot = lora_model.slot(adapter_name)
     try:  # every value cast and checked (in the dtype the new adapter has) before any is copied
         staged = []
         for name, layer in lora_model.lora_layers():
@@ -784,14 +784,14 @@ def load_weights_into(lora_model, directory) -> None:
     very model: same modules, shapes and scaling), in peft's layout: the first adapter at the top (or
     in `directory/<its name>`), every other adapter from `directory/<name>` where saved. Everything
     is checked before anything is copied."""
-    first = lora_model._first_adapter
+    first = lora_model.first_adapter
     top = directory if os.path.isfile(os.path.join(directory, WEIGHTS_NAME)) else os.path.join(directory, first)
     plan = [(first, top)] + [(name, os.path.join(directory, name)) for name in lora_model.peft_config
                              if name != first and os.path.isfile(os.path.join(directory, name, WEIGHTS_NAME))]
     checked = [(name, _checked_checkpoint(lora_model, where, name)) for name, where in plan]
     for name, tensors in checked:
         for key, t in tensors.items():
-            _destination(lora_model, key[len(PREFIX):], lora_model._slot(name)).copy_(t)
+            _destination(lora_model, key[len(PREFIX):], lora_model.slot(name)).copy_(t)
 
 
 def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, torch.Tensor]:

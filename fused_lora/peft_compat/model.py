@@ -179,7 +179,7 @@ class LoraModel(nn.Module):
                              "them unquantized (quantize_model(..., exclude_modules=...))")
         self.model = model
         self.active_adapter = adapter_name
-        self._first_adapter = adapter_name  # held in the layers' "default" slot
+        self.first_adapter = adapter_name  # held in the layers' "default" slot
         self.peft_config = {adapter_name: config}  # keyed by adapter name, as peft's is
         self._removed_by: Optional[str] = None  # what removed the adapters, once they are gone
         self._undo = _Undo(model)
@@ -189,7 +189,7 @@ class LoraModel(nn.Module):
             self._undo.restore()
             raise
         config.target_modules = target_modules  # as peft records the default it took
-        self._expose_forward_signature()
+        self.expose_forward_signature()
 
     def _inject(self, targets: list[str], to_save: list[str], autocast_adapter_dtype: bool) -> None:
         model, config = self.model, self.active_peft_config
@@ -221,7 +221,7 @@ class LoraModel(nn.Module):
             model.requires_grad_(False)
         config.fan_in_fan_out = fan_in_fan_out  # as peft records it, so the saved config says what ran
 
-    def _expose_forward_signature(self) -> None:
+    def expose_forward_signature(self) -> None:
         """Give this instance a forward whose signature is the wrapped model's: transformers' Trainer
         keeps only the batch columns the forward names (and finds labels by name)."""
         try:
@@ -245,7 +245,7 @@ class LoraModel(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._expose_forward_signature()
+        self.expose_forward_signature()
 
     # A model that already holds LoRA layers is not adapted again (used by the adapter loader too)
     refuse_adapted = staticmethod(refuse_adapted)
@@ -272,8 +272,9 @@ class LoraModel(nn.Module):
 
     # ---------------------------------------------------------------- several adapters
 
-    def _slot(self, adapter_name: str) -> str:
-        return _slot_of(adapter_name, self._first_adapter)
+    def slot(self, adapter_name: str) -> str:
+        """The layers' name for this model's adapter (`first_adapter` lives in their "default" slot)."""
+        return _slot_of(adapter_name, self.first_adapter)
 
     def _require_adapter(self, adapter_name, what: str) -> None:
         if not isinstance(adapter_name, str) or adapter_name not in self.peft_config:
@@ -291,8 +292,8 @@ class LoraModel(nn.Module):
         self._require_adapter(adapter_name, "set_adapter")
         self._require_layers("set_adapter")
         for _, layer in self.lora_layers():
-            layer.set_adapter(self._slot(adapter_name), inference_mode=inference_mode)
-        owner = adapter_name == self._first_adapter
+            layer.set_adapter(self.slot(adapter_name), inference_mode=inference_mode)
+        owner = adapter_name == self.first_adapter
         for _, m in self.saved_modules():  # the copies belong to the first adapter: another runs the original
             m.owner_active = owner
             m.trainable.requires_grad_(owner and not inference_mode)
@@ -302,11 +303,11 @@ class LoraModel(nn.Module):
         check_adapter_name(adapter_name, what)
         if adapter_name in self.peft_config:
             raise ValueError(f"{what}: an adapter named {adapter_name!r} already exists (delete_adapter it first)")
-        if adapter_name == DEFAULT_ADAPTER and self._first_adapter != DEFAULT_ADAPTER:
+        if adapter_name == DEFAULT_ADAPTER and self.first_adapter != DEFAULT_ADAPTER:
             raise ValueError(f"{what}: {DEFAULT_ADAPTER!r} names the first adapter's slot, held by "
-                             f"{self._first_adapter!r} here; choose another name")
+                             f"{self.first_adapter!r} here; choose another name")
 
-    def _check_new_config(self, config: LoraConfig, what: str, targets: Optional[list] = None) -> None:
+    def check_new_config(self, config: LoraConfig, what: str, targets: Optional[list] = None) -> None:
         """An added adapter must target exactly the first adapter's modules and carry no modules_to_save
         or trained biases (fused_lora's limits; peft allows other targets). `targets`: the module names an
         adapter file's keys adapt, when it comes from one; the config's target_modules is then not matched
@@ -347,15 +348,18 @@ class LoraModel(nn.Module):
         `low_cpu_mem_usage` and `autocast_adapter_dtype` are accepted for peft's signature and change
         nothing. Any error (ValueError) leaves the model unchanged."""
         what = f"add_adapter({adapter_name!r})"
-        self._add_adapter(adapter_name, _as_lora_config(peft_config, what), what)
+        self.add_checked_adapter(adapter_name, _as_lora_config(peft_config, what), what)
 
-    def _add_adapter(self, adapter_name: str, config: LoraConfig, what: str, targets: Optional[list] = None) -> None:
+    def add_checked_adapter(self, adapter_name: str, config: LoraConfig, what: str,
+                            targets: Optional[list] = None) -> None:
+        """Add an adapter from a fused_lora LoraConfig after every check (`what` names the caller in errors;
+        the adapter loader adds file adapters this way)."""
         self._require_layers(what)
         self._check_new_name(adapter_name, what)
-        self._check_new_config(config, what, targets)
+        self.check_new_config(config, what, targets)
         layers = [layer for _, layer in self.lora_layers()]
         for layer in layers:  # every check first: nothing is half-applied
-            layer._check_new_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout,
+            layer.check_new_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout,
                                      config.use_rslora, config.init_lora_weights)
         try:
             for layer in layers:
@@ -426,15 +430,15 @@ class LoraModel(nn.Module):
                                      init_lora_weights=True)
         config.modules_to_save = None  # after construction: a task_type's heads would be put back by it
         # every layer's result first (an SVD can fail): nothing is added unless all succeed
-        slots = [self._slot(n) for n in adapters]
+        slots = [self.slot(n) for n in adapters]
         results = []
         for _, layer in layers:
             loras = [(*layer.adapter_weights(s), layer.adapter_settings(s).scaling) for s in slots]
             results.append(weighted.combine(combination_type, loras, weights, rank, svd_clamp, svd_full_matrices,
                                             svd_driver))
-        self._add_adapter(adapter_name, config, what)
+        self.add_checked_adapter(adapter_name, config, what)
         self.peft_config[adapter_name].init_lora_weights = source.init_lora_weights
-        slot = self._slot(adapter_name)
+        slot = self.slot(adapter_name)
         for (_, layer), (A, B) in zip(layers, results):
             lora_A, lora_B = layer.adapter_weights(slot)
             lora_A.copy_(A.to(lora_A.dtype))
@@ -446,7 +450,7 @@ class LoraModel(nn.Module):
         for name in names:
             self._require_adapter(name, "set_requires_grad")
         for _, layer in self.lora_layers():
-            layer.set_requires_grad([self._slot(n) for n in names], requires_grad)
+            layer.set_requires_grad([self.slot(n) for n in names], requires_grad)
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, torch_device=None,
                      autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, **kwargs) -> None:
@@ -473,7 +477,7 @@ class LoraModel(nn.Module):
         if adapter_name == self.active_adapter:
             raise ValueError(f"delete_adapter: {adapter_name!r} is the active adapter; set_adapter(...) another "
                              "one first")
-        if adapter_name == self._first_adapter:
+        if adapter_name == self.first_adapter:
             raise ValueError(f"delete_adapter: {adapter_name!r} is the model's first adapter (it holds the "
                              "modules_to_save and the top-level weights); fused_lora cannot delete it")
         layers = [layer for _, layer in self.lora_layers()]
@@ -570,13 +574,13 @@ class LoraModel(nn.Module):
                                           "is not supported by fused_lora")
             # peft's rule: beam search repeats each input num_beams times
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
-        slots = [n if n == BASE_ADAPTER else self._slot(n) for n in adapter_names]
+        slots = [n if n == BASE_ADAPTER else self.slot(n) for n in adapter_names]
 
         # The names reach the layers through a per-thread record for the call (fused_lora.modules.layer.call_values),
         # not forward pre-hooks (peft's way: dynamo cannot trace registering hooks, so torch.compile(fullgraph=
         # True) could not take adapter_names) nor attributes of the layers (shared by every thread).
         values = {layer: slots for _, layer in self.lora_layers()}
-        mask = [n == self._first_adapter for n in adapter_names]  # modules_to_save belong to the first adapter
+        mask = [n == self.first_adapter for n in adapter_names]  # modules_to_save belong to the first adapter
         values.update((m, mask) for _, m in self.saved_modules())
         with call_values(values):
             yield
@@ -622,11 +626,12 @@ class LoraModel(nn.Module):
 
     def _replace_all(self, merge: bool, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         layers = list(self.lora_layers())
-        # Quantized bases: their 16-bit merged layers (merge) or QuantizedLinear (unload) are built before
-        # anything changes; the other layers merge in place as before.
-        quantized = {name: (layer.base_kind.to_linear(layer, safe_merge, adapter_names) if merge
-                            else layer.base_kind.unloaded(layer)) for name, layer in layers if layer.quantized}
-        layers = [(name, layer) for name, layer in layers if not layer.quantized]
+        # Bases that cannot merge in place (quantized): their 16-bit merged layers (merge) or their own layers
+        # (unload) are built before anything changes; the others merge in place as before.
+        rebuilt = {name: (layer.base_kind.to_linear(layer, safe_merge, adapter_names) if merge
+                          else layer.base_kind.unloaded(layer))
+                   for name, layer in layers if not layer.base_kind.merges_in_place}
+        layers = [(name, layer) for name, layer in layers if layer.base_kind.merges_in_place]
         if merge:
             self._merge_all(layers, safe_merge, adapter_names)
         else:  # every unmerge (which can refuse) before any layer is swapped: no half-unloaded model
@@ -634,10 +639,8 @@ class LoraModel(nn.Module):
                 if layer.merged:
                     layer.unmerge()
         for name, layer in layers:
-            new = layer._plain_base()  # an nn.Linear or Conv1D on meta, then the very same tensors, no copy
-            new.weight, new.bias = layer.weight, layer.bias
-            _set_submodule(self.model, name, new)
-        for name, new in quantized.items():
+            _set_submodule(self.model, name, layer.base_kind.unloaded(layer))  # the very same tensors, no copy
+        for name, new in rebuilt.items():
             _set_submodule(self.model, name, new)
         for name, m in list(self.saved_modules()):
             # peft keeps the trained copy, merged or not, when its adapter (the first) is active; with another
@@ -681,7 +684,7 @@ class LoraModel(nn.Module):
                 raise TypeError("merge_and_unload: adapter_names is a list of adapter names")
             for name in adapter_names:
                 self._require_adapter(name, "merge_and_unload")
-            slots = [self._slot(n) for n in adapter_names]
+            slots = [self.slot(n) for n in adapter_names]
         return self._replace_all(merge=True, safe_merge=safe_merge, adapter_names=slots)
 
     def unload(self) -> nn.Module:

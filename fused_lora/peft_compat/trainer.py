@@ -96,7 +96,7 @@ def _holds_adapter(model, directory) -> bool:
     """Whether `directory` is a checkpoint of this LoraModel's adapters, in peft's layout: the first
     adapter at the top, or in a sub-directory named after it when it is not called "default"."""
     return isinstance(model, LoraModel) and any(
-        os.path.isfile(os.path.join(d, WEIGHTS_NAME)) for d in (directory, os.path.join(directory, model._first_adapter)))
+        os.path.isfile(os.path.join(d, WEIGHTS_NAME)) for d in (directory, os.path.join(directory, model.first_adapter)))
 
 
 def _move_trl_lm_head(lora_model: LoraModel) -> None:
@@ -115,7 +115,7 @@ def _move_trl_lm_head(lora_model: LoraModel) -> None:
                            f"fused_lora cannot move to the wrapped model ({err!r}); this TRL version is not "
                            "supported with a LoraModel: use peft with fused_lora.patch_peft(model)") from err
     del lora_model.__dict__["forward"]
-    lora_model._expose_forward_signature()
+    lora_model.expose_forward_signature()
     add_fused_lm_head(lora_model.get_base_model(), **kwargs)
 
 

@@ -15,9 +15,11 @@ A format module (nf4.py, int8.py) is plain torch, and offers:
     attributes, buffers, layout, settle, describe, is_nested
                                           the container's view (fused_lora.modules.quantized.QuantizedWeight)
 
-Adding a format is a module here and one entry in FORMATS (and, for a Triton path, a tile loader in
-fused_lora/kernels/quantized). The functions below dispatch on `data.format`; nothing else asks which
-format a layout is.
+Adding a format is a module here and one entry in FORMATS, with LAYOUT_CODES no other format uses. The
+functions below dispatch on `data.format`. A Triton path for it is a branch of the quantized kernels' tile
+loader (`kernels/quantized/quant_tiles.dequant_tile`), an entry of their per-format table
+(`kernels/quantized/launchers.FORMATS`), its variants in the static gate (`kernels/compile_check.py`) and its
+layout in `core/limits.KERNEL_LAYOUTS` (until then the dispatch table refuses the triton row for it).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from .nf4 import NF4Data
 FORMATS = {nf4.NAME: nf4, int8.NAME: int8}  # the registry: name -> the format's module
 QuantData = Union[NF4Data, Int8Data]
 _BY_CODE = {code: fmt for fmt in FORMATS.values() for code in fmt.LAYOUT_CODES}
+assert len(_BY_CODE) == sum(len(fmt.LAYOUT_CODES) for fmt in FORMATS.values()), "two formats share a layout code"
 
 
 def format_named(name: str):
