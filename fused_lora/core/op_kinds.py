@@ -4,7 +4,8 @@ the direction. The dispatch table, the implementation rows' declared ops and the
 the name of the function an implementation row's module defines for the op (one naming rule for every row:
 `dispatch.table`).
 
-    base       "dense" (a 16-bit weight) | "quant" (a quantized base, `core.formats`)
+    base       "dense" (a 16-bit weight) | "quant" (a quantized base, `core.formats`) | "experts" (a 3-D stack
+               of 16-bit expert weights, one per group of rows: the grouped op, `ops.grouped`)
     adapters   "one" | "several" (a mixed batch: a per-row adapter index, `core.segments`)
     variant    "lora" | "dora"
     direction  "fwd" | "bwd"
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-BASES = ("dense", "quant")
+BASES = ("dense", "quant", "experts")
 ADAPTERS = ("one", "several")
 VARIANTS = ("lora", "dora")
 DIRECTIONS = ("fwd", "bwd")
@@ -34,8 +35,8 @@ class Op:
 
     @property
     def name(self) -> str:
-        """The short name: fwd, bwd, multi_fwd, quant_bwd, quant_multi_fwd, dora_fwd, ..."""
-        parts = ["quant"] if self.base == "quant" else []
+        """The short name: fwd, bwd, multi_fwd, quant_bwd, quant_multi_fwd, dora_fwd, grouped_fwd, ..."""
+        parts = {"dense": [], "quant": ["quant"], "experts": ["grouped"]}[self.base]
         parts += ["multi"] if self.adapters == "several" else []
         parts += ["dora"] if self.variant == "dora" else []
         return "_".join(parts + [self.direction])
@@ -71,9 +72,16 @@ QUANT_FWD, QUANT_BWD = Op(base="quant"), Op(base="quant", direction="bwd")
 QUANT_MULTI_FWD = Op(base="quant", adapters="several")
 QUANT_MULTI_BWD = Op(base="quant", adapters="several", direction="bwd")
 DORA_FWD, DORA_BWD = Op(variant="dora"), Op(variant="dora", direction="bwd")
-# The ops the library runs (DoRA over one dense adapter only: QDoRA and DoRA in a mixed batch are refused).
-ALL_OPS = (FWD, BWD, MULTI_FWD, MULTI_BWD, QUANT_FWD, QUANT_BWD, QUANT_MULTI_FWD, QUANT_MULTI_BWD, DORA_FWD, DORA_BWD)
+# The grouped op (mixture-of-experts weights): rows sorted by group, group g's rows through expert g's base
+# weight and LoRA factors (one adapter, per-expert A and B; `ops.grouped.lora_linear_grouped`).
+GROUPED_FWD, GROUPED_BWD = Op(base="experts"), Op(base="experts", direction="bwd")
+GROUPED_OPS = frozenset({GROUPED_FWD, GROUPED_BWD})
+# The ops the library runs (DoRA over one dense adapter only: QDoRA and DoRA in a mixed batch are refused;
+# expert weights with one adapter, plain LoRA).
+ALL_OPS = (FWD, BWD, MULTI_FWD, MULTI_BWD, QUANT_FWD, QUANT_BWD, QUANT_MULTI_FWD, QUANT_MULTI_BWD, DORA_FWD, DORA_BWD,
+           GROUPED_FWD, GROUPED_BWD)
 _BY_NAME = {op.name: op for op in ALL_OPS}
 _FUNCTIONS = {"fwd": "forward", "bwd": "backward", "multi_fwd": "multi_forward", "multi_bwd": "multi_backward",
               "quant_fwd": "forward_quant", "quant_bwd": "backward_quant", "quant_multi_fwd": "quant_multi_forward",
-              "quant_multi_bwd": "quant_multi_backward", "dora_fwd": "dora_forward", "dora_bwd": "dora_backward"}
+              "quant_multi_bwd": "quant_multi_backward", "dora_fwd": "dora_forward", "dora_bwd": "dora_backward",
+              "grouped_fwd": "grouped_forward", "grouped_bwd": "grouped_backward"}
