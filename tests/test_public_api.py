@@ -37,8 +37,8 @@ def test_backends_after_a_plain_import():
 def test_backends_keeps_its_names():
     missing = [name for name in LEGACY_BACKENDS if not hasattr(backends, name)]
     assert not missing, missing
-    assert backends.BACKWARD_OPS == {"bwd": "fwd", "multi_bwd": "multi_fwd", "quant_bwd": "quant_fwd",
-                                     "quant_multi_bwd": "quant_multi_fwd"}
+    assert {"bwd": "fwd", "multi_bwd": "multi_fwd", "quant_bwd": "quant_fwd",
+            "quant_multi_bwd": "quant_multi_fwd"}.items() <= backends.BACKWARD_OPS.items()
 
 
 def test_problem_op_compares_with_its_name():

@@ -146,7 +146,8 @@ def as_seed_tensor(seed, dropout_p: float) -> Tensor:
 
 __all__ = ["as_scaling", "as_seed_tensor", "check_adapters", "check_backward_inputs", "check_dropout_p",
            "check_op_inputs", "check_row_adapter", "check_row_adapter_shape", "check_seed_tensor", "require",
-           "seed_value"]
+           "seed_value", "named_for", "check_grouped_inputs", "check_grouped_backward_inputs", "check_group_sizes",
+           "check_group_size_values"]
 
 
 # ------------------------------------------------------------------ several adapters in one batch
@@ -199,3 +200,113 @@ def check_row_adapter_shape(row_adapter: Tensor, x: Tensor) -> None:
     require(ValueError, row_adapter.dim() == 1 and row_adapter.shape[0] == x.shape[0],
              lambda: f"lora_linear_multi: row_adapter has shape {tuple(row_adapter.shape)} but x has {x.shape[0]} "
                      f"rows: expected ({x.shape[0]},), one adapter index per row")
+
+
+# ------------------------------------------------------------------ expert weights (the grouped op)
+
+GROUPED = "lora_linear_grouped"
+
+
+def named_for(op: str, fn, *args):
+    """fn(*args), its errors naming `op` where they name lora_linear (the shared checks of seed, scaling, p)."""
+    try:
+        return fn(*args)
+    except (TypeError, ValueError) as err:
+        raise type(err)(str(err).replace("lora_linear:", f"{op}:", 1)) from None
+
+
+def check_group_sizes(group_sizes, x: Tensor, n_experts) -> None:
+    """group_sizes: an int64 tensor of shape (E,) on x's device (its values: `check_group_size_values`)."""
+    if not isinstance(group_sizes, Tensor):
+        raise TypeError(f"{GROUPED}: group_sizes must be an int64 tensor of shape (E,), got "
+                        f"{type(group_sizes).__name__}")
+    if group_sizes.dtype != torch.int64:
+        raise TypeError(f"{GROUPED}: group_sizes has dtype {group_sizes.dtype}, expected torch.int64")
+    if group_sizes.dim() != 1:
+        raise ValueError(f"{GROUPED}: group_sizes must be 1-D (one row count per expert), got shape "
+                         f"{_shape(group_sizes)}")
+    if group_sizes.device != x.device:
+        raise ValueError(f"{GROUPED}: group_sizes is on {group_sizes.device} but x is on {x.device}")
+    require(ValueError, group_sizes.shape[0] == n_experts,
+            lambda: f"{GROUPED}: group_sizes has {group_sizes.shape[0]} entries but weight has {n_experts} experts: "
+                    "expected one row count per expert")
+
+
+def check_group_size_values(sizes, M) -> None:
+    """The groups' sizes read on the host: each >= 0, summing to x's row count M."""
+    for g, size in enumerate(sizes):
+        if size < 0:
+            raise ValueError(f"{GROUPED}: group_sizes holds {size} (expert {g}): row counts must be >= 0")
+    total = sum(sizes)
+    if total != M:
+        raise ValueError(f"{GROUPED}: group_sizes sums to {total} but x has {M} rows: every row belongs to "
+                         "one expert's group (rows sorted by expert)")
+
+
+def check_grouped_inputs(x: Tensor, group_sizes: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         lora_A: Optional[Tensor], lora_B: Optional[Tensor], dropout_p: float,
+                         transposed: bool = False) -> None:
+    """x (M, K), rows sorted by expert; group_sizes (E,) int64; weight (E, N, K), or (E, K, N) when
+    `transposed`; bias (E, N) or None; lora_A (E, r, K) and lora_B (E, N, r), or both None (the base alone,
+    without dropout): one floating dtype, one device. Sizes may be symbolic (torch.compile): `require`."""
+    if not isinstance(transposed, bool):
+        raise TypeError(f"{GROUPED}: transposed must be a bool, got {type(transposed).__name__}")
+    if (lora_A is None) != (lora_B is None):
+        raise TypeError(f"{GROUPED}: lora_A and lora_B must both be tensors, or both None for the base alone")
+    named = (("x", x, 2), ("weight", weight, 3), ("bias", bias, 2), ("lora_A", lora_A, 3), ("lora_B", lora_B, 3))
+    for name, t, _ in named:
+        if not isinstance(t, Tensor) and not (t is None and name in ("bias", "lora_A", "lora_B")):
+            raise TypeError(f"{GROUPED}: {name} must be a tensor, got {type(t).__name__}")
+    for name, t, want in named:
+        if t is not None and t.dim() != want:
+            raise ValueError(f"{GROUPED}: {name} must be {want}-D, got shape {_shape(t)}")
+    dtype, device = x.dtype, x.device
+    if dtype not in OP_DTYPES:
+        raise TypeError(f"{GROUPED}: x has dtype {dtype}; expected one of float16, bfloat16, float32, float64")
+    for name, t, _ in named[1:]:
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"{GROUPED}: {name} has dtype {t.dtype} but x has {dtype} (cast them to one dtype)")
+        if t is not None and t.device != device:
+            raise ValueError(f"{GROUPED}: {name} is on {t.device} but x is on {device}")
+    xs, ws = x.shape, weight.shape
+    E, K = ws[0], xs[1]
+    w_k, N = (ws[1], ws[2]) if transposed else (ws[2], ws[1])
+    require(ValueError, E >= 1, lambda: f"{GROUPED}: weight has no experts (shape {tuple(ws)})")
+    for name, t, _ in named[2:]:
+        if t is not None:
+            require(ValueError, t.shape[0] == E,
+                    lambda name=name, t=t: f"{GROUPED}: {name} has {t.shape[0]} experts (shape {_shape(t)}) but weight has {E} "
+                            f"(shape {tuple(ws)}): every per-expert tensor leads with the expert count")
+    check_group_sizes(group_sizes, x, E)
+    layout = "(E, K, N) (transposed=True)" if transposed else "(E, N, K)"
+    require(ValueError, w_k == K, lambda: f"{GROUPED}: weight has shape {tuple(ws)} but x has {tuple(xs)}: expected "
+                                          f"{layout.replace('K', str(K))}")
+    if bias is not None:
+        require(ValueError, bias.shape[1] == N, lambda: f"{GROUPED}: bias has shape {_shape(bias)}, expected "
+                                                        f"({E}, {N}) from weight {tuple(ws)}")
+    if lora_A is not None:
+        As, Bs = lora_A.shape, lora_B.shape
+        r = As[1]
+        require(ValueError, As[2] == K, lambda: f"{GROUPED}: lora_A has shape {tuple(As)} but x has {tuple(xs)}: "
+                                                f"expected (E, r, {K})")
+        for size, want in ((Bs[1], N), (Bs[2], r)):
+            require(ValueError, size == want, lambda: f"{GROUPED}: lora_B has shape {tuple(Bs)}, expected (E, N, r) = "
+                                                      f"({E}, {N}, {r}) from weight {tuple(ws)} and lora_A {tuple(As)}")
+    named_for(GROUPED, check_dropout_p, dropout_p)
+    if lora_A is None and dropout_p > 0.0:
+        raise ValueError(f"{GROUPED}: dropout_p = {dropout_p} without lora_A / lora_B: dropout acts on the LoRA "
+                         "term only (pass dropout_p=0.0 for the base alone)")
+
+
+def check_grouped_backward_inputs(dy: Tensor, x: Tensor, group_sizes: Tensor, weight: Tensor, lora_A: Tensor,
+                                  lora_B: Tensor, h: Tensor, dropout_p: float, transposed: bool = False) -> None:
+    """The forward's checks, plus dY (M, N) and H (M, r) of the matching sizes, dtype and device."""
+    check_grouped_inputs(x, group_sizes, weight, None, lora_A, lora_B, dropout_p, transposed)
+    M, N, r = x.shape[0], weight.shape[1 if not transposed else 2], lora_A.shape[1]
+    for name, t, want in (("dy", dy, (M, N)), ("h", h, (M, r))):
+        require(ValueError, t.dim() == 2 and t.shape[0] == want[0] and t.shape[1] == want[1],
+                lambda name=name, t=t, want=want: f"{GROUPED} backward: {name} has shape {_shape(t)}, expected {want}")
+        require(TypeError, t.dtype == x.dtype,
+                lambda name=name, t=t: f"{GROUPED} backward: {name} has dtype {t.dtype} but x has {x.dtype}")
+        require(ValueError, t.device == x.device,
+                lambda name=name, t=t: f"{GROUPED} backward: {name} is on {t.device} but x is on {x.device}")

@@ -10,6 +10,11 @@ Several adapters in one batch (`lora_linear_multi_ref`): row m uses adapter a(m)
 rank, scaling and dropout, or none (a(m) = -1, peft's "__base__"):
 
     y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m])
+
+Expert weights (`lora_linear_grouped_ref`): the rows sorted by group, group_sizes[e] rows for expert e, each
+through its own base weight, bias and LoRA factors, one scaling, one dropout mask over the whole batch:
+
+    y[m] = x[m] W_e^T + b_e + s B_e A_e (D x[m])      e = the group of row m
 """
 from __future__ import annotations
 
@@ -91,3 +96,54 @@ def dora_linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
     base = x @ weight.t()
     y = c * (base + lora) if keep is None else base + (c - 1) * (xd @ weight.t()) + c * lora
     return y if bias is None else y + bias
+
+
+def group_membership(group_sizes: Tensor, M: int, dtype: torch.dtype) -> Tensor:
+    """(M, E) 0/1 matrix: entry (m, e) is 1 where row m is among group e's rows (the rows sorted by group,
+    group e holding rows sum(group_sizes[:e]) .. sum(group_sizes[:e + 1]) - 1), by comparisons (no index ops)."""
+    ends = torch.cumsum(group_sizes, 0)
+    starts = ends - group_sizes
+    row = torch.arange(M, device=group_sizes.device).unsqueeze(1)
+    return ((row >= starts) & (row < ends)).to(dtype)
+
+
+def expert_weight(weight: Tensor, transposed: bool = False) -> Tensor:
+    """The expert stack as (E, N, K) (a view): `weight` itself, or (E, K, N) transposed."""
+    return weight.transpose(1, 2) if transposed else weight
+
+
+def lora_linear_grouped_ref(x: Tensor, group_sizes: Tensor, weight: Tensor, bias: Optional[Tensor],
+                            lora_A: Optional[Tensor], lora_B: Optional[Tensor], scaling: float,
+                            keep: Optional[Tensor] = None, dropout_p: float = 0.0,
+                            transposed: bool = False) -> Tensor:
+    """Expert weights: y[m] = x[m] W_e^T + b_e + s B_e A_e (D x[m]) for row m of group e.
+
+    x is M x K, its rows sorted by group, group e holding group_sizes[e] rows (E groups, summing to M);
+    weight (E, N, K) ((E, K, N) with `transposed`), bias (E, N) or None, lora_A (E, r, K), lora_B (E, N, r)
+    (both None: the base alone); `keep` the M x K dropout keep mask (None: no dropout). Every expert is
+    applied to every row and the rows selected by multiplying with a 0/1 column (`group_membership`), so this
+    formulation shares nothing with the implementations' slicing; autograd derives its gradients.
+    """
+    w = expert_weight(weight, transposed)
+    rows = group_membership(group_sizes, x.shape[0], x.dtype)
+    xd = x if keep is None else x * dropout_scale(keep, dropout_p, x.dtype)
+    y = x.new_zeros(x.shape[0], w.shape[1])
+    for e in range(w.shape[0]):
+        ye = x @ w[e].t()
+        if bias is not None:
+            ye = ye + bias[e]
+        if lora_A is not None:
+            ye = ye + scaling * ((xd @ lora_A[e].t()) @ lora_B[e].t())
+        y = y + rows[:, e:e + 1] * ye
+    return y
+
+
+def lora_linear_grouped_ref_h(x: Tensor, group_sizes: Tensor, lora_A: Tensor, keep: Optional[Tensor] = None,
+                              dropout_p: float = 0.0) -> Tensor:
+    """H (M x r): row m is (D x[m]) A_e^T, e the group of row m (what the grouped op keeps for backward)."""
+    rows = group_membership(group_sizes, x.shape[0], x.dtype)
+    xd = x if keep is None else x * dropout_scale(keep, dropout_p, x.dtype)
+    h = x.new_zeros(x.shape[0], lora_A.shape[1])
+    for e in range(lora_A.shape[0]):
+        h = h + rows[:, e:e + 1] * (xd @ lora_A[e].t())
+    return h

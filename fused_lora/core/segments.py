@@ -5,11 +5,19 @@ the segment kernels (vLLM's token-to-adapter mapping, as segment kernels want it
 and counts them; the rows of adapter a are `order[offsets[a + 1]:offsets[a + 2]]` (the base rows, index -1,
 come first). Forward and backward share that layout. H, the activation kept for backward, is packed: every
 adapter's H_a in one M x max(r_a) tensor, rows in the sorted order (`packed_h_shape`).
+
+The grouped op (mixture-of-experts weights, `ops.grouped`) takes rows already sorted by group with the
+groups' sizes: `grouped(group_sizes)` is the same layout (a `Segments`: `count`, `rows`, `h_of` as above,
+with no base rows and `order` the identity), read from the sizes instead of a per-row index. Group g holds
+rows `offsets[g + 1]:offsets[g + 2]` (`span(g)`, a slice); its H_g is H's rows there (H is M x r, rows
+in x's order). What needs no host read stays on the device: `device_counts` and `device_offsets` (a
+cumulative sum of the sizes), `row_adapter` (each row's group, by `repeat_interleave` with its output
+size given); the host offsets are one read of the E sizes (`sizes`), made once per layout.
 """
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -42,10 +50,75 @@ class Segments:
     def rows(self, adapter: int) -> Tensor:
         return self.order[self.offsets[adapter + 1]:self.offsets[adapter + 2]]
 
+    def span(self, adapter: int) -> slice:
+        """The adapter's (group's) positions in the sorted order, as a slice (H's rows, `h_of`)."""
+        return slice(self.offsets[adapter + 1], self.offsets[adapter + 2])
+
+    def hit(self) -> list[int]:
+        """The adapters (groups) with at least one row, in increasing order."""
+        return [a for a in range(self.n_adapters) if self.count(a)]
+
+    @cached_property
+    def device_counts(self) -> Tensor:
+        """(n + 1,) int64 on the rows' device, base first: the rows per segment, with no device-to-host sync
+        (an index_add, not bincount, whose output size would be read from the device)."""
+        counts = torch.zeros(self.n_adapters + 1, dtype=torch.int64, device=self.row_adapter.device)
+        return counts.index_add_(0, self.row_adapter + 1, torch.ones_like(self.row_adapter))
+
+    @cached_property
+    def device_offsets(self) -> Tensor:
+        """(n + 2,) int64 on the device: `offsets` without a host read (the cumulative sum of `device_counts`)."""
+        counts = self.device_counts
+        return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+class GroupedSegments(Segments):
+    """Rows already sorted by group, from the groups' sizes (`grouped`): the `Segments` layout with no base
+    rows and `order` the identity. `group_sizes` (E,) int64 on the rows' device, summing to M (checked by
+    the caller: `core.op_inputs.check_group_size_values(layout.sizes, M)`); `sizes` its values on the host,
+    read once when first needed (or given)."""
+
+    def __init__(self, group_sizes: Tensor, M: int, sizes: Optional[Sequence[int]] = None):
+        self.group_sizes, self.M, self.n_adapters = group_sizes, M, group_sizes.shape[0]
+        if sizes is not None:
+            self.sizes = tuple(int(s) for s in sizes)
+
+    @cached_property
+    def sizes(self) -> tuple:
+        """The groups' sizes on the host: one device-to-host read of E integers."""
+        return tuple(self.group_sizes.tolist())
+
+    @cached_property
+    def offsets(self) -> tuple:
+        ends = [0, 0]
+        for size in self.sizes:
+            ends.append(ends[-1] + size)
+        return tuple(ends)
+
+    @cached_property
+    def order(self) -> Tensor:
+        return torch.arange(self.M, device=self.group_sizes.device)
+
+    @cached_property
+    def row_adapter(self) -> Tensor:
+        """Each row's group (M,), on the device without a sync (the output size is M, given)."""
+        groups = torch.arange(self.n_adapters, device=self.group_sizes.device)
+        return torch.repeat_interleave(groups, self.group_sizes, output_size=self.M)
+
+    @cached_property
+    def device_counts(self) -> Tensor:
+        return torch.cat([self.group_sizes.new_zeros(1), self.group_sizes])
+
 
 def segments(row_adapter: Tensor, n_adapters: int) -> Segments:
     """The grouped layout of `row_adapter` (values in [-1, n_adapters), checked by the caller)."""
     return Segments(row_adapter, n_adapters)
+
+
+def grouped(group_sizes: Tensor, M: int, sizes: Optional[Sequence[int]] = None) -> GroupedSegments:
+    """The layout of M rows already sorted by group, group g holding `group_sizes[g]` of them (E groups:
+    empty ones allowed); `sizes`, when given, the same values already read on the host (no second read)."""
+    return GroupedSegments(group_sizes, M, sizes)
 
 
 def packed_h_shape(M: int, adapters: Sequence[Adapter]) -> tuple[int, int]:

@@ -23,7 +23,8 @@ class Problem:
     is accepted too); x is M x K, W is N x K, the LoRA rank is `rank` (several adapters: the largest);
     `dropout` whether p > 0; `grads`: for backward, the gradients asked for, among ("dx", "lora", "dW",
     "db"); `base`, `blocksize`: a quantized base's layout (`core.formats.layout_name`: other kernels, so
-    tuned apart), "" for a 16-bit one.
+    tuned apart), "" for a 16-bit one; for the grouped op (op.base "experts") the expert stack's layout,
+    "experts" for (E, N, K) or "experts_t" for (E, K, N), and `groups` its number of experts E (0 otherwise).
     """
     op: Union[Op, str]
     device: torch.device
@@ -36,6 +37,7 @@ class Problem:
     grads: tuple = ()
     base: str = ""
     blocksize: int = 0
+    groups: int = 0
 
     def __post_init__(self):
         if isinstance(self.op, str):
@@ -49,6 +51,8 @@ class Problem:
             key += " grads=" + ("+".join(self.grads) or "none")
         if self.base:
             key += f" base={self.base}" + (f"/{self.blocksize}" if self.blocksize else "")
+        if self.groups:
+            key += f" E{self.groups}"
         return key
 
     def forward_twin(self) -> "Problem":

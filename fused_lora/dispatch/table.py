@@ -24,7 +24,7 @@ import torch
 
 from ..core.interpreter import interpreting
 from ..core.limits import HOPPER_MAX_RANK, KERNEL_LAYOUTS, MAX_TRITON_MULTI_RANK, MAX_TRITON_RANK
-from ..core.op_kinds import ALL_OPS, BWD, FWD, Op
+from ..core.op_kinds import ALL_OPS, BWD, FWD, GROUPED_OPS, Op
 from .problem import Problem
 
 ENV_VAR = "FUSED_LORA_BACKEND"
@@ -32,7 +32,9 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HOPPER_DTYPES = (torch.float16, torch.bfloat16)
 HOPPER_OPS = frozenset({FWD, BWD})
 HOPPER_OP_REFUSAL = ("the Hopper-path rows run one plain adapter (ops fwd, bwd); several adapters in one batch run "
-                     "on the triton row's segment kernels")
+                     "on the triton row's segment kernels, expert weights (grouped ops) on the torch row")
+TRITON_OPS = frozenset(ALL_OPS) - GROUPED_OPS
+TRITON_OP_REFUSAL = "the grouped (expert-weight) ops have no Triton kernels yet; the torch row runs them"
 
 
 class BackendUnavailable(RuntimeError):
@@ -82,7 +84,7 @@ def triton_multi_reasons(problem: Problem) -> list[str]:
 def triton_base_reasons(p: Problem) -> list[str]:
     """Why the triton row cannot run over this quantized base's layout (empty when it can): a layout its
     kernels do not read, or blocks smaller than they take (core.limits.KERNEL_LAYOUTS)."""
-    if not p.base:
+    if p.op.base != "quant" or not p.base:
         return []
     if p.base not in KERNEL_LAYOUTS:
         return [f"the Triton kernels do not read the {p.base} layout; the torch backend runs it"]
@@ -179,7 +181,8 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("torch", "PyTorch ops (cuBLAS GEMMs onto the rank-r term on a GPU); runs anywhere torch runs",
                    "fused_lora.torch_row"),
     Implementation("triton", "the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
-                   "fused_lora.kernels", reasons=triton_reasons, check_against=segment_kernels_checked_against),
+                   "fused_lora.kernels", reasons=triton_reasons, check_against=segment_kernels_checked_against,
+                   ops=TRITON_OPS, op_refusal=TRITON_OP_REFUSAL),
     Implementation("triton-tma", "Hopper path: TMA descriptors + persistent grid for the forward and dX GEMMs "
                    "(fused_lora.kernels.hopper.tma; sm_90)", "fused_lora.kernels.hopper.tma",
                    lambda p: hopper_reasons(p, tma=True), hopper_checked_against, HOPPER_OPS, HOPPER_OP_REFUSAL),

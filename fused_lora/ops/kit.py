@@ -33,11 +33,12 @@ def max_dropout(adapters) -> float:
 
 
 def random_lora(lora_A: Tensor, lora_B: Tensor, seed: int = 0) -> tuple:
-    """Random A and B of these shapes, dtypes and devices, with O(1) low-rank outputs."""
-    (r, K), N = lora_A.shape, lora_B.shape[0]
+    """Random A and B of these shapes, dtypes and devices, with O(1) low-rank outputs: A (r x K) and B (N x r),
+    or per expert (E x r x K, E x N x r)."""
+    r, K = lora_A.shape[-2:]
     g = torch.Generator().manual_seed(seed)
-    a = (torch.randn(r, K, generator=g, dtype=torch.float64) * max(K, 1) ** -0.5).to(lora_A)
-    b = (torch.randn(N, r, generator=g, dtype=torch.float64) * max(r, 1) ** -0.5).to(lora_B)
+    a = (torch.randn(*lora_A.shape, generator=g, dtype=torch.float64) * max(K, 1) ** -0.5).to(lora_A)
+    b = (torch.randn(*lora_B.shape, generator=g, dtype=torch.float64) * max(r, 1) ** -0.5).to(lora_B)
     return a, b
 
 
@@ -67,32 +68,36 @@ def probe(op: Op, args: tuple, lora_at: Optional[int] = None, dropout_at: Option
 
 
 def problem(op: Op, x: Tensor, N: int, rank: int, dropout_p: float = 0.0, grads: tuple = (),
-            layout: tuple = ("", 0)) -> dispatch.Problem:
+            layout: tuple = ("", 0), groups: int = 0) -> dispatch.Problem:
     """The dispatch Problem of `op` on x (M x K) and a weight of N rows; `layout`: a quantized base's
-    (`core.formats.layout_name`)."""
-    return dispatch.Problem(op, x.device, x.dtype, x.shape[0], N, x.shape[-1], rank, dropout_p > 0.0, grads, *layout)
+    (`core.formats.layout_name`) or the expert stack's; `groups`: the grouped op's number of experts."""
+    return dispatch.Problem(op, x.device, x.dtype, x.shape[0], N, x.shape[-1], rank, dropout_p > 0.0, grads,
+                            *layout, groups)
 
 
 def refuse_early(op: Op, x: Tensor, N: int, rank: int, backend: str, dropout_p: float = 0.0,
-                 layout: tuple = ("", 0)) -> None:
+                 layout: tuple = ("", 0), groups: int = 0) -> None:
     """BackendUnavailable now, before any work, when the backend asked for cannot run `op` on these inputs."""
-    dispatch.select(problem(op, x, N, rank, dropout_p, (), layout), backend)
+    dispatch.select(problem(op, x, N, rank, dropout_p, (), layout, groups), backend)
 
 
 def chosen_row(op: Op, x: Tensor, N: int, rank: int, backend: str, dropout_p: float = 0.0, grads: tuple = (),
-               layout: tuple = ("", 0), bench=None, probe=None, counted_as: Optional[str] = None):
+               layout: tuple = ("", 0), bench=None, probe=None, counted_as: Optional[str] = None, groups: int = 0):
     """The implementation row that runs `op` on these inputs (x is M x K, W is N x K), chosen by
     `dispatch.select` (which, in auto on CUDA, times the candidates through `bench` on a key's first call,
-    and checks rows on `probe`); counted in dispatch.calls under `counted_as` (default: the op's name)."""
-    row = dispatch.select(problem(op, x, N, rank, dropout_p, grads, layout), backend, bench, probe)
+    and checks rows on `probe`); counted in dispatch.calls under `counted_as` (default: the op's name).
+    `layout`: a quantized base's (`core.formats.layout_name`), or the expert stack's ("experts" / "experts_t");
+    `groups`: the grouped op's number of experts."""
+    row = dispatch.select(problem(op, x, N, rank, dropout_p, grads, layout, groups), backend, bench, probe)
     dispatch.calls[(counted_as or op.name, row.name)] += 1
     return row
 
 
 def run_op(op: Op, x: Tensor, N: int, rank: int, backend: str, args: tuple, dropout_p: float = 0.0,
-           grads: tuple = (), layout: tuple = ("", 0), probe=None, fallback: Optional[Callable] = None):
+           grads: tuple = (), layout: tuple = ("", 0), probe=None, fallback: Optional[Callable] = None,
+           groups: int = 0):
     """`op` on `args` by the row `chosen_row` picks (timed on `args`, checked on `probe`); `fallback`, when
     given, runs instead once the choice is made and counted (inputs with nothing to launch: empty sizes)."""
     row = chosen_row(op, x, N, rank, backend, dropout_p, grads, layout,
-                     bench=lambda module: lambda: getattr(module, op.function)(*args), probe=probe)
+                     bench=lambda module: lambda: getattr(module, op.function)(*args), probe=probe, groups=groups)
     return (fallback or row.function(op))(*args)
