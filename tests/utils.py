@@ -226,3 +226,17 @@ def mlp_adapter(alpha, seed, hidden: int = 64):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
     return lm
 
+
+def llama_quantized_bytes(config: dict, fmt: str = "int8") -> int:
+    """The bytes of a Llama's projections (q, k, v, o, gate, up, down in every layer; `config`: finetune.LLAMA_SIZES'
+    keys) quantized by quantize_model's defaults. int8: N x K codes and N fp32 scales each. NF4 with double
+    quantization in blocks of 64: N x K / 2 bytes of codes, a uint8 absmax index per block, an fp32 scale per 256
+    blocks, the 16 + 256 fp32 code tables and the fp32 offset."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # (N, K)
+    if fmt == "int8":
+        each = [n * k + 4 * n for n, k in shapes]
+    else:
+        each = [n * k // 2 + n * k // 64 + 4 * -(-(n * k // 64) // 256) + 4 * (16 + 256 + 1) for n, k in shapes]
+    return config["num_hidden_layers"] * sum(each)

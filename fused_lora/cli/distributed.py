@@ -12,6 +12,7 @@ the CPU. Only rank 0 prints and saves.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Iterator, Optional
 
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import dispatch
+from ..modules.quantized import QuantizedWeight, shardable_quantized
 
 ENGINES = ("ddp", "fsdp")
 ENGINE_NAMES = {"ddp": "DDP", "fsdp": "FSDP2"}
@@ -167,14 +169,25 @@ def wrap(model: nn.Module, engine: str, device: torch.device) -> nn.Module:
     """The module to train: `model` in DDP, or `model` sharded in place by FSDP2.
 
     FSDP2 shards every block of each nn.ModuleList (a transformer's layers) as its own unit, then
-    the rest at the root, so only one block's parameters are gathered at a time.
+    the rest at the root, so only one block's parameters are gathered at a time. A quantized base is
+    sharded too: its packed codes and scales are held as frozen Parameters first (`shardable_quantized`),
+    so each process holds its share of them and the whole of a block's only while the block runs.
+    DDP keeps a quantized base as buffers, the same on every process, and is told not to send them at
+    every forward (`forward_sync_buffers=False`, or `broadcast_buffers=False` on a torch without it; a
+    language model's other buffers are not trained either).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        options = {}
+        if any(isinstance(m, QuantizedWeight) for m in model.modules()):
+            known = inspect.signature(DistributedDataParallel).parameters
+            options["forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers"] = False
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       **options)
     from torch.distributed.fsdp import fully_shard
+    shardable_quantized(model)
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleList):
             for block in module:

@@ -4,6 +4,7 @@ synthetic tokens. Nothing is downloaded.
     python -m fused_lora finetune --model DIR --data FILE --steps 200 --out my_adapter
     python -m fused_lora finetune --size tiny --steps 40 --out my_adapter        # synthetic
     torchrun --nproc-per-node 2 -m fused_lora finetune ... [--fsdp]              # several processes
+    python -m fused_lora finetune --size small --quantize nf4                     # QLoRA: a quantized base
 
 `--model DIR` is a local transformers model directory (config.json and weights, loaded with
 AutoModelForCausalLM.from_pretrained(DIR, local_files_only=True)); without it a Llama of one of
@@ -14,7 +15,10 @@ example). Examples longer than `seq` tokens are split into pieces of `seq` token
 --data the model learns synthetic sequences (each counts up from a random start by a random
 stride, modulo the vocabulary). `eval_split` of the examples (after a shuffle by the seed) are held
 out: their mean next-token loss is measured before and after training. The adapters are trained
-with AdamW; the adapter is saved in peft's format.
+with AdamW; the adapter is saved in peft's format. `quantize` ("nf4" or "int8") quantizes the base's
+Linear layers first (`quantize_model`'s defaults: all but the output layer; NF4 with double quantization
+in blocks of 64, so every quantized layer's in_features must be a multiple of 64) and trains the adapters
+over it (QLoRA); FSDP2 shards the quantized base with the other parameters.
 
 Checkpoints: `out/checkpoint-<step>/` holds the adapter (peft's format), the optimizer's state and
 the RNG states (optimizer.safetensors) and trainer_state.json (the step, the losses so far, the
@@ -56,6 +60,9 @@ from ..peft_compat.adapters import CONFIG_NAME, WEIGHTS_NAME, load_weights_into
 from ..peft_compat.config import LoraConfig
 from .distributed import SettingError
 from ..peft_compat.model import get_lora_model
+from ..peft_compat.quantize import quantize_model
+from ..core.formats import FORMATS, QuantizationError
+from ..modules.quantized import held_quantized_nbytes
 
 __all__ = ["finetune", "check_settings", "train", "Plan", "TrainingRun", "SettingError", "TrainingDiverged",
            "TrainingInterrupted", "ModelLoadError", "SaveError", "MissingDependency", "read_data", "Data",
@@ -88,7 +95,8 @@ MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 # Settings a resumed run shares with its checkpoint: they decide what the adapter is and which data
 # each step sees. lr may change (e.g. lower after a divergence); steps, device, engine, logging too.
 RESUME_SAME = ("model", "size", "data", "r", "lora_alpha", "lora_dropout", "target_modules", "seq", "batch", "seed",
-               "eval_split")
+               "eval_split", "quantize")
+NF4_BLOCKSIZE = 64  # quantize_model's default block size: the NF4 base's in_features must be multiples of it
 IGNORE = -100  # label of a position without a next-token loss (padding), as transformers' loss reads it
 
 
@@ -347,6 +355,7 @@ class Plan:
     overwrite: bool
     record: dict  # the settings a checkpoint records (RESUME_SAME)
     resume_from: Optional[str] = None  # the checkpoint directory to continue from
+    quantize: Optional[str] = None  # the base's format ("nf4", "int8"), None for a 16-bit base
     resume_state: Optional[dict] = None
 
 
@@ -509,7 +518,7 @@ def check_settings(size: Optional[str] = None, steps: int = 40, batch: int = 8, 
                    world: Optional[int] = None, *, model: Optional[str] = None, data: Optional[str] = None,
                    eval_split: float = 0.1, seed: int = 0, resume: bool = False, overwrite: bool = False,
                    save_every: int = DEFAULT_SAVE_EVERY, target_modules=None,
-                   dtype: Optional[torch.dtype] = None) -> Plan:
+                   dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None) -> Plan:
     """The run `finetune` would make, every setting checked; SettingError for any that cannot work,
     before anything is built (the data file is read and tokenized here). `world` is the number of
     processes (default: the launcher's WORLD_SIZE, else 1). See `finetune` for the settings."""
@@ -548,6 +557,17 @@ def check_settings(size: Optional[str] = None, steps: int = 40, batch: int = 8, 
                             task_type="CAUSAL_LM")
     except (TypeError, ValueError) as err:  # what is left of LoraConfig's rules: those on target_modules
         raise SettingError("target_modules" if "target_modules" in str(err) else None, str(err)) from None
+    if quantize is not None:
+        if quantize not in FORMATS:
+            raise SettingError("quantize", f"one of {', '.join(FORMATS)}, got {quantize!r}")
+        if quantize == "nf4" and model is None:  # a model directory's layers are checked when it is quantized
+            dims = ("hidden_size", "intermediate_size")  # the in_features of q/k/v/o, gate/up, and down_proj
+            odd = [f"{k} {LLAMA_SIZES[size][k]}" for k in dims if LLAMA_SIZES[size][k] % NF4_BLOCKSIZE]
+            if odd:
+                fit = [n for n, c in LLAMA_SIZES.items() if all(c[k] % NF4_BLOCKSIZE == 0 for k in dims)]
+                raise SettingError("quantize", f"nf4 needs every quantized layer's in_features to be a multiple of "
+                                   f"its block size {NF4_BLOCKSIZE}; Llama {size!r} has {', '.join(odd)}: use int8, "
+                                   f"or a size whose layers fit ({', '.join(fit)})")
     if engine is not None:
         if engine not in distributed.ENGINES:
             raise SettingError("engine", f"one of {', '.join(distributed.ENGINES)}, got {engine!r}")
@@ -573,7 +593,7 @@ def check_settings(size: Optional[str] = None, steps: int = 40, batch: int = 8, 
               "data": None if data_found is None else data_found.digest,
               "r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
               "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
-              "seq": seq, "batch": batch, "seed": seed, "eval_split": eval_split}
+              "seq": seq, "batch": batch, "seed": seed, "eval_split": eval_split, "quantize": quantize}
     state = None
     if checkpoint is not None:
         state = _read_state(checkpoint)
@@ -591,7 +611,7 @@ def check_settings(size: Optional[str] = None, steps: int = 40, batch: int = 8, 
     return Plan(steps=steps, batch=batch, seq=seq, lr=lr, out=out, engine=engine, log_every=log_every,
                 save_every=save_every, world=world, seed=seed, eval_split=eval_split, device=dev, dtype=dtype,
                 config=config, model=model, size=size, vocab_size=vocab, data=data_found, overwrite=overwrite,
-                record=record, resume_from=checkpoint, resume_state=state)
+                record=record, resume_from=checkpoint, resume_state=state, quantize=quantize)
 
 
 # ---------------------------------------------------------------- training
@@ -821,7 +841,7 @@ def finetune(size: Optional[str] = None, steps: int = 40, batch: int = 8, seq: i
              log_every: int = 0, log: Callable[[str], None] = print, stream=sys.stdout, *,
              model: Optional[str] = None, data: Optional[str] = None, eval_split: float = 0.1, seed: int = 0,
              resume: bool = False, overwrite: bool = False, save_every: int = DEFAULT_SAVE_EVERY,
-             target_modules: Union[None, str, list] = None) -> TrainingRun:
+             target_modules: Union[None, str, list] = None, quantize: Optional[str] = None) -> TrainingRun:
     """Train LoRA adapters (see the module doc); returns a TrainingRun (the loss per step, the eval losses).
 
     model: a local transformers model directory (default: a Llama of `size`, "tiny" unless given, with
@@ -830,7 +850,9 @@ def finetune(size: Optional[str] = None, steps: int = 40, batch: int = 8, seq: i
     projections, or "all-linear" with `model`). out: the directory of the adapter and its checkpoint
     (None: nothing is saved); an `out` holding an adapter is refused unless `resume` (continue from its
     last checkpoint) or `overwrite` (start afresh, replacing it). save_every: steps between checkpoints
-    (0: only at the end; an interrupt also writes one).
+    (0: only at the end; an interrupt also writes one). quantize: "nf4" or "int8" quantizes the base's
+    Linear layers (all but the output layer) before adapting them (QLoRA; NF4 needs in_features that are
+    multiples of 64); None keeps the base in `dtype`.
 
     On a terminal the progress line is redrawn in place; elsewhere (a log file, a pipe) a line is
     written every `log_every` steps (0: about ten lines per run) and at the last step. Settings that
@@ -840,12 +862,12 @@ def finetune(size: Optional[str] = None, steps: int = 40, batch: int = 8, seq: i
 
     In a process group of several processes (torchrun), `batch` is the global batch and each
     process trains on its share of every batch, under DDP (engine="ddp", the default there) or
-    FSDP2 (engine="fsdp"). Only rank 0 logs and saves.
+    FSDP2 (engine="fsdp"), which shards a quantized base too. Only rank 0 logs and saves.
     """
     plan = check_settings(size, steps, batch, seq, r, lora_alpha, lora_dropout, lr, out, device, engine, log_every,
                           distributed.world_size(), model=model, data=data, eval_split=eval_split, seed=seed,
                           resume=resume, overwrite=overwrite, save_every=save_every, target_modules=target_modules,
-                          dtype=dtype)
+                          dtype=dtype, quantize=quantize)
     return train(plan, log=log, stream=stream)
 
 
@@ -888,6 +910,12 @@ def train(plan: Plan, log: Callable[[str], None] = print, stream=sys.stdout) -> 
     else:
         model = load_model(plan.model, dtype, device)
         what = f"{plan.model} ({type(model).__name__})"
+    if plan.quantize is not None:
+        try:  # every layer is quantized before any is replaced: a refusal leaves nothing half-done
+            quantize_model(model, plan.quantize)
+        except (QuantizationError, TypeError, ValueError) as err:  # e.g. an in_features NF4's blocks do not divide
+            raise SettingError("quantize", str(err)) from None
+        what += f", base quantized to {plan.quantize}"
     try:
         lora = get_lora_model(model, plan.config)
     except ValueError as err:  # target_modules that match nothing (or something not adaptable) in this model
@@ -916,7 +944,13 @@ def train(plan: Plan, log: Callable[[str], None] = print, stream=sys.stdout) -> 
     if engine:
         log(f"{world} processes ({distributed.ENGINE_NAMES[engine]} over {distributed.backend_for(device)}), each "
             f"training on {plan.batch // world} of the {plan.batch} sequences of every batch")
+    whole = held_quantized_nbytes(lora)
     trained = distributed.wrap(lora, engine, device) if engine else lora
+    if plan.quantize is not None:
+        held = held_quantized_nbytes(lora)
+        share = (f"; FSDP2 shards it: this process holds {held:,} ({100 * held / whole:.1f}%)" if engine == "fsdp"
+                 else f"; every process holds it whole ({distributed.ENGINE_NAMES[engine]})" if engine else "")
+        log(f"quantized base ({plan.quantize}): {whole:,} bytes{share}")
     # After wrapping: FSDP2 replaces the parameters with sharded ones.
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=plan.lr)
     if resumed:

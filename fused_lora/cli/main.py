@@ -97,7 +97,12 @@ def _parser(prog: str) -> tuple[argparse.ArgumentParser, dict[str, argparse.Argu
     ft_parser.add_argument("--device", default="auto",
                            help=device_help + " (under torchrun, cuda means cuda:LOCAL_RANK)")
     ft_parser.add_argument("--fsdp", action="store_true",
-                           help="under torchrun: shard parameters with FSDP2 (fully_shard) instead of DDP")
+                           help="under torchrun: shard parameters with FSDP2 (fully_shard) instead of DDP "
+                           "(a --quantize'd base is sharded too)")
+    ft_parser.add_argument("--quantize", choices=("nf4", "int8"), default=None,
+                           help="QLoRA: quantize the base's Linear layers (all but the output layer) to NF4 "
+                           "(double quantization, blocks of 64: every in_features a multiple of 64) or int8 "
+                           "before training the adapters over it")
     ft_parser.add_argument("--log-every", type=int, default=0,
                            help="when the output is not a terminal, print progress every N steps; 0: about ten lines")
 
@@ -150,7 +155,7 @@ def _finetune(parser: argparse.ArgumentParser, args, device) -> int:
                     device=device, engine="fsdp" if args.fsdp else None, log_every=args.log_every,
                     model=getattr(args, "model", None), data=getattr(args, "data", None),
                     eval_split=args.eval_split, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-                    save_every=args.save_every, target_modules=targets)
+                    save_every=args.save_every, target_modules=targets, quantize=args.quantize)
     try:
         plan = ft.check_settings(**settings, world=distributed.launched_world_size())
     except SettingError as err:

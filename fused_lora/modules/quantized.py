@@ -1,13 +1,17 @@
 """A frozen quantized base weight (any format of `fused_lora.core.formats`: NF4 with or without nested
 absmax, int8 with one scale per output row) and the module that runs it as a Linear.
 
-    QuantizedWeight     the packed tensors as buffers (never a 16-bit copy); `data()` gives the
-                        format's layout (NF4Data / Int8Data) the PyTorch path and the kernels read
+    QuantizedWeight     the packed tensors as buffers (never a 16-bit copy), or as frozen Parameters
+                        for FSDP2 (`hold_as_parameters`); `data()` gives the format's layout
+                        (NF4Data / Int8Data) the PyTorch path and the kernels read
     quantize_nf4, quantize_int8, quantize
                         our own quantizers, no bitsandbytes needed: NF4 gives bitsandbytes'
                         quantize_4bit codes and absmax (nested: its quantize_blockwise of the absmax)
     QuantizedLinear     a frozen Linear over a QuantizedWeight (fused_lora's Linear4bit): what
                         `quantize_model` puts in place of nn.Linear, and what the adapted layer holds
+    shardable_quantized every QuantizedWeight of a model held as Parameters, before FSDP2's fully_shard
+    held_quantized_nbytes
+                        the bytes of quantized base one process holds (an FSDP2 shard: its own part)
 
 Why our own container and not bitsandbytes' Params4bit: the CPU path and tests must run without
 bitsandbytes, and the kernels need one layout they can rely on (`core.formats`); converters from
@@ -15,7 +19,20 @@ bitsandbytes' modules share their packed tensors (`convert_bnb`). The container 
 format module gives its buffers, attributes and layout (`core.formats` lists that interface).
 
 Choices written down:
-- A weight is frozen: its tensors are buffers, never Parameters; nothing asks for their gradient.
+- A weight is frozen: nothing asks for its gradient. Its tensors are buffers, except under FSDP2:
+  `fully_shard` shards Parameters only (buffers stay whole on every process), so before sharding
+  `shardable_quantized` (`cli.distributed.wrap` calls it) turns each weight's tensors of at least one
+  dimension (the packed codes, the scales and the small code tables) into Parameters with
+  requires_grad False, as bitsandbytes' `quant_storage` does for Answer.AI's FSDP QLoRA; FSDP2 then
+  shards them with the block's parameters, gathers them for the block's forward and backward, and frees
+  the gathered copy after. 0-dim tensors (NF4's nested offset) stay buffers: FSDP2 cannot shard them,
+  and the offset is read once per change of its buffer (`nf4.offset_value`), not at every gather.
+  Parameters only when sharding, not always: as buffers, a quantized model's `parameters()` hold no
+  integer tensors, which is what code walking them expects (peft's own
+  get_nb_trainable_parameters would count the packed bytes as elements, `model.requires_grad_(True)`
+  raises on an integer Parameter, optimizers and `sum(p.numel() ...)` would list the packed bytes);
+  only FSDP2 needs the other holding, so only its wrap converts. Both holdings give the same state_dict
+  keys and values, and load, check and move alike; our own counts are the same under both.
 - NF4 needs in_features to be a multiple of the block size (every row is a whole number of
   blocks, so a row chunk never splits a block and a kernel tile reads whole blocks); bitsandbytes
   accepts any size, so a bitsandbytes layer of another shape is refused by name.
@@ -34,7 +51,7 @@ Choices written down:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +94,8 @@ class QuantizedWeight(nn.Module):
 
     Build it with `quantize_nf4` / `quantize_int8`, or from bitsandbytes' packed tensors
     (`convert_bnb`). The tensors are buffers (state_dict keys `packed`, `code`, `absmax` or
-    `qabsmax`/`code2`/`absmax2` for NF4; `qweight`, `scale` for int8)."""
+    `qabsmax`/`code2`/`absmax2`/`offset` for NF4; `qweight`, `scale` for int8), or, after
+    `hold_as_parameters` (for FSDP2), frozen Parameters under the same names (0-dim ones stay buffers)."""
 
     @property
     def requires_grad(self) -> bool:
@@ -114,6 +132,55 @@ class QuantizedWeight(nn.Module):
     def _format(self):
         return formats.FORMATS[self.format]
 
+    # ---- where the tensors are held: buffers, or Parameters for FSDP2
+
+    def _held(self) -> dict:
+        """The weight's tensors by name, wherever they are held (buffers, and Parameters after
+        `hold_as_parameters`). A new dict when there are Parameters: write through `_put`."""
+        return {**self._parameters, **self._buffers} if self._parameters else self._buffers
+
+    def _put(self, name: str, t: Tensor) -> None:
+        """Hold `t` as the tensor `name`, where the tensor of that name is held (a Parameter stays one,
+        frozen)."""
+        if name in self._parameters:
+            self._parameters[name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+        else:
+            self._buffers[name] = t
+
+    def _settle(self) -> None:
+        """The format's `settle` over the tensors wherever they are held."""
+        held = dict(self._held())
+        self._format.settle(held)
+        for name, t in held.items():
+            if t is not self._parameters.get(name, self._buffers.get(name)):
+                self._put(name, t)
+
+    @property
+    def held_as_parameters(self) -> bool:
+        """Whether the tensors are held as Parameters (`hold_as_parameters`), for FSDP2 to shard."""
+        return bool(self._parameters)
+
+    def hold_as_parameters(self) -> "QuantizedWeight":
+        """Hold every tensor of at least one dimension (packed codes, scales, code tables) as a Parameter with
+        requires_grad False instead of a buffer, so that FSDP2's `fully_shard`, which shards Parameters only,
+        shards them (call it before `fully_shard`; `shardable_quantized` does it for a whole model). The same
+        tensors (no copy), under the same state_dict names; 0-dim tensors (NF4's nested offset) stay buffers.
+        Drops the reference to a bitsandbytes / torchao layer the weight was read from (it would keep the
+        whole packed weight on every process): `unload()` then gives a QuantizedLinear. Returns self."""
+        self.__dict__.pop("_bnb_source", None)
+        for name, t in list(self._buffers.items()):
+            if t is not None and t.dim() > 0:
+                del self._buffers[name]
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+        return self
+
+    def hold_as_buffers(self) -> "QuantizedWeight":
+        """The inverse of `hold_as_parameters` (on an unsharded weight): every tensor a buffer again. Returns self."""
+        for name, p in list(self._parameters.items()):
+            del self._parameters[name]
+            self.register_buffer(name, p.detach())
+        return self
+
     def __getstate__(self):
         # copies (deepcopy, pickle) leave out the bitsandbytes layer the weight was read from (convert_bnb):
         # a reference for unload(), whose copy would store the packed data twice
@@ -133,7 +200,7 @@ class QuantizedWeight(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.buffers()).device
+        return next(iter(self._held().values())).device
 
     @property
     def is_meta(self) -> bool:
@@ -141,15 +208,27 @@ class QuantizedWeight(nn.Module):
 
     @property
     def nested(self) -> bool:
-        return self._format.is_nested(self._buffers)
+        return self._format.is_nested(self._held())
 
     def data(self) -> QuantData:
         """The format's layout of the current buffers (follows .to(device), load_state_dict and in-place
         writes). The nested offset is the buffer's value (`nf4.offset_value`: read from the device only when
         the buffer changed); under torch.compile it is the buffer itself, which `op_args` hands to the custom
         ops, read when they run (a float taken while tracing would be a constant of the graph, blind to later
-        writes)."""
-        return self._format.layout(self._shape, self._buffers, self._attributes,
+        writes). Held as Parameters (for FSDP2), one made to require a gradient is refused (TypeError: the
+        weight is frozen), and so are float tables not in float32 (FSDP2's MixedPrecisionPolicy(param_dtype)
+        casts floating-point Parameters when it gathers them: the weight would dequantize to other values)."""
+        for name, p in self._parameters.items():
+            if p.requires_grad:
+                raise TypeError(f"QuantizedWeight: {name} requires a gradient, but the quantized base weight is "
+                                "frozen (a model's requires_grad_(True) set it: set it back with "
+                                "requires_grad_(False) and train the LoRA adapter)")
+            if name in self._format.FLOAT_BUFFERS and p.dtype != torch.float32:
+                raise TypeError(f"QuantizedWeight: {name} is {p.dtype}, not float32: FSDP2's MixedPrecisionPolicy("
+                                "param_dtype=...) cast it when gathering it, which would change the weight's "
+                                "values: shard a quantized model without param_dtype (put the model in its 16-bit "
+                                "dtype before sharding instead)")
+        return self._format.layout(self._shape, self._held(), self._attributes,
                                    "tensor" if torch.compiler.is_compiling() else "value")
 
     def load_refusal(self, state_dict: dict, prefix: str = "", strict: bool = True,
@@ -162,7 +241,7 @@ class QuantizedWeight(nn.Module):
         1e300 is inf in the buffer). A strict load missing an entry is refused too (no half of a checkpoint
         over the other half of this weight); a non-strict one keeps the buffer there is."""
         merged, missing = {}, []
-        for name, current in self._buffers.items():
+        for name, current in self._held().items():
             key = prefix + name
             if key not in state_dict:
                 missing.append(key)
@@ -211,7 +290,7 @@ class QuantizedWeight(nn.Module):
                               error_msgs):
         # Everything is checked before anything is copied (load_refusal): a refused load leaves every buffer
         # as it was. A strict load missing entries reports them as nn.Module does, loading none of the others.
-        missing = [prefix + n for n in self._buffers if prefix + n not in state_dict]
+        missing = [prefix + n for n in self._held() if prefix + n not in state_dict]
         if strict and missing:
             missing_keys.extend(missing)
             return
@@ -223,20 +302,24 @@ class QuantizedWeight(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # assign=True takes the checkpoint's tensors as they are: keep the layout contract (fp32 tables, a
-        # tensor with a version counter for the offset)
+        # tensor with a version counter for the offset, Parameters frozen)
+        held = self._held()
         for name in self._format.FLOAT_BUFFERS:
-            t = self._buffers.get(name)
+            t = held.get(name)
             if t is not None and t.dtype != torch.float32:
-                self._buffers[name] = t.float()
-        self._format.settle(self._buffers)
+                self._put(name, t.detach().float())
+        for p in self._parameters.values():
+            p.requires_grad_(False)
+        self._settle()
 
     def packed_codes(self) -> Tensor:
-        """The buffer of packed codes (the format's CODES: NF4's `packed`, int8's `qweight`)."""
-        return self._buffers[self._format.CODES]
+        """The tensor of packed codes (the format's CODES: NF4's `packed`, int8's `qweight`)."""
+        return self._held()[self._format.CODES]
 
     def nbytes(self) -> int:
-        """Bytes held by every tensor of this weight (packed data, scales, code tables)."""
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        """Bytes of every tensor of this weight (packed data, scales, code tables), the whole weight's also
+        when FSDP2 shards it (`held_quantized_nbytes` counts what one process holds)."""
+        return sum(t.numel() * t.element_size() for t in self._held().values())
 
     def bytes_per_param(self) -> float:
         return self.nbytes() / max(1, math.prod(self._shape))
@@ -264,18 +347,31 @@ class QuantizedWeight(nn.Module):
         # buffers with their dtypes kept (an fp32 absmax cast to fp16 would change every value).
         # fn runs on each buffer (so to_empty, which cannot copy out of meta, works); a result of
         # another dtype is replaced by the buffer moved as it is.
+        # Parameters (held for FSDP2) stay the same Parameter objects where nn.Module keeps them (their data
+        # replaced), and stay frozen.
         probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.device))
         self.compute_dtype = probe.dtype
         for name, t in self._buffers.items():
             if t is not None:
                 new = fn(t)
                 self._buffers[name] = new if new.dtype == t.dtype else t.to(new.device)
-        self._format.settle(self._buffers)  # e.g. moved in inference mode: the offset keeps a version counter
+        for name, p in self._parameters.items():
+            if p is not None:
+                new = fn(p)
+                new = new if new.dtype == p.dtype else p.to(new.device)
+                if new is p:
+                    continue
+                if torch._has_compatible_shallow_copy_type(p, new):  # nn.Module's rule (not so: meta <-> cpu)
+                    with torch.no_grad():
+                        p.data = new
+                else:
+                    self._parameters[name] = nn.Parameter(new, requires_grad=False)
+        self._settle()  # e.g. moved in inference mode: the offset keeps a version counter
         return self
 
     def extra_repr(self) -> str:
         N, K = self._shape
-        return (f"{N}x{K}, {self._format.describe(self._attributes, self._buffers)}, "
+        return (f"{N}x{K}, {self._format.describe(self._attributes, self._held())}, "
                 f"dtype={str(self.compute_dtype).replace('torch.', '')}, {self.bytes_per_param():.3f} bytes/param")
 
 
@@ -342,6 +438,43 @@ def base_load_refused(module: nn.Module, state_dict: dict, prefix: str, local_me
 
 
 def quantized_parameter_count(model: nn.Module) -> int:
-    """The weights held quantized in `model` (buffers, not parameters), counted as peft counts a 4-bit
-    weight: its N x K elements."""
+    """The weights held quantized in `model`, counted as peft counts a 4-bit weight: its N x K elements,
+    once, however its tensors are held (buffers, or Parameters for FSDP2: `parameters_outside_quantized`
+    leaves those out)."""
     return sum(math.prod(m.shape) for m in model.modules() if isinstance(m, QuantizedWeight))
+
+
+def parameters_outside_quantized(model: nn.Module) -> Iterator[nn.Parameter]:
+    """`model.parameters()` without the tensors of its QuantizedWeights (Parameters after
+    `hold_as_parameters`): what a parameter count adds `quantized_parameter_count` to."""
+    held = {id(p) for m in model.modules() if isinstance(m, QuantizedWeight) for p in m.parameters()}
+    return (p for p in model.parameters() if id(p) not in held)
+
+
+def shardable_quantized(model: nn.Module) -> int:
+    """Hold every QuantizedWeight of `model` as Parameters (`QuantizedWeight.hold_as_parameters`), so that
+    FSDP2's `fully_shard`, applied after, shards the quantized base with the other parameters: each process
+    then holds its share of the packed codes and scales, and the whole weight only while its block runs.
+    Returns how many weights `model` holds."""
+    weights = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
+    for w in weights:
+        w.hold_as_parameters()
+    return len(weights)
+
+
+def held_quantized_nbytes(model: nn.Module) -> int:
+    """Bytes of the quantized base this process holds in `model`: the storage of every QuantizedWeight's
+    tensors, each storage counted once; for an FSDP2 shard (a DTensor) its local storage, padding included,
+    and nothing for a gathered copy FSDP2 has freed."""
+    seen, total = set(), 0
+    for m in model.modules():
+        if not isinstance(m, QuantizedWeight):
+            continue
+        for t in m._held().values():
+            local = t.to_local() if callable(getattr(t, "to_local", None)) else t
+            storage = local.untyped_storage()
+            key = (local.device, storage.data_ptr())
+            if storage.nbytes() and key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+    return total

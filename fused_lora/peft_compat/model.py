@@ -21,7 +21,7 @@ from torch import nn
 from ..modules.call_context import call_value, call_values
 from ..modules.convert_bnb import base_compute_dtype, is_quantized_base
 from ..modules.layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
-from ..modules.quantized import quantized_parameter_count
+from ..modules.quantized import parameters_outside_quantized, quantized_parameter_count
 from ..modules.validation import check_adapter_args, check_adapter_name
 from . import weighted
 from .adapters import load_adapter, load_extra_adapter, plan_save, write_adapter
@@ -596,10 +596,11 @@ class LoraModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, as peft counts them (modules_to_save count twice)."""
         trainable = total = 0
-        for p in self.model.parameters():
+        for p in parameters_outside_quantized(self.model):
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
-        total += quantized_parameter_count(self.model)  # frozen weights held as packed buffers
+        # frozen quantized weights (packed buffers, or Parameters held for FSDP2): N x K each, as peft counts them
+        total += quantized_parameter_count(self.model)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

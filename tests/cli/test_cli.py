@@ -53,6 +53,8 @@ def _refused(capsys, argv) -> str:
     (["--device", "tpu"], "--device"),
     (["--device", "cuda:99"], "--device"),
     (["--fsdp"], "--fsdp"),  # FSDP needs several processes
+    (["--quantize", "fp4"], "--quantize"),
+    (["--quantize", "nf4"], "--quantize"),  # the tiny Llama's MLP (176) is not a whole number of NF4 blocks
     (["--eval-split", "1"], "--eval-split"),
     (["--eval-split", "-0.1"], "--eval-split"),
     (["--seed", "-1"], "--seed"),

@@ -20,8 +20,8 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from fused_lora import LoraModel  # noqa: E402
-from fused_lora.cli.finetune import SettingError, TrainingInterrupted, build_llama, finetune
-from utils import REPO_ROOT  # noqa: E402
+from fused_lora.cli.finetune import LLAMA_SIZES, SettingError, TrainingInterrupted, build_llama, finetune
+from utils import REPO_ROOT, llama_quantized_bytes  # noqa: E402
 
 ROOT = REPO_ROOT
 QUIET = dict(log=lambda s: None, stream=None)
@@ -217,6 +217,20 @@ def test_model_must_be_a_local_transformers_directory(tmp_path, monkeypatch, bar
         finetune(model=str(bare_model_dir), size="small", **QUIET, **FAST)
 
 
+def test_quantize_a_model_directory(bare_model_dir):
+    """quantize="int8" quantizes the model directory's Linears (all but lm_head) and trains over them: the log
+    gives the base's bytes, N x K codes and N fp32 scales per layer. NF4 is refused by name where a layer's
+    in_features is not a whole number of its blocks of 64 (the tiny Llama's down_proj, 176), nothing trained."""
+    lines = []
+    finetune(model=str(bare_model_dir), steps=1, quantize="int8", log=lines.append, stream=None, **FAST)
+    assert "base quantized to int8" in lines[0]
+    assert f"quantized base (int8): {llama_quantized_bytes(LLAMA_SIZES['tiny']):,} bytes" in lines
+    with pytest.raises(SettingError, match=r"quantize: quantize_model: layer 'model.layers.0.mlp.down_proj': .*"
+                                           r"multiple of the block size") as err:
+        finetune(model=str(bare_model_dir), quantize="nf4", **QUIET, **FAST)
+    assert err.value.setting == "quantize"
+
+
 def test_seed(tmp_path):
     """--seed decides the adapter's initialisation, the data order and the eval split: the same seed
     repeats a run exactly, another seed gives another run."""
@@ -298,7 +312,7 @@ def test_resume_refuses_other_settings_and_a_finished_run(tmp_path):
     out = str(tmp_path / "a")
     finetune(steps=2, out=out, **QUIET, **FAST)
     for changed, setting in ((dict(r=8), "r"), (dict(seq=16), "seq"), (dict(seed=3), "seed"),
-                             (dict(lora_dropout=0.1), "lora_dropout")):
+                             (dict(lora_dropout=0.1), "lora_dropout"), (dict(quantize="int8"), "quantize")):
         with pytest.raises(SettingError, match="the checkpoint at step 2 was trained with") as err:
             finetune(steps=4, out=out, resume=True, **{**QUIET, **FAST, **changed})
         assert err.value.setting == setting
