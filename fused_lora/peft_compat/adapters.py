@@ -656,11 +656,13 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str]
     return want, to_save
 
 
-def _peft_redundant(key: str, to_save) -> bool:
+def _peft_redundant(key: str, to_save, want) -> bool:
     """Whether `key` is one of peft's duplicates of a modules_to_save module's tensors (bias="all" writes
-    `<module>.original_module.*` and `<module>.modules_to_save.*`): accepted, not loaded. Only under a
-    real modules_to_save module (`to_save`): a module that is merely named `original_module` loads."""
-    return any(key.startswith(s + r) for s in to_save for r in _PEFT_REDUNDANT)
+    `<module>.original_module.*` and `<module>.modules_to_save.*`): accepted, not loaded. The one rule of
+    every loader: a key under a real modules_to_save module (`to_save`) with one of those words that names
+    no tensor of this model's adapter (`want`, keys without the prefix). A module merely named
+    `original_module`, and a modules_to_save module's own child of that name, load."""
+    return key not in want and any(key.startswith(s + r) for s in to_save for r in _PEFT_REDUNDANT)
 
 
 def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str
@@ -680,7 +682,7 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
         want, to_save = expected_tensors(model, config, targets)
     except ValueError as err:
         raise AdapterError(f"{where}: the adapter does not fit this model: {err}") from err
-    redundant = {k for k in tensors if _peft_redundant(k, to_save)}
+    redundant = {k for k in tensors if _peft_redundant(k, to_save, want)}
     unexpected = sorted(set(tensors) - set(want) - redundant)
     if unexpected:
         raise AdapterError(f"{where}: key {PREFIX + unexpected[0]!r} names no tensor of this model's adapter "
@@ -820,7 +822,8 @@ def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, t
                            f"{adapter_name!r} has {k}={getattr(ours, k)!r}")
     want = adapter_state(lora_model, adapter_name)
     to_save = [name for name, _ in lora_model.saved_modules()]
-    tensors = {PREFIX + k: t for k, t in tensors.items() if not _peft_redundant(k, to_save)}
+    ours = {k[len(PREFIX):] for k in want}
+    tensors = {PREFIX + k: t for k, t in tensors.items() if not _peft_redundant(k, to_save, ours)}
     if set(tensors) != set(want):
         extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
         raise AdapterError(f"{directory}: the saved adapter does not match this model's: "
