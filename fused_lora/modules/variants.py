@@ -16,7 +16,9 @@ DoRA with dropout (p > 0, training): matched to peft, whose DoRA computes the ba
 input: y = x W^T + b + (c - 1) (D x) W^T + c s (D x) A^T B^T (not the paper's c (x W^T + s B A D x) + b).
 That costs a second GEMM: y = (x - D x) W^T + b + dora_linear(D x) with D drawn by torch's dropout (the
 same random stream as peft's nn.Dropout), D x held for backward (M x in). With p = 0 or in eval the single
-fused op runs.
+fused op runs. A fresh adapter (c = 1, B = 0) with dropout in training therefore equals its base to rounding,
+not bit for bit ((x - D x) W^T + (D x) W^T is not x W^T rounded); peft's order would be exact with the same two
+GEMMs but is not the fused op (README, DoRA).
 """
 from __future__ import annotations
 
