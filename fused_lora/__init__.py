@@ -16,12 +16,14 @@ Public API:
                                     the frozen quantized base (also read from bitsandbytes' Linear4bit/8bitLt)
     lora_linear_quant               the functional op over a quantized base
     AdapterError                    an adapter directory that cannot be loaded
+    AdapterRangeError               an adapter whose values its compute dtype cannot hold (at a forward)
     BackendUnavailable              a requested backend cannot run
 """
 from . import backends  # noqa: F401  (fused_lora.backends.report(), as documented)
 from .core import files as _files
 from .core.version import __version__
 from .peft_compat.adapters import AdapterError
+from .modules.adapter_range import AdapterRangeError
 from .dispatch import BackendUnavailable
 from .peft_compat.config import LoraConfig
 from .modules.layer import FusedLoRALinear
@@ -32,8 +34,9 @@ from .modules.quantized import QuantizedLinear, QuantizedWeight, quantize_int8, 
 from .peft_compat.quantize import quantize_model
 
 
-__all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_multi", "dora_linear", "lora_linear_grouped", "LoraConfig", "get_lora_model", "LoraModel", "AdapterError",
-           "BackendUnavailable", "patch_peft", "unpatch_peft",
+__all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_multi", "dora_linear", "lora_linear_grouped", "LoraConfig",
+           "get_lora_model", "LoraModel", "AdapterError", "AdapterRangeError", "BackendUnavailable", "patch_peft",
+           "unpatch_peft",
            "quantize_model", "QuantizedLinear", "QuantizedWeight", "quantize_nf4", "quantize_int8", "lora_linear_quant",
            "LoraTrainer", "lora_trainer_class", "__version__"]
 

@@ -47,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +212,8 @@ def _examples(path: str, lines: list) -> tuple[list, str]:
             obj = json.loads(line)
         except ValueError as err:
             raise SettingError("data", f"{path}: line {n}: not JSON ({err})") from None
+        except RecursionError:  # nesting deeper than the parser's recursion allows
+            raise SettingError("data", f"{path}: line {n}: its JSON is nested too deeply") from None
         if not isinstance(obj, dict) or ("input_ids" in obj) == ("text" in obj):
             raise SettingError("data", f'{path}: line {n}: expected an object with "input_ids" or "text", not both '
                                '("input_ids": a list of token ids, "text": a string)')
@@ -366,7 +368,13 @@ def _check_int(name: str, value, minimum: int, why: str = "", below: Optional[in
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number (an int beyond any float is not: math.isfinite would raise OverflowError)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _total_memory(device: torch.device) -> int:
@@ -505,11 +513,34 @@ def _read_state(checkpoint: str) -> dict:
     try:
         with open(path) as f:
             state = json.load(f)
-        if state.get("format") != CHECKPOINT_FORMAT or not isinstance(state.get("step"), int):
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"not a format-{CHECKPOINT_FORMAT} trainer state")
+        problem = _state_problem(state)
+        if problem:
+            raise ValueError(f"not a format-{CHECKPOINT_FORMAT} trainer state ({problem})")
         return state
-    except (OSError, ValueError, AttributeError) as err:
+    except RecursionError:
+        raise SettingError("resume", f"cannot read {path}: its JSON is nested too deeply") from None
+    except (OSError, ValueError) as err:
         raise SettingError("resume", f"cannot read {path}: {err}") from None
+
+
+def _state_problem(state: dict) -> Optional[str]:
+    """What in a trainer_state.json has the wrong type for resuming (the values are used as numbers), or None."""
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"step {step!r:.40} is not an integer >= 0"
+    losses = state.get("losses")
+    if not isinstance(losses, list) or not all(_is_number(v) for v in losses):
+        return "losses is not a list of finite numbers"
+    if len(losses) < step:
+        return f"losses holds {len(losses)} values for step {step!r:.40}"
+    for name in ("eval_loss_start", "lr"):
+        if state.get(name) is not None and not _is_number(state[name]):
+            return f"{name} {state[name]!r:.40} is not a finite number"
+    if not isinstance(state.get("settings", {}), dict):
+        return "settings is not an object"
+    return None
 
 
 def check_settings(size: Optional[str] = None, steps: int = 40, batch: int = 8, seq: int = 64, r: int = 16,
@@ -651,6 +682,20 @@ def interrupts_deferred() -> Iterator[None]:
                 previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
             else:
                 raise KeyboardInterrupt
+
+
+def through_interrupts(save: Callable[[], Any]) -> Any:
+    """save() with Ctrl-C deferred to its end and then dropped; returns what save() returns. The save an
+    interrupt triggers (or the one that ends the run) completes, and a further Ctrl-C pressed meanwhile
+    cannot turn a saved run into one reported as unsaved."""
+    done = []
+    try:
+        with interrupts_deferred():
+            done.append(save())
+    except KeyboardInterrupt:
+        if not done:
+            raise
+    return done[0]
 
 
 def evaluate(model, sequences: list, batch: int, device: torch.device, pad_id: int = 0) -> Optional[float]:
@@ -1009,29 +1054,31 @@ def train(plan: Plan, log: Callable[[str], None] = print, stream=sys.stdout) -> 
         if tty:
             stream.write("\n")
         eval_end = evaluate(trained, eval_set, plan.batch, device, pad_id) if eval_set else None
+        seconds = time.perf_counter() - began
+        summary = f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {seconds:.1f} s"
+        if eval_end is not None:
+            summary += f"; eval loss {eval_start:.4f} -> {eval_end:.4f} ({len(eval_set):,} held-out sequences)"
+        log(summary)
+        checkpoint = None
+        if plan.out:  # a Ctrl-C during the last save waits for it and is dropped: the run has ended
+            checkpoint = through_interrupts(
+                lambda: _save(lora, opt, plan, plan.steps, state_at(plan.steps), rng, adapter=True, log=log))
+            if checkpoint:
+                log(f"checkpoint {checkpoint} (optimizer and RNG state: --resume with more --steps goes on from it)")
     except KeyboardInterrupt:
-        if tty:
-            stream.write("\n")
-        saved = checkpoint = None
-        if done == start:
-            why = ("nothing trained yet, nothing saved" if start == 0 else
-                   f"nothing trained since the checkpoint at step {start}, which is still there")
-        elif not plan.out:
-            why = "no out directory: nothing saved"
-        elif distributed.active():
-            why = "under torchrun an interrupt saves nothing: the last checkpoint in out is still there"
-        else:
-            checkpoint = _save(lora, opt, plan, done, state_at(done), rng, adapter=True, log=lambda s: None)
-            saved, why = plan.out, ""
+        # Every Ctrl-C after set-up ends here, and the report says what is on disk: a further Ctrl-C during
+        # the interrupt's save waits for the save and is dropped (through_interrupts).
+        def stop():
+            if tty:
+                stream.write("\n")
+            if done == start:
+                return None, None, ("nothing trained yet, nothing saved" if start == 0 else
+                                    f"nothing trained since the checkpoint at step {start}, which is still there")
+            if not plan.out:
+                return None, None, "no out directory: nothing saved"
+            if distributed.active():
+                return None, None, "under torchrun an interrupt saves nothing: the last checkpoint in out is still there"
+            return plan.out, _save(lora, opt, plan, done, state_at(done), rng, adapter=True, log=lambda s: None), ""
+        saved, checkpoint, why = through_interrupts(stop)
         raise TrainingInterrupted(done, plan.steps, saved, checkpoint, why) from None
-    seconds = time.perf_counter() - began
-    summary = f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {seconds:.1f} s"
-    if eval_end is not None:
-        summary += f"; eval loss {eval_start:.4f} -> {eval_end:.4f} ({len(eval_set):,} held-out sequences)"
-    log(summary)
-    checkpoint = None
-    if plan.out:
-        checkpoint = _save(lora, opt, plan, plan.steps, state_at(plan.steps), rng, adapter=True, log=log)
-        if checkpoint:
-            log(f"checkpoint {checkpoint} (optimizer and RNG state: --resume with more --steps goes on from it)")
     return TrainingRun(losses, eval_start, eval_end, seconds, plan.out)

@@ -137,6 +137,13 @@ def _error(parser: argparse.ArgumentParser, message: str, status: int = 1) -> in
     return status
 
 
+def _interrupted_before_training(parser: argparse.ArgumentParser) -> int:
+    """The one wording of a Ctrl-C before training started (checking the settings, building the model):
+    an interrupt is not an error, as "interrupted at step N" is not."""
+    print(f"{parser.prog}: interrupted before training started: nothing saved", file=sys.stderr)
+    return 130
+
+
 def _demo(parser: argparse.ArgumentParser, device) -> int:
     try:  # the checks finetune makes: the device, and the backend FUSED_LORA_BACKEND forces
         resolved = distributed.check_device(device, demo_module.DTYPE, demo_module.RANK)
@@ -163,7 +170,7 @@ def _finetune(parser: argparse.ArgumentParser, args, device) -> int:
     except ft.MissingDependency as err:
         return _error(parser, str(err))
     except KeyboardInterrupt:
-        return _error(parser, "interrupted before training started: nothing saved", 130)
+        return _interrupted_before_training(parser)
     with distributed.process_group(plan.device):
         try:
             ft.train(plan)
@@ -182,9 +189,8 @@ def _finetune(parser: argparse.ArgumentParser, args, device) -> int:
                 where = stop.why
             print(f"{parser.prog}: interrupted at step {stop.step} of {stop.steps}: {where}", file=sys.stderr)
             return 130
-        except KeyboardInterrupt:  # while the model was being loaded or built
-            print(f"{parser.prog}: interrupted before training started: nothing saved", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt:  # while the model was being loaded or built (train turns any later one into
+            return _interrupted_before_training(parser)  # TrainingInterrupted, saying what is saved)
     return 0
 
 

@@ -43,8 +43,23 @@ def check_dropout_p(dropout_p) -> None:
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
+def rounding_bound(dtype: torch.dtype) -> float:
+    """The magnitude from which round-to-nearest leaves `dtype`'s finite range: its largest value plus
+    half a unit in its last place (65520 for float16); inf for float64 (a Python float is one)."""
+    info = torch.finfo(dtype)
+    if info.bits >= 64:
+        return math.inf
+    return info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
+
+
+# The ops take the scale as a float32 (the kernels' scalar argument, torch's opmath scalar): the largest
+# magnitude that stays finite there.
+SCALING_BOUND = rounding_bound(torch.float32)
+
+
 def as_scaling(scaling) -> float:
-    """The LoRA scale s as a float: a finite real number (a string or a tensor needing a gradient is refused)."""
+    """The LoRA scale s as a float: a finite real number within float32's range, the dtype the ops take it
+    in (a string or a tensor needing a gradient is refused)."""
     if isinstance(scaling, Tensor):
         if scaling.numel() != 1 or scaling.requires_grad:
             raise TypeError("lora_linear: scaling must be a number (a one-element tensor without grad is read "
@@ -57,9 +72,16 @@ def as_scaling(scaling) -> float:
         # torch.compile may make the scale symbolic (layers with different scales share one graph):
         # the ops check it again, concrete, where they run.
         return scaling
+    try:
+        scaling = float(scaling)
+    except OverflowError:  # an int beyond any float
+        raise ValueError(f"lora_linear: scaling must be finite, got an integer of {len(str(scaling))} digits") from None
     if not math.isfinite(scaling):
         raise ValueError(f"lora_linear: scaling must be finite, got {scaling!r}")
-    return float(scaling)
+    if abs(scaling) >= SCALING_BOUND:
+        raise ValueError(f"lora_linear: scaling {scaling:g} is beyond float32's range (largest finite "
+                         f"{torch.finfo(torch.float32).max:g}), the dtype the ops take the scale in")
+    return scaling
 
 
 def check_op_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -144,10 +166,10 @@ def as_seed_tensor(seed, dropout_p: float) -> Tensor:
     return torch.tensor(int(seed), dtype=torch.int64)
 
 
-__all__ = ["as_scaling", "as_seed_tensor", "check_adapters", "check_backward_inputs", "check_dropout_p",
-           "check_op_inputs", "check_row_adapter", "check_row_adapter_shape", "check_seed_tensor", "require",
-           "seed_value", "named_for", "check_grouped_inputs", "check_grouped_backward_inputs", "check_group_sizes",
-           "check_group_size_values"]
+__all__ = ["SCALING_BOUND", "as_scaling", "as_seed_tensor", "check_adapters", "check_backward_inputs",
+           "check_dropout_p", "check_op_inputs", "check_row_adapter", "check_row_adapter_shape", "check_seed_tensor",
+           "require", "rounding_bound", "seed_value", "named_for", "check_grouped_inputs",
+           "check_grouped_backward_inputs", "check_group_sizes", "check_group_size_values"]
 
 
 # ------------------------------------------------------------------ several adapters in one batch

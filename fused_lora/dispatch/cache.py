@@ -104,7 +104,14 @@ def cache_file(directory: str, device: str, vers: dict) -> str:
 
 
 def is_ms(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+    """A duration in milliseconds: a finite number >= 0 (JSON's integers are unbounded: one beyond any float
+    is not a duration, and math.isfinite would raise OverflowError on it)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v) and v >= 0
+    except OverflowError:
+        return False
 
 
 def schema_error(data) -> Optional[str]:

@@ -25,6 +25,7 @@ from ..ops.multi import lora_linear_multi
 from ..ops.quant import lora_linear_quant, lora_linear_quant_multi, quant_linear
 from .autocast import autocast_input_and_bias, autocast_inputs
 from .convert_bnb import as_quantized_linear, bnb_source, is_quantized_base, quantized_base_refusal
+from .adapter_range import compute_adapter
 from .quantized import QuantizedLinear, base_load_refused
 from .variants import lora_forward
 
@@ -99,8 +100,9 @@ class DenseBase:
         return F.linear(x, weight, bias)
 
     def lora(self, x: Tensor, weight, bias, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
-             seed: Optional[Tensor], backend: str) -> Tensor:
-        return lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+             seed: Optional[Tensor], backend: str, name: str = "default") -> Tensor:
+        """The base with one adapter (`name`: the adapter a refusal names, `modules.adapter_range`)."""
+        return lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, name)
 
     def mixed(self, x: Tensor, weight, bias, adapters, row_adapter: Tensor, seed, backend: str) -> Tensor:
         return _on_rows(x, weight.shape[0],
@@ -155,11 +157,12 @@ class QuantizedBase:
         return _on_rows(x, weight.shape[0], lambda x2: quant_linear(x2, weight, bias))
 
     def lora(self, x: Tensor, weight, bias, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
-             seed: Optional[Tensor], backend: str) -> Tensor:
+             seed: Optional[Tensor], backend: str, name: str = "default") -> Tensor:
+        A, B = compute_adapter(lora_A, lora_B, scaling, x.dtype, name)  # before any random draw
         if seed is None:
             seed = seed_for(dropout_p)
         return _on_rows(x, weight.shape[0], lambda x2: lora_linear_quant(
-            x2, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, dropout_p, seed, backend))
+            x2, weight, bias, A, B, scaling, dropout_p, seed, backend))
 
     def mixed(self, x: Tensor, weight, bias, adapters, row_adapter: Tensor, seed, backend: str) -> Tensor:
         return _on_rows(x, weight.shape[0],

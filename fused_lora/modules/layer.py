@@ -19,10 +19,12 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..core.dropout import adapter_seed, seed_for
 from ..core.reference import lora_delta_weight
+from .adapter_range import compute_adapter
 from .bases import QDORA_REFUSAL, base_kind, base_refusal, conv1d_class, is_conv1d
+from .convert_bnb import base_compute_dtype
 from .call_context import call_value
 from .validation import (BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_flag,
-                         check_init_lora_weights, lora_scaling)
+                         check_init_lora_weights, check_scaling, lora_scaling)
 from .variants import LORA, enable_dora, is_dora, refuse_in_mixed_batch, variant_of
 
 InitSpec = Union[bool, str]
@@ -111,6 +113,7 @@ class FusedLoRALinear(nn.Module):
     ):
         super().__init__()
         check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha, use_rslora)
+        check_scaling(r, lora_alpha, use_rslora, dtype or torch.get_default_dtype())
         check_flag("use_dora", use_dora)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach_base(base)
@@ -136,6 +139,7 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(f"FusedLoRALinear.from_linear: cannot adapt this {type(linear).__name__}: {refusal}")
         # before the linear is frozen
         check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha, use_rslora)
+        check_scaling(r, lora_alpha, use_rslora, base_compute_dtype(linear))
         check_flag("use_dora", use_dora)
         if use_dora and base_kind(linear).quantized:
             raise ValueError(f"FusedLoRALinear.from_linear: use_dora=True over a quantized base "
@@ -299,6 +303,7 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(f"FusedLoRALinear.add_adapter: an adapter named {adapter_name!r} already exists "
                              f"(delete_adapter it first)")
         check_adapter_args(r, lora_dropout, init_lora_weights, self.backend, lora_alpha, use_rslora)
+        check_scaling(r, lora_alpha, use_rslora, self.weight.dtype)
 
     def add_adapter(self, adapter_name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: InitSpec = True) -> None:
@@ -436,7 +441,7 @@ class FusedLoRALinear(nn.Module):
             refuse_in_mixed_batch(self, used)
             one = self._one_adapter_of(used, adapter_names, x.dtype)
             if one is not None:  # every sample names one adapter: the single-adapter op, same result
-                return self.base_kind.lora(x, weight, bias, *one, self.backend)
+                return self.base_kind.lora(x, weight, bias, *one, self.backend, used[0])
             adapters, seed = self._mixed_adapters(used, x.dtype)
             return self.base_kind.mixed(x, weight, bias, adapters, row_adapter, seed, self.backend)
         return variant_of(self, self._active_adapter).forward(self, x, weight, bias)
@@ -471,12 +476,13 @@ class FusedLoRALinear(nn.Module):
 
     def _mixed_adapters(self, used: list[str], dtype: torch.dtype) -> tuple[list, object]:
         """The mixed-batch op's adapters ((A, B, scaling, dropout_p) in the compute dtype, dropout in
-        training only) for the adapters `used`, and the call's seed."""
+        training only; values that dtype cannot hold refused: `modules.adapter_range`) for the adapters
+        `used`, and the call's seed."""
         adapters = []
         for name in used:
             lora_A, lora_B = self.adapter_weights(name)
             settings = self._adapter_settings[name]
-            adapters.append((lora_A.to(dtype), lora_B.to(dtype), settings.scaling,
+            adapters.append((*compute_adapter(lora_A, lora_B, settings.scaling, dtype, name), settings.scaling,
                              settings.lora_dropout if self.training else 0.0))
         return adapters, seed_for(max([0.0] + [a[3] for a in adapters]))
 

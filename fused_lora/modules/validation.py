@@ -9,10 +9,13 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from typing import Optional
 
+import torch
 from torch import nn
 
 from .. import dispatch
+from ..core.op_inputs import rounding_bound
 
 # init_lora_weights values FusedLoRALinear can initialise with.
 LAYER_INITS = (True, False, "gaussian")
@@ -35,11 +38,16 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+MAX_R = 2 ** 63 - 1  # a tensor's size is an int64
+
+
 def check_r(r) -> None:
     if not _is_int(r):
         raise TypeError(f"r must be an integer >= 1, got {r!r} ({type(r).__name__})")
     if r < 1:
         raise ValueError(f"r must be an integer >= 1, got {r!r}")
+    if r > MAX_R:  # no tensor has that many rows (and sqrt(r) for rsLoRA would overflow a float)
+        raise ValueError(f"r must be at most 2**63 - 1 (a tensor's size), got an integer of {len(str(r))} digits")
 
 
 def check_lora_alpha(lora_alpha) -> None:
@@ -163,9 +171,23 @@ def check_adapter_args(r, lora_dropout, init_lora_weights, backend, lora_alpha=8
     check_r(r)
     check_lora_alpha(lora_alpha)
     check_flag("use_rslora", use_rslora)
+    check_scaling(r, lora_alpha, use_rslora)
     check_lora_dropout(lora_dropout)
     check_init_lora_weights(init_lora_weights, for_layer=True)
     check_backend(backend)
+
+
+def check_scaling(r, lora_alpha, use_rslora, dtype: Optional[torch.dtype] = None) -> None:
+    """The scale s = lora_alpha / r (or / sqrt(r)) within float32's range, the dtype the ops take it in,
+    and, given the dtype a layer computes in, within that one's (the PyTorch rows multiply its tensors
+    by s: `modules.adapter_range`). ValueError naming lora_alpha; r and lora_alpha are checked first."""
+    s = lora_scaling(r, lora_alpha, use_rslora)
+    for d in (torch.float32,) if dtype is None or dtype == torch.float32 else (torch.float32, dtype):
+        if abs(s) >= rounding_bound(d):
+            how = "sqrt(r)" if use_rslora else "r"
+            raise ValueError(f"lora_alpha={lora_alpha:g} gives the scale lora_alpha / {how} = {s:g}, beyond "
+                             f"the range of {d} (largest finite {torch.finfo(d).max:g}), the dtype "
+                             + ("the ops take the scale in" if d == torch.float32 else "this layer computes in"))
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:

@@ -16,7 +16,9 @@ DoRA with dropout (p > 0, training): matched to peft, whose DoRA computes the ba
 input: y = x W^T + b + (c - 1) (D x) W^T + c s (D x) A^T B^T (not the paper's c (x W^T + s B A D x) + b).
 That costs a second GEMM: y = (x - D x) W^T + b + dora_linear(D x) with D drawn by torch's dropout (the
 same random stream as peft's nn.Dropout), D x held for backward (M x in). With p = 0 or in eval the single
-fused op runs.
+fused op runs. A fresh adapter (c = 1, B = 0) with dropout in training therefore equals its base to rounding,
+not bit for bit ((x - D x) W^T + (D x) W^T is not x W^T rounded); peft's order would be exact with the same two
+GEMMs but is not the fused op (README, DoRA).
 """
 from __future__ import annotations
 
@@ -31,21 +33,24 @@ from ..core.dora_norm import weight_norm
 from ..core.dropout import seed_for
 from ..ops.dora import dora_linear
 from ..ops.lora import lora_linear
+from .adapter_range import compute_adapter
 
 MAGNITUDE = "lora_magnitude_vector"  # peft's parameter name (and its adapter file key)
 
 
 def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                 scaling: float, dropout_p: float, seed: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                 scaling: float, dropout_p: float, seed: Optional[Tensor] = None, backend: str = "auto",
+                 name: str = "default") -> Tensor:
     """The LoRA layer on x of any leading shape: A and B cast to x's dtype (their gradients come back
-    in their own), the op on x seen as 2-D, with `seed` or a fresh one when there is dropout. Shared by
-    FusedLoRALinear and patched peft layers, so both compute the same way."""
+    in their own; values that dtype cannot hold are refused naming adapter `name`:
+    `modules.adapter_range`), the op on x seen as 2-D, with `seed` or a fresh one when there is dropout.
+    Shared by FusedLoRALinear and patched peft layers, so both compute the same way."""
     lead = x.shape[:-1]
+    A, B = compute_adapter(lora_A, lora_B, scaling, x.dtype, name)  # before any random draw: a refusal draws none
     if seed is None:
         seed = seed_for(dropout_p)
     # math.prod, not -1: with in_features == 0 (or an empty batch) -1 is ambiguous
-    y = lora_linear(x.reshape(math.prod(lead), x.shape[-1]), weight, bias, lora_A.to(x.dtype),
-                    lora_B.to(x.dtype), scaling, dropout_p, seed, backend)
+    y = lora_linear(x.reshape(math.prod(lead), x.shape[-1]), weight, bias, A, B, scaling, dropout_p, seed, backend)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -66,13 +71,13 @@ def enable_dora(layer: nn.Module) -> None:
 
 
 def dora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                 magnitude: Tensor, scaling: float, dropout_p: float, backend: str) -> Tensor:
-    """peft's DoRA layer on x of any leading shape (weight out x in, in x's dtype; A and B cast to it):
-    the fused op, or with dropout_p > 0 peft's dropout formula (see the module docstring). Shared by
-    FusedLoRALinear and patched peft layers."""
+                 magnitude: Tensor, scaling: float, dropout_p: float, backend: str, name: str = "default") -> Tensor:
+    """peft's DoRA layer on x of any leading shape (weight out x in, in x's dtype; A and B cast to it as
+    `lora_forward` casts them): the fused op, or with dropout_p > 0 peft's dropout formula (see the module
+    docstring). Shared by FusedLoRALinear and patched peft layers."""
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])
-    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    A, B = compute_adapter(lora_A, lora_B, scaling, x.dtype, name)
     if x2.shape[0] == 0:  # no rows (an MoE expert without tokens): peft's formula, every gradient zero
         colscale = magnitude / weight_norm(weight, A, B, scaling).to(magnitude.dtype)
         y = (F.linear(x2, weight) + scaling * F.linear(F.linear(x2, A), B)) * colscale.to(x.dtype)
@@ -131,7 +136,8 @@ class LoRAVariant:
     def forward(self, layer, x: Tensor, weight, bias: Optional[Tensor]) -> Tensor:
         """The layer's forward with its active adapter (x, weight, bias as the base gives them)."""
         return layer.base_kind.lora(x, weight, bias, layer.lora_A, layer.lora_B, layer.scaling,
-                                    layer.lora_dropout if layer.training else 0.0, None, layer.backend)
+                                    layer.lora_dropout if layer.training else 0.0, None, layer.backend,
+                                    layer.active_adapter)
 
     def merged_weight(self, layer, names: Sequence[str]) -> tuple[Tensor, Optional[tuple]]:
         """(W + sum of s B A over `names`, rounded once to W's dtype; nothing kept to unmerge)."""
@@ -159,7 +165,7 @@ class DoRAVariant(LoRAVariant):
         lora_A, lora_B = layer.adapter_weights("default")
         settings = layer.adapter_settings("default")
         return dora_forward(x, weight, bias, lora_A, lora_B, layer._parameters[MAGNITUDE], settings.scaling,
-                            settings.lora_dropout if layer.training else 0.0, layer.backend)
+                            settings.lora_dropout if layer.training else 0.0, layer.backend, "default")
 
     def merged_weight(self, layer, names: Sequence[str]) -> tuple[Tensor, Optional[tuple]]:
         return dora_merged_weight(layer)

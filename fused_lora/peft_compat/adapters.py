@@ -8,8 +8,10 @@ Keys carry peft's prefix and names, so peft loads our adapters and we load peft'
 Only safetensors are read (never pickle). Loading validates every key, shape and dtype against the
 model before changing anything, and every value again once cast to the dtype the model holds it in
 (NaN, inf, and finite values the cast makes inf are refused; float8 is cast like any float, packed
-float4 refused); the adapted modules are the ones the weights file names (the config's regex, if
-any, is never run on module names).
+float4 refused), and each layer's A, B and scale against the dtype its LoRA branch is computed in,
+the base weight's (`fused_lora.modules.adapter_range`: fp32 adapters on an fp16 model are cast to fp16
+on every call, so values beyond fp16 are refused); the adapted modules are the ones the weights file
+names (the config's regex, if any, is never run on module names).
 
 Saving replaces the pair as a whole. Both files are written and synced in a staging directory
 beside the adapter directory (".<name>.fused_lora-staging-<pid>-*"; inside it where that name is too
@@ -38,6 +40,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..core.op_inputs import rounding_bound
+from ..modules.adapter_range import range_problem
 from ..modules.variants import MAGNITUDE, is_dora
 from .config import LoraConfig
 from ..core.files import name_max, read_regular_file
@@ -119,16 +123,6 @@ def _check_file_tensor(where: str, key: str, t: torch.Tensor, dtype: Optional[to
                                "a broken adapter (every output it touches would be NaN or inf)")
 
 
-def _rounding_bound(dtype: torch.dtype) -> float:
-    """The magnitude from which round-to-nearest leaves `dtype`'s finite range: its largest value plus
-    half a unit in its last place (65520 for float16)."""
-    info = torch.finfo(dtype)
-    try:
-        return info.max + 2.0 ** math.floor(math.log2(info.max)) * info.eps / 2
-    except OverflowError:  # float64: nothing overflows it
-        return math.inf
-
-
 def _cast_file_tensor(where: str, key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`t` (checked by _check_file_tensor) in `dtype`, the dtype the model holds it in. A value finite in
     the file but beyond `dtype`'s range (float64 1e300 into float32, float32 1e6 into float16) would
@@ -137,7 +131,7 @@ def _cast_file_tensor(where: str, key: str, t: torch.Tensor, dtype: torch.dtype)
     out = t.to(dtype)
     if not out.is_floating_point():
         return out
-    beyond = t.to(torch.float64).abs() >= _rounding_bound(dtype)
+    beyond = t.to(torch.float64).abs() >= rounding_bound(dtype)
     if bool(beyond.any()) or any(_non_finite(out)):
         worst = t.to(torch.float64)[beyond | ~torch.isfinite(_widened(out))].abs().max().item()
         raise AdapterError(f"{where}: key {key!r} holds {worst:g}, beyond the range of {dtype} (largest finite "
@@ -145,6 +139,23 @@ def _cast_file_tensor(where: str, key: str, t: torch.Tensor, dtype: torch.dtype)
                            f"(or, where the cast saturates, as the largest value). Save the adapter within "
                            f"{dtype}'s range, or load it into a model of a wider dtype")
     return out
+
+
+def _check_compute_range(where: str, lora_model, values: dict[str, torch.Tensor], slot: str = "default") -> None:
+    """The adapter's A and B (`values`: cast values by peft key, without the prefix) against the dtype each
+    layer computes its LoRA branch in, the base weight's (`modules.adapter_range`: the fused ops cast the
+    adapter to it on every call): A, B, s and s B must fit it. AdapterError naming the keys otherwise."""
+    for name, layer in lora_model.lora_layers():
+        lora_A, lora_B = values.get(f"{name}.lora_A.weight"), values.get(f"{name}.lora_B.weight")
+        if lora_A is None or lora_B is None:
+            continue
+        problem = range_problem(lora_A, lora_B, layer.adapter_settings(slot).scaling, layer.weight.dtype)
+        if problem is not None:
+            raise AdapterError(f"{where}: keys {PREFIX + name + '.lora_A.weight'!r} / '.lora_B.weight': {problem}, "
+                               f"the dtype this model computes the adapter's LoRA branch in (its base weight's; "
+                               f"the fused ops cast the adapter to it on every call, where peft computes in the "
+                               f"adapter's dtype). Load it into a model of a wider dtype, or keep the adapter "
+                               f"within that range")
 
 
 # ---------------------------------------------------------------- what an adapter holds
@@ -645,11 +656,13 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str]
     return want, to_save
 
 
-def _peft_redundant(key: str, to_save) -> bool:
+def _peft_redundant(key: str, to_save, want) -> bool:
     """Whether `key` is one of peft's duplicates of a modules_to_save module's tensors (bias="all" writes
-    `<module>.original_module.*` and `<module>.modules_to_save.*`): accepted, not loaded. Only under a
-    real modules_to_save module (`to_save`): a module that is merely named `original_module` loads."""
-    return any(key.startswith(s + r) for s in to_save for r in _PEFT_REDUNDANT)
+    `<module>.original_module.*` and `<module>.modules_to_save.*`): accepted, not loaded. The one rule of
+    every loader: a key under a real modules_to_save module (`to_save`) with one of those words that names
+    no tensor of this model's adapter (`want`, keys without the prefix). A module merely named
+    `original_module`, and a modules_to_save module's own child of that name, load."""
+    return key not in want and any(key.startswith(s + r) for s in to_save for r in _PEFT_REDUNDANT)
 
 
 def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str
@@ -669,7 +682,7 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
         want, to_save = expected_tensors(model, config, targets)
     except ValueError as err:
         raise AdapterError(f"{where}: the adapter does not fit this model: {err}") from err
-    redundant = {k for k in tensors if _peft_redundant(k, to_save)}
+    redundant = {k for k in tensors if _peft_redundant(k, to_save, want)}
     unexpected = sorted(set(tensors) - set(want) - redundant)
     if unexpected:
         raise AdapterError(f"{where}: key {PREFIX + unexpected[0]!r} names no tensor of this model's adapter "
@@ -711,11 +724,12 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
         config.inference_mode = not is_trainable  # as peft: is_trainable decides
         lora_model.peft_config[adapter_name] = config
         # Every value is cast and checked before any is copied.
-        staged = []
+        staged = {}
         for key, t in to_load.items():
             dest = _destination(lora_model, key)
-            staged.append((dest, _cast_file_tensor(where, PREFIX + key, t, dest.dtype)))
-        for dest, value in staged:
+            staged[key] = (dest, _cast_file_tensor(where, PREFIX + key, t, dest.dtype))
+        _check_compute_range(where, lora_model, {key: value for key, (_, value) in staged.items()})
+        for dest, value in staged.values():
             dest.copy_(value)
         if not is_trainable:
             lora_model.requires_grad_(False)
@@ -765,14 +779,15 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
         config, fan_in_fan_out=lora_model.peft_config[adapter_name].fan_in_fan_out)
     slot = lora_model.slot(adapter_name)
     try:  # every value cast and checked (in the dtype the new adapter has) before any is copied
-        staged = []
+        staged = {}
         for name, layer in lora_model.lora_layers():
             for key, dest in zip((f"{name}.lora_A.weight", f"{name}.lora_B.weight"), layer.adapter_weights(slot)):
-                staged.append((dest, _cast_file_tensor(where, PREFIX + key, tensors[key], dest.dtype)))
+                staged[key] = (dest, _cast_file_tensor(where, PREFIX + key, tensors[key], dest.dtype))
+        _check_compute_range(where, lora_model, {key: value for key, (_, value) in staged.items()}, slot)
     except BaseException:
         lora_model.delete_adapter(adapter_name)
         raise
-    for dest, value in staged:
+    for dest, value in staged.values():
         dest.copy_(value)
     if is_trainable:
         lora_model.set_requires_grad(adapter_name)
@@ -807,7 +822,8 @@ def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, t
                            f"{adapter_name!r} has {k}={getattr(ours, k)!r}")
     want = adapter_state(lora_model, adapter_name)
     to_save = [name for name, _ in lora_model.saved_modules()]
-    tensors = {PREFIX + k: t for k, t in tensors.items() if not _peft_redundant(k, to_save)}
+    ours = {k[len(PREFIX):] for k in want}
+    tensors = {PREFIX + k: t for k, t in tensors.items() if not _peft_redundant(k, to_save, ours)}
     if set(tensors) != set(want):
         extra, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
         raise AdapterError(f"{directory}: the saved adapter does not match this model's: "
@@ -819,7 +835,10 @@ def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, t
                            f"is {tuple(want[bad[0]].shape)}")
     for key, t in tensors.items():
         _check_file_tensor(str(directory), key, t, None if want[key].is_floating_point() else want[key].dtype)
-    return {key: _cast_file_tensor(str(directory), key, t, want[key].dtype) for key, t in tensors.items()}
+    cast = {key: _cast_file_tensor(str(directory), key, t, want[key].dtype) for key, t in tensors.items()}
+    _check_compute_range(str(directory), lora_model, {key[len(PREFIX):]: t for key, t in cast.items()},
+                         lora_model.slot(adapter_name))
+    return cast
 
 
 def _destination(lora_model, key: str, slot: str = "default") -> torch.Tensor:

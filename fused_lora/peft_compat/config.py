@@ -179,6 +179,7 @@ class LoraConfig:
         v.check_lora_alpha(self.lora_alpha)
         v.check_lora_dropout(self.lora_dropout)
         v.check_flag("use_rslora", self.use_rslora)
+        v.check_scaling(self.r, self.lora_alpha, self.use_rslora)
         v.check_flag("fan_in_fan_out", self.fan_in_fan_out)
         v.check_flag("inference_mode", self.inference_mode)
         v.check_flag("use_dora", self.use_dora)

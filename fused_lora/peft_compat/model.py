@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from ..modules.adapter_range import range_problem
 from ..modules.call_context import call_value, call_values
 from ..modules.convert_bnb import base_compute_dtype, is_quantized_base
 from ..modules.layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
@@ -402,7 +403,10 @@ class LoraModel(nn.Module):
             raise NotImplementedError(f"{what}: combining DoRA adapters (use_dora=True) is not supported")
         if isinstance(weights, (str, bytes)) or len(weights) != len(adapters):
             raise ValueError(f"{what}: {len(adapters)} adapters need {len(adapters)} weights, got {weights!r}")
-        weights = [float(w) for w in weights]
+        try:
+            weights = [float(w) for w in weights]
+        except OverflowError:
+            raise ValueError(f"{what}: weights must be finite, got an integer beyond any float") from None
         if not all(map(math.isfinite, weights)):
             raise ValueError(f"{what}: weights must be finite, got {weights}")
         self._check_new_name(adapter_name, what)
@@ -439,10 +443,32 @@ class LoraModel(nn.Module):
         self.add_checked_adapter(adapter_name, config, what)
         self.peft_config[adapter_name].init_lora_weights = source.init_lora_weights
         slot = self.slot(adapter_name)
-        for (_, layer), (A, B) in zip(layers, results):
-            lora_A, lora_B = layer.adapter_weights(slot)
-            lora_A.copy_(A.to(lora_A.dtype))
-            lora_B.copy_(B.to(lora_B.dtype))
+        try:  # every layer's result checked in the new adapter's dtype, and against the compute dtype, first
+            staged = [self._combined(what, name, layer, slot, A, B) for (name, layer), (A, B) in zip(layers, results)]
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+        for lora_A, lora_B, A, B in staged:
+            lora_A.copy_(A)
+            lora_B.copy_(B)
+
+    @staticmethod
+    def _combined(what: str, name: str, layer, slot: str, A, B) -> tuple:
+        """(the new adapter's lora_A, lora_B, and the combination's A, B in their dtype) of one layer; ValueError
+        naming the layer where the combination does not fit the adapter's dtype (finite weights can take it
+        beyond float16's range) or the dtype the layer computes in (`modules.adapter_range`), as the loader
+        refuses a file's values."""
+        lora_A, lora_B = layer.adapter_weights(slot)
+        A, B = A.to(lora_A.dtype), B.to(lora_B.dtype)
+        for label, t in (("lora_A", A), ("lora_B", B)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{what}: layer {name!r}: the combined {label} has NaN or inf in {t.dtype} (the "
+                                 f"weights take it beyond that dtype's range); nothing was added")
+        problem = range_problem(A, B, layer.adapter_settings(slot).scaling, layer.weight.dtype)
+        if problem is not None:
+            raise ValueError(f"{what}: layer {name!r}: the combined adapter's {problem}, the dtype the layer computes "
+                             f"its LoRA branch in; nothing was added")
+        return lora_A, lora_B, A, B
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
         """Enable (or disable) gradients of the named adapters' weights (peft's PeftModel method)."""

@@ -38,7 +38,9 @@ Arithmetic differences from peft: the same math in another order (fp32 results a
 rounding). Adapter weights whose dtype differs from the input (peft keeps fp32 adapters on a
 bf16 model by default) are cast to the input's dtype for the computation, as `FusedLoRALinear`
 does, where peft computes the LoRA branch in the adapter's dtype; their gradients come back in
-their own dtype.
+their own dtype. An adapter whose values the input's dtype cannot hold (`fused_lora.modules.adapter_range`:
+|B| = 1e5 in fp32 on an fp16 model) has its call handed to peft, where the check reads the values (on
+the CPU always; on a GPU once per version of the tensors, not in training forwards).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
 from .. import dispatch
+from ..modules.adapter_range import AdapterRangeError
 from ..modules.autocast import autocast_inputs
 from ..modules.bases import conv1d_class
 from ..modules.layer import FusedLoRALinear
@@ -248,10 +251,10 @@ def _fused_forward(layer: nn.Module, x: Tensor, backend: str) -> Tensor:
     if layer.use_dora.get(name, False):
         # peft's DoRA: its dropout formula applies whenever the dropout module is an active nn.Dropout
         return dora_forward(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                                 layer.lora_magnitude_vector[name].weight, float(layer.scaling[name]),
-                                 p if layer.training else 0.0, backend)
+                            layer.lora_magnitude_vector[name].weight, float(layer.scaling[name]),
+                            p if layer.training else 0.0, backend, name)
     return lora_forward(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                        float(layer.scaling[name]), p, backend=backend)
+                        float(layer.scaling[name]), p, backend=backend, name=name)
 
 
 class PatchedForward:
@@ -266,7 +269,12 @@ class PatchedForward:
         layer = self.layer
         if _call_reason(layer, x, args, kwargs) is not None:  # peft's forward, exactly as unpatched
             return type(layer).forward(layer, x, *args, **kwargs)
-        return _fused_forward(layer, x, self.backend)
+        try:
+            return _fused_forward(layer, x, self.backend)
+        except AdapterRangeError:
+            # values the compute dtype cannot hold (fused_lora.modules.adapter_range), refused before anything
+            # ran or was drawn: peft computes the branch in the adapter's own dtype, so the call is peft's
+            return type(layer).forward(layer, x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"PatchedForward(backend={self.backend!r})"

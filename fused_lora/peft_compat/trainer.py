@@ -22,7 +22,8 @@ overriding exactly those three methods (plus the label names Trainer reads from 
 - `resume_from_checkpoint` and `load_best_model_at_end` load the checkpoint's adapter weights into
   the model in place, checked first as `from_pretrained` checks a file (keys, shapes, dtypes, NaN
   and inf, values beyond the model's dtype: AdapterError, the model unchanged); the optimizer,
-  scheduler and RNG states are Trainer's own;
+  scheduler and RNG states are Trainer's own. A checkpoint without an adapter file (the model.safetensors
+  a plain Trainer writes for a LoraModel) is refused with AdapterError rather than loaded unchecked;
 - `label_names` and `can_return_loss` come from the wrapped model's class, as for a peft model, so
   evaluation reports its loss;
 - TRL's trainers patch the model they get with a fused LM head (`trl.trainer.utils.add_fused_lm_head`)
@@ -43,10 +44,13 @@ import torch
 from transformers import Trainer
 from transformers.utils.generic import can_return_loss, find_labels
 
-from .adapters import WEIGHTS_NAME, load_weights_into
+from .adapters import WEIGHTS_NAME, AdapterError, load_weights_into
 from .model import LoraModel
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer's name for the saved TrainingArguments
+# transformers' names for a model's full state in a checkpoint (weights and their shard indexes)
+FULL_STATE_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                    "pytorch_model.bin.index.json")
 
 
 class LoraTrainerMixin:
@@ -79,17 +83,36 @@ class LoraTrainerMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         target = model if model is not None else self.model
-        if _holds_adapter(target, resume_from_checkpoint):
+        if self._loads_adapter(target, resume_from_checkpoint):
             load_weights_into(target, resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
-        if _holds_adapter(self.model, best):
+        if self._loads_adapter(self.model, best):
             load_weights_into(self.model, best)
             return
         super()._load_best_model()
+
+    def _loads_adapter(self, model, directory) -> bool:
+        """Whether to load `directory` as this LoraModel's adapter checkpoint (False: Trainer's own loading, for
+        any other model and for DeepSpeed / FSDP checkpoints, Trainer's formats). A checkpoint of a LoraModel
+        without an adapter file (e.g. the model.safetensors a plain Trainer writes) is refused: Trainer would
+        load its state dict with none of the adapter loader's checks (NaN, dtypes, the compute range)."""
+        if not isinstance(model, LoraModel) or getattr(self, "is_deepspeed_enabled", False) \
+                or getattr(self, "is_fsdp_enabled", False):
+            return False
+        if _holds_adapter(model, directory):
+            return True
+        held = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        found = [n for n in held if n in FULL_STATE_NAMES]
+        raise AdapterError(f"{directory}: holds no adapter ({WEIGHTS_NAME}, at the top or in "
+                           f"{model.first_adapter}/) for this LoraModel"
+                           + (f", only {', '.join(found)} (transformers' full model state, what a plain Trainer "
+                              f"writes for a model it does not know)" if found else "")
+                           + ": a LoraModel resumes from the checkpoints LoraTrainer writes (peft's adapter format), "
+                             "checked as from_pretrained checks an adapter; nothing was loaded")
 
 
 def _holds_adapter(model, directory) -> bool:

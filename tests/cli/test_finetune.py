@@ -7,6 +7,7 @@ save_pretrained, with a word-level tokenizer built from a small vocabulary: noth
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,6 +172,10 @@ def test_text_without_a_tokenizer_is_refused(bare_model_dir, tmp_path):
     ('{"input_ids": [1, 2, 3]}\n{"ids": [1, 2]}\n', 'line 2: expected an object with "input_ids" or "text"'),
     ('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2]\n', "line 2: not JSON"),
     ('{"input_ids": [1, 2, 3]}\n[1, 2]\n', 'line 2: expected an object with "input_ids" or "text"'),
+    # issue 18, attacker re-trial, finding 8: a RecursionError traceback before
+    ('{"input_ids": [1, 2, 3]}\n{"input_ids": ' + "[" * 100000 + "]" * 100000 + "}\n",
+     "line 2: its JSON is nested too deeply"),
+    ('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, ' + "9" * 5000 + "]}\n", "line 2: not JSON"),
     ("", "holds no examples"),
     ("\n \n", "holds no examples"),
     ('{"input_ids": [5]}\n', "no sequence of at least 2 tokens"),
@@ -308,6 +313,73 @@ def test_a_ctrl_c_during_the_optimizer_step_waits_for_its_end(tmp_path, monkeypa
     _assert_same_adapter(tmp_path / "stopped", tmp_path / "three")
 
 
+def _signalled_during_checkpoints(monkeypatch, at_step):
+    """A SIGINT (a Ctrl-C) sent while checkpoint-<at_step> is being written."""
+    import fused_lora.cli.finetune as ft
+    real = ft._write_checkpoint
+
+    def write(lora, out, step, *args):
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(lora, out, step, *args)
+    monkeypatch.setattr(ft, "_write_checkpoint", write)
+
+
+def _outcome(run):
+    """run()'s result, or the KeyboardInterrupt it raised (caught here: a plain one must not stop pytest)."""
+    try:
+        return run()
+    except KeyboardInterrupt as stop:
+        return stop
+
+
+def test_a_second_ctrl_c_during_the_interrupt_s_save_is_reported_truly(tmp_path, monkeypatch):
+    """Ctrl-C in step 3, and again while the interrupt's save runs: the save completes and the run reports
+    "interrupted at step 2 ... saved" (before: a plain KeyboardInterrupt left the save and the command said
+    "interrupted before training started: nothing saved" with the adapter on disk). Issue 18, attacker
+    re-trial, finding 3."""
+    import fused_lora.cli.finetune as ft
+    real_step, calls = ft.loss_and_grads, []
+
+    def interrupted_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(ft, "loss_and_grads", interrupted_in_step_3)
+    _signalled_during_checkpoints(monkeypatch, at_step=2)
+    stop = _outcome(lambda: finetune(steps=6, out=str(tmp_path / "a"), **QUIET, **FAST))
+    assert isinstance(stop, TrainingInterrupted), repr(stop)
+    assert stop.step == 2 and stop.saved == str(tmp_path / "a") and stop.checkpoint.endswith("checkpoint-2")
+    assert (tmp_path / "a" / "checkpoint-2" / "trainer_state.json").exists()
+    LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "a")
+
+
+def test_a_ctrl_c_during_the_last_save_lets_the_run_end(tmp_path, monkeypatch):
+    """A Ctrl-C while the run's final adapter and checkpoint are written: the save completes and the run
+    ends as it would have (before: a plain KeyboardInterrupt, reported as "interrupted before training
+    started: nothing saved"). Issue 18, attacker re-trial, finding 3, sibling."""
+    _signalled_during_checkpoints(monkeypatch, at_step=3)
+    run = _outcome(lambda: finetune(steps=3, out=str(tmp_path / "a"), **QUIET, **FAST))
+    assert not isinstance(run, BaseException), repr(run)
+    assert len(list(run)) == 3 and (tmp_path / "a" / "checkpoint-3" / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize("where", ["check_settings", "train"])
+def test_a_ctrl_c_before_training_has_one_wording(capsys, monkeypatch, tmp_path, where):
+    """A Ctrl-C while the settings are checked and one while the model is built print the same line (before:
+    "error: interrupted ..." in the first case only). Issue 18, attacker re-trial, finding 3."""
+    import fused_lora.cli.finetune as ft
+    from fused_lora.cli.main import main
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ft, where, interrupt)
+    assert main(["finetune", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "a")]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "python -m fused_lora finetune: interrupted before training started: nothing saved"
+
+
 def test_resume_refuses_other_settings_and_a_finished_run(tmp_path):
     out = str(tmp_path / "a")
     finetune(steps=2, out=out, **QUIET, **FAST)
@@ -335,6 +407,35 @@ def test_resume_refuses_other_settings_and_a_finished_run(tmp_path):
     finetune(steps=3, out=out, resume=True, lr=1e-3, log=lines.append, stream=None,
              **{k: v for k, v in FAST.items()})
     assert any("resuming from" in line and "step 2" in line for line in lines)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: "[" * 100000 + "]" * 100000, "its JSON is nested too deeply"),
+    (lambda s: json.dumps({**json.loads(s), "step": 10 ** 400}), "losses holds 2 values for step 1000000000"),
+    (lambda s: json.dumps({**json.loads(s), "losses": {"a": 1}}), "losses is not a list of finite numbers"),
+    (lambda s: json.dumps({**json.loads(s), "losses": ["x", 1.0]}), "losses is not a list of finite numbers"),
+    (lambda s: json.dumps({**json.loads(s), "lr": "fast"}), "lr 'fast' is not a finite number"),
+    (lambda s: json.dumps({**json.loads(s), "eval_loss_start": 10 ** 400}), "eval_loss_start 1000"),
+    (lambda s: json.dumps({**json.loads(s), "settings": [1]}), "settings is not an object"),
+    (lambda s: "[1]", "not a format-1 trainer state"),
+], ids=["nested", "huge-step", "losses-dict", "losses-str", "lr-str", "eval-huge-int", "settings-list", "list"])
+def test_a_trainer_state_of_the_wrong_shape_is_refused_by_name(tmp_path, change, problem):
+    """A checkpoint's trainer_state.json that parses but cannot be resumed from (deep nesting, a 401-digit
+    step, wrong types where numbers are formatted) is one SettingError naming the file, never a traceback.
+    Issue 18, attacker re-trial, findings 4 and 8, siblings (untrusted JSON)."""
+    out = tmp_path / "a"
+    finetune(steps=2, out=str(out), **QUIET, **FAST)
+    path = out / "checkpoint-2" / "trainer_state.json"
+    path.write_text(change(path.read_text()))
+    with pytest.raises(SettingError, match=rf"resume: cannot read {path}: .*{re.escape(problem)}"):
+        finetune(steps=4, out=str(out), resume=True, **QUIET, **FAST)
+
+
+def test_an_unbounded_number_setting_is_refused_by_name(tmp_path):
+    """lr or eval_split an int beyond any float: a SettingError (before: OverflowError from math.isfinite)."""
+    for name in ("lr", "eval_split"):
+        with pytest.raises(SettingError, match=name):
+            finetune(steps=1, **{**QUIET, **FAST, name: 10 ** 400})
 
 
 def test_out_is_never_silently_overwritten(tmp_path):

@@ -95,6 +95,11 @@ BAD = {  # case -> (changes to a good call, exception type, message pattern)
     "scaling_string": (dict(scaling="2"), TypeError, "scaling must be a real number"),
     "scaling_inf": (dict(scaling=math.inf), ValueError, "scaling must be finite"),
     "scaling_nan": (dict(scaling=math.nan), ValueError, "scaling must be finite"),
+    # beyond float32, the dtype the ops take it in (issue 18, attacker re-trial, finding 7: torch's "value
+    # cannot be converted to type float without overflow" from inside a row), and an int beyond any float
+    "scaling_beyond_float32": (dict(scaling=5e38), ValueError, r"scaling 5e\+38 is beyond float32's range"),
+    "scaling_negative_beyond_float32": (dict(scaling=-3.5e38), ValueError, "beyond float32's range"),
+    "scaling_huge_int": (dict(scaling=10**400), ValueError, "scaling must be finite, got an integer of 401 digits"),
     "scaling_grad_tensor": (dict(scaling=torch.tensor(2.0, requires_grad=True)), TypeError, "requires grad"),
     "seed_missing": (dict(seed=None), ValueError, "seed .* is required when dropout_p > 0"),
     "seed_negative": (dict(seed=-1), ValueError, "seed must be in"),

@@ -380,6 +380,10 @@ WRONG_TYPES = {
     "device is a list": {**_good_file(), "device": ["Fake GPU (cuda)"]},
     "choices is a list": {**_good_file(), "choices": [1]},
     "format is a string": {**_good_file(), "format": "1"},
+    # JSON's integers are unbounded: a 401-digit ms crashed every auto forward and `info` with OverflowError
+    # (math.isfinite); issue 18, attacker re-trial, finding 4
+    "ms holds an integer beyond any float": _with_entry(ms={"triton": 10 ** 400}),
+    "ms holds a negative integer beyond any float": _with_entry(ms={"triton": -10 ** 400}),
 }
 
 
@@ -411,7 +415,8 @@ def test_a_cache_of_wrong_types_is_ignored_with_one_warning(tmp_path, content):
     assert data["format"] == 1 and data["choices"][fwd(M=64).key()]["winner"] == "torch"
 
 
-@pytest.mark.parametrize("what", ["versions is a list", "device is a list", "errors is a number", "fifo"])
+@pytest.mark.parametrize("what", ["versions is a list", "device is a list", "errors is a number",
+                                  "ms holds an integer beyond any float", "fifo"])
 def test_info_reports_a_bad_cache_file(tmp_path, monkeypatch, capsys, what):
     """`python -m fused_lora info` with the default cache directory holding a bad cache file (named after
     any device and versions): wrong types, or a FIFO, are listed as ignored, neither a crash nor a hang.

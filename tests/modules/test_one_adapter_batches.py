@@ -24,7 +24,7 @@ def _layer(p):
 @pytest.mark.parametrize("name", ["default", "other"])
 def test_one_named_adapter_takes_the_single_adapter_op(monkeypatch, p, name):
     seed = torch.tensor(123456789, dtype=torch.int64)
-    monkeypatch.setattr(layer_mod, "new_seed", lambda: seed.clone())
+    monkeypatch.setattr(layer_mod, "seed_for", lambda p: seed.clone())
     layer = _layer(p).train()
     x = torch.randn(3, 5, 24, requires_grad=True)
     backends.calls.clear()
@@ -70,7 +70,7 @@ def test_one_named_adapter_over_a_quantized_base(monkeypatch, p):
     from fused_lora.modules import quantized as quant
     from fused_lora.ops.quant import lora_linear_quant_multi
     seed = torch.tensor(42, dtype=torch.int64)
-    monkeypatch.setattr(layer_mod, "new_seed", lambda: seed.clone())
+    monkeypatch.setattr(layer_mod, "seed_for", lambda p: seed.clone())
     torch.manual_seed(0)
     linear = quant.QuantizedLinear.from_linear(torch.nn.Linear(64, 16), "nf4", blocksize=32)
     layer = FusedLoRALinear.from_linear(linear, r=4, lora_dropout=p, init_lora_weights=False, backend="torch")
@@ -90,7 +90,7 @@ def test_one_named_adapter_over_a_quantized_base(monkeypatch, p):
 
 def test_one_named_adapter_with_dropout_compiles_fullgraph(monkeypatch):
     seed = torch.tensor(7, dtype=torch.int64)
-    monkeypatch.setattr(layer_mod, "new_seed", lambda: seed.clone())
+    monkeypatch.setattr(layer_mod, "seed_for", lambda p: seed.clone())
     layer = _layer(0.2).train()
     x = torch.randn(3, 5, 24)
     want = layer(x, adapter_names=["other"] * 3)

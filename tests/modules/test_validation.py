@@ -14,6 +14,9 @@ from fused_lora.cli.demo import MLP
 LAYER_BAD = [
     ("lora_alpha", "8"), ("lora_alpha", None), ("lora_alpha", float("inf")), ("lora_alpha", float("nan")),
     ("lora_alpha", -float("inf")), ("lora_alpha", True), ("lora_alpha", 10 ** 400),
+    # issue 18, attacker re-trial, finding 7 (a scale lora_alpha / r beyond float32) and its sibling (an r
+    # beyond any tensor size: sqrt(r) for rsLoRA raised OverflowError)
+    ("lora_alpha", 1e40), ("lora_alpha", -1e40), ("r", 2 ** 63), ("r", 10 ** 400),
     ("r", True), ("r", 0), ("r", 2.0), ("r", "4"), ("r", None),
     ("use_rslora", "no"), ("use_rslora", 1), ("use_rslora", None),
     ("lora_dropout", 1.0), ("lora_dropout", -0.1), ("lora_dropout", "0.1"), ("lora_dropout", float("nan")),

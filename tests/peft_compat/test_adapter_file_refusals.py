@@ -172,3 +172,51 @@ def test_peft_s_redundant_modules_to_save_keys_are_accepted_and_unused(tmp_path)
         ours = get_lora_model(PeftWords(), LoraConfig(**config))
         load_weights_into(ours, tmp_path)
         torch.testing.assert_close(ours(x), want)
+
+
+class WrappedHead(nn.Module):
+    """A module whose own children are called original_module and modules_to_save (peft's words)."""
+
+    def __init__(self):
+        super().__init__()
+        self.original_module, self.modules_to_save = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.modules_to_save(self.original_module(x))
+
+
+class PeftWordsHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.head = nn.Linear(6, 6), WrappedHead()
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_weights_into"])
+def test_a_modules_to_save_module_with_children_named_like_peft_s_copies_loads(tmp_path, loader):
+    """modules_to_save=["head"] where head's children are original_module and modules_to_save: its tensors
+    head.original_module.weight ... are the module's own, not peft's redundant copies. Every loader follows
+    one rule (a key is a redundant copy only if it names no tensor of the model's adapter); before, the
+    resume path dropped them and refused its own checkpoint ("key ... is missing"). Issue 18, attacker
+    re-trial, finding 5."""
+    from fused_lora.peft_compat.adapters import load_weights_into
+    x = torch.rand(3, 6, generator=torch.Generator().manual_seed(2))
+    config = dict(r=2, target_modules=["enc"], modules_to_save=["head"], init_lora_weights=False)
+    lm = get_lora_model(PeftWordsHead(), LoraConfig(**config))
+    with torch.no_grad():
+        for _, module in lm.saved_modules():
+            for p in module.trainable.parameters():
+                p.add_(1.0)  # the trained copy differs from the base head: loading it matters
+        want = lm(x)
+    lm.save_pretrained(tmp_path)
+    if loader == "from_pretrained":
+        back = LoraModel.from_pretrained(PeftWordsHead(), tmp_path)
+    else:
+        back = get_lora_model(PeftWordsHead(), LoraConfig(**config))
+        load_weights_into(back, tmp_path)
+    with torch.no_grad():
+        assert not torch.allclose(get_lora_model(PeftWordsHead(), LoraConfig(**config))(x), want)
+        torch.testing.assert_close(back(x), want, rtol=0, atol=0)

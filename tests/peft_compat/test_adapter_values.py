@@ -32,15 +32,16 @@ class Net(nn.Module):
         return self.head(self.b(self.a(x)))
 
 
-def config(kind):
+def config(kind, lora_alpha=8):
     """A config whose file holds the tensor of `kind` (a DoRA magnitude, a modules_to_save head, a bias)."""
-    return LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False, use_dora=kind == "magnitude",
+    return LoraConfig(r=2, lora_alpha=lora_alpha, target_modules=["a", "b"], init_lora_weights=False,
+                      use_dora=kind == "magnitude",
                       modules_to_save=["head"] if kind == "head" else None,
                       bias="lora_only" if kind == "bias" else "none")
 
 
-def adapted(kind, dtype=torch.float32, autocast=True):
-    return get_lora_model(Net(dtype), config(kind), autocast_adapter_dtype=autocast)
+def adapted(kind, dtype=torch.float32, autocast=True, lora_alpha=8):
+    return get_lora_model(Net(dtype), config(kind, lora_alpha), autocast_adapter_dtype=autocast)
 
 
 def plant(directory, kind, value=None, file_dtype=None):
@@ -80,13 +81,13 @@ def slot_of(loader):
     return "x" if loader == "load_adapter" else "default"
 
 
-def saved(tmp_path, kind, dtype=torch.float32, autocast=True):
+def saved(tmp_path, kind, dtype=torch.float32, autocast=True, lora_alpha=8):
     """An adapter holding a tensor of `kind`, saved in tmp_path/"s"."""
-    adapted(kind, dtype, autocast).save_pretrained(tmp_path / "s")
+    adapted(kind, dtype, autocast, lora_alpha).save_pretrained(tmp_path / "s")
     return tmp_path / "s"
 
 
-def load(loader, directory, kind, dtype=torch.float32, autocast=True):
+def load(loader, directory, kind, dtype=torch.float32, autocast=True, lora_alpha=8):
     """Load `directory` with `loader` onto a fresh model; raises as the loader does, after checking
     that a refusal left the model as it was."""
     if loader == "from_pretrained":
@@ -97,7 +98,7 @@ def load(loader, directory, kind, dtype=torch.float32, autocast=True):
         except BaseException:
             assert_same(model, snap)
             raise
-    lm = adapted(kind if loader == "load_weights_into" else "lora_A", dtype, autocast)
+    lm = adapted(kind if loader == "load_weights_into" else "lora_A", dtype, autocast, lora_alpha)
     snap, names = snapshot(lm), list(lm.peft_config)
     try:
         if loader == "load_adapter":
@@ -181,14 +182,40 @@ def test_a_value_that_overflows_the_loaded_dtype_is_refused(tmp_path, loader, ki
 def test_the_check_is_made_on_the_cast_values(tmp_path, loader, kind):
     """fp16's largest finite value is 65504: float32 65519 rounds to it and loads, 65520 rounds to inf
     and is refused. A range check on the file's values (|x| <= 65504) would refuse the first, and a
-    check before the cast would let the second through (issue 18 item 1)."""
-    directory = saved(tmp_path, kind, torch.float16, autocast=False)
+    check before the cast would let the second through (issue 18 item 1). The scale is 1 here: with s > 1,
+    s * lora_B = 65504 s is beyond float16 as well (the compute-dtype rule, tested on its own)."""
+    directory = saved(tmp_path, kind, torch.float16, autocast=False, lora_alpha=2)
     key = plant(directory, kind, 65519.0, torch.float32)
-    got = tensor_of(load(loader, directory, kind, torch.float16, autocast=False), kind, slot_of(loader))
+    got = tensor_of(load(loader, directory, kind, torch.float16, autocast=False, lora_alpha=2), kind,
+                    slot_of(loader))
     assert got.dtype == torch.float16 and got.view(-1)[0].item() == 65504.0
     plant(directory, kind, 65520.0, torch.float32)
     with pytest.raises(AdapterError, match=rf"key '{key}' holds .* beyond the range of torch.float16"):
-        load(loader, directory, kind, torch.float16, autocast=False)
+        load(loader, directory, kind, torch.float16, autocast=False, lora_alpha=2)
+
+
+# ---------------------------------------------------------------- fits the stored dtype, not the compute dtype
+
+@pytest.mark.parametrize("loader", ["from_pretrained", "load_adapter", "load_weights_into"])
+@pytest.mark.parametrize("kind, value, lora_alpha, problem", [
+    ("lora_B", 1e5, 2e-4, r"lora_B holds 100000"),
+    ("lora_A", 1e5, 2e-4, r"lora_A holds 100000"),
+    ("lora_B", 1e4, 16, r"s \* lora_B reaches 80000")], ids=["B", "A", "sB"])
+def test_an_adapter_beyond_the_compute_dtype_is_refused_by_every_loader(tmp_path, loader, kind, value, lora_alpha,
+                                                                        problem):
+    """An fp16 model holds its adapters in fp32 (autocast_adapter_dtype, peft's default), and the fused ops
+    cast them to fp16 on every call: 1e5 fits the stored fp32 and not the compute dtype (s = 1e-4 keeps
+    s B = 10 harmless), and 1e4 with s = 8 makes s B = 8e4. Refused by every loader naming the keys, the
+    problem and the dtype, the model unchanged (before: loaded, then every forward gave NaN). Issue 18,
+    attacker re-trial, finding 1."""
+    directory = saved(tmp_path, kind, torch.float16, autocast=True, lora_alpha=lora_alpha)
+    plant(directory, kind, value)
+    layer = KEYS[kind].split(".")[0]
+    with pytest.raises(AdapterError, match=rf"keys '{PREFIX}{layer}.lora_A.weight' / '.lora_B.weight': {problem}.* "
+                                           rf"beyond the range of torch.float16 .* computes the adapter's LoRA"):
+        load(loader, directory, kind, torch.float16, autocast=True, lora_alpha=lora_alpha)
+    lm = load(loader, directory, kind, torch.float32, autocast=True, lora_alpha=lora_alpha)  # fp32 holds it
+    assert tensor_of(lm, kind, slot_of(loader)).view(-1)[0].item() == value
 
 
 # ---------------------------------------------------------------- dtypes

@@ -289,12 +289,54 @@ def test_cat_of_two_adapters_is_their_weighted_sum(tmp_path):
      NotImplementedError, "ties"),
     (lambda lm: lm.add_weighted_adapter(["default", "other"], [1, 1], "mix", svd_rank=10 ** 6), ValueError,
      "exceeds"),
+    # an int beyond any float (before: OverflowError from float()); issue 18, attacker re-trial, finding 6
+    (lambda lm: lm.add_weighted_adapter(["default", "other"], [10 ** 400, 1], "mix"), ValueError,
+     "weights must be finite"),
 ])
 def test_add_weighted_adapter_bad_input_changes_nothing(tmp_path, call, error, match):
     _, lm = peft_pair(tmp_path, 8)
     before = snapshot(lm)
     with pytest.raises(error, match=match):
         call(lm)
+    assert_unchanged(lm, before)
+
+
+def fp16_two_adapters(autocast):
+    """An fp16 MLP with two random adapters (s = 1), fp16 or fp32 (autocast_adapter_dtype)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).half()
+    config = dict(r=2, lora_alpha=2, target_modules=["0", "2"], init_lora_weights=False)
+    lm = get_lora_model(model, LoraConfig(**config), autocast_adapter_dtype=autocast)
+    lm.add_adapter("other", LoraConfig(**config))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lm.lora_layers():
+            for name in ("default", "other"):
+                for t in layer.adapter_weights(name):
+                    t.copy_(torch.randn(t.shape, generator=g))
+    return lm
+
+
+@pytest.mark.parametrize("combination_type", ["linear", "cat", "svd"])
+@pytest.mark.parametrize("weights, autocast, problem", [
+    ([1e30, 1.0], False, r"the combined lora_[AB] has NaN or inf in torch.float16"),
+    ([3e4, 3e4], False, r"the combined lora_[AB] has NaN or inf in torch.float16"),
+    ([1e30, 1.0], True, r"the combined adapter's lora_[AB] holds .* beyond the range of torch.float16"),
+], ids=["fp16-1e30", "fp16-3e4", "fp32-adapters-1e30"])
+def test_add_weighted_adapter_beyond_the_dtype_is_refused_by_name(combination_type, weights, autocast, problem):
+    """Finite weights whose combination overflows the new adapter's fp16 (or, with fp32 adapters, the fp16
+    the model computes in): refused naming the layer, nothing added (before: an adapter holding inf / NaN
+    in 6 of 24 cases). [3e4, 3e4] overflows "cat" and "svd" only (linear takes sqrt(w s) per factor).
+    Issue 18, attacker re-trial, finding 6."""
+    lm = fp16_two_adapters(autocast)
+    before = snapshot(lm)
+    if weights == [3e4, 3e4] and combination_type == "linear":
+        lm.add_weighted_adapter(["default", "other"], weights, "mix", combination_type=combination_type)
+        assert all(torch.isfinite(t).all() for _, layer in lm.lora_layers() for t in layer.adapter_weights("mix"))
+        return
+    with pytest.raises(ValueError, match=rf"add_weighted_adapter\('mix'\): layer '[02]': {problem}.*nothing was "
+                                         "added"):
+        lm.add_weighted_adapter(["default", "other"], weights, "mix", combination_type=combination_type)
     assert_unchanged(lm, before)
 
 

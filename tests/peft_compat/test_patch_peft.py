@@ -275,6 +275,34 @@ def test_bf16_model_with_fp32_adapters_within_peft_error():
     assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
 
 
+def test_an_fp32_adapter_beyond_fp16_hands_the_call_to_peft():
+    """fp16 model, fp32 adapters (peft's default): |B| = 1e5 with s = 1e-4 fits fp32 (peft computes the
+    branch there: finite output) and not fp16, the dtype the fused op computes in. The patched layer hands
+    the call to peft, so it gives peft's output exactly (before: NaN); an adapter inside the range still
+    fuses. Issue 18, attacker re-trial, finding 1."""
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(MLP().half(), peft.LoraConfig(r=2, lora_alpha=2e-4, target_modules=["fc1"],
+                                                            init_lora_weights=False))
+    layer = ref.base_model.model.fc1
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_A["default"].weight.fill_(0.1)
+        layer.lora_B["default"].weight.fill_(1e5)
+    ours = copy.deepcopy(ref)
+    patch_peft(ours, verbose=False)
+    x = torch.randn(4, 24).half()
+    before = fused_calls()
+    with torch.no_grad():
+        y, want = ours(x), ref(x)
+    assert fused_calls() == before and torch.isfinite(want).all()
+    assert torch.equal(y, want)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.base_model.model.fc1.lora_B["default"].weight.fill_(1e3)
+        y = ours(x)
+    assert fused_calls() == before + 1 and torch.isfinite(y).all()
+
+
 def test_torch_compile_fullgraph_equals_peft():
     ours, ref = mlp_twins()
     x = torch.randn(6, 24)

@@ -247,3 +247,33 @@ def test_resume_and_best_model_check_the_checkpoint_as_from_pretrained_does(tmp_
         with pytest.raises(AdapterError, match=rf"'{key}' {match}"):
             trainer._load_best_model()
         assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
+
+
+@pytest.mark.parametrize("how", ["resume", "best_model"])
+def test_a_checkpoint_without_an_adapter_file_is_refused(tmp_path, how):
+    """A checkpoint holding transformers' model.safetensors (what a plain Trainer writes for a LoraModel)
+    instead of the adapter: Trainer's own loading would take its state dict with none of the adapter
+    loader's checks (a NaN lora_B loaded silently); refused naming the file, the model unchanged.
+    Issue 18, attacker re-trial, finding 2."""
+    from safetensors.torch import save_file
+    trained = lora_llama()
+    LoraTrainer(model=trained, args=args(tmp_path / "a", max_steps=1, save_strategy="steps", save_steps=1),
+                train_dataset=tokens_dataset()).train()
+    ckpt = tmp_path / "a" / "checkpoint-1"
+    state = {k: v.detach().clone().contiguous() for k, v in trained.state_dict().items()}
+    key = next(k for k in state if "lora_B" in k)
+    state[key].view(-1)[0] = float("nan")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        os.remove(ckpt / name)
+    save_file(state, ckpt / "model.safetensors")
+    lm = lora_llama()
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    trainer = LoraTrainer(model=lm, args=args(tmp_path / "b"), train_dataset=tokens_dataset())
+    with pytest.raises(AdapterError, match=r"checkpoint-1: holds no adapter \(adapter_model.safetensors, .*\) for "
+                                           r"this LoraModel, only model.safetensors .*nothing was loaded"):
+        if how == "resume":
+            trainer.train(resume_from_checkpoint=str(ckpt))
+        else:
+            trainer.state.best_model_checkpoint = str(ckpt)  # the path load_best_model_at_end takes
+            trainer._load_best_model()
+    assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())

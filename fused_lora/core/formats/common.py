@@ -59,6 +59,20 @@ def check_float_weight(weight, what: str, compute_dtype: Optional[torch.dtype] =
             raise QuantizationError(f"{what}: the weight holds {peak:g}, beyond {dtype_name(dtype)}'s range ({why})")
 
 
+# Peaks below this are scaled up by 2^64 before their reciprocal is taken (1 / peak overflows float32 below
+# 2.9e-39, 127 / peak below 3.7e-37); a zero peak divides by it instead of by 0.
+TINY_PEAK = 1e-30
+
+
+def times_reciprocal(x: Tensor, peak: Tensor, numerator: float = 1.0) -> Tensor:
+    """x * (numerator / peak) in float32, peak broadcasting over x (a block's or row's largest magnitude).
+    Where peak is tiny (a block of subnormals) the reciprocal would overflow float32 (or a clamp would distort
+    it): x and peak are first multiplied by 2^64, exactly (a power of two). Ordinary peaks are computed as
+    before, bit for bit (bitsandbytes' rule: times the reciprocal); zero ones give 0."""
+    up = torch.where(peak < TINY_PEAK, 2.0 ** 64, 1.0)
+    return (x * up) * (numerator / (peak * up).clamp(min=TINY_PEAK))
+
+
 def blockwise(flat: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     """(indices into `code`, fp32 absmax per block) of a flat fp32 tensor: scale each block by
     1/absmax, round to the nearest code value (bitsandbytes' blockwise rule, ties to the upper value)."""
@@ -66,11 +80,11 @@ def blockwise(flat: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tenso
     full = n - n % blocksize
     blocks = flat[:full].reshape(-1, blocksize)
     absmax = blocks.abs().max(dim=-1)[0]
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    scaled = torch.clamp(times_reciprocal(blocks, absmax.view(-1, 1)), -1, 1).reshape(-1)
     if n % blocksize:
-        am = flat[full:].abs().max().clamp(min=1e-38)
+        am = flat[full:].abs().max()
         absmax = torch.cat([absmax, am.unsqueeze(0)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / torch.where(am > 0, am, 1.0), -1, 1)])
     bounds = (code[:-1] + code[1:]) / 2  # code is sorted
     return torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8), absmax
 

@@ -11,7 +11,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from .common import QuantizationError, check_float_weight, dtype_name, nonfinite, row_chunks
+from .common import QuantizationError, check_float_weight, dtype_name, nonfinite, row_chunks, times_reciprocal
 
 NAME = "int8"
 FLOAT_BUFFERS = ("scale",)
@@ -40,7 +40,13 @@ DATA = Int8Data  # the layout class of this format
 @torch.no_grad()
 def quantize(weight: Tensor, compute_dtype: Optional[torch.dtype] = None, what: str = "quantize_int8") -> Int8Data:
     """int8 weight-only, one scale per output row: q = round(W * 127 / absmax_row), scale = absmax_row / 127
-    (bitsandbytes' int8_vectorwise_quant codes, threshold 0). A zero row gets scale 0."""
+    (bitsandbytes' int8_vectorwise_quant codes, threshold 0). A zero row gets scale 0.
+
+    Two float32 edges: a row of tiny values (subnormal absmax, e.g. 1e-40) has a reciprocal 127 / absmax
+    beyond float32, which garbled its codes; such rows are scaled up by 2^64 first (exact: a power of two,
+    `common.times_reciprocal`), so their codes are the row's own. And a row reaching float32's largest value has absmax / 127 rounded
+    up so far that 127 * scale, its largest element dequantized, overflows float32: that scale is taken
+    one unit lower (the element then dequantizes 6e-8 below it, far inside int8's rounding)."""
     check_float_weight(weight, what, compute_dtype)
     if weight.numel() == 0:
         raise QuantizationError(f"{what}: the weight is empty (shape {tuple(weight.shape)})")
@@ -49,9 +55,12 @@ def quantize(weight: Tensor, compute_dtype: Optional[torch.dtype] = None, what: 
     row_max = torch.empty(N, dtype=torch.float32, device=weight.device)
     for start, stop in row_chunks(N, K):  # bounded temporaries
         w = weight[start:stop].float()
-        row_max[start:stop] = w.abs().max(dim=1).values
-        q[start:stop] = torch.round(w * (127.0 / row_max[start:stop].clamp(min=1e-38).unsqueeze(-1)))
-    return Int8Data(tuple(weight.shape), q, row_max / 127.0)
+        peak = w.abs().max(dim=1).values
+        row_max[start:stop] = peak
+        q[start:stop] = torch.round(times_reciprocal(w, peak.unsqueeze(-1), 127.0))
+    scale = row_max / 127.0
+    return Int8Data(tuple(weight.shape), q, torch.where(torch.isfinite(scale * 127.0), scale,
+                                                        torch.nextafter(scale, torch.zeros_like(scale))))
 
 
 def check(data: Int8Data, what: str, same_device: bool = True) -> None:
