@@ -23,6 +23,11 @@ Rules, in order:
    with dropout that follows such a row (rule 4) is checked the same way on its first call per key
    and process; if it does not match, the reference row (same mask) runs it instead.
 
+6. With FUSED_LORA_NO_TRANSIENT_WEIGHT=1 (`table.no_transient_weight`), auto leaves out the rows that
+   allocate a transient 16-bit copy of a quantized weight (dequant-once), for a user who needs the memory:
+   a key whose known winner is such a row runs the fastest other row its timings name (checked as rule 5
+   says where it needs it), else the default. Asking for the row by name still runs it.
+
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 (its interpreter), and only when asked
 for by name: that is how CI tests the real kernels without a GPU. The interpreter computes
 bfloat16 matrix products wrongly, so bfloat16 is refused under it.
@@ -34,6 +39,7 @@ what was chosen for which keys and the timings behind it.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import threading
@@ -47,7 +53,8 @@ from . import cache
 from .cache import Choice
 from .check import outputs_mismatch
 from .problem import Problem
-from .table import ENV_VAR, IMPLEMENTATIONS, BackendUnavailable, Implementation
+from .table import (ENV_VAR, IMPLEMENTATIONS, NO_TRANSIENT_WEIGHT_ENV_VAR, BackendUnavailable, Implementation,
+                    no_transient_weight)
 
 calls: Counter = Counter()  # (op name, backend) -> number of calls
 
@@ -138,8 +145,11 @@ class Registry:
         return choice
 
     def candidates(self, problem: Problem) -> list[Implementation]:
-        """The rows that can run `problem`, in table order."""
-        return [impl for impl in self.implementations if not impl.not_supported_reasons(problem)]
+        """The rows auto may choose for `problem`, in table order: those that can run it, less the rows
+        allocating a transient weight under FUSED_LORA_NO_TRANSIENT_WEIGHT (rule 6)."""
+        lean = no_transient_weight()
+        return [impl for impl in self.implementations
+                if not impl.not_supported_reasons(problem) and not (lean and impl.transient_weight)]
 
     def select(self, problem: Problem, requested: str = "auto",
                bench: Optional[Callable[[Any], Callable[[], Any]]] = None,
@@ -166,12 +176,12 @@ class Registry:
             can_run_now = bench is not None and min(problem.M, problem.N, problem.K) > 0 and timing_allowed()
             if problem.op.backward and problem.dropout:
                 twin = problem.forward_twin()
-                known = self.known(twin)
+                known = self._allowed(self.known(twin), by_name)
                 # A cached forward row not yet checked did not run the forward (the default did): follow that.
                 trusted = known is not None and known.winner in by_name and not self._unchecked(twin, known)
                 follows = by_name[known.winner] if trusted else default
                 return self._checked_follower(problem, follows, by_name, bench, probe)
-            known = self.known(problem)
+            known = self._allowed(self.known(problem), by_name)
             if known is not None and known.winner in by_name and self._unchecked(problem, known):
                 if not can_run_now:
                     return default  # cannot check it here: the deterministic default, as for an unknown key
@@ -182,6 +192,18 @@ class Registry:
                 return default  # nothing to time (or no timing allowed here): the deterministic default
             chosen = self._time(problem, candidates, bench, probe)
             return by_name[chosen.winner]
+
+    def _allowed(self, choice: Optional[Choice], by_name: dict) -> Optional[Choice]:
+        """`choice`, or where its winner is not among the rows auto may choose here (`by_name`: a row left out
+        by rule 6, or one that cannot run here), the same choice with the fastest of its timed rows that is
+        (ties: the earlier row); unchanged when none is (the default then runs). Nothing is timed, nor
+        stored: the key's entry keeps its winner for a process without the setting."""
+        if choice is None or choice.winner in by_name:
+            return choice
+        timed = [name for name in choice.ms if name in by_name]
+        if not timed:
+            return choice
+        return dataclasses.replace(choice, winner=min(timed, key=lambda n: (choice.ms[n], self.names.index(n))))
 
     def _unchecked(self, problem: Problem, choice: Choice) -> bool:
         """Whether `choice` was read from the cache and names a row that needs the check rule for this
@@ -347,6 +369,10 @@ class Registry:
                              f"{describe(device, dtype, 16, 'auto', self)}; " + "; ".join(cells))
         if os.environ.get(ENV_VAR):
             lines.append(f"  {ENV_VAR}={os.environ[ENV_VAR]} forces that backend everywhere")
+        if no_transient_weight():
+            lines.append(f"  {NO_TRANSIENT_WEIGHT_ENV_VAR}={os.environ[NO_TRANSIENT_WEIGHT_ENV_VAR]}: auto leaves out "
+                         + ", ".join(impl.name for impl in self.implementations if impl.transient_weight)
+                         + " (a transient 16-bit copy of a quantized weight)")
         directory = self._cache_directory or cache.cache_dir()
         lines.append(f"tuned choices (cache: {directory}):")
         shown = 0

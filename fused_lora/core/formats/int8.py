@@ -98,6 +98,13 @@ def dequantize_rows(data: Int8Data, start: int, stop: int) -> Tensor:
     return data.qweight[start:stop].float().mul_(data.scale[start:stop, None].float())
 
 
+def dequantize(data: Int8Data, dtype: torch.dtype) -> Tensor:
+    """The whole weight in `dtype`, bit for bit `dequantize_rows(data, 0, N).to(dtype)`: one multiplication
+    computed in fp32 (the int8 codes are exact there) and rounded once as it is stored in `dtype`."""
+    out = torch.empty(data.shape, dtype=dtype, device=data.qweight.device)
+    return torch.mul(data.qweight, data.scale.float()[:, None], out=out)
+
+
 def layout_name(data: Int8Data) -> tuple[str, int]:
     return NAME, 0
 
