@@ -13,7 +13,7 @@ from fused_lora.dispatch import registry as dispatch_registry
 from fused_lora.torch_row.dequant_once import DequantOnce
 from test_dequant_once import check_multi, check_single, weight
 from test_selection import CUDA, bench, fake_row, make_registry
-from utils import needs_triton
+from utils import TRITON_DEVICE, needs_triton
 
 ENV = dispatch.NO_TRANSIENT_WEIGHT_ENV_VAR
 QUANT_OPS = (QUANT_FWD, QUANT_BWD, QUANT_MULTI_FWD, QUANT_MULTI_BWD)
@@ -59,17 +59,17 @@ def _triton_row():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_with_the_triton_dequantization_against_the_float64_reference(fmt, dtype):
     # What the row runs on CUDA (the kernel under the interpreter here): one adapter, with dropout too.
-    row = _triton_row()
-    check_single(row, weight(fmt, 40, 320, seed=1), 33, 4, dtype, p=0.0)
-    check_single(row, weight(fmt, 40, 320, seed=2), 33, 4, dtype, p=0.2, bias=False)
+    row, device = _triton_row(), TRITON_DEVICE
+    check_single(row, weight(fmt, 40, 320, seed=1, device=device), 33, 4, dtype, p=0.0, device=device)
+    check_single(row, weight(fmt, 40, 320, seed=2, device=device), 33, 4, dtype, p=0.2, bias=False, device=device)
 
 
 @needs_triton()
 @pytest.mark.parametrize("fmt", ["nf4-nested", "int8"])
 def test_several_adapters_with_the_triton_dequantization(fmt):
     row_adapter = torch.randint(-1, 2, (40,), generator=torch.Generator().manual_seed(2))
-    check_multi(_triton_row(), weight(fmt, 24, 192, seed=3), torch.float16, [(4, 0.5, 0.2), (2, 2.0, 0.0)],
-                row_adapter)
+    check_multi(_triton_row(), weight(fmt, 24, 192, seed=3, device=TRITON_DEVICE), torch.float16,
+                [(4, 0.5, 0.2), (2, 2.0, 0.0)], row_adapter, device=TRITON_DEVICE)
 
 
 # ---- the table: ops, reasons, the check rule

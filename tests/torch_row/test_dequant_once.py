@@ -70,6 +70,7 @@ def check_multi(row, data, dtype, specs, row_adapter, seed=3, device="cpu"):
     scaling, dropout_p) per adapter."""
     N, K = data.shape
     M = row_adapter.shape[0]
+    row_adapter = row_adapter.to(device)
     g = torch.Generator().manual_seed(seed)
     x, b, dy = _rnd(g, dtype, device, M, K), _rnd(g, dtype, device, N), _rnd(g, dtype, device, M, N)
     adapters = [(_rnd(g, dtype, device, r, K, scale=K ** -0.5), _rnd(g, dtype, device, N, r, scale=r ** -0.5), s, p)

@@ -223,28 +223,24 @@ def dequantize_rows(data: NF4Data, start: int, stop: int) -> Tensor:
     return values.view(stop - start, K)
 
 
-DEQUANTIZE_CHUNK = 1 << 20  # elements per step of `dequantize` into a 16-bit weight: a 4 MB fp32 scratch
+DEQUANTIZE_CHUNK = 1 << 20  # elements per step of `dequantize` (a 4 MB fp32 scratch, reused step after step)
 
 
 def dequantize(data: NF4Data, dtype: torch.dtype) -> Tensor:
-    """The whole weight in `dtype`, bit for bit `dequantize_rows(data, 0, N).to(dtype)`, with the fewest passes
-    over memory measured fastest on a CPU (benchmarks/RESULTS.md): each byte's two levels are one 8-byte
-    lookup (a 256-entry table of level pairs read as int64: copied, never computed on), then each block is
-    scaled by its absmax in fp32, rounded once as it is stored in `dtype`. In float32 the levels are written
-    in the result itself and scaled in place; in 16 bits DEQUANTIZE_CHUNK elements at a time through one fp32
-    scratch."""
+    """The whole weight in `dtype`, bit for bit `dequantize_rows(data, 0, N).to(dtype)`, in the way measured
+    fastest on a CPU (benchmarks/RESULTS.md): DEQUANTIZE_CHUNK elements at a time, each byte's two levels one
+    8-byte lookup (a 256-entry table of level pairs read as int64: copied, never computed on) into one fp32
+    scratch that stays in memory already touched, then each block scaled by its absmax in fp32 and rounded
+    once as it is stored in `dtype` (one pass over the result, the only fresh memory)."""
     N, K = data.shape
     device = data.packed.device
     code = data.code.float()
     byte = torch.arange(256, device=device)
     pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).view(torch.int64).view(256)
     packed = data.packed.reshape(-1)
-    absmax = data.block_absmax(0, N * K // data.blocksize)[:, None]
     bs = data.blocksize
+    absmax = data.block_absmax(0, N * K // bs)[:, None]
     out = torch.empty(N, K, dtype=dtype, device=device)
-    if dtype == torch.float32:
-        torch.index_select(pairs, 0, packed.int(), out=out.view(torch.int64).view(-1))
-        return out.view(-1, bs).mul_(absmax).view(N, K)
     flat = out.view(-1)
     step = max(bs, DEQUANTIZE_CHUNK - DEQUANTIZE_CHUNK % bs)  # whole blocks
     scratch = torch.empty(min(step, N * K), dtype=torch.float32, device=device)
