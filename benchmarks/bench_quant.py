@@ -9,7 +9,8 @@ base measured in the same run:
      and each implementation row by name (the in-loop triton kernels, dequant-once, the chunked torch row;
      a row that cannot run here is listed as not run, with why), and peft over bitsandbytes' Linear4bit
      (NF4, double quant; not run where bitsandbytes is missing, as on the GPU machine), with the peak memory
-     above the inputs and the ratio to the chunked torch row;
+     above the inputs and the ratio to the chunked torch row (on CPU both ratios are medians of the ratios
+     within each round of timing: paired, so a shared machine's drifting load cancels);
   3. dequantizing the whole NF4 weight (per shape): each exact candidate (the torch row's chunks, one shot,
      torch.compile of it, core.formats.dequantize, on CUDA the one Triton launch; bitsandbytes' C kernel on
      its own weight for scale), bit for bit the reference (asserted), and its share of the NF4 layer's step
@@ -30,6 +31,7 @@ import argparse
 import copy
 import datetime
 import os
+import statistics
 import sys
 import time
 
@@ -42,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment, memory_mib, time_variants, write_csv  # noqa: E402
 
 import fused_lora  # noqa: E402
-from fused_lora import FusedLoRALinear, LoraConfig, QuantizedLinear, dispatch, get_lora_model, quantize_model  # noqa: E402
+from fused_lora import (FusedLoRALinear, LoraConfig, QuantizedLinear, dispatch, get_lora_model,  # noqa: E402
+                        quantize_model)
 from fused_lora.core import formats  # noqa: E402
 from fused_lora.core.op_kinds import QUANT_FWD  # noqa: E402
 from fused_lora.dispatch import dequant_once  # noqa: E402
@@ -152,8 +155,15 @@ def layer_table(M: int, K: int, N: int, r: int, device: str, dtype: torch.dtype,
         step(layers[f"fused_lora, {fmt} base, auto"])()
         auto_ran[fmt] = ", ".join(f"{op} -> {row}" for (op, row), n in sorted(dispatch.calls.items())
                                   if op.startswith("quant") and n > before.get((op, row), 0))
-    ms = time_variants({k: step(m) for k, m in layers.items()}, device, reps=reps)
-    floor = ms[f"{dense} alone (floor)"]
+    rounds = {}
+    ms = time_variants({k: step(m) for k, m in layers.items()}, device, reps=reps, rounds=rounds)
+
+    def ratio(name, base):
+        """name's time over base's: on CPU the median of the ratios within each round (paired), else of medians."""
+        if name in rounds and base in rounds:
+            return statistics.median(a / b for a, b in zip(rounds[name], rounds[base]))
+        return ms[name] / ms[base]
+
     rows = []
     for name in list(layers) + list(not_run):
         if name in not_run:
@@ -162,9 +172,10 @@ def layer_table(M: int, K: int, N: int, r: int, device: str, dtype: torch.dtype,
             continue
         _, peak = memory_mib(lambda: layers[name](x), lambda out: out.backward(dy), device)
         fmt = next((f for f in ("nf4", "int8") if f"{f} base" in name), None)
-        chunked = ms.get(f"fused_lora, {fmt} base, chunked torch") if fmt else None
-        rows.append({"variant": name, "ms": round(ms[name], 3), "ratio_to_dense_base": round(ms[name] / floor, 3),
-                     "ratio_to_chunked_torch": round(ms[name] / chunked, 3) if chunked else "",
+        chunked = f"fused_lora, {fmt} base, chunked torch" if fmt else None
+        rows.append({"variant": name, "ms": round(ms[name], 3),
+                     "ratio_to_dense_base": round(ratio(name, f"{dense} alone (floor)"), 3),
+                     "ratio_to_chunked_torch": round(ratio(name, chunked), 3) if chunked in ms else "",
                      "peak_MiB": round(peak, 1), "note": f"auto ran {auto_ran[fmt]}" if name.endswith("auto") else ""})
     return rows
 

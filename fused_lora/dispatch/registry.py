@@ -12,9 +12,10 @@ Rules, in order:
    being captured: there the known winner runs, else torch.
 4. With dropout, backward runs what the forward's key chose: the rows draw different masks from
    one seed, and forward and backward must agree on the mask.
-5. A row with `check_against` (the Hopper-path rows, and the triton row's segment and
-   quantized-base kernels without dropout, whose kernels no GPU has run yet) is timed only after its output matched that row's
-   (torch; with dropout the triton row, whose mask it shares) on the key's inputs with random LoRA
+5. A row with `check_against` (the Hopper-path rows, the triton row's segment and quantized-base
+   kernels without dropout, and the dequant-once row, whose kernels no GPU has run yet) is timed only
+   after its output matched that row's (torch; for the Hopper rows with dropout the triton row, whose
+   mask they share) on the key's inputs with random LoRA
    weights (the ops' `probe`: a fresh adapter's B = 0 would hide every low-rank term); a row that
    does not match is recorded as failed and never chosen. Such a row read from the cache as a key's
    winner is checked the same way on the key's first call in each process before it runs (one probe);

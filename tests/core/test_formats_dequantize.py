@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fused_lora.core import formats
-from fused_lora.core.formats import Int8Data, NF4Data, int8, nf4
+from fused_lora.core.formats import Int8Data, NF4Data, common, int8, nf4
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -41,14 +41,20 @@ def test_nf4_is_the_reference_bit_for_bit(blocksize, nested):
 
 
 @pytest.mark.parametrize("chunk", [100, 4096 + 64, 1 << 20])
-def test_nf4_16bit_chunks_end_anywhere(monkeypatch, chunk):
-    # 16-bit results are made through a scratch of DEQUANTIZE_CHUNK elements, cut to whole blocks: a chunk
-    # smaller than a block, one block past a row, and one larger than the weight.
-    monkeypatch.setattr(nf4, "DEQUANTIZE_CHUNK", chunk)
+def test_chunks_end_anywhere(monkeypatch, chunk):
+    # The result is made common.CHUNK_ELEMENTS elements at a time (NF4: cut to whole blocks, through one
+    # scratch; int8: whole rows): a chunk smaller than a block or a row, one block past a row, and one larger
+    # than the weight.
+    monkeypatch.setattr(common, "CHUNK_ELEMENTS", chunk)
     for blocksize, nested in ((64, True), (256, False)):
         data = _random_nf4(33, 1024, blocksize, nested, seed=chunk)
-        _assert_bit_exact(data, torch.bfloat16)
-        _assert_bit_exact(data, torch.float16)
+        for dtype in DTYPES:
+            _assert_bit_exact(data, dtype)
+    g = torch.Generator().manual_seed(chunk)
+    data = Int8Data((33, 301), torch.randint(-128, 128, (33, 301), generator=g, dtype=torch.int8),
+                    torch.rand(33, generator=g) / 127)
+    for dtype in DTYPES:
+        _assert_bit_exact(data, dtype)
 
 
 @pytest.mark.parametrize("N,K", [(1, 1), (37, 301)])

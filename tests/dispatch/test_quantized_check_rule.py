@@ -77,7 +77,8 @@ def test_formats_of_one_shape_are_tuned_apart(tmp_path, monkeypatch):
         backends.calls.clear()
         got = lora_linear_quant(x, qw, None, a, b, 0.5, backend="auto")
         # NF4 blocks of 32: triton refuses them, dequant-once (timed faster) runs them
-        assert backends.calls[("quant_fwd", "dequant-once" if name == "nf4-32" else "triton")] == 1, (name, backends.calls)
+        want = "dequant-once" if name == "nf4-32" else "triton"
+        assert backends.calls[("quant_fwd", want)] == 1, (name, backends.calls)
         torch.testing.assert_close(got, lora_linear_quant(x, qw, None, a, b, 0.5, backend="torch"))
     keys = sorted(k for (_, k) in reg.choices if k.startswith("quant_fwd"))
     assert [k.split("base=")[1] for k in keys] == ["int8", "nf4-nested/32", "nf4-nested/64"], keys

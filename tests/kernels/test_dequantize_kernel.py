@@ -30,7 +30,8 @@ def reference(wq, dtype):
 def assert_bit_exact(got, want):
     assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
     differ = got.view(-1) != want.view(-1)
-    assert not bool(differ.any()), f"{int(differ.sum())} of {got.numel()} elements differ, first at {differ.nonzero()[0]}"
+    assert not bool(differ.any()), f"{int(differ.sum())} of {got.numel()} elements differ, first at " \
+                                   f"{differ.nonzero()[0]}"
 
 
 def _columns(blocksize: int) -> int:
