@@ -35,7 +35,7 @@ skip=" ${GPU_CHECK_SKIP:-} "
 shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14336 16; 8192 14336 4096 16}"
 read -r -a layer_args <<< "${LAYER_ARGS:-}"
 read -r -a finetune_args <<< "${FINETUNE_ARGS:-}"
-read -r -a test_files <<< "${TEST_FILES:-tests/kernels/test_lora_kernels.py tests/kernels/test_segment_kernels.py tests/kernels/test_quantized_kernels.py tests/kernels/test_quantized_kernels_aligned.py tests/dispatch/test_quantized_check_rule.py tests/kernels/test_quantized_segment_kernels.py tests/dispatch/test_selection.py tests/ops/test_lora_op.py tests/modules/test_layer.py}"
+read -r -a test_files <<< "${TEST_FILES:-tests/kernels/test_lora_kernels.py tests/kernels/test_segment_kernels.py tests/kernels/test_quantized_kernels.py tests/kernels/test_quantized_kernels_aligned.py tests/kernels/test_dequantize_kernel.py tests/dispatch/test_dequant_once_row.py tests/dispatch/test_quantized_check_rule.py tests/kernels/test_quantized_segment_kernels.py tests/dispatch/test_selection.py tests/ops/test_lora_op.py tests/modules/test_layer.py}"
 read -r -a hopper_test_files <<< "${HOPPER_TEST_FILES:-tests/kernels/test_hopper_kernels.py tests/dispatch/test_hopper_rows.py}"
 start=$SECONDS
 status=0
@@ -104,9 +104,15 @@ stage multi 90 200 multi_adapter.log "$py" benchmarks/bench_multi_adapter.py --g
 
 stage finetune 100 100 finetune.log "$py" benchmarks/bench_finetune.py "${finetune_args[@]}" --out "$out/finetune.csv"
 
-# A quantized (QLoRA) base: bytes per parameter, an NF4 / int8 LoRA layer at 8192x4096x4096 r=16 and a 1B
-# fine-tune step against the 16-bit base and peft + bitsandbytes (benchmarks/bench_quant.py; CSVs in $out/quant).
-stage quant 90 70 quant.log "$py" benchmarks/bench_quant.py --device cuda --out "$out/quant"
+# A quantized (QLoRA) base (benchmarks/bench_quant.py; CSVs in $out/quant): bytes per parameter; an NF4 / int8
+# LoRA layer at 8192x4096x4096 and 8192x4096x14336, r=16, bf16, with auto's choice and each row by name (in-loop
+# triton, dequant-once, chunked torch) beside the 16-bit base (issue 21's target: NF4 with auto's choice <= 1.15x
+# the 16-bit fused_lora layer at 8192x4096x4096) and peft + bitsandbytes (this machine has no bitsandbytes: its
+# row says "not run"); the whole-weight dequantization's candidates and share of the layer; then, apart, the 1B
+# fine-tune step.
+stage quant 150 70 quant.log "$py" benchmarks/bench_quant.py --device cuda --skip finetune --out "$out/quant"
+stage quant_finetune 60 70 quant_finetune.log "$py" benchmarks/bench_quant.py --device cuda --skip memory layer dequant \
+    --out "$out/quant"
 # The quantized-base kernels alone (NF4, int8) against the 16-bit base at 8192x4096x4096, r=16 (issue 12's target),
 # after a correctness line per format: Y and dX at that shape against the dequantized weight (exit 1 on a mismatch).
 stage quant_kernels 60 80 quant_kernels.log "$py" benchmarks/bench_quant_kernels.py --out "$out"

@@ -23,8 +23,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_variants(fns: dict[str, Callable[[], None]], device: str, reps: int = 10, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds of each callable."""
+def time_variants(fns: dict[str, Callable[[], None]], device: str, reps: int = 10, warmup: int = 2,
+                  rounds: dict | None = None) -> dict[str, float]:
+    """Median milliseconds of each callable. On CPU, `rounds` (a dict, when given) receives each callable's
+    times round by round, for ratios paired within a round (robust to a shared machine's load drifting)."""
     if device.startswith("cuda"):
         import triton.testing
         return {k: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") for k, fn in fns.items()}
@@ -41,6 +43,8 @@ def time_variants(fns: dict[str, Callable[[], None]], device: str, reps: int = 1
             t0 = time.perf_counter()
             fn()
             samples[k].append((time.perf_counter() - t0) * 1e3)
+    if rounds is not None:
+        rounds.update(samples)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 

@@ -12,9 +12,10 @@ Rules, in order:
    being captured: there the known winner runs, else torch.
 4. With dropout, backward runs what the forward's key chose: the rows draw different masks from
    one seed, and forward and backward must agree on the mask.
-5. A row with `check_against` (the Hopper-path rows, and the triton row's segment and
-   quantized-base kernels without dropout, whose kernels no GPU has run yet) is timed only after its output matched that row's
-   (torch; with dropout the triton row, whose mask it shares) on the key's inputs with random LoRA
+5. A row with `check_against` (the Hopper-path rows, the triton row's segment and quantized-base
+   kernels without dropout, and the dequant-once row, whose kernels no GPU has run yet) is timed only
+   after its output matched that row's (torch; for the Hopper rows with dropout the triton row, whose
+   mask they share) on the key's inputs with random LoRA
    weights (the ops' `probe`: a fresh adapter's B = 0 would hide every low-rank term); a row that
    does not match is recorded as failed and never chosen. Such a row read from the cache as a key's
    winner is checked the same way on the key's first call in each process before it runs (one probe);
@@ -22,6 +23,11 @@ Rules, in order:
    check can run (no inputs to probe, a CUDA graph being captured) the default runs. A backward
    with dropout that follows such a row (rule 4) is checked the same way on its first call per key
    and process; if it does not match, the reference row (same mask) runs it instead.
+
+6. With FUSED_LORA_NO_TRANSIENT_WEIGHT=1 (`table.no_transient_weight`), auto leaves out the rows that
+   allocate a transient 16-bit copy of a quantized weight (dequant-once), for a user who needs the memory:
+   a key whose known winner is such a row runs the fastest other row its timings name (checked as rule 5
+   says where it needs it), else the default. Asking for the row by name still runs it.
 
 Triton runs on CPU tensors only under TRITON_INTERPRET=1 (its interpreter), and only when asked
 for by name: that is how CI tests the real kernels without a GPU. The interpreter computes
@@ -34,6 +40,7 @@ what was chosen for which keys and the timings behind it.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import threading
@@ -47,7 +54,8 @@ from . import cache
 from .cache import Choice
 from .check import outputs_mismatch
 from .problem import Problem
-from .table import ENV_VAR, IMPLEMENTATIONS, BackendUnavailable, Implementation
+from .table import (ENV_VAR, IMPLEMENTATIONS, NO_TRANSIENT_WEIGHT_ENV_VAR, BackendUnavailable, Implementation,
+                    no_transient_weight)
 
 calls: Counter = Counter()  # (op name, backend) -> number of calls
 
@@ -138,8 +146,11 @@ class Registry:
         return choice
 
     def candidates(self, problem: Problem) -> list[Implementation]:
-        """The rows that can run `problem`, in table order."""
-        return [impl for impl in self.implementations if not impl.not_supported_reasons(problem)]
+        """The rows auto may choose for `problem`, in table order: those that can run it, less the rows
+        allocating a transient weight under FUSED_LORA_NO_TRANSIENT_WEIGHT (rule 6)."""
+        lean = no_transient_weight()
+        return [impl for impl in self.implementations
+                if not impl.not_supported_reasons(problem) and not (lean and impl.transient_weight)]
 
     def select(self, problem: Problem, requested: str = "auto",
                bench: Optional[Callable[[Any], Callable[[], Any]]] = None,
@@ -166,12 +177,12 @@ class Registry:
             can_run_now = bench is not None and min(problem.M, problem.N, problem.K) > 0 and timing_allowed()
             if problem.op.backward and problem.dropout:
                 twin = problem.forward_twin()
-                known = self.known(twin)
+                known = self._allowed(self.known(twin), by_name)
                 # A cached forward row not yet checked did not run the forward (the default did): follow that.
                 trusted = known is not None and known.winner in by_name and not self._unchecked(twin, known)
                 follows = by_name[known.winner] if trusted else default
                 return self._checked_follower(problem, follows, by_name, bench, probe)
-            known = self.known(problem)
+            known = self._allowed(self.known(problem), by_name)
             if known is not None and known.winner in by_name and self._unchecked(problem, known):
                 if not can_run_now:
                     return default  # cannot check it here: the deterministic default, as for an unknown key
@@ -182,6 +193,18 @@ class Registry:
                 return default  # nothing to time (or no timing allowed here): the deterministic default
             chosen = self._time(problem, candidates, bench, probe)
             return by_name[chosen.winner]
+
+    def _allowed(self, choice: Optional[Choice], by_name: dict) -> Optional[Choice]:
+        """`choice`, or where its winner is not among the rows auto may choose here (`by_name`: a row left out
+        by rule 6, or one that cannot run here), the same choice with the fastest of its timed rows that is
+        (ties: the earlier row); unchanged when none is (the default then runs). Nothing is timed, nor
+        stored: the key's entry keeps its winner for a process without the setting."""
+        if choice is None or choice.winner in by_name:
+            return choice
+        timed = [name for name in choice.ms if name in by_name]
+        if not timed:
+            return choice
+        return dataclasses.replace(choice, winner=min(timed, key=lambda n: (choice.ms[n], self.names.index(n))))
 
     def _unchecked(self, problem: Problem, choice: Choice) -> bool:
         """Whether `choice` was read from the cache and names a row that needs the check rule for this
@@ -347,6 +370,10 @@ class Registry:
                              f"{describe(device, dtype, 16, 'auto', self)}; " + "; ".join(cells))
         if os.environ.get(ENV_VAR):
             lines.append(f"  {ENV_VAR}={os.environ[ENV_VAR]} forces that backend everywhere")
+        if no_transient_weight():
+            lines.append(f"  {NO_TRANSIENT_WEIGHT_ENV_VAR}={os.environ[NO_TRANSIENT_WEIGHT_ENV_VAR]}: auto leaves out "
+                         + ", ".join(impl.name for impl in self.implementations if impl.transient_weight)
+                         + " (a transient 16-bit copy of a quantized weight)")
         directory = self._cache_directory or cache.cache_dir()
         lines.append(f"tuned choices (cache: {directory}):")
         shown = 0

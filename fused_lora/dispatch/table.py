@@ -5,6 +5,8 @@ cannot run a `Problem`, and which row checks it (in order of preference on ties)
     triton          fused_lora.kernels: the fused Triton kernels
     triton-tma      fused_lora.kernels.hopper.tma: the Hopper path (TMA + persistent forward and dX GEMMs)
     triton-onepass  fused_lora.kernels.hopper.one_pass: the single-pass forward (no shrink pass)
+    dequant-once    fused_lora.dispatch.dequant_once: a quantized base's W dequantized whole (one Triton launch on
+                    CUDA) into a transient buffer, then the torch row's GEMMs (torch_row.dequant_once)
 
 A row's module offers the ops it implements in one way: for each op of the row's `ops`, a function named
 `op.function` (forward, backward, multi_forward, forward_quant, dora_backward, ...: `core.op_kinds`), and
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Optional
@@ -24,10 +27,13 @@ import torch
 
 from ..core.interpreter import interpreting
 from ..core.limits import HOPPER_MAX_RANK, KERNEL_LAYOUTS, MAX_TRITON_MULTI_RANK, MAX_TRITON_RANK
-from ..core.op_kinds import ALL_OPS, BWD, FWD, GROUPED_OPS, Op
+from ..core.op_kinds import (ALL_OPS, BWD, FWD, GROUPED_OPS, QUANT_BWD, QUANT_FWD, QUANT_MULTI_BWD, QUANT_MULTI_FWD,
+                             Op)
+from . import dequant_once
 from .problem import Problem
 
 ENV_VAR = "FUSED_LORA_BACKEND"
+NO_TRANSIENT_WEIGHT_ENV_VAR = "FUSED_LORA_NO_TRANSIENT_WEIGHT"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HOPPER_DTYPES = (torch.float16, torch.bfloat16)
 HOPPER_OPS = frozenset({FWD, BWD})
@@ -146,6 +152,37 @@ def hopper_checked_against(p: Problem) -> str:
     return "triton" if p.dropout else "torch"
 
 
+QUANT_OPS = frozenset({QUANT_FWD, QUANT_BWD, QUANT_MULTI_FWD, QUANT_MULTI_BWD})
+DEQUANT_ONCE_OP_REFUSAL = ("the dequant-once row runs the ops over a quantized base (quant_fwd, quant_bwd, "
+                           "quant_multi_fwd, quant_multi_bwd)")
+
+
+def dequant_once_reasons(p: Problem) -> list[str]:
+    """Why the dequant-once row cannot run `p`: on CUDA its one-launch dequantization needs Triton and writes
+    float16, bfloat16 or float32 (elsewhere it dequantizes with PyTorch, in any dtype)."""
+    if p.device.type != "cuda":
+        return []
+    reasons = [] if triton_installed() else ["triton is not installed (the dequantization on CUDA is a Triton kernel)"]
+    if p.dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {p.dtype} is not one of float16, bfloat16, float32 (what the dequantization on CUDA "
+                       "writes; the torch row runs it)")
+    return reasons
+
+
+def dequant_once_checked_against(p: Problem) -> str:
+    """The dequant-once row's output is checked against the torch row's before auto times it: no GPU has run
+    its Triton dequantization yet. The two draw the same dropout mask (torch_row's), so every key, dropout or
+    not, backward or forward, can be checked (the quantized ops' probes turn the dropout off anyway)."""
+    return "torch"
+
+
+def no_transient_weight() -> bool:
+    """Whether FUSED_LORA_NO_TRANSIENT_WEIGHT is set (to anything but "" or "0"): auto then leaves out the rows
+    that allocate a transient 16-bit copy of a quantized weight (`Implementation.transient_weight`); a row
+    asked for by name still runs."""
+    return os.environ.get(NO_TRANSIENT_WEIGHT_ENV_VAR, "") not in ("", "0")
+
+
 @dataclass(frozen=True)
 class Implementation:
     """One row of the table: a name, what it is, the module holding its code (imported on first use: no
@@ -161,6 +198,8 @@ class Implementation:
     check_against: Optional[Callable[[Problem], Optional[str]]] = None
     ops: frozenset = frozenset(ALL_OPS)
     op_refusal: str = ""  # what to say of an op outside `ops` (default: that the row does not implement it)
+    transient_weight: bool = False  # allocates a 16-bit copy of a quantized weight per call (auto leaves it out
+    # under FUSED_LORA_NO_TRANSIENT_WEIGHT: `no_transient_weight`)
 
     def not_supported_reasons(self, problem: Problem) -> list[str]:
         reasons = list(self.reasons(problem))
@@ -180,6 +219,10 @@ class Implementation:
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("torch", "PyTorch ops (cuBLAS GEMMs onto the rank-r term on a GPU); runs anywhere torch runs",
                    "fused_lora.torch_row"),
+    Implementation("dequant-once", "quantized base: W dequantized whole (one Triton launch on CUDA) into a transient "
+                   "buffer of the compute dtype, then the torch row's GEMMs; its peak memory grows by the largest "
+                   "layer's W", dequant_once.module, dequant_once_reasons, dequant_once_checked_against, QUANT_OPS,
+                   DEQUANT_ONCE_OP_REFUSAL, transient_weight=True),
     Implementation("triton", "the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
                    "fused_lora.kernels", reasons=triton_reasons, check_against=segment_kernels_checked_against,
                    ops=TRITON_OPS, op_refusal=TRITON_OP_REFUSAL),

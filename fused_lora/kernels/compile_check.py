@@ -6,7 +6,9 @@ rank (BLOCK_R) x flag combination that changes the code (HAS_DROPOUT, HAS_BIAS, 
 HAS_DX/HAS_DA) x autotuning config the launchers may pick. The segment kernels of mixed batches
 (kernels/segments/) add their own: bf16/fp16 x the two multi ranks x flags, one config each; the
 quantized-base GEMMs (kernels/quantized/) have no rank variants but QUANT/NESTED (nf4, nested nf4,
-int8) x HAS_BIAS or LOW_RANK_IN_DX; the Hopper path (TMA, single pass) sm_90 16-bit only.
+int8) x HAS_BIAS or LOW_RANK_IN_DX; the one-launch dequantization (kernels/quantized/dequantize.py) its
+formats and layouts x output dtype x tile, compiled without floating-point contraction as its launcher
+runs it; the Hopper path (TMA, single pass) sm_90 16-bit only.
 Each is compiled the way the JIT specializes it for contiguous inputs with sizes divisible by 16 (unit strides constant, the rest
 16-divisible: the case that pipelines fully and uses the most shared memory), then Triton's own
 ptxas is run with -v on its PTX, with the flags Triton's make_cubin uses, and its report parsed:
@@ -48,6 +50,7 @@ from .hopper.forward_one_pass import lora_forward_one_pass_kernel
 from .hopper.forward_tma import descriptor_blocks as forward_tma_blocks
 from .hopper.forward_tma import lora_forward_tma_kernel
 from .lora.launchers import KERNELS as POINTER_KERNELS
+from .quantized.dequantize import dequantize_kernel
 from .quantized.quant_backward import quant_dx_kernel
 from .quantized.quant_forward import quant_forward_kernel
 from .reduce import BLOCK, sum_partials_kernel
@@ -130,6 +133,18 @@ _QUANT_POINTERS = {"code_ptr": "*fp32", "absmax_ptr": "*fp32", "qabsmax_ptr": "*
                    "absmax2_ptr": "*fp32"}
 
 
+# The one-launch dequantization (the dequant-once row on CUDA): each format and layout the launcher runs (NF4
+# nested or not, aligned or general; int8) in each output dtype, with each tile it may pick
+# (configs.dequant_configs: the narrow one for aligned NF4 blocks of 32).
+FLAGS["dequantize"] = [dict(QUANT="nf4", NESTED=nested, ALIGNED=aligned) for nested in (False, True)
+                       for aligned in (True, False)] + [dict(QUANT="int8", NESTED=False, ALIGNED=False)]
+_UNIT_STRIDES["dequantize"] = {"stride_ok"}
+
+
+def _dequant_configs(flags: dict) -> list:
+    return configs.dequant_configs(flags["QUANT"] == "nf4" and flags["ALIGNED"])
+
+
 def _quant_kernel(name: str):
     return {"quant_forward": quant_forward_kernel, "quant_dx": quant_dx_kernel}[name]
 
@@ -190,6 +205,10 @@ def variants(archs=ARCHS, dtypes=DTYPES) -> list:
             for flags in FLAGS[kernel]:
                 n = len(configs.quant_candidates(kernel, arch, _ELT[dtype]))
                 out.extend(Variant(kernel, arch, dtype, 0, tuple(flags.items()), i) for i in range(n))
+        for kernel in configs.DEQUANT_KERNELS:
+            for flags in FLAGS[kernel]:
+                out.extend(Variant(kernel, arch, dtype, 0, tuple(flags.items()), i)
+                           for i in range(len(_dequant_configs(flags))))
     return out + hopper_variants(archs, dtypes)
 
 
@@ -209,6 +228,10 @@ def _source(v: Variant):
         fn = MULTI[v.kernel]
         cfg = configs.multi_config(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))
         constexprs = dict(cfg.kwargs, BLOCK_R=v.block_r, **dict(v.flags))
+    elif v.kernel in configs.DEQUANT_KERNELS:
+        fn = dequantize_kernel
+        cfg = _dequant_configs(dict(v.flags))[v.config]
+        constexprs = dict(cfg.kwargs, **dict(v.flags))
     elif v.kernel in configs.QUANT_KERNELS:
         fn = _quant_kernel(v.kernel)
         cfg = configs.quant_candidates(v.kernel, v.arch, _ELT[v.dtype])[v.config]
@@ -359,8 +382,10 @@ def compile_variant(v: Variant) -> Result:
     src, cfg = _source(v)
     result = Result(v, config=_config_name(cfg))
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", v.arch, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        if v.kernel in configs.DEQUANT_KERNELS:
+            options["enable_fp_fusion"] = False  # as its launcher runs it (exact nested absmax)
+        compiled = triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=options)
         result.shared = compiled.metadata.shared
         for name, value in ptxas_report(v.arch, compiled.asm["ptx"],
                                                getattr(compiled.metadata, "enable_fp_fusion", True)).items():
@@ -372,7 +397,7 @@ def compile_variant(v: Variant) -> Result:
 
 def _config_name(cfg) -> str:
     k = cfg.kwargs
-    tile = "x".join(str(k[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in k)
+    tile = "x".join(str(k[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in k)  # dequantize: rows x columns
     return f"{tile or '-'} w{cfg.num_warps} s{cfg.num_stages}"
 
 

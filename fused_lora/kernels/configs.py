@@ -256,3 +256,20 @@ def quant_candidates(kernel_name: str, arch: int, elt: int) -> list:
         # 256 x 128 spilled (sm_90, 3.9) in the transposed kernel; not re-tried since dX = dY W.
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     return keep_fitting(configs, quant_smem_estimate, 0, elt, arch, regs)[:1]
+
+
+# The one-launch dequantization of a whole quantized weight (kernels/quantized/dequantize.py): no loop and no
+# dot, a copy bound by memory (0.5 byte read and 2 written per NF4 element in 16 bits). A tile of 32 rows x
+# 256 columns (8 KB written in 16 bits, 64 elements a thread at 4 warps); for NF4 blocks of 32 elements a
+# tile of 128 rows x 32 columns, each row's run one block (the aligned tile loader's rule: a run of
+# min(BLOCK_K, 64) columns lies in one block). The same configs under the interpreter.
+DEQUANT_KERNELS = ("dequantize",)
+DEQUANT_WIDE = triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4, num_stages=1)
+DEQUANT_NARROW = triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+DEQUANT_NARROW_BLOCKSIZE = 32  # NF4 blocks this small take DEQUANT_NARROW (aligned weights only)
+
+
+def dequant_configs(aligned_nf4: bool) -> list:
+    """The configs the one-launch dequantization may run with: DEQUANT_WIDE for every weight, and for NF4
+    whose rows are whole blocks DEQUANT_NARROW too (taken for blocks of DEQUANT_NARROW_BLOCKSIZE)."""
+    return [DEQUANT_WIDE, DEQUANT_NARROW] if aligned_nf4 else [DEQUANT_WIDE]

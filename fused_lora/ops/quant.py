@@ -1,7 +1,7 @@
 """The LoRA op over a frozen quantized base: `lora_linear_quant` (and `lora_linear_quant_multi`, several
 adapters in one batch), chosen through the one implementation table (`ops.kit`).
 
-    Y = x W^T + b + s ((D x) A^T) B^T,   W = dequantize(packed)  (never materialised whole)
+    Y = x W^T + b + s ((D x) A^T) B^T,   W = dequantize(packed)  (whole only on the dequant-once row, for one call)
 
 The rows implement ops quant_fwd / quant_bwd as
     forward_quant(x, data, bias, lora_A, lora_B, scaling, dropout_p, seed: int) -> (Y, H)
@@ -11,9 +11,11 @@ where `data` is the `fused_lora.core.formats` layout (NF4Data / Int8Data, on x's
 contiguous or not, dy contiguous, H = (D x) A^T (M x r) as the same row's forward returned it, and the
 dropout mask D is the row's own (`keep_mask`), drawn from `seed`: the torch row in `torch_row.quant` (W
 dequantized in row chunks), the triton row in the kernels' quantized family (dequantized inside the
-GEMMs' K loop). What the launchers may rely on (checked by `core.formats.check_data` when the container
-is built): the format's layout whole (see `core.formats.nf4` / `.int8`), every NF4 row a whole number of
-blocks, all on x's device; x's dtype is the compute dtype.
+GEMMs' K loop), the dequant-once row in `dispatch.dequant_once` (W dequantized whole into a transient
+buffer, then `torch_row.dense`'s GEMMs; its mask is the torch row's). What the launchers may rely on
+(checked by `core.formats.check_data` when the container is built): the format's layout whole (see
+`core.formats.nf4` / `.int8`), every NF4 row a whole number of blocks, all on x's device; x's dtype is the
+compute dtype.
 
 `quant_linear(x, qweight, bias)` is the base alone (a QuantizedLinear that is not adapted, or a disabled
 adapter): custom ops fused_lora::quant_linear_fwd / _bwd (torch row), so backward dequantizes W again
@@ -415,11 +417,12 @@ def lora_linear_quant_multi(
     seed: Optional[Tensor] = None, backend: str = "auto",
 ) -> Tensor:
     """`ops.lora_linear_multi` over a frozen quantized base: y[m] = x[m] W^T + b + s_a B_a A_a (D_a x[m]),
-    a = row_adapter[m] (-1: no adapter), W = dequantize(qweight), never materialised whole. Same arguments,
+    a = row_adapter[m] (-1: no adapter), W = dequantize(qweight) (whole only on the dequant-once row). Same arguments,
     checks and dropout rule as lora_linear_multi: adapter a's mask is the running backend's keep_mask of
     `core.dropout.adapter_seed(seed, a)` over its rows (the torch and Triton rows draw different masks from one
     seed). Differentiable in x, bias and every A_a, B_a, never in W (double backward is refused). Backends:
-    the table's ops "quant_multi_fwd" / "quant_multi_bwd" ("torch", "triton" where it can run, "auto").
+    the table's ops "quant_multi_fwd" / "quant_multi_bwd" ("torch", "dequant-once", "triton" where it can run,
+    "auto").
     Under torch.compile the custom op fused_lora::lora_linear_quant_multi_fwd is traced (fullgraph works)."""
     data = layout_of(qweight, "lora_linear_quant_multi")
     N, K = qweight.shape

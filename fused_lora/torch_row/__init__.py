@@ -5,6 +5,8 @@ math the kernels are checked against.
     dense.py   one adapter over a 16-bit base          multi.py   several adapters in one batch
     quant.py   over a quantized base (row chunks)      dora.py    the DoRA op
     grouped.py expert weights: rows sorted by group, a loop over the groups hit
+    dequant_once.py  over a quantized base, W dequantized whole by a given dequantizer, then dense.py's /
+               multi.py's code: the dequant-once row's computation (composed in fused_lora.dispatch.dequant_once)
 
 The row's interface, as every implementation row's: a function per op, named `op.function`
 (`core.op_kinds`), and `keep_mask`.

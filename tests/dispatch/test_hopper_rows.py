@@ -22,7 +22,8 @@ def no_env_override(monkeypatch):
 
 def test_table_lists_the_hopper_rows_after_the_pointer_kernels():
     names = [impl.name for impl in backends.IMPLEMENTATIONS]
-    assert names[:2] == ["torch", "triton"] and {"triton-tma", "triton-onepass"} <= set(names)
+    # torch first (auto's untimed default); dequant-once (quantized ops only) may sit between torch and triton
+    assert names[0] == "torch" and "triton" in names and {"triton-tma", "triton-onepass"} <= set(names)
     assert names.index("triton-tma") > names.index("triton") and names.index("triton-onepass") > names.index("triton")
     assert set(backends.BACKENDS) == set(names)
     assert "triton-tma" in backends.report() and "triton-onepass" in backends.report()

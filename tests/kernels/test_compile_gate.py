@@ -29,7 +29,7 @@ def test_every_variant_compiles_clean():
     from fused_lora.kernels import compile_check, configs
     results = compile_check.run_all(workers=2)
     seen = {(r.variant.kernel, r.variant.arch, r.variant.dtype) for r in results}
-    want = {(k, a, d) for k in configs.KERNELS + configs.QUANT_KERNELS + ("reduce",)
+    want = {(k, a, d) for k in configs.KERNELS + configs.QUANT_KERNELS + configs.DEQUANT_KERNELS + ("reduce",)
             for a in compile_check.ARCHS for d in compile_check.DTYPES}
     want |= {(k, a, d) for k in configs.MULTI_KERNELS + ("multi_sum",) for a in compile_check.ARCHS
              for d in compile_check.MULTI_DTYPES}  # the segment kernels: 16-bit only

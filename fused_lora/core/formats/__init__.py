@@ -10,6 +10,8 @@ A format module (nf4.py, int8.py) is plain torch, and offers:
     check(data, what, same_device)        the packed layout holds together (QuantizationError)
     value_problem(data, compute_dtype)    why it would dequantize to NaN or inf, or None
     dequantize_rows(data, start, stop)    rows in fp32, bit for bit the reference, fewer temporaries
+    dequantize(data, dtype)               the whole weight in dtype, bit for bit dequantize_rows(data, 0, N)
+                                          .to(dtype), the fastest way measured on a CPU
     layout_name(data) -> (str, int)       what the backend table keys and refuses on
     op_args(data) / from_op_args(...)     the layout as a custom op's arguments, and back
     attributes, buffers, layout, settle, describe, is_nested
@@ -86,6 +88,13 @@ def check_values(data: QuantData, compute_dtype: torch.dtype = torch.float32, wh
 def dequantize_rows(data: QuantData, start: int, stop: int) -> torch.Tensor:
     """Rows start..stop-1 of W in fp32, bit for bit the layout's reference `dequantize_rows`."""
     return format_of(data).dequantize_rows(data, start, stop)
+
+
+def dequantize(data: QuantData, dtype: torch.dtype) -> torch.Tensor:
+    """The whole N x K weight in `dtype` (a fresh tensor), bit for bit `dequantize_rows(data, 0, N).to(dtype)`:
+    the dequant-once row's dequantization off CUDA, the fastest exact way measured on a CPU
+    (benchmarks/RESULTS.md, "the dequant-once row")."""
+    return format_of(data).dequantize(data, dtype)
 
 
 def layout_name(data) -> tuple[str, int]:

@@ -107,6 +107,17 @@ def dequantize_rows(data: Int8Data, start: int, stop: int) -> Tensor:
     return data.qweight[start:stop].float().mul_(data.scale[start:stop, None].float())
 
 
+def dequantize(data: Int8Data, dtype: torch.dtype) -> Tensor:
+    """The whole weight in `dtype`, bit for bit `dequantize_rows(data, 0, N).to(dtype)`: each code times its row's
+    scale computed in fp32 (the int8 codes are exact there) and rounded once as it is stored in `dtype`, in row
+    chunks of at most `common.CHUNK_ELEMENTS` (the int8-to-fp32 conversion's temporaries stay bounded)."""
+    out = torch.empty(data.shape, dtype=dtype, device=data.qweight.device)
+    scale = data.scale.float()[:, None]
+    for start, stop in row_chunks(*data.shape):
+        torch.mul(data.qweight[start:stop], scale[start:stop], out=out[start:stop])
+    return out
+
+
 def layout_name(data: Int8Data) -> tuple[str, int]:
     return NAME, 0
 

@@ -24,6 +24,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
+from . import common
 from .common import QuantizationError, blockwise, check_float_weight, dtype_name, nonfinite, row_chunks
 
 NAME = "nf4"
@@ -221,6 +222,33 @@ def dequantize_rows(data: NF4Data, start: int, stop: int) -> Tensor:
     per_row = K // data.blocksize
     values.mul_(data.block_absmax(start * per_row, stop * per_row)[:, None])
     return values.view(stop - start, K)
+
+
+def dequantize(data: NF4Data, dtype: torch.dtype) -> Tensor:
+    """The whole weight in `dtype`, bit for bit `dequantize_rows(data, 0, N).to(dtype)`, in the eager way measured
+    fastest on a shared CPU (benchmarks/RESULTS.md, issue 21): `common.CHUNK_ELEMENTS` elements at a time, each
+    byte's two levels one 8-byte lookup (a 256-entry table of level pairs read as int64: copied, never computed
+    on) into one fp32 scratch reused chunk after chunk (memory already touched), then each block scaled by its
+    absmax in fp32 and rounded once as it is stored in `dtype` (one pass over the result, the only fresh memory).
+    Few, large ops: on a loaded machine each op's thread synchronisation costs more than a pass over memory."""
+    N, K = data.shape
+    device = data.packed.device
+    code = data.code.float()
+    byte = torch.arange(256, device=device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 15]], dim=1).view(torch.int64).view(256)
+    packed = data.packed.reshape(-1)
+    bs = data.blocksize
+    absmax = data.block_absmax(0, N * K // bs)[:, None]
+    out = torch.empty(N, K, dtype=dtype, device=device)
+    flat = out.view(-1)
+    step = max(bs, common.CHUNK_ELEMENTS - common.CHUNK_ELEMENTS % bs)  # whole blocks
+    scratch = torch.empty(min(step, N * K), dtype=torch.float32, device=device)
+    for lo in range(0, N * K, step):
+        hi = min(N * K, lo + step)
+        levels = scratch[:hi - lo]
+        torch.index_select(pairs, 0, packed[lo // 2: hi // 2].int(), out=levels.view(torch.int64))
+        torch.mul(levels.view(-1, bs), absmax[lo // bs: hi // bs], out=flat[lo:hi].view(-1, bs))
+    return out
 
 
 def layout_name(data: NF4Data) -> tuple[str, int]:

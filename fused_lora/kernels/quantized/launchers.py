@@ -37,6 +37,9 @@ added (the 16-bit kernels keep it in fp32): within the tests' tolerance rule.
 
 Launches: forward 2 (shrink, quantized GEMM); backward 3 to 5 (dY pass, G sum, [dA partials /
 D (G A)], [quantized dX GEMM], [dA + dB sum]).
+
+    dequantize(wq, dtype) -> W, the whole N x K weight in dtype, in one launch (`dequantize.dequantize_kernel`,
+        the same tile loaders): what the dequant-once row multiplies by with the vendor GEMMs
 """
 from __future__ import annotations
 
@@ -54,12 +57,13 @@ from .. import configs
 from ..dropout import keep_threshold
 from ..launch import arch_of, block_r, m_bucket, row_blocks, row_blocks_used, tiles_grid
 from ..lora.launchers import dy_pass, launcher, shrink, sum_lora_grads
+from .dequantize import dequantize_kernel
 from .quant_backward import quant_dx_kernel
 from .quant_forward import quant_forward_kernel
 from .quant_tiles import MIN_BLOCKSIZE, pair_table
 
 __all__ = ["forward_quant", "backward_quant", "check_quant_weight", "aligned_nf4", "MIN_BLOCKSIZE", "KernelFormat",
-           "FORMATS", "kernel_format"]
+           "FORMATS", "kernel_format", "dequantize", "DEQUANT_DTYPES"]
 
 _KERNELS = {  # name -> (jit function, autotuning key: every argument that changes the code or the work)
     "quant_forward": (quant_forward_kernel, ["M_BUCKET", "N", "K", "HAS_BIAS", "QUANT", "NESTED", "ALIGNED"]),
@@ -93,11 +97,11 @@ def _power_of_two(n) -> bool:
     return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
 
 
-def _check_nf4(wq, N: int, K: int, dev) -> None:
+def _check_nf4(wq, N: int, K: int, dev, min_blocksize: int = MIN_BLOCKSIZE) -> None:
     if (N * K) % 2:
         _fail(f"N * K = {N * K} is odd: NF4 packs two elements per byte")
-    if wq.blocksize < MIN_BLOCKSIZE or not _power_of_two(wq.blocksize):
-        _fail(f"blocksize {wq.blocksize}: the kernels take powers of two from {MIN_BLOCKSIZE} (as bitsandbytes writes)")
+    if wq.blocksize < min_blocksize or not _power_of_two(wq.blocksize):
+        _fail(f"blocksize {wq.blocksize}: the kernels take powers of two from {min_blocksize} (as bitsandbytes writes)")
     _expect(wq.packed, "packed", torch.uint8, N * K // 2, dev)
     _expect(wq.code, "code", torch.float32, 16, dev)
     n_blocks = triton.cdiv(N * K, wq.blocksize)
@@ -111,7 +115,7 @@ def _check_nf4(wq, N: int, K: int, dev) -> None:
         _expect(wq.absmax, "absmax", torch.float32, n_blocks, dev)
 
 
-def _check_int8(wq, N: int, K: int, dev) -> None:
+def _check_int8(wq, N: int, K: int, dev, min_blocksize: int = MIN_BLOCKSIZE) -> None:
     _expect(wq.qweight, "qweight", torch.int8, N * K, dev)
     _expect(wq.scale, "scale", torch.float32, N, dev)
 
@@ -153,7 +157,9 @@ class KernelFormat:
     """What the quantized GEMMs need of one format of `core.formats` (its tiles: `quant_tiles.dequant_tile`
     under QUANT = the format's name):
 
-    check(wq, N, K, device)  the layout invariants the kernels rely on (ValueError naming the field)
+    check(wq, N, K, device, min_blocksize=MIN_BLOCKSIZE)
+                             the layout invariants the kernels rely on (ValueError naming the field);
+                             NF4 blocks of `min_blocksize` elements and more
     weight_args(wq)          (pointers q, code, absmax, qabsmax, code2, absmax2), (K // 2, K % 2, log2
                              blocksize, log2 blocksize2, n_blocks, offset), the constexprs (QUANT, NESTED,
                              ALIGNED). Pointers a format does not read get a stand-in of the type the gate
@@ -261,3 +267,31 @@ def _lora_grads(dy, x, wq, lora_A, lora_B, h, scaling, dropout_p, seed, need_dx,
         return dx, None, None
     # 4. dA and dB summed in a fixed order, written in the parameters' dtypes.
     return (dx,) + sum_lora_grads(da_ws[:da_slots], db_ws[:db_slots], lora_A, lora_B)
+
+
+DEQUANT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dequantize(wq, dtype: torch.dtype) -> torch.Tensor:
+    """The whole N x K weight in `dtype` (float16, bfloat16 or float32), in one launch on wq's device: the fp32
+    product of each element rounded once to `dtype`, bit for bit `core.formats.dequantize_rows(wq, 0, N)
+    .to(dtype)` and bitsandbytes' dequantize_4bit. NF4 blocks of 32 elements are taken when rows are whole
+    blocks (every weight the container holds), else blocks of MIN_BLOCKSIZE and more. A fresh, contiguous
+    tensor (the caller's transient buffer). ValueError naming what the kernel cannot take."""
+    fmt = kernel_format(wq)
+    N, K = wq.shape
+    aligned = aligned_nf4(wq)
+    device = getattr(wq, core_formats.format_of(wq).CODES).device
+    min_blocksize = configs.DEQUANT_NARROW_BLOCKSIZE if aligned else MIN_BLOCKSIZE
+    fmt.check(wq, N, K, device, min_blocksize=min_blocksize)
+    if dtype not in DEQUANT_DTYPES:
+        _fail(f"dtype {dtype}: the dequantization writes float16, bfloat16 or float32")
+    out = torch.empty((N, K), dtype=dtype, device=device)
+    ptrs, sizes, flags = _weight_args(wq)
+    narrow = aligned and wq.blocksize < MIN_BLOCKSIZE
+    cfg = configs.DEQUANT_NARROW if narrow else configs.DEQUANT_WIDE
+    block_n, block_k = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    dequantize_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+        *ptrs, out, *out.stride(), N, K, *sizes, **flags, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+    return out
