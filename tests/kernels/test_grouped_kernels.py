@@ -62,6 +62,9 @@ CASES = {  # group sizes, K, N, r, transposed, bias, dropout p
     "nine_experts": ([4, 0, 9, 1, 0, 33, 2, 0, 6], 21, 35, 64, True, False, 0.1),
     "ends": ([12, 0, 0, 0, 1], 8, 3, 2, True, True, 0.0),
 }
+if CUDA:  # the GPU's own tiles (128 rows and more): several full tiles per expert, in both layouts
+    CASES.update(gpu_normal=([300, 0, 700, 24, 0, 0, 129, 1], 520, 300, 16, False, True, 0.1),
+                 gpu_transposed=([0, 1000, 1, 0], 264, 392, 40, True, False, 0.0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -229,3 +232,19 @@ def test_refusals_name_the_reason():
     with pytest.raises(dispatch.BackendUnavailable, match="dtype torch.float64 is not one of"):
         lora_linear_grouped(x.double(), gs, w.double(), b.double(), a[:, :4].double(), bb[..., :4].double(), 1.0,
                             backend="triton")
+
+
+def test_double_backward_uses_the_triton_mask():
+    """create_graph=True recomputes the forward with differentiable ops and the mask of the row that ran it (the
+    Triton row's), so the first-order gradients equal the kernels' ones, dropout on."""
+    x, gs, w, b, a, bb = inputs([5, 0, 11, 3], 16, 12, 3, torch.float32 if not CUDA else torch.float16)
+    dy = torch.randn(19, 12, generator=torch.Generator().manual_seed(8)).to(DEVICE, x.dtype)
+    y = lora_linear_grouped(x, gs, w, b, a, bb, 0.5, 0.4, 5, backend="triton")
+    tensors = [x, w, b, a, bb]
+    plain = torch.autograd.grad(y, tensors, dy, retain_graph=True)
+    before = dispatch.calls[("grouped_bwd_differentiable", "triton")]
+    with_graph = torch.autograd.grad(y, tensors, dy, create_graph=True)
+    assert dispatch.calls[("grouped_bwd_differentiable", "triton")] == before + 1
+    tol = dict(atol=1e-5, rtol=1e-5) if not CUDA else dict(atol=2e-2, rtol=1e-2)
+    for g1, g2 in zip(plain, with_graph):
+        torch.testing.assert_close(g1, g2.detach(), **tol)

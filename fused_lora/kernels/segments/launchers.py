@@ -137,7 +137,9 @@ class SegmentBatch:
     """What every launch of one call shares: the factors stacked per segment, A (n, R, K) and B (n, N, R)
     (R the packed width), the per-segment tables (ints int64 (n, 3): rank, dropout threshold, dropout seed;
     floats fp32 (n, 2): scaling, 1 / (1 - p)), the layout's rows in sorted order and its tile tables.
-    `of_adapters` builds it for a mixed batch, `kernels.grouped` for an expert stack."""
+    `of_adapters` builds it for a mixed batch, `kernels.grouped` for an expert stack: a layout with no base rows
+    given by `counts` (int64 (n + 1,) on the device, base first and 0: the tile table is built from them, and
+    each row's dropout index is its row in the batch, one mask over the whole batch)."""
 
     def __init__(self, x, segs, a_stack, b_stack, rw: int, ints: list, floats: list, dropout: bool,
                  counts: Optional[torch.Tensor] = None):
@@ -152,7 +154,8 @@ class SegmentBatch:
         self.ints = to_device(torch.tensor(ints or [(0, 0, 0)], dtype=torch.int64), x.device)
         self.floats = to_device(torch.tensor(floats or [(0.0, 1.0)], dtype=torch.float32), x.device)
         self.order = segs.order.to(torch.int32)  # int32 row indices: fewer registers in the GEMM loops
-        self.counts = counts  # the segments' row counts on the device (base first), or None: from row_adapter
+        self.counts = counts  # None: the tile table from segs.row_adapter (a mixed batch, base rows allowed)
+        self.has_base_rows = counts is None
         self._tiles = {}
 
     @staticmethod
@@ -289,7 +292,8 @@ def segment_lora_backward(batch: SegmentBatch, dy, base: BaseWeight, h, need_dx:
         cfg = batch.config("multi_dy")
         tiles, _, n_lora, db_bounds = batch.tiles(cfg.kwargs["BLOCK_M"])
         chunk = dy_chunk(M, N)
-        g_ws = torch.zeros((triton.cdiv(N, chunk), M, rw), **f32)
+        # (With no base rows, the grouped op's layout, every row of every slot is written: no zero fill.)
+        g_ws = (torch.zeros if batch.has_base_rows else torch.empty)((triton.cdiv(N, chunk), M, rw), **f32)
         db_ws = torch.empty((n_lora, N, rw), **f32)
         multi_dy_kernel[(n_lora, triton.cdiv(N, chunk))](
             dy, batch.b_stack, h, g_ws, db_ws, batch.order, tiles, batch.ints, batch.floats,
