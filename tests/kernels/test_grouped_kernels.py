@@ -248,3 +248,18 @@ def test_double_backward_uses_the_triton_mask():
     tol = dict(atol=1e-5, rtol=1e-5) if not CUDA else dict(atol=2e-2, rtol=1e-2)
     for g1, g2 in zip(plain, with_graph):
         torch.testing.assert_close(g1, g2.detach(), **tol)
+
+
+def test_weight_and_factors_read_through_strides():
+    """A non-contiguous expert stack (an (E, N, K) view of (E, K, N) storage) and B as peft's ParamWrapper holds
+    it (an (N, E * r) matrix seen as (E, N, r): a permuted view) give what their contiguous copies give: the
+    kernels read both through their strides."""
+    dtype = torch.float16 if CUDA else torch.float32
+    x, gs, w, b, a, bb = (t.detach() for t in inputs([6, 0, 9, 4], 20, 14, 3, dtype))
+    w_view = w.transpose(1, 2).contiguous().transpose(1, 2)
+    b_view = bb.permute(1, 0, 2).reshape(14, 4 * 3).view(14, 4, 3).permute(1, 0, 2)
+    assert not w_view.is_contiguous() and not b_view.is_contiguous() and torch.equal(b_view, bb)
+    want = lora_linear_grouped(x, gs, w, b, a, bb, 0.5, backend="triton")
+    got = lora_linear_grouped(x, gs, w_view, b, a, b_view, 0.5, backend="triton")
+    tol = dict(atol=1e-5, rtol=1e-5) if not CUDA else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(got, want, **tol)
