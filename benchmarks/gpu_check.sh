@@ -35,7 +35,7 @@ skip=" ${GPU_CHECK_SKIP:-} "
 shapes="${LAYER_SHAPES:-8192 4096 4096 16 64; 2048 4096 4096 16 64; 8192 4096 14336 16; 8192 14336 4096 16}"
 read -r -a layer_args <<< "${LAYER_ARGS:-}"
 read -r -a finetune_args <<< "${FINETUNE_ARGS:-}"
-read -r -a test_files <<< "${TEST_FILES:-tests/kernels/test_lora_kernels.py tests/kernels/test_segment_kernels.py tests/kernels/test_quantized_kernels.py tests/kernels/test_quantized_kernels_aligned.py tests/kernels/test_dequantize_kernel.py tests/dispatch/test_dequant_once_row.py tests/dispatch/test_quantized_check_rule.py tests/kernels/test_quantized_segment_kernels.py tests/dispatch/test_selection.py tests/ops/test_lora_op.py tests/modules/test_layer.py}"
+read -r -a test_files <<< "${TEST_FILES:-tests/kernels/test_lora_kernels.py tests/kernels/test_segment_kernels.py tests/kernels/test_quantized_kernels.py tests/kernels/test_quantized_kernels_aligned.py tests/kernels/test_dequantize_kernel.py tests/dispatch/test_dequant_once_row.py tests/dispatch/test_quantized_check_rule.py tests/kernels/test_quantized_segment_kernels.py tests/dispatch/test_selection.py tests/ops/test_lora_op.py tests/modules/test_layer.py tests/kernels/test_grouped_kernels.py tests/dispatch/test_grouped_dispatch.py}"
 read -r -a hopper_test_files <<< "${HOPPER_TEST_FILES:-tests/kernels/test_hopper_kernels.py tests/dispatch/test_hopper_rows.py}"
 start=$SECONDS
 status=0
@@ -71,8 +71,9 @@ stage() {
 stage info 30 0 info.log "$py" -m fused_lora info
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true; } | tee -a "$out/info.log"
 
+# (180 s: the grouped kernels' tests, expert weights, compile their own variants: their kernels have run on no GPU.)
 FUSED_LORA_CACHE_DIR="$out/test_backend_cache" \
-    stage tests 120 300 gpu_tests.log "$py" -m pytest -q -p no:cacheprovider --durations=10 "${test_files[@]}"
+    stage tests 180 300 gpu_tests.log "$py" -m pytest -q -p no:cacheprovider --durations=10 "${test_files[@]}"
 
 # Off sm_90 these tests skip at once (the rows refuse the GPU); on it they compile ~40 variants.
 FUSED_LORA_CACHE_DIR="$out/test_backend_cache" \

@@ -27,7 +27,7 @@ import torch
 
 from ..core.interpreter import interpreting
 from ..core.limits import HOPPER_MAX_RANK, KERNEL_LAYOUTS, MAX_TRITON_MULTI_RANK, MAX_TRITON_RANK
-from ..core.op_kinds import (ALL_OPS, BWD, FWD, GROUPED_OPS, QUANT_BWD, QUANT_FWD, QUANT_MULTI_BWD, QUANT_MULTI_FWD,
+from ..core.op_kinds import (ALL_OPS, BWD, FWD, QUANT_BWD, QUANT_FWD, QUANT_MULTI_BWD, QUANT_MULTI_FWD,
                              Op)
 from . import dequant_once
 from .problem import Problem
@@ -38,9 +38,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HOPPER_DTYPES = (torch.float16, torch.bfloat16)
 HOPPER_OPS = frozenset({FWD, BWD})
 HOPPER_OP_REFUSAL = ("the Hopper-path rows run one plain adapter (ops fwd, bwd); several adapters in one batch run "
-                     "on the triton row's segment kernels, expert weights (grouped ops) on the torch row")
-TRITON_OPS = frozenset(ALL_OPS) - GROUPED_OPS
-TRITON_OP_REFUSAL = "the grouped (expert-weight) ops have no Triton kernels yet; the torch row runs them"
+                     "on the triton row's segment kernels, expert weights (grouped ops) on its grouped kernels")
+TRITON_OPS = frozenset(ALL_OPS)
 
 
 class BackendUnavailable(RuntimeError):
@@ -74,16 +73,18 @@ def triton_not_supported_reasons(device: torch.device, dtype: torch.dtype, rank:
 
 
 def triton_multi_reasons(problem: Problem) -> list[str]:
-    """What the segment kernels (several adapters in one batch) cannot run, beyond the single-adapter
-    reasons: ranks above 128 and, compiled on a GPU, float32 (their compiled variants are 16-bit)."""
-    if problem.op.adapters != "several":
+    """What the segment kernels (several adapters in one batch; expert weights, the grouped ops, which run on
+    them) cannot run, beyond the single-adapter reasons: ranks above 128 and, compiled on a GPU, float32
+    (their compiled variants are 16-bit: kernels.compile_check)."""
+    if problem.op.adapters != "several" and problem.op.base != "experts":
         return []
+    kind = "expert-weight (grouped)" if problem.op.base == "experts" else "multi-adapter"
     reasons = []
     if problem.rank > MAX_TRITON_MULTI_RANK:
-        reasons.append(f"the multi-adapter kernels take ranks up to {MAX_TRITON_MULTI_RANK}, the largest "
+        reasons.append(f"the {kind} kernels take ranks up to {MAX_TRITON_MULTI_RANK}, the largest "
                        f"rank here is {problem.rank}")
     if problem.dtype == torch.float32 and problem.device.type == "cuda":
-        reasons.append("the multi-adapter kernels are compiled for float16 and bfloat16 on a GPU, not float32")
+        reasons.append(f"the {kind} kernels are compiled for float16 and bfloat16 on a GPU, not float32")
     return reasons
 
 
@@ -108,13 +109,14 @@ def triton_reasons(p: Problem) -> list[str]:
 
 
 def segment_kernels_checked_against(p: Problem) -> Optional[str]:
-    """The triton row's segment kernels (several adapters) and its quantized-base kernels (NF4/int8
-    dequantized in the GEMMs), which no GPU has run yet, are checked against the torch row's path for the
-    op. The segment kernels' probe keeps the dropout, and the two rows draw different masks: with dropout
-    they are unchecked. The quantized ops' probe turns the dropout off (ops.quant), so their forward is
-    checked with dropout too; a backward with dropout follows its forward's row (rule 4), and torch,
-    another mask, could not stand in for it: unchecked there. The single-adapter 16-bit ops are trusted."""
-    if p.op.base == "quant":
+    """The triton row's segment kernels (several adapters; expert weights) and its quantized-base kernels
+    (NF4/int8 dequantized in the GEMMs), which no GPU has run yet, are checked against the torch row's path
+    for the op. The mixed batch's probe keeps the dropout, and the two rows draw different masks: with
+    dropout they are unchecked. The quantized and grouped ops' probes turn the dropout off (ops.quant,
+    ops.grouped), so their forward is checked with dropout too; a backward with dropout follows its
+    forward's row (rule 4), and torch, another mask, could not stand in for it: unchecked there. The
+    single-adapter 16-bit ops are trusted."""
+    if p.op.base in ("quant", "experts"):
         return None if p.op.backward and p.dropout else "torch"
     return "torch" if p.op.adapters == "several" and not p.dropout else None
 
@@ -225,7 +227,7 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
                    DEQUANT_ONCE_OP_REFUSAL, transient_weight=True),
     Implementation("triton", "the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)",
                    "fused_lora.kernels", reasons=triton_reasons, check_against=segment_kernels_checked_against,
-                   ops=TRITON_OPS, op_refusal=TRITON_OP_REFUSAL),
+                   ops=TRITON_OPS),
     Implementation("triton-tma", "Hopper path: TMA descriptors + persistent grid for the forward and dX GEMMs "
                    "(fused_lora.kernels.hopper.tma; sm_90)", "fused_lora.kernels.hopper.tma",
                    lambda p: hopper_reasons(p, tma=True), hopper_checked_against, HOPPER_OPS, HOPPER_OP_REFUSAL),

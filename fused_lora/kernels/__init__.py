@@ -8,6 +8,7 @@ row (`fused_lora.torch_row`'s: a launcher per op, named `op.function`, and `keep
     quant_multi_forward / quant_multi_backward    several adapters over a quantized base
     dora_forward(x, W, b, A, B, s, c) -> (Y, H)          DoRA: Y = c * (x W^T + s H B^T) + b
     dora_backward(dY, x, W, A, B, H, s, c, Y, b, need_dx, need_lora, need_dm) -> (dx, dA, dB, dm_num)
+    grouped_forward / grouped_backward            expert weights (a 3-D stack, rows sorted by expert)
     keep_mask(seed, (M, K), p, device) -> the boolean dropout mask the kernels use
 
 The layout: shared modules here (configs, dropout, reduce, tiles, launch: the launch helpers every
@@ -15,6 +16,8 @@ family uses), then one folder per kernel family, each with its @triton.jit kerne
 
     lora/       the pointer kernels: shrink, forward GEMM, dY pass, dX / dA (and DoRA's variants)
     segments/   several adapters in one batch (grouped row tiles, one adapter per program)
+    grouped/    expert weights: the segment kernels over an expert stack (one expert per row tile,
+                its own W, b, A, B) and the stack's own gradients
     quantized/  the GEMMs over a quantized base (the W tiles dequantized in registers; a tile loader
                 and one `quantized.launchers.FORMATS` entry per format)
     hopper/     the Hopper path: the "triton-tma" row (`hopper.tma`) and the "triton-onepass" row
@@ -34,9 +37,10 @@ from .lora.launchers import (backward, dora_backward, dora_forward, dx_da_pointe
                              sum_lora_grads)
 from .quantized.launchers import backward_quant, check_quant_weight, forward_quant
 from .quantized.multi import quant_multi_backward, quant_multi_forward
+from .grouped.launchers import grouped_backward, grouped_forward
 from .segments.launchers import multi_backward, multi_forward
 
 __all__ = ["forward", "backward", "keep_mask", "block_r", "arch_of", "dora_forward", "dora_backward",
            "multi_forward", "multi_backward", "forward_quant", "backward_quant", "check_quant_weight",
            "quant_multi_forward", "quant_multi_backward", "m_bucket", "dy_chunk", "shrink", "forward_gemm", "dy_pass",
-           "dx_da_pointer", "sum_lora_grads"]
+           "dx_da_pointer", "sum_lora_grads", "grouped_forward", "grouped_backward"]

@@ -4,7 +4,8 @@ sm_80 without a GPU, and read by ptxas.
 A variant is one kernel x architecture x dtype (bf16, fp16, fp32: fp32 dots run as TF32) x padded
 rank (BLOCK_R) x flag combination that changes the code (HAS_DROPOUT, HAS_BIAS, HAS_DB,
 HAS_DX/HAS_DA) x autotuning config the launchers may pick. The segment kernels of mixed batches
-(kernels/segments/) add their own: bf16/fp16 x the two multi ranks x flags, one config each; the
+(kernels/segments/) add their own: bf16/fp16 x the two multi ranks x flags, one config each (the grouped
+op's, kernels/grouped/, too: its transposed expert stack and its weight and bias gradients); the
 quantized-base GEMMs (kernels/quantized/) have no rank variants but QUANT/NESTED (nf4, nested nf4,
 int8) x HAS_BIAS or LOW_RANK_IN_DX; the one-launch dequantization (kernels/quantized/dequantize.py) its
 formats and layouts x output dtype x tile, compiled without floating-point contraction as its launcher
@@ -54,6 +55,7 @@ from .quantized.dequantize import dequantize_kernel
 from .quantized.quant_backward import quant_dx_kernel
 from .quantized.quant_forward import quant_forward_kernel
 from .reduce import BLOCK, sum_partials_kernel
+from .grouped.launchers import KERNELS as GROUPED
 from .segments.launchers import KERNELS as MULTI
 
 RANKS = (16, 32, 64, 128, 256)  # every padded rank (BLOCK_R) the launchers use
@@ -102,8 +104,25 @@ FLAGS.update({
     "multi_dx_da": [dict(HAS_DX=dx, HAS_DROPOUT=drop) for dx, drop in itertools.product([True, False], [False, True])],
     "multi_sum": [{}],
 })
+# LoRA on expert weights (kernels/grouped/): the segment kernels again, with the per-segment weight of an
+# (E, N, K) stack compiled as the mixed batch's weight (unit stride along K, the other strides 16-divisible: the
+# multi variants above), and as variants of their own the two kernels that read the transposed (E, K, N)
+# stack (unit stride along N), and the expert stack's gradients (grouped/wgrad.py). 16-bit only, as above.
+GROUPED_FLAGS = {
+    "grouped_forward_t": [{}],
+    "grouped_dx_da_t": [dict(HAS_DX=True, HAS_DROPOUT=drop) for drop in (False, True)],  # without dX, W is not read
+    "grouped_wgrad": [{}],
+    "grouped_colsum": [{}],
+}
+FLAGS.update(GROUPED_FLAGS)
+_UNIT_STRIDES.update({
+    "grouped_forward_t": {"stride_xk", "stride_wn", "stride_hr", "stride_br", "stride_yn"},
+    "grouped_dx_da_t": {"stride_dyn", "stride_wn", "stride_gr", "stride_ak", "stride_xk", "stride_dxk"},
+    "grouped_wgrad": {"stride_ui", "stride_vj", "stride_oj"},
+    "grouped_colsum": {"stride_dyn"},
+})
 _TYPED_PTRS = {"order_ptr": "*i32", "tiles_ptr": "*i32", "ints_ptr": "*i64", "floats_ptr": "*fp32",
-               "bounds_ptr": "*i32", "ws_ptr": "*fp32"}
+               "bounds_ptr": "*i32", "ws_ptr": "*fp32", "offsets_ptr": "*i32"}
 _PLAIN_INTS = {"tile0", "lora_tile0", "pos0", "n_tiles"}  # tile and position counts: no 16-divisibility
 _FLOAT_ARGS = {"scaling", "scale"}
 _FP32_BUFFERS = {"g_ws_ptr", "db_ws_ptr", "da_ws_ptr", "ws0_ptr", "ws1_ptr", "colscale_ptr", "dm_ws_ptr"}
@@ -201,6 +220,10 @@ def variants(archs=ARCHS, dtypes=DTYPES) -> list:
                        for kernel in configs.MULTI_KERNELS
                        for block_r, flags in itertools.product(configs.MULTI_BLOCK_RS, FLAGS[kernel]))
             out.append(Variant("multi_sum", arch, dtype, 0, (), -1))
+            out.extend(Variant(kernel, arch, dtype, block_r, tuple(flags.items()), 0)
+                       for kernel in configs.GROUPED_KERNELS
+                       for block_r in (configs.MULTI_BLOCK_RS if kernel in configs.GROUPED_SEGMENT_KERNELS else (0,))
+                       for flags in GROUPED_FLAGS[kernel])
         for kernel in configs.QUANT_KERNELS:
             for flags in FLAGS[kernel]:
                 n = len(configs.quant_candidates(kernel, arch, _ELT[dtype]))
@@ -224,6 +247,10 @@ def _source(v: Variant):
         fn, constexprs, cfg = sum_partials_kernel, {"BLOCK": BLOCK}, triton.Config({}, num_warps=4, num_stages=1)
     elif v.kernel == "multi_sum":
         fn, constexprs, cfg = MULTI[v.kernel], {"BLOCK": BLOCK}, triton.Config({}, num_warps=4, num_stages=1)
+    elif v.kernel in GROUPED:
+        fn = GROUPED[v.kernel]
+        cfg = configs.grouped_config(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))
+        constexprs = dict(cfg.kwargs, **({"BLOCK_R": v.block_r} if v.block_r else {}), **dict(v.flags))
     elif v.kernel in MULTI:
         fn = MULTI[v.kernel]
         cfg = configs.multi_config(v.kernel, v.arch, v.block_r, _ELT[v.dtype], dict(v.flags).get("HAS_DROPOUT", False))
@@ -411,7 +438,8 @@ def run_all(workers: int | None = None, archs=ARCHS, dtypes=DTYPES) -> list:
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 2, mp_context=ctx) as pool:
             todo = pool.submit(variants, archs, dtypes).result()
             # The largest tiles compile slowest: start them first so the workers finish together.
-            todo.sort(key=lambda v: (v.kernel not in ("forward", "dx_da", "quant_forward", "quant_dx") + tuple(HOPPER_FLAGS), v.config))
+            slow = ("forward", "dx_da", "quant_forward", "quant_dx", "grouped_wgrad") + tuple(HOPPER_FLAGS)
+            todo.sort(key=lambda v: (v.kernel not in slow, v.config))
             return list(pool.map(compile_variant, todo, chunksize=4))
     finally:
         if saved is not None:

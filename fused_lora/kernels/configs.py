@@ -273,3 +273,28 @@ def dequant_configs(aligned_nf4: bool) -> list:
     """The configs the one-launch dequantization may run with: DEQUANT_WIDE for every weight, and for NF4
     whose rows are whole blocks DEQUANT_NARROW too (taken for blocks of DEQUANT_NARROW_BLOCKSIZE)."""
     return [DEQUANT_WIDE, DEQUANT_NARROW] if aligned_nf4 else [DEQUANT_WIDE]
+
+
+# ---- LoRA on expert weights (kernels/grouped/): the segment kernels over an expert stack, and its gradients.
+# The (E, N, K) stack compiles as a mixed batch's weight does (unit stride along K); the transposed (E, K, N)
+# stack (unit stride along N) is a variant of its own for the two kernels that read W: "grouped_forward_t"
+# and "grouped_dx_da_t" (the segment kernels' configs). dW_e (grouped_wgrad: a GEMM over each expert's rows,
+# one 128 x 128 output tile per program) and db_e (grouped_colsum, memory-bound) run only when the base is
+# trained. 16-bit dtypes on a GPU and the segment kernels' two padded ranks, as for a mixed batch.
+GROUPED_KERNELS = ("grouped_forward_t", "grouped_dx_da_t", "grouped_wgrad", "grouped_colsum")
+GROUPED_SEGMENT_KERNELS = {"grouped_forward_t": "multi_forward", "grouped_dx_da_t": "multi_dx_da"}
+_GROUPED = {
+    "grouped_wgrad": {90: _cfg(128, 128, 64, 8, 3), 80: _cfg(128, 128, 32, 8, 3)},
+    "grouped_colsum": {arch: triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2)
+                       for arch in (90, 80)},
+}
+
+
+def grouped_config(kernel_name: str, arch: int, block_r: int = 0, elt: int = 2, dropout: bool = False):
+    """The one config a grouped-op kernel runs with (the interpreter's small one when interpreting); the
+    transposed-layout variants of the segment kernels take those kernels' configs."""
+    if kernel_name in GROUPED_SEGMENT_KERNELS:
+        return multi_config(GROUPED_SEGMENT_KERNELS[kernel_name], arch, block_r, elt, dropout)
+    if kernel_name == "grouped_colsum" and interpreting():
+        return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+    return _INTERPRETER[0] if interpreting() else _GROUPED[kernel_name][arch]

@@ -233,7 +233,8 @@ def lora_linear_grouped(
     weight (E x N x K per expert) and bias only when they require grad. Deterministic. Double backward works.
 
     Backends ("auto", "torch", ...: `fused_lora.dispatch`): the torch row loops over the experts hit
-    (`torch_row.grouped`); the Triton row has no grouped kernels yet and refuses by name. Bad inputs raise
+    (`torch_row.grouped`); the Triton row runs its grouped kernels (`kernels.grouped`: float16 / bfloat16 on a
+    GPU, ranks up to 128; checked by auto against the torch row before it trusts them). Bad inputs raise
     ValueError (shapes, values, devices, expert counts) or TypeError (types, dtypes) naming the problem
     before anything runs (group_sizes' values are read on the host: one read of E integers per call; under
     torch.compile they are checked when the op runs). Under torch.compile the custom op

@@ -1,8 +1,8 @@
 """A winner read from the backend cache runs only after the check rule passed in this process (issue 18
 item 10), for every op family with a check rule: the Hopper-path rows (single adapter, forward and
 backward), the segment kernels (several adapters), the quantized-base kernels (one adapter, forward and
-backward; several adapters). DoRA's ops have no check rule (their rows are trusted), so nothing of
-theirs is here. Real ops on CPU under the interpreter (utils.auto_on_cpu), with a cache entry edited to
+backward; several adapters), the grouped kernels (expert weights, forward and backward). DoRA's ops have
+no check rule (their rows are trusted), so nothing of theirs is here. Real ops on CPU under the interpreter (utils.auto_on_cpu), with a cache entry edited to
 name a row whose kernel loses the low-rank term: that row must be recorded as failed, not run."""
 import importlib
 import json
@@ -129,8 +129,43 @@ def _quant_multi_fwd(monkeypatch):
             lambda backend: lora_linear_quant_multi(x, qw, None, adapters, rows, backend=backend))
 
 
-@pytest.mark.parametrize("case", [_hopper_fwd, _hopper_bwd, _multi_fwd, _quant_fwd, _quant_bwd, _quant_multi_fwd],
-                         ids=["hopper fwd", "hopper bwd", "multi fwd", "quant fwd", "quant bwd", "quant multi fwd"])
+def _grouped_inputs():
+    from test_grouped_op import make_grouped
+    x, gs, w, b, a, bb = make_grouped([9, 0, 14, 3], 24, 20, 4, torch.float32, seed=6, transposed=True)
+    return x.detach(), gs, w, b.detach(), a.detach(), bb.detach()
+
+
+def _grouped_fwd(monkeypatch):
+    kernels = importlib.import_module("fused_lora.kernels")
+    from fused_lora.ops.grouped import lora_linear_grouped
+    right = kernels.grouped_forward
+    monkeypatch.setattr(kernels, "grouped_forward", lambda x, segs, w, b, A, B, *rest: right(
+        x, segs, w, b, A, _zero(B), *rest))
+    x, gs, w, b, a, bb = _grouped_inputs()
+    return (Problem("grouped_fwd", CPU, torch.float32, 26, 20, 24, 4, base="experts_t", groups=4), "triton",
+            lambda backend: lora_linear_grouped(x, gs, w, b, a, bb, 0.5, backend=backend, transposed=True))
+
+
+def _grouped_bwd(monkeypatch):
+    kernels = importlib.import_module("fused_lora.kernels")
+    from fused_lora.ops.grouped import lora_linear_grouped
+    right = kernels.grouped_backward
+    monkeypatch.setattr(kernels, "grouped_backward", lambda dy, x, segs, w, A, B, *rest: right(
+        dy, x, segs, w, A, _zero(B), *rest))
+    x, gs, w, b, a, bb = _grouped_inputs()
+
+    def run(backend):
+        x1, a1, b1 = (t.clone().requires_grad_() for t in (x, a, bb))
+        lora_linear_grouped(x1, gs, w, b, a1, b1, 0.5, backend=backend, transposed=True).sum().backward()
+        return x1.grad, a1.grad, b1.grad
+    return (Problem("grouped_bwd", CPU, torch.float32, 26, 20, 24, 4, grads=("dx", "lora"), base="experts_t",
+                    groups=4), "triton", run)
+
+
+@pytest.mark.parametrize("case", [_hopper_fwd, _hopper_bwd, _multi_fwd, _quant_fwd, _quant_bwd, _quant_multi_fwd,
+                                  _grouped_fwd, _grouped_bwd],
+                         ids=["hopper fwd", "hopper bwd", "multi fwd", "quant fwd", "quant bwd", "quant multi fwd",
+                              "grouped fwd", "grouped bwd"])
 def test_a_cached_row_losing_the_low_rank_term_is_not_run(tmp_path, monkeypatch, case):
     """The cache names, for the op's key, a row whose kernel drops the low-rank term: auto checks it on its
     first call in the process (one probe), records it as failed, times the key afresh without it, and the

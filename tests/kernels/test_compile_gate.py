@@ -31,11 +31,13 @@ def test_every_variant_compiles_clean():
     seen = {(r.variant.kernel, r.variant.arch, r.variant.dtype) for r in results}
     want = {(k, a, d) for k in configs.KERNELS + configs.QUANT_KERNELS + configs.DEQUANT_KERNELS + ("reduce",)
             for a in compile_check.ARCHS for d in compile_check.DTYPES}
-    want |= {(k, a, d) for k in configs.MULTI_KERNELS + ("multi_sum",) for a in compile_check.ARCHS
-             for d in compile_check.MULTI_DTYPES}  # the segment kernels: 16-bit only
+    want |= {(k, a, d) for k in configs.MULTI_KERNELS + ("multi_sum",) + configs.GROUPED_KERNELS
+             for a in compile_check.ARCHS for d in compile_check.MULTI_DTYPES}  # segment and grouped kernels: 16-bit
     # The Hopper path (TMA + persistent GEMMs, the single-pass forward): sm_90, 16-bit dtypes only.
     want |= {(k, configs.HOPPER_ARCH, d) for k in configs.HOPPER_KERNELS for d in ("bf16", "fp16")}
     assert seen == want
+    grouped = [r for r in results if r.variant.kernel in configs.GROUPED_SEGMENT_KERNELS]  # the transposed stack
+    assert {r.variant.block_r for r in grouped} == set(configs.MULTI_BLOCK_RS)
     hopper = [r for r in results if r.variant.kernel in configs.HOPPER_KERNELS]
     assert {r.variant.block_r for r in hopper} == {16, 32, 64}
     flags = {(r.variant.kernel, r.variant.flags) for r in results}

@@ -32,8 +32,17 @@ same seeds with its own generator, as for one adapter.)
 
 dA_a and dB_a: fp32 partials per tile, summed per adapter in slot order (`multi_sum_kernel`):
 bit-identical run to run.
+
+The machinery is shared with the grouped op (expert weights, `kernels/grouped/`): `SegmentBatch` (the
+stacks, tables and tile tables of one call), `BaseWeight` (the base weight one per segment or shared),
+`segment_forward` and `segment_lora_backward` (the launches). An expert stack is a segment layout with
+no base rows whose segments (experts) each have their own W, b, A and B, and one dropout mask over the
+whole batch (`tile_table_of_counts(..., global_rows=True)`).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -47,7 +56,9 @@ from ..reduce import sum_partials
 from .multi_backward import multi_dx_da_kernel, multi_dy_kernel, multi_sum_kernel
 from .multi_forward import multi_forward_kernel, multi_shrink_kernel
 
-__all__ = ["KERNELS", "multi_forward", "multi_backward", "tile_table", "tile_count_bounds", "adapter_seed"]
+__all__ = ["KERNELS", "multi_forward", "multi_backward", "tile_table", "tile_table_of_counts", "tile_count_bounds",
+           "adapter_seed", "BaseWeight", "SegmentBatch", "segment_forward", "segment_lora_backward", "to_device",
+           "launch_options"]
 
 KERNELS = {"multi_shrink": multi_shrink_kernel, "multi_forward": multi_forward_kernel,
            "multi_dy": multi_dy_kernel, "multi_dx_da": multi_dx_da_kernel, "multi_sum": multi_sum_kernel}
@@ -68,16 +79,25 @@ def tile_table(row_adapter: torch.Tensor, n_adapters: int, block_m: int):
     base rows' tiles (adapter -1; sorted positions 0.. hold the base rows), then empty tiles
     (first == end, adapter -1) up to T: their programs return at once. So a grid of the LoRA bound
     covers every LoRA tile, one of T every tile, and workspace slot t is LoRA tile t."""
-    device = row_adapter.device
-    n = n_adapters
-    counts = torch.zeros(n + 1, dtype=torch.int64, device=device)
+    counts = torch.zeros(n_adapters + 1, dtype=torch.int64, device=row_adapter.device)
     counts.index_add_(0, row_adapter + 1, torch.ones_like(row_adapter))  # [base, adapter 0, ...]; no sync
+    return tile_table_of_counts(counts, row_adapter.shape[0], n_adapters, block_m)
+
+
+def tile_table_of_counts(counts: torch.Tensor, M: int, n_adapters: int, block_m: int, global_rows: bool = False):
+    """`tile_table` from the segments' row counts (int64 (n + 1,) on the device, base first, summing to M),
+    with no sync. The grouped op's layout (`core.segments.grouped`: rows already sorted by expert, no base
+    rows) gives its counts without a per-row index (`device_counts`); with `global_rows` the last column
+    holds the tile's first row in the whole batch (its sorted position, which is its row there) instead
+    of its index within its segment: the dropout mask's row, one mask over the whole batch."""
+    device = counts.device
+    n = n_adapters
     starts = torch.cumsum(counts, 0) - counts  # each segment's first sorted position
     seg_order = torch.arange(1, n + 2, device=device) % (n + 1)  # the segments in table order: adapters, base
     c, st = counts[seg_order], starts[seg_order]
     n_seg_tiles = (c + block_m - 1) // block_m
     tile_end = torch.cumsum(n_seg_tiles, 0)
-    t = torch.arange(tile_count_bounds(row_adapter.shape[0], n, block_m)[0], device=device)
+    t = torch.arange(tile_count_bounds(M, n, block_m)[0], device=device)
     seg = torch.searchsorted(tile_end, t, right=True)  # n + 1 past the last real tile
     real = seg <= n
     seg = seg.clamp_(max=n)
@@ -86,57 +106,101 @@ def tile_table(row_adapter: torch.Tensor, n_adapters: int, block_m: int):
     end = torch.minimum(first + block_m, st[seg] + c[seg])
     zero = torch.zeros_like(t)
     rows = torch.stack([torch.where(real, seg_order[seg] - 1, -1), torch.where(real, first, zero),
-                        torch.where(real, end, zero), torch.where(real, within, zero)], 1)
+                        torch.where(real, end, zero), torch.where(real, first if global_rows else within, zero)], 1)
     bounds = torch.cat([tile_end.new_zeros(1), tile_end[:n]])
     return rows.to(torch.int32), bounds.to(torch.int32)
 
 
-class _Batch:
-    """What every launch of one call shares: the adapters stacked, their tables, the tile tables."""
+@dataclass(frozen=True)
+class BaseWeight:
+    """The base weight as the segment kernels read it: segment a's W_a (N x K) at a * `strides[0]`, its
+    element (n, k) at n * `strides[1]` + k * `strides[2]` from there. One weight for every segment
+    (`shared`: a mixed batch) or one per segment (`experts`: the grouped op's stack, either layout)."""
+    tensor: torch.Tensor
+    strides: tuple  # (per segment, per output row n, per input column k)
+    N: int
 
-    def __init__(self, x, weight, adapters, segs, seed: int):
+    @staticmethod
+    def shared(weight: torch.Tensor) -> "BaseWeight":
+        """A mixed batch's N x K weight: the same for every segment."""
+        return BaseWeight(weight, (0, *weight.stride()), weight.shape[0])
+
+    @staticmethod
+    def experts(weight: torch.Tensor, transposed: bool) -> "BaseWeight":
+        """An expert stack (E, N, K), or (E, K, N) when transposed, through its strides (never copied)."""
+        se, s1, s2 = weight.stride()
+        return BaseWeight(weight, (se, s2, s1) if transposed else (se, s1, s2),
+                          weight.shape[2] if transposed else weight.shape[1])
+
+
+class SegmentBatch:
+    """What every launch of one call shares: the factors stacked per segment, A (n, R, K) and B (n, N, R)
+    (R the packed width), the per-segment tables (ints int64 (n, 3): rank, dropout threshold, dropout seed;
+    floats fp32 (n, 2): scaling, 1 / (1 - p)), the layout's rows in sorted order and its tile tables.
+    `of_adapters` builds it for a mixed batch, `kernels.grouped` for an expert stack: a layout with no base rows
+    given by `counts` (int64 (n + 1,) on the device, base first and 0: the tile table is built from them, and
+    each row's dropout index is its row in the batch, one mask over the whole batch)."""
+
+    def __init__(self, x, segs, a_stack, b_stack, rw: int, ints: list, floats: list, dropout: bool,
+                 counts: Optional[torch.Tensor] = None):
         self.x, self.segs, self.device = x, segs, x.device
-        self.n = len(adapters)
-        self.K, self.N = x.shape[1], weight.shape[0]
-        ranks = [a[0].shape[0] for a in adapters]
-        self.rw = max([0] + ranks)  # the packed width: core.segments.packed_h_shape
-        self.block_r = configs.multi_block_r(self.rw)
+        self.n = len(ints)
+        self.K = x.shape[1]
+        self.a_stack, self.b_stack, self.rw = a_stack, b_stack, rw
+        self.block_r = configs.multi_block_r(rw)
         self.arch = arch_of(x.device)
         self.elt = x.element_size()
-        self.dropout = any(a[3] > 0.0 for a in adapters)
-        self.a_stack, self.b_stack = self._stacked(x, adapters, ranks)
+        self.dropout = dropout
+        self.ints = to_device(torch.tensor(ints or [(0, 0, 0)], dtype=torch.int64), x.device)
+        self.floats = to_device(torch.tensor(floats or [(0.0, 1.0)], dtype=torch.float32), x.device)
+        self.order = segs.order.to(torch.int32)  # int32 row indices: fewer registers in the GEMM loops
+        self.counts = counts  # None: the tile table from segs.row_adapter (a mixed batch, base rows allowed)
+        self.has_base_rows = counts is None
+        self._tiles = {}
+
+    @staticmethod
+    def of_adapters(x, weight, adapters, segs, seed: int) -> "SegmentBatch":
+        """A mixed batch: adapters ((A_a, B_a, s_a, p_a), ...) stacked and zero-padded to the largest rank,
+        adapter a's mask drawn from adapter_seed(seed, a) at its rows' indices within the adapter."""
+        ranks = [a[0].shape[0] for a in adapters]
+        rw = max([0] + ranks)  # the packed width: core.segments.packed_h_shape
+        a_stack, b_stack = _stacked(x, weight.shape[0], adapters, ranks, rw)
         ints = [(r, keep_threshold(p), adapter_seed(seed, a))
                 for a, (r, (_, _, _, p)) in enumerate(zip(ranks, adapters))]
         floats = [(s, 1.0 / (1.0 - p)) for _, _, s, p in adapters]
-        self.ints = _to_device(torch.tensor(ints or [(0, 0, 0)], dtype=torch.int64), x.device)
-        self.floats = _to_device(torch.tensor(floats or [(0.0, 1.0)], dtype=torch.float32), x.device)
-        self.order = segs.order.to(torch.int32)  # int32 row indices: fewer registers in the GEMM loops
-        self._tiles = {}
-
-    def _stacked(self, x, adapters, ranks):
-        rw, K, N = max(self.rw, 1), self.K, self.N
-        if adapters and all(r == self.rw for r in ranks):
-            return torch.stack([a[0] for a in adapters]), torch.stack([a[1] for a in adapters])
-        a_stack = x.new_zeros((max(self.n, 1), rw, K))
-        b_stack = x.new_zeros((max(self.n, 1), N, rw))
-        for i, (lora_A, lora_B, _, _) in enumerate(adapters):
-            a_stack[i, :lora_A.shape[0]] = lora_A
-            b_stack[i, :, :lora_B.shape[1]] = lora_B
-        return a_stack, b_stack
+        return SegmentBatch(x, segs, a_stack, b_stack, rw, ints, floats, any(a[3] > 0.0 for a in adapters))
 
     def tiles(self, block_m: int):
         """(tiles on the device, grid bound for every tile, grid bound for the LoRA tiles, bounds on the
         device): `tile_table`, once per block size and call."""
         if block_m not in self._tiles:
-            tiles, bounds = tile_table(self.segs.row_adapter, self.n, block_m)
-            self._tiles[block_m] = (tiles, *tile_count_bounds(self.order.shape[0], self.n, block_m), bounds)
+            M = self.order.shape[0]
+            if self.counts is None:
+                tiles, bounds = tile_table(self.segs.row_adapter, self.n, block_m)
+            else:
+                tiles, bounds = tile_table_of_counts(self.counts, M, self.n, block_m, global_rows=True)
+            self._tiles[block_m] = (tiles, *tile_count_bounds(M, self.n, block_m), bounds)
         return self._tiles[block_m]
 
     def config(self, kernel: str, dropout: bool = False):
         return configs.multi_config(kernel, self.arch, self.block_r, self.elt, dropout)
 
 
-def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _stacked(x, N, adapters, ranks, rw):
+    """A (n, R, K) and B (n, N, R): torch.stack where the ranks are equal, else zero-padded copies."""
+    K = x.shape[1]
+    if adapters and all(r == rw for r in ranks):
+        return torch.stack([a[0] for a in adapters]), torch.stack([a[1] for a in adapters])
+    width = max(rw, 1)
+    a_stack = x.new_zeros((max(len(adapters), 1), width, K))
+    b_stack = x.new_zeros((max(len(adapters), 1), N, width))
+    for i, (lora_A, lora_B, _, _) in enumerate(adapters):
+        a_stack[i, :lora_A.shape[0]] = lora_A
+        b_stack[i, :, :lora_B.shape[1]] = lora_B
+    return a_stack, b_stack
+
+
+def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host table on the device without waiting for the GPU's queue (a plain copy from
     pageable memory synchronizes the stream): pinned, non-blocking."""
     if device.type != "cuda":
@@ -144,14 +208,23 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return table.pin_memory().to(device, non_blocking=True)
 
 
-def _launch_opts(cfg) -> dict:
+def launch_options(cfg) -> dict:
+    """A config's launch keywords: its block sizes, warps and stages."""
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def multi_forward(x, weight, bias, adapters, segs, seed):
-    M, K = x.shape
-    N = weight.shape[0]
-    batch = _Batch(x, weight, adapters, segs, seed)
+    batch = SegmentBatch.of_adapters(x, weight, adapters, segs, seed)
+    return segment_forward(batch, BaseWeight.shared(weight), bias, 0)
+
+
+def segment_forward(batch: SegmentBatch, base: BaseWeight, bias, bias_stride: int):
+    """(Y, packed H) of the segment layout `batch`: the shrink pass over the LoRA tiles (none at width 0),
+    then the base GEMM over every tile with the low-rank term in its accumulator. `bias`: None, or (N,)
+    with bias_stride 0, or one row per segment (n, N) with bias_stride its row stride (unit columns)."""
+    x = batch.x
+    M = x.shape[0]
+    N = base.N
     rw = batch.rw
     h = x.new_zeros((M, rw))
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -164,14 +237,15 @@ def multi_forward(x, weight, bias, adapters, segs, seed):
         multi_shrink_kernel[(n_lora,)](
             x, batch.a_stack, h, batch.order, tiles, batch.ints, batch.floats,
             *x.stride(), *batch.a_stack.stride(), *h.stride(),
-            K, 0, HAS_DROPOUT=batch.dropout, BLOCK_R=batch.block_r, **_launch_opts(cfg))
+            batch.K, 0, HAS_DROPOUT=batch.dropout, BLOCK_R=batch.block_r, **launch_options(cfg))
     cfg = batch.config("multi_forward")
     tiles, n_tiles, _, _ = batch.tiles(cfg.kwargs["BLOCK_M"])  # with the empty tiles past the real ones
-    bias = bias if bias is not None else x.new_zeros(N)
+    if bias is None:
+        bias, bias_stride = x.new_zeros(N), 0
     multi_forward_kernel[(n_tiles * triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](
-        x, weight, bias, h_arg, batch.b_stack, y, batch.order, tiles, batch.ints, batch.floats,
-        *x.stride(), *weight.stride(), *h_strides, *batch.b_stack.stride(), *y.stride(),
-        N, K, n_tiles, BLOCK_R=batch.block_r, **_launch_opts(cfg))
+        x, base.tensor, bias, h_arg, batch.b_stack, y, batch.order, tiles, batch.ints, batch.floats,
+        *x.stride(), *base.strides, bias_stride, *h_strides, *batch.b_stack.stride(), *y.stride(),
+        N, batch.K, n_tiles, BLOCK_R=batch.block_r, **launch_options(cfg))
     return y, h
 
 
@@ -180,7 +254,11 @@ def multi_backward(dy, x, weight, adapters, h, segs, seed, need_dx, need_lora, n
     need_lora = list(need_lora)
     dx, stacks = None, None
     if need_dx or any(need_lora):
-        dx, stacks = _lora_backward(dy, x, weight, adapters, h, segs, seed, need_dx)
+        batch = SegmentBatch.of_adapters(x, weight, adapters, segs, seed)
+        if batch.rw == 0 or min(M, weight.shape[0], K) == 0:  # no low-rank term anywhere: the base GEMM alone
+            dx = torch.mm(dy, weight) if need_dx else None
+        else:
+            dx, stacks = segment_lora_backward(batch, dy, BaseWeight.shared(weight), h, need_dx, any(need_lora))
     pairs = []
     for a, (lora_A, lora_B, _, _) in enumerate(adapters):
         if not need_lora[a]:
@@ -197,30 +275,35 @@ def multi_backward(dy, x, weight, adapters, h, segs, seed, need_dx, need_lora, n
     return dx, pairs, dW, db
 
 
-def _lora_backward(dy, x, weight, adapters, h, segs, seed, need_dx):
-    """(dx or None, (dA stacked (n, R, K), dB stacked (n, N, R)) or None when there is nothing to sum)."""
+def segment_lora_backward(batch: SegmentBatch, dy, base: BaseWeight, h, need_dx: bool, need_lora: bool = True):
+    """(dx or None, (dA stacked (n, R, K), dB stacked (n, N, R)) or None without need_lora) of the segment
+    layout `batch` (M, N, K > 0). At width 0 (no low-rank term: the grouped op's base alone) the dY pass is
+    skipped and dX is the base GEMM over the tiles, each with its segment's weight."""
+    x = batch.x
     M, K = x.shape
-    N = weight.shape[0]
-    batch = _Batch(x, weight, adapters, segs, seed)
+    N = base.N
     rw, n = batch.rw, batch.n
-    if rw == 0 or min(M, N, K) == 0:  # no low-rank term anywhere: the base GEMM alone
-        return (torch.mm(dy, weight) if need_dx else None), None
     # The row counts stay on the device (no sync): grids and workspaces take the tile table's upper
     # bounds, and G is indexed by sorted position over all M rows: its partials start at zero, so the
     # base rows' part (no program writes it, none reads it) sums to zero, not to uninitialised memory.
     f32 = dict(dtype=torch.float32, device=x.device)
-    # 1. The dY pass: partials of G (one per column chunk) and of dB (one per LoRA tile).
-    cfg = batch.config("multi_dy")
-    tiles, _, n_lora, db_bounds = batch.tiles(cfg.kwargs["BLOCK_M"])
-    chunk = dy_chunk(M, N)
-    g_ws = torch.zeros((triton.cdiv(N, chunk), M, rw), **f32)
-    db_ws = torch.empty((n_lora, N, rw), **f32)
-    multi_dy_kernel[(n_lora, triton.cdiv(N, chunk))](
-        dy, batch.b_stack, h, g_ws, db_ws, batch.order, tiles, batch.ints, batch.floats,
-        *dy.stride(), *batch.b_stack.stride(), *h.stride(),
-        M, N, rw, chunk, 0, 0, BLOCK_R=batch.block_r, **_launch_opts(cfg))
-    g = torch.empty((M, rw), dtype=x.dtype, device=x.device)
-    sum_partials((g_ws, g))
+    if rw:
+        # 1. The dY pass: partials of G (one per column chunk) and of dB (one per LoRA tile).
+        cfg = batch.config("multi_dy")
+        tiles, _, n_lora, db_bounds = batch.tiles(cfg.kwargs["BLOCK_M"])
+        chunk = dy_chunk(M, N)
+        # (With no base rows, the grouped op's layout, every row of every slot is written: no zero fill.)
+        g_ws = (torch.zeros if batch.has_base_rows else torch.empty)((triton.cdiv(N, chunk), M, rw), **f32)
+        db_ws = torch.empty((n_lora, N, rw), **f32)
+        multi_dy_kernel[(n_lora, triton.cdiv(N, chunk))](
+            dy, batch.b_stack, h, g_ws, db_ws, batch.order, tiles, batch.ints, batch.floats,
+            *dy.stride(), *batch.b_stack.stride(), *h.stride(),
+            M, N, rw, chunk, 0, 0, BLOCK_R=batch.block_r, **launch_options(cfg))
+        g = torch.empty((M, rw), dtype=x.dtype, device=x.device)
+        sum_partials((g_ws, g))
+        g_strides = g.stride()
+    else:  # nothing of G (nor of A) is read at width 0: every load is masked by the rank
+        g, g_strides = dy, (0, 0)
     # 2. dX (every tile) and the dA partials (one per LoRA tile).
     cfg = batch.config("multi_dx_da", batch.dropout)
     tiles, n_all, n_lora, da_bounds = batch.tiles(cfg.kwargs["BLOCK_M"])
@@ -228,12 +311,14 @@ def _lora_backward(dy, x, weight, adapters, h, segs, seed, need_dx):
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device) if need_dx else None
     da_ws = torch.empty((n_lora, rw, K), **f32)
     multi_dx_da_kernel[(n_tiles * triton.cdiv(K, cfg.kwargs["BLOCK_N"]),)](
-        dy, weight, g, batch.a_stack, x, dx if need_dx else g, da_ws, batch.order, tiles, batch.ints, batch.floats,
-        *dy.stride(), *weight.stride(), *g.stride(), *batch.a_stack.stride(), *x.stride(),
+        dy, base.tensor, g, batch.a_stack, x, dx if need_dx else g, da_ws, batch.order, tiles, batch.ints,
+        batch.floats, *dy.stride(), *base.strides, *g_strides, *batch.a_stack.stride(), *x.stride(),
         *(dx.stride() if need_dx else (0, 0)),
         N, K, rw, n_tiles, 0, 0, 0,
-        HAS_DX=need_dx, HAS_DROPOUT=batch.dropout, BLOCK_R=batch.block_r, **_launch_opts(cfg))
-    # 3. Each adapter's dA and dB: its slots summed in a fixed order.
+        HAS_DX=need_dx, HAS_DROPOUT=batch.dropout, BLOCK_R=batch.block_r, **launch_options(cfg))
+    if not (need_lora and rw):
+        return dx, None
+    # 3. Each segment's dA and dB: its slots summed in a fixed order.
     dA = torch.empty((n, rw, K), dtype=x.dtype, device=x.device)
     dB = torch.empty((n, N, rw), dtype=x.dtype, device=x.device)
     for ws, out, bounds in ((da_ws, dA, da_bounds), (db_ws, dB, db_bounds)):

@@ -4,7 +4,8 @@
                          G = s_a dY B_a (one per chunk, at the tile's sorted positions) and of
                          dB_a = s_a dY^T H_a (one slot per LoRA tile), fp32.
     multi_dx_da_kernel:  dX[order[i]] = dY W + D_a (G A_a) over every tile (the base GEMM once for the
-                         whole batch; base tiles have rank 0), and the tile's partial of
+                         whole batch, W per segment where the grouped op's experts give one;
+                         base tiles have rank 0), and the tile's partial of
                          dA_a = G^T (D_a x) in its own slot; D_a regenerated in-kernel exactly as the
                          shrink pass drew it.
     multi_sum_kernel:    dA_a, dB_a = the sums of adapter a's slots. A tile belongs to one adapter
@@ -68,8 +69,8 @@ def multi_dy_kernel(
 @triton.jit
 def multi_dx_da_kernel(
     dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, dx_ptr, da_ws_ptr, order_ptr, tiles_ptr, ints_ptr, floats_ptr,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_aa, stride_ar, stride_ak,
-    stride_xm, stride_xk, stride_dxm, stride_dxk,
+    stride_dym, stride_dyn, stride_wa, stride_wn, stride_wk, stride_gm, stride_gr, stride_aa, stride_ar,
+    stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
     N, K, RW, n_tiles, tile0, lora_tile0, pos0,
     HAS_DX: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -77,7 +78,8 @@ def multi_dx_da_kernel(
     """Tile (t, k), t = tile0 + its row-tile index: the dA partial (LoRA tiles: slot t - lora_tile0,
     da_ws_ptr fp32 (LoRA tiles, RW, K)) and (HAS_DX) the dX tile. Without HAS_DX only the LoRA tiles
     are launched (tile0 = lora_tile0). G (M_LORA x RW) is indexed by sorted position - pos0.
-    The GEMM's output columns run over the layer's K (BLOCK_N), its reduction over N (BLOCK_K)."""
+    The GEMM's output columns run over the layer's K (BLOCK_N), its reduction over N (BLOCK_K).
+    W_a, the tile's segment's base weight, is at a * stride_wa (0 for a mixed batch's one weight)."""
     pid_t, pid_k = grouped_tile(tl.program_id(0), n_tiles * BLOCK_M, K, BLOCK_M, BLOCK_N, GROUP_M)
     t = tile0 + pid_t
     adapter, first, end, local0 = segment_tile(tiles_ptr, t)
@@ -105,6 +107,7 @@ def multi_dx_da_kernel(
         store_tile(da_slot, tl.dot(tl.trans(g), x), offs_r, offs_k, K, 1, offs_r < RW, k_in)
     if HAS_DX:
         a_base = a_ptr + tl.maximum(adapter, 0).to(tl.int64) * stride_aa
+        w_base = w_ptr + tl.maximum(adapter, 0).to(tl.int64) * stride_wa
         acc = tl.dot(g, load_tile(a_base, offs_r, offs_k, stride_ar, stride_ak, r_in, k_in))
         if HAS_DROPOUT:
             acc = tl.where(keep, acc * scale, 0.0)
@@ -112,7 +115,7 @@ def multi_dx_da_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_K)
             n_in = offs_n < N
             dy = load_tile(dy_ptr, rows, offs_n, stride_dym, stride_dyn, m_in, n_in)
-            w = load_tile(w_ptr, offs_n, offs_k, stride_wn, stride_wk, n_in, k_in)
+            w = load_tile(w_base, offs_n, offs_k, stride_wn, stride_wk, n_in, k_in)
             acc = tl.dot(dy, w, acc)
         store_tile(dx_ptr, acc, rows, offs_k, stride_dxm, stride_dxk, m_in, k_in)
 

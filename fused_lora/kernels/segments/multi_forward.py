@@ -10,7 +10,9 @@ has one adapter: one scalar rank, scaling, dropout seed and threshold, one A / B
                            adapter, column), as the single-adapter shrink draws it on those rows alone.
     multi_forward_kernel:  Y[order[i]] = x[order[i]] W^T + b + s_a H[i] B_a^T, every tile (base tiles
                            have rank 0): the base GEMM once for the whole batch, its accumulator
-                           started from the low-rank term as in the single-adapter kernel.
+                           started from the low-rank term as in the single-adapter kernel. W and b
+                           may be one per segment (per-segment strides: the grouped op's experts,
+                           `kernels/grouped/`); a mixed batch passes 0.
 
 Tables (built by the launcher on the device, so grids are upper bounds): tiles int32 (T, 4) =
 (adapter or -1, first sorted position, end, index of the first row within its adapter), the LoRA
@@ -85,15 +87,18 @@ def multi_shrink_kernel(
 @triton.jit
 def multi_forward_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, y_ptr, order_ptr, tiles_ptr, ints_ptr, floats_ptr,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr, stride_bb, stride_bn, stride_br,
-    stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_wa, stride_wn, stride_wk, stride_biasa, stride_hm, stride_hr, stride_bb,
+    stride_bn, stride_br, stride_ym, stride_yn,
     N, K, n_tiles,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Y tile = x W^T + b + s_a H B_a^T over the rows of one tile (gathered and scattered through
-    `order`), fp32 accumulation, one write. The bias is always read (zeros when the layer has none:
-    one variant fewer to compile, N elements of traffic)."""
+    """Y tile = x W_a^T + b_a + s_a H B_a^T over the rows of one tile (gathered and scattered through
+    `order`), fp32 accumulation, one write. W_a and b_a: the segment's base weight and bias, at
+    a * stride_wa and a * stride_biasa (0 for a mixed batch: one weight and bias for every row; the
+    expert stack's strides for the grouped op, whose weight is read in either layout through
+    stride_wn / stride_wk). The bias is always read (zeros when the layer has none: one variant fewer
+    to compile, N elements of traffic)."""
     pid_t, pid_n = grouped_tile(tl.program_id(0), n_tiles * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
     adapter, first, end, _ = segment_tile(tiles_ptr, pid_t)
     if first >= end:  # an empty tile past the real ones (n_tiles is an upper bound)
@@ -106,17 +111,18 @@ def multi_forward_kernel(
     n_in = offs_n < N
     r_in = offs_r < adapter_rank(ints_ptr, adapter)
     scaling = tl.load(floats_ptr + tl.maximum(adapter, 0) * 2)
+    segment = tl.maximum(adapter, 0).to(tl.int64)
+    w_base = w_ptr + segment * stride_wa
     # The low-rank term first (zero on base tiles: rank 0), then the K loop onto it: no second
     # BLOCK_M x BLOCK_N tile live across the loop (see forward.lora_forward_kernel).
     h = load_tile(h_ptr, offs_i, offs_r, stride_hm, stride_hr, m_in, r_in)
-    bt = load_tile(b_ptr + tl.maximum(adapter, 0).to(tl.int64) * stride_bb, offs_r, offs_n, stride_br, stride_bn,
-                   r_in, n_in)
+    bt = load_tile(b_ptr + segment * stride_bb, offs_r, offs_n, stride_br, stride_bn, r_in, n_in)
     acc = tl.dot(h, bt) * scaling
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_in = offs_k < K
         x = load_tile(x_ptr, rows, offs_k, stride_xm, stride_xk, m_in, k_in)
-        w = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, k_in, n_in)  # W^T tile
+        w = load_tile(w_base, offs_k, offs_n, stride_wk, stride_wn, k_in, n_in)  # W_a^T tile
         acc = tl.dot(x, w, acc)
-    acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    acc += tl.load(bias_ptr + segment * stride_biasa + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
     store_tile(y_ptr, acc, rows, offs_n, stride_ym, stride_yn, m_in, n_in)
