@@ -79,9 +79,22 @@ def default_target_modules(model: nn.Module) -> Union[list[str], str]:
     return default if isinstance(default, str) else sorted(set(default))
 
 
-def target_spec(model: nn.Module, config: LoraConfig) -> Union[list[str], str]:
-    """The config's target_modules, or peft's default for the model type when it has none."""
-    return default_target_modules(model) if config.target_modules is None else config.target_modules
+def target_spec(model: nn.Module, config: LoraConfig) -> Optional[Union[list[str], str]]:
+    """The config's target_modules, or peft's default for the model type when it has none. With
+    target_parameters and no default for the model type: None, no module (peft's meaning)."""
+    if config.target_modules is not None:
+        return config.target_modules
+    if config.target_parameters:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            return None
+    return default_target_modules(model)
+
+
+def adapts_no_module(model: nn.Module, config: LoraConfig) -> bool:
+    """Whether `config` adapts parameters only: target_parameters with target_modules [] (or None and no default
+    for the model type)."""
+    return bool(config.target_parameters) and target_spec(model, config) in (None, [])
 
 
 def dotted_suffixes(name: str) -> list[str]:
@@ -193,6 +206,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     nothing, or matches a module that is neither, listing what the model holds. "all-linear" takes
     every one of them but the output layer, as peft does; no target_modules, peft's default for the
     model type (whose entries need not all match, as in peft)."""
+    if adapts_no_module(model, config):
+        return []
     names = named_targets(model, config)
     target_modules = target_spec(model, config)
     modules = dict(model.named_modules())
@@ -223,6 +238,11 @@ def check_loaded_targets(model: nn.Module, config: LoraConfig, targets: list[str
     if wrong:
         raise ValueError(f"the weights adapt modules that are not nn.Linear or Conv1D: {_few(wrong)}")
     _check_bases(targets, modules)
+    if adapts_no_module(model, config):
+        if targets:
+            raise ValueError(f"the weights adapt {_few(targets)}, which the config's target_modules "
+                             f"({config.target_modules!r}, beside target_parameters) does not name")
+        return
     # no target_modules: peft's default for the model type, as peft loads such a file (an unknown type: refused)
     spec, exclude = _as_set(target_spec(model, config)), _as_set(config.exclude_modules)
     if isinstance(exclude, str):
