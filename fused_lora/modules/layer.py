@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .. import dispatch
 from ..core.dropout import adapter_seed, seed_for
 from ..core.reference import lora_delta_weight
-from .bases import QDORA_REFUSAL, ExpertStack, base_kind, base_refusal, conv1d_class, is_conv1d
+from .bases import EXPERTS_NO_MIXED, QDORA_REFUSAL, ExpertStack, base_kind, base_refusal, conv1d_class, is_conv1d
 from .call_context import call_value
 from .validation import (BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_flag,
                          check_init_lora_weights, lora_scaling)
@@ -445,6 +445,8 @@ class FusedLoRALinear(nn.Module):
             adapter_names = self._model_call_names()
         self._check_input(x)
         if adapter_names is not None:
+            if self.base_kind.grouped:
+                raise ValueError(f"FusedLoRALinear over an expert stack: {EXPERTS_NO_MIXED}")
             used, row_adapter = self._row_adapters(x, adapter_names)
         x, weight, bias = self.base_kind.inputs(self, x, group_sizes)
         if self.merged or self._disabled:
