@@ -29,7 +29,8 @@ from . import weighted
 from .adapters import load_adapter, load_extra_adapter, plan_save, write_adapter
 from .config import LoraConfig
 from .experts import expert_targets
-from .targets import check_dora_targets, find_modules_to_save, find_targets, is_adaptable, named_targets, target_spec
+from .targets import (check_dora_targets, find_modules_to_save, find_targets, is_adaptable, named_targets,
+                      refuse_peft_moe_renames, target_spec)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # transformers' names of a model's main input, whose first dimension is the batch
@@ -358,6 +359,7 @@ class LoraModel(nn.Module):
                              "adapter (a further one is refused)")
         ours = sorted(n for n, _ in self.linear_layers())
         if targets is None:
+            refuse_peft_moe_renames(self.model, config)
             inside = tuple(f"{n}.{experts_impl.ADAPTERS_ATTR}." for n in self.expert_modules())
             targets = [n for n in named_targets(self.model, config, adaptable=lambda m: (
                 isinstance(m, FusedLoRALinear) and not m.base_kind.grouped) or is_adaptable(m))
