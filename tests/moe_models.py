@@ -16,11 +16,11 @@ def _common(**kw):
                 num_key_value_heads=1, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
 
 
-def _build(kind: str):
+def _build(kind: str, experts: int = EXPERTS):
     t = transformers
     if kind == "qwen3_moe":
         return t.Qwen3MoeForCausalLM(t.Qwen3MoeConfig(**_common(intermediate_size=32, moe_intermediate_size=8,
-                                                                num_experts=EXPERTS, num_experts_per_tok=TOP_K)))
+                                                                num_experts=experts, num_experts_per_tok=TOP_K)))
     if kind == "mixtral":
         return t.MixtralForCausalLM(t.MixtralConfig(**_common(intermediate_size=8, num_local_experts=EXPERTS,
                                                              num_experts_per_tok=TOP_K)))
@@ -42,10 +42,10 @@ def _build(kind: str):
 KINDS = ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gpt_oss"]
 
 
-def tiny_moe(kind: str, seed: int = 0, dtype=torch.float32):
-    """A tiny MoE causal LM of `kind` with N(0, 0.2) weights (norms' weights 1)."""
+def tiny_moe(kind: str, seed: int = 0, dtype=torch.float32, experts: int = EXPERTS):
+    """A tiny MoE causal LM of `kind` with N(0, 0.2) weights (norms' weights 1); `experts` for qwen3_moe."""
     torch.manual_seed(seed)
-    model = _build(kind)
+    model = _build(kind, experts)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
