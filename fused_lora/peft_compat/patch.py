@@ -34,6 +34,17 @@ unpatched peft under the same seed, "peft's function" means:
   patched run is reproducible from `torch.manual_seed`. tests/peft_compat/test_patch_peft_dropout.py checks
   the distribution over many draws against peft's.
 
+Expert stacks (peft's `target_parameters`, `lora.ParamWrapper`): peft nests one ParamWrapper per adapted
+parameter around a transformers experts module and, on every forward, folds W + s B A into each wrapped stack
+(a temporary the size of the stack) before running the experts module. patch_peft gives the outermost wrapper a
+`PatchedExpertsForward` that computes the whole experts module through `fused_lora.ops.grouped` instead
+(`fused_lora.modules.experts.grouped_experts`: transformers' routing and weights, the class's activation and
+flags), each wrapped stack with its active adapter's lora_A / lora_B seen in the op's layout (views of peft's
+tensors, so their gradients reach them), never forming W + s B A. It defers to peft's forward when any wrapper is
+disabled, merged or has no single active adapter of its own, for LoRA variants, lora_bias, hooks, expert
+parallelism, an experts implementation whose function it does not compute (other than eager, grouped_mm,
+batched_mm, fused_lora), and inputs of another dtype or device than the stacks. (peft refuses dropout there.)
+
 Arithmetic differences from peft: the same math in another order (fp32 results agree to
 rounding). Adapter weights whose dtype differs from the input (peft keeps fp32 adapters on a
 bf16 model by default) are cast to the input's dtype for the computation, as `FusedLoRALinear`
@@ -475,6 +486,10 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
     function (to rounding; with plain LoRA's dropout in training, in distribution: its own masks,
     see the module doc). Saving, loading, merging, `set_adapter`, `disable_adapter` and trainers are
     left entirely to peft.
+
+    Expert stacks (peft's `ParamWrapper`, `target_parameters`): the outermost wrapper of an experts module runs
+    the whole module through the grouped op (`fused_lora.ops.grouped`) with every wrapped stack's active
+    adapter, never folding W + s B A into the stacks; each wrapper is listed in the report.
 
     Layers it cannot take keep peft's forward and are listed with the reason in the returned
     model's `fused_lora_report` (a `PatchReport`), whose one-line summary is printed unless
