@@ -215,7 +215,7 @@ class FusedLoRALinear(nn.Module):
     @torch.no_grad()
     def _reset(lora_A: Tensor, lora_B: Tensor, r: int, init_lora_weights: InitSpec) -> None:
         # Seen as 2-D (experts x r rows of A, as peft's lora_A of an expert stack), so the bounds are a Linear's.
-        lora_A, lora_B = lora_A.view(-1, lora_A.shape[-1]), lora_B.view(-1, lora_B.shape[-1])
+        lora_A, lora_B = lora_A.flatten(0, -2), lora_B.flatten(0, -2)
         if init_lora_weights == "gaussian":
             nn.init.normal_(lora_A, std=1.0 / r)
         else:

@@ -200,3 +200,21 @@ def test_dropout_is_our_extension_and_refused_by_name_on_save(tmp_path):
     with pytest.raises(ValueError, match=r"lora_dropout=0.25 on expert stacks \(target_parameters\).*peft"):
         ours.save_pretrained(tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_disable_adapter_and_unload_as_peft(tmp_path):
+    base, ours, theirs = ours_from_peft("gpt_oss", tmp_path)
+    ours.eval()
+    ids = token_ids()
+    with ours.disable_adapter(), theirs.disable_adapter():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, **LOGITS)
+        torch.testing.assert_close(ours(ids).logits, base(ids).logits, **LOGITS)
+    before = {n: p.detach().clone() for n, p in experts_of(ours.model).named_parameters(recurse=False)}
+    plain = ours.unload()
+    assert not any("lora" in n for n, _ in plain.named_modules())
+    assert plain.config._experts_implementation == "grouped_mm"
+    experts = experts_of(plain)
+    assert not experts._forward_pre_hooks  # the guard is gone with the adapters
+    for n, w in before.items():
+        assert torch.equal(getattr(experts, n), w), n  # unload merges nothing
+    torch.testing.assert_close(plain(ids).logits, base(ids).logits, **LOGITS)
