@@ -11,7 +11,7 @@
 # Output goes to $OUT when set, else benchmarks/out.
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S, GPU_CHECK_SKIP (stages not to run: any of info tests
-# hopper layer multi finetune quant dora, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
+# hopper layer multi finetune quant dora moe, e.g. to rerun one part), PYTHON, LAYER_SHAPES ("M K N [ranks]; ..."), LAYER_ARGS,
 # FINETUNE_ARGS, TEST_FILES, HOPPER_TEST_FILES; FUSED_LORA_CACHE_DIR (default $OUT/backend_cache: auto
 # tunes afresh).
 #
@@ -123,6 +123,11 @@ stage quant_kernels 60 80 quant_kernels.log "$py" benchmarks/bench_quant_kernels
 FUSED_LORA_CACHE_DIR="$out/test_backend_cache" \
     stage dora_tests 60 10 dora_tests.log "$py" -m pytest -q -p no:cacheprovider tests/ops/test_dora.py -k "triton or only"
 stage dora 90 10 dora.log "$py" benchmarks/bench_dora.py --gpu-suite --out "$out/dora.csv"
+
+# LoRA on expert stacks (issue 20): an MoE block (16 experts, top-2, 8192 tokens, bf16), fused_lora's expert LoRA
+# against peft's target_parameters and the base block through transformers' "grouped_mm" (torch's grouped GEMM);
+# a correctness line first (the block's output against peft's with the same adapter), then the target <= 1.10x.
+stage moe 90 10 moe.log "$py" benchmarks/bench_moe.py --gpu-suite --out "$out/moe.csv"
 
 # What auto chose for each key, with the timings behind it (read from FUSED_LORA_CACHE_DIR).
 timeout 60 "$py" -c "from fused_lora import backends; print(backends.report())" > "$out/backends_report.txt" 2>&1 \

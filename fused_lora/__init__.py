@@ -6,6 +6,8 @@ Public API:
     lora_linear_multi               the same with several adapters, one per row (mixed batches)
     dora_linear                     the DoRA op (weight-decomposed LoRA, peft's use_dora; differentiable)
     lora_linear_grouped             LoRA on a 3-D expert stack, rows grouped by expert (mixture of experts)
+    register_experts_implementation "fused_lora" in transformers' ExpertsInterface (MoE experts through the
+                                    grouped op; LoraConfig(target_parameters=...) adapts the expert stacks)
     LoraConfig, get_lora_model      adapt a whole model (peft's vocabulary)
     LoraModel                       the adapted model: counts, merge_and_unload, save/load
     patch_peft, unpatch_peft        run an existing peft model's LoRA layers through the fused op
@@ -26,6 +28,7 @@ from .peft_compat.adapters import AdapterError
 from .modules.adapter_range import AdapterRangeError
 from .dispatch import BackendUnavailable
 from .peft_compat.config import LoraConfig
+from .modules.experts import register_experts_implementation
 from .modules.layer import FusedLoRALinear
 from .peft_compat.model import LoraModel, get_lora_model
 from .ops import dora_linear, lora_linear, lora_linear_grouped, lora_linear_multi, lora_linear_quant
@@ -34,9 +37,9 @@ from .modules.quantized import QuantizedLinear, QuantizedWeight, quantize_int8, 
 from .peft_compat.quantize import quantize_model
 
 
-__all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_multi", "dora_linear", "lora_linear_grouped", "LoraConfig",
-           "get_lora_model", "LoraModel", "AdapterError", "AdapterRangeError", "BackendUnavailable", "patch_peft",
-           "unpatch_peft",
+__all__ = ["FusedLoRALinear", "lora_linear", "lora_linear_multi", "dora_linear", "lora_linear_grouped",
+           "register_experts_implementation", "LoraConfig", "get_lora_model", "LoraModel", "AdapterError",
+           "AdapterRangeError", "BackendUnavailable", "patch_peft", "unpatch_peft",
            "quantize_model", "QuantizedLinear", "QuantizedWeight", "quantize_nf4", "quantize_int8", "lora_linear_quant",
            "LoraTrainer", "lora_trainer_class", "__version__"]
 

@@ -20,7 +20,7 @@ from .. import dispatch
 from ..core.dropout import adapter_seed, seed_for
 from ..core.reference import lora_delta_weight
 from .adapter_range import compute_adapter
-from .bases import QDORA_REFUSAL, base_kind, base_refusal, conv1d_class, is_conv1d
+from .bases import EXPERTS_NO_MIXED, QDORA_REFUSAL, ExpertStack, base_kind, base_refusal, conv1d_class, is_conv1d
 from .convert_bnb import base_compute_dtype
 from .call_context import call_value
 from .validation import (BASE_ADAPTER_NAME, check_adapter_args, check_adapter_name, check_flag,
@@ -131,9 +131,12 @@ class FusedLoRALinear(nn.Module):
         read through a transposed view, `fan_in_fan_out`): weight and bias are shared (same storage)
         and frozen. A quantized base (bitsandbytes' Linear4bit NF4 / Linear8bitLt, or fused_lora's
         QuantizedLinear) is held as a frozen `QuantizedWeight` sharing its packed tensors (see
-        `fused_lora.modules.bases` for what changes: merge refused, to_linear 16-bit)."""
-        if not isinstance(linear, nn.Linear) and not is_conv1d(linear) and not base_kind(linear).quantized:
-            raise TypeError(f"from_linear expects an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+        `fused_lora.modules.bases` for what changes: merge refused, to_linear 16-bit). An `ExpertStack` (one
+        3-D parameter of a transformers experts module) gives a layer over the expert stack: its adapter is
+        lora_A (E, r, in), lora_B (E, out, r), and its forward takes `group_sizes` (x's rows sorted by expert)."""
+        if not (isinstance(linear, (nn.Linear, ExpertStack)) or is_conv1d(linear) or base_kind(linear).quantized):
+            raise TypeError(f"from_linear expects an nn.Linear, a transformers Conv1D or an ExpertStack, got "
+                            f"{type(linear).__name__}")
         refusal = base_refusal(linear)
         if refusal:
             raise ValueError(f"FusedLoRALinear.from_linear: cannot adapt this {type(linear).__name__}: {refusal}")
@@ -144,6 +147,9 @@ class FusedLoRALinear(nn.Module):
         if use_dora and base_kind(linear).quantized:
             raise ValueError(f"FusedLoRALinear.from_linear: use_dora=True over a quantized base "
                              f"({type(linear).__name__}) is not supported: {QDORA_REFUSAL}")
+        if use_dora and base_kind(linear).grouped:
+            raise ValueError("FusedLoRALinear.from_linear: use_dora=True over an expert stack is not supported (DoRA on "
+                             "expert weights is not implemented; peft's ParamWrapper refuses it too)")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._attach_base(linear)
@@ -155,10 +161,11 @@ class FusedLoRALinear(nn.Module):
     def _attach_base(self, linear: nn.Module) -> None:
         self.base_kind = base_kind(linear)  # the base axis, chosen once (modules.bases)
         linear = self.base_kind.attach(linear)
-        self.fan_in_fan_out = is_conv1d(linear)
-        self.out_features, self.in_features = self.base_weight(linear.weight).shape
-        self.weight = linear.weight
-        self.bias = linear.bias
+        self.fan_in_fan_out = self.base_kind.stored_in_out(linear)  # in x out storage (Conv1D, a transposed stack)
+        shape = self.base_weight(linear.weight).shape  # (out, in), or (experts, out, in)
+        self.num_experts = shape[0] if len(shape) == 3 else None
+        self.out_features, self.in_features = shape[-2:]
+        self.base_kind.hold(self, linear)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -173,8 +180,9 @@ class FusedLoRALinear(nn.Module):
                              adapter_dtype or self.weight.dtype, self.weight.device)
 
     def _create_adapter(self, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, dtype, device):
-        lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
-        lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
+        lead = self.base_kind.adapter_lead(self)  # (experts,) over an expert stack
+        lora_A = nn.Parameter(torch.empty(*lead, r, self.in_features, device=device, dtype=dtype))
+        lora_B = nn.Parameter(torch.empty(*lead, self.out_features, r, device=device, dtype=dtype))
         self._reset(lora_A, lora_B, r, init_lora_weights)
         self._adapter_settings[name] = AdapterSettings(r, lora_alpha, float(lora_dropout), use_rslora,
                                                        lora_scaling(r, lora_alpha, use_rslora))
@@ -210,6 +218,8 @@ class FusedLoRALinear(nn.Module):
     @staticmethod
     @torch.no_grad()
     def _reset(lora_A: Tensor, lora_B: Tensor, r: int, init_lora_weights: InitSpec) -> None:
+        # Seen as 2-D (experts x r rows of A, as peft's lora_A of an expert stack), so the bounds are a Linear's.
+        lora_A, lora_B = lora_A.flatten(0, -2), lora_B.flatten(0, -2)
         if init_lora_weights == "gaussian":
             nn.init.normal_(lora_A, std=1.0 / r)
         else:
@@ -372,9 +382,10 @@ class FusedLoRALinear(nn.Module):
         return self.base_kind.quantized
 
     def base_weight(self, weight: Optional[Tensor] = None) -> Tensor:
-        """The base weight as out x in (a transposed view of a Conv1D's in x out weight: the op takes strides)."""
+        """The base weight as out x in (a transposed view of a Conv1D's in x out weight: the op takes strides;
+        over an expert stack, experts x out x in)."""
         weight = self.weight if weight is None else weight
-        return weight.t() if self.fan_in_fan_out else weight
+        return weight.transpose(-2, -1) if self.fan_in_fan_out else weight
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -423,18 +434,26 @@ class FusedLoRALinear(nn.Module):
         per_sample = torch.tensor([index[n] for n in adapter_names], dtype=torch.int64)
         return used, per_sample.repeat_interleave(math.prod(x.shape[1:-1])).to(x.device)
 
-    def forward(self, x: Tensor, adapter_names: Optional[Sequence[str]] = None) -> Tensor:
+    def forward(self, x: Tensor, adapter_names: Optional[Sequence[str]] = None,
+                group_sizes: Optional[Tensor] = None) -> Tensor:
         """y = x W^T + b + s B A dropout(x) with the active adapter; with `adapter_names` (one name per
         sample, i.e. per index of x's first dimension; "__base__" for none) each sample uses its own
         adapter, in eval and training mode (each adapter's gradients from its own samples only).
         Within a LoraModel call with adapter_names, the model's names apply (`call_value`; a call of the
-        same model from another thread has its own)."""
+        same model from another thread has its own).
+
+        Over an expert stack (`ExpertStack`): x (M, in) holds its rows sorted by expert, `group_sizes[e]` of
+        them for expert e (int64, shape (experts,), on x's device, summing to M), and y_e = x_e W_e^T + b_e +
+        s B_e A_e dropout(x_e) (`fused_lora.ops.grouped`); x is cast to the stack's dtype (as transformers'
+        grouped_mm does); adapter_names is refused."""
         if adapter_names is None:
             adapter_names = self._model_call_names()
         self._check_input(x)
         if adapter_names is not None:
+            if self.base_kind.grouped:
+                raise ValueError(f"FusedLoRALinear over an expert stack: {EXPERTS_NO_MIXED}")
             used, row_adapter = self._row_adapters(x, adapter_names)
-        x, weight, bias = self.base_kind.inputs(self, x)
+        x, weight, bias = self.base_kind.inputs(self, x, group_sizes)
         if self.merged or self._disabled:
             return self.base_kind.plain(x, weight, bias)
         if adapter_names is not None:
@@ -642,7 +661,8 @@ class FusedLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         runs = dispatch.describe(self.weight.device, self.weight.dtype, self.r, self.backend)
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+        return ((f"experts={self.num_experts}, " if self.num_experts is not None else "") +
+                f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {'fan_in_fan_out=True, ' if self.fan_in_fan_out else ''}"
                 f"r={self.r}, lora_alpha={self.lora_alpha}, "
                 f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "

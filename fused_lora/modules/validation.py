@@ -140,6 +140,17 @@ def check_modules_to_save(value) -> None:
         raise TypeError(f"modules_to_save must hold only strings, got {short_repr(bad[0])} ({type(bad[0]).__name__})")
 
 
+def check_target_parameters(value) -> None:
+    """None or a list of parameter names (a string is refused, as peft refuses it)."""
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, list):
+        raise TypeError(f"target_parameters must be None or a list of parameter names, got {type(value).__name__}")
+    bad = [t for t in value if not isinstance(t, str) or not t]
+    if bad:
+        raise TypeError(f"target_parameters must hold only non-empty strings, got {short_repr(bad[0])}")
+
+
 def check_bias(bias) -> None:
     if not isinstance(bias, str) or bias not in BIAS_VALUES:
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {short_repr(bias)}")

@@ -45,6 +45,8 @@ from ..modules.adapter_range import range_problem
 from ..modules.variants import MAGNITUDE, is_dora
 from .config import LoraConfig
 from ..core.files import name_max, read_regular_file
+from .experts import (expert_targets, file_prefixes, file_shapes, from_peft_A, from_peft_B, to_peft_A,
+                      to_peft_B)
 from .targets import base_features, check_loaded_targets, find_modules_to_save
 from ..modules.validation import check_backend
 
@@ -141,21 +143,24 @@ def _cast_file_tensor(where: str, key: str, t: torch.Tensor, dtype: torch.dtype)
     return out
 
 
-def _check_compute_range(where: str, lora_model, values: dict[str, torch.Tensor], slot: str = "default") -> None:
-    """The adapter's A and B (`values`: cast values by peft key, without the prefix) against the dtype each
-    layer computes its LoRA branch in, the base weight's (`modules.adapter_range`: the fused ops cast the
-    adapter to it on every call): A, B, s and s B must fit it. AdapterError naming the keys otherwise."""
-    for name, layer in lora_model.lora_layers():
-        lora_A, lora_B = values.get(f"{name}.lora_A.weight"), values.get(f"{name}.lora_B.weight")
-        if lora_A is None or lora_B is None:
+def _check_compute_range(where: str, lora_model, staged, slot: str = "default") -> None:
+    """The adapter's A and B about to be copied (`staged`: (peft key without the prefix, destination, value in
+    the layer's own layout)) against the dtype each layer computes its LoRA branch in, the base weight's
+    (`modules.adapter_range`: the fused ops cast the adapter to it on every call): A, B, s and s B must fit it.
+    Layers are found by their destination tensors, so expert stacks (peft's keys, another layout) are checked
+    as Linear layers are. AdapterError naming the keys otherwise."""
+    by_dest = {id(dest): (key, value) for key, dest, value in staged}
+    for _, layer in lora_model.lora_layers():
+        dest_A, dest_B = layer.adapter_weights(slot)
+        if id(dest_A) not in by_dest or id(dest_B) not in by_dest:
             continue
+        (key_A, lora_A), (key_B, lora_B) = by_dest[id(dest_A)], by_dest[id(dest_B)]
         problem = range_problem(lora_A, lora_B, layer.adapter_settings(slot).scaling, layer.weight.dtype)
         if problem is not None:
-            raise AdapterError(f"{where}: keys {PREFIX + name + '.lora_A.weight'!r} / '.lora_B.weight': {problem}, "
-                               f"the dtype this model computes the adapter's LoRA branch in (its base weight's; "
-                               f"the fused ops cast the adapter to it on every call, where peft computes in the "
-                               f"adapter's dtype). Load it into a model of a wider dtype, or keep the adapter "
-                               f"within that range")
+            raise AdapterError(f"{where}: keys {PREFIX + key_A!r} / {PREFIX + key_B!r}: {problem}, the dtype this "
+                               f"model computes the adapter's LoRA branch in (its base weight's; the fused ops cast "
+                               f"the adapter to it on every call, where peft computes in the adapter's dtype). Load "
+                               f"it into a model of a wider dtype, or keep the adapter within that range")
 
 
 # ---------------------------------------------------------------- what an adapter holds
@@ -173,7 +178,12 @@ def adapter_state(lora_model, adapter_name: Optional[str] = None) -> dict[str, t
     slot = lora_model.slot(adapter_name)
     out = {}
     owners = []
-    for name, layer in lora_model.lora_layers():
+    stacks = dict(_expert_layers(lora_model))
+    for target, prefix in _expert_prefixes(lora_model).items():  # peft's ParamWrapper layout
+        lora_A, lora_B = stacks[target].adapter_weights(slot)
+        out[f"{PREFIX}{prefix}.lora_A.weight"] = to_peft_A(lora_A)
+        out[f"{PREFIX}{prefix}.lora_B.weight"] = to_peft_B(lora_B)
+    for name, layer in lora_model.linear_layers():
         owners.append(name)
         # The adapter the config describes, whichever a layer has active.
         out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = layer.adapter_weights(slot)
@@ -190,6 +200,35 @@ def adapter_state(lora_model, adapter_name: Optional[str] = None) -> dict[str, t
     if cfg.bias == "all":
         out.update((f"{PREFIX}{n}", p) for n, p in _other_biases(lora_model.model, owners))
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _expert_layers(lora_model) -> list[tuple[tuple[str, str], object]]:
+    """((experts module, parameter), layer) of every adapted expert stack."""
+    return [((m, p), layer) for m, p, layer in lora_model.expert_layers()]
+
+
+def _expert_prefixes(lora_model) -> dict[tuple[str, str], str]:
+    """(experts module, parameter) -> its module path in peft's files (`experts.file_prefixes`)."""
+    targets: dict[str, list[str]] = {}
+    for (module, param), _ in _expert_layers(lora_model):
+        targets.setdefault(module, []).append(param)  # the module's parameter order: how they were attached
+    return file_prefixes(targets)
+
+
+def _expert_file_keys(lora_model) -> dict[str, tuple[object, int]]:
+    """File key (without PREFIX) of each expert stack's lora_A / lora_B -> (its layer, 0 for A or 1 for B)."""
+    layers = dict(_expert_layers(lora_model))
+    out = {}
+    for target, prefix in _expert_prefixes(lora_model).items():
+        out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = (layers[target], 0), (layers[target], 1)
+    return out
+
+
+def _from_file_layout(entry, t: torch.Tensor) -> torch.Tensor:
+    """An expert stack's lora_A (r E, in) / lora_B (out, r E) from peft's file as the layer's (E, r, in) /
+    (E, out, r)."""
+    layer, which = entry
+    return (from_peft_A if which == 0 else from_peft_B)(t, layer.num_experts)
 
 
 # ---------------------------------------------------------------- saving
@@ -401,6 +440,11 @@ def plan_save(lora_model, directory, adapter_name: Optional[str] = None) -> Save
     peft_config = lora_model.peft_config[adapter_name]
     peft_config.validate()  # a mutable dataclass: never write a config that would not load
     _check_config_matches_layers(lora_model, adapter_name)
+    if peft_config.lora_dropout > 0 and any(True for _ in lora_model.expert_layers()):
+        raise ValueError(f"save_pretrained: adapter {adapter_name!r} has lora_dropout={peft_config.lora_dropout} on "
+                         "expert stacks (target_parameters): dropout there is fused_lora's extension, which peft "
+                         "refuses, so peft could not load this file; nothing was written (train expert adapters "
+                         "you save in peft's format with lora_dropout=0)")
     directory = os.fspath(directory)
     _check_directory(directory)
     config = peft_config.to_peft_dict()
@@ -656,6 +700,17 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str]
     return want, to_save
 
 
+def expected_expert_tensors(model: nn.Module, config: LoraConfig) -> dict[str, tuple[torch.Size, None]]:
+    """Key -> (shape, None) of the expert stacks' lora_A (r E, in) / lora_B (out, r E) in peft's layout, for the
+    config's target_parameters on (unadapted) `model`."""
+    want = {}
+    targets = expert_targets(model, config.target_parameters)
+    for (module, param), prefix in file_prefixes(targets).items():
+        shape_A, shape_B = file_shapes(model, module, param, config.r)
+        want[f"{prefix}.lora_A.weight"], want[f"{prefix}.lora_B.weight"] = (shape_A, None), (shape_B, None)
+    return want
+
+
 def _peft_redundant(key: str, to_save, want) -> bool:
     """Whether `key` is one of peft's duplicates of a modules_to_save module's tensors (bias="all" writes
     `<module>.original_module.*` and `<module>.modules_to_save.*`): accepted, not loaded. The one rule of
@@ -670,16 +725,18 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
     """Check the tensors against the model; returns the modules to adapt (named by the file) and the
     tensors to load, by key (peft's redundant copies left out). Values are checked again after the
     cast to the model's dtypes (_cast_file_tensor), once the layers that hold them exist."""
-    targets = targets_in(tensors)
     embedding = [k for k in tensors if ".lora_embedding_" in k or k.endswith(".base_layer.weight")]
     if embedding:
         raise AdapterError(f"{where}: key {PREFIX + embedding[0]!r} is peft's LoRA on an embedding layer (or the "
                            "base weights peft saves with it): only Linear and Conv1D layers are supported")
     try:
-        if not targets:
+        stacks = expected_expert_tensors(model, config)  # target_parameters: a list of names, matched as peft does
+        targets = targets_in({k: t for k, t in tensors.items() if k not in stacks})
+        if not targets and not stacks:
             raise ValueError("the weights hold no lora_A / lora_B tensors")
         check_loaded_targets(model, config, targets)
         want, to_save = expected_tensors(model, config, targets)
+        want.update(stacks)
     except ValueError as err:
         raise AdapterError(f"{where}: the adapter does not fit this model: {err}") from err
     redundant = {k for k in tensors if _peft_redundant(k, to_save, want)}
@@ -724,12 +781,12 @@ def load_adapter(cls, model: nn.Module, directory, is_trainable: bool = False, b
         config.inference_mode = not is_trainable  # as peft: is_trainable decides
         lora_model.peft_config[adapter_name] = config
         # Every value is cast and checked before any is copied.
-        staged = {}
+        staged = []
         for key, t in to_load.items():
-            dest = _destination(lora_model, key)
-            staged[key] = (dest, _cast_file_tensor(where, PREFIX + key, t, dest.dtype))
-        _check_compute_range(where, lora_model, {key: value for key, (_, value) in staged.items()})
-        for dest, value in staged.values():
+            dest, layout = _destination(lora_model, key)
+            staged.append((key, dest, layout(_cast_file_tensor(where, PREFIX + key, t, dest.dtype))))
+        _check_compute_range(where, lora_model, staged)
+        for _, dest, value in staged:
             dest.copy_(value)
         if not is_trainable:
             lora_model.requires_grad_(False)
@@ -748,15 +805,19 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
     again: the model is left as it was)."""
     config, tensors = read_adapter(directory)
     where = str(directory)
-    theirs = targets_in(tensors)
+    stacks = _expert_file_keys(lora_model)
+    theirs = targets_in({k: t for k, t in tensors.items() if k not in stacks})
     try:  # the model's rules for a further adapter, on the modules the file's keys adapt
         lora_model.check_new_config(config, "load_adapter", targets=theirs)
     except ValueError as err:
         raise AdapterError(f"{where}: {err}") from err
     want = {}
-    for name, layer in lora_model.lora_layers():
+    for name, layer in lora_model.linear_layers():
         want[f"{name}.lora_A.weight"] = (config.r, layer.in_features)
         want[f"{name}.lora_B.weight"] = (layer.out_features, config.r)
+    for key, (layer, which) in stacks.items():  # peft's layout: (r E, in) and (out, r E)
+        rE = config.r * layer.num_experts
+        want[key] = (rE, layer.in_features) if which == 0 else (layer.out_features, rE)
     extra = sorted(set(tensors) - set(want))
     if extra:
         raise AdapterError(f"{where}: key {PREFIX + extra[0]!r} names no tensor of this model's adapter")
@@ -779,15 +840,15 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
         config, fan_in_fan_out=lora_model.peft_config[adapter_name].fan_in_fan_out)
     slot = lora_model.slot(adapter_name)
     try:  # every value cast and checked (in the dtype the new adapter has) before any is copied
-        staged = {}
-        for name, layer in lora_model.lora_layers():
-            for key, dest in zip((f"{name}.lora_A.weight", f"{name}.lora_B.weight"), layer.adapter_weights(slot)):
-                staged[key] = (dest, _cast_file_tensor(where, PREFIX + key, tensors[key], dest.dtype))
-        _check_compute_range(where, lora_model, {key: value for key, (_, value) in staged.items()}, slot)
+        staged = []
+        for key in want:
+            dest, layout = _destination(lora_model, key, slot)
+            staged.append((key, dest, layout(_cast_file_tensor(where, PREFIX + key, tensors[key], dest.dtype))))
+        _check_compute_range(where, lora_model, staged, slot)
     except BaseException:
         lora_model.delete_adapter(adapter_name)
         raise
-    for dest, value in staged.values():
+    for _, dest, value in staged:
         dest.copy_(value)
     if is_trainable:
         lora_model.set_requires_grad(adapter_name)
@@ -803,10 +864,16 @@ def load_weights_into(lora_model, directory) -> None:
     top = directory if os.path.isfile(os.path.join(directory, WEIGHTS_NAME)) else os.path.join(directory, first)
     plan = [(first, top)] + [(name, os.path.join(directory, name)) for name in lora_model.peft_config
                              if name != first and os.path.isfile(os.path.join(directory, name, WEIGHTS_NAME))]
-    checked = [(name, _checked_checkpoint(lora_model, where, name)) for name, where in plan]
-    for name, tensors in checked:
-        for key, t in tensors.items():
-            _destination(lora_model, key[len(PREFIX):], lora_model.slot(name)).copy_(t)
+    staged = []
+    for name, where in plan:
+        slot, mine = lora_model.slot(name), []
+        for key, t in _checked_checkpoint(lora_model, where, name).items():
+            dest, layout = _destination(lora_model, key[len(PREFIX):], slot)
+            mine.append((key[len(PREFIX):], dest, layout(t)))
+        _check_compute_range(str(where), lora_model, mine, slot)
+        staged += mine
+    for _, dest, value in staged:
+        dest.copy_(value)
 
 
 def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -835,25 +902,31 @@ def _checked_checkpoint(lora_model, directory, adapter_name: str) -> dict[str, t
                            f"is {tuple(want[bad[0]].shape)}")
     for key, t in tensors.items():
         _check_file_tensor(str(directory), key, t, None if want[key].is_floating_point() else want[key].dtype)
-    cast = {key: _cast_file_tensor(str(directory), key, t, want[key].dtype) for key, t in tensors.items()}
-    _check_compute_range(str(directory), lora_model, {key[len(PREFIX):]: t for key, t in cast.items()},
-                         lora_model.slot(adapter_name))
-    return cast
+    return {key: _cast_file_tensor(str(directory), key, t, want[key].dtype) for key, t in tensors.items()}
 
 
-def _destination(lora_model, key: str, slot: str = "default") -> torch.Tensor:
-    """The tensor of the adapted model a (validated) adapter key is loaded into; lora_A / lora_B go to
-    the layers' adapter `slot` (never merely the active one)."""
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _destination(lora_model, key: str, slot: str = "default"):
+    """(The tensor of the adapted model a (validated) adapter key is loaded into, the map from the file's layout
+    to its own); lora_A / lora_B go to the layers' adapter `slot` (never merely the active one); an expert
+    stack's are in peft's layout in the file."""
     model = lora_model.model
+    stacks = _expert_file_keys(lora_model)
+    if key in stacks:
+        layer, which = stacks[key]
+        return layer.adapter_weights(slot)[which], lambda t, entry=stacks[key]: _from_file_layout(entry, t)
     owner = key.rpartition(".")[0]
     if key.endswith("." + MAGNITUDE):
-        return model.get_submodule(key[: -len(MAGNITUDE) - 1]).adapter_parameters(slot)[2]
+        return model.get_submodule(key[: -len(MAGNITUDE) - 1]).adapter_parameters(slot)[2], _as_is
     if owner.endswith(".lora_A") or owner.endswith(".lora_B"):
         layer, _, attr = owner.rpartition(".")
-        return model.get_submodule(layer).adapter_weights(slot)[0 if attr == "lora_A" else 1]
+        return model.get_submodule(layer).adapter_weights(slot)[0 if attr == "lora_A" else 1], _as_is
     if owner.endswith(".base_layer"):
-        return model.get_submodule(owner[: -len(".base_layer")]).bias
+        return model.get_submodule(owner[: -len(".base_layer")]).bias, _as_is
     for name, module in lora_model.saved_modules():
         if key.startswith(name + "."):
-            return module.trainable.state_dict(keep_vars=True)[key[len(name) + 1:]]
-    return model.get_parameter(key)  # a bias saved under bias="all"
+            return module.trainable.state_dict(keep_vars=True)[key[len(name) + 1:]], _as_is
+    return model.get_parameter(key), _as_is  # a bias saved under bias="all"

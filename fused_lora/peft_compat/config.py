@@ -66,7 +66,9 @@ PEFT_FIELD_RULES: dict[str, FieldRule] = {
     "monteclora_config": FieldRule(REFUSED, "MonteCLoRA (a peft variant) is not implemented"),
     "layer_replication": FieldRule(REFUSED, "layer replication changes the model's structure"),
     "lora_bias": FieldRule(REFUSED, "a bias on lora_B is not implemented"),
-    "target_parameters": FieldRule(REFUSED, "adapting bare parameters is not implemented"),
+    "target_parameters": FieldRule(HONOURED, "the 3-D expert stacks of transformers experts modules (gate_up_proj / "
+                                             "up_proj, down_proj), matched as peft matches them; peft's ParamWrapper "
+                                             "keys and shapes in files; other parameters are refused"),
     "use_bdlora": FieldRule(REFUSED, "block-diagonal LoRA (a peft variant) is not implemented"),
     "arrow_config": FieldRule(REFUSED, "Arrow routing (a peft variant) is not implemented"),
     "kasa_config": FieldRule(REFUSED, "KaSA (a peft variant) is not implemented"),
@@ -82,7 +84,7 @@ TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "s
 # Fields written to adapter_config.json, in peft's vocabulary (so peft can read our adapters).
 PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save",
                "bias", "use_rslora", "init_lora_weights", "fan_in_fan_out", "task_type",
-               "base_model_name_or_path", "inference_mode", "use_dora")
+               "base_model_name_or_path", "inference_mode", "use_dora", "target_parameters")
 
 
 def is_off(value) -> bool:
@@ -126,6 +128,14 @@ class LoraConfig:
     inference_mode: True builds the adapters frozen (peft's meaning).
     use_dora: DoRA (peft's meaning: a trained magnitude per output feature, `lora_magnitude_vector`,
         times the direction W + s B A normalised per row); the first adapter of a model only.
+    target_parameters: peft's name for adapting parameters rather than modules: here the 3-D expert stacks of
+        transformers' mixture-of-experts layers, e.g. ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        (exact names or dotted suffixes, as peft matches them). The experts then compute through
+        `fused_lora.lora_linear_grouped` (the "fused_lora" experts implementation, `fused_lora.modules.experts`);
+        files use peft's ParamWrapper keys and shapes. With target_parameters, target_modules None means peft's
+        default for the model type where peft has one, and no modules otherwise (as peft); `target_modules=[]`
+        adapts no module. lora_dropout on expert stacks is fused_lora's extension (peft refuses it): it trains,
+        and saving such an adapter is refused by name (peft could not load it).
     backend: which implementation runs the adapted layers ("auto", "torch", "triton"); not saved.
 
     target_modules None (peft's default) means the model type's default target modules, peft's table
@@ -152,12 +162,15 @@ class LoraConfig:
     base_model_name_or_path: Optional[str] = None
     inference_mode: bool = False
     use_dora: bool = False  # peft's name: DoRA (weight-decomposed LoRA), see fused_lora.ops.dora
+    target_parameters: Optional[list[str]] = None  # peft's name: expert stacks (3-D parameters) to adapt
     backend: str = field(default="auto", compare=False)
 
     def __post_init__(self):
         if isinstance(self.target_modules, (set, frozenset, tuple)):
             v.check_module_spec("target_modules", self.target_modules)
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_parameters, (set, frozenset, tuple)):  # peft's weight conversion makes a set
+            self.target_parameters = sorted(self.target_parameters)
         if isinstance(self.modules_to_save, (set, frozenset, tuple)):
             v.check_modules_to_save(self.modules_to_save)
             self.modules_to_save = list(self.modules_to_save)
@@ -175,6 +188,7 @@ class LoraConfig:
         v.check_module_spec("target_modules", self.target_modules)
         v.check_module_spec("exclude_modules", self.exclude_modules)
         v.check_modules_to_save(self.modules_to_save)
+        v.check_target_parameters(self.target_parameters)
         v.check_r(self.r)
         v.check_lora_alpha(self.lora_alpha)
         v.check_lora_dropout(self.lora_dropout)

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from ..modules.adapter_range import range_problem
+from ..modules import experts as experts_impl
+from ..modules.bases import EXPERTS_NO_MIXED, ExpertStack
 from ..modules.call_context import call_value, call_values
 from ..modules.convert_bnb import base_compute_dtype, is_quantized_base
 from ..modules.layer import BASE_ADAPTER, DEFAULT_ADAPTER, FusedLoRALinear
@@ -27,7 +29,9 @@ from ..modules.validation import check_adapter_args, check_adapter_name
 from . import weighted
 from .adapters import load_adapter, load_extra_adapter, plan_save, write_adapter
 from .config import LoraConfig
-from .targets import check_dora_targets, find_modules_to_save, find_targets, is_adaptable, named_targets, target_spec
+from .experts import expert_targets
+from .targets import (check_dora_targets, find_modules_to_save, find_targets, is_adaptable, named_targets,
+                      refuse_peft_moe_renames, target_spec)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # transformers' names of a model's main input, whose first dimension is the batch
@@ -74,19 +78,32 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class _Undo:
-    """What adapting a model changes (submodules, requires_grad flags, train/eval), to put back."""
+    """What adapting a model changes (submodules, adapters attached to experts modules, requires_grad flags,
+    train/eval), to put back."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
         self.training = [(m, m.training) for m in model.modules()]
         self.replaced: list[tuple[str, nn.Module]] = []
+        self.attached: list = []  # modules.experts.Attachment, in the order made
 
     def set_submodule(self, name: str, module: nn.Module) -> None:
         self.replaced.append((name, self.model.get_submodule(name)))
         _set_submodule(self.model, name, module)
 
+    def attach(self, module: nn.Module, layers: dict) -> None:
+        self.attached.append(experts_impl.attach(module, layers))
+
+    def detach_experts(self) -> None:
+        """Take the expert adapters off (in reverse: the modules share their model's config) and put the
+        experts implementation back."""
+        for attachment in reversed(self.attached):
+            experts_impl.detach(attachment)
+        self.attached.clear()
+
     def restore(self) -> None:
+        self.detach_experts()
         for name, original in reversed(self.replaced):
             _set_submodule(self.model, name, original)
         self.replaced.clear()
@@ -106,6 +123,17 @@ def refuse_adapted(model: nn.Module) -> None:
                              "base model once (a peft model: fused_lora.patch_peft(model) runs it fused); "
                              "more adapters go on the same LoraModel with add_adapter or load_adapter")
 
+
+
+def _check_expert_config(config: LoraConfig) -> None:
+    """What fused_lora does not compute on expert stacks (peft's ParamWrapper refuses DoRA and lora_bias too; its
+    refusal of dropout is lifted here: fused_lora's extension)."""
+    if config.use_dora:
+        raise ValueError("target_parameters with use_dora=True: DoRA on expert weights is not implemented (peft's "
+                         "ParamWrapper refuses it too)")
+    if config.bias != "none":
+        raise ValueError(f"target_parameters with bias={config.bias!r}: training biases beside expert stacks is not "
+                         "implemented; use bias='none'")
 
 
 def _slot_of(adapter_name: str, first: str) -> str:
@@ -163,13 +191,16 @@ class LoraModel(nn.Module):
         check_adapter_args(config.r, config.lora_dropout, config.init_lora_weights, config.backend,
                            config.lora_alpha, config.use_rslora)
         target_modules = config.target_modules
+        stacks = expert_targets(model, config.target_parameters)  # a list of names, matched as peft does
         if targets is None:
             targets = find_targets(model, config)
             target_modules = target_spec(model, config)  # peft's default for the model type when None
         if config.use_dora:
             check_dora_targets(model, targets)
+        if stacks:
+            _check_expert_config(config)
         to_save = find_modules_to_save(model, config)
-        clash = [n for n in targets if any(n == s or n.startswith(s + ".") for s in to_save)]
+        clash = [n for n in [*targets, *stacks] if any(n == s or n.startswith(s + ".") for s in to_save)]
         if clash:
             raise ValueError(f"modules {clash} are both LoRA targets and (inside) modules_to_save")
         frozen = [f"{n}.{sub}".rstrip(".") for n in to_save
@@ -185,25 +216,33 @@ class LoraModel(nn.Module):
         self._removed_by: Optional[str] = None  # what removed the adapters, once they are gone
         self._undo = _Undo(model)
         try:
-            self._inject(targets, to_save, autocast_adapter_dtype)
+            self._inject(targets, to_save, autocast_adapter_dtype, stacks)
         except BaseException:
             self._undo.restore()
             raise
         config.target_modules = target_modules  # as peft records the default it took
         self.expose_forward_signature()
 
-    def _inject(self, targets: list[str], to_save: list[str], autocast_adapter_dtype: bool) -> None:
+    def _inject(self, targets: list[str], to_save: list[str], autocast_adapter_dtype: bool,
+                stacks: dict[str, list[str]]) -> None:
         model, config = self.model, self.active_peft_config
         model.requires_grad_(False)
         fan_in_fan_out = config.fan_in_fan_out
-        for name in targets:
-            base = model.get_submodule(name)
-            base_dtype = base_compute_dtype(base)
+
+        def adapted(base):
+            base_dtype = base.weight.dtype if isinstance(base, ExpertStack) else base_compute_dtype(base)
             dtype = torch.float32 if autocast_adapter_dtype and base_dtype in _LOW_PRECISION else None
-            layer = FusedLoRALinear.from_linear(
+            return FusedLoRALinear.from_linear(
                 base, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                 use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
                 backend=config.backend, adapter_dtype=dtype, use_dora=config.use_dora)
+
+        for module_name, names in stacks.items():  # an experts module keeps its place; its adapters sit beside it
+            module = model.get_submodule(module_name)
+            self._undo.attach(module, {n: adapted(experts_impl.stack_of(module, n)) for n in names})
+        for name in targets:
+            base = model.get_submodule(name)
+            layer = adapted(base)
             if layer.fan_in_fan_out != fan_in_fan_out:  # peft's rule: the base layer's kind decides, with a warning
                 warnings.warn(f"fan_in_fan_out is set to {fan_in_fan_out} but the target module {name!r} is "
                               f"`{type(base).__name__}`. Setting fan_in_fan_out to {layer.fan_in_fan_out}.",
@@ -319,15 +358,26 @@ class LoraModel(nn.Module):
         if config.use_dora:
             raise ValueError(f"{what}: use_dora=True: in fused_lora only the first adapter of a model can be a DoRA "
                              "adapter (a further one is refused)")
-        ours = sorted(n for n, _ in self.lora_layers())
+        ours = sorted(n for n, _ in self.linear_layers())
         if targets is None:
-            targets = named_targets(self.model, config,
-                                    adaptable=lambda m: isinstance(m, FusedLoRALinear) or is_adaptable(m))
+            refuse_peft_moe_renames(self.model, config)
+            inside = tuple(f"{n}.{experts_impl.ADAPTERS_ATTR}." for n in self.expert_modules())
+            targets = [n for n in named_targets(self.model, config, adaptable=lambda m: (
+                isinstance(m, FusedLoRALinear) and not m.base_kind.grouped) or is_adaptable(m))
+                if not n.startswith(inside)]
         theirs = sorted(targets)
         if theirs != ours:
             raise ValueError(f"{what}: fused_lora adds adapters only on the modules the first adapter targets "
                              f"({len(ours)} modules, e.g. {ours[:3]}); the new adapter adapts "
                              f"{len(theirs)} modules (e.g. {theirs[:3]})")
+        ours_stacks = sorted((m, p) for m, p, _ in self.expert_layers())
+        theirs_stacks = sorted((m, p) for m, names in expert_targets(self.model, config.target_parameters).items()
+                               for p in names)
+        if theirs_stacks != ours_stacks:  # peft's rule for target_parameters too
+            raise ValueError(f"{what}: every adapter targets the same parameters (peft's rule for target_parameters): "
+                             f"the first adapts {len(ours_stacks)} expert stacks (e.g. "
+                             f"{['.'.join(t) for t in ours_stacks[:2]]}), the new one {len(theirs_stacks)} (e.g. "
+                             f"{['.'.join(t) for t in theirs_stacks[:2]]})")
         if config.modules_to_save:
             raise ValueError(f"{what}: modules_to_save belong to the first adapter only in fused_lora; "
                              f"got {config.modules_to_save!r}")
@@ -410,6 +460,9 @@ class LoraModel(nn.Module):
         if not all(map(math.isfinite, weights)):
             raise ValueError(f"{what}: weights must be finite, got {weights}")
         self._check_new_name(adapter_name, what)
+        if any(True for _ in self.expert_layers()):
+            raise ValueError(f"{what}: combining adapters on expert stacks (target_parameters) is not supported (peft's "
+                             "add_weighted_adapter refuses target_parameters too)")
         if combination_type not in weighted.COMBINATION_TYPES + weighted.PEFT_ONLY_TYPES:  # as peft words it
             raise ValueError(f"{what}: Invalid combination_type: {combination_type!r} (one of "
                              f"{', '.join(weighted.COMBINATION_TYPES)})")
@@ -585,6 +638,8 @@ class LoraModel(nn.Module):
                 or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError("adapter_names must be a list of adapter names (str), one per sample")
         self._require_layers("forward(adapter_names=...)")
+        if any(True for _ in self.expert_layers()):
+            raise ValueError(f"forward(adapter_names=...): {EXPERTS_NO_MIXED}")
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER})
         if unknown:
             raise ValueError(f"adapter_names: unknown adapter name(s) {', '.join(map(repr, unknown))}; this model "
@@ -614,7 +669,24 @@ class LoraModel(nn.Module):
     # ---------------------------------------------------------------- inspection
 
     def lora_layers(self) -> Iterator[tuple[str, FusedLoRALinear]]:
+        """Every adapted layer, by module name: over nn.Linear / Conv1D bases and over expert stacks (these are
+        `<experts module>.lora_experts.<parameter>`)."""
         return ((n, m) for n, m in self.model.named_modules() if isinstance(m, FusedLoRALinear))
+
+    def linear_layers(self) -> Iterator[tuple[str, FusedLoRALinear]]:
+        """The adapted layers that replaced a module (nn.Linear, Conv1D, a quantized Linear)."""
+        return ((n, m) for n, m in self.lora_layers() if not m.base_kind.grouped)
+
+    def expert_modules(self) -> list[str]:
+        """The names of the experts modules holding adapters, in the model's order."""
+        return [n for n, m in self.model.named_modules() if experts_impl.adapters_of(m) is not None]
+
+    def expert_layers(self) -> Iterator[tuple[str, str, FusedLoRALinear]]:
+        """(experts module name, parameter name, its layer) for every adapted expert stack, in the model's order and
+        each module's parameter order."""
+        for name in self.expert_modules():
+            for param, layer in experts_impl.adapters_of(self.model.get_submodule(name)).items():
+                yield name, param, layer
 
     def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
         return ((n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSave))
@@ -666,7 +738,9 @@ class LoraModel(nn.Module):
                 if layer.merged:
                     layer.unmerge()
         for name, layer in layers:
-            _set_submodule(self.model, name, layer.base_kind.unloaded(layer))  # the very same tensors, no copy
+            if not layer.base_kind.grouped:  # expert stacks stay in their module: their adapters are taken off below
+                _set_submodule(self.model, name, layer.base_kind.unloaded(layer))  # the very same tensors, no copy
+        self._undo.detach_experts()  # and the experts implementation the model had
         for name, new in rebuilt.items():
             _set_submodule(self.model, name, new)
         for name, m in list(self.saved_modules()):

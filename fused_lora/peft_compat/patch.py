@@ -34,6 +34,17 @@ unpatched peft under the same seed, "peft's function" means:
   patched run is reproducible from `torch.manual_seed`. tests/peft_compat/test_patch_peft_dropout.py checks
   the distribution over many draws against peft's.
 
+Expert stacks (peft's `target_parameters`, `lora.ParamWrapper`): peft nests one ParamWrapper per adapted
+parameter around a transformers experts module and, on every forward, folds W + s B A into each wrapped stack
+(a temporary the size of the stack) before running the experts module. patch_peft gives the outermost wrapper a
+`PatchedExpertsForward` that computes the whole experts module through `fused_lora.ops.grouped` instead
+(`fused_lora.modules.experts.grouped_experts`: transformers' routing and weights, the class's activation and
+flags), each wrapped stack with its active adapter's lora_A / lora_B seen in the op's layout (views of peft's
+tensors, so their gradients reach them), never forming W + s B A. It defers to peft's forward when any wrapper is
+disabled, merged or has no single active adapter of its own, for LoRA variants, lora_bias, hooks, expert
+parallelism, an experts implementation whose function it does not compute (other than eager, grouped_mm,
+batched_mm, fused_lora), and inputs of another dtype or device than the stacks. (peft refuses dropout there.)
+
 Arithmetic differences from peft: the same math in another order (fp32 results agree to
 rounding). Adapter weights whose dtype differs from the input (peft keeps fp32 adapters on a
 bf16 model by default) are cast to the input's dtype for the computation, as `FusedLoRALinear`
@@ -54,10 +65,14 @@ from torch.nn.modules import module as _torch_module
 
 from .. import dispatch
 from ..modules.adapter_range import AdapterRangeError
+from ..core.dropout import no_seed
+from ..modules import experts as experts_impl
 from ..modules.autocast import autocast_inputs
 from ..modules.bases import conv1d_class
 from ..modules.layer import FusedLoRALinear
 from ..modules.variants import dora_forward, lora_forward
+from ..ops.grouped import lora_linear_grouped
+from .experts import from_peft_A, from_peft_B
 
 REPORT_ATTR = "fused_lora_report"
 # Keyword arguments peft's forward pops before calling the base layer; given as None they mean nothing.
@@ -99,14 +114,16 @@ def _peft_classes() -> dict:
             from peft.tuners import lora
         except ImportError as e:  # pragma: no cover - peft is installed wherever a peft model exists
             raise ImportError("fused_lora.patch_peft needs peft (pip install peft)") from e
-        _classes.update(LoraLayer=lora.LoraLayer, Linear=lora.Linear, Conv1D=conv1d_class())
+        _classes.update(LoraLayer=lora.LoraLayer, Linear=lora.Linear, Conv1D=conv1d_class(),
+                        ParamWrapper=getattr(lora, "ParamWrapper", None))
     return _classes
 
 
-def _unhooked(m: nn.Module) -> bool:
-    """No hooks and no instance forward: calling m.forward directly is what m(x) would do."""
+def _unhooked(m: nn.Module, own_forward: bool = False) -> bool:
+    """No hooks and no instance forward (or, with `own_forward`, ours): calling m.forward directly is what m(x)
+    would do."""
     return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or "forward" in m.__dict__)
+                or ("forward" in m.__dict__ and not own_forward))
 
 
 def _global_hooks() -> bool:
@@ -280,6 +297,164 @@ class PatchedForward:
         return f"PatchedForward(backend={self.backend!r})"
 
 
+# ---------------------------------------------------------------- expert stacks: peft's ParamWrapper
+
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_param_wrapper(layer: nn.Module) -> bool:
+    wrapper = _peft_classes()["ParamWrapper"]
+    return wrapper is not None and isinstance(layer, wrapper)
+
+
+def _wrapper_chain(outer: nn.Module) -> list[nn.Module]:
+    """The ParamWrappers nested from `outer` inwards (peft wraps one parameter of a module per wrapper)."""
+    chain = [outer]
+    while _is_param_wrapper(chain[-1].base_layer):
+        chain.append(chain[-1].base_layer)
+    return chain
+
+
+def _chain_fixed_reason(chain: list[nn.Module]) -> Optional[str]:
+    """Why fused_lora cannot compute a ParamWrapper chain's module as peft does, from its structure."""
+    wrapper = _peft_classes()["ParamWrapper"]
+    experts = chain[-1].base_layer
+    if not experts_impl.is_experts_module(experts):
+        return f"ParamWrapper over {type(experts).__name__}, not a transformers experts module"
+    outer_hooked = not _unhooked(chain[0]) and not (_is_patched(chain[0]) and _unhooked(chain[0], own_forward=True))
+    if outer_hooked or not _unhooked(experts) or any(not _unhooked(w) for w in chain[1:]):
+        return "hooks on the experts module or its ParamWrappers"
+    names = [w.parameter_name for w in chain]
+    if len(set(names)) != len(names):
+        return "two ParamWrappers on one parameter"
+    for w in chain:
+        if type(w).forward is not wrapper.forward:
+            return f"peft {type(w).__name__} layer with its own forward"
+        problem = experts_impl.stack_problem(experts, w.parameter_name)
+        if problem:
+            return problem
+    return None
+
+
+def _chain_adapter_reason(chain: list[nn.Module]) -> Optional[str]:
+    """Why peft's active adapter of each wrapper is not one fused_lora computes (None when it is)."""
+    for w in chain:
+        active = w.active_adapters
+        if len(active) != 1:
+            return f"{len(active)} active adapters"
+        name = active[0]
+        if name not in w.lora_A:
+            return f"active adapter {name!r} not on {w.parameter_name}"
+        if name in w.lora_variant or w.use_dora.get(name, False):
+            return "a LoRA variant"
+        lora_A, lora_B, dropout = w.lora_A[name], w.lora_B[name], w.lora_dropout[name]
+        if w.lora_bias.get(name, False) or getattr(lora_B, "bias", None) is not None:
+            return "lora_bias"
+        if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or type(dropout) is not nn.Identity:
+            return "lora_A/lora_B are not nn.Linear, or dropout"
+        if not (_unhooked(lora_A) and _unhooked(lora_B)):
+            return "hooks on lora_A or lora_B"
+        E = w.num_experts
+        if lora_A.weight.shape[0] % E or lora_B.weight.shape[1] != lora_A.weight.shape[0]:
+            return "lora_A / lora_B shapes are not peft's (r x experts, in) / (out, r x experts)"
+    return None
+
+
+def _chain_call_reason(chain: list[nn.Module], args, kwargs) -> Optional[str]:
+    """Why this call of the chain's outermost wrapper goes to peft (None when fused_lora computes it)."""
+    if len(args) != 3 or (kwargs and not (kwargs.keys() <= _PEFT_KWARGS and all(v is None for v in kwargs.values()))):
+        return "arguments other than (hidden_states, top_k_index, top_k_weights)"
+    if any(w.disable_adapters for w in chain):
+        return "adapters disabled"
+    if any(w.merged for w in chain):
+        return "adapter merged"
+    if _global_hooks():
+        return "global module hooks"
+    reason = _chain_fixed_reason(chain) or _chain_adapter_reason(chain)
+    if reason is not None:
+        return reason
+    experts = chain[-1].base_layer
+    implementation = experts.config._experts_implementation
+    if implementation not in experts_impl.SAME_FUNCTION:
+        return f"experts implementation {implementation!r}"
+    if getattr(experts, "_is_expert_parallel", False):
+        return "expert parallelism"
+    x, index, weights = args
+    stacks = [getattr(experts, n) for n in experts_impl.projections(experts)]
+    if not isinstance(x, Tensor) or not isinstance(index, Tensor) or not isinstance(weights, Tensor) \
+            or x.dim() != 2 or index.dim() != 2 or index.shape != weights.shape or index.shape[0] != x.shape[0] \
+            or x.numel() == 0 or index.dtype not in (torch.int32, torch.int64):
+        return "input"
+    if any(t.dtype not in _WEIGHT_DTYPES or t.dtype != x.dtype or t.device != x.device for t in stacks):
+        return "input dtype or device differs from the expert stacks'"
+    if any(w.lora_A[w.active_adapters[0]].weight.device != x.device for w in chain):
+        return "input shape or device"
+    return None
+
+
+def _fused_experts_forward(chain: list[nn.Module], x: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
+                           backend: str) -> Tensor:
+    """What peft's chain computes (the experts with W + s B A folded into each wrapped stack), through the grouped
+    op: each wrapped projection with its active adapter's factors seen in our layout (views of peft's tensors,
+    so their gradients reach them), the others alone."""
+    experts = chain[-1].base_layer
+    adapters = {w.parameter_name: w for w in chain}
+
+    def project(name: str, rows: Tensor, group_sizes: Tensor) -> Tensor:
+        stack = experts_impl.stack_of(experts, name)
+        w = adapters.get(name)
+        if w is None:
+            return lora_linear_grouped(rows, group_sizes, stack.weight, stack.bias, None, None, 0.0,
+                                       transposed=stack.transposed)
+        adapter = w.active_adapters[0]
+        A = from_peft_A(w.lora_A[adapter].weight, w.num_experts).to(rows.dtype)
+        B = from_peft_B(w.lora_B[adapter].weight, w.num_experts).to(rows.dtype)
+        return lora_linear_grouped(rows, group_sizes, stack.weight, stack.bias, A, B, float(w.scaling[adapter]), 0.0,
+                                   no_seed(), backend, stack.transposed)
+
+    return experts_impl.grouped_experts(experts, x, top_k_index, top_k_weights, project)
+
+
+class PatchedExpertsForward:
+    """The `forward` patch_peft sets on the outermost peft `ParamWrapper` of an experts module: the whole experts
+    module (every wrapped stack's LoRA) through the grouped op when peft's state is one fused_lora computes, peft's
+    own forward otherwise."""
+
+    def __init__(self, layer: nn.Module, backend: str):
+        self.layer = layer
+        self.backend = backend
+
+    def __call__(self, *args, **kwargs):
+        layer = self.layer
+        chain = _wrapper_chain(layer)
+        if _chain_call_reason(chain, args, kwargs) is not None:  # peft's forward, exactly as unpatched
+            return type(layer).forward(layer, *args, **kwargs)
+        return _fused_experts_forward(chain, *args, self.backend)
+
+    def __repr__(self) -> str:
+        return f"PatchedExpertsForward(backend={self.backend!r})"
+
+
+def _patch_chains(layers: list[tuple[str, nn.Module]], backend: str, report: "PatchReport") -> None:
+    """Patch each outermost ParamWrapper (its chain computed as one); every wrapper is reported."""
+    for name, layer in layers:
+        if not _is_param_wrapper(layer):
+            continue
+        if any(_is_param_wrapper(m) and m.base_layer is layer for _, m in layers):
+            continue  # an inner wrapper: its outermost one computes it
+        chain = _wrapper_chain(layer)
+        inner = [f"{name}{'.base_layer' * i}" for i in range(len(chain))]
+        reason = _chain_fixed_reason(chain) or _chain_adapter_reason(chain)
+        if reason is None and "forward" in layer.__dict__ and not _is_patched(layer):
+            reason = "forward already replaced on the instance (e.g. by accelerate)"
+        if reason is not None:
+            _unpatch_layer(layer)
+            report.kept.update((n, reason) for n in inner)
+            continue
+        layer.forward = PatchedExpertsForward(layer, backend)
+        report.patched.extend(inner)
+
+
 def _lora_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
     """The model's peft LoRA layers (possibly none); TypeError when `model` is not a model at all."""
     if not isinstance(model, nn.Module):
@@ -297,7 +472,7 @@ def _nothing_to_patch(model: nn.Module) -> str:
 
 
 def _is_patched(layer: nn.Module) -> bool:
-    return isinstance(layer.__dict__.get("forward"), PatchedForward)
+    return isinstance(layer.__dict__.get("forward"), (PatchedForward, PatchedExpertsForward))
 
 
 def _unpatch_layer(layer: nn.Module) -> None:
@@ -319,6 +494,10 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
     function (to rounding; with plain LoRA's dropout in training, in distribution: its own masks,
     see the module doc). Saving, loading, merging, `set_adapter`, `disable_adapter` and trainers are
     left entirely to peft.
+
+    Expert stacks (peft's `ParamWrapper`, `target_parameters`): the outermost wrapper of an experts module runs
+    the whole module through the grouped op (`fused_lora.ops.grouped`) with every wrapped stack's active
+    adapter, never folding W + s B A into the stacks; each wrapper is listed in the report.
 
     Layers it cannot take keep peft's forward and are listed with the reason in the returned
     model's `fused_lora_report` (a `PatchReport`), whose one-line summary is printed unless
@@ -343,12 +522,22 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
     if not layers:  # a script patching whatever peft model it is given must not break on other methods
         warnings.warn(_nothing_to_patch(model), stacklevel=2)
     for name, layer in layers:  # a forced backend that cannot run here fails now, not at every forward
+        if _is_param_wrapper(layer):
+            if _chain_fixed_reason(_wrapper_chain(layer)) is None:
+                weight = getattr(_wrapper_chain(layer)[-1].base_layer, layer.parameter_name)
+                for lora_A in layer.lora_A.values():
+                    dispatch.choose_backend(weight.device, weight.dtype, lora_A.weight.shape[0] // layer.num_experts,
+                                            backend)
+            continue
         if _patch_reason(layer) is None:  # every adapter the layer holds: set_adapter may choose any
             weight = layer.base_layer.weight
             for lora_A in layer.lora_A.values():
                 dispatch.choose_backend(weight.device, weight.dtype, lora_A.weight.shape[0], backend)
     report = PatchReport(backend=backend)
+    _patch_chains(layers, backend, report)
     for name, layer in layers:
+        if _is_param_wrapper(layer):
+            continue
         reason = _patch_reason(layer)
         if reason is None and "forward" in layer.__dict__ and not _is_patched(layer):
             reason = "forward already replaced on the instance (e.g. by accelerate)"

@@ -63,6 +63,58 @@ DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
 }
 
 
+# peft (0.21.2, on transformers 5) reads target_modules of these mixture-of-experts model types as written for
+# transformers 4, whose experts were nn.Linear: before matching, it rewrites the old projection names into
+# target_parameters on the fused 3-D stacks (gate and up both into gate_up_proj, with rank_pattern / alpha_pattern
+# doubling r and alpha there) and the router's name into its weight, and drops them from target_modules; with
+# target_modules None that leaves no module (the model type's default is not taken). A copy of the families and
+# names of peft.utils.transformers_weight_conversion (_MOE_TARGET_MODULE_MAPPING, _MODEL_TO_CONVERSION_PATTERN
+# where transformers has a conversion mapping), carried as DEFAULT_TARGET_MODULES is;
+# tests/peft_compat/test_expert_lora_refusals.py fails when peft's differ.
+PEFT_MOE_RENAMED = {"mixtral": ("gate", "w1", "w2", "w3"), "qwen2_moe": ("gate", "gate_proj", "up_proj", "down_proj")}
+PEFT_MOE_FAMILY = {
+    **dict.fromkeys(("minimax", "minimax_m2", "mixtral"), "mixtral"),
+    **dict.fromkeys(("Dots3NoteTextModel", "UnlimitedOcrTextModel", "afmoe", "beam", "cohere2_moe", "deepseek_v2",
+                     "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe",
+                     "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "hunyuan_v1_moe", "longcat_flash", "mellum",
+                     "olmoe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_text",
+                     "qwen3_omni_moe_thinker", "sarvam_mla", "solar_open"), "qwen2_moe"),
+}
+
+
+def _model_type(model: nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def refuse_peft_moe_renames(model: nn.Module, config: LoraConfig, run_regex: bool = True) -> None:
+    """ValueError when target_modules names what peft would rewrite into expert targets on this model type (see
+    PEFT_MOE_RENAMED): fused_lora does not do that conversion, and matching the names as modules would silently
+    adapt something else than peft. "all-linear" counts (peft adds the old names to it); a regex is probed as peft
+    probes it (on `<experts module>.<old name>`), unless `run_regex` is False (loading)."""
+    family = PEFT_MOE_FAMILY.get(_model_type(model))
+    spec = config.target_modules
+    if family is None or spec is None:
+        return
+    old = PEFT_MOE_RENAMED[family]
+    if spec == "all-linear":
+        named = list(old)
+    elif isinstance(spec, str):
+        if not run_regex:
+            return
+        containers = {n.rpartition(".")[0] for n, _ in model.named_parameters()
+                      if n.rpartition(".")[2] in ("gate_up_proj", "down_proj", "weight")}
+        named = [o for o in old if any(re.fullmatch(spec, f"{c}.{o}") for c in containers)]
+    else:
+        named = [t for t in spec if any(t == o or t.endswith("." + o) for o in old)]
+    if named:
+        raise ValueError(f"target_modules {short_repr(spec)} on a {_model_type(model)} model names {named}: peft "
+                         "(on transformers 5) rewrites these transformers-4 names of the experts and the router into "
+                         "target_parameters on the fused expert stacks (gate and up into gate_up_proj with rank and "
+                         "alpha doubled there), which fused_lora does not do; name the stacks with "
+                         "target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'] and the attention "
+                         "projections with target_modules")
+
+
 def default_target_modules(model: nn.Module) -> Union[list[str], str]:
     """peft's default target modules for `model`'s transformers model type (a sorted list, or a regex),
     as peft takes them when a LoraConfig has none; ValueError when the model has no type in the table."""
@@ -79,9 +131,22 @@ def default_target_modules(model: nn.Module) -> Union[list[str], str]:
     return default if isinstance(default, str) else sorted(set(default))
 
 
-def target_spec(model: nn.Module, config: LoraConfig) -> Union[list[str], str]:
-    """The config's target_modules, or peft's default for the model type when it has none."""
-    return default_target_modules(model) if config.target_modules is None else config.target_modules
+def target_spec(model: nn.Module, config: LoraConfig) -> Optional[Union[list[str], str]]:
+    """The config's target_modules, or peft's default for the model type when it has none. With
+    target_parameters and no default for the model type: None, no module (peft's meaning)."""
+    if config.target_modules is not None:
+        return config.target_modules
+    if config.target_parameters:
+        model_type = _model_type(model)
+        if model_type not in DEFAULT_TARGET_MODULES or model_type in PEFT_MOE_FAMILY:  # peft's rewrite empties it
+            return None
+    return default_target_modules(model)
+
+
+def adapts_no_module(model: nn.Module, config: LoraConfig) -> bool:
+    """Whether `config` adapts parameters only: target_parameters with target_modules [] (or None and no default
+    for the model type)."""
+    return bool(config.target_parameters) and target_spec(model, config) in (None, [])
 
 
 def dotted_suffixes(name: str) -> list[str]:
@@ -193,6 +258,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     nothing, or matches a module that is neither, listing what the model holds. "all-linear" takes
     every one of them but the output layer, as peft does; no target_modules, peft's default for the
     model type (whose entries need not all match, as in peft)."""
+    refuse_peft_moe_renames(model, config)
+    if adapts_no_module(model, config):
+        return []
     names = named_targets(model, config)
     target_modules = target_spec(model, config)
     modules = dict(model.named_modules())
@@ -223,6 +291,12 @@ def check_loaded_targets(model: nn.Module, config: LoraConfig, targets: list[str
     if wrong:
         raise ValueError(f"the weights adapt modules that are not nn.Linear or Conv1D: {_few(wrong)}")
     _check_bases(targets, modules)
+    refuse_peft_moe_renames(model, config, run_regex=False)
+    if adapts_no_module(model, config):
+        if targets:
+            raise ValueError(f"the weights adapt {_few(targets)}, which the config's target_modules "
+                             f"({config.target_modules!r}, beside target_parameters) does not name")
+        return
     # no target_modules: peft's default for the model type, as peft loads such a file (an unknown type: refused)
     spec, exclude = _as_set(target_spec(model, config)), _as_set(config.exclude_modules)
     if isinstance(exclude, str):
