@@ -430,10 +430,12 @@ def requested_backend(requested: str = "auto") -> str:
     return REGISTRY.requested(requested)
 
 
-def choose_backend(device: torch.device, dtype: torch.dtype, rank: int, requested: str = "auto") -> str:
+def choose_backend(device: torch.device, dtype: torch.dtype, rank: int, requested: str = "auto",
+                   op: str = "fwd") -> str:
     """The backend for tensors of this device, dtype and rank without timing anything: the forced one
-    (BackendUnavailable if it cannot run), else auto's untimed default (torch)."""
-    return REGISTRY.select(Problem("fwd", device, dtype, 0, 0, 0, rank), requested).name
+    (BackendUnavailable if it cannot run), else auto's untimed default (torch). `op` names the op family
+    asked about (default: one adapter's forward; "grouped_fwd" for expert stacks, whose kernels take less)."""
+    return REGISTRY.select(Problem(op, device, dtype, 0, 0, 0, rank), requested).name
 
 
 def describe(device: torch.device, dtype: torch.dtype, rank: int, requested: str = "auto",

@@ -330,11 +330,13 @@ class ExpertsBase(DenseBase):
                                    transposed=weight.transposed)
 
     def lora(self, x: Tensor, weight: Routed, bias, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
-             seed: Optional[Tensor], backend: str) -> Tensor:
+             seed: Optional[Tensor], backend: str, name: str = "default") -> Tensor:
+        """The stack with one adapter (`name`: the adapter a refusal names, `modules.adapter_range`)."""
+        A, B = compute_adapter(lora_A, lora_B, scaling, x.dtype, name)  # before any random draw
         if seed is None:
             seed = seed_for(dropout_p)
-        return lora_linear_grouped(x, weight.group_sizes, weight.weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype),
-                                   scaling, dropout_p, seed, backend, weight.transposed)
+        return lora_linear_grouped(x, weight.group_sizes, weight.weight, bias, A, B, scaling, dropout_p, seed, backend,
+                                   weight.transposed)
 
     def mixed(self, x: Tensor, weight, bias, adapters, row_adapter: Tensor, seed, backend: str) -> Tensor:
         raise ValueError(f"FusedLoRALinear over an expert stack: {EXPERTS_NO_MIXED}")

@@ -1,7 +1,7 @@
 """FusedLoRALinear: a drop-in `nn.Linear` with a LoRA adapter whose forward and backward are fused.
 
-The layer is the meeting point of the axes: its base (`modules.bases`: dense or quantized, chosen once when
-it is built), its adapters (one, or several in a mixed batch), and each adapter's variant
+The layer is the meeting point of the axes: its base (`modules.bases`: dense, quantized or an expert stack, chosen
+once when it is built), its adapters (one, or several in a mixed batch), and each adapter's variant
 (`modules.variants`: LoRA or DoRA). It has one forward; what differs per base or variant lives there.
 """
 from __future__ import annotations

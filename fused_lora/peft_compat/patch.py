@@ -66,6 +66,7 @@ from torch.nn.modules import module as _torch_module
 from .. import dispatch
 from ..modules.adapter_range import AdapterRangeError
 from ..core.dropout import no_seed
+from ..core.op_kinds import GROUPED_FWD
 from ..modules import experts as experts_impl
 from ..modules.autocast import autocast_inputs
 from ..modules.bases import conv1d_class
@@ -527,7 +528,7 @@ def patch_peft(model: nn.Module, backend: str = "auto", verbose: bool = True) ->
                 weight = getattr(_wrapper_chain(layer)[-1].base_layer, layer.parameter_name)
                 for lora_A in layer.lora_A.values():
                     dispatch.choose_backend(weight.device, weight.dtype, lora_A.weight.shape[0] // layer.num_experts,
-                                            backend)
+                                            backend, GROUPED_FWD)  # the grouped kernels' limits, not a Linear's
             continue
         if _patch_reason(layer) is None:  # every adapter the layer holds: set_adapter may choose any
             weight = layer.base_layer.weight

@@ -216,3 +216,23 @@ def test_gradscaler_skips_the_step_of_an_overflowing_gradient():
     scaler.update()
     assert all(torch.equal(t, b) for t, b in zip((layer.lora_A, layer.lora_B), before))
     assert scaler.get_scale() < dy_scale
+
+
+def test_an_fp32_adapter_beyond_fp16_is_refused_on_an_expert_stack():
+    """The expert-stack base kind casts its adapter to the stack's dtype as the others do: the same rule refuses
+    |B| = 1e5 into fp16 by name (before: the cast gave inf and the output NaN), and runs it in fp32."""
+    from fused_lora.modules.bases import ExpertStack
+    torch.manual_seed(0)
+    stack = torch.randn(2, 6, 8).half()
+    layer = FusedLoRALinear.from_linear(ExpertStack(stack), r=R, lora_alpha=S_ALPHA, adapter_dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_A.fill_(1e-3)
+        layer.lora_B.fill_(1e5)
+    x, group_sizes = torch.randn(5, 8).half(), torch.tensor([3, 2])
+    with pytest.raises(AdapterRangeError, match=f"adapter 'default': {BEYOND_FP16}"):
+        layer(x, group_sizes=group_sizes)
+    wide = FusedLoRALinear.from_linear(ExpertStack(stack.float()), r=R, lora_alpha=S_ALPHA)
+    with torch.no_grad():
+        wide.lora_A.fill_(1e-3)
+        wide.lora_B.fill_(1e5)
+    assert torch.isfinite(wide(x.float(), group_sizes=group_sizes)).all()

@@ -211,7 +211,7 @@ def test_an_adapter_beyond_the_compute_dtype_is_refused_by_every_loader(tmp_path
     directory = saved(tmp_path, kind, torch.float16, autocast=True, lora_alpha=lora_alpha)
     plant(directory, kind, value)
     layer = KEYS[kind].split(".")[0]
-    with pytest.raises(AdapterError, match=rf"keys '{PREFIX}{layer}.lora_A.weight' / '.lora_B.weight': {problem}.* "
+    with pytest.raises(AdapterError, match=rf"keys '{PREFIX}{layer}.lora_A.weight' / '{PREFIX}{layer}.lora_B.weight': {problem}.* "
                                            rf"beyond the range of torch.float16 .* computes the adapter's LoRA"):
         load(loader, directory, kind, torch.float16, autocast=True, lora_alpha=lora_alpha)
     lm = load(loader, directory, kind, torch.float32, autocast=True, lora_alpha=lora_alpha)  # fp32 holds it

@@ -8,6 +8,7 @@ import torch
 
 from fused_lora import dispatch, patch_peft, unpatch_peft
 from moe_models import PARAMS, tiny_moe, token_ids
+from utils import needs_triton
 
 peft = pytest.importorskip("peft")
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -102,3 +103,16 @@ def test_another_adapter_is_followed_and_unpatch_restores():
     assert "forward" not in patched.base_model.model.model.layers[0].mlp.experts.__dict__
     patched(ids)
     assert grouped_calls() == calls + 2
+
+
+@needs_triton()
+def test_a_forced_backend_the_grouped_kernels_cannot_run_is_refused_before_anything_changes():
+    """backend="triton" at rank 192: the single-adapter kernels take it (up to 256), the grouped kernels do not (up
+    to 128). patch_peft checks the expert stacks against the grouped op, so it raises BackendUnavailable naming the
+    rank and patches nothing (before: it reported the wrappers patched and every forward raised)."""
+    model = peft.get_peft_model(tiny_moe("qwen3_moe"), peft.LoraConfig(r=192, target_modules=[],
+                                                                       target_parameters=PARAMS))
+    with pytest.raises(dispatch.BackendUnavailable, match="grouped.*ranks up to 128.*is 192"):
+        patch_peft(model, backend="triton", verbose=False)
+    assert not hasattr(model, "fused_lora_report")
+    assert not any("forward" in m.__dict__ for m in model.modules())  # no wrapper patched
