@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -240,3 +241,11 @@ def llama_quantized_bytes(config: dict, fmt: str = "int8") -> int:
     else:
         each = [n * k // 2 + n * k // 64 + 4 * -(-(n * k // 64) // 256) + 4 * (16 + 256 + 1) for n, k in shapes]
     return config["num_hidden_layers"] * sum(each)
+
+
+def launch_failure(stderr: str) -> str:
+    """What a failed torchrun launch printed, for an assertion message: every rank's lines naming an error
+    first (the rank that crashed; the others then only report a closed connection, and the tail alone shows
+    theirs), then the tail."""
+    errors = [line for line in stderr.splitlines() if re.search(r"\[rank\d+\]:.*(Error|Exception)\b", line)]
+    return "\n".join(errors[-20:]) + "\n...\n" + stderr[-2000:]

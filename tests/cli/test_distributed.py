@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 from fused_lora.cli import distributed  # noqa: E402
 from fused_lora.cli.finetune import LLAMA_SIZES, SettingError, check_settings, counting_batches, finetune  # noqa: E402
 
-from utils import REPO_ROOT, llama_quantized_bytes  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from utils import REPO_ROOT, launch_failure, llama_quantized_bytes  # noqa: E402  (tests/ is on sys.path: conftest.py)
 ROOT = REPO_ROOT
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from distributed_worker import (QUANTIZED_FORMATS, QUANTIZED_LLAMA, SETTINGS, command_args,  # noqa: E402
@@ -66,7 +66,7 @@ def worker(tmp_path_factory):
     """The worker's runs (two processes), launched once: the directory of its results."""
     out = tmp_path_factory.mktemp("worker")
     res = _torchrun([os.path.join(ROOT, "tests", "distributed_worker.py"), str(out)], out, timeout=400)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_failure(res.stderr)
     return out
 
 
@@ -129,7 +129,7 @@ def test_fsdp2_shards_the_quantized_base(fmt, worker, tmp_path):
 
 def test_finetune_command_under_torchrun(single, tmp_path):
     res = _torchrun(["-m", "fused_lora", *command_args("adapter")], tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_failure(res.stderr)
     # Only rank 0 prints (one progress line per step here) and saves.
     assert res.stdout.count(f"step    {SETTINGS['steps']}/{SETTINGS['steps']}") == 1
     assert "2 processes (DDP over gloo), each training on 2 of the 4 sequences" in res.stdout

@@ -22,7 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from fused_lora import LoraModel  # noqa: E402
 from fused_lora.cli.finetune import LLAMA_SIZES, SettingError, TrainingInterrupted, build_llama, finetune
-from utils import REPO_ROOT, llama_quantized_bytes  # noqa: E402
+from utils import REPO_ROOT, launch_failure, llama_quantized_bytes  # noqa: E402
 
 ROOT = REPO_ROOT
 QUIET = dict(log=lambda s: None, stream=None)
@@ -529,7 +529,7 @@ def test_resume_under_fsdp2_equals_one_process(tmp_path):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           os.path.join(ROOT, "tests", "finetune_resume_worker.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_failure(res.stderr)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from finetune_resume_worker import SETTINGS
     single = finetune(steps=4, out=str(tmp_path / "single"), **{k: v for k, v in SETTINGS.items() if k != "engine"})
