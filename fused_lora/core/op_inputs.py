@@ -84,25 +84,31 @@ def as_scaling(scaling) -> float:
     return scaling
 
 
+def check_tensor_kinds(op: str, named, optional: tuple = ()) -> None:
+    """An op's tensors (`named`: (name, tensor, rank), x first): each a tensor (None allowed for the names in
+    `optional`) of its rank, x of a floating dtype the ops take, the others of x's dtype and on x's device.
+    Types, ranks, dtypes and devices are never symbolic: plain checks (this runs on every call)."""
+    for name, t, _ in named:
+        if not isinstance(t, Tensor) and not (t is None and name in optional):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    for name, t, want in named:
+        if t is not None and t.dim() != want:
+            raise ValueError(f"{op}: {name} must be {want}-D, got shape {_shape(t)}")
+    dtype, device = named[0][1].dtype, named[0][1].device
+    if dtype not in OP_DTYPES:
+        raise TypeError(f"{op}: x has dtype {dtype}; expected one of float16, bfloat16, float32, float64")
+    for name, t, _ in named[1:]:
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has {dtype} (cast them to one dtype)")
+        if t is not None and t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
+
+
 def check_op_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                     dropout_p: float) -> None:
     """x (M x K), W (N x K), b (N) or None, A (r x K), B (N x r): one floating dtype, one device."""
-    # Types, ranks, dtypes and devices are never symbolic: plain checks (this runs on every call).
-    named = (("x", x, 2), ("weight", weight, 2), ("bias", bias, 1), ("lora_A", lora_A, 2), ("lora_B", lora_B, 2))
-    for name, t, _ in named:
-        if not isinstance(t, Tensor) and not (t is None and name == "bias"):
-            raise TypeError(f"lora_linear: {name} must be a tensor, got {type(t).__name__}")
-    for name, t, want in named:
-        if t is not None and t.dim() != want:
-            raise ValueError(f"lora_linear: {name} must be {want}-D, got shape {_shape(t)}")
-    dtype, device = x.dtype, x.device
-    if dtype not in OP_DTYPES:
-        raise TypeError(f"lora_linear: x has dtype {dtype}; expected one of float16, bfloat16, float32, float64")
-    for name, t, _ in named[1:]:
-        if t is not None and t.dtype != dtype:
-            raise TypeError(f"lora_linear: {name} has dtype {t.dtype} but x has {dtype} (cast them to one dtype)")
-        if t is not None and t.device != device:
-            raise ValueError(f"lora_linear: {name} is on {t.device} but x is on {device}")
+    check_tensor_kinds("lora_linear", (("x", x, 2), ("weight", weight, 2), ("bias", bias, 1), ("lora_A", lora_A, 2),
+                                       ("lora_B", lora_B, 2)), optional=("bias",))
     # Sizes may be symbolic under torch.compile: require. (Each .shape builds a torch.Size: once each.)
     xs, ws, As, Bs = x.shape, weight.shape, lora_A.shape, lora_B.shape
     K, N, r = xs[1], ws[0], As[0]
@@ -169,7 +175,7 @@ def as_seed_tensor(seed, dropout_p: float) -> Tensor:
 __all__ = ["SCALING_BOUND", "as_scaling", "as_seed_tensor", "check_adapters", "check_backward_inputs",
            "check_dropout_p", "check_op_inputs", "check_row_adapter", "check_row_adapter_shape", "check_seed_tensor",
            "require", "rounding_bound", "seed_value", "named_for", "check_grouped_inputs",
-           "check_grouped_backward_inputs", "check_group_sizes", "check_group_size_values"]
+           "check_grouped_backward_inputs", "check_group_sizes", "check_group_size_values", "check_tensor_kinds"]
 
 
 # ------------------------------------------------------------------ several adapters in one batch
@@ -276,20 +282,7 @@ def check_grouped_inputs(x: Tensor, group_sizes: Tensor, weight: Tensor, bias: O
     if (lora_A is None) != (lora_B is None):
         raise TypeError(f"{GROUPED}: lora_A and lora_B must both be tensors, or both None for the base alone")
     named = (("x", x, 2), ("weight", weight, 3), ("bias", bias, 2), ("lora_A", lora_A, 3), ("lora_B", lora_B, 3))
-    for name, t, _ in named:
-        if not isinstance(t, Tensor) and not (t is None and name in ("bias", "lora_A", "lora_B")):
-            raise TypeError(f"{GROUPED}: {name} must be a tensor, got {type(t).__name__}")
-    for name, t, want in named:
-        if t is not None and t.dim() != want:
-            raise ValueError(f"{GROUPED}: {name} must be {want}-D, got shape {_shape(t)}")
-    dtype, device = x.dtype, x.device
-    if dtype not in OP_DTYPES:
-        raise TypeError(f"{GROUPED}: x has dtype {dtype}; expected one of float16, bfloat16, float32, float64")
-    for name, t, _ in named[1:]:
-        if t is not None and t.dtype != dtype:
-            raise TypeError(f"{GROUPED}: {name} has dtype {t.dtype} but x has {dtype} (cast them to one dtype)")
-        if t is not None and t.device != device:
-            raise ValueError(f"{GROUPED}: {name} is on {t.device} but x is on {device}")
+    check_tensor_kinds(GROUPED, named, optional=("bias", "lora_A", "lora_B"))
     xs, ws = x.shape, weight.shape
     E, K = ws[0], xs[1]
     w_k, N = (ws[1], ws[2]) if transposed else (ws[2], ws[1])
