@@ -157,13 +157,7 @@ def grouped_backward(dy: Tensor, x: Tensor, segs: GroupedSegments, weight: Tenso
                 torch.mm(g, lora_A[e], out=dxe).addmm_(dye, w)
             else:
                 torch.mm(g, lora_A[e], out=dxe).mul_(keep_e).addmm_(dye, w, beta=scale)
-        if need_dw:
-            if transposed:
-                torch.mm(xe.t(), dye, out=dW[e])
-            else:
-                torch.mm(dye.t(), xe, out=dW[e])
-        if need_db:
-            torch.sum(dye, 0, out=db[e])
+        _base_gradients(e, dye, xe, dW, db, transposed)
     dB = dB_t.transpose(1, 2).contiguous() if need_lora else None
     return dx, dA, dB, dW, db
 
@@ -184,20 +178,26 @@ def _batched_backward(dy: Tensor, x: Tensor, segs: GroupedSegments, weight: Tens
         dx = torch._grouped_mm(g, lora_A.contiguous(), offs=ends)  # G A, then D, then dY_e W_e onto it
         if keep is not None:
             dx.mul_(keep)
+    beta = 1.0 if keep is None else 1.0 / (1.0 - dropout_p)
     for e in segs.hit():
         rows = segs.span(e)
         dye, xe = dy[rows], x[rows]
         if need_dx:
-            beta = 1.0 if keep is None else 1.0 / (1.0 - dropout_p)
             dx[rows].addmm_(dye, expert_t(weight, e, transposed).t(), beta=beta)
-        if dW is not None:
-            if transposed:
-                torch.mm(xe.t(), dye, out=dW[e])
-            else:
-                torch.mm(dye.t(), xe, out=dW[e])
-        if db is not None:
-            torch.sum(dye, 0, out=db[e])
+        _base_gradients(e, dye, xe, dW, db, transposed)
     return dx, dA, dB, dW, db
+
+
+def _base_gradients(e: int, dye: Tensor, xe: Tensor, dW: Optional[Tensor], db: Optional[Tensor],
+                    transposed: bool) -> None:
+    """Expert e's dW_e (in the stack's layout) and db_e from its rows, where asked for (not None)."""
+    if dW is not None:
+        if transposed:
+            torch.mm(xe.t(), dye, out=dW[e])
+        else:
+            torch.mm(dye.t(), xe, out=dW[e])
+    if db is not None:
+        torch.sum(dye, 0, out=db[e])
 
 
 def differentiable_forward(x: Tensor, segs: GroupedSegments, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
