@@ -3,9 +3,10 @@ LoRA tests: one decoder layer, 4 experts, top-2, hidden size 16. Weights are dra
 init, std 0.02, would leave the experts' contribution below fp32 rounding of the logits)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-transformers = __import__("pytest").importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 VOCAB, HIDDEN, EXPERTS, TOP_K = 64, 16, 4, 2
 PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -97,3 +98,20 @@ def routing(tokens: int = 7, experts: int = EXPERTS, top_k: int = TOP_K, seed: i
         index = torch.tensor([[only] + [e for e in range(experts) if e != only][:top_k - 1]] * tokens)
     weights = torch.rand(tokens, top_k, generator=g).softmax(-1)
     return x, index, weights
+
+
+def train_side_by_side(a, b, seed: int, steps: int = 20) -> None:
+    """`steps` AdamW steps (lr 1e-2) of two models on the same random token batches, asserting their losses agree
+    at every step (1e-4 relative)."""
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (a, b)]
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        ids = torch.randint(0, VOCAB, (2, 6), generator=g)
+        losses = []
+        for model, opt in zip((a, b), opts):
+            opt.zero_grad()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4), (step, losses)

@@ -249,3 +249,29 @@ def launch_failure(stderr: str) -> str:
     theirs), then the tail."""
     errors = [line for line in stderr.splitlines() if re.search(r"\[rank\d+\]:.*(Error|Exception)\b", line)]
     return "\n".join(errors[-20:]) + "\n...\n" + stderr[-2000:]
+
+
+def quantized_adapted_layer(fmt: str, nested: bool = True, seed: int = 0):
+    """FusedLoRALinear (r 4, alpha 8, lora_B drawn N(0, 1)) over nn.Linear(128, 64) quantized to `fmt` ("nf4"
+    with or without the nested absmax, or "int8"), from torch.manual_seed(seed)."""
+    from torch import nn
+    from fused_lora import FusedLoRALinear, QuantizedLinear
+    torch.manual_seed(seed)
+    kwargs = dict(double_quant=nested) if fmt == "nf4" else {}
+    layer = FusedLoRALinear.from_linear(QuantizedLinear.from_linear(nn.Linear(128, 64), fmt, **kwargs), r=4,
+                                        lora_alpha=8)
+    nn.init.normal_(layer.lora_B)
+    return layer
+
+
+def one_batch_losses(model, tokens, steps: int = 20, lr: float = 1e-3) -> list:
+    """The losses of `steps` AdamW steps (on the trainable parameters) of a causal LM learning one batch."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

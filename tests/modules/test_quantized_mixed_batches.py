@@ -11,16 +11,7 @@ import torch
 from torch import nn
 
 from fused_lora import FusedLoRALinear, QuantizedLinear, quantize_model
-from utils import two_random_adapters
-
-
-def _layer(fmt, seed=0, nested=True):
-    torch.manual_seed(seed)
-    kwargs = dict(double_quant=nested) if fmt == "nf4" else {}
-    layer = FusedLoRALinear.from_linear(QuantizedLinear.from_linear(nn.Linear(128, 64), fmt, **kwargs), r=4,
-                                        lora_alpha=8)
-    nn.init.normal_(layer.lora_B)
-    return layer
+from utils import quantized_adapted_layer, two_random_adapters
 
 
 FORMATS = [("nf4", True), ("nf4", False), ("int8", True)]
@@ -30,7 +21,7 @@ FORMATS = [("nf4", True), ("nf4", False), ("int8", True)]
 def test_to_empty_then_load_state_dict(fmt, nested):
     """Meta-device initialisation (accelerate / FSDP style): .to('meta'), to_empty(device), load a
     checkpoint; the layer then computes exactly what the source layer does, buffers in their dtypes."""
-    src = _layer(fmt, nested=nested)
+    src = quantized_adapted_layer(fmt, nested=nested)
     x = torch.randn(3, 128)
     m = copy.deepcopy(src).to("meta")
     m.to_empty(device="cpu")
@@ -43,8 +34,8 @@ def test_to_empty_then_load_state_dict(fmt, nested):
 def test_loaded_checkpoint_runs_under_torch_compile(fmt, nested):
     """A layer that loaded a state_dict is traced by torch.compile(fullgraph=True) (the NF4 offset is
     a plain float again, not a tensor read inside the graph) and gives the source layer's output."""
-    src = _layer(fmt, nested=nested)
-    m = _layer(fmt, seed=1, nested=nested)
+    src = quantized_adapted_layer(fmt, nested=nested)
+    m = quantized_adapted_layer(fmt, seed=1, nested=nested)
     m.load_state_dict(src.state_dict())
     x = torch.randn(3, 128)
     torch._dynamo.reset()
@@ -95,7 +86,7 @@ def test_quantized_linear_backward_keeps_no_dequantized_weight(fmt, monkeypatch)
 
 
 def test_disabled_adapter_over_quantized_base_keeps_no_dequantized_weight():
-    layer = _layer("nf4")
+    layer = quantized_adapted_layer("nf4")
     x = torch.randn(4, 128, requires_grad=True)
     with layer.disable_adapter():
         y, saved = _saved_elements(lambda: layer(x))
@@ -191,7 +182,7 @@ def test_load_state_dict_assign_keeps_the_layout_contract():
 def test_quantized_weight_refuses_to_become_trainable():
     """Asking the quantized base weight for gradients is refused clearly (it has no float values to train;
     silently staying frozen would look like training it); freezing it and whole-model requires_grad_ work."""
-    layer = _layer("nf4")
+    layer = quantized_adapted_layer("nf4")
     with pytest.raises(TypeError, match="frozen"):
         layer.weight.requires_grad_(True)
     with pytest.raises(TypeError, match="frozen"):

@@ -10,20 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fused_lora import FusedLoRALinear, LoraConfig, QuantizedLinear, get_lora_model, quantize_model
+from fused_lora import LoraConfig, QuantizedLinear, get_lora_model, quantize_model
 from fused_lora.modules.quantized import QuantizedWeight, held_quantized_nbytes, shardable_quantized
+from utils import quantized_adapted_layer
 
 FORMATS = [("nf4", True), ("nf4", False), ("int8", False)]
 IDS = ["nf4-nested", "nf4", "int8"]
-
-
-def _layer(fmt, nested, seed=0):
-    torch.manual_seed(seed)
-    kwargs = dict(double_quant=nested) if fmt == "nf4" else {}
-    layer = FusedLoRALinear.from_linear(QuantizedLinear.from_linear(nn.Linear(128, 64), fmt, **kwargs), r=4,
-                                        lora_alpha=8)
-    nn.init.normal_(layer.lora_B)
-    return layer
 
 
 def _state(module):
@@ -38,7 +30,7 @@ def _assert_same_state(a, b):
 
 @pytest.mark.parametrize("fmt,nested", FORMATS, ids=IDS)
 def test_held_as_parameters_same_tensors_state_dict_and_output(fmt, nested):
-    src = _layer(fmt, nested)
+    src = quantized_adapted_layer(fmt, nested)
     m = copy.deepcopy(src)
     w = m.weight
     before = dict(w.named_buffers())
@@ -69,13 +61,13 @@ def test_checkpoints_load_both_ways(fmt, nested, tmp_path):
     the layer computes what the source does; assign=True keeps the Parameters frozen and the tables fp32."""
     x = torch.randn(3, 128)
     for save_as_parameters in (False, True):
-        src = _layer(fmt, nested)
+        src = quantized_adapted_layer(fmt, nested)
         want = src(x)
         if save_as_parameters:
             src.weight.hold_as_parameters()
         save_file(src.state_dict(), tmp_path / "layer.safetensors")
         for assign in (False, True):
-            dst = _layer(fmt, nested, seed=1)
+            dst = quantized_adapted_layer(fmt, nested, seed=1)
             if not save_as_parameters:
                 dst.weight.hold_as_parameters()
             dst.load_state_dict(load_file(tmp_path / "layer.safetensors"), assign=assign)
@@ -84,12 +76,12 @@ def test_checkpoints_load_both_ways(fmt, nested, tmp_path):
             for name, p in dst.weight.named_parameters():
                 assert isinstance(p, nn.Parameter) and not p.requires_grad, name
     # An fp16 table taken with assign=True is made fp32 again, and stays a frozen Parameter.
-    src = _layer(fmt, nested)
+    src = quantized_adapted_layer(fmt, nested)
     want = src(x)
     state = src.state_dict()
     table = "code" if fmt == "nf4" else "scale"
     state[f"weight.{table}"] = state[f"weight.{table}"].half()
-    dst = _layer(fmt, nested, seed=1)
+    dst = quantized_adapted_layer(fmt, nested, seed=1)
     dst.weight.hold_as_parameters()
     dst.load_state_dict(state, assign=True)
     p = dict(dst.weight.named_parameters())[table]
@@ -100,16 +92,16 @@ def test_checkpoints_load_both_ways(fmt, nested, tmp_path):
 
 @pytest.mark.parametrize("fmt,nested", FORMATS, ids=IDS)
 def test_refused_checkpoint_changes_nothing_when_held_as_parameters(fmt, nested):
-    m = _layer(fmt, nested)
+    m = quantized_adapted_layer(fmt, nested)
     m.weight.hold_as_parameters()
     kept = _state(m)
     scale = "absmax2" if nested else ("absmax" if fmt == "nf4" else "scale")
-    bad = _state(_layer(fmt, nested, seed=1))
+    bad = _state(quantized_adapted_layer(fmt, nested, seed=1))
     bad[f"weight.{scale}"][0] = float("nan")
     with pytest.raises(RuntimeError, match=f"{scale} holds NaN"):
         m.load_state_dict(bad)
     _assert_same_state(m.state_dict(), kept)  # nothing half-loaded: the adapter and bias neither
-    short = _state(_layer(fmt, nested, seed=1))
+    short = _state(quantized_adapted_layer(fmt, nested, seed=1))
     del short[f"weight.{scale}"]
     with pytest.raises(RuntimeError, match=f"Missing key.*weight.{scale}"):
         m.load_state_dict(short)
@@ -119,7 +111,7 @@ def test_refused_checkpoint_changes_nothing_when_held_as_parameters(fmt, nested)
 
 @pytest.mark.parametrize("fmt,nested", FORMATS, ids=IDS)
 def test_to_dtype_changes_only_the_compute_dtype(fmt, nested):
-    m = _layer(fmt, nested)
+    m = quantized_adapted_layer(fmt, nested)
     w = m.weight.hold_as_parameters()
     params = dict(w.named_parameters())
     dtypes = {k: v.dtype for k, v in w.state_dict().items()}
@@ -134,7 +126,7 @@ def test_to_dtype_changes_only_the_compute_dtype(fmt, nested):
 def test_meta_then_to_empty_then_load_when_held_as_parameters(fmt, nested):
     """Device moves move the Parameters, frozen: the meta-device initialisation path (.to("meta"), to_empty,
     load_state_dict) gives the source layer back."""
-    src = _layer(fmt, nested)
+    src = quantized_adapted_layer(fmt, nested)
     m = copy.deepcopy(src)
     m.weight.hold_as_parameters()
     names = {n for n, _ in m.weight.named_parameters()}
@@ -184,7 +176,7 @@ def test_a_quantized_parameter_made_trainable_or_cast_is_refused(fmt):
     """Held as Parameters the base is still frozen: one set to require a gradient (e.g. by the model's
     requires_grad_(True)) is refused at the forward, naming it; so is a float table cast away from fp32, as
     FSDP2's MixedPrecisionPolicy(param_dtype=...) would cast it when gathering."""
-    m = _layer(fmt, nested=False)
+    m = quantized_adapted_layer(fmt, nested=False)
     w = m.weight.hold_as_parameters()
     x = torch.randn(2, 128)
     scale = "absmax" if fmt == "nf4" else "scale"
@@ -202,7 +194,7 @@ def test_compiled_fullgraph_when_held_as_parameters():
     """torch.compile(fullgraph=True) traces the layer over a weight held as Parameters (the custom ops, the
     nested offset still a buffer): the eager output and gradients. (aot_eager: the tracing is what differs
     from the buffers' case, tested with inductor in test_quantized.py.)"""
-    m = _layer("nf4", nested=True)
+    m = quantized_adapted_layer("nf4", nested=True)
     m.weight.hold_as_parameters()
     x = torch.randn(6, 128, requires_grad=True)
     torch._dynamo.reset()

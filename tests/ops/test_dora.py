@@ -18,7 +18,7 @@ from fused_lora.ops.dora import dora_linear  # noqa: E402
 from fused_lora.cli.finetune import build_llama, counting_batches  # noqa: E402
 from fused_lora.core.reference import dora_linear_ref  # noqa: E402
 
-from utils import ATOL, make_problem, to64  # noqa: E402
+from utils import ATOL, make_problem, one_batch_losses, to64  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # the Triton kernels: compiled on a GPU, else through the interpreter
@@ -298,16 +298,7 @@ def test_twenty_adamw_steps_equal_peft_losses(tmp_path):
     ref = _peft_dora(build_llama("tiny"), target_modules=["q_proj", "v_proj", "down_proj"])
     ours = _ours_from(ref, tmp_path, build_llama("tiny"))
     tokens = next(counting_batches(256, 4, 16, seed=3))
-    losses = {}
-    for key, model in (("ours", ours), ("ref", ref)):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        losses[key] = []
-        for _ in range(20):
-            loss = model(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses[key].append(loss.item())
+    losses = {key: one_batch_losses(model, tokens) for key, model in (("ours", ours), ("ref", ref))}
     assert losses["ours"][-1] < losses["ours"][0]
     torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["ref"]))
 

@@ -10,7 +10,7 @@ import torch
 
 from fused_lora import LoraConfig, LoraModel, get_lora_model
 from fused_lora.peft_compat.experts import file_prefixes, to_peft_A, to_peft_B
-from moe_models import PARAMS, experts_of, tiny_moe, token_ids
+from moe_models import PARAMS, experts_of, tiny_moe, token_ids, train_side_by_side
 
 peft = pytest.importorskip("peft")
 
@@ -95,18 +95,7 @@ def test_twenty_adamw_steps_match_peft(tmp_path):
     base, ours, theirs = ours_from_peft("qwen3_moe", tmp_path)
     theirs.train()
     ours.train()
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, theirs)]
-    g = torch.Generator().manual_seed(3)
-    for step in range(20):
-        ids = torch.randint(0, 64, (2, 6), generator=g)
-        losses = []
-        for model, opt in zip((ours, theirs), opts):
-            opt.zero_grad()
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert losses[0] == pytest.approx(losses[1], rel=1e-4), (step, losses)
+    train_side_by_side(ours, theirs, seed=3)
     ids = token_ids()
     torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
 

@@ -29,6 +29,7 @@ from fused_lora.core.dropout import keep_mask, new_seed  # noqa: E402
 from fused_lora.cli.finetune import build_llama, counting_batches  # noqa: E402
 from fused_lora.peft_compat.patch import PatchedForward, PatchReport  # noqa: E402
 from fused_lora.core.reference import lora_linear_ref  # noqa: E402
+from utils import one_batch_losses  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
 PEFT_LINEAR_FORWARD = peft_lora.Linear.forward  # never modified: patching is per instance
 
@@ -215,19 +216,10 @@ def test_gradient_checkpointing_with_dropout_recomputes_the_same_masks():
 
 def test_twenty_adamw_steps_equal_peft_losses():
     ours, ref = model_twins(build_llama("tiny"), target_modules="all-linear")
-    losses = {}
-    for key, model in (("ours", ours), ("ref", ref)):
-        # lr 1e-3: at 1e-2 this random model's training is chaotic (fp32 peft itself departs from an
-        # fp64 run by 6e-3 in the loss by step 19), so any change of summation order would show.
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        tokens = next(counting_batches(256, 4, 16, seed=3))  # one batch, learned over 20 steps
-        losses[key] = []
-        for _ in range(20):
-            loss = model(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses[key].append(loss.item())
+    tokens = next(counting_batches(256, 4, 16, seed=3))  # one batch, learned over 20 steps
+    # lr 1e-3 (one_batch_losses'): at 1e-2 this random model's training is chaotic (fp32 peft itself departs from
+    # an fp64 run by 6e-3 in the loss by step 19), so any change of summation order would show.
+    losses = {key: one_batch_losses(model, tokens) for key, model in (("ours", ours), ("ref", ref))}
     assert losses["ours"][-1] < losses["ours"][0]  # it learned something
     torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["ref"]))
     for name, p in ours.named_parameters():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fused_lora import dispatch, patch_peft, unpatch_peft
-from moe_models import PARAMS, tiny_moe, token_ids
+from moe_models import PARAMS, tiny_moe, token_ids, train_side_by_side
 from utils import needs_triton
 
 peft = pytest.importorskip("peft")
@@ -57,18 +57,7 @@ def test_patched_equals_peft_and_runs_the_grouped_op(kind, params):
 def test_twenty_adamw_steps_equal_unpatched_peft():
     patched, plain = peft_pair("qwen3_moe")
     patch_peft(patched, verbose=False)
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (patched, plain)]
-    g = torch.Generator().manual_seed(7)
-    for step in range(20):
-        ids = torch.randint(0, 64, (2, 6), generator=g)
-        losses = []
-        for model, opt in zip((patched, plain), opts):
-            opt.zero_grad()
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert losses[0] == pytest.approx(losses[1], rel=1e-4), (step, losses)
+    train_side_by_side(patched, plain, seed=7)
 
 
 def test_deferred_to_peft_where_its_state_asks_for_something_else():
