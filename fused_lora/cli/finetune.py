@@ -442,6 +442,9 @@ def _check_output_names(out: str, steps: int) -> None:
             raise SettingError("out", f"the file name {name!r} is too long for this filesystem")
 
 
+PROBE_PREFIX = ".fused_lora-probe-"  # `_check_writable`'s file, there for an instant (another process's, under torchrun)
+
+
 def _check_writable(out: str) -> None:
     """Write (and remove) a file in `out`, or in its nearest existing parent when it does not exist
     yet: permission bits (os.access) say nothing of e.g. /proc, or a read-only mount. Nothing is
@@ -450,7 +453,7 @@ def _check_writable(out: str) -> None:
     while not os.path.exists(path):
         path = os.path.dirname(path)
     try:
-        fd, probe = tempfile.mkstemp(prefix=".fused_lora-probe-", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=path)
         os.close(fd)
         os.remove(probe)
     except OSError as err:
@@ -458,8 +461,9 @@ def _check_writable(out: str) -> None:
 
 
 def _ours(name: str) -> bool:
-    """A name this command writes in `out`: the adapter's files, checkpoints, and staging directories."""
-    return (name in (WEIGHTS_NAME, CONFIG_NAME) or bool(_CHECKPOINT.fullmatch(name))
+    """A name this command writes in `out`: the adapter's files, checkpoints, staging directories, and the
+    writability probe of another process of the same job checking `out` at the same moment."""
+    return (name in (WEIGHTS_NAME, CONFIG_NAME) or bool(_CHECKPOINT.fullmatch(name)) or name.startswith(PROBE_PREFIX)
             or (name.startswith(".") and ("fused_lora-staging-" in name or name.startswith(f".{CHECKPOINT_PREFIX}"))))
 
 

@@ -462,6 +462,21 @@ def test_out_is_never_silently_overwritten(tmp_path):
     finetune(steps=1, out=str(tmp_path / "empty"), **QUIET, **FAST)  # an empty directory is a new one
 
 
+def test_another_process_s_writability_probe_is_not_a_foreign_file(tmp_path):
+    """Under torchrun every process checks --out: one process's writability probe (`.fused_lora-probe-*`, there
+    for an instant) is this command's own file, not one that makes --out "hold files this command did not
+    write" (seen once in CI: rank 0 refused rank 1's probe and the FSDP2 resume test failed). A file of any other
+    name still is."""
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / ".fused_lora-probe-k3x9q1ab").write_text("")  # another process's probe, caught mid-check
+    finetune(steps=1, out=str(out), **QUIET, **FAST)
+    (out / ".fused_lora-probe-notes").write_text("")
+    (out / "notes.txt").write_text("")
+    with pytest.raises(SettingError, match="holds files this command did not write: notes.txt: choose"):
+        finetune(steps=1, out=str(out), overwrite=True, **QUIET, **FAST)
+
+
 def test_a_checkpoint_half_written_is_never_resumed_from(tmp_path, monkeypatch):
     """Checkpoints are written in a staging directory and renamed in whole: a failure (or a crash)
     while writing step 4's leaves step 2's as the last, which --resume uses; the leftover staging
