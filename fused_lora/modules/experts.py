@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..core import gathered
 from ..ops.grouped import lora_linear_grouped
 from .bases import ExpertStack
 from .layer import FusedLoRALinear
@@ -136,7 +137,10 @@ def grouped_experts(module: nn.Module, hidden_states: Tensor, top_k_index: Tenso
     top_k = top_k_index.shape[-1]
     expert_ids = top_k_index.reshape(-1)
     sorted_ids, perm = torch.sort(expert_ids, stable=True)  # rows grouped by expert, a token's order kept
-    x = hidden_states[perm // top_k]
+    source_rows = perm // top_k
+    x = hidden_states[source_rows]
+    # the adapted gate/up keeps (hidden_states, source_rows) for backward, not this top-k times larger copy
+    gathered.remember(x, hidden_states, source_rows)
     # rows per expert, a static shape (torch.compile); an id outside [0, experts) raises here
     group_sizes = torch.zeros(module.num_experts, dtype=torch.int64, device=x.device).index_add_(
         0, sorted_ids, torch.ones_like(sorted_ids))

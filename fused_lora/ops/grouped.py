@@ -22,7 +22,9 @@ Gradients (per expert, from its rows only; W and b frozen unless they require gr
     G_e = s dY_e B_e;  dB_e = s dY_e^T H_e;  dA_e = G_e^T (D x_e);  dX_e = dY_e W_e + D (G_e A_e)
     dW_e = dY_e^T x_e (its transpose in the transposed layout) and db_e = the sum of dY_e's rows, only when
     the weight / bias requires grad; experts no row reaches get zero gradients.
-Only x, H (M x r) and the seed are saved (besides the parameters); D is regenerated from the seed.
+Only x, H (M x r) and the seed are saved (besides the parameters); D is regenerated from the seed. Where x was
+gathered from a tensor the caller keeps (`core.gathered.remember`: the MoE block's hidden states, routed top-k
+times), that tensor and the index are saved instead and x gathered again in backward.
 
 Double backward (create_graph=True) is supported as for `lora_linear`: the forward is recomputed with
 differentiable torch ops and the mask of the row that ran it, and differentiated by autograd.
@@ -38,6 +40,7 @@ from .. import torch_row
 from ..core.op_inputs import (GROUPED, as_scaling, as_seed_tensor, check_group_size_values,
                               check_grouped_backward_inputs, check_grouped_inputs, check_seed_tensor, named_for,
                               seed_value)
+from ..core import gathered
 from ..core.op_kinds import GROUPED_BWD, GROUPED_FWD
 from ..core.segments import GroupedSegments, grouped
 from ..torch_row import grouped as grouped_impl
@@ -134,13 +137,15 @@ def _(dy, x, group_sizes, weight, lora_A, lora_B, h, scaling, dropout_p, seed, b
 
 def _save(ctx, x, group_sizes, weight, bias, lora_A, lora_B, h, scaling, dropout_p, seed, backend, transposed,
           segs: Optional[GroupedSegments] = None):
-    ctx.save_for_backward(x, group_sizes, weight, bias, lora_A, lora_B, h, seed)
+    kept, index = gathered.kept_form(x)  # x's source and index where x is a remembered gather (MoE routing)
+    ctx.save_for_backward(kept, group_sizes, weight, bias, lora_A, lora_B, h, seed, index)
     ctx.scaling, ctx.dropout_p, ctx.backend, ctx.transposed, ctx.segs = scaling, dropout_p, backend, transposed, segs
 
 
 def _gradients(ctx, dy, backward_op):
     """Input gradients in the forward's argument order (x, sizes, W, b, A, B, s, p, seed, backend, transposed)."""
-    x, group_sizes, weight, bias, lora_A, lora_B, h, seed = ctx.saved_tensors
+    kept, group_sizes, weight, bias, lora_A, lora_B, h, seed, index = ctx.saved_tensors
+    x = gathered.regather(kept, index)
     need = ctx.needs_input_grad
     need_dx, need_dw, need_lora = need[0], need[2], need[4] or need[5]
     need_db = bool(bias is not None and need[3])

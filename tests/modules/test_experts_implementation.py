@@ -123,6 +123,73 @@ def test_routing_weights_applied_as_transformers_does():
     torch.testing.assert_close(run(module, "fused_lora", x, index, zero_second), top1, **FP32)
 
 
+def saved_shapes(fn):
+    """fn()'s output and the shapes of the tensors autograd saved for backward while it ran."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(), shapes
+
+
+def gradients_of_the_block(kind="qwen3_moe", order=1):
+    """(the block's hidden states, the module, and the gradients of x and every adapter factor) for one loss,
+    differentiated once or (order=2) through a gradient penalty."""
+    module = experts_of(tiny_moe(kind))
+    adapt(module, ["gate_up_proj", "down_proj"])
+    x, index, weights = routing(tokens=9)
+    x.requires_grad_(True)
+    params = [x] + [t for layer in X.adapters_of(module).values() for t in (layer.lora_A, layer.lora_B)]
+    y = module(x, index, weights)
+    loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum()
+    if order == 2:
+        gx, = torch.autograd.grad(loss, x, create_graph=True)
+        loss = gx.square().sum()
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_the_routed_rows_are_gathered_again_not_kept(kind, monkeypatch):
+    """The memory target of issue 20: the adapted gate/up projection keeps the hidden states (which the caller
+    holds) and the routing index, not the top-k times larger gathered copy the block without LoRA does not
+    hold; backward gathers the rows again and gives the gradients keeping the copy gave."""
+    module = experts_of(tiny_moe(kind))
+    adapt(module, ["gate_up_proj", "down_proj"])
+    x, index, weights = routing(tokens=9)
+    x.requires_grad_(True)
+    _, shapes = saved_shapes(lambda: module(x, index, weights))
+    assert (index.numel(), x.shape[1]) not in shapes and tuple(x.shape) in shapes
+    got = gradients_of_the_block(kind)
+    monkeypatch.setattr(X.gathered, "remember", lambda *args: None)  # keep the copy, as before
+    _, shapes = saved_shapes(lambda: module(x, index, weights))
+    assert (index.numel(), x.shape[1]) in shapes  # the check above can fail
+    for g, w in zip(got, gradients_of_the_block(kind)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_double_backward_gathers_the_rows_again_too(monkeypatch):
+    got = gradients_of_the_block(order=2)
+    monkeypatch.setattr(X.gathered, "remember", lambda *args: None)
+    for g, w in zip(got, gradients_of_the_block(order=2)):
+        torch.testing.assert_close(g, w, **FP32)
+
+
+def test_a_write_to_the_hidden_states_before_backward_is_refused():
+    """The rows are gathered again from the hidden states, so an in-place write to them between forward and
+    backward is refused (autograd's own version check), never read as different rows."""
+    module = experts_of(tiny_moe("qwen3_moe"))
+    adapt(module, ["gate_up_proj"])
+    x, index, weights = routing()
+    hidden = x.requires_grad_(True) * 1.0
+    y = module(hidden, index, weights)
+    with torch.no_grad():
+        hidden.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_torch_compile_fullgraph():
     module = experts_of(tiny_moe("gpt_oss"))
     adapt(module, ["gate_up_proj", "down_proj"])
