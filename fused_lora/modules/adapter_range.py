@@ -53,8 +53,8 @@ def _largest_finite(tensors: tuple[Tensor, ...]) -> list[float]:
     one wait for the device: max |t|, and only where that is NaN or inf the slower maximum over the finite
     entries."""
     tensors = tuple(t.detach() for t in tensors)
-    peaks = torch.stack([t.abs().amax().to(torch.float64) if t.numel() else t.new_zeros((), dtype=torch.float64)
-                         for t in tensors]).tolist()
+    peaks = torch.stack([t.abs().amax().to(torch.float64) if t.numel()
+                         else t.new_zeros((), dtype=torch.float64) for t in tensors]).tolist()
     for i, (t, peak) in enumerate(zip(tensors, peaks)):
         if not math.isfinite(peak):
             a = t.abs()
@@ -85,7 +85,10 @@ def range_problem(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.d
     if problem is not None:
         return problem
     limit = _beyond(dtype)
-    peak_A, peak_B = _largest_finite((lora_A, lora_B))
+    if lora_A.dtype == dtype:  # its values are values of dtype: only B's, through s B, can leave the range
+        (peak_B,), peak_A = _largest_finite((lora_B,)), 0.0
+    else:
+        peak_A, peak_B = _largest_finite((lora_A, lora_B))
     if peak_A >= bound:
         return f"lora_A holds {peak_A:g}, {limit}"
     if peak_B >= bound:
