@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from fused_lora import FusedLoRALinear, dispatch
+from fused_lora import FusedLoRALinear, LoraConfig, dispatch, get_lora_model
 from fused_lora.modules import experts as X
 from moe_models import KINDS, experts_of, routing, standalone_experts, tiny_moe, token_ids
 
@@ -188,6 +188,30 @@ def test_a_write_to_the_hidden_states_before_backward_is_refused():
         hidden.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_gradients(reentrant):
+    """Under transformers' gradient checkpointing the block's forward runs again in backward (the rows are
+    remembered again, the same tensors saved): the adapters' gradients are those of the plain run."""
+    def gradients(checkpointing):
+        model = tiny_moe("qwen3_moe")
+        lora = get_lora_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
+                                                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+        lora.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        before = dispatch.calls.get(("grouped_fwd", "torch"), 0)
+        lora(token_ids()).logits.square().mean().backward()
+        runs.append(dispatch.calls[("grouped_fwd", "torch")] - before)
+        return {n: p.grad for n, p in lora.named_parameters() if p.requires_grad}
+    runs = []
+    plain, checkpointed = gradients(False), gradients(True)
+    assert runs[1] == 2 * runs[0] > 0  # checkpointing ran the block's projections again
+    assert len(plain) == 4 and plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, **FP32)
 
 
 def test_torch_compile_fullgraph():
