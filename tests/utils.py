@@ -247,7 +247,8 @@ def launch_failure(stderr: str) -> str:
     """What a failed torchrun launch printed, for an assertion message: every rank's lines naming an error
     first (the rank that crashed; the others then only report a closed connection, and the tail alone shows
     theirs), then the tail."""
-    errors = [line for line in stderr.splitlines() if re.search(r"\[rank\d+\]:.*(Error|Exception)\b", line)]
+    errors = [line for line in stderr.splitlines() if re.search(r"\[rank\d+\]:.*(Error|Exception)\b", line)
+              or re.search(r"terminate called|what\(\):|Fatal Python error|Segmentation fault|Aborted", line)]
     return "\n".join(errors[-20:]) + "\n...\n" + stderr[-2000:]
 
 

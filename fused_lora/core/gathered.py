@@ -6,8 +6,10 @@ backward (dA_e = G_e^T (D x_e)); holding the gathered x there is a copy top-k ti
 states, which the block without LoRA does not hold (its frozen GEMM needs only W for dX). Where x is such a
 gather, `remember(x, source, index)` says so (by x's identity, for as long as x lives); the op's autograd then
 saves source and index instead (`kept_form`) and gathers x again in backward (`regather`: one M x K copy,
-freed with the op's gradients). source is saved as autograd saves any tensor, so an in-place write to it
-before backward is refused by autograd's own version check, never read as a silently different x.
+freed with the op's gradients). Writes are watched through torch's version counters: one to x or source
+between `remember` and the save (a forward pre-hook, say) makes the op keep x itself; source is saved as
+autograd saves any tensor, so one after the save is refused by autograd's own check. Writes through `.data`
+are invisible to both (as to autograd everywhere).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-_GATHERS = WeakIdKeyDictionary()  # x -> (source, index) with x == source[index]
+_GATHERS = WeakIdKeyDictionary()  # x -> (source, index, versions of x and source) with x == source[index]
 
 
 def remember(x: Tensor, source: Tensor, index: Tensor) -> None:
@@ -29,13 +31,19 @@ def remember(x: Tensor, source: Tensor, index: Tensor) -> None:
             or source.dtype != x.dtype or source.device != x.device:
         raise ValueError(f"remember: x {tuple(x.shape)} is not rows of source {tuple(source.shape)} picked by an "
                          f"index of shape {tuple(index.shape)}")
-    _GATHERS[x] = (source, index)
+    _GATHERS[x] = (source, index, x._version, source._version)
 
 
 def kept_form(x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """What an op saves for x: (source, index) where x was remembered as source[index], else (x, None)."""
+    """What an op saves for x: (source, index) where x was remembered as source[index] and neither has been
+    written in place since (then x may no longer be those rows), else (x, None)."""
     known = None if torch.compiler.is_compiling() else _GATHERS.get(x)
-    return known if known is not None else (x, None)
+    if known is None:
+        return x, None
+    source, index, x_version, source_version = known
+    if (x._version, source._version) != (x_version, source_version):
+        return x, None
+    return source, index
 
 
 def regather(kept: Tensor, index: Optional[Tensor]) -> Tensor:

@@ -41,3 +41,15 @@ def test_the_record_keeps_nothing_alive():
 def test_rows_that_cannot_be_the_gather_are_refused(index, source):
     with pytest.raises(ValueError, match="is not rows of source"):
         gathered.remember(torch.randn(3, 3), source, index)
+
+
+@pytest.mark.parametrize("written", ["x", "source"])
+def test_a_write_after_remembering_keeps_x_itself(written):
+    """A write to x or to its source between the gather and the op's save (a forward pre-hook, say) breaks
+    x == source[index]: the op then keeps x itself, never rows that differ from what the forward read."""
+    source, index = torch.randn(5, 3), torch.tensor([4, 0, 0, 2])
+    x = source[index]
+    gathered.remember(x, source, index)
+    (x if written == "x" else source).mul_(2.0)
+    kept, kept_index = gathered.kept_form(x)
+    assert kept is x and kept_index is None

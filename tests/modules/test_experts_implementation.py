@@ -176,6 +176,28 @@ def test_double_backward_gathers_the_rows_again_too(monkeypatch):
         torch.testing.assert_close(g, w, **FP32)
 
 
+@pytest.mark.parametrize("written", ["rows", "hidden_states"])
+def test_a_write_between_the_gather_and_the_projection_keeps_the_rows(written, monkeypatch):
+    """A forward pre-hook on the adapted gate/up that writes its input rows (or the hidden states) in place: the
+    rows the forward read are what backward uses (kept as before), not the hidden states gathered again."""
+    def gradients():
+        module = experts_of(tiny_moe("qwen3_moe"))
+        adapt(module, ["gate_up_proj", "down_proj"])
+        x, index, weights = routing(tokens=9)
+        hidden = x.requires_grad_(True) * 1.0
+
+        def write(layer, args, kwargs):
+            with torch.no_grad():
+                (args[0] if written == "rows" else hidden).mul_(2.0)
+        X.adapters_of(module)["gate_up_proj"].register_forward_pre_hook(write, with_kwargs=True)
+        params = [x] + [t for layer in X.adapters_of(module).values() for t in (layer.lora_A, layer.lora_B)]
+        return torch.autograd.grad(module(hidden, index, weights).square().sum(), params)
+    got = gradients()
+    monkeypatch.setattr(X.gathered, "remember", lambda *args: None)
+    for g, w in zip(got, gradients()):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_a_write_to_the_hidden_states_before_backward_is_refused():
     """The rows are gathered again from the hidden states, so an in-place write to them between forward and
     backward is refused (autograd's own version check), never read as different rows."""
