@@ -56,6 +56,8 @@ def keep_mask(seed: int, shape, p: float, device) -> Tensor:
     if device.type == "cpu":
         raw = np.random.SFC64(seed).random_raw((numel + 3) // 4).view(np.int16)[:numel]
         threshold = -32768 + int(round(p * 65536))
+        if threshold > 32767:  # p within 2^-17 of 1: no int16 draw reaches it (compared as int16 it would wrap)
+            return torch.zeros(shape, dtype=torch.bool)
         return torch.from_numpy(raw).reshape(shape) >= threshold
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
