@@ -33,13 +33,13 @@ def forward(
 def low_rank_start(x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
                    dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
     """(Y started as b + s H B^T, H = (D * x) A^T): what every PyTorch path writes before adding the
-    base product onto Y (`forward` here, `torch_row.quant.forward_quant` chunk by chunk)."""
+    base product onto Y (`forward` here, `torch_row.quant.forward_quant` chunk by chunk). s multiplies B
+    before the product (s B fits the compute dtype: `modules.adapter_range`), as it does before the
+    products with dY in backward: in float16 H B^T can overflow where s H B^T is finite."""
     keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     h = torch.mm(dropped(x, keep, dropout_p), lora_A.t())
-    if bias is not None:
-        y = torch.addmm(bias, h, lora_B.t(), alpha=scaling)
-    else:
-        y = torch.mm(h, lora_B.t()).mul_(scaling)
+    sB_t = (lora_B * scaling).t()  # s on B before the product: H B^T may overflow where s H B^T does not
+    y = torch.mm(h, sB_t) if bias is None else torch.addmm(bias, h, sB_t)
     return y, h
 
 
@@ -58,8 +58,9 @@ def backward(
 
 
 def dropped(x: Tensor, keep: Optional[Tensor], dropout_p: float) -> Tensor:
-    """D x: x itself without dropout, else x * keep / (1 - p) (a new tensor)."""
-    return x if keep is None else x.mul(1.0 / (1.0 - dropout_p)).mul_(keep)
+    """D x: x itself without dropout, else x * keep / (1 - p) (a new tensor). The mask first: a dropped element
+    is exactly 0 however far x / (1 - p) is beyond the dtype (scaled first, inf * 0 gave NaN)."""
+    return x if keep is None else x.mul(keep).mul_(1.0 / (1.0 - dropout_p))
 
 
 def backward_with_mask(

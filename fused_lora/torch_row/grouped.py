@@ -91,7 +91,8 @@ def grouped_forward(x: Tensor, segs: GroupedSegments, weight: Tensor, bias: Opti
         ends = group_ends(segs, x.device)
         # the thin stacks in their own layout (a copy only for views such as peft's factors: E x r x (K + N))
         h = torch._grouped_mm(dropped(x, keep, dropout_p), lora_A.contiguous().transpose(1, 2), offs=ends)
-        y = torch._grouped_mm(h * scaling, lora_B.contiguous().transpose(1, 2), offs=ends)  # s on the thin H
+        sB = (lora_B * scaling).contiguous()  # s on B before the product (dense.low_rank_start)
+        y = torch._grouped_mm(h, sB.transpose(1, 2), offs=ends)
         for e in segs.hit():
             rows = segs.span(e)
             ye = y[rows]
@@ -112,10 +113,11 @@ def grouped_forward(x: Tensor, segs: GroupedSegments, weight: Tensor, bias: Opti
             continue
         he = h[rows]
         torch.mm(dropped(xe, None if keep is None else keep[rows], dropout_p), lora_A[e].t(), out=he)
+        sB_t = (lora_B[e] * scaling).t()  # s on B before the product (dense.low_rank_start)
         if bias is None:
-            torch.mm(he, lora_B[e].t(), out=ye).mul_(scaling)
+            torch.mm(he, sB_t, out=ye)
         else:
-            torch.addmm(bias[e], he, lora_B[e].t(), alpha=scaling, out=ye)
+            torch.addmm(bias[e], he, sB_t, out=ye)
         ye.addmm_(xe, w_t)
     return y, h
 

@@ -116,8 +116,9 @@ def _mask(seed: int, adapter: int, m: int, K: int, p: float, device, mask_fn=kee
 
 
 def _dropped(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
-    """D x: x itself without dropout, else x * keep / (1 - p) (a new tensor)."""
-    return x if keep is None else x.mul(1.0 / (1.0 - p)).mul_(keep)
+    """D x: x itself without dropout, else x * keep / (1 - p) (a new tensor; the mask first, as
+    torch_row.dense.dropped)."""
+    return x if keep is None else x.mul(keep).mul_(1.0 / (1.0 - p))
 
 
 # ------------------------------------------------------------------ the dense path (stacked adapters)
@@ -256,7 +257,7 @@ def _apply_dropout(t: Tensor, drop) -> Tensor:
     if drop is None:
         return t
     keep, scale = drop
-    return t.mul(scale).to(t.dtype).mul_(keep)
+    return t.mul(keep).mul(scale).to(t.dtype)  # the mask first (torch_row.dense.dropped)
 
 
 def _dense_lora(x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed: int):
@@ -325,10 +326,11 @@ def add_lora(y: Tensor, x: Tensor, adapters: Sequence[Adapter], segs: Segments, 
         m = segs.count(a)
         h = h_of(h_packed, segs, a, lora_A.shape[0])
         keep = _mask(seed, a, m, x.shape[1], p, x.device)
+        sB_t = (lora_B * scaling).t()  # s on B before the product (torch_row.dense.low_rank_start)
         for piece in pieces(segs, a):
             lo, hi = piece.lo, piece.hi
             h[lo:hi] = torch.mm(_dropped(_take(x, piece.rows), None if keep is None else keep[lo:hi], p), lora_A.t())
-            _add_product(y, piece.rows, h[lo:hi], lora_B.t(), scaling)
+            _add_product(y, piece.rows, h[lo:hi], sB_t, 1.0)
     return h_packed
 
 
