@@ -22,6 +22,10 @@ def _build(kind: str, experts: int = EXPERTS):
     if kind == "qwen3_moe":
         return t.Qwen3MoeForCausalLM(t.Qwen3MoeConfig(**_common(intermediate_size=32, moe_intermediate_size=8,
                                                                 num_experts=experts, num_experts_per_tok=TOP_K)))
+    if kind == "qwen3_moe_dense0":  # two layers, the first a dense MLP (mlp_only_layers): real *_proj Linears
+        return t.Qwen3MoeForCausalLM(t.Qwen3MoeConfig(**{**_common(intermediate_size=32, moe_intermediate_size=8,
+                                                                   num_experts=experts, num_experts_per_tok=TOP_K,
+                                                                   mlp_only_layers=[0]), "num_hidden_layers": 2}))
     if kind == "mixtral":
         return t.MixtralForCausalLM(t.MixtralConfig(**_common(intermediate_size=8, num_local_experts=EXPERTS,
                                                              num_experts_per_tok=TOP_K)))

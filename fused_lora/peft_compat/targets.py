@@ -1,6 +1,7 @@
 """Which modules of a model a LoraConfig names: peft's matching rules, with clear errors."""
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Optional, Union
 
@@ -101,16 +102,23 @@ def refuse_peft_moe_renames(model: nn.Module, config: LoraConfig, run_regex: boo
     elif isinstance(spec, str):
         if not run_regex:
             return
+        # peft takes the leaf names of the real modules and parameters the regex matches (a dense layer's
+        # gate_proj is renamed as an expert's would be), then probes the experts' transformers-4 keys
+        leaves = {key.rpartition(".")[2] for key in itertools.chain((n for n, _ in model.named_modules()),
+                                                                    (n for n, _ in model.named_parameters()))
+                  if re.fullmatch(spec, key)}
         containers = {n.rpartition(".")[0] for n, _ in model.named_parameters()
                       if n.rpartition(".")[2] in ("gate_up_proj", "down_proj", "weight")}
-        named = [o for o in old if any(re.fullmatch(spec, f"{c}.{o}") for c in containers)]
+        named = [o for o in old if o in leaves or any(re.fullmatch(spec, f"{c}.{o}") for c in containers)]
     else:
         named = [t for t in spec if any(t == o or t.endswith("." + o) for o in old)]
     if named:
         raise ValueError(f"target_modules {short_repr(spec)} on a {_model_type(model)} model names {named}: peft "
                          "(on transformers 5) rewrites these transformers-4 names of the experts and the router into "
                          "target_parameters on the fused expert stacks (gate and up into gate_up_proj with rank and "
-                         "alpha doubled there), which fused_lora does not do; name the stacks with "
+                         "alpha doubled there), whatever module the names match (a dense layer's Linears too), which "
+                         "fused_lora does not do, so a file adapting them would load into other layers in peft; "
+                         "name the stacks with "
                          "target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'] and the attention "
                          "projections with target_modules")
 

@@ -93,6 +93,20 @@ def test_peft_s_transformers_4_names_are_refused_by_name(kind, target_modules, n
             re.escape(f"names {named}: peft (on transformers 5) rewrites these transformers-4 names"))
 
 
+@pytest.mark.parametrize("kind,regex,named", [
+    ("qwen3_moe_dense0", r".*layers\.0\.mlp\.(gate|up|down)_proj", "['gate_proj', 'up_proj', 'down_proj']"),  # dense
+    ("qwen3_moe", r".*mlp\.gate", "['gate']"),  # the router module
+])
+def test_a_regex_matching_real_modules_with_renamed_names_is_refused(kind, regex, named):
+    """peft resolves a regex to the leaf names of every real module and parameter it matches (besides the experts'
+    transformers-4 keys), and where one of them is a renamed name it rewrites the config into expert targets,
+    whatever module matched: a dense layer's Linears, the router (a module, not a Linear). Checked against peft,
+    then refused as the list form is (fused_lora adapting the matched modules wrote files peft loads elsewhere)."""
+    theirs = peft.get_peft_model(tiny_moe(kind), peft.LoraConfig(target_modules=regex))
+    assert theirs.peft_config["default"].target_modules == set()  # peft rewrote the regex away
+    refused(tiny_moe(kind), LoraConfig(target_modules=regex), re.escape(f"names {named}: peft"))
+
+
 def test_the_carried_tables_are_peft_s():
     from peft.utils import transformers_weight_conversion as conv
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
