@@ -770,6 +770,40 @@ class LoraModel(nn.Module):
                 layer.unmerge()
             raise
 
+    def _adapter_slots(self, adapter_names, what: str) -> Optional[list[str]]:
+        """The layers' slots of `adapter_names` (None: the active adapter), each name checked first."""
+        if adapter_names is None:
+            return None
+        if isinstance(adapter_names, str):
+            raise TypeError(f"{what}: adapter_names is a list of adapter names")
+        for name in adapter_names:
+            self._require_adapter(name, what)
+        return [self.slot(n) for n in adapter_names]
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """peft's merge_adapter: fold the active adapter (or `adapter_names`, their deltas summed) into every
+        adapted layer's base weight in place; the layers stay LoRA layers, `unmerge_adapter()` takes the delta out
+        again. With `safe_merge` every merged weight is checked to be finite before any is written. An unknown
+        name, or a quantized base (which cannot merge in place: `merge_and_unload` builds 16-bit layers), raises
+        ValueError with nothing changed. Adapters already merged into a layer warn and are skipped there."""
+        what = "merge_adapter(safe_merge=True)" if safe_merge else "merge_adapter"
+        slots = self._adapter_slots(adapter_names, "merge_adapter")
+        layers = list(self.lora_layers())
+        for name, layer in layers:
+            layer.base_kind.refuse_merge(f"merge_adapter: layer {name!r}")
+        if safe_merge:
+            for name, layer in layers:
+                layer.check_merge(f"{what}: layer {name!r}", slots)
+        for _, layer in layers:
+            layer.merge(safe_merge=safe_merge, adapter_names=slots)
+
+    def unmerge_adapter(self) -> None:
+        """peft's unmerge_adapter: take every merged adapter out of every adapted layer's base weight again
+        (layers not merged are left as they are)."""
+        for _, layer in self.lora_layers():
+            if layer.merged:
+                layer.unmerge()
+
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None) -> nn.Module:
         """The model with plain nn.Linear layers holding W + s B A (and the trained modules_to_save).
@@ -779,13 +813,7 @@ class LoraModel(nn.Module):
         `progressbar` is accepted and unused. `adapter_names` (peft's meaning): the adapters merged,
         their deltas summed; default the active adapter. An unknown name: ValueError, nothing changed.
         """
-        slots = None
-        if adapter_names is not None:
-            if isinstance(adapter_names, str):
-                raise TypeError("merge_and_unload: adapter_names is a list of adapter names")
-            for name in adapter_names:
-                self._require_adapter(name, "merge_and_unload")
-            slots = [self.slot(n) for n in adapter_names]
+        slots = self._adapter_slots(adapter_names, "merge_and_unload")
         return self._replace_all(merge=True, safe_merge=safe_merge, adapter_names=slots)
 
     def unload(self) -> nn.Module:

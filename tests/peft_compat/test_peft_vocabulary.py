@@ -334,3 +334,53 @@ def test_a_file_without_target_modules_loads_by_the_model_type_s_default_as_in_p
         torch.testing.assert_close(lm(input_ids=TOKENS).logits, ref(input_ids=TOKENS).logits)
     with pytest.raises(AdapterError, match="does not agree with the weights"):
         LoraModel.from_pretrained(build_llama("tiny"), tmp_path / "qk")
+
+
+def _with_random_b(lm, seed=3):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lm.lora_layers():
+            layer.lora_B.normal_()
+    return lm
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
+def test_merge_adapter_and_unmerge_adapter_as_in_peft(kind):
+    """peft's merge_adapter() / unmerge_adapter() on the model (BaseTuner's): the adapted layers stay, their base
+    weights take the delta in place (the outputs unchanged), and unmerge_adapter takes it out again; expert stacks
+    too. Before, both reached the transformers model (AttributeError naming it)."""
+    if kind == "llama":
+        model, config, ids = build_llama("tiny"), LoraConfig(target_modules=["q_proj", "v_proj"]), TOKENS
+    else:
+        from moe_models import PARAMS, tiny_moe, token_ids
+        model, ids = tiny_moe("qwen3_moe"), token_ids()
+        config = LoraConfig(target_modules=["q_proj"], target_parameters=PARAMS, init_lora_weights=False)
+    lm = _with_random_b(get_lora_model(model, config))
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    with torch.no_grad():
+        want = lm(input_ids=ids).logits
+        lm.merge_adapter()
+        assert all(layer.merged for _, layer in lm.lora_layers())
+        changed = [n for n, p in lm.named_parameters() if not torch.equal(p, before[n])]
+        assert changed and all("lora_" not in n for n in changed)  # base weights only
+        torch.testing.assert_close(lm(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        lm.unmerge_adapter()
+        assert not any(layer.merged for _, layer in lm.lora_layers())
+        for n, p in lm.named_parameters():
+            torch.testing.assert_close(p, before[n], rtol=1e-6, atol=1e-6)
+    assert hasattr(peft.tuners.lora.LoraModel, "merge_adapter") and hasattr(peft.tuners.lora.LoraModel,
+                                                                             "unmerge_adapter")
+
+
+def test_merge_adapter_refuses_before_changing_anything():
+    lm = _with_random_b(get_lora_model(build_llama("tiny"), LoraConfig(target_modules=["q_proj"])))
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    with pytest.raises(ValueError, match="no adapter named 'other'"):
+        lm.merge_adapter(adapter_names=["other"])
+    with torch.no_grad():
+        next(layer for _, layer in lm.lora_layers()).lora_B.fill_(float("inf"))
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    with pytest.raises(ValueError, match="merge_adapter\\(safe_merge=True\\)"):
+        lm.merge_adapter(safe_merge=True)
+    assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters())
+    assert not any(layer.merged for _, layer in lm.lora_layers())
