@@ -384,3 +384,14 @@ def test_merge_adapter_refuses_before_changing_anything():
         lm.merge_adapter(safe_merge=True)
     assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters())
     assert not any(layer.merged for _, layer in lm.lora_layers())
+
+
+def test_merge_adapter_over_a_quantized_base_is_refused_with_nothing_merged():
+    from torch import nn
+
+    from fused_lora import quantize_model
+    model = quantize_model(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)), "nf4", target_modules=["2"])
+    lm = get_lora_model(model, LoraConfig(target_modules=["0", "2"]))
+    with pytest.raises(ValueError, match="merge_adapter: layer '2'.*quantized"):
+        lm.merge_adapter()
+    assert not any(layer.merged for _, layer in lm.lora_layers())
