@@ -294,8 +294,11 @@ def check_grouped_inputs(x: Tensor, group_sizes: Tensor, weight: Tensor, bias: O
                             f"(shape {tuple(ws)}): every per-expert tensor leads with the expert count")
     check_group_sizes(group_sizes, x, E)
     layout = "(E, K, N) (transposed=True)" if transposed else "(E, N, K)"
+    other = ws[2] if transposed else ws[1]  # K in the other layout: then the flag is what is wrong
+    hint = (f"; it reads as {'(E, N, K): transposed=False' if transposed else '(E, K, N): transposed=True'}"
+            if other == K else "")
     require(ValueError, w_k == K, lambda: f"{GROUPED}: weight has shape {tuple(ws)} but x has {tuple(xs)}: expected "
-                                          f"{layout.replace('K', str(K))}")
+                                          f"{layout.replace('K', str(K))}{hint}")
     if bias is not None:
         require(ValueError, bias.shape[1] == N, lambda: f"{GROUPED}: bias has shape {_shape(bias)}, expected "
                                                         f"({E}, {N}) from weight {tuple(ws)}")

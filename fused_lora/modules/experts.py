@@ -133,15 +133,24 @@ def grouped_experts(module: nn.Module, hidden_states: Tensor, top_k_index: Tenso
         raise ValueError(f"{type(module).__name__}: expected hidden_states (tokens, hidden) and top_k_index, "
                          f"top_k_weights (tokens, top_k); got {tuple(hidden_states.shape)}, "
                          f"{tuple(top_k_index.shape)}, {tuple(top_k_weights.shape)}")
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
+        raise TypeError(f"{type(module).__name__}: top_k_index must hold integers (expert ids), got "
+                        f"{top_k_index.dtype}")
     num_tokens, hidden = hidden_states.shape
     top_k = top_k_index.shape[-1]
-    expert_ids = top_k_index.reshape(-1)
+    expert_ids = top_k_index.reshape(-1).to(torch.int64)
     sorted_ids, perm = torch.sort(expert_ids, stable=True)  # rows grouped by expert, a token's order kept
+    if sorted_ids.numel() and not torch.compiler.is_compiling():  # the ends of the sorted ids: one small host read
+        low, high = sorted_ids[[0, -1]].tolist()              # (the grouped op reads the group sizes anyway)
+        if low < 0 or high >= module.num_experts:
+            raise ValueError(f"{type(module).__name__}: top_k_index holds expert id {low if low < 0 else high}; "
+                             f"this {type(module).__name__} has {module.num_experts} experts (0 to "
+                             f"{module.num_experts - 1})")
     source_rows = perm // top_k
     x = hidden_states[source_rows]
     # the adapted gate/up keeps (hidden_states, source_rows) for backward, not this top-k times larger copy
     gathered.remember(x, hidden_states, source_rows)
-    # rows per expert, a static shape (torch.compile); an id outside [0, experts) raises here
+    # rows per expert, a static shape (torch.compile; there an id outside [0, experts) raises here)
     group_sizes = torch.zeros(module.num_experts, dtype=torch.int64, device=x.device).index_add_(
         0, sorted_ids, torch.ones_like(sorted_ids))
     up, down = projections(module)

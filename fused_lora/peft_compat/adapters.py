@@ -711,6 +711,16 @@ def expected_expert_tensors(model: nn.Module, config: LoraConfig) -> dict[str, t
     return want
 
 
+def _shape_refusal(where: str, key: str, got: tuple, need: tuple, stacked: bool, r: int) -> AdapterError:
+    """A file tensor of the wrong shape; for an expert stack's, what peft's layout makes of it (r x experts)."""
+    message = f"{where}: key {PREFIX + key!r} has shape {got}, the model needs {need}"
+    axis = 0 if key.endswith("lora_A.weight") else 1  # peft's (r E, in) and (out, r E)
+    if stacked and len(got) == 2 and got[axis] != need[axis] and r and got[axis] % r == 0:
+        message += (f" (an expert stack's adapter holds r x experts there: {got[axis]} is r = {r} for "
+                    f"{got[axis] // r} experts, this model's stack has {need[axis] // r})")
+    return AdapterError(message)
+
+
 def _peft_redundant(key: str, to_save, want) -> bool:
     """Whether `key` is one of peft's duplicates of a modules_to_save module's tensors (bias="all" writes
     `<module>.original_module.*` and `<module>.modules_to_save.*`): accepted, not loaded. The one rule of
@@ -750,8 +760,7 @@ def validate(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
     for key, (shape, dtype) in want.items():
         t = tensors[key]
         if t.shape != shape:
-            raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(t.shape)}, "
-                               f"the model needs {tuple(shape)}")
+            raise _shape_refusal(where, key, tuple(t.shape), tuple(shape), key in stacks, config.r)
         _check_file_tensor(where, PREFIX + key, t, dtype)
     return targets, {key: tensors[key] for key in want}
 
@@ -826,7 +835,7 @@ def load_extra_adapter(lora_model, directory, adapter_name: str, is_trainable: b
         if t is None:
             raise AdapterError(f"{where}: key {PREFIX + key!r} is missing")
         if tuple(t.shape) != shape:
-            raise AdapterError(f"{where}: key {PREFIX + key!r} has shape {tuple(t.shape)}, the model needs {shape}")
+            raise _shape_refusal(where, key, tuple(t.shape), shape, key in stacks, config.r)
         _check_file_tensor(where, PREFIX + key, t)
     config.backend = lora_model.active_peft_config.backend
     config.inference_mode = not is_trainable  # as peft: is_trainable decides

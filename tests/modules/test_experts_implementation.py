@@ -271,6 +271,15 @@ def test_expert_parallelism_and_bad_routing_are_refused():
     x, index, weights = routing()
     with pytest.raises(ValueError, match="top_k_index, top_k_weights"):
         run(module, "fused_lora", x, index[:, :1], weights)
+    for bad in (4, -1):  # an expert id outside [0, 4): named (it was a bare IndexError from index_add_)
+        wrong = index.clone()
+        wrong[2, 1] = bad
+        with pytest.raises(ValueError, match=rf"top_k_index holds expert id {bad}; this .* has 4 experts \(0 to 3\)"):
+            run(module, "fused_lora", x, wrong, weights)
+    with pytest.raises(TypeError, match="top_k_index must hold integers"):
+        run(module, "fused_lora", x, index.float(), weights)
+    torch.testing.assert_close(run(module, "fused_lora", x, index.int(), weights),  # int32 ids, as int64 ones
+                               run(module, "fused_lora", x, index, weights), rtol=0, atol=0)
     module._is_expert_parallel = True
     with pytest.raises(NotImplementedError, match="expert parallelism"):
         run(module, "fused_lora", x, index, weights)

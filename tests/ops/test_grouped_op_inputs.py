@@ -34,7 +34,10 @@ BAD = {
     "weight_wrong_k": ({"weight": torch.randn(E, N, K + 1)}, ValueError,
                       "weight has shape \\(3, 4, 6\\) but x has \\(7, 5\\): expected \\(E, N, 5\\)"),
     "weight_not_transposed": ({"weight": torch.randn(E, N, K), "transposed": True}, ValueError,
-                              "expected \\(E, 5, N\\) \\(transposed=True\\)"),
+                              "expected \\(E, 5, N\\) \\(transposed=True\\); it reads as \\(E, N, K\\): "
+                              "transposed=False"),
+    "weight_transposed": ({"weight": torch.randn(E, K, N)}, ValueError,  # GPT-OSS' layout without the flag
+                          "expected \\(E, N, 5\\); it reads as \\(E, K, N\\): transposed=True"),
     "no_experts": ({"weight": torch.randn(0, N, K), "group_sizes": torch.zeros(0, dtype=torch.int64),
                     "bias": None, "lora_A": torch.randn(0, R, K), "lora_B": torch.randn(0, N, R)}, ValueError,
                    "weight has no experts"),

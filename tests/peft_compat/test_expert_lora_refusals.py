@@ -139,7 +139,9 @@ def test_files_that_do_not_fit_are_refused_and_change_nothing(tmp_path):
     other = tiny_moe("qwen3_moe", experts=8)  # an expert count that does not match the file's
     save_file(tensors, weights)
     before = snapshot(other)
-    with pytest.raises(AdapterError, match=r"lora_A.weight' has shape \(8, 16\), the model needs \(16, 16\)"):
+    with pytest.raises(AdapterError, match=r"lora_A.weight' has shape \(8, 16\), the model needs \(16, 16\) "
+                                           r"\(an expert stack's adapter holds r x experts there: 8 is r = 2 for 4 "
+                                           r"experts, this model's stack has 8\)"):
         LoraModel.from_pretrained(other, tmp_path)
     assert_unchanged(other, before)
 
