@@ -443,8 +443,10 @@ def plan_save(lora_model, directory, adapter_name: Optional[str] = None) -> Save
     if peft_config.lora_dropout > 0 and any(True for _ in lora_model.expert_layers()):
         raise ValueError(f"save_pretrained: adapter {adapter_name!r} has lora_dropout={peft_config.lora_dropout} on "
                          "expert stacks (target_parameters): dropout there is fused_lora's extension, which peft "
-                         "refuses, so peft could not load this file; nothing was written (train expert adapters "
-                         "you save in peft's format with lora_dropout=0)")
+                         "refuses, so peft could not load this file; nothing was written. The trained weights "
+                         "load into a model built the same way with lora_dropout=0, which saves: "
+                         "plain = get_lora_model(base, config_with_lora_dropout_0); "
+                         "plain.load_state_dict(model.state_dict()); plain.save_pretrained(...)")
     directory = os.fspath(directory)
     _check_directory(directory)
     config = peft_config.to_peft_dict()

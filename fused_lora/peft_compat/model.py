@@ -134,6 +134,10 @@ def _check_expert_config(config: LoraConfig) -> None:
     if config.bias != "none":
         raise ValueError(f"target_parameters with bias={config.bias!r}: training biases beside expert stacks is not "
                          "implemented; use bias='none'")
+    if config.lora_dropout > 0:  # said now, not first when the trained adapter is saved
+        warnings.warn(f"lora_dropout={config.lora_dropout} on expert stacks (target_parameters) trains (fused_lora's "
+                      f"extension), but peft refuses such a config, so save_pretrained refuses to write this adapter "
+                      f"in peft's format; its error says how to save the trained weights for peft", stacklevel=4)
 
 
 def _slot_of(adapter_name: str, first: str) -> str:
