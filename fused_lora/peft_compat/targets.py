@@ -113,7 +113,8 @@ def refuse_peft_moe_renames(model: nn.Module, config: LoraConfig, run_regex: boo
     else:
         named = [t for t in spec if any(t == o or t.endswith("." + o) for o in old)]
     if named:
-        raise ValueError(f"target_modules {short_repr(spec)} on a {_model_type(model)} model names {named}: peft "
+        says = "includes, in peft," if spec == "all-linear" else "names"  # peft adds the old names to all-linear
+        raise ValueError(f"target_modules {short_repr(spec)} on a {_model_type(model)} model {says} {named}: peft "
                          "(on transformers 5) rewrites these transformers-4 names of the experts and the router into "
                          "target_parameters on the fused expert stacks (gate and up into gate_up_proj with rank and "
                          "alpha doubled there), whatever module the names match (a dense layer's Linears too), which "
