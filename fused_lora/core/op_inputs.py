@@ -65,6 +65,8 @@ def as_scaling(scaling) -> float:
             raise TypeError("lora_linear: scaling must be a number (a one-element tensor without grad is read "
                             f"as one), got a tensor of shape {_shape(scaling)}"
                             f"{' that requires grad' if scaling.requires_grad else ''}")
+        if scaling.is_meta:
+            raise ValueError("lora_linear: scaling is a meta tensor, which holds no value: pass a number")
         scaling = scaling.item()
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"lora_linear: scaling must be a real number, got {type(scaling).__name__}")
@@ -148,6 +150,9 @@ def check_seed_tensor(seed: Tensor) -> None:
 
 def seed_value(seed: Tensor) -> int:
     """The seed as a Python int, refused if negative (the dropout generators take seeds in [0, 2^63))."""
+    if seed.is_meta:
+        raise ValueError("lora_linear: seed is a meta tensor, which holds no value: pass an int or an int64 tensor "
+                         "on a real device")
     value = int(seed.item())
     if value < 0:
         raise ValueError(f"lora_linear: seed must be >= 0, got {value}")

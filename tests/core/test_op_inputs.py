@@ -8,6 +8,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fused_lora import dispatch as backends
+from fused_lora.core.op_inputs import as_scaling, seed_value
 from fused_lora.ops.lora import lora_linear, lora_linear_fwd
 from utils import assert_close_rule, backend_module, make_problem, needs_triton, ref_forward_backward, to64
 
@@ -213,3 +214,11 @@ def test_backward_op_checks_dy_and_h(bad, fake):
             args = [mode.from_tensor(t) for t in args]
         with pytest.raises(exc, match=pattern):
             lora_linear_bwd(*args, 0.5, 0.0, torch.tensor(3), "torch", True, True, False, False)
+
+
+def test_a_meta_seed_or_scaling_holds_no_value_and_is_refused_by_name():
+    """A meta tensor has no value to read (Tensor.item() raised torch's RuntimeError; found by fuzzing)."""
+    with pytest.raises(ValueError, match="seed is a meta tensor"):
+        seed_value(torch.tensor(1, device="meta"))
+    with pytest.raises(ValueError, match="scaling is a meta tensor"):
+        as_scaling(torch.tensor(1.0, device="meta"))
