@@ -226,9 +226,10 @@ def lora_linear_grouped(
     (E,) on x's device, each size >= 0, summing to M (empty groups, one group holding every row and M = 0 are
     all fine). weight: the 3-D expert stack (E, N, K) (transformers' `down_proj` / `gate_up_proj` layout), or
     (E, K, N) with `transposed=True` (GPT-OSS-like; transformers' `is_transposed`), read through its strides,
-    never copied (a square stack, N = K, fits both layouts: only the flag tells them apart); bias (E, N) or None; lora_A (E, r, K) and lora_B (E, N, r), one adapter's factors per
-    expert, or both None for the base alone (then dropout_p must be 0; `scaling` is not used). One floating
-    dtype (float16, bfloat16, float32, float64) and one device for all tensors. `scaling` is a finite real
+    never copied (a square stack, N = K, fits both layouts: only the flag tells them apart); bias (E, N) or
+    None; lora_A (E, r, K) and lora_B (E, N, r), one adapter's factors per expert, or both None for the base
+    alone (then dropout_p must be 0; `scaling` is not used). One floating dtype (float16, bfloat16, float32,
+    float64) and one device for all tensors. `scaling` is a finite real
     number; dropout (p in [0, 1)) acts on the low-rank term's input: D x, with one M x K keep mask for the
     whole batch drawn from `seed` (a Python int in [0, 2^63) or a 0-dim int64 tensor, required when p > 0)
     by the mask generator of the row that runs (`core.dropout`; the Triton row draws its own) and drawn again
