@@ -93,6 +93,8 @@ def check_tensor_kinds(op: str, named, optional: tuple = ()) -> None:
     for name, t, _ in named:
         if not isinstance(t, Tensor) and not (t is None and name in optional):
             raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if t is not None and t.layout != torch.strided:
+            raise TypeError(f"{op}: {name} has layout {t.layout}; the ops take dense (strided) tensors")
     for name, t, want in named:
         if t is not None and t.dim() != want:
             raise ValueError(f"{op}: {name} must be {want}-D, got shape {_shape(t)}")

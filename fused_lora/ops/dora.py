@@ -197,6 +197,23 @@ def check_magnitude(magnitude, weight: Tensor) -> None:
         raise ValueError(f"dora_linear: magnitude is on {magnitude.device} but weight is on {weight.device}")
 
 
+def check_weight_sq(weight_sq: Optional[Tensor], weight: Tensor) -> None:
+    """weight_sq, where given: a floating (N,) tensor on the weight's device (its values, ||W_j||^2, are the
+    caller's: not read here)."""
+    if weight_sq is None:
+        return
+    if not isinstance(weight_sq, Tensor):
+        raise TypeError(f"dora_linear: weight_sq must be a tensor (||W_j||^2 per output row) or None, got "
+                        f"{type(weight_sq).__name__}")
+    if not weight_sq.dtype.is_floating_point:
+        raise TypeError(f"dora_linear: weight_sq has dtype {weight_sq.dtype}; expected a floating dtype")
+    if tuple(weight_sq.shape) != (weight.shape[0],):
+        raise ValueError(f"dora_linear: weight_sq has shape {tuple(weight_sq.shape)}, expected ({weight.shape[0]},) "
+                         f"(one ||W_j||^2 per output row)")
+    if weight_sq.device != weight.device:
+        raise ValueError(f"dora_linear: weight_sq is on {weight_sq.device} but weight is on {weight.device}")
+
+
 def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                 magnitude: Tensor, scaling: float, backend: str = "auto",
                 weight_sq: Optional[Tensor] = None) -> Tensor:
@@ -207,11 +224,13 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     device (as `lora_linear`); magnitude (N,) any floating dtype (its gradient comes back in it).
     Differentiable in x, bias, lora_A, lora_B and magnitude, once (create_graph=True raises RuntimeError);
     W frozen.
-    `weight_sq`: ||W_j||^2 if the caller knows it for this W (else computed). Bad inputs raise ValueError / TypeError.
+    `weight_sq`: ||W_j||^2 if the caller knows it for this W (else computed; its values are trusted, not
+    read for checking). Bad inputs raise ValueError / TypeError.
     """
     scaling = as_scaling(scaling)
     check_op_inputs(x, weight, bias, lora_A, lora_B, 0.0)
     check_magnitude(magnitude, weight)
+    check_weight_sq(weight_sq, weight)
     if weight.requires_grad:
         raise ValueError("dora_linear: the base weight must be frozen with DoRA (requires_grad=False): "
                          "its gradient through the weight norm is not implemented")

@@ -222,3 +222,14 @@ def test_a_meta_seed_or_scaling_holds_no_value_and_is_refused_by_name():
         seed_value(torch.tensor(1, device="meta"))
     with pytest.raises(ValueError, match="scaling is a meta tensor"):
         as_scaling(torch.tensor(1.0, device="meta"))
+
+
+@pytest.mark.parametrize("which", ["x", "weight"])
+def test_a_sparse_tensor_is_refused_by_name(which):
+    """The ops take dense (strided) tensors: a sparse one is a TypeError naming it (it failed deep inside the
+    Triton launchers, or inside addmm; found by fuzzing)."""
+    g = torch.Generator().manual_seed(0)
+    t = {"x": torch.randn(4, 5, generator=g), "weight": torch.randn(6, 5, generator=g)}
+    t[which] = t[which].to_sparse()
+    with pytest.raises(TypeError, match=f"{which} has layout torch.sparse_coo; the ops take dense"):
+        lora_linear(t["x"], t["weight"], None, torch.randn(2, 5), torch.randn(6, 2), 1.0, backend="torch")

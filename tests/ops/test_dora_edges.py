@@ -9,6 +9,7 @@ from torch import nn
 
 from fused_lora import FusedLoRALinear, patch_peft
 from fused_lora.core.reference import dora_linear_ref
+from fused_lora.ops.dora import dora_linear
 
 
 def _truth(layer, x):
@@ -226,3 +227,20 @@ def test_unmerge_restores_zero_magnitude_rows_of_a_conv1d_base():
     layer.unmerge()
     torch.testing.assert_close(layer.weight, w0)
     torch.testing.assert_close(layer(x), before)
+
+
+@pytest.mark.parametrize("weight_sq, error, match", [
+    ([1.0] * 6, TypeError, "weight_sq must be a tensor"),
+    (torch.ones(3), ValueError, r"weight_sq has shape \(3,\), expected \(6,\)"),
+    (torch.ones(6, 1), ValueError, r"weight_sq has shape \(6, 1\), expected \(6,\)"),
+    (torch.ones(6, dtype=torch.int64), TypeError, "weight_sq has dtype torch.int64"),
+    (torch.ones(6, device="meta"), ValueError, "weight_sq is on meta but weight is on cpu"),
+])
+def test_a_bad_weight_sq_is_refused_by_name(weight_sq, error, match):
+    """dora_linear's weight_sq (||W_j||^2 the caller knows): its kind, shape, dtype and device are checked before
+    anything runs (a deep RuntimeError, an AttributeError or a silently wrong result before; found by fuzzing)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, a, b = (torch.randn(*s, generator=g) for s in ((4, 5), (6, 5), (2, 5), (6, 2)))
+    with pytest.raises(error, match=match):
+        dora_linear(x, w, None, a, b, torch.linalg.norm(w, dim=1), 1.0, backend="torch", weight_sq=weight_sq)
+
