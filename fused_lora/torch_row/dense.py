@@ -33,14 +33,21 @@ def forward(
 def low_rank_start(x: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
                    dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
     """(Y started as b + s H B^T, H = (D * x) A^T): what every PyTorch path writes before adding the
-    base product onto Y (`forward` here, `torch_row.quant.forward_quant` chunk by chunk). s multiplies B
-    before the product (s B fits the compute dtype: `modules.adapter_range`), as it does before the
-    products with dY in backward: in float16 H B^T can overflow where s H B^T is finite."""
+    base product onto Y (`forward` here, `torch_row.quant.forward_quant` chunk by chunk); s reaches the
+    product through the GEMM (`scaled_mm`, addmm's alpha)."""
     keep = keep_mask(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 else None
     h = torch.mm(dropped(x, keep, dropout_p), lora_A.t())
-    sB_t = (lora_B * scaling).t()  # s on B before the product: H B^T may overflow where s H B^T does not
-    y = torch.mm(h, sB_t) if bias is None else torch.addmm(bias, h, sB_t)
+    y = scaled_mm(h, lora_B.t(), scaling) if bias is None else torch.addmm(bias, h, lora_B.t(), alpha=scaling)
     return y, h
+
+
+def scaled_mm(a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """s (a @ b), s applied inside the GEMM's accumulation (addmm's alpha; beta = 0), float32 for 16-bit
+    inputs: not through an operand rounded to a's dtype first. In float16 the unscaled product can overflow
+    where the scaled one is finite (a large B or dY with a small s), and s B can fall below the normal range
+    (a small s with a small B, as early in training) and lose its precision there; alpha does neither.
+    Differentiable (double backward differentiates it)."""
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scaling)
 
 
 def backward(
@@ -68,19 +75,17 @@ def backward_with_mask(
     scaling: float, dropout_p: float, keep: Optional[Tensor],
     need_dx: bool, need_lora: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Optional[Tensor], ...]:
-    """`backward` with the keep mask given (None: no dropout). G = dY (s B) and dB = dY^T (s H): the
-    scaling is applied before the products (see the comment below).
+    """`backward` with the keep mask given (None: no dropout). G = s dY B and dB = s dY^T H, s applied
+    inside the products (`scaled_mm`: see there why).
 
     Every step is an autograd-differentiable op (the in-place ones act on fresh results that no
     gradient formula needs), so with H computed under autograd this also gives the graph of the
     gradients that double backward needs, for either backend's mask.
     """
-    # s is applied to the small operand before each product with dY (the reference scales dY itself):
-    # in float16 the unscaled dY B or H^T dY can overflow where the scaled product does not.
-    g = torch.mm(dy, lora_B * scaling)  # M x r
+    g = scaled_mm(dy, lora_B, scaling)  # M x r
     dx = dA = dB = dW = db = None
     if need_lora:
-        dB = torch.mm((h * scaling).t(), dy).t().contiguous()  # r x N product: the faster orientation
+        dB = scaled_mm(h.t(), dy, scaling).t().contiguous()  # r x N product: the faster orientation
     scale = 1.0 / (1.0 - dropout_p)
     if need_dx:  # the low-rank term first, then the GEMM accumulates onto it (beta = 1 or D's scale)
         dx = torch.mm(g, lora_A)

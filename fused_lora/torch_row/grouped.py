@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..core.dropout import keep_mask
 from ..core.segments import GroupedSegments
-from .dense import dropped
+from .dense import dropped, scaled_mm
 
 
 def out_features(weight: Tensor, transposed: bool) -> int:
@@ -60,7 +60,9 @@ def _keep(x: Tensor, rank: int, dropout_p: float, seed: int, mask_fn=keep_mask) 
     return mask_fn(seed, x.shape, dropout_p, x.device) if dropout_p > 0.0 and rank else None
 
 
-BATCHED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch._grouped_mm takes
+# torch._grouped_mm's dtypes of float32's range: it has no alpha, so s is put on a thin operand there, which float16
+# can hold too coarsely (dense.scaled_mm): float16 takes the loop
+BATCHED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def batched(x: Tensor, rank: int, n: int, dy: Optional[Tensor] = None) -> bool:
@@ -91,7 +93,7 @@ def grouped_forward(x: Tensor, segs: GroupedSegments, weight: Tensor, bias: Opti
         ends = group_ends(segs, x.device)
         # the thin stacks in their own layout (a copy only for views such as peft's factors: E x r x (K + N))
         h = torch._grouped_mm(dropped(x, keep, dropout_p), lora_A.contiguous().transpose(1, 2), offs=ends)
-        sB = (lora_B * scaling).contiguous()  # s on B before the product (dense.low_rank_start)
+        sB = (lora_B * scaling).contiguous()  # no alpha in torch._grouped_mm: s on the thin B (BATCHED_DTYPES)
         y = torch._grouped_mm(h, sB.transpose(1, 2), offs=ends)
         for e in segs.hit():
             rows = segs.span(e)
@@ -113,11 +115,10 @@ def grouped_forward(x: Tensor, segs: GroupedSegments, weight: Tensor, bias: Opti
             continue
         he = h[rows]
         torch.mm(dropped(xe, None if keep is None else keep[rows], dropout_p), lora_A[e].t(), out=he)
-        sB_t = (lora_B[e] * scaling).t()  # s on B before the product (dense.low_rank_start)
-        if bias is None:
-            torch.mm(he, sB_t, out=ye)
+        if bias is None:  # s inside the product (dense.scaled_mm)
+            ye.addmm_(he, lora_B[e].t(), beta=0, alpha=scaling)
         else:
-            torch.addmm(bias[e], he, sB_t, out=ye)
+            torch.addmm(bias[e], he, lora_B[e].t(), alpha=scaling, out=ye)
         ye.addmm_(xe, w_t)
     return y, h
 
@@ -147,9 +148,9 @@ def grouped_backward(dy: Tensor, x: Tensor, segs: GroupedSegments, weight: Tenso
         rows = segs.span(e)
         dye, xe = dy[rows], x[rows]
         keep_e = None if keep is None else keep[rows]
-        g = torch.mm(dye, lora_B[e] * scaling) if r and (need_dx or need_lora) else None  # m_e x r
+        g = scaled_mm(dye, lora_B[e], scaling) if r and (need_dx or need_lora) else None  # m_e x r
         if need_lora and r:
-            torch.mm((h[rows] * scaling).t(), dye, out=dB_t[e])
+            dB_t[e].addmm_(h[rows].t(), dye, beta=0, alpha=scaling)
             torch.mm(g.t(), dropped(xe, keep_e, dropout_p), out=dA[e])
         if need_dx:
             dxe, w = dx[rows], expert_t(weight, e, transposed).t()  # W_e: N x K

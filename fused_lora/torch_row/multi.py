@@ -59,6 +59,7 @@ from torch import Tensor
 
 from ..core.dropout import adapter_seed, keep_mask
 from ..core.segments import Adapter, Segments, h_of, packed_h_shape
+from .dense import scaled_mm
 
 CHUNK_ROWS = 512  # scattered rows are handled this many at a time: temporaries of CHUNK_ROWS x N at most
 MIN_RUN_ROWS = 32  # runs of consecutive rows at least this long (on average) are used through views
@@ -107,8 +108,8 @@ def _add_product(out: Tensor, rows: Rows, a: Tensor, b: Tensor, alpha: float) ->
     """out[rows] += alpha * a @ b; in place through a view for a slice (no temporary)."""
     if isinstance(rows, slice):
         out[rows].addmm_(a, b, alpha=alpha)
-    else:
-        out.index_add_(0, rows, torch.mm(a, b), alpha=alpha)
+    else:  # alpha inside the product, not after a float16 a @ b (dense.scaled_mm)
+        out.index_add_(0, rows, scaled_mm(a, b, alpha))
 
 
 def _mask(seed: int, adapter: int, m: int, K: int, p: float, device, mask_fn=keep_mask) -> Optional[Tensor]:
@@ -169,6 +170,11 @@ class _Stacked:
         weight_bad = ~(torch.isfinite(self.a_cat).all(1) & torch.isfinite(self.b_cat).all(0))
         self.col_scale = torch.where(self._bad_columns(self._bad_adapters(self.col_adapter, weight_bad)),
                                      float("nan"), self.col_scale)
+        # The scalings reach the GEMMs as s_a / peak on an operand and peak through the GEMM's alpha
+        # (dense.scaled_mm): with one s for every adapter (the usual case) the operand is not scaled at all, and
+        # a float16 s_a B_a never falls below the normal range where s_a dY B_a is a normal value.
+        self.peak = max((abs(float(a[2])) for a in adapters), default=0.0) or 1.0
+        self.col_scale = self.col_scale / self.peak
         row = segs.row_adapter + 1
         self.row_start, self.row_rank = per_row[0].index_select(0, row), per_row[1].index_select(0, row)
         self.match = segs.row_adapter.unsqueeze(1) == cols[0].unsqueeze(0)  # M x R: column c is row m's
@@ -205,15 +211,15 @@ class _Stacked:
         return self.finite(t), self._bad_columns(self._bad_adapters(segs.row_adapter, row_bad)).unsqueeze(1)
 
     def masked(self, t: Tensor) -> Tensor:
-        """t * S (M x R): row m's own adapter's columns scaled by its s_a, every other column 0 (a select,
-        so nothing of another adapter's columns leaks, not even a NaN). Scaled in float32 (float64 for float64),
-        rounded once."""
+        """t * S / peak (M x R): row m's own adapter's columns scaled by its s_a / peak, every other column 0 (a
+        select, so nothing of another adapter's columns leaks, not even a NaN). Scaled in float32 (float64 for
+        float64), rounded once; the GEMM that takes it multiplies by peak (alpha)."""
         return torch.where(self.match, t * self.col_scale, 0.0).to(t.dtype)
 
     def scaled_b(self) -> Tensor:
-        """B_cat with each column scaled by its s_a (NaN for an adapter marked bad), rounded once to B's dtype:
-        G = (dY B_cat) * S is formed as dY (B_cat diag(s)) with the scalings applied before the product, since in
-        float16 the unscaled dY B_cat can overflow where s_a dY B_a does not (the reference scales dY first)."""
+        """B_cat with each column scaled by its s_a / peak (NaN for an adapter marked bad), rounded once to B's
+        dtype: G = (dY B_cat) * S is formed as peak dY (B_cat diag(s / peak)), peak through the GEMM's alpha,
+        since in float16 the unscaled dY B_cat can overflow where s_a dY B_a does not (dense.scaled_mm)."""
         return (self.b_cat * self.col_scale).to(self.b_cat.dtype)
 
     def own(self, t: Tensor) -> Tensor:
@@ -279,7 +285,7 @@ def _dense_lora_backward(dx: Optional[Tensor], need_dx: bool, dy: Tensor, x: Ten
     """(dx, [(dA_a, dB_a) or None]) on the dense path: D (G A_cat) added to dx in place when dx is given,
     else returned as a new tensor when need_dx (None otherwise)."""
     st = _Stacked(x, adapters, segs)
-    g = st.own(torch.mm(dy, st.scaled_b()))  # G = (dY B_cat) * S, M x R, scaled before the product
+    g = st.own(scaled_mm(dy, st.scaled_b(), st.peak))  # G = (dY B_cat) * S, M x R, S inside the product
     drop = _dense_dropout(x, adapters, segs, seed)
     if need_dx:
         a_cat = st.finite(st.a_cat)  # another adapter's NaN/inf kept out (`_Stacked`); a bad adapter's G is NaN
@@ -292,7 +298,7 @@ def _dense_lora_backward(dx: Optional[Tensor], need_dx: bool, dy: Tensor, x: Ten
     if any(need_lora):  # sums over all rows: other adapters' non-finite rows of dY and D x kept out
         dy_f, dy_bad = st.finite_rows(dy, segs)
         x_f, x_bad = st.finite_rows(_apply_dropout(x, drop), segs)
-        dB_t = _poisoned(torch.mm(st.unpack(h_packed, segs).t(), dy_f), dy_bad)  # R x N: the faster orientation
+        dB_t = _poisoned(scaled_mm(st.unpack(h_packed, segs).t(), dy_f, st.peak), dy_bad)  # R x N: faster
         dA = _poisoned(torch.mm(g.t(), x_f), x_bad)  # R x K
         for a, want in enumerate(need_lora):
             lo, hi = st.starts[a], st.starts[a + 1]
@@ -308,7 +314,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapters: Sequenc
     if dense(adapters):  # the low-rank term first, the base GEMM accumulates onto it (beta = 1): one pass over y
         st, hs, h_packed = _dense_lora(x, adapters, segs, seed)
         b_t = st.finite(st.b_cat).t()  # another adapter's NaN/inf kept out of each row (`_Stacked`)
-        y = torch.mm(hs, b_t) if bias is None else torch.addmm(bias, hs, b_t)
+        y = scaled_mm(hs, b_t, st.peak) if bias is None else torch.addmm(bias, hs, b_t, alpha=st.peak)
         return y.addmm_(x, weight.t()), h_packed
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     return y, add_lora(y, x, adapters, segs, seed)
@@ -319,18 +325,17 @@ def add_lora(y: Tensor, x: Tensor, adapters: Sequence[Adapter], segs: Segments, 
     The low-rank half of `forward`, on its own for a base computed elsewhere (a quantized base)."""
     if dense(adapters):
         st, hs, h_packed = _dense_lora(x, adapters, segs, seed)
-        y.addmm_(hs, st.finite(st.b_cat).t())  # another adapter's NaN/inf kept out of each row (`_Stacked`)
+        y.addmm_(hs, st.finite(st.b_cat).t(), alpha=st.peak)  # another adapter's NaN/inf kept out (`_Stacked`)
         return h_packed
     h_packed = x.new_zeros(packed_h_shape(x.shape[0], adapters))
     for a, (lora_A, lora_B, scaling, p) in enumerate(adapters):
         m = segs.count(a)
         h = h_of(h_packed, segs, a, lora_A.shape[0])
         keep = _mask(seed, a, m, x.shape[1], p, x.device)
-        sB_t = (lora_B * scaling).t()  # s on B before the product (torch_row.dense.low_rank_start)
         for piece in pieces(segs, a):
             lo, hi = piece.lo, piece.hi
             h[lo:hi] = torch.mm(_dropped(_take(x, piece.rows), None if keep is None else keep[lo:hi], p), lora_A.t())
-            _add_product(y, piece.rows, h[lo:hi], sB_t, 1.0)
+            _add_product(y, piece.rows, h[lo:hi], lora_B.t(), scaling)
     return h_packed
 
 
@@ -373,11 +378,11 @@ def lora_backward(dx: Optional[Tensor], dy: Tensor, x: Tensor, adapters: Sequenc
         for piece in parts:
             rows, lo, hi = piece.rows, piece.lo, piece.hi
             dya = _take(dy, rows)
-            g = torch.mm(dya, lora_B * scaling)  # m x r; s before the products with dY (torch_row.dense's order)
+            g = scaled_mm(dya, lora_B, scaling)  # m x r; s inside the products with dY (dense.scaled_mm)
             keep_p = None if keep is None else keep[lo:hi]
             if want:
                 h = h_of(h_packed, segs, a, lora_A.shape[0])
-                dB_t.add_(torch.mm((h[lo:hi] * scaling).t(), dya))  # r x N: the faster orientation
+                dB_t.add_(scaled_mm(h[lo:hi].t(), dya, scaling))  # r x N: the faster orientation
                 dA.add_(torch.mm(g.t(), _dropped(_take(x, rows), keep_p, p)))
             if need_dx:
                 if keep_p is None:

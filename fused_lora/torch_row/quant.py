@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..core import formats
 from ..core.dropout import keep_mask
-from .dense import backward_with_mask, dropped, low_rank_start
+from .dense import backward_with_mask, dropped, low_rank_start, scaled_mm
 from .multi import add_lora, lora_backward
 
 chunk_hook: Optional[Callable[[int, int, Tensor], None]] = None
@@ -82,7 +82,7 @@ def backward_quant(
                                           dropout_p, keep, False, need_lora, False, need_db)
     dx = None
     if need_dx:
-        dx = torch.mm(torch.mm(dy, lora_B * scaling), lora_A)  # G A, s before the product (torch_row.dense's order)
+        dx = torch.mm(scaled_mm(dy, lora_B, scaling), lora_A)  # G A, s inside the product (dense.scaled_mm)
         if keep is not None:
             dx = dropped(dx, keep, dropout_p)
         accumulate_grad_input(dx, dy, data)

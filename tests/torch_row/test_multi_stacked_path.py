@@ -18,6 +18,21 @@ SPECS = {"no_dropout": [(0.5, 0.0), (2.0, 0.0), (-1.25, 0.0), (0.75, 0.0)],
          "dropout": [(0.5, 0.3), (2.0, 0.0), (-1.25, 0.5), (0.75, 0.1)]}
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+# The paths' agreement in 16 bits, in max norm against the largest entry: the per-run path applies s_a inside
+# each GEMM (alpha), the stacked one rounds B_a s_a / peak once to the dtype for adapters whose |s_a| is not the
+# largest (torch_row.multi._Stacked), so they differ by a few units of the dtype's epsilon (measured: 2 in
+# float16, 2 in bfloat16), and element-wise comparisons fail where sums cancel. 4 eps. Each path is checked
+# against the float64 reference on its own (test_dense_path_against_float64_reference below, tests/ops).
+AGREE_16 = {torch.float16: 4 * 2.0 ** -11, torch.bfloat16: 4 * 2.0 ** -8}
+
+
+def assert_agree(got, want, dtype, name):
+    if dtype not in AGREE_16:
+        torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        return
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    err = (got.double() - want.double()).abs().max()
+    assert err <= AGREE_16[dtype] * want.double().abs().max(), f"{name}: {err}"
 
 
 def run_path(monkeypatch, path, x, w, b, adapters, row_adapter, seed, dy, need_lora=None):
@@ -50,16 +65,15 @@ def test_dense_and_per_run_paths_agree(monkeypatch, dtype, assign, drop):
     per_run = run_path(monkeypatch, "per_run", x, w, b, adapters, row_adapter, 7, dy)
     assert dense[1].shape == per_run[1].shape == core_segments.packed_h_shape(M, adapters)
     assert torch.equal(dense[1] == 0, per_run[1] == 0)  # the same zero padding (base rows, columns past r_a)
-    tol = TOL[dtype]
     for name, got, want in zip(["y", "h", "dx"], dense[:3], per_run[:3]):
         assert got.dtype == dtype
-        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
+        assert_agree(got, want, dtype, name)
     for a, (got, want) in enumerate(zip(dense[3], per_run[3])):
         assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
-        torch.testing.assert_close(got[0], want[0], **tol, msg=lambda m: f"dA_{a}: {m}")
-        torch.testing.assert_close(got[1], want[1], **tol, msg=lambda m: f"dB_{a}: {m}")
+        assert_agree(got[0], want[0], dtype, f"dA_{a}")
+        assert_agree(got[1], want[1], dtype, f"dB_{a}")
     for got, want in zip(dense[4:], per_run[4:]):
-        torch.testing.assert_close(got, want, **tol)
+        assert_agree(got, want, dtype, "dW / db")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
