@@ -8,8 +8,9 @@ that fp32 holds and fp16 does not (|B| = 1e5 with s = 1e-4: s B = 10 is harmless
 that cast and the output into NaN where peft's output and the float64 reference are finite. So an adapter is
 refused, by name, where its values do not fit the compute dtype:
 
-    the largest finite |A| and |B|, the scale |s|, and |s| * max |B| (the PyTorch rows form s B, and the DoRA
-    op c s B, in the compute dtype) must each round to a finite value of the compute dtype.
+    the largest finite |A| and |B|, the scale |s|, and |s| * max |B| (the DoRA op forms c s B, and the grouped
+    op's batched PyTorch path s B, in the compute dtype; the other PyTorch paths take s through the GEMM's
+    alpha) must each round to a finite value of the compute dtype.
 
 - At load (`from_pretrained`, `load_adapter`, a Trainer resume, `add_weighted_adapter`): against the model's
   compute dtype (the base weight's), `range_problem`.
