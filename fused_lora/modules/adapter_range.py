@@ -28,9 +28,9 @@ refused, by name, where its values do not fit the compute dtype:
   may be symbolic) nothing is checked here (the ops still refuse a scale beyond float32), and under
   tracing the tensors are not read.
 
-The gradients are computed in the compute dtype as well: dY times s B, and s H times dY (H = x A^T), scaled
-before the products so that where the float64 reference is finite they overflow no earlier than it
-must; where a product of the compute dtype still overflows (a large dY under fp16 loss scaling, a large
+The gradients are computed in the compute dtype as well: s dY B and s H^T dY (H = x A^T), s applied inside
+the products (the GEMM's alpha, `torch_row.dense.scaled_mm`; the Triton kernels scale in float32) so that
+where the float64 reference is finite they overflow no earlier than it must; where a product of the compute dtype still overflows (a large dY under fp16 loss scaling, a large
 s |H|) the gradient holds inf or NaN, which is what GradScaler skips, never a finite wrong value.
 """
 from __future__ import annotations

@@ -14,8 +14,9 @@ column scale of exactly 1 (a fresh adapter: B = 0, m = n) gives the base layer's
 backward likewise scales W (N x K) or dY (M x N), whichever is smaller. Either temporary is freed
 before the op returns; nothing M x N or N x K is kept.
 
-Roundings in float16: s multiplies B and H before their products with dY (`torch_row.dense`'s order: the
-unscaled dY B or H^T dY can overflow where the scaled product does not), and c multiplies W and B
+Roundings in float16: s multiplies B and H before their products with dY (the unscaled dY B or H^T dY can
+overflow where the scaled product does not; `torch_row.dense` puts s through the GEMM's alpha instead, which
+c, a per-column scale, cannot use), and c multiplies W and B
 (W folded) or dY (otherwise) before the products, so G and dx are finite wherever the reference's are.
 With W folded, dB's rows get c after the product (in fp32, one rounding): for a column with c_j < 1
 that leaves 1/c_j less headroom below the dtype's largest value than the reference's dY' = dY * c.
