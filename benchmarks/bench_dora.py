@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Holder, environment, memory_mib, time_variants, write_csv  # noqa: E402
+from harness import Holder, bench_device, environment, memory_mib, time_variants, write_csv  # noqa: E402
 
 from fused_lora import FusedLoRALinear, LoraConfig, get_lora_model, patch_peft  # noqa: E402
 from fused_lora.cli.finetune import build_llama, counting_batches  # noqa: E402
@@ -122,9 +122,7 @@ def main(argv=None):
                          "that cost every small op tens of ms)")
     ap.add_argument("--out", default=os.path.join(OUT_DIR, "dora.csv"))
     args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.gpu_suite and device != "cuda":
-        ap.error("--gpu-suite needs a CUDA device")
+    device = bench_device(ap, args.gpu_suite)
     gpu = device == "cuda"
     M, K, N = args.shape or ((8192, 4096, 4096) if gpu else (2048, 1024, 1024))
     dtype = torch.bfloat16 if gpu else torch.float32

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Holder, environment, memory_mib, time_variants, write_csv  # noqa: E402
+from harness import Holder, bench_device, environment, memory_mib, time_variants, write_csv  # noqa: E402
 from roofline import ideal_ratios  # noqa: E402
 
 from fused_lora import FusedLoRALinear, patch_peft  # noqa: E402
@@ -166,9 +166,7 @@ def main(argv=None):
                          "CPU default: none). Each case compiles anew, which takes tens of seconds")
     ap.add_argument("--out", default=os.path.join(OUT_DIR, "layer"))
     args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.gpu_suite and device != "cuda":
-        ap.error("--gpu-suite needs a CUDA device")
+    device = bench_device(ap, args.gpu_suite)
     gpu = device == "cuda"
     shapes = [tuple(s) for s in args.shape] if args.shape else (GPU_SHAPES if gpu else [(2048, 1024, 1024)])
     ranks = args.ranks or ([16, 64] if gpu else [16])

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import environment, memory_mib, time_variants, write_csv  # noqa: E402
+from harness import bench_device, environment, memory_mib, time_variants, write_csv  # noqa: E402
 
 from fused_lora import LoraConfig, get_lora_model, patch_peft  # noqa: E402
 from fused_lora.modules.experts import register_experts_implementation  # noqa: E402
@@ -187,9 +187,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=os.path.join(OUT_DIR, "moe.csv"))
     args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.gpu_suite and device != "cuda":
-        ap.error("--gpu-suite needs a CUDA device")
+    device = bench_device(ap, args.gpu_suite)
     gpu = device == "cuda"
     T, E, H, I = (8192, 16, 2048, 1536) if gpu else (512, 8, 512, 1024)
     T, E, H, I = args.tokens or T, args.experts or E, args.hidden or H, args.intermediate or I

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import environment, time_variants, write_csv  # noqa: E402
+from harness import bench_device, environment, time_variants, write_csv  # noqa: E402
 
 from fused_lora import FusedLoRALinear
 from fused_lora.torch_row import multi as multi_impl  # noqa: E402
@@ -170,9 +170,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.dense_max_rank is not None:
         multi_impl.DENSE_MAX_RANK = args.dense_max_rank
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.gpu_suite and device != "cuda":
-        ap.error("--gpu-suite needs a CUDA device")
+    device = bench_device(ap, args.gpu_suite)
     gpu = device == "cuda"
     samples = args.samples or (64 if gpu else 16)
     K, N = args.K or (4096 if gpu else 1024), args.N or (4096 if gpu else 1024)

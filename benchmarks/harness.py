@@ -91,6 +91,14 @@ def write_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def bench_device(ap, gpu_suite: bool) -> str:
+    """"cuda" where a GPU is, else "cpu"; --gpu-suite without one is the argument parser's error."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if gpu_suite and device != "cuda":
+        ap.error("--gpu-suite needs a CUDA device")
+    return device
+
+
 def environment(device: str) -> str:
     parts = [f"torch {torch.__version__}"]
     try:
