@@ -30,8 +30,9 @@ refused, by name, where its values do not fit the compute dtype:
 
 The gradients are computed in the compute dtype as well: s dY B and s H^T dY (H = x A^T), s applied inside
 the products (the GEMM's alpha, `torch_row.dense.scaled_mm`; the Triton kernels scale in float32) so that
-where the float64 reference is finite they overflow no earlier than it must; where a product of the compute dtype still overflows (a large dY under fp16 loss scaling, a large
-s |H|) the gradient holds inf or NaN, which is what GradScaler skips, never a finite wrong value.
+where the float64 reference is finite they overflow no earlier than it must; where a product of the compute
+dtype still overflows (a large dY under fp16 loss scaling, a large s |H|) the gradient holds inf or NaN,
+which is what GradScaler skips, never a finite wrong value.
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ def _largest_finite(tensors: tuple[Tensor, ...]) -> list[float]:
     one wait for the device: max |t|, and only where that is NaN or inf the slower maximum over the finite
     entries."""
     tensors = tuple(t.detach() for t in tensors)
-    peaks = torch.stack([t.abs().amax().to(torch.float64) if t.numel()
-                         else t.new_zeros((), dtype=torch.float64) for t in tensors]).tolist()
+    peaks = torch.stack([t.abs().amax().to(torch.float64) if t.numel() else t.new_zeros((), dtype=torch.float64)
+                         for t in tensors]).tolist()
     for i, (t, peak) in enumerate(zip(tensors, peaks)):
         if not math.isfinite(peak):
             a = t.abs()

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from ..core.dropout import adapter_seed, keep_mask
 from ..core.segments import Adapter, Segments, h_of, packed_h_shape
-from .dense import scaled_mm
+from .dense import dropped, scaled_mm
 
 CHUNK_ROWS = 512  # scattered rows are handled this many at a time: temporaries of CHUNK_ROWS x N at most
 MIN_RUN_ROWS = 32  # runs of consecutive rows at least this long (on average) are used through views
@@ -114,12 +114,6 @@ def _add_product(out: Tensor, rows: Rows, a: Tensor, b: Tensor, alpha: float) ->
 
 def _mask(seed: int, adapter: int, m: int, K: int, p: float, device, mask_fn=keep_mask) -> Optional[Tensor]:
     return mask_fn(adapter_seed(seed, adapter), (m, K), p, device) if p > 0.0 else None
-
-
-def _dropped(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
-    """D x: x itself without dropout, else x * keep / (1 - p) (a new tensor; the mask first, as
-    torch_row.dense.dropped)."""
-    return x if keep is None else x.mul(keep).mul_(1.0 / (1.0 - p))
 
 
 # ------------------------------------------------------------------ the dense path (stacked adapters)
@@ -259,7 +253,7 @@ def _dense_dropout(x: Tensor, adapters: Sequence[Adapter], segs: Segments, seed:
 
 
 def _apply_dropout(t: Tensor, drop) -> Tensor:
-    """D t (a new tensor; t itself without dropout): as `_dropped`, in t's dtype."""
+    """D t (a new tensor; t itself without dropout): as `dense.dropped`, in t's dtype."""
     if drop is None:
         return t
     keep, scale = drop
@@ -334,7 +328,7 @@ def add_lora(y: Tensor, x: Tensor, adapters: Sequence[Adapter], segs: Segments, 
         keep = _mask(seed, a, m, x.shape[1], p, x.device)
         for piece in pieces(segs, a):
             lo, hi = piece.lo, piece.hi
-            h[lo:hi] = torch.mm(_dropped(_take(x, piece.rows), None if keep is None else keep[lo:hi], p), lora_A.t())
+            h[lo:hi] = torch.mm(dropped(_take(x, piece.rows), None if keep is None else keep[lo:hi], p), lora_A.t())
             _add_product(y, piece.rows, h[lo:hi], lora_B.t(), scaling)
     return h_packed
 
@@ -383,7 +377,7 @@ def lora_backward(dx: Optional[Tensor], dy: Tensor, x: Tensor, adapters: Sequenc
             if want:
                 h = h_of(h_packed, segs, a, lora_A.shape[0])
                 dB_t.add_(scaled_mm(h[lo:hi].t(), dya, scaling))  # r x N: the faster orientation
-                dA.add_(torch.mm(g.t(), _dropped(_take(x, rows), keep_p, p)))
+                dA.add_(torch.mm(g.t(), dropped(_take(x, rows), keep_p, p)))
             if need_dx:
                 if keep_p is None:
                     _add_product(dx, rows, g, lora_A, 1.0)
